@@ -1,0 +1,1 @@
+"""The one-layer GPT of "Towards Monosemanticity": model, training, and conversion to HookedTransformer."""

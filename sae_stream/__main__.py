@@ -1,0 +1,3 @@
+from sae_stream.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,160 @@
+"""A static HTML dashboard of SAE features (offline, self-contained: `out_dir/index.html`).
+
+    path = build_dashboard(model, sae, hook_name, token_batches, get_tokenizer("gpt2"), cfg.analysis, out_dir,
+                           densities=load_feature_density(run_dir), ultralow_threshold=cfg.train.ultralow_threshold,
+                           skip_first_position=cfg.buffer.skip_first_position)
+
+The index splits the shown features into high-density and ultra-low-density tabs (density below
+`ultralow_threshold`) with a filter box over feature ids and top tokens. Each feature's panel has its density,
+an activation histogram, direct logit effects, the ablation effect over its top contexts, and its top-k
+activating contexts (tokens shaded by activation, value on hover). A feature is flagged single-token when
+at least `cfg.single_token_fraction` of its top activations fall on one token id.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformer_lens import HookedTransformer
+
+from sae_stream.analysis.ablation import ablate_feature
+from sae_stream.analysis.hooks import SAELike
+from sae_stream.analysis.html import ContextView, FeaturePanel, render_page, svg_bars
+from sae_stream.analysis.logits import logit_effects
+from sae_stream.analysis.scan import FeatureScan, scan_features
+from sae_stream.checkpoint import atomic_write_text
+from sae_stream.config import AnalysisConfig
+
+
+class TokenText:
+    """Cached single-token decoding; ids the tokenizer cannot decode show as <id>."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.cache: dict[int, str] = {}
+
+    def __call__(self, token_id: int) -> str:
+        if token_id not in self.cache:
+            try:
+                self.cache[token_id] = self.tokenizer.decode([token_id])
+            except (ValueError, KeyError, IndexError, OverflowError):
+                self.cache[token_id] = f"<{token_id}>"
+        return self.cache[token_id]
+
+
+def select_features(density_F: Tensor, n: int) -> list[int]:
+    """`n` alive features evenly spaced over the ranking by density (descending), so every density range shows."""
+    alive = (density_F > 0).nonzero()[:, 0]
+    order = alive[density_F[alive].double().sort(descending=True, stable=True).indices]
+    if order.numel() <= n:
+        return order.tolist()
+    picks = torch.linspace(0, order.numel() - 1, n).round().long().unique()
+    return order[picks].tolist()
+
+
+def _contexts(scan: FeatureScan, f: int, text: TokenText) -> tuple[list[ContextView], list[int]]:
+    """The feature's top contexts as token windows, and the token id at each activating position."""
+    n_pos = scan.tokens_NT.shape[1]
+    views, centre_ids = [], []
+    for slot, g in enumerate(scan.top.ids_FK[f].tolist()):
+        if g < 0:
+            break
+        row, pos = divmod(g, n_pos)
+        lo, hi = max(0, pos - scan.left), min(n_pos, pos + scan.right + 1)
+        ids = scan.tokens_NT[row, lo:hi].tolist()
+        window = scan.top.payload_FK[f, slot] if scan.top.payload_FK is not None else None
+        acts = window[lo - pos + scan.left : hi - pos + scan.left].tolist() if window is not None else []
+        views.append(ContextView([text(i) for i in ids], acts, pos - lo, float(scan.top.values_FK[f, slot])))
+        centre_ids.append(int(scan.tokens_NT[row, pos]))
+    return views, centre_ids
+
+
+def _single_token(centre_ids: list[int], threshold: float, text: TokenText) -> tuple[str, float] | None:
+    if len(centre_ids) < 2:
+        return None
+    token_id, count = Counter(centre_ids).most_common(1)[0]
+    frac = count / len(centre_ids)
+    return (text(token_id), frac) if frac >= threshold else None
+
+
+def _named(pairs: list[tuple[int, float]], text: TokenText) -> list[tuple[str, float]]:
+    return [(text(i), v) for i, v in pairs]
+
+
+def _top_effects(effects_V: Tensor, k: int, text: TokenText) -> tuple[list[tuple[str, float]], ...]:
+    k = min(k, effects_V.numel())
+    up, down = effects_V.topk(k), (-effects_V).topk(k)
+    return (_named(list(zip(up.indices.tolist(), up.values.tolist())), text),
+            _named(list(zip(down.indices.tolist(), (-down.values).tolist())), text))
+
+
+def _ablation(ablate: Callable[..., Any] | None, scan: FeatureScan, f: int, n_contexts: int, k: int,
+              text: TokenText) -> dict[str, Any]:
+    ids = scan.top.ids_FK[f]
+    ids = ids[ids >= 0][:n_contexts]
+    if ablate is None or ids.numel() == 0:
+        return {}
+    n_pos = scan.tokens_NT.shape[1]
+    result = ablate(scan.tokens_NT[ids // n_pos], f, ids % n_pos, k)
+    return {"ablation_raised": _named(result.raised, text), "ablation_lowered": _named(result.lowered, text)}
+
+
+def _summary_html(scan: FeatureScan, density_F: Tensor, hook_name: str, source: str) -> str:
+    log_d = torch.log10(density_F[density_F > 0].double())
+    dead = int((density_F <= 0).sum())
+    counts, titles, lo, hi = [], [], "", ""
+    if log_d.numel():
+        lo_v, hi_v = float(log_d.min()), float(log_d.max()) + 1e-9
+        counts = torch.histc(log_d, bins=40, min=lo_v, max=hi_v).long().tolist()
+        step = (hi_v - lo_v) / 40
+        titles = [f"log10 density [{lo_v + i * step:.2f}, {lo_v + (i + 1) * step:.2f}): {c}"
+                  for i, c in enumerate(counts)]
+        lo, hi = f"{lo_v:.1f}", f"{hi_v:.1f}"
+    chart = svg_bars(counts, lo, hi, titles, width=300, height=40)
+    return (f'<div class="summary">hook {hook_name} · d_sae {density_F.numel()} · {scan.tokens_NT.numel()} tokens '
+            f'scanned · densities from {source} · dead {dead} · log10 density histogram: {chart}</div>')
+
+
+def build_dashboard(model: HookedTransformer, sae: SAELike, hook_name: str, token_batches: Iterable[Tensor],
+                    tokenizer: Any, cfg: AnalysisConfig, out_dir: str | Path, densities: Tensor | None = None, *,
+                    features: Sequence[int] | None = None, ultralow_threshold: float = 1e-6,
+                    skip_first_position: bool = True) -> Path:
+    """Scan `cfg.tokens` held-out tokens and write `out_dir/index.html`; returns its path.
+
+    `densities` [d_sae] (e.g. from eval) choose and label the features; None uses the scan's own counts.
+    `features` overrides the selection.
+    """
+    scan = scan_features(model, sae, hook_name, token_batches, cfg, skip_first_position)
+    density_F = (densities if densities is not None else scan.density_F).double().cpu()
+    if density_F.numel() != scan.fire_count_F.numel():
+        raise ValueError(f"densities has {density_F.numel()} entries but the SAE has {scan.fire_count_F.numel()}")
+    shown = list(features) if features is not None else select_features(density_F, cfg.features)
+    effects_SV, logit_note = logit_effects(model, sae, hook_name, shown)
+    text = TokenText(tokenizer)
+    ablate = None
+    if cfg.ablation:
+        def ablate(tokens_BT: Tensor, f: int, positions: Tensor, k: int) -> Any:
+            return ablate_feature(model, sae, hook_name, tokens_BT, f, positions, k, skip_first_position)
+    panels = []
+    for s, f in enumerate(shown):
+        views, centre_ids = _contexts(scan, f, text)
+        counts = scan.histogram.counts_FB[f].tolist()
+        logits_pos, logits_neg = _top_effects(effects_SV[s], cfg.logit_k, text) if effects_SV is not None else ([], [])
+        panels.append(FeaturePanel(
+            feature=f, density=float(density_F[f]), ultralow=bool(density_F[f] < ultralow_threshold), contexts=views,
+            hist_counts=counts, hist_width=float(scan.histogram.width_F[f]),
+            top_tokens=[text(i) for i, _ in Counter(centre_ids).most_common(3)],
+            single_token=_single_token(centre_ids, cfg.single_token_fraction, text),
+            logits_pos=logits_pos, logits_neg=logits_neg,
+            **_ablation(ablate, scan, f, cfg.ablation_contexts, cfg.logit_k, text)))
+    source = "the given densities" if densities is not None else "this scan"
+    page = render_page(panels, f"SAE features · {hook_name}", _summary_html(scan, density_F, hook_name, source),
+                       logit_note)
+    path = Path(out_dir) / "index.html"
+    atomic_write_text(path, page)
+    return path

@@ -1,0 +1,50 @@
+"""The feature-density histogram (log10 of the fraction of tokens each feature fires on).
+
+In Anthropic's paper this histogram is bimodal: a high-density cluster of interpretable features and an
+ultra-low-density cluster (~1e-6 and below). Dead features (density 0, log10 = -inf) have no place on a log
+axis, so they get their own bar left of the axis break.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+
+import torch
+from matplotlib.figure import Figure
+from torch import Tensor
+
+from sae_stream.checkpoint import atomic_write_bytes
+
+
+def plot_density_histogram(log10_density: Tensor, path: str | Path, ultralow_threshold: float = 1e-6,
+                           bins: int = 60, title: str = "SAE feature density") -> Path:
+    """Write a PNG histogram of `log10_density` [F] (entries of -inf are dead features) to `path` atomically."""
+    if log10_density.dim() != 1 or log10_density.numel() == 0:
+        raise ValueError("log10_density must be a non-empty 1-D tensor [d_sae]")
+    values = log10_density.detach().double().cpu()
+    finite = values[torch.isfinite(values)]
+    n_dead = int((values == -math.inf).sum())
+    line_x = math.log10(ultralow_threshold)
+    lo = min(float(finite.min()) if finite.numel() else line_x, line_x) - 0.25
+    hi = max(float(finite.max()) if finite.numel() else 0.0, line_x) + 0.25
+    width = (hi - lo) / bins
+
+    # Figure without pyplot: no global backend state, renders with Agg.
+    fig = Figure(figsize=(7, 4), dpi=110)
+    ax = fig.add_subplot()
+    ax.hist(finite.numpy(), bins=bins, range=(lo, hi), color="#3b6fb6", label=f"alive ({finite.numel()})")
+    dead_x = lo - 3 * width
+    ax.bar([dead_x], [n_dead], width=2 * width, color="#999999", label=f"dead ({n_dead})")
+    ax.annotate(f"dead\n{n_dead}", (dead_x, n_dead), ha="center", va="bottom", fontsize=8)
+    ax.axvline(line_x, color="#c0392b", linestyle="--", label=f"ultra-low threshold (1e{line_x:g})")
+    ax.set_xlabel("log10 feature density (fraction of tokens the feature fires on)")
+    ax.set_ylabel("features")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)

@@ -1,0 +1,111 @@
+"""`sae-stream` command line: the composition root, the only place that wires LM, buffer, trainer and eval.
+
+    sae-stream run [CONFIG] [--out RUN_DIR]                 text -> LM -> streamed SAE -> eval -> dashboard
+    sae-stream lm train CONFIG --out DIR [--resume]         train the one-layer GPT
+    sae-stream train CONFIG --lm PATH_OR_NAME [--out RUN_DIR]
+    sae-stream train --resume RUN_DIR
+    sae-stream eval RUN_DIR          sae-stream analyze RUN_DIR
+    sae-stream hooks --lm PATH_OR_NAME                      list hook points
+    sae-stream config                                       every config field with its help
+
+Every command accepts `--section.field=value` overrides. Bad input exits 2 with one line (`--debug`: traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from collections.abc import Sequence
+
+from sae_stream import pipeline
+from sae_stream.config import ConfigError, help_text
+
+EXIT_USAGE = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sae-stream", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Config overrides: --section.field=value (see `sae-stream config`).")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="the main job: train LM (unless --lm), stream its MLP into an SAE, eval, analyze")
+    run.add_argument("config", nargs="?", help="YAML config (default: the embedded default, configs/default.yaml)")
+    run.add_argument("--lm", help="use this trained LM (run dir or transformer-lens name) instead of training one")
+    _add_out(run)
+    run.add_argument("--skip-analyze", action="store_true", help="skip the HTML dashboard")
+
+    lm = sub.add_parser("lm", help="language-model commands")
+    lm_sub = lm.add_subparsers(dest="lm_command", required=True)
+    lm_train = lm_sub.add_parser("train", help="train the one-layer GPT")
+    lm_train.add_argument("config", help="YAML config, e.g. configs/default.yaml")
+    _add_out(lm_train)
+    lm_train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+
+    train = sub.add_parser("train", help="train an SAE on a streamed LM hook")
+    train.add_argument("config", nargs="?", help="YAML config")
+    train.add_argument("--lm", help="trained LM: run dir of `sae-stream lm train` or a transformer-lens name")
+    _add_out(train)
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
+
+    ev = sub.add_parser("eval", help="evaluate a trained SAE run (eval.json, density PNG)")
+    ev.add_argument("run_dir")
+    an = sub.add_parser("analyze", help="build the HTML feature dashboard of a run")
+    an.add_argument("run_dir")
+    hooks = sub.add_parser("hooks", help="list the hook points of an LM")
+    hooks.add_argument("--lm", required=True)
+    sub.add_parser("config", help="print every config field with its type, default and help")
+    return p
+
+
+def _add_out(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", help="output directory (default: runs/<command>-<timestamp>)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, overrides = _parser().parse_known_args(argv)
+    try:
+        return _dispatch(args, overrides)
+    except (ConfigError, ValueError, FileNotFoundError, FileExistsError, pipeline.UserError) as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"sae-stream: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("sae-stream: interrupted", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args: argparse.Namespace, overrides: list[str]) -> int:
+    if args.command == "config":
+        print(help_text())
+        return 0
+    if args.command == "hooks":
+        print("\n".join(pipeline.list_hooks(args.lm)))
+        return 0
+    if args.command == "lm":
+        pipeline.lm_train(args.config, overrides, args.out, resume=args.resume, overwrite=args.overwrite)
+        return 0
+    if args.command == "train":
+        if args.resume:
+            if args.config or overrides:
+                raise pipeline.UserError("--resume RUN_DIR takes no config or overrides: the run's config.yaml is used")
+            pipeline.train_resume(args.resume)
+        else:
+            pipeline.train(args.config, overrides, lm=args.lm, out=args.out, overwrite=args.overwrite)
+        return 0
+    if args.command == "eval":
+        pipeline.evaluate_run(args.run_dir, overrides)
+        return 0
+    if args.command == "analyze":
+        pipeline.analyze_run(args.run_dir, overrides)
+        return 0
+    if args.command == "run":
+        pipeline.run(args.config, overrides, lm=args.lm, out=args.out, overwrite=args.overwrite,
+                     analyze=not args.skip_analyze)
+        return 0
+    raise AssertionError(args.command)

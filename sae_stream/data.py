@@ -1,0 +1,408 @@
+"""Text -> fixed-length token contexts, from three kinds of source (`data.source`):
+
+- 'embedded': English prose shipped with every Python: `pydoc_data.topics` plus the standard library's
+  docstrings (read with `ast`, nothing imported). ~0.6M GPT-2 tokens, no download; cached in memory and on disk.
+- a local .txt / .jsonl / .json / .parquet file, a directory of them, or a glob (read with `datasets`, streaming).
+- any Hugging Face dataset name, streamed (e.g. 'Skylion007/openwebtext', 'monology/pile-uncopyrighted').
+
+Documents are shuffled (per seed and epoch), tokenized, joined with end-of-text and cut into contexts of
+`data.context_len` tokens, as nanoGPT does. Context i of an epoch goes to rank i % world_size.
+
+    contexts = TokenContexts(cfg.data, split="train")
+    for tokens_BT in context_batches(contexts, batch_size=32): ...
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import glob
+import hashlib
+import itertools
+import os
+import platform
+import socket
+import sys
+import sysconfig
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, NamedTuple
+from urllib.parse import urlparse
+
+import torch
+
+from sae_stream.checkpoint import atomic_torch_save
+from sae_stream.config import DataConfig
+from sae_stream.tokenizer import Tokenizer, get_tokenizer
+
+SPLITS = ("train", "heldout")
+LOCAL_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+HELDOUT_SEED = 0
+"""Held-out order ignores data.seed, so evaluations of runs with different seeds see the same tokens."""
+_EMBEDDED_RECIPE = 1  # bump when the embedded corpus recipe changes: invalidates disk caches
+_STDLIB_SKIP = {"site-packages", "dist-packages", "idlelib", "lib2to3", "turtledemo", "ensurepip", "encodings",
+                "pydoc_data", "__pycache__", "__phello__"}
+_DEF_NODES = (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+_ENCODE_DOCS = 64  # documents tokenized per batch call on streamed sources
+
+
+# ---------------------------------------------------------------------------------------------- embedded corpus
+
+
+@lru_cache(maxsize=1)
+def embedded_documents() -> tuple[str, ...]:
+    """The embedded corpus documents: pydoc topics (sorted by name), then stdlib docstrings (see below)."""
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:  # some distributions package pydoc_data separately
+        topics = {}
+    docs = tuple(d for d in [topics[name].strip() for name in sorted(topics)] + _stdlib_docstrings() if d)
+    if not docs:
+        raise ValueError("no text in the embedded corpus: this Python ships neither pydoc_data nor stdlib sources; "
+                         "set data.source to a local file or a HF dataset")
+    return docs
+
+
+def _stdlib_docstrings() -> list[str]:
+    """Stdlib docstrings read with `ast` (tests and vendored code skipped), sorted by file path.
+
+    Each module docstring is a document, and so is each top-level class or function with the docstrings
+    nested in it: units small enough that the hash held-out split gets close to its fraction of tokens.
+    """
+    root = Path(sysconfig.get_paths()["stdlib"])
+    docs = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in _STDLIB_SKIP and not d.startswith(("test", ".")))
+        for name in sorted(filenames):
+            if not name.endswith(".py") or name.startswith("test"):
+                continue
+            try:
+                tree = ast.parse(Path(dirpath, name).read_bytes())
+            except (SyntaxError, ValueError, OSError):
+                continue
+            docs.append(ast.get_docstring(tree) or "")
+            docs.extend(_nested_docstrings(node) for node in tree.body if isinstance(node, _DEF_NODES))
+    return docs
+
+
+def _nested_docstrings(node: ast.AST) -> str:
+    return "\n\n".join(doc for n in ast.walk(node) if isinstance(n, _DEF_NODES) and (doc := ast.get_docstring(n)))
+
+
+class EmbeddedCorpus(NamedTuple):
+    tokens_N: torch.Tensor  # int32, every document followed by eot
+    doc_lens_D: torch.Tensor  # int64, tokens per document including its eot
+    doc_hash_D: torch.Tensor  # float64 in [0, 1): the document's held-out key
+
+
+@lru_cache(maxsize=2)
+def embedded_corpus(tokenizer_name: str) -> EmbeddedCorpus:
+    """The tokenized embedded corpus, read from the disk cache when present (built and cached otherwise)."""
+    path = embedded_cache_path(tokenizer_name)
+    try:
+        raw = torch.load(path, weights_only=True)
+        return EmbeddedCorpus(raw["tokens_N"], raw["doc_lens_D"], raw["doc_hash_D"])
+    except Exception:  # missing, stale or truncated cache: rebuild it
+        pass
+    docs = embedded_documents()
+    tok = get_tokenizer(tokenizer_name)
+    ids = [d + [tok.eot] for d in tok.encode_batch(docs)]
+    corpus = EmbeddedCorpus(torch.tensor(list(itertools.chain.from_iterable(ids)), dtype=torch.int32),
+                            torch.tensor([len(d) for d in ids], dtype=torch.int64),
+                            torch.tensor([heldout_key(d) for d in docs], dtype=torch.float64))
+    try:
+        atomic_torch_save(path, corpus._asdict())
+    except OSError:
+        pass  # a read-only home only costs the rebuild next time
+    return corpus
+
+
+def embedded_cache_path(tokenizer_name: str) -> Path:
+    """~/.cache/sae-stream (or $SAE_STREAM_CACHE) / embedded corpus keyed by Python build and tokenizer."""
+    base = os.environ.get("SAE_STREAM_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "sae-stream"
+    stdlib = hashlib.sha1(sysconfig.get_paths()["stdlib"].encode()).hexdigest()[:8]
+    name = f"embedded-v{_EMBEDDED_RECIPE}-{platform.python_implementation()}{platform.python_version()}-{stdlib}"
+    return Path(base).expanduser() / f"{name}-{tokenizer_name}.pt"
+
+
+def heldout_key(text: str) -> float:
+    """A stable value in [0, 1) per document text: documents with key < heldout_fraction are held out."""
+    return int.from_bytes(hashlib.sha1(text.encode("utf-8", "surrogatepass")).digest()[:8], "big") / 2.0**64
+
+
+# ---------------------------------------------------------------------------------------------- document sources
+
+
+class _EmbeddedSource:
+    """The in-memory embedded corpus: each epoch is one permutation of the split's documents."""
+
+    def __init__(self, cfg: DataConfig, heldout: bool) -> None:
+        self.corpus = embedded_corpus(cfg.tokenizer)
+        in_heldout = self.corpus.doc_hash_D < cfg.heldout_fraction
+        self.docs_K = torch.nonzero(in_heldout if heldout else ~in_heldout).flatten()
+        self.starts_D = torch.cumsum(self.corpus.doc_lens_D, 0) - self.corpus.doc_lens_D
+        self.where = f"the embedded corpus ({'heldout' if heldout else 'train'} split)"
+        if len(self.docs_K) == 0:
+            raise ValueError(f"no text in {self.where}: data.heldout_fraction={cfg.heldout_fraction} selects none")
+
+    def token_chunks(self, seed: int) -> Iterator[torch.Tensor]:
+        order_K = self.docs_K[torch.randperm(len(self.docs_K), generator=torch.Generator().manual_seed(seed))]
+        starts, lens = self.starts_D[order_K].tolist(), self.corpus.doc_lens_D[order_K].tolist()
+        yield torch.cat([self.corpus.tokens_N[s:s + n] for s, n in zip(starts, lens)]).long()
+
+
+class _StreamSource:
+    """A `datasets.IterableDataset` of records: shuffled per epoch with a buffer, filtered, tokenized in batches."""
+
+    def __init__(self, dataset: Any, text_field: str, keep: Callable[[str], bool] | None, tok: Tokenizer,
+                 shuffle_buffer: int, where: str) -> None:
+        self.dataset, self.text_field, self.keep, self.tok = dataset, text_field, keep, tok
+        self.shuffle_buffer, self.where = shuffle_buffer, where
+
+    def token_chunks(self, seed: int) -> Iterator[torch.Tensor]:
+        batch: list[str] = []
+        n_docs = 0
+        for record in self.dataset.shuffle(seed=seed, buffer_size=self.shuffle_buffer):
+            if self.text_field not in record:
+                raise ValueError(f"{self.where} has no column {self.text_field!r} (columns: "
+                                 f"{', '.join(record)}): set data.text_field")
+            text = record[self.text_field]
+            if not isinstance(text, str) or not text.strip() or (self.keep is not None and not self.keep(text)):
+                continue
+            batch.append(text)
+            n_docs += 1
+            if len(batch) == _ENCODE_DOCS:
+                yield self._encode(batch)
+                batch = []
+        if batch:
+            yield self._encode(batch)
+        if n_docs == 0:
+            raise ValueError(f"no text in {self.where}")
+
+    def _encode(self, texts: list[str]) -> torch.Tensor:
+        ids = self.tok.encode_batch(texts)
+        eot = [self.tok.eot]
+        return torch.tensor(list(itertools.chain.from_iterable(d + eot for d in ids)), dtype=torch.long)
+
+
+def _hash_filter(fraction: float, heldout: bool) -> Callable[[str], bool] | None:
+    if fraction == 0.0 and not heldout:
+        return None
+    return lambda text: (heldout_key(text) < fraction) == heldout
+
+
+def local_files(source: str) -> list[Path] | None:
+    """The files a local `data.source` names (file, directory or glob); None when it names no local path."""
+    path = Path(source).expanduser()
+    if glob.has_magic(source):
+        files = [Path(f) for f in sorted(glob.glob(str(path), recursive=True)) if Path(f).is_file()]
+    elif path.is_dir():
+        files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix in LOCAL_BUILDERS)
+    elif path.is_file():
+        files = [path]
+    elif path.suffix in LOCAL_BUILDERS or source.startswith(("/", "./", "../", "~")):
+        raise ValueError(f"data.source {source!r} does not exist: give an existing file, directory or glob")
+    else:
+        return None
+    if not files:
+        raise ValueError(f"data.source {source!r} holds no {'/'.join(LOCAL_BUILDERS)} files")
+    return files
+
+
+def _open_local(cfg: DataConfig, files: list[Path], heldout: bool, tok: Tokenizer) -> _StreamSource:
+    where = f"data.source {cfg.source!r} ({'heldout' if heldout else 'train'} split)"
+    suffixes = sorted({f.suffix for f in files})
+    builders = {LOCAL_BUILDERS.get(s) for s in suffixes}
+    if None in builders or len(builders) > 1:
+        raise ValueError(f"data.source {cfg.source!r} mixes or holds unsupported file types ({', '.join(suffixes)}): "
+                         f"point it at .txt, .jsonl/.json or .parquet files of one kind")
+    if all(f.stat().st_size == 0 for f in files):
+        raise ValueError(f"no text in {where}: all {len(files)} file(s) are empty")
+    (builder,) = builders
+    kwargs: dict[str, Any] = {}
+    if builder == "text":
+        # one document per file; a single file is split at blank lines so a hash held-out split is possible
+        kwargs["sample_by"] = "paragraph" if len(files) == 1 else "document"
+    import datasets
+
+    dataset = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", streaming=True,
+                                    **kwargs)
+    field = "text" if builder == "text" else cfg.text_field
+    return _StreamSource(dataset, field, _hash_filter(cfg.heldout_fraction, heldout), tok, cfg.shuffle_buffer, where)
+
+
+def _open_hf(cfg: DataConfig, heldout: bool, tok: Tokenizer) -> _StreamSource:
+    reason = hub_unreachable_reason()
+    if reason is not None:
+        raise ValueError(f"could not reach the Hugging Face Hub for dataset {cfg.source!r} ({reason}): use "
+                         f"--data.source=embedded or a local .txt/.jsonl/.parquet file or directory")
+    split, keep = cfg.split, _hash_filter(cfg.heldout_fraction, heldout)
+    if heldout and cfg.heldout_split is not None:
+        split, keep = cfg.heldout_split, None
+    elif not heldout and cfg.heldout_split is not None:
+        keep = None
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(cfg.source, cfg.hf_subset, split=split, streaming=True)
+    except Exception as e:  # datasets raises many types; the user needs one line naming the source
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"could not open HF dataset {cfg.source!r} (subset {cfg.hf_subset!r}, split {split!r}): "
+                         f"{first}") from e
+    where = f"HF dataset {cfg.source!r} (split {split!r}{', held-out by hash' if keep and heldout else ''})"
+    return _StreamSource(dataset, cfg.text_field, keep, tok, cfg.shuffle_buffer, where)
+
+
+def hub_unreachable_reason(timeout_s: float = 3.0) -> str | None:
+    """Why the Hub can't be reached (offline env var, no connection within `timeout_s`), or None if it can."""
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
+            return f"{var} is set"
+    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
+    url = urlparse(proxy or os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    outcome: list[BaseException | None] = []
+
+    def connect() -> None:  # in a thread because DNS lookups ignore socket timeouts
+        try:
+            socket.create_connection((host, port), timeout=timeout_s).close()
+            outcome.append(None)
+        except OSError as e:
+            outcome.append(e)
+
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(timeout_s + 0.5)
+    if not outcome:
+        return f"no answer from {host}:{port} within {timeout_s:g} s"
+    return None if outcome[0] is None else f"no connection to {host}:{port}: {outcome[0]}"
+
+
+# ---------------------------------------------------------------------------------------------- contexts
+
+
+class TokenContexts:
+    """Iterable of LongTensor[context_len] for one split and rank; resumable via state_dict / load_state_dict.
+
+    Iterating continues from the current position (epoch, contexts yielded in it) and advances it.
+    """
+
+    def __init__(self, cfg: DataConfig, split: str = "train", rank: int = 0, world_size: int = 1) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        self.cfg, self.split, self.rank, self.world_size = cfg, split, rank, world_size
+        self.tokenizer = get_tokenizer(cfg.tokenizer)
+        self._source = self._open_source()
+        self.epoch, self.yielded = 0, 0
+
+    def _open_source(self) -> _EmbeddedSource | _StreamSource:
+        heldout = self.split == "heldout"
+        if self.cfg.source == "embedded":
+            return _EmbeddedSource(self.cfg, heldout)
+        files = local_files(self.cfg.source)
+        if files is not None:
+            return _open_local(self.cfg, files, heldout, self.tokenizer)
+        return _open_hf(self.cfg, heldout, self.tokenizer)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        while True:
+            yield from self._epoch_contexts()
+            if not self.cfg.loop:
+                return
+            self.epoch, self.yielded = self.epoch + 1, 0
+
+    def _epoch_contexts(self) -> Iterator[torch.Tensor]:
+        seed = (self.cfg.seed if self.split == "train" else HELDOUT_SEED) + self.epoch
+        skip, mine = self.yielded, 0
+        for i, context_T in enumerate(_cut(self._source.token_chunks(seed), self.cfg.context_len)):
+            if i % self.world_size != self.rank:
+                continue
+            mine += 1
+            if mine > skip:
+                self.yielded += 1
+                yield context_T.clone()
+        if mine == 0:
+            raise ValueError(f"{self._source.where} has fewer tokens than one context of data.context_len="
+                             f"{self.cfg.context_len} for rank {self.rank} of {self.world_size}")
+
+    def _identity(self) -> dict[str, Any]:
+        return {"source": self.cfg.source, "split": self.split, "seed": self.cfg.seed, "rank": self.rank,
+                "world_size": self.world_size, "context_len": self.cfg.context_len, "tokenizer": self.cfg.tokenizer}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "contexts": self.yielded, **self._identity()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Set the position; the next iteration replays the epoch up to it, so its first context is the next one."""
+        for key, value in self._identity().items():
+            if state.get(key) != value:
+                raise ValueError(f"data state was saved with {key}={state.get(key)!r} but this stream has "
+                                 f"{key}={value!r}: resume with the same data settings")
+        self.epoch, self.yielded = int(state["epoch"]), int(state["contexts"])
+
+
+def _cut(chunks: Iterable[torch.Tensor], context_len: int) -> Iterator[torch.Tensor]:
+    """Concatenate token chunks and cut them into rows of `context_len` (the tail of the epoch is dropped)."""
+    carry = torch.empty(0, dtype=torch.long)
+    for chunk in chunks:
+        tokens = torch.cat([carry, chunk]) if len(carry) else chunk
+        n = len(tokens) // context_len
+        yield from tokens[: n * context_len].view(n, context_len)
+        carry = tokens[n * context_len:]
+
+
+def context_batches(contexts: Iterable[torch.Tensor], batch_size: int,
+                    drop_last: bool = True) -> Iterator[torch.Tensor]:
+    """Stack contexts into LongTensor[batch_size, context_len] batches; an incomplete last batch is dropped."""
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be > 0, got {batch_size}")
+    batch: list[torch.Tensor] = []
+    for context_T in contexts:
+        batch.append(context_T)
+        if len(batch) == batch_size:
+            yield torch.stack(batch)
+            batch = []
+    if batch and not drop_last:
+        yield torch.stack(batch)
+
+
+def heldout_batches(cfg: DataConfig, batch_size: int, n_tokens: int, rank: int = 0,
+                    world_size: int = 1) -> Iterator[torch.Tensor]:
+    """Held-out batches [B, T] in a fixed order, at most `n_tokens` tokens, stopping at the end of the split.
+
+    The last batch may be smaller than `batch_size`, so small budgets still evaluate every token they allow.
+    """
+    if n_tokens < cfg.context_len:
+        raise ValueError(f"n_tokens ({n_tokens}) must be >= data.context_len ({cfg.context_len})")
+    contexts = TokenContexts(dataclasses.replace(cfg, loop=False), "heldout", rank, world_size)
+    return context_batches(itertools.islice(contexts, n_tokens // cfg.context_len), batch_size, drop_last=False)
+
+
+def corpus_summary(tokenizer_name: str = "gpt2", heldout_fraction: float = 0.05) -> dict[str, Any]:
+    """Size of the embedded corpus split (for `sae-stream` info output and the README)."""
+    corpus = embedded_corpus(tokenizer_name)
+    held = corpus.doc_hash_D < heldout_fraction
+    return {"python": sys.version.split()[0], "tokenizer": tokenizer_name, "documents": len(corpus.doc_lens_D),
+            "train_tokens": int(corpus.doc_lens_D[~held].sum()), "heldout_tokens": int(corpus.doc_lens_D[held].sum()),
+            "heldout_documents": int(held.sum())}
+
+
+class ContextBatches:
+    """Re-iterable [B, T] batches over a TokenContexts, carrying its position: `state_dict()` / `load_state_dict()`
+    delegate to the contexts, so a consumer (the activation stream) can checkpoint and replay the text stream."""
+
+    def __init__(self, contexts: TokenContexts, batch_size: int) -> None:
+        self.contexts, self.batch_size = contexts, batch_size
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return context_batches(self.contexts, self.batch_size)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.contexts.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.contexts.load_state_dict(state)

@@ -1,0 +1,256 @@
+"""Held-out evaluation of an SAE spliced into its language model: L0, MSE, FVU, CE loss recovered, KL, densities.
+
+    result = evaluate(model, sae, "blocks.0.mlp.hook_post", token_batches, cfg.eval, cfg.train,
+                      skip_first_position=cfg.buffer.skip_first_position)
+    write_eval(run_dir, result)   # eval.json, feature_density.safetensors, density_histogram.png
+
+Definitions (also written into eval.json under "definitions"):
+- activation statistics (L0, MSE, FVU, densities) count every evaluated position except position 0 when
+  `skip_first_position` is set; spliced runs then keep position 0's clean activation (the SAE never saw it).
+- L0 = mean number of features with activation > 0 per token.
+- MSE = mean over tokens and input dims of (x - x_hat)^2.
+- FVU = sum ||x - x_hat||^2 / sum ||x - mean_x||^2, mean_x the mean activation over the evaluated positions.
+- CE losses average the next-token cross-entropy over all T-1 predictions of every context (position 0's
+  prediction included: when position 0 is kept clean it is identical in every run, so it cancels in the
+  loss-recovered differences and only scales them equally).
+- loss recovered (ablation A in {zero, mean}) = (L_A - L_sae) / (L_A - L_clean): 1 = the SAE loses nothing,
+  0 = as bad as ablating the hook. The seed logged its complement (L_sae - L_clean) / (L_A - L_clean).
+- KL = KL(p_clean || p_sae) summed over the vocabulary, averaged over the same predictions as the CE.
+- density of a feature = fraction of evaluated tokens where it fires (> 0); dead: density <= train.dead_threshold;
+  ultra-low: alive and density < train.ultralow_threshold; dense: density > train.dense_threshold.
+
+Memory is bounded by one chunk of `eval.batch_contexts` contexts: two [B, T, V] log-prob tensors and the
+chunk's [B*T, d_sae] features. Only the token ids of the held-out set are kept, so the mean activation (needed
+before mean ablation) is a first pass over the same contexts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+
+from sae_stream.analysis.hooks import (
+    SAELike,
+    check_hook,
+    check_sae,
+    chunks,
+    first_position,
+    hook_activations,
+    model_device,
+    sae_decode,
+    sae_features,
+    spliced_logits,
+    take_contexts,
+)
+from sae_stream.analysis.plots import plot_density_histogram
+from sae_stream.checkpoint import atomic_write_bytes, atomic_write_json
+from sae_stream.config import EvalConfig, TrainConfig
+
+EVAL_JSON = "eval.json"
+DENSITY_FILE = "feature_density.safetensors"
+DENSITY_PNG = "density_histogram.png"
+
+DEFINITIONS = {
+    "l0": "mean number of features with activation > 0 per token",
+    "mse": "mean over tokens and input dims of (x - x_hat)^2",
+    "fvu": "sum ||x - x_hat||^2 / sum ||x - mean_x||^2, mean_x = mean activation over the evaluated positions",
+    "ce_loss_recovered": "(L_ablated - L_sae) / (L_ablated - L_clean) for ablated = zero and mean; "
+                         "1 = no loss from splicing the SAE in, 0 = as bad as the ablation (the seed logged 1 - this)",
+    "kl_clean_sae": "KL(p_clean || p_sae) in nats, averaged over next-token predictions",
+    "ce_positions": "CE and KL average all T-1 next-token predictions of each context",
+    "activation_positions": "L0/MSE/FVU/density use every position except position 0 when skip_first_position; "
+                            "spliced runs then keep position 0 clean",
+    "density": "fraction of evaluated tokens where a feature is > 0; dead: <= dead_threshold; "
+               "ultralow: alive and < ultralow_threshold; dense: > dense_threshold",
+}
+
+
+class _ActivationTotals:
+    """Running sums over evaluated tokens, in float64 so a million tokens add up without drift."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.fire_F: Tensor | None = None
+        self.sq_err = self.sum_sq = 0.0
+        self.sum_D: Tensor | None = None
+
+    def update(self, x_ND: Tensor, feats_NF: Tensor, recon_ND: Tensor) -> None:
+        x_ND = x_ND.double()
+        if self.fire_F is None or self.sum_D is None:
+            self.fire_F = torch.zeros(feats_NF.shape[1], dtype=torch.float64, device=x_ND.device)
+            self.sum_D = torch.zeros(x_ND.shape[1], dtype=torch.float64, device=x_ND.device)
+        self.fire_F += (feats_NF > 0).sum(0)
+        self.sq_err = self.sq_err + (x_ND - recon_ND.double()).pow(2).sum()
+        self.sum_sq = self.sum_sq + x_ND.pow(2).sum()
+        self.sum_D += x_ND.sum(0)
+        self.n += x_ND.shape[0]
+
+    def summary(self) -> dict[str, Any]:
+        if self.fire_F is None or self.sum_D is None or self.n == 0:
+            raise ValueError("no activation positions evaluated: contexts need >= 2 tokens with skip_first_position")
+        total_var = float(self.sum_sq) - float(self.sum_D.pow(2).sum()) / self.n
+        sq_err = float(self.sq_err)
+        return {"activation_tokens": self.n, "l0": float(self.fire_F.sum()) / self.n,
+                "mse": sq_err / (self.n * self.sum_D.numel()),
+                "fvu": sq_err / total_var if total_var > 0 else None,
+                "density_F": (self.fire_F / self.n).float().cpu()}
+
+
+class _LossTotals:
+    RUNS = ("clean", "sae", "zero_ablation", "mean_ablation")
+
+    def __init__(self) -> None:
+        self.ce = dict.fromkeys(self.RUNS, 0.0)
+        self.kl = 0.0
+        self.n = 0
+
+    def summary(self) -> dict[str, Any]:
+        ce = {k: float(v) / self.n for k, v in self.ce.items()}
+        return {"ce_loss": ce,
+                "ce_loss_recovered": {"zero": _recovered(ce, "zero_ablation"), "mean": _recovered(ce, "mean_ablation")},
+                "kl_clean_sae": float(self.kl) / self.n, "predictions": self.n}
+
+
+def _recovered(ce: dict[str, float], ablation: str) -> float | None:
+    gap = ce[ablation] - ce["clean"]
+    return (ce[ablation] - ce["sae"]) / gap if gap != 0 else None
+
+
+def _next_token_logprobs(logits_BTV: Tensor) -> Tensor:
+    return logits_BTV[:, :-1].float().log_softmax(-1)
+
+
+def _ce_sum(logp_BTV: Tensor, tokens_BT: Tensor) -> Tensor:
+    return -logp_BTV.gather(-1, tokens_BT[:, 1:, None]).double().sum()
+
+
+@torch.no_grad()
+def compute_mean_activation(model: HookedTransformer, hook_name: str, tokens_NT: Tensor, batch_contexts: int,
+                            skip_first_position: bool = True) -> Tensor:
+    """Mean of the hook's activation [D] over all contexts' positions (position 0 left out if skipped)."""
+    start, total, count = first_position(skip_first_position), None, 0
+    for tokens_BT in chunks(tokens_NT, batch_contexts, model_device(model)):
+        x_BTD = hook_activations(model, hook_name, tokens_BT)[:, start:].double()
+        total = x_BTD.sum((0, 1)) if total is None else total + x_BTD.sum((0, 1))
+        count += x_BTD.shape[0] * x_BTD.shape[1]
+    if total is None or count == 0:
+        raise ValueError("no positions to average: contexts need >= 2 tokens with skip_first_position")
+    return (total / count).float()
+
+
+@torch.no_grad()
+def _eval_chunk(model: HookedTransformer, sae: SAELike, hook_name: str, tokens_BT: Tensor, mean_D: Tensor,
+                skip_first_position: bool, acts: _ActivationTotals, losses: _LossTotals) -> None:
+    def reconstruct(x_BTD: Tensor) -> Tensor:
+        feats_BTF = sae_features(sae, x_BTD)
+        recon_BTD = sae_decode(sae, feats_BTF, x_BTD)
+        d = x_BTD.shape[-1]
+        acts.update(x_BTD.reshape(-1, d), feats_BTF.reshape(-1, feats_BTF.shape[-1]), recon_BTD.reshape(-1, d))
+        return recon_BTD
+
+    replacements = {"sae": reconstruct, "zero_ablation": torch.zeros_like,
+                    "mean_ablation": lambda x_BTD: mean_D.to(x_BTD).expand_as(x_BTD)}
+    logp_clean = _next_token_logprobs(model(tokens_BT))
+    losses.ce["clean"] += _ce_sum(logp_clean, tokens_BT)
+    for run, replace in replacements.items():
+        logp = _next_token_logprobs(spliced_logits(model, hook_name, tokens_BT, replace, skip_first_position))
+        losses.ce[run] += _ce_sum(logp, tokens_BT)
+        if run == "sae":
+            losses.kl += F.kl_div(logp, logp_clean, log_target=True, reduction="sum").double()
+        del logp
+    losses.n += logp_clean.shape[0] * logp_clean.shape[1]
+
+
+def density_counts(density_F: Tensor, train_cfg: TrainConfig) -> dict[str, Any]:
+    dead = density_F <= train_cfg.dead_threshold
+    return {"d_sae": density_F.numel(), "dead": int(dead.sum()),
+            "ultralow": int((~dead & (density_F < train_cfg.ultralow_threshold)).sum()),
+            "dense": int((density_F > train_cfg.dense_threshold).sum()),
+            "thresholds": {"dead": train_cfg.dead_threshold, "ultralow": train_cfg.ultralow_threshold,
+                           "dense": train_cfg.dense_threshold}}
+
+
+@torch.no_grad()
+def evaluate(model: HookedTransformer, sae: SAELike, hook_name: str, token_batches: Iterable[Tensor],
+             cfg: EvalConfig, train_cfg: TrainConfig, mean_activation: Tensor | None = None,
+             skip_first_position: bool = True) -> dict[str, Any]:
+    """Evaluate `sae` at `hook_name` on up to `cfg.tokens` held-out tokens; returns a JSON-able dict.
+
+    Loss recovered = (L_ablated - L_sae) / (L_ablated - L_clean) against zero- and mean-ablation of the hook
+    (see the module docstring for every definition). `mean_activation` (the hook's mean activation, [D])
+    is computed in a first pass over the same contexts when None. `skip_first_position` should be
+    `buffer.skip_first_position`, the setting the SAE was trained with.
+    """
+    check_hook(model, hook_name)
+    tokens_NT = take_contexts(token_batches, cfg.tokens)
+    device = model_device(model)
+    d_in = hook_activations(model, hook_name, tokens_NT[:1].to(device)).shape[-1]
+    check_sae(sae, d_in, hook_name)
+    if mean_activation is None:
+        mean_activation = compute_mean_activation(model, hook_name, tokens_NT, cfg.batch_contexts, skip_first_position)
+    if mean_activation.shape != (d_in,):
+        raise ValueError(f"mean_activation has shape {tuple(mean_activation.shape)}, expected [{d_in}] for {hook_name}")
+    mean_D = mean_activation.to(device)
+    acts, losses = _ActivationTotals(), _LossTotals()
+    n_chunks = -(-tokens_NT.shape[0] // cfg.batch_contexts)
+    for tokens_BT in tqdm(chunks(tokens_NT, cfg.batch_contexts, device), total=n_chunks, desc="eval", disable=None):
+        _eval_chunk(model, sae, hook_name, tokens_BT, mean_D, skip_first_position, acts, losses)
+    stats = acts.summary()
+    density_F = stats.pop("density_F")
+    return {"hook_name": hook_name, "contexts": tokens_NT.shape[0], "tokens": tokens_NT.numel(),
+            "skip_first_position": skip_first_position, **stats,
+            "explained_variance": 1 - stats["fvu"] if stats["fvu"] is not None else None,
+            **losses.summary(), "density": density_counts(density_F, train_cfg),
+            "feature_density": density_F.tolist(), "definitions": DEFINITIONS}
+
+
+def log10_density(density_F: Tensor) -> Tensor:
+    """log10 of densities; dead features (density 0) are -inf."""
+    return torch.log10(density_F.double()).float()
+
+
+def write_eval(run_dir: str | Path, result: dict[str, Any], histogram_bins: int = 60) -> Path:
+    """Write eval.json (without the per-feature list), feature_density.safetensors and density_histogram.png."""
+    run_dir = Path(run_dir)
+    summary = {k: v for k, v in result.items() if k != "feature_density"}
+    density_F = torch.tensor(result["feature_density"], dtype=torch.float32)
+    summary["feature_density_file"] = DENSITY_FILE
+    atomic_write_bytes(run_dir / DENSITY_FILE, save_safetensors({"density_F": density_F}))
+    plot_density_histogram(log10_density(density_F), run_dir / DENSITY_PNG,
+                           ultralow_threshold=result["density"]["thresholds"]["ultralow"], bins=histogram_bins)
+    atomic_write_json(run_dir / EVAL_JSON, _finite(summary))
+    return run_dir / EVAL_JSON
+
+
+def load_feature_density(run_dir: str | Path) -> Tensor:
+    """The densities [d_sae] written by `write_eval`."""
+    path = Path(run_dir) / DENSITY_FILE
+    if not path.is_file():
+        raise ValueError(f"{path} not found: run `sae-stream eval` on this run first")
+    return load_safetensors(path.read_bytes())["density_F"]
+
+
+def read_eval(run_dir: str | Path) -> dict[str, Any]:
+    return json.loads((Path(run_dir) / EVAL_JSON).read_text())
+
+
+def _finite(obj: Any) -> Any:
+    """NaN/inf become None: strict JSON has no such numbers."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj

@@ -1,0 +1,151 @@
+"""Export to (and load from) SAELens's on-disk format, so `SAE.load_from_disk(dir)` in SAELens works.
+
+    export_saelens(sae, "runs/x/saelens", hook_name="blocks.0.mlp.hook_post", log10_density=d_F)
+    sae = load_saelens("runs/x/saelens")
+
+The directory holds `cfg.json`, `sae_weights.safetensors` (W_enc [d_in, d_sae], b_enc, W_dec [d_sae, d_in],
+b_dec; + threshold for jumprelu) and, if densities are given, `sparsity.safetensors` (key 'sparsity': log10
+feature density). cfg.json carries both SAELens >= 6 fields (top-level d_in/d_sae/dtype/device/
+apply_b_dec_to_input/normalize_activations/reshape_activations/architecture/k + a `metadata` block) and the
+older flat ones (model_name, hook_name/hook_point, hook_layer, hook_head_index, activation_fn_str, context_size,
+dataset_path, prepend_bos, finetuning_scaling_factor ...); each SAELens version ignores the keys it doesn't know.
+Our own config sits under `sae_stream` so `load_saelens` rebuilds the exact architecture.
+
+Architecture mapping:
+- anthropic -> 'standard' (apply_b_dec_to_input true).
+- april -> 'standard' with apply_b_dec_to_input false and the input scale s FOLDED into the weights
+  (W_enc·s, W_dec/s, b_dec/s; normalize_activations 'none'), so the exported SAE runs on raw activations and
+  produces the same features and reconstructions as ours.
+- topk -> 'topk' with k (rescale_acts_by_decoder_norm false).
+- batchtopk -> 'jumprelu' with threshold θ (the running threshold used at inference) for every feature — what
+  SAELens itself saves BatchTopK SAEs as; its jumprelu keeps pre·[pre > θ], which is our inference rule.
+All files are written atomically; cfg.json goes last, so a directory with a cfg.json is complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save
+
+from sae_stream.checkpoint import atomic_write_bytes, atomic_write_json
+from sae_stream.config import SAEConfig
+from sae_stream.sae import SAE, build_sae
+
+SAELENS_ARCH = {"anthropic": "standard", "april": "standard", "topk": "topk", "batchtopk": "jumprelu"}
+FORMAT_VERSION = "6.0.0"  # the SAELens config layout we write (with the pre-6 keys alongside)
+# keys SAELens 6.x accepts in `metadata` (it builds a dataclass from them, so nothing else goes there)
+METADATA_KEYS = ("model_name", "hook_name", "hook_head_index", "context_size", "dataset_path", "prepend_bos",
+                 "model_from_pretrained_kwargs", "sae_lens_version", "sae_lens_training_version")
+
+
+@torch.no_grad()
+def saelens_tensors(sae: SAE) -> dict[str, torch.Tensor]:
+    """Our parameters in SAELens's names, with april's input scale folded in (float32, CPU, contiguous)."""
+    s = float(sae.input_scale)
+    out = {
+        "W_enc": sae.W_enc_DF * s,
+        "b_enc": sae.b_enc_F.clone(),
+        "W_dec": sae.W_dec_FD / s,
+        "b_dec": sae.b_dec_D / s,
+    }
+    if sae.cfg.architecture == "batchtopk":
+        out["threshold"] = torch.full_like(sae.b_enc_F, float(sae.threshold.clamp_min(0.0)))
+    return {k: v.detach().float().cpu().contiguous() for k, v in out.items()}
+
+
+def saelens_cfg(sae: SAE, hook_name: str, model_name: str, extra_cfg: dict[str, Any] | None = None) -> dict:
+    """cfg.json contents (both SAELens >= 6 and older field names)."""
+    arch = SAELENS_ARCH[sae.cfg.architecture]
+    layer = re.match(r"blocks\.(\d+)\.", hook_name)
+    cfg: dict[str, Any] = {
+        "architecture": arch,
+        "d_in": sae.d_in,
+        "d_sae": sae.d_sae,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": sae.subtract_b_dec,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        "model_name": model_name,
+        "hook_name": hook_name,
+        "hook_point": hook_name,
+        "hook_layer": int(layer.group(1)) if layer else 0,
+        "hook_head_index": None,
+        "hook_point_head_index": None,
+        "activation_fn_str": "topk" if arch == "topk" else "relu",
+        "activation_fn_kwargs": {"k": sae.cfg.k} if arch == "topk" else {},
+        "finetuning_scaling_factor": False,
+        "context_size": None,
+        "dataset_path": None,
+        "prepend_bos": False,
+        "sae_lens_version": FORMAT_VERSION,
+        "sae_lens_training_version": None,
+    }
+    if arch == "topk":
+        cfg.update(k=sae.cfg.k, rescale_acts_by_decoder_norm=False)
+    cfg.update(extra_cfg or {})
+    cfg["activation_fn"] = cfg["activation_fn_str"]
+    cfg["metadata"] = {k: cfg[k] for k in METADATA_KEYS if k in cfg}
+    cfg["sae_stream"] = {"sae": dataclasses.asdict(sae.cfg), "input_scale_folded": float(sae.input_scale)}
+    return cfg
+
+
+def export_saelens(sae: SAE, out_dir: Path | str, hook_name: str, log10_density: torch.Tensor | None = None,
+                   model_name: str = "unknown", extra_cfg: dict[str, Any] | None = None) -> Path:
+    """Write `sae` as a SAELens SAE directory; extra_cfg adds/overrides cfg.json keys (context_size,
+    dataset_path, prepend_bos, ...). Returns the directory."""
+    out = Path(out_dir)
+    if log10_density is not None and tuple(log10_density.shape) != (sae.d_sae,):
+        raise ValueError(f"log10_density has shape {tuple(log10_density.shape)}; expected ({sae.d_sae},)")
+    atomic_write_bytes(out / "sae_weights.safetensors", save(saelens_tensors(sae)))
+    if log10_density is not None:
+        sparsity = {"sparsity": log10_density.detach().float().cpu().contiguous()}
+        atomic_write_bytes(out / "sparsity.safetensors", save(sparsity))
+    atomic_write_json(out / "cfg.json", saelens_cfg(sae, hook_name, model_name, extra_cfg))
+    return out
+
+
+def _sae_config_from(cfg: dict[str, Any]) -> SAEConfig:
+    """Ours if we wrote it; otherwise the SAELens architecture mapped to ours."""
+    if "sae_stream" in cfg:
+        return SAEConfig(**cfg["sae_stream"]["sae"])
+    arch = cfg.get("architecture", "standard")
+    if arch == "standard":
+        ours = "anthropic" if cfg.get("apply_b_dec_to_input", True) else "april"
+    elif arch in ("topk", "jumprelu"):
+        ours = {"topk": "topk", "jumprelu": "batchtopk"}[arch]
+    else:
+        raise ValueError(f"cannot load a SAELens {arch!r} SAE: supported are standard, topk and jumprelu")
+    if cfg.get("normalize_activations", "none") not in ("none", None, False):
+        raise ValueError(f"cannot load normalize_activations={cfg['normalize_activations']!r}: fold it first")
+    k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k") or 1
+    return SAEConfig(architecture=ours, d_in=cfg["d_in"], d_sae=cfg["d_sae"], k=int(k))
+
+
+@torch.no_grad()
+def load_saelens(path: Path | str, device: str | torch.device = "cpu") -> SAE:
+    """Load a SAELens-format directory (ours or SAELens's standard/topk/jumprelu with one threshold)."""
+    path = Path(path)
+    if not (path / "cfg.json").is_file():
+        raise ValueError(f"{str(path)!r} has no cfg.json: point at a directory written by export_saelens")
+    cfg = json.loads((path / "cfg.json").read_text())
+    sae_cfg = _sae_config_from(cfg)
+    tensors = load_file(str(path / "sae_weights.safetensors"))
+    sae = build_sae(sae_cfg, int(cfg["d_in"]), seed=0)
+    sae.W_enc_DF.copy_(tensors["W_enc"])
+    sae.b_enc_F.copy_(tensors["b_enc"])
+    sae.W_dec_FD.copy_(tensors["W_dec"])
+    sae.b_dec_D.copy_(tensors["b_dec"])
+    sae.input_scale.fill_(1.0)  # folded into the weights at export
+    if sae_cfg.architecture == "batchtopk":
+        thr = tensors["threshold"]
+        if not torch.all(thr == thr[0]):
+            raise ValueError("this jumprelu SAE has per-feature thresholds; only a shared one (BatchTopK) is supported")
+        sae.threshold.fill_(float(thr[0]))
+    return sae.to(device).eval()

@@ -1,0 +1,409 @@
+"""Sparse autoencoder architectures: Anthropic 2023, Anthropic April-2024 update, TopK (+AuxK), BatchTopK.
+
+    sae = build_sae(cfg.sae, d_in=512)
+    sae.init_from_sample_(x_ND)           # b_dec (and april's input scale) from a buffer sample
+    out = sae(x_BD, l1_coeff=1e-3)        # SAEOutput(recon, feats, loss, mse, l1, aux)
+
+Every architecture has the same parameters (`W_enc_DF`, `b_enc_F`, `W_dec_FD`, `b_dec_D`) and a scalar
+buffer `input_scale`; `encode`/`decode` work in the original activation space for all of them.
+
+Loss normalisation (so λ can be compared with the papers): `mse` is the MEAN over batch AND d_in of the
+squared error; the sparsity term is summed over features and averaged over the batch. The Anthropic papers
+write the reconstruction term as the squared L2 norm summed over d_in (averaged over the batch) — we assume
+that convention (the paper text was not available here to quote). Dividing their loss by d_in gives ours, so
+λ_ours = λ_paper / d_in (e.g. A/5's λ=0.004 at d_in=512 is λ_ours ≈ 7.8e-6; April's λ=5 at d_in=512 ≈ 9.8e-3).
+AuxK uses the same mean-over-elements MSE of the residual (OpenAI's coefficient 1/32 then weighs it against
+our main MSE, as SAELens does with its own, un-normalised MSE).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import ClassVar, NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from sae_stream.config import SAEConfig
+
+# Running-mean rate of BatchTopK's inference threshold (an EMA with ~100-step memory, like SAELens's default):
+# a plain cumulative mean would be dominated by the very different activations of early training.
+BATCHTOPK_THRESHOLD_RATE = 0.01
+# April update: decoder rows start at this norm (their note: "fixed L2 norm of 0.05 to 1"; we take 0.1).
+APRIL_DECODER_INIT_NORM = 0.1
+
+
+class SAEOutput(NamedTuple):
+    recon: Tensor  # [B, d_in], original activation space
+    feats: Tensor  # [B, d_sae]
+    loss: Tensor  # scalar: mse + λ·l1 + auxk_coeff·aux
+    mse: Tensor  # scalar, mean over batch and d_in (april: in the scaled space it trains in)
+    l1: Tensor  # scalar, Σ_features |f| (april: |f|·‖W_d,f‖), mean over the batch; 0 for topk/batchtopk
+    aux: Tensor  # scalar AuxK loss (0 unless dead latents were passed)
+
+
+def geometric_median(x_ND: Tensor, iters: int = 100, tol: float = 1e-6) -> Tensor:
+    """Weiszfeld iterations: the point minimising Σ_n ‖x_n − y‖ (robust to the heavy tails of activations)."""
+    x_ND = x_ND.double()
+    y_D = x_ND.mean(0)
+    for _ in range(iters):
+        # 1/distance weights; the clamp avoids dividing by zero when y lands on a sample
+        w_N = 1.0 / (x_ND - y_D).norm(dim=1).clamp_min(1e-12)
+        y_new_D = (w_N[:, None] * x_ND).sum(0) / w_N.sum()
+        shift = (y_new_D - y_D).norm() / y_D.norm().clamp_min(1e-12)
+        y_D = y_new_D
+        if shift < tol:
+            break
+    return y_D.float()
+
+
+class SAE(nn.Module):
+    """Shared parameters, encode/decode/forward and weight surgery; subclasses choose the activation and losses."""
+
+    unit_norm_decoder: ClassVar[bool] = True
+    """Decoder rows held at unit norm (parallel-gradient removal before, renormalisation after every step)."""
+    subtract_b_dec: ClassVar[bool] = True
+    """Encoder sees x − b_dec (SAELens's apply_b_dec_to_input)."""
+    scales_input: ClassVar[bool] = False
+    """Inputs are multiplied by `input_scale` (april) so that E‖x‖ = √d_in."""
+
+    def __init__(self, cfg: SAEConfig, d_in: int, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.d_in = d_in
+        self.d_sae = cfg.d_sae
+        self.W_enc_DF = nn.Parameter(torch.empty(d_in, cfg.d_sae))
+        self.b_enc_F = nn.Parameter(torch.zeros(cfg.d_sae))
+        self.W_dec_FD = nn.Parameter(torch.empty(cfg.d_sae, d_in))
+        self.b_dec_D = nn.Parameter(torch.zeros(d_in))
+        self.register_buffer("input_scale", torch.tensor(1.0))
+        self.init_weights_(generator)
+
+    # ------------------------------------------------------------------ init
+
+    @torch.no_grad()
+    def init_weights_(self, generator: torch.Generator | None = None) -> None:
+        """Kaiming-uniform (ReLU gain, fan_in = d_in) encoder and decoder, independently drawn; unit decoder rows."""
+        bound = math.sqrt(6.0 / self.d_in)
+        self.W_enc_DF.uniform_(-bound, bound, generator=generator)
+        self.W_dec_FD.uniform_(-bound, bound, generator=generator)
+        self.normalize_decoder_()
+
+    @torch.no_grad()
+    def init_from_sample_(self, x_ND: Tensor) -> None:
+        """Set b_dec (cfg.init_b_dec: geometric median / mean / zeros) and april's input scale from a sample."""
+        x_ND = x_ND.detach().to(self.b_dec_D.device, torch.float32)
+        x_ND = x_ND[torch.isfinite(x_ND).all(dim=1)]
+        if x_ND.shape[0] == 0:
+            raise ValueError("init_from_sample_: the sample has no finite rows; check the activation source")
+        if self.scales_input:
+            self.input_scale.fill_(math.sqrt(self.d_in) / x_ND.norm(dim=1).mean().clamp_min(1e-12).item())
+            x_ND = x_ND * self.input_scale
+        if self.cfg.init_b_dec == "geometric_median":
+            self.b_dec_D.copy_(geometric_median(x_ND))
+        elif self.cfg.init_b_dec == "mean":
+            self.b_dec_D.copy_(x_ND.mean(0))
+        else:
+            self.b_dec_D.zero_()
+
+    # ------------------------------------------------------------------ surgery
+
+    @torch.no_grad()
+    def normalize_decoder_(self) -> None:
+        """Renormalise every decoder row (a dictionary vector) to unit L2 norm."""
+        self.W_dec_FD.div_(self.W_dec_FD.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+    @torch.no_grad()
+    def remove_parallel_grad_(self) -> None:
+        """Drop the gradient component along each decoder row, so Adam moves rows on (the tangent of) the sphere."""
+        g_FD = self.W_dec_FD.grad
+        if g_FD is None:
+            return
+        w_FD = self.W_dec_FD
+        coef_F1 = (g_FD * w_FD).sum(dim=1, keepdim=True) / (w_FD * w_FD).sum(dim=1, keepdim=True).clamp_min(1e-12)
+        g_FD.sub_(coef_F1 * w_FD)
+
+    # ------------------------------------------------------------------ forward
+
+    def pre_acts(self, xs_BD: Tensor) -> Tensor:
+        """Encoder pre-activations of (already scaled) inputs.
+
+        (x − b_dec)·W_enc + b_enc is computed as x·W_enc + (b_enc − b_dec·W_enc): identical maths, but the
+        gradient of b_dec then costs a vector-matrix product instead of a [B, d_sae]×[d_sae, d_in] matmul.
+        """
+        return torch.addmm(self.encoder_bias(), xs_BD, self.W_enc_DF)
+
+    def encoder_bias(self) -> Tensor:
+        return self.b_enc_F - self.b_dec_D @ self.W_enc_DF if self.subtract_b_dec else self.b_enc_F
+
+    def activate(self, pre_BF: Tensor) -> Tensor:
+        return torch.relu(pre_BF)
+
+    def sparsity_loss(self, feats_BF: Tensor) -> Tensor:
+        # feats are ReLU outputs (>= 0), so Σ|f| = Σf; summing in fp32 keeps bf16 autocast from losing the tail
+        return torch.sum(feats_BF, dtype=torch.float32) / feats_BF.shape[0]
+
+    def encode(self, x_BD: Tensor) -> Tensor:
+        return self.activate(self.pre_acts(self._scale_in(x_BD)))
+
+    def decode(self, feats_BF: Tensor) -> Tensor:
+        return self._scale_out(torch.addmm(self.b_dec_D, feats_BF.to(self.W_dec_FD.dtype), self.W_dec_FD))
+
+    def forward(self, x_BD: Tensor, l1_coeff: float | None = None, dead_F: Tensor | None = None) -> SAEOutput:
+        """Loss on a batch. l1_coeff overrides cfg.l1_coeff (λ warm-up); dead_F (bool [d_sae]) turns AuxK on."""
+        xs_BD = self._scale_in(x_BD)
+        pre_BF = self.pre_acts(xs_BD)
+        feats_BF = self.activate(pre_BF)
+        recon_s_BD = torch.addmm(self.b_dec_D, feats_BF, self.W_dec_FD)
+        resid_BD = xs_BD - recon_s_BD
+        mse = resid_BD.pow(2).mean()
+        l1 = self.sparsity_loss(feats_BF)
+        aux = mse.new_zeros(())  # AuxK lives in TopKSAE.forward
+        lam = self.cfg.l1_coeff if l1_coeff is None else l1_coeff
+        return SAEOutput(self._scale_out(recon_s_BD), feats_BF, mse + lam * l1, mse, l1, aux)
+
+    def _scale_in(self, x_BD: Tensor) -> Tensor:
+        return x_BD * self.input_scale if self.scales_input else x_BD
+
+    def _scale_out(self, r_BD: Tensor) -> Tensor:
+        return r_BD / self.input_scale if self.scales_input else r_BD
+
+
+class AnthropicSAE(SAE):
+    """Towards Monosemanticity (2023): x̄ = x − b_d; f = ReLU(W_e x̄ + b_e); x̂ = W_d f + b_d;
+    loss = MSE + λ·Σ_f f; unit-norm decoder rows; b_d at the geometric median; neuron resampling (resample.py)."""
+
+
+class AprilSAE(SAE):
+    """April-2024 update: f = ReLU(W_e x + b_e) (no b_d subtraction); loss = MSE + λ·Σ_f f_f·‖W_d,f‖; no norm
+    constraint; inputs scaled so E‖x‖ = √d_in; W_e starts as W_dᵀ, b_e = 0 (λ warm-up and the lr tail live in
+    TrainConfig)."""
+
+    unit_norm_decoder = False
+    subtract_b_dec = False
+    scales_input = True
+
+    @torch.no_grad()
+    def init_weights_(self, generator: torch.Generator | None = None) -> None:
+        self.W_dec_FD.normal_(generator=generator)
+        self.W_dec_FD.mul_(APRIL_DECODER_INIT_NORM / self.W_dec_FD.norm(dim=1, keepdim=True))
+        self.W_enc_DF.copy_(self.W_dec_FD.T)
+        self.b_enc_F.zero_()
+
+    def sparsity_loss(self, feats_BF: Tensor) -> Tensor:
+        norms_F = self.W_dec_FD.norm(dim=1)
+        # Σ_b Σ_f f_bf·‖W_d,f‖ as a matrix-vector product: no [B, d_sae] temporary
+        return (feats_BF @ norms_F.to(feats_BF.dtype)).float().sum() / feats_BF.shape[0]
+
+
+class Selected(NamedTuple):
+    """Positions kept in a [n_rows, d_sae] activation matrix, row-major: rows_N non-decreasing."""
+
+    rows_N: Tensor
+    cols_N: Tensor
+    offsets_B: Tensor  # index of each row's first entry
+    shape: tuple[int, int]
+
+
+def _rowwise(idx_BK: Tensor, d_sae: int) -> tuple[Selected, Tensor]:
+    """Selected for k columns per row (column-sorted within each row, as CSR wants); returns the sort order."""
+    idx_BK, order_BK = idx_BK.sort(dim=-1)
+    n_rows, k = idx_BK.shape
+    rows_N = torch.arange(n_rows, device=idx_BK.device)[:, None].expand(n_rows, k).flatten()
+    offsets_B = torch.arange(0, n_rows * k, k, device=idx_BK.device)
+    return Selected(rows_N, idx_BK.flatten(), offsets_B, (n_rows, d_sae)), order_BK
+
+
+def _coo_FB(sel: Selected, vals_N: Tensor) -> Tensor:
+    """The selection as a sparse [d_sae, n_rows] matrix (the transpose of the activations)."""
+    return torch.sparse_coo_tensor(torch.stack([sel.cols_N, sel.rows_N]), vals_N, (sel.shape[1], sel.shape[0]))
+
+
+class _GatherEncode(torch.autograd.Function):
+    """Pre-activations at the selected positions (values precomputed by the dense no-grad encoder matmul);
+    the backward touches only those positions: dW_enc = (S_FB @ x)ᵀ, a sparse matmul, not xᵀ·dpre_BF."""
+
+    @staticmethod
+    def forward(ctx, pre_N: Tensor, x_BD: Tensor, W_DF: Tensor, bias_F: Tensor, sel: Selected) -> Tensor:
+        ctx.save_for_backward(x_BD, W_DF, sel.rows_N, sel.cols_N)
+        ctx.shape, ctx.bias_dtype = sel.shape, bias_F.dtype
+        return pre_N.clone()
+
+    @staticmethod
+    def backward(ctx, g_N: Tensor):
+        x_BD, W_DF, rows_N, cols_N = ctx.saved_tensors
+        sel = Selected(rows_N, cols_N, rows_N, ctx.shape)
+        g_N = g_N.to(W_DF.dtype)
+        S_FB = _coo_FB(sel, g_N)
+        dx = torch.sparse.mm(S_FB.t(), W_DF.T) if ctx.needs_input_grad[1] else None
+        dW = torch.sparse.mm(S_FB, x_BD.to(W_DF.dtype)).T if ctx.needs_input_grad[2] else None
+        dbias = None
+        if ctx.needs_input_grad[3]:
+            dbias = torch.zeros(ctx.shape[1], dtype=g_N.dtype, device=g_N.device).index_add_(0, cols_N, g_N)
+            dbias = dbias.to(ctx.bias_dtype)
+        return None, dx, dW, dbias, None
+
+
+class _SparseDecode(torch.autograd.Function):
+    """Σ vals · W_dec[col] per row (embedding_bag), with sparse backward: d_vals by a sampled matmul (SDDMM),
+    dW_dec = S_FB @ grad. B·nnz·d_in work instead of B·d_sae·d_in for the dense decode and its two grads."""
+
+    @staticmethod
+    def forward(ctx, vals_N: Tensor, W_FD: Tensor, sel: Selected) -> Tensor:
+        v_N = vals_N.to(W_FD.dtype)
+        ctx.save_for_backward(v_N, W_FD, sel.rows_N, sel.cols_N, sel.offsets_B)
+        ctx.shape, ctx.vals_dtype = sel.shape, vals_N.dtype
+        return F.embedding_bag(sel.cols_N, W_FD, sel.offsets_B, mode="sum", per_sample_weights=v_N)
+
+    @staticmethod
+    def backward(ctx, g_BD: Tensor):
+        v_N, W_FD, rows_N, cols_N, offsets_B = ctx.saved_tensors
+        g_BD = g_BD.to(W_FD.dtype).contiguous()
+        d_vals = d_W = None
+        if ctx.needs_input_grad[0]:
+            crow = torch.cat([offsets_B, offsets_B.new_tensor([cols_N.numel()])])
+            with warnings.catch_warnings():  # "sparse CSR support is in beta"
+                warnings.simplefilter("ignore")
+                pattern = torch.sparse_csr_tensor(crow, cols_N, torch.zeros_like(v_N), ctx.shape)
+            d_vals = torch.sparse.sampled_addmm(pattern, g_BD, W_FD.T, beta=0.0).values().to(ctx.vals_dtype)
+        if ctx.needs_input_grad[1]:
+            d_W = torch.sparse.mm(_coo_FB(Selected(rows_N, cols_N, offsets_B, ctx.shape), v_N), g_BD)
+        return d_vals, d_W, None
+
+
+class TopKSAE(SAE):
+    """OpenAI 2024: f = TopK_k(W_e (x − b_pre) + b_e), then ReLU; exactly k latents per row whenever k of the
+    pre-activations are positive. AuxK: the residual x − x̂ is reconstructed by the top auxk_k DEAD latents
+    (dead mask supplied by the trainer), loss aux = mean((ê − e)²), weighted by cfg.auxk_coeff.
+
+    On CPU, forward() builds no autograd graph over [B, d_sae]: the encoder matmul runs without autograd and
+    the selected entries get sparse forward/backward kernels (_GatherEncode, _SparseDecode) — ~2x faster steps.
+    On CUDA the same selection is decoded densely (tensor-core matmuls beat cuSPARSE at these sizes).
+    `encode`/`decode` are the plain dense versions (same values).
+    """
+
+    sparse_kernels: bool | None = None
+    """Sparse forward/backward for the selected entries; None = on CPU only (on GPUs dense matmuls win)."""
+
+    @torch.no_grad()
+    def init_weights_(self, generator: torch.Generator | None = None) -> None:
+        super().init_weights_(generator)
+        self.W_enc_DF.copy_(self.W_dec_FD.T)  # OpenAI: encoder starts as the decoder's transpose
+
+    def sparsity_loss(self, feats_BF: Tensor) -> Tensor:
+        return feats_BF.new_zeros((), dtype=torch.float32)  # sparsity comes from TopK, not a penalty
+
+    def activate(self, pre_BF: Tensor) -> Tensor:
+        vals_BK, idx_BK = pre_BF.topk(self.cfg.k, dim=-1, sorted=False)
+        return torch.zeros_like(pre_BF).scatter_(-1, idx_BK, vals_BK.relu())
+
+    def select(self, pre_BF: Tensor) -> tuple[Selected, Tensor]:
+        """Positions kept from the (no-grad) pre-activations, and their values."""
+        vals_BK, idx_BK = pre_BF.topk(self.cfg.k, dim=-1, sorted=False)
+        sel, order_BK = _rowwise(idx_BK, self.d_sae)
+        return sel, vals_BK.gather(-1, order_BK).flatten()
+
+    def forward(self, x_BD: Tensor, l1_coeff: float | None = None, dead_F: Tensor | None = None) -> SAEOutput:
+        sparse = self.sparse_kernels if self.sparse_kernels is not None else not x_BD.is_cuda
+        bias_F = self.encoder_bias()
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not sparse):
+            pre_BF = torch.addmm(bias_F, x_BD, self.W_enc_DF)
+        sel, pre_N = self.select(pre_BF.detach())
+        feats_BF, dec_BD = self._decode_selected(x_BD, bias_F, pre_BF, sel, pre_N, sparse)
+        recon_BD = dec_BD + self.b_dec_D
+        resid_BD = x_BD - recon_BD
+        mse = resid_BD.pow(2).mean()
+        zero = mse.new_zeros(())
+        aux = zero
+        if dead_F is not None:
+            # alive latents get -inf so the top auxk_k are dead ones; when fewer are dead, the mask zeroes the rest
+            top = pre_BF.detach().masked_fill(~dead_F, float("-inf")).topk(self.auxk_k, dim=-1, sorted=False)
+            aux_sel, order_BK = _rowwise(top.indices, self.d_sae)
+            aux_pre_N = top.values.gather(-1, order_BK).flatten()
+            _, aux_dec_BD = self._decode_selected(x_BD, bias_F, pre_BF, aux_sel, aux_pre_N, sparse, dead_F)
+            aux = (aux_dec_BD - resid_BD.detach()).pow(2).mean()
+        return SAEOutput(recon_BD, feats_BF, mse + self.cfg.auxk_coeff * aux, mse, zero, aux)
+
+    def _decode_selected(self, x_BD: Tensor, bias_F: Tensor, pre_BF: Tensor, sel: Selected, pre_N: Tensor,
+                         sparse: bool, keep_F: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(feats, feats·W_dec without bias) for the selected entries: sparse kernels, or dense autograd."""
+        if sparse:
+            vals_N = _GatherEncode.apply(pre_N, x_BD, self.W_enc_DF, bias_F, sel).relu()
+        else:
+            vals_N = pre_BF[sel.rows_N, sel.cols_N].relu()
+        if keep_F is not None:
+            vals_N = vals_N * keep_F[sel.cols_N]
+        feats_BF = torch.zeros_like(pre_BF).index_put((sel.rows_N, sel.cols_N), vals_N)
+        if sparse:
+            return feats_BF, _SparseDecode.apply(vals_N, self.W_dec_FD, sel)
+        return feats_BF, feats_BF @ self.W_dec_FD
+
+    @property
+    def auxk_k(self) -> int:
+        return min(self.cfg.auxk_k or self.d_in // 2, self.d_sae)
+
+
+class BatchTopKSAE(TopKSAE):
+    """Bussmann et al. 2024: keep the top k·B activations of the whole batch (k per row on average).
+
+    Inference (eval mode: `encode`, and forward) cannot depend on the rest of the batch, so it uses a
+    threshold: f = pre · [pre > θ]. θ is a running mean (EMA, rate BATCHTOPK_THRESHOLD_RATE) of the smallest
+    positive activation kept in each training batch, updated on device by forward() in train mode (AuxK too
+    is train-mode only). Exported to SAELens as a 'jumprelu' SAE with threshold θ for every feature (as
+    SAELens itself saves BatchTopK SAEs).
+    """
+
+    def __init__(self, cfg: SAEConfig, d_in: int, generator: torch.Generator | None = None) -> None:
+        super().__init__(cfg, d_in, generator)
+        self.register_buffer("threshold", torch.tensor(0.0))
+
+    def activate(self, pre_BF: Tensor) -> Tensor:
+        if not self.training:
+            return pre_BF * (pre_BF > self.threshold.clamp_min(0.0))
+        vals, flat_idx = pre_BF.flatten().topk(self.cfg.k * pre_BF.shape[0], sorted=False)
+        return torch.zeros_like(pre_BF).flatten().scatter_(0, flat_idx, vals.relu()).view_as(pre_BF)
+
+    def select(self, pre_BF: Tensor) -> tuple[Selected, Tensor]:
+        n_rows, d_sae = pre_BF.shape
+        vals, flat_idx = pre_BF.flatten().topk(self.cfg.k * n_rows, sorted=False)
+        self._update_threshold_(vals.relu())
+        # rows own a varying number of the kept entries: sorting the flat indices groups them row by row
+        # (sorted as float64 — exact below 2^53 — because torch's CPU int64 sort is ~6x slower)
+        flat_idx, order = flat_idx.double().sort()
+        flat_idx = flat_idx.long()
+        rows_N = torch.div(flat_idx, d_sae, rounding_mode="floor")
+        offsets_B = torch.searchsorted(rows_N, torch.arange(n_rows, device=rows_N.device))
+        return Selected(rows_N, flat_idx - rows_N * d_sae, offsets_B, (n_rows, d_sae)), vals[order]
+
+    def forward(self, x_BD: Tensor, l1_coeff: float | None = None, dead_F: Tensor | None = None) -> SAEOutput:
+        if self.training:
+            return super().forward(x_BD, l1_coeff, dead_F)
+        return SAE.forward(self, x_BD, l1_coeff, None)
+
+    @torch.no_grad()
+    def _update_threshold_(self, kept: Tensor) -> None:
+        min_pos = kept.float().masked_fill(kept <= 0, float("inf")).min()
+        # no positive activation in the batch: keep θ (a device-side select, no host sync)
+        new = torch.where(torch.isfinite(min_pos), min_pos, self.threshold)
+        # the first update (θ still 0) takes the batch value outright instead of crawling up from 0
+        self.threshold.copy_(torch.where(self.threshold > 0, self.threshold.lerp(new, BATCHTOPK_THRESHOLD_RATE), new))
+
+
+SAE_CLASSES: dict[str, type[SAE]] = {
+    "anthropic": AnthropicSAE,
+    "april": AprilSAE,
+    "topk": TopKSAE,
+    "batchtopk": BatchTopKSAE,
+}
+
+
+def build_sae(cfg: SAEConfig, d_in: int, seed: int | None = 0) -> SAE:
+    """The SAE named by cfg.architecture, initialised from `seed` (None: torch's global RNG)."""
+    if cfg.architecture not in SAE_CLASSES:
+        raise ValueError(f"unknown sae.architecture {cfg.architecture!r}: use one of {', '.join(SAE_CLASSES)}")
+    if cfg.d_in is not None and cfg.d_in != d_in:
+        raise ValueError(f"sae.d_in ({cfg.d_in}) does not match the hook's width ({d_in}): set sae.d_in={d_in} or null")
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    return SAE_CLASSES[cfg.architecture](cfg, d_in, generator)

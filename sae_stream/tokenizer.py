@@ -1,0 +1,121 @@
+"""Tokenizers that work offline: GPT-2 BPE (tiktoken, ranks shipped in `assets/`) and raw bytes.
+
+    tok = get_tokenizer("gpt2")
+    tok.encode("Hello world")        # [15496, 995]
+    tok.decode([15496, 995, tok.eot])  # 'Hello world<|endoftext|>'
+
+`tiktoken.get_encoding("gpt2")` downloads its files on first use, so it fails on machines without
+internet; here the same `tiktoken.Encoding` is built from `assets/gpt2.tiktoken` (verified by sha256).
+The 'byte' tokenizer (ids 0..255 are bytes, 256 is end-of-text) keeps tests tiny and dependency-free.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import tiktoken
+
+GPT2_RANKS_PATH = Path(__file__).parent / "assets" / "gpt2.tiktoken"
+GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+GPT2_EOT = 50256
+TOKENIZERS = ("gpt2", "byte")
+
+# Token ids: a list, or anything with `.tolist()` (a 1-D tensor or array); torch is not imported here.
+Ids = Sequence[int] | Any
+
+
+class Tokenizer(ABC):
+    """Text <-> token ids. Text is encoded as plain text: '<|endoftext|>' in a document is not the eot id."""
+
+    name: str
+    eot: int
+    n_vocab: int
+
+    @abstractmethod
+    def encode(self, text: str) -> list[int]: ...
+
+    @abstractmethod
+    def decode(self, ids: Ids) -> str: ...
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    def decode_tokens(self, ids: Ids) -> list[str]:
+        """Each id decoded on its own (for showing tokens one by one; split UTF-8 shows as U+FFFD)."""
+        return [self.decode([i]) for i in _as_list(ids)]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, n_vocab={self.n_vocab}, eot={self.eot})"
+
+
+class BPETokenizer(Tokenizer):
+    """A tiktoken BPE encoding (GPT-2's)."""
+
+    def __init__(self, name: str, encoding: tiktoken.Encoding, eot: int) -> None:
+        self.name, self.encoding, self.eot, self.n_vocab = name, encoding, eot, encoding.n_vocab
+
+    def encode(self, text: str) -> list[int]:
+        return self.encoding.encode_ordinary(text)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        # tiktoken releases the GIL, so its thread pool uses every core.
+        return self.encoding.encode_ordinary_batch(list(texts))
+
+    def decode(self, ids: Ids) -> str:
+        return self.encoding.decode(_as_list(ids))
+
+
+class ByteTokenizer(Tokenizer):
+    """UTF-8 bytes as ids 0..255, end-of-text 256."""
+
+    name, eot, n_vocab = "byte", 256, 257
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Ids) -> str:
+        out, run = [], bytearray()
+        for i in _as_list(ids):
+            if i == self.eot:
+                out.append(run.decode("utf-8", errors="replace") + "<|endoftext|>")
+                run = bytearray()
+            else:
+                run.append(i)
+        return "".join(out) + run.decode("utf-8", errors="replace")
+
+
+def get_tokenizer(name: str) -> Tokenizer:
+    """'gpt2' (GPT-2 BPE from the shipped ranks) or 'byte'."""
+    if name == "gpt2":
+        return BPETokenizer("gpt2", gpt2_encoding(GPT2_RANKS_PATH), GPT2_EOT)
+    if name == "byte":
+        return ByteTokenizer()
+    raise ValueError(f"unknown tokenizer {name!r}: valid names are {', '.join(TOKENIZERS)}")
+
+
+@lru_cache(maxsize=4)
+def gpt2_encoding(path: Path) -> tiktoken.Encoding:
+    """GPT-2's `tiktoken.Encoding` built from a local ranks file (base64 token, space, rank per line)."""
+    data = Path(path).read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != GPT2_RANKS_SHA256:
+        raise ValueError(f"GPT-2 ranks file {str(path)!r} is corrupted (sha256 {digest[:12]}..., expected "
+                         f"{GPT2_RANKS_SHA256[:12]}...): reinstall sae-stream to restore it")
+    ranks = {}
+    for line in data.splitlines():
+        if line:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": GPT2_EOT}, explicit_n_vocab=GPT2_EOT + 1)
+
+
+def _as_list(ids: Ids) -> list[int]:
+    return ids.tolist() if hasattr(ids, "tolist") else list(ids)

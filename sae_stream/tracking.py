@@ -1,0 +1,108 @@
+"""Metrics sink: JSON lines always, Weights & Biases when enabled, behind one small interface.
+
+`wandb.init` with an API key but no network hangs for ~100 s, so it runs in a daemon thread with a
+bounded wait; past it we fall back to offline mode with a warning instead of blocking training.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from sae_stream.config import WandbConfig
+
+
+def _plain(value: Any) -> Any:
+    """JSON-able value: tensors/arrays to numbers or lists, non-finite floats to None."""
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+class NullTracker:
+    """Does nothing: for tests and library use."""
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class Tracker(NullTracker):
+    """Appends `{"step": ..., **metrics}` to run_dir/metrics.jsonl (flushed per record) and to wandb if enabled."""
+
+    def __init__(self, run_dir: str | Path | None, wandb_cfg: WandbConfig | None = None,
+                 config: dict[str, Any] | None = None, filename: str = "metrics.jsonl") -> None:
+        self._file = None
+        if run_dir is not None:
+            Path(run_dir).mkdir(parents=True, exist_ok=True)
+            self._file = open(Path(run_dir) / filename, "a", buffering=1)
+        self._wandb = None
+        if wandb_cfg is not None and wandb_cfg.enabled and os.environ.get("WANDB_MODE") != "disabled":
+            self._wandb = _init_wandb(wandb_cfg, config, run_dir)
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        record = {"step": step, "time": round(time.time(), 3), **_plain(metrics)}
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
+        if self._wandb is not None:
+            self._wandb.log(_wandb_payload(metrics), step=step)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def _wandb_payload(metrics: dict[str, Any]) -> dict[str, Any]:
+    import wandb
+
+    out = {}
+    for k, v in metrics.items():
+        if k.endswith("_histogram") and isinstance(v, dict) and "counts" in v and "edges" in v:
+            out[k] = wandb.Histogram(np_histogram=(_plain(v["counts"]), _plain(v["edges"])))
+        elif isinstance(v, (int, float)) or hasattr(v, "item"):
+            out[k] = v
+    return out
+
+
+def _init_wandb(cfg: WandbConfig, config: dict[str, Any] | None, run_dir: str | Path | None) -> Any:
+    """wandb.init with a bounded wait; on timeout or error, retry offline (never blocks for long)."""
+    import wandb
+
+    result: dict[str, Any] = {}
+
+    def target(mode: str) -> None:
+        try:
+            result["run"] = wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.run_name, config=config,
+                                       dir=str(run_dir) if run_dir else None, mode=mode, reinit=True)
+        except Exception as e:  # noqa: BLE001 - any wandb failure falls back to offline
+            result["error"] = e
+
+    thread = threading.Thread(target=target, args=("online",), daemon=True)
+    thread.start()
+    thread.join(cfg.init_timeout_s)
+    if "run" in result:
+        return result["run"]
+    reason = "timed out" if thread.is_alive() else f"failed ({result.get('error')})"
+    warnings.warn(f"wandb.init {reason} after {cfg.init_timeout_s:.0f}s; logging to wandb in offline mode",
+                  stacklevel=2)
+    result.clear()
+    target("offline")
+    return result.get("run")

@@ -1,0 +1,386 @@
+"""The SAE training loop. It only sees an iterator of activation batches, so tests feed it synthetic data.
+
+    trainer = Trainer(sae, cfg, run_dir, tracker, pool_fn=buffer.sample_pool,
+                      extra_state=buffer.state_dict, extra_metrics=buffer.metrics)
+    extra = trainer.resume(run_dir)      # optional: latest valid checkpoint; restore your buffer from `extra`
+    final = trainer.fit(buffer.batches(cfg.train.batch_size))
+
+Device: the batches' device (the SAE and optimizer move there on the first batch). The hot loop never syncs
+with the host except every log_every steps (metrics are summed on device), at resampling steps, and per step
+under nan_policy='skip' (dropping rows needs their count). Non-finite inputs under nan_policy='stop' are
+detected on device and reported, with the step they first appeared in, at the next log step or checkpoint
+(before any checkpoint is written), so the run stops at most log_every steps after the bad batch.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from sae_stream.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from sae_stream.config import Config, ConfigError, TrainConfig
+from sae_stream.resample import FiringTracker, resample_dead_, resample_steps
+from sae_stream.sae import SAE
+
+HIST_LOG10_MIN = -10.0  # density histogram range; never-firing features are counted in the lowest bin
+_SUMS = ("loss", "mse", "l1", "aux", "l0", "err_sq", "var_sq")
+
+
+_ALLOCATOR_TUNED = False
+
+
+def tune_cpu_allocator() -> bool:
+    """glibc: serve big tensors from the heap and never trim it (mallopt M_MMAP_MAX=0, M_TRIM_THRESHOLD=max).
+
+    A CPU step allocates and frees several [batch, d_sae] tensors; by default glibc mmaps and unmaps each one,
+    so every step page-faults its fresh memory again (~100k minor faults per 512->4096 step at batch 4096;
+    a lone ReLU over 4096x4096 takes 76 ms instead of 11 ms; the whole step gets ~10-25% less CPU time).
+    The cost: freed memory stays with the process (its peak), which a training run keeps anyway. Process-wide,
+    applied once; returns False where glibc is not available.
+    """
+    global _ALLOCATOR_TUNED
+    if not _ALLOCATOR_TUNED:
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+            m_trim_threshold, m_mmap_max = -1, -4
+            _ALLOCATOR_TUNED = bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+        except (OSError, AttributeError):
+            return False
+    return _ALLOCATOR_TUNED
+
+
+def firing_counts(feats_BF: Tensor) -> Tensor:
+    """Per-feature number of rows with a positive activation (int64 [d_sae])."""
+    if feats_BF.dtype == torch.float32:
+        # a matrix-vector product over sign(f) (exact below 2^24 rows) is ~3x faster than a bool reduction
+        ones_B = torch.ones(feats_BF.shape[0], dtype=torch.float32, device=feats_BF.device)
+        return (ones_B @ torch.sign(feats_BF)).long()
+    return (feats_BF > 0).sum(dim=0)
+
+
+class MetricsLogger(Protocol):
+    def log(self, step: int, metrics: dict[str, Any]) -> None: ...
+
+
+def lr_at(step: int, t: TrainConfig) -> float:
+    """Learning rate for the 0-based step `step`: linear warm-up, then constant or a linear tail to 0."""
+    factor = 1.0
+    if t.lr_schedule in ("warmup", "linear_tail") and t.warmup_steps > 0:
+        factor = min(1.0, (step + 1) / t.warmup_steps)
+    if t.lr_schedule == "linear_tail":
+        total = t.total_steps
+        decay_start = int(total * (1.0 - t.decay_fraction))
+        if total > decay_start and step >= decay_start:
+            factor = min(factor, (total - step) / (total - decay_start))
+    return t.lr * factor
+
+
+def l1_coeff_at(step: int, cfg: Config) -> float:
+    """λ for the 0-based step: ramps linearly from 0 over train.l1_warmup_fraction of the run."""
+    warm = cfg.train.l1_warmup_fraction * cfg.train.total_steps
+    return cfg.sae.l1_coeff * (min(1.0, (step + 1) / warm) if warm > 0 else 1.0)
+
+
+class RunningMetrics:
+    """Per-interval sums (on device) and a per-feature firing count over the density window."""
+
+    def __init__(self, d_sae: int, device: torch.device, t: TrainConfig, bins: int) -> None:
+        self.t, self.bins = t, bins
+        self.sums = torch.zeros(len(_SUMS), dtype=torch.float64, device=device)
+        self.steps = 0
+        self.tokens = 0
+        self.fire_counts_F = torch.zeros(d_sae, dtype=torch.long, device=device)
+        self.window_tokens = 0
+        self.density_F: Tensor | None = None  # last completed window
+
+    @torch.no_grad()
+    def update_(self, out: Any, x_BD: Tensor, counts_F: Tensor, input_scale: Tensor) -> None:
+        n, d = x_BD.shape
+        err_sq = out.mse.double() * (n * d) / input_scale.double() ** 2  # back to the original space
+        var_sq = (x_BD - x_BD.mean(0)).pow(2).sum().double()
+        stacked = torch.stack([out.loss.double(), out.mse.double(), out.l1.double(), out.aux.double(),
+                               counts_F.sum().double() / n, err_sq, var_sq])
+        self.sums += stacked
+        self.fire_counts_F += counts_F
+        self.steps += 1
+        self.tokens += n
+        self.window_tokens += n
+
+    def summary(self) -> dict[str, Any]:
+        """Host-side metrics for the interval since the last call (syncs), then resets the interval sums."""
+        s = dict(zip(_SUMS, self.sums.tolist()))
+        k = max(self.steps, 1)
+        out: dict[str, Any] = {name: s[name] / k for name in ("loss", "mse", "l1", "aux", "l0")}
+        out["fvu"] = s["err_sq"] / s["var_sq"] if s["var_sq"] > 0 else float("nan")
+        if self.window_tokens >= self.t.density_window_tokens or self.density_F is None:
+            density_F = self.fire_counts_F.double() / max(self.window_tokens, 1)
+            if self.window_tokens >= self.t.density_window_tokens:
+                self.density_F = density_F
+                self.fire_counts_F.zero_()
+                self.window_tokens = 0
+        else:
+            density_F = self.density_F
+        out.update(self._density_metrics(density_F.cpu().numpy()))
+        self.sums.zero_()
+        self.steps = 0
+        return out
+
+    def current_density(self) -> Tensor:
+        """Per-feature firing density: the last completed window, else the window in progress."""
+        if self.density_F is not None:
+            return self.density_F
+        return self.fire_counts_F.double() / max(self.window_tokens, 1)
+
+    def _density_metrics(self, d_F: np.ndarray) -> dict[str, Any]:
+        dead = d_F <= self.t.dead_threshold
+        log_d = np.log10(np.maximum(d_F, 10.0 ** HIST_LOG10_MIN))
+        counts, edges = np.histogram(log_d, bins=self.bins, range=(HIST_LOG10_MIN, 0.0))
+        return {
+            "dead": int(dead.sum()),
+            "ultralow": int(((d_F < self.t.ultralow_threshold) & ~dead).sum()),
+            "dense": int((d_F > self.t.dense_threshold).sum()),
+            "density_log10_histogram": {"counts": counts.tolist(), "edges": edges.tolist()},
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("sums", "steps", "tokens", "fire_counts_F", "window_tokens",
+                                               "density_F")}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        device = self.sums.device
+        for k, v in state.items():
+            setattr(self, k, v.to(device) if isinstance(v, Tensor) else v)
+
+
+class Trainer:
+    """Adam + schedules + decoder constraints + resampling + metrics + exact-resume checkpoints."""
+
+    def __init__(self, sae: SAE, cfg: Config, run_dir: Path | str | None, tracker: MetricsLogger,
+                 pool_fn: Callable[[int], Tensor] | None = None,
+                 extra_state: Callable[[], dict] | None = None,
+                 extra_metrics: Callable[[], dict] | None = None) -> None:
+        self.sae, self.cfg, self.tracker = sae, cfg, tracker
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.pool_fn, self.extra_state, self.extra_metrics = pool_fn, extra_state, extra_metrics
+        self.total_steps = cfg.train.total_steps
+        self.resampling = cfg.resample.enabled and sae.cfg.architecture == "anthropic"
+        if self.resampling and pool_fn is None:
+            raise ConfigError("resample.enabled needs a pool_fn (buffer.sample_pool) or set resample.enabled=false")
+        self.resample_at = set(resample_steps(cfg.resample, self.total_steps)) if self.resampling else set()
+        self.auxk_steps = math.ceil(sae.cfg.dead_tokens_auxk / cfg.train.batch_size)
+        self.uses_auxk = sae.cfg.architecture in ("topk", "batchtopk") and sae.cfg.auxk_coeff > 0
+        self.generator = torch.Generator().manual_seed(cfg.train.seed)  # resampling picks, CPU on every device
+        self.step = 0
+        self.initialised = False  # b_dec / input scale set from the first batch (or a checkpoint)
+        self.auxk_on = False  # refreshed at log steps: AuxK costs a second decode, so skip it while none is dead
+        self.skipped_rows = 0
+        self.resampled = 0
+        self.last_metrics: dict[str, Any] = {}
+        self._first_in_fit = True
+        self._build(next(sae.parameters()).device)
+
+    # ------------------------------------------------------------------ device-bound state
+
+    def _build(self, device: torch.device) -> None:
+        self.device = device
+        t = self.cfg.train
+        if device.type == "cpu" and t.cpu_malloc_tuning:
+            tune_cpu_allocator()
+        self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=t.lr, betas=t.betas,
+                                          fused=True if device.type == "cuda" else None)
+        self.firing = FiringTracker(self.sae.d_sae, device)
+        self.metrics = RunningMetrics(self.sae.d_sae, device, t, self.cfg.eval.histogram_bins)
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+
+    def _internal_state(self) -> dict[str, Any]:
+        return {"firing": self.firing.state_dict(), "metrics": self.metrics.state_dict(),
+                "first_bad": self.first_bad, "initialised": self.initialised, "auxk_on": self.auxk_on,
+                "skipped_rows": self.skipped_rows, "resampled": self.resampled,
+                "generator": self.generator.get_state()}
+
+    def _load_internal_state(self, s: dict[str, Any]) -> None:
+        self.firing.load_state_dict(s["firing"])
+        self.metrics.load_state_dict(s["metrics"])
+        self.first_bad = s["first_bad"].to(self.device)
+        self.initialised, self.auxk_on = s["initialised"], s["auxk_on"]
+        self.skipped_rows, self.resampled = s["skipped_rows"], s["resampled"]
+        self.generator.set_state(s["generator"])
+
+    def _move_to(self, device: torch.device) -> None:
+        """Move the SAE, the optimizer state and the trackers to `device`, keeping their values."""
+        opt_state, internal = self.optimizer.state_dict(), self._internal_state()
+        self.sae.to(device)
+        self._build(device)
+        self.optimizer.load_state_dict(opt_state)  # Adam casts its state to each parameter's device
+        self._load_internal_state(internal)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "architecture": self.sae.cfg.architecture, "d_in": self.sae.d_in, "d_sae": self.sae.d_sae,
+            "sae": self.sae.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "trainer": self._internal_state(),
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+            "extra": self.extra_state() if self.extra_state is not None else {},
+        }
+
+    def save(self) -> Path | None:
+        if self.run_dir is None:
+            return None
+        self._raise_if_bad_input()  # never checkpoint weights trained on non-finite data
+        return save_checkpoint(self.run_dir / "checkpoints", self.step, self.state_dict(),
+                               keep=self.cfg.train.keep_checkpoints)
+
+    def resume(self, path_or_run_dir: Path | str) -> dict:
+        """Load the latest valid checkpoint (a run dir, its checkpoints/ dir, or one step_* dir); returns
+        the caller's extra_state so it can restore its stream position. fit() continues from the saved step."""
+        path = Path(path_or_run_dir)
+        if (path / "MANIFEST.json").is_file():
+            ckpt = path
+        else:
+            ckpt = latest_checkpoint(path / "checkpoints" if (path / "checkpoints").is_dir() else path)
+        if ckpt is None:
+            raise ValueError(f"no valid checkpoint under {str(path)!r}: train first or point at a run dir")
+        state = load_checkpoint(ckpt, map_location="cpu")
+        got = (state["architecture"], state["d_in"], state["d_sae"])
+        want = (self.sae.cfg.architecture, self.sae.d_in, self.sae.d_sae)
+        if got != want:
+            raise ValueError(f"checkpoint {ckpt} is (architecture, d_in, d_sae)={got}, this SAE is {want}")
+        self.sae.load_state_dict(state["sae"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self._load_internal_state(state["trainer"])
+        self.step = int(state["step"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        return state["extra"]
+
+    # ------------------------------------------------------------------ the loop
+
+    def fit(self, batches: Iterator[Tensor]) -> dict:
+        """Train until train.total_steps (or the iterator ends); returns the final metrics."""
+        t = self.cfg.train
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=None, desc="sae", unit="step")
+        self._t_last, self._tokens_last = time.perf_counter(), self.metrics.tokens
+        it = iter(batches)
+        self._first_in_fit = True
+        try:
+            while self.step < self.total_steps:
+                try:
+                    x_BD = next(it)
+                except StopIteration:
+                    warnings.warn(f"batch iterator ended at step {self.step} of {self.total_steps}", stacklevel=2)
+                    break
+                if not self._train_step(x_BD):
+                    continue
+                bar.update(1)
+                if self.step in self.resample_at:
+                    self._resample()
+                if self.step % t.log_every == 0:
+                    self._log(bar)
+                if self.step % t.checkpoint_every == 0:
+                    self.save()
+            if self.step % t.log_every != 0 or not self.last_metrics:
+                self._log(bar)
+            if self.step % t.checkpoint_every != 0:
+                self.save()
+        finally:
+            bar.close()
+        return self.last_metrics
+
+    def _prepare(self, x_BD: Tensor) -> Tensor | None:
+        """Device/dtype placement, first-batch init, and the non-finite policy; None means skip this batch."""
+        if self._first_in_fit and x_BD.device != self.device:
+            self._move_to(x_BD.device)  # the first batch decides the device
+        self._first_in_fit = False
+        x_BD = x_BD.to(self.device, torch.float32, non_blocking=True)
+        if self.cfg.train.nan_policy == "skip":
+            good_B = torch.isfinite(x_BD).all(dim=1)
+            n_bad = x_BD.shape[0] - int(good_B.sum())  # host sync: the kept rows decide the batch shape
+            if n_bad:
+                self.skipped_rows += n_bad
+                x_BD = x_BD[good_B]
+                if x_BD.shape[0] == 0:
+                    return None
+        else:
+            bad = ~torch.isfinite(x_BD).all()
+            self.first_bad = torch.where(bad & (self.first_bad < 0), self.step + 1, self.first_bad)
+        if not self.initialised:
+            self.sae.init_from_sample_(x_BD)
+            self.initialised = True
+        return x_BD
+
+    def _train_step(self, x_BD: Tensor) -> bool:
+        x_BD = self._prepare(x_BD)
+        if x_BD is None:
+            return False
+        sae, opt, t = self.sae, self.optimizer, self.cfg.train
+        for group in opt.param_groups:
+            group["lr"] = lr_at(self.step, t)
+        dead_F = self.firing.dead_since(self.step, self.auxk_steps) if self.auxk_on else None
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=t.autocast == "bfloat16"):
+            out = sae(x_BD, l1_coeff=l1_coeff_at(self.step, self.cfg), dead_F=dead_F)
+        out.loss.backward()
+        if sae.unit_norm_decoder:
+            sae.remove_parallel_grad_()
+        if t.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), t.grad_clip, foreach=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if sae.unit_norm_decoder:
+            sae.normalize_decoder_()
+        self.step += 1
+        with torch.no_grad():
+            counts_F = firing_counts(out.feats)
+            self.firing.update_(counts_F > 0, self.step)
+            self.metrics.update_(out, x_BD, counts_F, sae.input_scale)
+        return True
+
+    def log10_density(self) -> Tensor:
+        """log10(density + 1e-10) per feature (SAELens's sparsity.safetensors convention), on the CPU."""
+        return torch.log10(self.metrics.current_density().float().cpu() + 1e-10)
+
+    def _resample(self) -> None:
+        assert self.pool_fn is not None
+        dead_F = self.firing.resample_dead_mask(self.step, self.cfg.resample.dead_window)
+        self.resampled += resample_dead_(self.sae, self.optimizer, dead_F, self.pool_fn, self.cfg.resample,
+                                         self.generator)
+        self.firing.last_resample_step = self.step
+
+    def _raise_if_bad_input(self) -> None:
+        bad_step = int(self.first_bad)
+        if bad_step >= 0:
+            raise ValueError(f"non-finite activations in the batch of step {bad_step}: fix the source, or set "
+                             "train.nan_policy=skip to drop such rows")
+
+    def _log(self, bar: tqdm) -> None:
+        self._raise_if_bad_input()
+        if self.uses_auxk:
+            self.auxk_on = bool(self.firing.dead_since(self.step, self.auxk_steps).any())
+        now = time.perf_counter()
+        m = self.metrics.summary()
+        m["tokens_per_s"] = (self.metrics.tokens - self._tokens_last) / max(now - self._t_last, 1e-9)
+        self._t_last, self._tokens_last = now, self.metrics.tokens
+        m["lr"] = self.optimizer.param_groups[0]["lr"]
+        m["l1_coeff"] = l1_coeff_at(max(self.step - 1, 0), self.cfg)
+        m.update(tokens=self.metrics.tokens, skipped_rows=self.skipped_rows, resampled=self.resampled)
+        if self.extra_metrics is not None:
+            m.update(self.extra_metrics())
+        self.tracker.log(self.step, m)
+        bar.set_postfix(mse=f"{m['mse']:.3g}", l0=f"{m['l0']:.1f}", fvu=f"{m['fvu']:.3f}", dead=m["dead"],
+                        tok_s=f"{m['tokens_per_s']:.3g}", refresh=False)
+        self.last_metrics = m

@@ -1,0 +1,258 @@
+"""analysis/: streaming top-k and histograms against full computations, ablation, logit effects, the dashboard."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from sae_stream.analysis.ablation import ablate_feature
+from sae_stream.analysis.dashboard import build_dashboard, select_features
+from sae_stream.analysis.histogram import StreamingHistogram
+from sae_stream.analysis.hooks import spliced_logits
+from sae_stream.analysis.html import visible
+from sae_stream.analysis.logits import decoder_directions, logit_effects
+from sae_stream.analysis.scan import scan_features, window_activations
+from sae_stream.analysis.topk import StreamingTopK
+from sae_stream.config import AnalysisConfig
+
+sys.path.insert(0, str(Path(__file__).parent))
+from browser_check import CHROMIUM, build_demo, check_page  # noqa: E402
+from test_evaluate import LinearReLUSAE  # noqa: E402
+
+MLP = "blocks.0.mlp.hook_post"
+VOCAB, T, D_MLP = 40, 16, 32
+
+
+@pytest.fixture(scope="module")
+def model() -> HookedTransformer:
+    cfg = HookedTransformerConfig(n_layers=1, d_model=16, n_ctx=T, d_head=4, n_heads=4, d_mlp=D_MLP, d_vocab=VOCAB,
+                                  act_fn="relu", seed=0)
+    return HookedTransformer(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def batches() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(2)
+    return [torch.randint(0, VOCAB, (4, T), generator=g) for _ in range(3)]
+
+
+def _reference_topk(values_NF: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full stable sort of every feature's firing values: value descending, earlier token first on ties."""
+    n, f = values_NF.shape
+    vals, ids = torch.full((f, k), -torch.inf), torch.full((f, k), -1, dtype=torch.long)
+    for j in range(f):
+        firing = sorted((-float(values_NF[i, j]), i) for i in range(n) if values_NF[i, j] > 0)[:k]
+        for slot, (neg, i) in enumerate(firing):
+            vals[j, slot], ids[j, slot] = -neg, i
+    return vals, ids
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 64])
+def test_streaming_topk__equals_full_sort_with_ties(chunk):
+    g = torch.Generator().manual_seed(chunk)
+    values_NF = torch.randint(-2, 4, (60, 9), generator=g).float()  # many ties and non-firing entries
+    values_NF[:, 0] = 0.0  # never fires
+    values_NF[:50, 1] = 0.0  # fires on fewer tokens than k
+    k = 12
+    topk = StreamingTopK(9, k, payload_shape=(2,))
+    for start in range(0, 60, chunk):
+        ids_N = torch.arange(start, min(start + chunk, 60))
+        payload = lambda rows_FK, ids_N=ids_N: torch.stack([ids_N[rows_FK], -ids_N[rows_FK]], -1).float()  # noqa: E731
+        topk.update(values_NF[ids_N], ids_N, payload)
+    got = topk.result()
+    ref_vals, ref_ids = _reference_topk(values_NF, k)
+    assert torch.equal(got.values_FK, ref_vals) and torch.equal(got.ids_FK, ref_ids)
+    filled = got.ids_FK >= 0
+    assert torch.equal(got.payload_FK[..., 0][filled], got.ids_FK[filled].float())
+    assert torch.isnan(got.payload_FK[~filled]).all()
+
+
+def test_streaming_topk__rejects_ids_out_of_order():
+    topk = StreamingTopK(2, 3)
+    topk.update(torch.ones(2, 2), torch.tensor([4, 5]))
+    with pytest.raises(ValueError, match="increase"):
+        topk.update(torch.ones(2, 2), torch.tensor([5, 6]))
+
+
+def test_streaming_histogram__equals_histogram_with_final_edges():
+    g = torch.Generator().manual_seed(0)
+    bins, chunks = 16, []
+    for scale in (1.0, 0.5, 2.5, 40.0, 3.0, 90.0, 900.0):  # the range grows by one, two and many doublings
+        chunk = torch.rand(25, 5, generator=g) * scale - 0.3 * scale
+        chunk[:, 0] = 0.0  # never fires
+        chunks.append(chunk)
+    chunks[0][:, 1] = 0.0  # fires only from the second chunk on
+    hist = StreamingHistogram(5, bins)
+    for chunk in chunks:
+        hist.update(chunk)
+    counts_FB, width_F = hist.result()
+    all_NF = torch.cat(chunks).double()
+    assert width_F[0] == 0 and counts_FB[0].sum() == 0
+    for f in range(1, 5):
+        firing = all_NF[:, f][all_NF[:, f] > 0].numpy()
+        ref, _ = np.histogram(firing, bins=bins, range=(0.0, float(width_F[f]) * bins))
+        assert counts_FB[f].tolist() == ref.tolist()
+        assert firing.max() <= float(width_F[f]) * bins < 2 * firing.max() + 1e-12
+
+
+def test_window_activations__gathers_the_window_around_each_token():
+    feats_BTF = torch.randn(3, 5, 2)
+    rows_FK = torch.tensor([[0, 7, 14], [9, 10, 4]])  # rows b * 5 + t
+    got = window_activations(feats_BTF, rows_FK, left=2, right=1)
+    for f in range(2):
+        for k in range(3):
+            b, t = divmod(int(rows_FK[f, k]), 5)
+            for j, o in enumerate(range(-2, 2)):
+                expected = feats_BTF[b, t + o, f] if 0 <= t + o < 5 else torch.tensor(float("nan"))
+                assert torch.equal(got[f, k, j], expected) or (expected.isnan() and got[f, k, j].isnan())
+
+
+def test_scan_features__matches_brute_force(model, batches):
+    sae = LinearReLUSAE(D_MLP, 24, bias=-0.1)
+    cfg = AnalysisConfig(top_k=5, window=3, tokens=10_000, batch_contexts=5, histogram_bins=8)
+    scan = scan_features(model, sae, MLP, batches, cfg)
+    tokens_NT = torch.cat(batches)
+    _, cache = model.run_with_cache(tokens_NT, names_filter=MLP)
+    with torch.no_grad():
+        feats_NTF = sae.encode(cache[MLP])
+    counted = feats_NTF.clone()
+    counted[:, 0] = 0
+    ref_vals, ref_ids = _reference_topk(counted.reshape(-1, 24), 5)
+    assert torch.equal(scan.top.ids_FK, ref_ids) and torch.allclose(scan.top.values_FK, ref_vals)
+    assert torch.equal(scan.fire_count_F, (counted > 0).sum((0, 1)))
+    assert scan.n_tokens == tokens_NT.shape[0] * (T - 1)
+    assert torch.equal(scan.histogram.counts_FB.sum(1), scan.fire_count_F)
+
+
+def test_ablate_feature__zero_decoder_row_changes_nothing(model, batches):
+    sae = LinearReLUSAE(D_MLP, 24, bias=0.2)
+    with torch.no_grad():
+        sae.W_dec_FD[3] = 0
+        _, cache = model.run_with_cache(batches[0], names_filter=MLP)
+        acts_BT = sae.encode(cache[MLP])[..., 3]
+    positions = acts_BT[:, 1:].argmax(1) + 1  # where the feature fires most (position 0 is skipped)
+    r = ablate_feature(model, sae, MLP, batches[0], 3, positions)
+    assert torch.equal(r.delta_logprob_V, torch.zeros(VOCAB))
+    assert torch.allclose(r.activation_B, acts_BT[torch.arange(4), positions])
+    assert (r.activation_B > 0).all()  # the feature does fire there: it is the zero decoder row that makes it inert
+
+
+def test_ablate_feature__equals_full_forward_difference(model, batches):
+    sae = LinearReLUSAE(D_MLP, 24, bias=0.2)
+    tokens, positions = batches[1], torch.tensor([4, 11, 1, 15])
+    r = ablate_feature(model, sae, MLP, tokens, 7, positions, k=4)
+
+    def recon(x, ablate):
+        feats = sae.encode(x)
+        if ablate:
+            feats = feats.clone()
+            feats[..., 7] = 0
+        return sae.decode(feats)
+
+    with torch.no_grad():
+        rows = torch.arange(4)
+        base = spliced_logits(model, MLP, tokens, lambda x: recon(x, False), True)[rows, positions].log_softmax(-1)
+        abl = spliced_logits(model, MLP, tokens, lambda x: recon(x, True), True)[rows, positions].log_softmax(-1)
+    expected_V = (abl - base).mean(0)
+    assert torch.allclose(r.delta_logprob_V, expected_V, atol=1e-5)
+    assert expected_V.abs().max() > 1e-3
+    assert r.raised[0][0] == int(expected_V.argmax()) and r.lowered[0][0] == int(expected_V.argmin())
+    with pytest.raises(ValueError):
+        ablate_feature(model, sae, MLP, tokens, 99, positions)
+
+
+def test_logit_effects__match_manual_products(model):
+    sae = LinearReLUSAE(D_MLP, 24)
+    feats = [0, 5, 23]
+    assert torch.allclose(decoder_directions(sae, feats), sae.W_dec_FD[feats].detach())
+    effects, note = logit_effects(model, sae, MLP, feats)
+    with torch.no_grad():
+        resid = sae.W_dec_FD[feats] @ model.W_out[0]
+        resid = (resid - resid.mean(-1, keepdim=True)) * model.ln_final.w
+        assert torch.allclose(effects, resid @ model.W_U, atol=1e-5)
+    assert "W_out[0]" in note and "1/sigma" in note
+    resid_sae = LinearReLUSAE(16, 8)
+    effects, note = logit_effects(model, resid_sae, "blocks.0.hook_resid_post", [1])
+    with torch.no_grad():
+        d = resid_sae.W_dec_FD[[1]]
+        assert torch.allclose(effects, ((d - d.mean(-1, keepdim=True)) * model.ln_final.w) @ model.W_U, atol=1e-5)
+    assert logit_effects(model, resid_sae, "blocks.0.attn.hook_q", [1])[0] is None
+
+
+def test_select_features__alive_and_evenly_spread():
+    density_F = torch.tensor([0.0, 0.5, 1e-7, 0.01, 0.0, 0.2, 1e-4, 3e-3])
+    assert select_features(density_F, 100) == [1, 5, 3, 7, 6, 2]
+    picks = select_features(density_F, 3)
+    assert picks == [1, 3, 2]  # densest, middle (rank 2.5 rounds to 2), rarest alive
+
+
+def test_visible__escapes_and_marks_whitespace():
+    assert visible('<a\'x="y">&') == "&lt;a&#x27;x=&quot;y&quot;&gt;&amp;"
+    assert visible(" \n\t\x01") == ('<span class="ws">·</span><span class="ws">↵</span><span class="ws">⇥</span>'
+                                    '<span class="ws">\\x01</span>')
+
+
+class AngleTokenizer:
+    """Stand-in tokenizer: every token shows as <id>, which must come out escaped; id 0 is whitespace."""
+
+    def decode(self, ids: list[int]) -> str:
+        return " \n" if ids[0] == 0 else f"<{ids[0]}>"
+
+
+def test_build_dashboard__one_escaped_panel_per_feature(model, batches, tmp_path):
+    sae = LinearReLUSAE(D_MLP, 24, bias=-0.1)
+    cfg = AnalysisConfig(features=6, top_k=4, window=3, tokens=10_000, batch_contexts=6, logit_k=3)
+    batches = [b.clone() for b in batches]
+    batches[0][0, 3] = 0
+    path = build_dashboard(model, sae, MLP, batches, AngleTokenizer(), cfg, tmp_path)
+    page = path.read_text()
+    shown = re.findall(r'<section class="feature" id="f(\d+)"', page)
+    assert len(shown) == 6 == len(set(shown))
+    assert len(re.findall(r'<tr class="frow"', page)) == 6
+    assert "&lt;" in page and re.search(r">&lt;\d+&gt;<", page)
+    assert not re.search(r"<\d+>", page)  # no raw token text leaked into the markup
+    assert re.search(r'<span class="t a\d+ hot" title="&#x27;&lt;\d+&gt;&#x27;: \d', page)  # hover shows the value
+    assert '<span class="ws">·</span><span class="ws">↵</span>' in page  # token 0 is " \n", drawn visibly
+    assert "Ablation" in page and "W_out[0]" in page
+    assert "http://" not in page and "https://" not in page  # self-contained
+
+
+def test_build_dashboard__flags_single_token_features(tmp_path):
+    # At hook_embed the activation is the token's embedding, so DetectorSAE's first features fire on one token.
+    html_path = build_demo(tmp_path)
+    page = html_path.read_text()
+    panel_0 = page[page.index('id="f0"'): page.index("</section>", page.index('id="f0"'))]
+    assert "single-token: <span class=\"ws\">·</span> (100%)" in panel_0  # feature 0 detects the space byte
+    assert "Ultra-low density (" in page and 'data-tab="low"' in page
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs /usr/bin/chromium")
+def test_browser_check__dashboard_renders_without_js_errors(tmp_path):
+    html_path = build_demo(tmp_path / "dash")
+    report = check_page(html_path, tmp_path / "shot.png", "f3")
+    assert report.errors == [] and report.ready
+    assert report.screenshot.read_bytes()[:4] == b"\x89PNG" and report.screenshot.stat().st_size > 10_000
+    # The check must see errors when there are some: break the page on purpose.
+    broken = tmp_path / "broken.html"
+    broken.write_text(html_path.read_text().replace(
+        "</body>", "<script>console.error('logged problem');noSuchFunction();</script></body>"))
+    bad = check_page(broken, tmp_path / "broken.png")
+    assert any("logged problem" in e for e in bad.errors) and any("noSuchFunction" in e for e in bad.errors)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_streaming_topk__cuda_matches_cpu():
+    g = torch.Generator().manual_seed(5)
+    values_NF = torch.randint(-2, 4, (300, 40), generator=g).float()
+    cpu, gpu = StreamingTopK(40, 16), StreamingTopK(40, 16, device="cuda")
+    for start in range(0, 300, 64):
+        ids = torch.arange(start, min(start + 64, 300))
+        cpu.update(values_NF[ids], ids)
+        gpu.update(values_NF[ids].cuda(), ids.cuda())
+    assert torch.equal(gpu.result().ids_FK.cpu(), cpu.result().ids_FK)

@@ -1,0 +1,373 @@
+"""Activation stream and shuffle buffer: exact-once accounting, mixing quality, determinism, resume, any hook."""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from sae_stream.activations import ActivationChunk, ActivationStream, expected_distinct, hook_dim, shuffle_metrics
+from sae_stream.buffer import ShuffleBuffer
+from sae_stream.config import BufferConfig
+
+CUDA = torch.cuda.is_available()
+
+
+class TaggedSource:
+    """Replayable synthetic stream: vector i = [id, context, position, noise...]; chunks of uneven size."""
+
+    def __init__(self, n_contexts: int, ctx_len: int = 9, d_in: int = 8, contexts_per_chunk: int = 7,
+                 skip_first: bool = True) -> None:
+        self.n_contexts, self.ctx_len, self.d_in, self.per_chunk = n_contexts, ctx_len, d_in, contexts_per_chunk
+        self.start = 1 if skip_first else 0
+        self.next_context = 0
+
+    @property
+    def n_vectors(self) -> int:
+        return self.n_contexts * (self.ctx_len - self.start)
+
+    def __iter__(self) -> Iterator[ActivationChunk]:
+        return self
+
+    def __next__(self) -> ActivationChunk:
+        if self.next_context >= self.n_contexts:
+            raise StopIteration
+        c0, c1 = self.next_context, min(self.next_context + self.per_chunk, self.n_contexts)
+        self.next_context = c1
+        k = self.ctx_len - self.start
+        context = torch.arange(c0, c1).repeat_interleave(k)
+        position = torch.arange(self.start, self.ctx_len).repeat(c1 - c0)
+        ids = context * k + position - self.start
+        acts = torch.randn(len(ids), self.d_in, generator=torch.Generator().manual_seed(c0))
+        acts[:, 0], acts[:, 1], acts[:, 2] = ids.float(), context.float(), position.float()
+        return ActivationChunk(acts, context, position.to(torch.int32))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"next_context": self.next_context}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.next_context = state["next_context"]
+
+
+def _cfg(**kw: Any) -> BufferConfig:
+    base = dict(capacity=512, refill_fraction=0.5, storage="cpu", lm_batch_size=4)
+    return BufferConfig(**(base | kw))
+
+
+def _ids(batches: Any) -> torch.Tensor:
+    return torch.cat([b[:, 0].clone() for b in batches]).long()
+
+
+def _tiny_model(**kw: Any) -> HookedTransformer:
+    torch.manual_seed(0)
+    base = dict(n_layers=1, d_model=32, n_heads=4, d_head=8, d_mlp=64, d_vocab=50, n_ctx=16, act_fn="relu",
+                normalization_type="LN", default_prepend_bos=False)
+    return HookedTransformer(HookedTransformerConfig(**(base | kw))).eval()
+
+
+def _token_batches(sizes: list[int], T: int = 10, vocab: int = 50) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, vocab, (b, T), generator=g) for b in sizes]
+
+
+# ---------------------------------------------------------------------------------------------- stream
+
+
+@pytest.mark.parametrize("stop", ["raise", "layer"])
+def test_activation_stream__equals_run_with_cache(stop: str) -> None:
+    model = _tiny_model(n_layers=2)
+    batches = _token_batches([3, 5, 2, 6])  # re-batched to 4 contexts per forward
+    stream = ActivationStream(model, "blocks.0.mlp.hook_post", batches, _cfg(), stop=stop)
+    chunks = list(stream)
+    assert [len(c.acts) for c in chunks] == [4 * 9] * 4
+    tokens = torch.cat(batches)
+    _, cache = model.run_with_cache(tokens, names_filter="blocks.0.mlp.hook_post")
+    ref = cache["blocks.0.mlp.hook_post"][:, 1:].reshape(-1, 64)
+    torch.testing.assert_close(torch.cat([c.acts for c in chunks]), ref)
+    assert torch.equal(torch.cat([c.context for c in chunks]), torch.arange(16).repeat_interleave(9))
+    assert torch.equal(torch.cat([c.position for c in chunks]), torch.arange(1, 10, dtype=torch.int32).repeat(16))
+
+
+@pytest.mark.parametrize("hook,width", [
+    ("hook_embed", 24), ("blocks.1.hook_resid_pre", 24), ("blocks.0.attn.hook_z", 3 * 8),
+    ("blocks.2.attn.hook_pattern", 3 * 10), ("ln_final.hook_normalized", 24), ("blocks.2.mlp.hook_pre", 40),
+])
+def test_activation_stream__any_hook_of_another_model(hook: str, width: int) -> None:
+    model = _tiny_model(n_layers=3, d_model=24, n_heads=3, d_head=8, d_mlp=40, d_vocab=30, act_fn="gelu")
+    batches = _token_batches([5], vocab=30)
+    cfg = _cfg(skip_first_position=False)
+    stream = ActivationStream(model, hook, batches, cfg, context_len=10)
+    assert stream.d_in == width == hook_dim(model, hook, context_len=10)
+    acts = torch.cat([c.acts for c in stream])
+    _, cache = model.run_with_cache(batches[0], names_filter=hook)
+    ref = cache[hook]
+    if hook.endswith("hook_pattern"):
+        ref = ref.permute(0, 2, 1, 3)
+    torch.testing.assert_close(acts, ref.reshape(50, width))
+
+
+def test_activation_stream__several_hooks_concatenate() -> None:
+    model = _tiny_model()
+    names = ["blocks.0.hook_resid_pre", "blocks.0.mlp.hook_post"]
+    stream = ActivationStream(model, names, _token_batches([4]), _cfg())
+    assert stream.d_in == 32 + 64
+    acts = next(stream).acts
+    _, cache = model.run_with_cache(_token_batches([4])[0])
+    ref = torch.cat([cache[n][:, 1:] for n in names], dim=-1).reshape(-1, 96)
+    torch.testing.assert_close(acts, ref)
+
+
+def test_hook_dim__unknown_hook_is_one_line_error() -> None:
+    model = _tiny_model()
+    with pytest.raises(ValueError, match="valid hooks: hook_embed") as e:
+        hook_dim(model, "blocks.0.mlp.hook_typo")
+    assert "\n" not in str(e.value)
+
+
+def test_activation_stream__positions_per_context_sampled_and_seeded() -> None:
+    model = _tiny_model()
+    cfg = _cfg(positions_per_context=3)
+    hook = "blocks.0.mlp.hook_post"
+    runs = [list(ActivationStream(model, hook, _token_batches([8]), cfg, seed=s)) for s in (5, 5, 6)]
+    pos = [torch.cat([c.position for c in r]).view(8, 3) for r in runs]
+    assert torch.equal(pos[0], pos[1]) and not torch.equal(pos[0], pos[2])
+    assert pos[0].min() >= 1 and all(len(set(row.tolist())) == 3 for row in pos[0])
+    _, cache = model.run_with_cache(_token_batches([8])[0])
+    ref = cache["blocks.0.mlp.hook_post"][torch.arange(8)[:, None], pos[0].long()].reshape(24, 64)
+    torch.testing.assert_close(torch.cat([c.acts for c in runs[0]]), ref)
+    with pytest.raises(ValueError, match="positions_per_context"):
+        next(ActivationStream(model, "blocks.0.mlp.hook_post", _token_batches([2]), _cfg(positions_per_context=10)))
+
+
+class ReplayBatches:
+    """Token batches with a position that can be saved and restored (like TokenContexts)."""
+
+    def __init__(self, batches: list[torch.Tensor]) -> None:
+        self.batches, self.i = batches, 0
+
+    def __iter__(self) -> ReplayBatches:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        if self.i >= len(self.batches):
+            raise StopIteration
+        self.i += 1
+        return self.batches[self.i - 1]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"i": self.i}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.i = state["i"]
+
+
+def test_activation_stream__state_dict_resumes_the_same_chunks() -> None:
+    model = _tiny_model()
+    batches = _token_batches([3, 6, 2, 5, 4, 3])  # re-batched by 4: leftover token rows at every cut
+    cfg = _cfg(positions_per_context=3)
+    hook = "blocks.0.mlp.hook_post"
+    ref = list(ActivationStream(model, hook, ReplayBatches(batches), cfg, seed=2))
+    head = ActivationStream(model, hook, ReplayBatches(batches), cfg, seed=2)
+    next(head), next(head)
+    state = head.state_dict()
+    assert state["pending_tokens"] is not None and state["token_source"] == {"i": 2}
+    resumed = ActivationStream(model, hook, ReplayBatches(batches), cfg, seed=7)
+    resumed.load_state_dict(state)
+    tail = list(resumed)
+    assert len(tail) == len(ref) - 2
+    for got, want in zip(tail, ref[2:]):
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+# ---------------------------------------------------------------------------------------------- ring
+
+
+@pytest.mark.parametrize("refill_fraction,merge_lag", [(0.5, 2), (0.25, 0), (1.0, 1)])
+def test_shuffle_buffer__every_vector_exactly_once(refill_fraction: float, merge_lag: int) -> None:
+    src = TaggedSource(n_contexts=700)  # 5600 vectors through a 512-slot ring: many refills
+    buf = ShuffleBuffer(src, _cfg(refill_fraction=refill_fraction), d_in=8, drop_last=False, merge_lag=merge_lag)
+    batches = list(buf.batches(48, fresh=True))
+    assert all(len(b) == 48 for b in batches[:-1]) and 0 < len(batches[-1]) <= 48
+    assert torch.equal(_ids(batches).sort().values, torch.arange(src.n_vectors))
+    assert buf.refills > 10 and buf.produced == buf.consumed == src.n_vectors
+
+
+def test_shuffle_buffer__drop_last_drops_only_the_final_partial_batch() -> None:
+    src = TaggedSource(n_contexts=301)
+    buf = ShuffleBuffer(src, _cfg(), d_in=8, drop_last=True)
+    ids = _ids(buf.batches(50))  # the yielded tensor is reused: _ids copies each one at once
+    assert len(ids) % 50 == 0 and ids.unique().numel() == len(ids)
+    assert buf.dropped == src.n_vectors - len(ids) < 50
+
+
+def test_shuffle_buffer__reuse_two_reads_each_vector_twice() -> None:
+    src = TaggedSource(n_contexts=200)
+    buf = ShuffleBuffer(src, _cfg(reuse=2), d_in=8, drop_last=False)
+    counts = torch.bincount(_ids(buf.batches(64)), minlength=src.n_vectors)
+    assert counts.min() == counts.max() == 2
+
+
+def test_shuffle_buffer__pool_is_disjoint_from_training_and_covers_the_rest() -> None:
+    src = TaggedSource(n_contexts=600)
+    buf = ShuffleBuffer(src, _cfg(), d_in=8, drop_last=False)
+    it = buf.batches(32)
+    trained = [next(it)[:, 0].clone() for _ in range(20)]
+    pool = buf.sample_pool(1500, dtype=torch.float32)  # more than the ring: needs fresh production
+    trained += [b[:, 0].clone() for b in it]
+    train_ids, pool_ids = torch.cat(trained).long(), pool[:, 0].long()
+    assert len(pool_ids) == 1500 and buf.pool_consumed == 1500
+    assert not set(train_ids.tolist()) & set(pool_ids.tolist())
+    assert torch.equal(torch.cat([train_ids, pool_ids]).sort().values, torch.arange(src.n_vectors))
+
+
+def test_shuffle_buffer__pool_in_bf16_on_host_matches_rounded_vectors() -> None:
+    buf = ShuffleBuffer(TaggedSource(n_contexts=100, d_in=16), _cfg(), d_in=16)
+    pool = buf.sample_pool(300, dtype=torch.bfloat16, device="cpu")
+    assert pool.dtype == torch.bfloat16 and pool.shape == (300, 16)
+    ids = pool[:, 0].float()
+    assert (ids == ids.round()).all() and ids.max() < 800
+
+
+def test_shuffle_buffer__same_seed_same_batches_other_seed_differs() -> None:
+    def run(seed: int) -> torch.Tensor:
+        buf = ShuffleBuffer(TaggedSource(n_contexts=300), _cfg(), d_in=8, seed=seed)
+        return _ids(buf.batches(40))
+
+    a, b, c = run(3), run(3), run(4)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("stop_after", [1, 13, 29])  # inside the first cycle, with a refill in flight, later
+def test_shuffle_buffer__resume_yields_the_identical_sequence(stop_after: int) -> None:
+    cfg = _cfg(capacity=300, refill_fraction=0.4)
+    ref_buf = ShuffleBuffer(TaggedSource(n_contexts=400), cfg, d_in=8, seed=1, merge_lag=3)
+    ref = [b.clone() for b in ref_buf.batches(24)]
+    buf = ShuffleBuffer(TaggedSource(n_contexts=400), cfg, d_in=8, seed=1, merge_lag=3)
+    it = buf.batches(24)
+    head = [next(it).clone() for _ in range(stop_after)]
+    blob = io.BytesIO()
+    torch.save(buf.state_dict(), blob)
+    blob.seek(0)
+    resumed = ShuffleBuffer(TaggedSource(n_contexts=400), cfg, d_in=8, seed=99, merge_lag=3)
+    resumed.load_state_dict(torch.load(blob, weights_only=False))
+    tail = [b.clone() for b in resumed.batches(24)]
+    assert len(head) + len(tail) == len(ref)
+    for got, want in zip(head + tail, ref):
+        assert torch.equal(got, want)
+
+
+def test_shuffle_buffer__bfloat16_storage_rounds_like_bf16() -> None:
+    src = TaggedSource(n_contexts=28, d_in=8)  # 224 ids: exact in bf16 (< 256)
+    by_id = {int(r[0]): r for c in TaggedSource(n_contexts=28, d_in=8) for r in c.acts}
+    buf = ShuffleBuffer(src, _cfg(capacity=64, dtype="bfloat16"), d_in=8, drop_last=False)
+    assert buf.memory_bytes == 64 * 8 * 2 + 64 * 12 + 2 * 8 * 64 + 64
+    seen = 0
+    for b in buf.batches(16):
+        assert b.dtype == torch.float32
+        for row in b:
+            assert torch.equal(row, by_id[int(row[0])].to(torch.bfloat16).float())
+            seen += 1
+    assert seen == 224
+
+
+def test_shuffle_buffer__too_large_is_an_error_before_allocating() -> None:
+    cfg = _cfg(capacity=10**12, max_memory_gb=1.0)
+    with pytest.raises(ValueError, match=r"buffer.capacity=1,000,000,000,000 .* lower buffer.capacity") as e:
+        ShuffleBuffer(TaggedSource(n_contexts=1), cfg, d_in=512)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="free host memory"):
+        ShuffleBuffer(TaggedSource(n_contexts=1), _cfg(capacity=10**13), d_in=512)
+
+
+def test_shuffle_buffer__source_of_wrong_width_is_an_error() -> None:
+    buf = ShuffleBuffer(iter([torch.zeros(10, 7)]), _cfg(), d_in=8)
+    with pytest.raises(ValueError, match=r"shape \(10, 7\), expected \[n, 8\]"):
+        next(buf.batches(4))
+
+
+# ---------------------------------------------------------------------------------------------- shuffle quality
+
+
+def test_expected_distinct__hand_computed_and_simulated() -> None:
+    # 2 contexts x 2 vectors, 2 draws: one context only with prob 2/6, so E = 1/3 + 2 * 2/3 = 5/3
+    assert math.isclose(float(expected_distinct(torch.tensor([0, 0, 1, 1]), 2)), 5 / 3, rel_tol=1e-9)
+    ctx = torch.arange(40).repeat_interleave(torch.arange(1, 41))  # uneven contexts
+    g = torch.Generator().manual_seed(0)
+    sim = sum(ctx[torch.randperm(len(ctx), generator=g)[:60]].unique().numel() for _ in range(2000)) / 2000
+    assert abs(float(expected_distinct(ctx, 60)) - sim) < 0.1
+
+
+def test_shuffle_buffer__metrics_near_ideal_and_detect_an_unshuffled_order() -> None:
+    src = TaggedSource(n_contexts=3000, ctx_len=33, contexts_per_chunk=16)  # 32 vectors per context
+    buf = ShuffleBuffer(src, _cfg(capacity=8192), d_in=8, metrics_every=4)
+    for _ in buf.batches(256):
+        pass
+    m = buf.metrics()
+    assert m["shuffle_samples"] == 64 and m["distinct_ratio"] > 0.95
+    assert m["max_rows_per_context"] <= 8  # 256 draws from >= 128 contexts of 32: ideal ~2
+    assert abs(m["position_row_corr"]) < 0.05 and abs(m["position_batch_corr"]) < 0.5
+    ordered = [(i, torch.arange(i * 8, i * 8 + 8).repeat_interleave(32), torch.arange(32).repeat(8),
+                torch.tensor(200.0)) for i in range(10)]
+    bad = shuffle_metrics(ordered)
+    assert bad["distinct_ratio"] < 0.05 and bad["position_row_corr"] > 0.1 and bad["max_rows_per_context"] == 32
+
+
+# ---------------------------------------------------------------------------------------------- LM -> buffer
+
+
+def test_stream_into_buffer__yields_exactly_the_lm_activations() -> None:
+    model = _tiny_model()
+    batches = _token_batches([6, 6, 6, 6, 6])
+    cfg = _cfg(capacity=128, dtype="float32")
+    stream = ActivationStream(model, "blocks.0.mlp.hook_post", iter(batches), cfg)
+    buf = ShuffleBuffer(stream, cfg, "cpu", drop_last=False)
+    got = torch.cat([b.clone() for b in buf.batches(32)])
+    _, cache = model.run_with_cache(torch.cat(batches), names_filter="blocks.0.mlp.hook_post")
+    ref = cache["blocks.0.mlp.hook_post"][:, 1:].reshape(-1, 64)
+    assert got.shape == ref.shape
+    key = torch.randn(64, dtype=torch.float64)  # match rows as a multiset via a random projection
+    torch.testing.assert_close((got.double() @ key).sort().values, (ref.double() @ key).sort().values)
+    assert buf.metrics()["distinct_contexts"] > 1
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("storage", ["cuda", "pinned"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_shuffle_buffer__gpu_storages_every_vector_exactly_once(storage: str, dtype: str) -> None:
+    n_contexts, capacity, batch = (2000, 2048, 100) if dtype == "float32" else (28, 64, 16)  # bf16: ids < 256
+    src = TaggedSource(n_contexts=n_contexts, d_in=16)
+    cfg = _cfg(capacity=capacity, storage=storage, dtype=dtype)
+    buf = ShuffleBuffer(src, cfg, "cuda", d_in=16, drop_last=False, metrics_every=1)
+    ids = []
+    for b in buf.batches(batch):
+        assert b.device.type == "cuda" and b.dtype == torch.float32
+        ids.append(b[:, 0].clone())
+    assert torch.equal(torch.cat(ids).long().cpu().sort().values, torch.arange(src.n_vectors))
+    assert buf.metrics()["distinct_ratio"] > 0.8
+    pool_buf = ShuffleBuffer(TaggedSource(n_contexts=n_contexts // 2, d_in=16), cfg, "cuda", d_in=16,
+                             drop_last=False)
+    pool = pool_buf.sample_pool(capacity // 2 + 7, dtype=torch.float32, device="cpu")
+    rest = torch.cat([b[:, 0].cpu().clone() for b in pool_buf.batches(batch)]).long()
+    assert torch.equal(torch.cat([pool[:, 0].long(), rest]).sort().values, torch.arange(n_contexts // 2 * 8))
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_stream_into_buffer__cuda_lm_on_producer_stream_matches_cpu() -> None:
+    model = _tiny_model().to("cuda")
+    batches = _token_batches([8] * 6)
+    cfg = _cfg(capacity=256, storage="cuda")
+    stream = ActivationStream(model, "blocks.0.mlp.hook_post", [b.cuda() for b in batches], cfg, "cuda")
+    got = torch.cat([b.clone() for b in ShuffleBuffer(stream, cfg, "cuda", drop_last=False).batches(64)]).cpu()
+    _, cache = model.cpu().run_with_cache(torch.cat(batches), names_filter="blocks.0.mlp.hook_post")
+    ref = cache["blocks.0.mlp.hook_post"][:, 1:].reshape(-1, 64)
+    key = torch.randn(64, dtype=torch.float64)
+    torch.testing.assert_close((got.double() @ key).sort().values, (ref.double() @ key).sort().values,
+                               atol=0.1, rtol=0.05)  # bf16 autocast on cuda

@@ -1,0 +1,138 @@
+"""The command line end to end on a tiny byte-level LM: the run directory, errors, resume."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sae_stream.cli import main
+from sae_stream.config import ConfigError, config_from_dict, default_config_path, help_text, load_config
+
+# A byte-level model small enough that LM + SAE + eval + dashboard take seconds on 2 cores.
+TINY = [
+    "--data.tokenizer=byte", "--data.context_len=32", "--lm.vocab_size=320", "--lm.d_model=32", "--lm.n_heads=2",
+    "--lm.d_mlp=64", "--lm.n_ctx=32", "--lm_train.lr=0.01", "--lm_train.tokens=200000", "--lm_train.batch_size=16",
+    "--lm_train.eval_every=200", "--lm_train.eval_tokens=2048", "--lm_train.warmup_steps=5",
+    "--buffer.capacity=4096", "--buffer.lm_batch_size=16", "--sae.d_sae=128", "--sae.l1_coeff=0.0003",
+    "--train.total_tokens=40960", "--train.batch_size=512", "--train.log_every=10", "--train.checkpoint_every=40",
+    "--train.density_window_tokens=20000", "--resample.at_steps=[30]", "--resample.pool_size=2048",
+    "--resample.dead_window=20", "--eval.tokens=2048", "--analysis.tokens=2048", "--analysis.features=8",
+    "--analysis.top_k=4",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "run"
+    assert main(["run", "--out", str(out), *TINY]) == 0
+    return out
+
+
+def test_run__writes_the_run_directory(tiny_run: Path) -> None:
+    for name in ("config.yaml", "metrics.jsonl", "eval.json", "density_histogram.png", "sae/cfg.json",
+                 "sae/sae_weights.safetensors", "sae/sparsity.safetensors", "dashboard/index.html",
+                 "lm/model.safetensors"):
+        assert (tiny_run / name).is_file(), name
+    assert any((tiny_run / "checkpoints").iterdir())
+    cfg = yaml.safe_load((tiny_run / "config.yaml").read_text())
+    assert Path(cfg["lm"]["path"]).is_absolute()  # resumable from any working directory
+    saelens = json.loads((tiny_run / "sae/cfg.json").read_text())
+    assert (saelens["d_in"], saelens["d_sae"]) == (64, 128)
+    assert saelens["hook_name"] == "blocks.0.mlp.hook_post"
+
+
+def test_run__eval_is_sane(tiny_run: Path) -> None:
+    ev = json.loads((tiny_run / "eval.json").read_text())
+    ce = ev["ce_loss"]
+    assert 0 < ev["fvu"] < 1  # reconstructs better than the mean
+    assert ce["clean"] < ce["zero_ablation"]  # the MLP matters to this LM
+    recovered = (ce["zero_ablation"] - ce["sae"]) / (ce["zero_ablation"] - ce["clean"])
+    assert ev["ce_loss_recovered"]["zero"] == pytest.approx(recovered)
+    steps = [json.loads(line)["step"] for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 40960 // 512
+
+
+def test_train__resume_continues_from_checkpoint(tiny_run: Path, tmp_path: Path) -> None:
+    run = tmp_path / "sae"
+    lm = str(tiny_run / "lm")
+    short = [*TINY, "--train.total_tokens=20480", "--train.checkpoint_every=20"]
+    assert main(["train", "--lm", lm, "--out", str(run), *short]) == 0
+    (run / "sae").rename(tmp_path / "first_export")
+    cfg_path = run / "config.yaml"
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["train"]["total_tokens"] = 30720  # extend the run: resume must start at step 40 and stop at 60
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    assert main(["train", "--resume", str(run)]) == 0
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and steps[-1] == 60 and 50 in steps
+    assert (run / "checkpoints" / "step_00000060").is_dir()
+
+
+def test_cli__existing_run_dir_is_not_overwritten(tiny_run: Path, capsys: pytest.CaptureFixture) -> None:
+    before = (tiny_run / "eval.json").read_bytes()
+    assert main(["run", "--out", str(tiny_run), *TINY]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--overwrite" in err
+    assert (tiny_run / "eval.json").read_bytes() == before
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["--sae.d_sae=abc"], "sae.d_sae"),
+    (["--sae.bogus=1"], "unknown config key 'sae.bogus'"),
+    (["--nosection.x=1"], "unknown config key 'nosection'"),
+    (["--sae.architecture=resnet"], "sae.architecture"),
+    (["--sae.architecture=topk", "--sae.k=5000", "--sae.d_sae=128"], "sae.k"),
+    (["--train.batch_size=0"], "train.batch_size must be > 0"),
+    (["--buffer.capacity=100"], "buffer.capacity"),
+    (["--data.context_len=2048"], "data.context_len"),
+])
+def test_cli__bad_config_is_one_line_exit_2(args: list[str], needle: str, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "never"
+    assert main(["run", "--out", str(out), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err, err
+    assert not out.exists()
+
+
+def test_cli__bad_inputs_name_the_fix(tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    lm = str(tiny_run / "lm")
+    cases = [
+        (["train", "--lm", lm, "--out", str(tmp_path / "a"), *TINY, "--buffer.hook_name=blocks.7.nope"], "blocks.0"),
+        (["train", "--lm", lm, "--out", str(tmp_path / "b"), *TINY, "--sae.d_in=100"], "sae.d_in"),
+        (["train", "--lm", str(tmp_path / "missing"), "--out", str(tmp_path / "c"), *TINY], "missing"),
+        (["train", "--resume", str(tmp_path / "nothing")], "not a run directory"),
+        (["eval", str(tmp_path / "nothing")], "not a run directory"),
+        (["lm", "train", str(tmp_path / "none.yaml"), "--out", str(tmp_path / "d")], "not found"),
+    ]
+    for argv, needle in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and needle in err, (argv, err)
+
+
+def test_config__yaml_roundtrip_and_defaults(tiny_run: Path) -> None:
+    saved = load_config(tiny_run / "config.yaml")
+    assert saved.sae.d_sae == 128 and saved.data.tokenizer == "byte"
+    shipped = Path(__file__).parents[1] / "configs" / "default.yaml"
+    assert shipped.read_text() == default_config_path().read_text()  # the package carries the same default
+    with pytest.raises(ConfigError, match="train.lr: expected a number"):
+        config_from_dict({"train": {"lr": "fast"}})
+    with pytest.raises(ConfigError, match="expected true or false"):
+        config_from_dict({"wandb": {"enabled": "yes"}})
+    assert "--sae.l1_coeff" in help_text() and "λ" in help_text()
+
+
+def test_cli__hooks_lists_model_hooks(tiny_run: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["hooks", "--lm", str(tiny_run / "lm")]) == 0
+    hooks = capsys.readouterr().out.split()
+    assert "blocks.0.mlp.hook_post" in hooks and "blocks.0.hook_resid_pre" in hooks
+
+
+def test_module__python_m_entry_point() -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "sae_stream", "config"], capture_output=True, text=True, check=True)
+    assert "--buffer.hook_name" in out.stdout

@@ -1,0 +1,254 @@
+"""Text sources -> token contexts: embedded corpus, local files, HF offline failure, sharding, resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import socket
+import time
+
+import pytest
+import torch
+
+from sae_stream import data
+from sae_stream.config import DataConfig
+from sae_stream.data import TokenContexts, context_batches, heldout_batches, heldout_key
+
+EOT = 256  # the byte tokenizer's end-of-text id
+
+
+def byte_cfg(**kw) -> DataConfig:
+    return DataConfig(**{"tokenizer": "byte", "context_len": 64, "loop": False, "shuffle_buffer": 8, **kw})
+
+
+def take(contexts, n: int) -> list[torch.Tensor]:
+    return list(itertools.islice(contexts, n))
+
+
+def documents_in(contexts: list[torch.Tensor]) -> list[str]:
+    """The complete documents in one epoch's contexts (the tail after the last eot was cut off, so dropped)."""
+    tokens = torch.cat(contexts).tolist()
+    docs, start = [], 0
+    for i, t in enumerate(tokens):
+        if t == EOT:
+            docs.append(bytes(tokens[start:i]).decode("utf-8"))
+            start = i + 1
+    return docs
+
+
+@pytest.fixture
+def txt_dir(tmp_path):
+    """60 small .txt documents with distinct text (one document per file)."""
+    root = tmp_path / "txt"
+    (root / "sub").mkdir(parents=True)
+    for i in range(60):
+        folder = root / "sub" if i % 3 else root
+        (folder / f"doc{i:02d}.txt").write_text(f"Document {i}. " + "word " * (5 + i % 17) + "end.")
+    return root
+
+
+# ---------------------------------------------------------------------------------------------- embedded corpus
+
+
+def test_embedded_corpus__gpt2_size_and_heldout_share() -> None:
+    summary = data.corpus_summary("gpt2", heldout_fraction=0.05)
+    total = summary["train_tokens"] + summary["heldout_tokens"]
+    assert 300_000 < total < 1_500_000, summary
+    assert 0.01 < summary["heldout_tokens"] / total < 0.15, summary
+    assert summary["documents"] > 1000
+
+
+def test_embedded_corpus__train_and_heldout_documents_disjoint() -> None:
+    cfg = byte_cfg(context_len=4096, heldout_fraction=0.05)
+    train = documents_in(list(TokenContexts(cfg, "train")))
+    heldout = documents_in(list(TokenContexts(cfg, "heldout")))
+    assert len(heldout) > 50 and len(train) > 10 * len(heldout)
+    assert not set(train) & set(heldout)
+    assert all(heldout_key(d) < 0.05 for d in heldout) and all(heldout_key(d) >= 0.05 for d in train)
+    assert len(set(train)) > 0.9 * len(train)  # documents are distinct units, not one repeated text
+
+
+def test_embedded_corpus__disk_cache_written_and_reused(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("SAE_STREAM_CACHE", str(tmp_path))
+    monkeypatch.setattr(data, "embedded_documents", lambda: ("ab", "é"))
+    data.embedded_corpus.cache_clear()
+    try:
+        built = data.embedded_corpus("byte")
+        path = data.embedded_cache_path("byte")
+        assert path.parent == tmp_path and path.is_file()
+        assert built.tokens_N.tolist() == [97, 98, EOT, 0xC3, 0xA9, EOT]
+        assert built.doc_lens_D.tolist() == [3, 3]
+
+        def no_build():
+            raise AssertionError("the disk cache should have been used")
+
+        monkeypatch.setattr(data, "embedded_documents", no_build)
+        data.embedded_corpus.cache_clear()
+        assert torch.equal(data.embedded_corpus("byte").tokens_N, built.tokens_N)
+
+        path.write_bytes(b"truncated")  # a broken cache is rebuilt, not trusted
+        monkeypatch.setattr(data, "embedded_documents", lambda: ("ab", "é"))
+        data.embedded_corpus.cache_clear()
+        assert torch.equal(data.embedded_corpus("byte").tokens_N, built.tokens_N)
+    finally:
+        data.embedded_corpus.cache_clear()
+
+
+# ---------------------------------------------------------------------------------------------- stream properties
+
+
+def test_token_contexts__same_seed_same_contexts() -> None:
+    cfg = byte_cfg(seed=3, loop=True)
+    a, b = take(TokenContexts(cfg), 50), take(TokenContexts(cfg), 50)
+    other = take(TokenContexts(byte_cfg(seed=4, loop=True)), 50)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not all(torch.equal(x, y) for x, y in zip(a, other))
+    assert all(x.dtype == torch.long and x.shape == (64,) for x in a)
+
+
+def test_token_contexts__epochs_reshuffle_and_loop_flag(txt_dir) -> None:
+    finite = list(TokenContexts(byte_cfg(source=str(txt_dir), heldout_fraction=0.0, context_len=16)))
+    looping = TokenContexts(byte_cfg(source=str(txt_dir), heldout_fraction=0.0, context_len=16, loop=True))
+    two_epochs = take(looping, 2 * len(finite))
+    assert len(two_epochs) == 2 * len(finite) and looping.epoch == 1
+    assert all(torch.equal(x, y) for x, y in zip(finite, two_epochs))
+    assert sorted(documents_in(two_epochs[len(finite):])) == sorted(documents_in(finite))
+    assert documents_in(two_epochs[len(finite):]) != documents_in(finite)  # a new order, same documents
+
+
+@pytest.mark.parametrize("source", ["embedded", "txt"])
+def test_token_contexts__shards_cover_without_overlap(source, txt_dir) -> None:
+    cfg = byte_cfg(source="embedded" if source == "embedded" else str(txt_dir), context_len=2048 if
+                   source == "embedded" else 16)
+    whole = list(TokenContexts(cfg))
+    shards = [list(TokenContexts(cfg, rank=r, world_size=3)) for r in range(3)]
+    assert sum(len(s) for s in shards) == len(whole)
+    interleaved = [shards[i % 3][i // 3] for i in range(len(whole))]
+    assert all(torch.equal(x, y) for x, y in zip(whole, interleaved))
+
+
+def test_token_contexts__state_dict_replays_across_epochs(txt_dir) -> None:
+    cfg = byte_cfg(source=str(txt_dir), context_len=32, loop=True, seed=7)
+    reference = take(TokenContexts(cfg, rank=1, world_size=2), 200)  # > 2 epochs of this shard
+    first = TokenContexts(cfg, rank=1, world_size=2)
+    take(first, 137)
+    state = first.state_dict()
+    assert state["epoch"] >= 1
+    resumed = TokenContexts(cfg, rank=1, world_size=2)
+    resumed.load_state_dict(state)
+    assert all(torch.equal(x, y) for x, y in zip(take(resumed, 63), reference[137:]))
+
+
+def test_token_contexts__state_from_other_layout_rejected() -> None:
+    state = TokenContexts(byte_cfg(), rank=0, world_size=2).state_dict()
+    with pytest.raises(ValueError, match="world_size=2"):
+        TokenContexts(byte_cfg()).load_state_dict(state)
+
+
+def test_context_batches__shapes_and_tail() -> None:
+    contexts = [torch.full((5,), i) for i in range(10)]
+    batches = list(context_batches(contexts, 4))
+    assert [b.shape for b in batches] == [(4, 5), (4, 5)]
+    assert batches[1][:, 0].tolist() == [4, 5, 6, 7]
+    assert [len(b) for b in context_batches(contexts, 4, drop_last=False)] == [4, 4, 2]
+
+
+def test_heldout_batches__finite_budget_and_seed_free() -> None:
+    cfg = byte_cfg(heldout_fraction=0.05, loop=True)
+    batches = list(heldout_batches(cfg, batch_size=8, n_tokens=64 * 20))
+    assert [tuple(b.shape) for b in batches] == [(8, 64), (8, 64), (4, 64)]
+    again = list(heldout_batches(dataclasses.replace(cfg, seed=99), batch_size=8, n_tokens=64 * 20))
+    assert all(torch.equal(a, b) for a, b in zip(batches, again))
+    everything = list(heldout_batches(cfg, batch_size=8, n_tokens=10**9))  # ends with the split, never loops
+    assert sum(len(b) for b in everything) == len(list(TokenContexts(byte_cfg(heldout_fraction=0.05), "heldout")))
+
+
+# ---------------------------------------------------------------------------------------------- local files
+
+
+def test_local_txt_dir__each_file_one_document(txt_dir) -> None:
+    texts = sorted(p.read_text() for p in txt_dir.rglob("*.txt"))
+    cfg = byte_cfg(source=str(txt_dir), heldout_fraction=0.2, context_len=8)
+    train, held = documents_in(list(TokenContexts(cfg))), documents_in(list(TokenContexts(cfg, "heldout")))
+    assert not set(train) & set(held)
+    assert set(train) | set(held) <= set(texts) and len(set(train) | set(held)) >= len(texts) - 2
+    assert sorted(documents_in(list(TokenContexts(byte_cfg(source=str(txt_dir / "*.txt"), heldout_fraction=0.0,
+                                                           context_len=1))))) == sorted(
+        p.read_text() for p in txt_dir.glob("*.txt"))
+
+
+def test_local_single_txt__split_at_blank_lines(tmp_path) -> None:
+    path = tmp_path / "book.txt"
+    paragraphs = [f"Paragraph {i} has some words." for i in range(40)]
+    path.write_text("\n\n".join(paragraphs) + "\n")
+    got = documents_in(list(TokenContexts(byte_cfg(source=str(path), heldout_fraction=0.0, context_len=1))))
+    assert sorted(d.strip() for d in got) == sorted(paragraphs)
+
+
+def test_local_jsonl_and_parquet__read_text_field(tmp_path, monkeypatch) -> None:
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    # datasets pauses 5 s after each shuffled parquet pass (an Arrow thread-shutdown workaround); skip it here
+    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0)
+
+    bodies = [f"record {i} body text" for i in range(30)]
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text("".join(json.dumps({"id": i, "body": b}) + "\n" for i, b in enumerate(bodies)))
+    parquet = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"body": bodies}), parquet)
+    for path in (jsonl, parquet):
+        cfg = byte_cfg(source=str(path), text_field="body", heldout_fraction=0.0, context_len=1)
+        assert sorted(documents_in(list(TokenContexts(cfg)))) == sorted(bodies)
+    with pytest.raises(ValueError, match="no column 'text'.*data.text_field"):
+        next(iter(TokenContexts(byte_cfg(source=str(jsonl)))))
+
+
+def test_local_source__empty_corpus_is_an_error(tmp_path) -> None:
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(ValueError, match="no text in"):
+        TokenContexts(byte_cfg(source=str(tmp_path)))
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text('{"text": ""}\n{"text": "   "}\n')
+    with pytest.raises(ValueError, match="no text in"):
+        next(iter(TokenContexts(byte_cfg(source=str(blank)))))
+
+
+def test_local_source__missing_path_is_an_error(tmp_path) -> None:
+    with pytest.raises(ValueError, match="does not exist"):
+        TokenContexts(byte_cfg(source=str(tmp_path / "nope.txt")))
+    with pytest.raises(ValueError, match="holds no"):
+        TokenContexts(byte_cfg(source=str(tmp_path / "*.jsonl")))
+
+
+# ---------------------------------------------------------------------------------------------- Hugging Face
+
+
+def test_hf_source__offline_fails_fast_with_hint(monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="could not reach.*--data.source=embedded") as err:
+        TokenContexts(DataConfig(source="Skylion007/openwebtext"))
+    assert time.perf_counter() - start < 5.0 and "\n" not in str(err.value)
+
+
+def test_hub_unreachable_reason__bounded_when_connect_hangs(monkeypatch) -> None:
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HTTPS_PROXY", "https_proxy", "HF_ENDPOINT"):
+        monkeypatch.delenv(var, raising=False)
+    class _Hung:
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: time.sleep(3) or _Hung())
+    start = time.perf_counter()
+    assert "no answer from huggingface.co:443" in data.hub_unreachable_reason(timeout_s=0.2)
+    assert time.perf_counter() - start < 1.5
+
+    def refuse(*a, **k):
+        raise ConnectionRefusedError("refused")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    assert "no connection" in data.hub_unreachable_reason(timeout_s=0.2)

@@ -1,0 +1,238 @@
+"""evaluate.py: loss recovered, KL, activation statistics and densities against brute force, on tiny random models.
+
+The SAEs here are stand-ins satisfying the encode/decode protocol, so these tests do not depend on the trainer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from sae_stream.analysis.hooks import spliced_logits, take_contexts
+from sae_stream.analysis.plots import plot_density_histogram
+from sae_stream.config import EvalConfig, TrainConfig
+from sae_stream.evaluate import density_counts, evaluate, load_feature_density, read_eval, write_eval
+
+MLP = "blocks.0.mlp.hook_post"
+D_MLP, VOCAB, T = 48, 61, 12
+
+
+class IdentitySAE(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.d_in = self.d_sae = d
+
+    def encode(self, x_BD: torch.Tensor) -> torch.Tensor:
+        return x_BD
+
+    def decode(self, feats_BF: torch.Tensor) -> torch.Tensor:
+        return feats_BF
+
+
+class ConstantSAE(nn.Module):
+    """Never fires; reconstructs a fixed vector (zeros, or the mean activation)."""
+
+    def __init__(self, out_D: torch.Tensor, d_sae: int = 8) -> None:
+        super().__init__()
+        self.out_D, self.d_in, self.d_sae = out_D, out_D.numel(), d_sae
+
+    def encode(self, x_BD: torch.Tensor) -> torch.Tensor:
+        return x_BD.new_zeros(x_BD.shape[0], self.d_sae)
+
+    def decode(self, feats_BF: torch.Tensor) -> torch.Tensor:
+        return self.out_D.expand(feats_BF.shape[0], -1).clone()
+
+
+class LinearReLUSAE(nn.Module):
+    def __init__(self, d: int, f: int, seed: int = 0, bias: float = -0.05) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.W_enc_DF = nn.Parameter(torch.randn(d, f, generator=g) / d**0.5)
+        self.b_enc_F = nn.Parameter(torch.full((f,), bias))
+        self.W_dec_FD = nn.Parameter(torch.randn(f, d, generator=g) / f**0.5)
+        self.b_dec_D = nn.Parameter(torch.randn(d, generator=g) * 0.01)
+        self.d_in, self.d_sae = d, f
+
+    def encode(self, x_BD: torch.Tensor) -> torch.Tensor:
+        return torch.relu((x_BD - self.b_dec_D) @ self.W_enc_DF + self.b_enc_F)
+
+    def decode(self, feats_BF: torch.Tensor) -> torch.Tensor:
+        return feats_BF @ self.W_dec_FD + self.b_dec_D
+
+
+@pytest.fixture(scope="module")
+def model() -> HookedTransformer:
+    cfg = HookedTransformerConfig(n_layers=1, d_model=24, n_ctx=T, d_head=6, n_heads=4, d_mlp=D_MLP, d_vocab=VOCAB,
+                                  act_fn="relu", seed=0)
+    m = HookedTransformer(cfg)
+    with torch.no_grad():  # larger MLP output so ablations move the loss clearly
+        m.blocks[0].mlp.W_out.mul_(6.0)
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def batches() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, VOCAB, (5, T), generator=g) for _ in range(3)]
+
+
+def _cfg(**kw: int) -> EvalConfig:
+    return EvalConfig(**{"tokens": 10_000, "batch_contexts": 4, **kw})
+
+
+def _acts(model: HookedTransformer, hook: str, tokens_NT: torch.Tensor) -> torch.Tensor:
+    _, cache = model.run_with_cache(tokens_NT, names_filter=hook)
+    return cache[hook].reshape(*tokens_NT.shape, -1)
+
+
+def test_evaluate__identity_sae_recovers_all_loss(model, batches):
+    r = evaluate(model, IdentitySAE(D_MLP), MLP, batches, _cfg(), TrainConfig())
+    assert r["ce_loss"]["sae"] == r["ce_loss"]["clean"]
+    assert r["ce_loss_recovered"] == {"zero": 1.0, "mean": 1.0}
+    assert r["kl_clean_sae"] == 0.0 and r["mse"] == 0.0 and r["fvu"] == 0.0
+    # Ablations must move the loss (a random model may even gain), or "recovered" would be meaningless.
+    assert abs(r["ce_loss"]["zero_ablation"] - r["ce_loss"]["clean"]) > 1e-3
+    assert abs(r["ce_loss"]["mean_ablation"] - r["ce_loss"]["clean"]) > 1e-3
+
+
+def test_evaluate__sae_outputting_the_ablation_recovers_nothing(model, batches):
+    zero = evaluate(model, ConstantSAE(torch.zeros(D_MLP)), MLP, batches, _cfg(), TrainConfig())
+    assert zero["ce_loss"]["sae"] == zero["ce_loss"]["zero_ablation"]
+    assert zero["ce_loss_recovered"]["zero"] == 0.0
+    assert zero["l0"] == 0.0 and zero["density"]["dead"] == 8
+    tokens_NT = torch.cat(batches)
+    mean_D = _acts(model, MLP, tokens_NT)[:, 1:].reshape(-1, D_MLP).double().mean(0).float()
+    mean = evaluate(model, ConstantSAE(mean_D), MLP, batches, _cfg(), TrainConfig(), mean_activation=mean_D)
+    assert mean["ce_loss_recovered"]["mean"] == 0.0
+    assert mean["fvu"] == pytest.approx(1.0, abs=1e-5)  # reconstructing the mean explains no variance
+
+
+def test_evaluate__computed_mean_matches_brute_force(model, batches):
+    tokens_NT = torch.cat(batches)
+    mean_D = _acts(model, MLP, tokens_NT)[:, 1:].reshape(-1, D_MLP).double().mean(0).float()
+    given = evaluate(model, ConstantSAE(mean_D), MLP, batches, _cfg(), TrainConfig(), mean_activation=mean_D)
+    computed = evaluate(model, ConstantSAE(mean_D), MLP, batches, _cfg(), TrainConfig())
+    assert computed["ce_loss"]["mean_ablation"] == pytest.approx(given["ce_loss"]["mean_ablation"], abs=1e-6)
+    assert computed["ce_loss_recovered"]["mean"] == pytest.approx(0.0, abs=1e-4)
+
+
+def test_evaluate__statistics_match_brute_force(model, batches):
+    sae = LinearReLUSAE(D_MLP, 40)
+    r = evaluate(model, sae, MLP, batches, _cfg(batch_contexts=3), TrainConfig(dense_threshold=0.3))
+    tokens_NT = torch.cat(batches)
+    with torch.no_grad():
+        x_ND = _acts(model, MLP, tokens_NT)[:, 1:].reshape(-1, D_MLP)
+        feats_NF = sae.encode(x_ND)
+        recon_ND = sae.decode(feats_NF)
+        density_F = (feats_NF > 0).double().mean(0)
+        assert r["activation_tokens"] == x_ND.shape[0] == tokens_NT.shape[0] * (T - 1)
+        assert torch.equal(torch.tensor(r["feature_density"], dtype=torch.float64), density_F.float().double())
+        assert r["l0"] == pytest.approx(float((feats_NF > 0).sum(1).double().mean()), rel=1e-9)
+        assert r["mse"] == pytest.approx(float((x_ND - recon_ND).pow(2).mean()), rel=1e-5)
+        fvu = (x_ND - recon_ND).pow(2).sum() / (x_ND - x_ND.mean(0)).pow(2).sum()
+        assert r["fvu"] == pytest.approx(float(fvu), rel=1e-5)
+        assert r["density"]["dense"] == int((density_F > 0.3).sum())
+        assert r["density"]["dead"] == int((density_F == 0).sum())
+        clean_loss = model(tokens_NT, return_type="loss")
+        assert r["ce_loss"]["clean"] == pytest.approx(float(clean_loss), rel=1e-5)
+        logits_sae = spliced_logits(model, MLP, tokens_NT, lambda x: sae.decode(sae.encode(x)), True)
+        p_clean = model(tokens_NT)[:, :-1].log_softmax(-1)
+        p_sae = logits_sae[:, :-1].log_softmax(-1)
+        kl = (p_clean.exp() * (p_clean - p_sae)).sum(-1).mean()
+    assert r["kl_clean_sae"] == pytest.approx(float(kl), rel=1e-4)
+    assert r["kl_clean_sae"] > 0
+
+
+def test_evaluate__chunking_does_not_change_results(model, batches):
+    sae = LinearReLUSAE(D_MLP, 40)
+    a = evaluate(model, sae, MLP, batches, _cfg(batch_contexts=2), TrainConfig())
+    b = evaluate(model, sae, MLP, batches, _cfg(batch_contexts=15), TrainConfig())
+    for key in ("l0", "mse", "fvu", "kl_clean_sae"):
+        assert a[key] == pytest.approx(b[key], rel=1e-5)
+    for run in a["ce_loss"]:
+        assert a["ce_loss"][run] == pytest.approx(b["ce_loss"][run], rel=1e-6)
+    assert a["feature_density"] == b["feature_density"]
+
+
+def test_evaluate__attention_hook_z_is_flattened(model, batches):
+    hook = "blocks.0.attn.hook_z"  # [B, T, H, d_head] -> D = 4 * 6
+    r = evaluate(model, IdentitySAE(24), hook, batches, _cfg(), TrainConfig())
+    assert r["ce_loss_recovered"] == {"zero": 1.0, "mean": 1.0} and r["kl_clean_sae"] == 0.0
+    lin = evaluate(model, LinearReLUSAE(24, 16), hook, batches, _cfg(), TrainConfig())
+    assert lin["kl_clean_sae"] > 0 and len(lin["feature_density"]) == 16
+
+
+def test_splice__skip_first_position_keeps_position_zero_clean(model, batches):
+    tokens = batches[0]
+    clean = model(tokens)
+    kept = spliced_logits(model, MLP, tokens, torch.zeros_like, skip_first_position=True)
+    all_ = spliced_logits(model, MLP, tokens, torch.zeros_like, skip_first_position=False)
+    # One layer: the MLP at position 0 only feeds position 0's logits.
+    assert torch.equal(kept[:, 0], clean[:, 0])
+    assert not torch.allclose(all_[:, 0], clean[:, 0])
+    assert torch.equal(kept[:, 1:], all_[:, 1:])
+    r = evaluate(model, IdentitySAE(D_MLP), MLP, batches, _cfg(), TrainConfig(), skip_first_position=False)
+    assert r["activation_tokens"] == 15 * T
+
+
+def test_evaluate__token_budget_and_bad_inputs(model, batches):
+    r = evaluate(model, IdentitySAE(D_MLP), MLP, batches, _cfg(tokens=50), TrainConfig())
+    assert r["contexts"] == math.ceil(50 / T) and r["tokens"] == r["contexts"] * T
+    assert take_contexts(iter(batches), 10**6).shape == (15, T)
+    with pytest.raises(ValueError, match="d_in"):
+        evaluate(model, IdentitySAE(7), MLP, batches, _cfg(), TrainConfig())
+    with pytest.raises(ValueError, match="unknown hook"):
+        evaluate(model, IdentitySAE(D_MLP), "blocks.9.mlp.hook_post", batches, _cfg(), TrainConfig())
+    with pytest.raises(ValueError, match="mean_activation"):
+        evaluate(model, IdentitySAE(D_MLP), MLP, batches, _cfg(), TrainConfig(), mean_activation=torch.zeros(3))
+    with pytest.raises(ValueError, match="no token batches"):
+        evaluate(model, IdentitySAE(D_MLP), MLP, [], _cfg(), TrainConfig())
+
+
+def test_density_counts__thresholds():
+    density_F = torch.tensor([0.0, 0.0, 5e-7, 1e-6, 1e-3, 0.2, 0.5])
+    c = density_counts(density_F, TrainConfig(dead_threshold=0.0, ultralow_threshold=1e-6, dense_threshold=0.2))
+    assert (c["dead"], c["ultralow"], c["dense"], c["d_sae"]) == (2, 1, 1, 7)
+
+
+def test_write_eval__writes_json_densities_and_png(model, batches, tmp_path):
+    r = evaluate(model, LinearReLUSAE(D_MLP, 40, bias=-0.6), MLP, batches, _cfg(), TrainConfig())
+    path = write_eval(tmp_path, r)
+    text = path.read_text()
+    saved = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    assert "feature_density" not in saved and saved["feature_density_file"] == "feature_density.safetensors"
+    assert saved["ce_loss_recovered"] == r["ce_loss_recovered"] and read_eval(tmp_path)["l0"] == r["l0"]
+    assert "L_ablated - L_sae" in saved["definitions"]["ce_loss_recovered"]
+    density_F = load_feature_density(tmp_path)
+    assert torch.equal(density_F, torch.tensor(r["feature_density"], dtype=torch.float32))
+    assert torch.equal(load_file(tmp_path / "feature_density.safetensors")["density_F"], density_F)
+    png = (tmp_path / "density_histogram.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_plot_density_histogram__dead_features_and_bad_input(tmp_path):
+    log10_F = torch.cat([torch.full((5,), -math.inf), torch.linspace(-7, -1, 50)])
+    out = plot_density_histogram(log10_F, tmp_path / "h.png", ultralow_threshold=1e-6, bins=20)
+    assert out.read_bytes()[:4] == b"\x89PNG" and out.stat().st_size > 5000
+    all_dead = plot_density_histogram(torch.full((4,), -math.inf), tmp_path / "dead.png")
+    assert all_dead.stat().st_size > 5000
+    with pytest.raises(ValueError):
+        plot_density_histogram(torch.zeros(2, 2), tmp_path / "bad.png")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_evaluate__cuda_matches_cpu(model, batches):
+    sae = LinearReLUSAE(D_MLP, 40)
+    cpu = evaluate(model, sae, MLP, batches, _cfg(), TrainConfig())
+    model_gpu = HookedTransformer(model.cfg).to("cuda")
+    model_gpu.load_state_dict(model.state_dict())
+    gpu = evaluate(model_gpu.eval(), LinearReLUSAE(D_MLP, 40).cuda(), MLP, batches, _cfg(), TrainConfig())
+    for key in ("l0", "mse", "fvu", "kl_clean_sae"):
+        assert gpu[key] == pytest.approx(cpu[key], rel=1e-3, abs=1e-6)
+    assert gpu["ce_loss"]["sae"] == pytest.approx(cpu["ce_loss"]["sae"], rel=1e-4)

@@ -1,0 +1,116 @@
+"""SAELens export: round trip, cfg.json fields, and equivalence under SAELens's own forward semantics."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sae_stream.config import SAEConfig
+from sae_stream.export import export_saelens, load_saelens
+from sae_stream.sae import build_sae
+
+ARCHS = ("anthropic", "april", "topk", "batchtopk")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _trained_like(arch: str):
+    """An SAE with non-trivial biases, input scale and threshold (as after training), in eval mode."""
+    torch.manual_seed(0)
+    sae = build_sae(SAEConfig(architecture=arch, d_sae=48, k=5), d_in=16)
+    x = torch.randn(256, 16) * 4 + 1
+    sae.init_from_sample_(x)
+    with torch.no_grad():
+        sae.b_enc_F.normal_(0, 0.3)
+        sae.W_dec_FD.mul_(torch.rand(48, 1) + 0.5)
+    if arch == "batchtopk":
+        sae.train()
+        sae(x)  # sets the inference threshold
+    return sae.eval(), torch.randn(64, 16) * 4 + 1
+
+
+def saelens_reference(directory, x: torch.Tensor):
+    """SAELens's inference forward (standard / topk / jumprelu), re-implemented from its cfg.json + weights."""
+    cfg = json.loads((directory / "cfg.json").read_text())
+    w = load_file(str(directory / "sae_weights.safetensors"))
+    assert cfg["normalize_activations"] == "none"
+    sae_in = x - w["b_dec"] * cfg["apply_b_dec_to_input"]
+    pre = sae_in @ w["W_enc"] + w["b_enc"]
+    if cfg["architecture"] == "standard":
+        feats = pre.relu()
+    elif cfg["architecture"] == "topk":
+        top = pre.topk(cfg["k"], dim=-1)
+        feats = torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
+    else:
+        assert cfg["architecture"] == "jumprelu"
+        feats = pre.relu() * (pre > w["threshold"])
+    return feats, feats @ w["W_dec"] + w["b_dec"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_export__saelens_semantics_reproduce_our_encode_decode(tmp_path, arch):
+    sae, x = _trained_like(arch)
+    export_saelens(sae, tmp_path, hook_name="blocks.0.mlp.hook_post")
+    feats, recon = saelens_reference(tmp_path, x)
+    ours = sae.encode(x)
+    assert (ours > 0).sum() > 0
+    torch.testing.assert_close(feats, ours, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(recon, sae.decode(ours), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_load_saelens__round_trip_gives_identical_outputs(tmp_path, arch):
+    sae, x = _trained_like(arch)
+    density = torch.linspace(-6, 0, 48)
+    export_saelens(sae, tmp_path / "out", hook_name="blocks.0.mlp.hook_post", log10_density=density)
+    back = load_saelens(tmp_path / "out")
+    assert type(back) is type(sae) and back.cfg.architecture == arch
+    f_ours, f_back = sae.encode(x), back.encode(x)
+    if arch == "april":  # scale folded into the weights: equal up to float rounding
+        torch.testing.assert_close(f_back, f_ours, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(back.decode(f_back), sae.decode(f_ours), rtol=1e-5, atol=1e-5)
+    else:
+        assert torch.equal(f_back, f_ours)
+        assert torch.equal(back.decode(f_back), sae.decode(f_ours))
+    assert torch.equal(load_file(str(tmp_path / "out" / "sparsity.safetensors"))["sparsity"], density)
+
+
+def test_export__cfg_json_has_saelens_fields_old_and_new(tmp_path):
+    sae, _ = _trained_like("topk")
+    export_saelens(sae, tmp_path, hook_name="blocks.3.mlp.hook_post", model_name="tiny-1l",
+                   extra_cfg={"context_size": 128, "dataset_path": "embedded"})
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    for key, value in {"architecture": "topk", "d_in": 16, "d_sae": 48, "k": 5, "dtype": "float32",
+                       "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": "none",
+                       "hook_name": "blocks.3.mlp.hook_post", "hook_point": "blocks.3.mlp.hook_post",
+                       "hook_layer": 3, "hook_head_index": None, "model_name": "tiny-1l", "context_size": 128,
+                       "dataset_path": "embedded", "activation_fn_kwargs": {"k": 5}}.items():
+        assert cfg[key] == value, key
+    assert cfg["metadata"]["hook_name"] == "blocks.3.mlp.hook_post"
+    assert cfg["metadata"]["context_size"] == 128 and cfg["metadata"]["model_name"] == "tiny-1l"
+    w = load_file(str(tmp_path / "sae_weights.safetensors"))
+    assert {k: tuple(v.shape) for k, v in w.items()} == {"W_enc": (16, 48), "b_enc": (48,), "W_dec": (48, 16),
+                                                          "b_dec": (16,)}
+    assert not list(tmp_path.glob(".*tmp"))  # atomic writes leave no temp files
+    with pytest.raises(ValueError, match="log10_density"):
+        export_saelens(sae, tmp_path, hook_name="h", log10_density=torch.zeros(3))
+
+
+def test_load_saelens__foreign_standard_dir_maps_to_anthropic(tmp_path):
+    sae, x = _trained_like("anthropic")
+    export_saelens(sae, tmp_path, hook_name="blocks.0.hook_resid_post")
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    del cfg["sae_stream"]  # as if SAELens had written it
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    back = load_saelens(tmp_path)
+    assert back.cfg.architecture == "anthropic"
+    assert torch.equal(back.encode(x), sae.encode(x))

@@ -1,0 +1,83 @@
+"""GPT-2 BPE built offline from the shipped ranks, and the byte tokenizer."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from sae_stream import tokenizer as tokmod
+from sae_stream.tokenizer import get_tokenizer
+
+UNICODE_TEXT = "Grüße, naïve café — 漢字とかな 🙂\n\n\tindented  double  spaces\r\nit's we've they'll I'd\n"
+
+
+def test_gpt2__reference_ids() -> None:
+    tok = get_tokenizer("gpt2")
+    assert tok.encode("Hello world") == [15496, 995]
+    assert tok.encode("hello world") == [31373, 995]
+    assert tok.eot == 50256 and tok.n_vocab == 50257
+    assert tok.decode([15496, 995, tok.eot]) == "Hello world<|endoftext|>"
+
+
+def test_gpt2__unicode_round_trip() -> None:
+    tok = get_tokenizer("gpt2")
+    ids = tok.encode(UNICODE_TEXT)
+    assert tok.decode(ids) == UNICODE_TEXT
+    assert tok.decode(torch.tensor(ids)) == UNICODE_TEXT
+    assert all(0 <= i < tok.eot for i in ids)
+    # the split pattern keeps contractions as their own pieces: "'s" is GPT-2 token 338
+    assert tok.encode("it's")[-1] == 338
+
+
+def test_gpt2__endoftext_in_text_is_plain_text() -> None:
+    tok = get_tokenizer("gpt2")
+    ids = tok.encode("a<|endoftext|>b")
+    assert tok.eot not in ids
+    assert tok.decode(ids) == "a<|endoftext|>b"
+
+
+def test_gpt2__batch_matches_single() -> None:
+    tok = get_tokenizer("gpt2")
+    texts = ["Hello world", UNICODE_TEXT, ""]
+    assert tok.encode_batch(texts) == [tok.encode(t) for t in texts]
+
+
+def test_gpt2__decode_tokens_joins_to_decode() -> None:
+    tok = get_tokenizer("gpt2")
+    ids = tok.encode("The quick brown fox.")
+    pieces = tok.decode_tokens(ids)
+    assert len(pieces) == len(ids) and "".join(pieces) == "The quick brown fox."
+
+
+def test_gpt2__encoding_is_cached_and_fast() -> None:
+    start = time.perf_counter()
+    a, b = get_tokenizer("gpt2"), get_tokenizer("gpt2")
+    assert a.encoding is b.encoding
+    assert time.perf_counter() - start < 0.5
+
+
+def test_gpt2__corrupted_ranks_file_is_rejected(tmp_path, monkeypatch) -> None:
+    data = bytearray(tokmod.GPT2_RANKS_PATH.read_bytes())
+    data[10] ^= 1
+    bad = tmp_path / "gpt2.tiktoken"
+    bad.write_bytes(bytes(data))
+    monkeypatch.setattr(tokmod, "GPT2_RANKS_PATH", bad)
+    with pytest.raises(ValueError, match="corrupted") as err:
+        get_tokenizer("gpt2")
+    assert "\n" not in str(err.value) and "sha256" in str(err.value)
+
+
+def test_byte__round_trip_and_eot() -> None:
+    tok = get_tokenizer("byte")
+    ids = tok.encode(UNICODE_TEXT)
+    assert ids == list(UNICODE_TEXT.encode("utf-8"))
+    assert tok.decode(ids) == UNICODE_TEXT
+    assert (tok.eot, tok.n_vocab) == (256, 257)
+    assert tok.decode(tok.encode("ab") + [tok.eot] + tok.encode("é")) == "ab<|endoftext|>é"
+
+
+def test_get_tokenizer__unknown_name_lists_valid() -> None:
+    with pytest.raises(ValueError, match="unknown tokenizer 'gpt3'.*gpt2, byte"):
+        get_tokenizer("gpt3")

@@ -1,0 +1,266 @@
+"""Trainer: dictionary recovery, exact resume, metrics, non-finite policies, schedules, AuxK, resampling."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from sae_stream.config import Config, config_from_dict
+from sae_stream.sae import build_sae
+from sae_stream.trainer import Trainer, firing_counts, l1_coeff_at, lr_at
+
+D_IN, N_ATOMS, BATCH = 32, 64, 512
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class ListLogger:
+    """Stand-in for sae_stream.tracking.Tracker: keeps (step, metrics)."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[int, dict]] = []
+
+    def log(self, step: int, metrics: dict) -> None:
+        self.rows.append((step, metrics))
+
+
+def _atoms(seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(N_ATOMS, D_IN, generator=g)
+    return a / a.norm(dim=1, keepdim=True)
+
+
+def sparse_batches(atoms: torch.Tensor, start: int = 0, seed: int = 0, batch: int = BATCH) -> Iterator[torch.Tensor]:
+    """Replayable: batch i depends only on (seed, i). Codes: ~3 of 64 atoms active, uniform in [0, 2)."""
+    i = start
+    while True:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + i)
+        active = torch.rand(batch, N_ATOMS, generator=g) < 3 / N_ATOMS
+        yield (active * torch.rand(batch, N_ATOMS, generator=g) * 2) @ atoms
+        i += 1
+
+
+def _cfg(arch: str = "anthropic", steps: int = 100, **over) -> Config:
+    raw = {
+        "sae": {"architecture": arch, "d_sae": N_ATOMS, "l1_coeff": 0.01, "k": 4, "dead_tokens_auxk": 50 * BATCH},
+        "train": {"total_tokens": BATCH * steps, "batch_size": BATCH, "lr": 1e-2, "log_every": 50,
+                  "checkpoint_every": 10_000, "density_window_tokens": 25 * BATCH},
+        "resample": {"enabled": False, "pool_size": 2048, "dead_window": 20},
+        "buffer": {"capacity": 4 * BATCH},
+    }
+    for key, value in over.items():
+        section, name = key.split("__")
+        raw[section][name] = value
+    return config_from_dict(raw)
+
+
+def _pool(atoms):
+    return lambda n: torch.cat([b for _, b in zip(range(-(-n // BATCH)), sparse_batches(atoms, seed=7))])[:n]
+
+
+def _recovered(sae, atoms) -> torch.Tensor:
+    w = sae.W_dec_FD.detach()
+    return (atoms @ (w / w.norm(dim=1, keepdim=True)).T).max(dim=1).values
+
+
+def test_trainer__anthropic_recovers_known_dictionary_with_unit_decoder():
+    atoms = _atoms()
+    cfg = _cfg("anthropic", steps=1000, train__log_every=1000)
+    sae = build_sae(cfg.sae, D_IN)
+    final = Trainer(sae, cfg, None, ListLogger()).fit(sparse_batches(atoms))
+    cos = _recovered(sae, atoms)
+    assert (cos > 0.9).float().mean() >= 0.9, cos
+    torch.testing.assert_close(sae.W_dec_FD.norm(dim=1), torch.ones(N_ATOMS))
+    assert final["fvu"] < 0.15 and 2 < final["l0"] < 8
+
+
+def test_trainer__april_recovers_known_dictionary_with_scaled_inputs():
+    atoms = _atoms()
+    cfg = _cfg("april", steps=500, sae__l1_coeff=0.03, train__log_every=500)
+    sae = build_sae(cfg.sae, D_IN)
+    Trainer(sae, cfg, None, ListLogger()).fit(sparse_batches(atoms))
+    assert (_recovered(sae, atoms) > 0.9).float().mean() >= 0.9
+    first = next(sparse_batches(atoms))
+    assert (first * sae.input_scale).norm(dim=1).mean().item() == pytest.approx(D_IN ** 0.5, rel=1e-4)
+    assert sae.W_dec_FD.norm(dim=1).std() > 1e-3  # no unit-norm constraint
+
+
+def test_trainer__topk_recovers_known_dictionary():
+    atoms = _atoms()
+    cfg = _cfg("topk", steps=600, train__log_every=100)
+    sae = build_sae(cfg.sae, D_IN)
+    Trainer(sae, cfg, None, ListLogger()).fit(sparse_batches(atoms))
+    assert (_recovered(sae, atoms) > 0.9).float().mean() >= 0.75
+
+
+def test_trainer__resume_matches_uninterrupted_run_bit_for_bit(tmp_path):
+    atoms = _atoms()
+    cfg = _cfg("anthropic", steps=40, train__checkpoint_every=20, train__log_every=7,
+               train__lr_schedule="linear_tail", train__warmup_steps=5, train__l1_warmup_fraction=0.3,
+               resample__enabled=True, resample__at_steps=[15, 30], sae__l1_coeff=0.05, sae__d_sae=256,
+               resample__dead_window=2)
+    position = {"i": 0}
+
+    def counted(start):
+        position["i"] = start
+        for b in sparse_batches(atoms, start=start):
+            position["i"] += 1
+            yield b
+
+    full = build_sae(cfg.sae, D_IN)
+    with torch.no_grad():
+        full.b_enc_F[:8] = -1e4  # dead from the start, so both resamples have work to do
+    log_full = ListLogger()
+    Trainer(full, cfg, tmp_path / "full", log_full, pool_fn=_pool(atoms),
+            extra_state=lambda: {"pos": position["i"]}).fit(counted(0))
+    assert sorted(p.name for p in (tmp_path / "full" / "checkpoints").iterdir()) == ["step_00000020", "step_00000040"]
+    resampled = {s: m["resampled"] for s, m in log_full.rows}
+    assert resampled[14] == 0 and resampled[21] >= 8 and resampled[35] > resampled[21]  # before and after step 20
+
+    fresh = build_sae(cfg.sae, D_IN, seed=123)  # different init: everything must come from the checkpoint
+    log_res = ListLogger()
+    trainer = Trainer(fresh, cfg, tmp_path / "full" / "checkpoints" / "step_00000020", log_res,
+                      pool_fn=_pool(atoms), extra_state=lambda: {"pos": position["i"]})
+    extra = trainer.resume(tmp_path / "full" / "checkpoints" / "step_00000020")
+    assert extra == {"pos": 20} and trainer.step == 20
+    trainer.run_dir = tmp_path / "resumed"
+    trainer.fit(counted(extra["pos"]))
+    for name, p in full.state_dict().items():
+        assert torch.equal(p, fresh.state_dict()[name]), name
+    strip = [(s, {k: v for k, v in m.items() if k != "tokens_per_s"}) for s, m in log_full.rows if s > 20]
+    assert strip == [(s, {k: v for k, v in m.items() if k != "tokens_per_s"}) for s, m in log_res.rows]
+
+
+def test_trainer__resume_from_run_dir_picks_latest_and_checks_shape(tmp_path):
+    atoms = _atoms()
+    cfg = _cfg(steps=6, train__checkpoint_every=2, train__keep_checkpoints=2)
+    Trainer(build_sae(cfg.sae, D_IN), cfg, tmp_path, ListLogger()).fit(sparse_batches(atoms))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000004", "step_00000006"]
+    tr = Trainer(build_sae(cfg.sae, D_IN), cfg, tmp_path, ListLogger())
+    tr.resume(tmp_path)
+    assert tr.step == 6
+    other = _cfg(steps=6, sae__d_sae=32)
+    with pytest.raises(ValueError, match="d_sae"):
+        Trainer(build_sae(other.sae, D_IN), other, tmp_path, ListLogger()).resume(tmp_path)
+    with pytest.raises(ValueError, match="no valid checkpoint"):
+        tr.resume(tmp_path / "nowhere")
+
+
+def test_trainer__metrics_match_a_direct_computation():
+    atoms = _atoms()
+    cfg = _cfg(steps=1, train__log_every=1, train__density_window_tokens=BATCH)
+    sae = build_sae(cfg.sae, D_IN)
+    x = next(sparse_batches(atoms))
+    ref = copy.deepcopy(sae)
+    ref.init_from_sample_(x)
+    out = ref(x)
+    log = ListLogger()
+    trainer = Trainer(sae, cfg, None, log)
+    trainer.fit(iter([x]))
+    step, m = log.rows[0]
+    assert step == 1
+    err = (out.recon - x).pow(2).sum()
+    var = (x - x.mean(0)).pow(2).sum()
+    assert m["mse"] == pytest.approx(out.mse.item(), rel=1e-5)
+    assert m["l1"] == pytest.approx(out.l1.item(), rel=1e-5)
+    assert m["fvu"] == pytest.approx((err / var).item(), rel=1e-4)
+    density = (out.feats > 0).float().mean(0)
+    assert m["l0"] == pytest.approx((out.feats > 0).sum(1).float().mean().item(), rel=1e-6)
+    assert m["dead"] == int((density == 0).sum()) and m["dense"] == int((density > 0.1).sum())
+    torch.testing.assert_close(trainer.log10_density(), torch.log10(density + 1e-10))
+    hist = m["density_log10_histogram"]
+    assert sum(hist["counts"]) == N_ATOMS and len(hist["edges"]) == len(hist["counts"]) + 1
+    assert m["lr"] == cfg.train.lr and m["l1_coeff"] == cfg.sae.l1_coeff and m["tokens"] == BATCH
+    assert m["tokens_per_s"] > 0
+
+
+def test_firing_counts__float_path_equals_bool_count():
+    f = torch.randn(300, 50).relu()
+    assert torch.equal(firing_counts(f), (f > 0).sum(0))
+    assert torch.equal(firing_counts(f.bfloat16()), (f > 0).sum(0))
+
+
+def test_trainer__nan_stop_names_the_step():
+    atoms = _atoms()
+    cfg = _cfg(steps=20, train__log_every=5)
+    batches = [b for _, b in zip(range(20), sparse_batches(atoms))]
+    batches[6][3, 2] = float("nan")
+    with pytest.raises(ValueError, match="step 7"):
+        Trainer(build_sae(cfg.sae, D_IN), cfg, None, ListLogger()).fit(iter(batches))
+
+
+def test_trainer__nan_skip_drops_rows_and_counts_them():
+    atoms = _atoms()
+    cfg = _cfg(steps=4, train__log_every=4, train__nan_policy="skip")
+    batches = [b for _, b in zip(range(5), sparse_batches(atoms))]
+    batches[1][[0, 5, 9]] = float("inf")
+    batches[2][:] = float("nan")  # a batch with nothing left is skipped without counting a step
+    sae = build_sae(cfg.sae, D_IN)
+    m = Trainer(sae, cfg, None, ListLogger()).fit(iter(batches))
+    assert m["skipped_rows"] == 3 + BATCH
+    assert m["tokens"] == 4 * BATCH - 3
+    assert all(torch.isfinite(p).all() for p in sae.parameters())
+
+
+def test_lr_at__schedule_shapes():
+    def lrs(**over):
+        t = _cfg(steps=100, **{f"train__{k}": v for k, v in over.items()}).train
+        return [lr_at(s, t) for s in range(100)]
+
+    assert set(lrs()) == {1e-2}
+    warm = lrs(lr_schedule="warmup", warmup_steps=10)
+    assert warm[0] == pytest.approx(1e-3) and warm[9] == warm[99] == 1e-2
+    assert all(a < b for a, b in zip(warm[:9], warm[1:10]))
+    tail = lrs(lr_schedule="linear_tail", warmup_steps=10, decay_fraction=0.2)
+    assert tail[10:80] == [1e-2] * 70
+    assert all(a > b for a, b in zip(tail[80:], tail[81:]))
+    assert tail[99] == pytest.approx(1e-2 / 20) and tail[80] == 1e-2
+    assert lrs(lr_schedule="constant", warmup_steps=10)[0] == 1e-2  # constant ignores warm-up
+
+
+def test_l1_coeff_at__linear_warmup():
+    cfg = _cfg(steps=100, train__l1_warmup_fraction=0.1)
+    vals = [l1_coeff_at(s, cfg) for s in range(100)]
+    assert vals[0] == pytest.approx(0.001) and vals[4] == pytest.approx(0.005) and vals[9:] == [0.01] * 91
+
+
+def test_trainer__auxk_turns_on_for_dead_latents():
+    atoms = _atoms()
+    cfg = _cfg("topk", steps=120, train__log_every=10, sae__dead_tokens_auxk=5 * BATCH, sae__d_sae=256)
+    log = ListLogger()
+    Trainer(build_sae(cfg.sae, D_IN), cfg, None, log).fit(sparse_batches(atoms))
+    aux = [m["aux"] for _, m in log.rows]
+    assert aux[0] == 0.0 and max(aux) > 0  # off until latents have been dead for 5 batches
+
+
+def test_trainer__bf16_autocast_tracks_fp32_loss():
+    atoms = _atoms()
+    finals = []
+    for autocast in ("none", "bfloat16"):
+        cfg = _cfg(steps=60, train__autocast=autocast, train__log_every=60)
+        finals.append(Trainer(build_sae(cfg.sae, D_IN), cfg, None, ListLogger()).fit(sparse_batches(atoms))["mse"])
+    assert finals[1] == pytest.approx(finals[0], rel=0.1)
+
+
+def test_trainer__resampling_needs_a_pool():
+    cfg = _cfg(resample__enabled=True)
+    with pytest.raises(ValueError, match="pool_fn"):
+        Trainer(build_sae(cfg.sae, D_IN), cfg, None, ListLogger())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_trainer__moves_to_the_batch_device_and_trains_on_cuda():
+    atoms = _atoms().cuda()
+    cfg = _cfg(steps=50, train__log_every=25, train__autocast="bfloat16")
+    sae = build_sae(cfg.sae, D_IN)
+    m = Trainer(sae, cfg, None, ListLogger()).fit(sparse_batches(atoms))
+    assert sae.W_dec_FD.device.type == "cuda" and m["fvu"] < 1.0
