@@ -56,7 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     an.add_argument("run_dir")
     hooks = sub.add_parser("hooks", help="list the hook points of an LM")
     hooks.add_argument("--lm", required=True)
-    sub.add_parser("config", help="print every config field with its type, default and help")
+    cfg = sub.add_parser("config", help="print every config field with its type, default and help")
+    cfg.add_argument("--markdown", action="store_true", help="as markdown tables (the README's config reference)")
     return p
 
 
@@ -75,6 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"sae-stream: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:  # output piped into `head`
+        return 0
     except KeyboardInterrupt:
         print("sae-stream: interrupted", file=sys.stderr)
         return 130
@@ -82,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.command == "config":
-        print(help_text())
+        print(help_text(markdown=args.markdown))
         return 0
     if args.command == "hooks":
         print("\n".join(pipeline.list_hooks(args.lm)))

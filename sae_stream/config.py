@@ -405,6 +405,11 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
             return tuple(_check_type(key, v, a) for v, a in zip(value, args))
         return [_check_type(key, v, args[0]) for v in value]
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads `3e-3` (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
@@ -549,19 +554,19 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def help_text() -> str:
-    """Every field as `--section.field (type, default): doc`."""
+def help_text(markdown: bool = False) -> str:
+    """Every field as `--section.field (type, default): doc`, or as markdown tables (the README's reference)."""
     lines = []
-    defaults = Config.__new__(Config)
     for f in fields(Config):
         cls = _hints(Config)[f.name]
-        lines.append(f"\n{f.name}:")
-        docs = field_docs(cls)
-        default = f.default_factory()  # type: ignore[misc]
-        hints = _hints(cls)
+        docs, hints, default = field_docs(cls), _hints(cls), f.default_factory()  # type: ignore[misc]
+        lines += [f"\n**{f.name}**\n", "| field | type | default | meaning |", "|---|---|---|---|"] if markdown \
+            else [f"\n{f.name}:"]
         for sub in fields(cls):
-            value = getattr(default, sub.name)
-            lines.append(f"  --{f.name}.{sub.name} ({_type_name(hints[sub.name])}, default {value!r})")
-            lines.append(f"      {docs.get(sub.name, '')}")
-    del defaults
-    return "\n".join(lines)
+            value, doc, tp = getattr(default, sub.name), docs.get(sub.name, ""), _type_name(hints[sub.name])
+            if markdown:
+                cell = doc.replace("|", "\\|")
+                lines.append(f"| `{f.name}.{sub.name}` | {tp.replace('|', 'or')} | `{value!r}` | {cell} |")
+            else:
+                lines += [f"  --{f.name}.{sub.name} ({tp}, default {value!r})", f"      {doc}"]
+    return "\n".join(lines).strip("\n")

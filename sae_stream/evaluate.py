@@ -72,7 +72,8 @@ DEFINITIONS = {
     "activation_positions": "L0/MSE/FVU/density use every position except position 0 when skip_first_position; "
                             "spliced runs then keep position 0 clean",
     "density": "fraction of evaluated tokens where a feature is > 0; dead: <= dead_threshold; "
-               "ultralow: alive and < ultralow_threshold; dense: > dense_threshold",
+               "ultralow: alive and < ultralow_threshold; dense: > dense_threshold; "
+               "resolution: 1 / evaluated tokens, the smallest density this eval can tell from 0",
 }
 
 
@@ -211,7 +212,8 @@ def evaluate(model: HookedTransformer, sae: SAELike, hook_name: str, token_batch
     return {"hook_name": hook_name, "contexts": tokens_NT.shape[0], "tokens": tokens_NT.numel(),
             "skip_first_position": skip_first_position, **stats,
             "explained_variance": 1 - stats["fvu"] if stats["fvu"] is not None else None,
-            **losses.summary(), "density": density_counts(density_F, train_cfg),
+            **losses.summary(), "density": {**density_counts(density_F, train_cfg),
+                                          "resolution": 1 / max(stats["activation_tokens"], 1)},
             "feature_density": density_F.tolist(), "definitions": DEFINITIONS}
 
 

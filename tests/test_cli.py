@@ -98,6 +98,14 @@ def test_cli__bad_config_is_one_line_exit_2(args: list[str], needle: str, tmp_pa
 
 def test_cli__bad_inputs_name_the_fix(tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     lm = str(tiny_run / "lm")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    corrupt = tmp_path / "corrupt_lm"
+    corrupt.mkdir()
+    for name in ("config.yaml", "model.safetensors"):
+        (corrupt / name).write_bytes((tiny_run / "lm" / name).read_bytes())
+    with open(corrupt / "model.safetensors", "r+b") as f:
+        f.truncate(1000)
     cases = [
         (["train", "--lm", lm, "--out", str(tmp_path / "a"), *TINY, "--buffer.hook_name=blocks.7.nope"], "blocks.0"),
         (["train", "--lm", lm, "--out", str(tmp_path / "b"), *TINY, "--sae.d_in=100"], "sae.d_in"),
@@ -105,6 +113,11 @@ def test_cli__bad_inputs_name_the_fix(tiny_run: Path, tmp_path: Path, capsys: py
         (["train", "--resume", str(tmp_path / "nothing")], "not a run directory"),
         (["eval", str(tmp_path / "nothing")], "not a run directory"),
         (["lm", "train", str(tmp_path / "none.yaml"), "--out", str(tmp_path / "d")], "not found"),
+        (["lm", "train", str(default_config_path()), "--out", str(tmp_path / "e"), *TINY,
+          f"--data.source={empty}"], "no text"),
+        (["lm", "train", str(default_config_path()), "--out", str(tmp_path / "f"), "--data.tokenizer=gpt3"],
+         "data.tokenizer"),
+        (["train", "--lm", str(corrupt), "--out", str(tmp_path / "g"), *TINY], "model.safetensors"),
     ]
     for argv, needle in cases:
         assert main(argv) == 2, argv
@@ -136,3 +149,16 @@ def test_module__python_m_entry_point() -> None:
 
     out = subprocess.run([sys.executable, "-m", "sae_stream", "config"], capture_output=True, text=True, check=True)
     assert "--buffer.hook_name" in out.stdout
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_config__shipped_configs_validate(path: Path) -> None:
+    cfg = load_config(path)
+    assert cfg.buffer.capacity >= 2 * cfg.train.batch_size
+
+
+def test_readme__config_reference_is_current() -> None:
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    start, end = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
+    documented = readme[readme.index(start) + len(start):readme.index(end)].strip()
+    assert documented == help_text(markdown=True), "regenerate with: sae-stream config --markdown"

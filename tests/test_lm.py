@@ -178,7 +178,7 @@ def test_unigram_loss__hand_computed() -> None:
 # ---------------------------------------------------------------------------------------------- train_lm
 
 
-def test_train_lm__heldout_loss_falls_below_unigram(trained_run: Path) -> None:
+def test_train_lm__heldout_loss_falls(trained_run: Path) -> None:
     result = json.loads((trained_run / "lm_result.json").read_text())
     records = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
     heldout = [(r["step"], r["lm/heldout_loss"]) for r in records if "lm/heldout_loss" in r]
