@@ -179,7 +179,8 @@ class Reporter:
         self.args, self.rows = args, []
         self.common = {"device": args.device, "d_sae": args.d_sae, "batch": args.batch, "context_len": args.context_len,
                        "lm_batch": args.lm_batch, "capacity": args.capacity, "buffer_dtype": args.buffer_dtype,
-                       "threads": torch.get_num_threads()}
+                       "threads": torch.get_num_threads(), "torch": torch.__version__,
+                       "date": time.strftime("%Y-%m-%d")}
         if args.device == "cuda":
             self.common["gpu"] = torch.cuda.get_device_name()
 

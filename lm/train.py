@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import itertools
 import json
 import math
@@ -34,18 +33,12 @@ from sae_stream.checkpoint import (
 )
 from sae_stream.config import Config, LMTrainConfig, load_config, save_config, to_dict
 from sae_stream.data import TokenContexts, context_batches, heldout_batches
+from sae_stream.pipeline import resolve_device
+from sae_stream.process import tune_cpu_allocator
 from sae_stream.tracking import Tracker
 
 RESULT_FILE = "lm_result.json"
 CKPT_DIR = "checkpoints"
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"train.device={name!r} but CUDA is not available: use --train.device=cpu")
-    return torch.device(name)
 
 
 def cpu_has_bf16() -> bool:
@@ -55,21 +48,6 @@ def cpu_has_bf16() -> bool:
     except OSError:
         return False
     return " avx512_bf16" in flags or " amx_bf16" in flags
-
-
-def keep_freed_memory() -> None:
-    """glibc only: serve large tensors from the heap and never give freed memory back to the OS.
-
-    By default every tensor over 128 KB is a fresh mmap, so each step page-faults its chunked logits, gradients and
-    activations in again (1M faults per 10 steps of the embedded config); reusing the heap cut CPU step time by
-    20-40%. Process-wide and harmless for a training process; elsewhere (macOS, musl) it does nothing.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-4, 0)  # M_MMAP_MAX: no mmap'd chunks
-        libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: never trim the heap
-    except (OSError, AttributeError):
-        pass
 
 
 def autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:
@@ -215,7 +193,7 @@ def train_lm(cfg: Config, out_dir: str | Path, resume: bool = False, tracker: An
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     else:
-        keep_freed_memory()
+        tune_cpu_allocator()  # chunked logits and grads would page-fault in again every step
     torch.manual_seed(cfg.train.seed)
     contexts = TokenContexts(cfg.data, "train")
     total_steps = _check(cfg, contexts)

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 from sae_stream import pipeline
 from sae_stream.config import ConfigError, help_text
+from sae_stream.process import TrainingInterrupted
 
 EXIT_USAGE = 2
 
@@ -78,6 +79,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except BrokenPipeError:  # output piped into `head`
         return 0
+    except TrainingInterrupted as e:  # the step in flight finished and was checkpointed
+        where = e.run_dir if e.run_dir is not None else "RUN_DIR"
+        print(f"sae-stream: {e}, checkpoint saved; continue with: sae-stream train --resume {where}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("sae-stream: interrupted", file=sys.stderr)
         return 130

@@ -14,7 +14,6 @@ detected on device and reported, with the step they first appeared in, at the ne
 
 from __future__ import annotations
 
-import ctypes
 import math
 import time
 import warnings
@@ -29,34 +28,12 @@ from tqdm import tqdm
 
 from sae_stream.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from sae_stream.config import Config, ConfigError, TrainConfig
+from sae_stream.process import TrainingInterrupted, signals_to, tune_cpu_allocator
 from sae_stream.resample import FiringTracker, resample_dead_, resample_steps
 from sae_stream.sae import SAE
 
 HIST_LOG10_MIN = -10.0  # density histogram range; never-firing features are counted in the lowest bin
 _SUMS = ("loss", "mse", "l1", "aux", "l0", "err_sq", "var_sq")
-
-
-_ALLOCATOR_TUNED = False
-
-
-def tune_cpu_allocator() -> bool:
-    """glibc: serve big tensors from the heap and never trim it (mallopt M_MMAP_MAX=0, M_TRIM_THRESHOLD=max).
-
-    A CPU step allocates and frees several [batch, d_sae] tensors; by default glibc mmaps and unmaps each one,
-    so every step page-faults its fresh memory again (~100k minor faults per 512->4096 step at batch 4096;
-    a lone ReLU over 4096x4096 takes 76 ms instead of 11 ms; the whole step gets ~10-25% less CPU time).
-    The cost: freed memory stays with the process (its peak), which a training run keeps anyway. Process-wide,
-    applied once; returns False where glibc is not available.
-    """
-    global _ALLOCATOR_TUNED
-    if not _ALLOCATOR_TUNED:
-        try:
-            libc = ctypes.CDLL("libc.so.6")
-            m_trim_threshold, m_mmap_max = -1, -4
-            _ALLOCATOR_TUNED = bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
-        except (OSError, AttributeError):
-            return False
-    return _ALLOCATOR_TUNED
 
 
 def firing_counts(feats_BF: Tensor) -> Tensor:
@@ -187,6 +164,8 @@ class Trainer:
         self.resampled = 0
         self.last_metrics: dict[str, Any] = {}
         self._first_in_fit = True
+        self._stop_signum: int | None = None  # set by the signal handler during fit, read once per step
+        self._saved_step = -1
         self._build(next(sae.parameters()).device)
 
     # ------------------------------------------------------------------ device-bound state
@@ -242,6 +221,7 @@ class Trainer:
         if self.run_dir is None:
             return None
         self._raise_if_bad_input()  # never checkpoint weights trained on non-finite data
+        self._saved_step = self.step
         return save_checkpoint(self.run_dir / "checkpoints", self.step, self.state_dict(),
                                keep=self.cfg.train.keep_checkpoints)
 
@@ -272,13 +252,15 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def fit(self, batches: Iterator[Tensor]) -> dict:
-        """Train until train.total_steps (or the iterator ends); returns the final metrics."""
+        """Train until train.total_steps (or the iterator ends); returns the final metrics. SIGTERM/SIGINT (main
+        thread) finish the step, checkpoint it and raise TrainingInterrupted; a second signal aborts at once."""
         t = self.cfg.train
         bar = tqdm(total=self.total_steps, initial=self.step, disable=None, desc="sae", unit="step")
         self._t_last, self._tokens_last = time.perf_counter(), self.metrics.tokens
         it = iter(batches)
         self._first_in_fit = True
-        try:
+        self._stop_signum = None
+        with signals_to(self._request_stop), bar:
             while self.step < self.total_steps:
                 try:
                     x_BD = next(it)
@@ -294,13 +276,24 @@ class Trainer:
                     self._log(bar)
                 if self.step % t.checkpoint_every == 0:
                     self.save()
+                if self._stop_signum is not None:
+                    self._stop(self._stop_signum)
             if self.step % t.log_every != 0 or not self.last_metrics:
                 self._log(bar)
             if self.step % t.checkpoint_every != 0:
                 self.save()
-        finally:
-            bar.close()
         return self.last_metrics
+
+    def _request_stop(self, signum: int) -> None:
+        if self._stop_signum is not None:  # a second signal: stop now, without waiting for the step/checkpoint
+            raise KeyboardInterrupt
+        self._stop_signum = signum  # a plain attribute: the loop checks it once per step, without a sync
+
+    def _stop(self, signum: int) -> None:
+        """Checkpoint the finished step (no log: that would reset the metric window and break exact resume)."""
+        if self._saved_step != self.step:
+            self.save()
+        raise TrainingInterrupted(signum, self.step, self.run_dir)
 
     def _prepare(self, x_BD: Tensor) -> Tensor | None:
         """Device/dtype placement, first-batch init, and the non-finite policy; None means skip this batch."""

@@ -15,12 +15,7 @@ from sae_stream.sae import build_sae
 ARCHS = ("anthropic", "april", "topk", "batchtopk")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _trained_like(arch: str):

@@ -9,13 +9,7 @@ from sae_stream.config import ResampleConfig, SAEConfig
 from sae_stream.resample import FiringTracker, per_input_loss, resample_dead_, resample_steps
 from sae_stream.sae import build_sae
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _trained_sae_with_dead(d_in=16, d_sae=48, dead=(2, 5, 17, 40), steps=5):

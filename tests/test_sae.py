@@ -10,14 +10,7 @@ import torch
 from sae_stream.config import SAEConfig
 from sae_stream.sae import AnthropicSAE, BatchTopKSAE, TopKSAE, build_sae, geometric_median
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny tensors: extra threads only add contention on a shared 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _set(sae, W_enc, b_enc, W_dec, b_dec):

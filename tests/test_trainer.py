@@ -15,12 +15,7 @@ from sae_stream.trainer import Trainer, firing_counts, l1_coeff_at, lr_at
 D_IN, N_ATOMS, BATCH = 32, 64, 512
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class ListLogger:

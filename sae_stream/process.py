@@ -1,0 +1,55 @@
+"""Process-wide concerns of a training process: the CPU allocator setting and SIGTERM/SIGINT handling."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+_ALLOCATOR_TUNED = False
+
+
+def tune_cpu_allocator() -> bool:
+    """glibc: serve big tensors from the heap and never trim it (mallopt M_MMAP_MAX=0, M_TRIM_THRESHOLD=max).
+
+    A CPU step allocates and frees several [batch, d_sae] tensors; by default glibc mmaps and unmaps each one,
+    so every step page-faults its fresh memory again (~100k minor faults per 512->4096 step at batch 4096;
+    a lone ReLU over 4096x4096 takes 76 ms instead of 11 ms; the whole step gets ~10-25% less CPU time).
+    The cost: freed memory stays with the process (its peak), which a training run keeps anyway. Process-wide,
+    applied once; returns False where glibc is not available.
+    """
+    global _ALLOCATOR_TUNED
+    if not _ALLOCATOR_TUNED:
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+            m_trim_threshold, m_mmap_max = -1, -4
+            _ALLOCATOR_TUNED = bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+        except (OSError, AttributeError):
+            return False
+    return _ALLOCATOR_TUNED
+
+
+class TrainingInterrupted(Exception):
+    """SIGTERM/SIGINT stopped fit() after the step in flight, with a checkpoint at that step; exit code 128+signum."""
+
+    def __init__(self, signum: int, step: int, run_dir: Path | None) -> None:
+        self.signum, self.step, self.run_dir = signum, step, run_dir
+        self.exit_code = 128 + signum
+        super().__init__(f"{signal.Signals(signum).name} at step {step}")
+
+
+@contextlib.contextmanager
+def signals_to(on_signal: Callable[[int], None]) -> Iterator[None]:
+    """Route SIGTERM/SIGINT to `on_signal` inside the block; main thread only (where Python runs handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, lambda signum, _frame: on_signal(signum)) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
