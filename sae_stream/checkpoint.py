@@ -101,8 +101,12 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, state: dict[str, Any], keep
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
-    digest = atomic_torch_save(staging / "state.pt", state)
-    atomic_write_json(staging / "MANIFEST.json", {"step": step, "files": {"state.pt": digest}})
+    try:
+        digest = atomic_torch_save(staging / "state.pt", state)
+        atomic_write_json(staging / "MANIFEST.json", {"step": step, "files": {"state.pt": digest}})
+    except BaseException:  # a full disk or a signal: leave no half-written checkpoint, keep the previous ones
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     if final.exists():
         shutil.rmtree(final)
     os.replace(staging, final)

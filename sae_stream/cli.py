@@ -14,8 +14,10 @@ Every command accepts `--section.field=value` overrides. Bad input exits 2 with 
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 import traceback
+import warnings
 from collections.abc import Sequence
 
 from sae_stream import pipeline
@@ -67,16 +69,24 @@ def _add_out(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
 
 
+def _one_line_warning(message: Warning | str, category: type[Warning], *args: object, **kwargs: object) -> str:
+    return f"sae-stream: warning: {message}\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args, overrides = _parser().parse_known_args(argv)
+    formatwarning, warnings.formatwarning = warnings.formatwarning, _one_line_warning
     try:
         return _dispatch(args, overrides)
     except (ConfigError, ValueError, FileNotFoundError, FileExistsError, pipeline.UserError) as e:
-        if args.debug:
-            traceback.print_exc()
-        print(f"sae-stream: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return _fail(str(e), args.debug)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        return _fail(f"disk full while writing {e.filename or 'a file'}: free space and resume with "
+                     f"`sae-stream train --resume RUN_DIR` (no partial checkpoint was left; earlier ones are kept)",
+                     args.debug)
     except BrokenPipeError:  # output piped into `head`
         return 0
     except TrainingInterrupted as e:  # the step in flight finished and was checkpointed
@@ -86,6 +96,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sae-stream: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = formatwarning
+
+
+def _fail(message: str, debug: bool) -> int:
+    if debug:
+        traceback.print_exc()
+    print(f"sae-stream: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
 
 
 def _dispatch(args: argparse.Namespace, overrides: list[str]) -> int:

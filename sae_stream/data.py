@@ -25,6 +25,7 @@ import socket
 import sys
 import sysconfig
 import threading
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from functools import lru_cache
 from pathlib import Path
@@ -311,6 +312,10 @@ class TokenContexts:
     def __iter__(self) -> Iterator[torch.Tensor]:
         while True:
             yield from self._epoch_contexts()
+            if self.split == "train":  # a held-out pass is meant to end; say what happens to training data
+                what = (f"starting epoch {self.epoch + 2} with a new shuffle (data.loop=true)" if self.cfg.loop
+                        else "the stream stops here (data.loop=false)")
+                warnings.warn(f"data: {self.cfg.source} exhausted after {self.yielded} contexts; {what}", stacklevel=2)
             if not self.cfg.loop:
                 return
             self.epoch, self.yielded = self.epoch + 1, 0

@@ -45,6 +45,9 @@ def firing_counts(feats_BF: Tensor) -> Tensor:
     return (feats_BF > 0).sum(dim=0)
 
 
+MAX_EMPTY_BATCHES = 100
+
+
 class MetricsLogger(Protocol):
     def log(self, step: int, metrics: dict[str, Any]) -> None: ...
 
@@ -164,6 +167,7 @@ class Trainer:
         self.resampled = 0
         self.last_metrics: dict[str, Any] = {}
         self._first_in_fit = True
+        self._empty_batches = 0  # consecutive batches dropped whole by nan_policy=skip
         self._stop_signum: int | None = None  # set by the signal handler during fit, read once per step
         self._saved_step = -1
         self._build(next(sae.parameters()).device)
@@ -265,7 +269,8 @@ class Trainer:
                 try:
                     x_BD = next(it)
                 except StopIteration:
-                    warnings.warn(f"batch iterator ended at step {self.step} of {self.total_steps}", stacklevel=2)
+                    warnings.warn(f"the activation stream ended at step {self.step} of {self.total_steps} "
+                                  f"({self.metrics.tokens:,} tokens trained): training stops here", stacklevel=2)
                     break
                 if not self._train_step(x_BD):
                     continue
@@ -308,10 +313,17 @@ class Trainer:
                 self.skipped_rows += n_bad
                 x_BD = x_BD[good_B]
                 if x_BD.shape[0] == 0:
+                    self._empty_batches += 1
+                    if self._empty_batches >= MAX_EMPTY_BATCHES:  # an endless stream of NaN would spin forever
+                        raise ValueError(f"the last {MAX_EMPTY_BATCHES} batches before step {self.step + 1} were "
+                                         "entirely non-finite: the activation source is broken (check the LM)")
                     return None
+            self._empty_batches = 0
         else:
             bad = ~torch.isfinite(x_BD).all()
             self.first_bad = torch.where(bad & (self.first_bad < 0), self.step + 1, self.first_bad)
+            if not self.initialised:
+                self._raise_if_bad_input()  # one host sync, before b_dec is initialised from this batch
         if not self.initialised:
             self.sae.init_from_sample_(x_BD)
             self.initialised = True

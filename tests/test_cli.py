@@ -162,3 +162,64 @@ def test_readme__config_reference_is_current() -> None:
     start, end = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
     documented = readme[readme.index(start) + len(start):readme.index(end)].strip()
     assert documented == help_text(markdown=True), "regenerate with: sae-stream config --markdown"
+
+
+def test_train__disk_full_while_checkpointing_keeps_previous(tiny_run: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    import errno
+
+    from sae_stream import checkpoint
+
+    real, calls = checkpoint.atomic_torch_save, []
+
+    def second_write_fails(path, obj):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, obj)
+
+    monkeypatch.setattr(checkpoint, "atomic_torch_save", second_write_fails)
+    run = tmp_path / "full"
+    argv = ["train", "--lm", str(tiny_run / "lm"), "--out", str(run), *TINY, "--train.checkpoint_every=10"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "disk full" in err[0] and "--resume" in err[0]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000010"]  # no partial leftovers
+    checkpoint.verify_checkpoint(run / "checkpoints" / "step_00000010")
+
+
+def test_train__short_dataset_without_loop_stops_and_says_so(tiny_run: Path, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    text = tmp_path / "short.txt"
+    text.write_text("\n\n".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog." * 3 for i in range(40)))
+    run = tmp_path / "short"
+    argv = ["train", "--lm", str(tiny_run / "lm"), "--out", str(run), *TINY, f"--data.source={text}",
+            "--data.loop=false"]
+    with pytest.warns(UserWarning) as record:
+        assert main(argv) == 0
+    messages = " ".join(str(w.message) for w in record)
+    assert "data.loop=false" in messages and "training stops here" in messages
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert 0 < steps[-1] < 40960 // 512  # stopped early, and exported what it trained
+    assert (run / "sae" / "sae_weights.safetensors").is_file()
+
+
+@pytest.mark.parametrize(("policy", "needle"), [("stop", "non-finite activations in the batch of step 1"),
+                                                ("skip", "entirely non-finite")])
+def test_train__nan_activations_stop_with_the_step(policy: str, needle: str, tiny_run: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "nan_lm"
+    broken.mkdir()
+    (broken / "config.yaml").write_bytes((tiny_run / "lm" / "config.yaml").read_bytes())
+    weights = load_file(tiny_run / "lm" / "model.safetensors")
+    name = next(k for k in weights if "mlp" in k and k.endswith("weight"))
+    weights[name][:] = float("nan")  # every MLP neuron becomes NaN
+    save_file(weights, broken / "model.safetensors")
+    argv = ["train", "--lm", str(broken), "--out", str(tmp_path / "run"), *TINY, f"--train.nan_policy={policy}"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
+    assert not list((tmp_path / "run" / "checkpoints").glob("step_*"))  # nothing trained on NaN was saved
