@@ -33,8 +33,7 @@ from sae_stream.checkpoint import (
 )
 from sae_stream.config import Config, LMTrainConfig, load_config, save_config, to_dict
 from sae_stream.data import TokenContexts, context_batches, heldout_batches
-from sae_stream.pipeline import resolve_device
-from sae_stream.process import tune_cpu_allocator
+from sae_stream.process import resolve_device, tune_cpu_allocator
 from sae_stream.tracking import Tracker
 
 RESULT_FILE = "lm_result.json"

@@ -81,14 +81,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _dispatch(args, overrides)
     except (ConfigError, ValueError, FileNotFoundError, FileExistsError, pipeline.UserError) as e:
         return _fail(str(e), args.debug)
+    except BrokenPipeError:  # output piped into `head` (before OSError, its base class)
+        return 0
     except OSError as e:
         if e.errno != errno.ENOSPC:
             raise
         return _fail(f"disk full while writing {e.filename or 'a file'}: free space and resume with "
                      f"`sae-stream train --resume RUN_DIR` (no partial checkpoint was left; earlier ones are kept)",
                      args.debug)
-    except BrokenPipeError:  # output piped into `head`
-        return 0
     except TrainingInterrupted as e:  # the step in flight finished and was checkpointed
         where = e.run_dir if e.run_dir is not None else "RUN_DIR"
         print(f"sae-stream: {e}, checkpoint saved; continue with: sae-stream train --resume {where}", file=sys.stderr)

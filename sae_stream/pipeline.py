@@ -23,6 +23,7 @@ from sae_stream.config import Config, load_config, save_config, to_dict
 from sae_stream.data import ContextBatches, TokenContexts, heldout_batches
 from sae_stream.evaluate import evaluate, load_feature_density, write_eval
 from sae_stream.export import export_saelens, load_saelens
+from sae_stream.process import resolve_device
 from sae_stream.sae import build_sae
 from sae_stream.tracking import Tracker
 from sae_stream.trainer import Trainer
@@ -32,14 +33,6 @@ SAE_DIR, LM_DIR, DASHBOARD_DIR = "sae", "lm", "dashboard"
 
 class UserError(RuntimeError):
     """A problem with what the user asked for; reported as one line, exit code 2."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"train.device={name!r} but CUDA is not available: use --train.device=cpu")
-    return torch.device(name)
 
 
 def prepare_out_dir(out: str | Path | None, command: str, overwrite: bool) -> Path:
@@ -78,22 +71,25 @@ def list_hooks(lm_path: str) -> list[str]:
 
 def lm_train(config: str | None, overrides: list[str], out: str | None, resume: bool = False,
              overwrite: bool = False) -> Path:
-    from lm.train import train_lm
-
+    cfg = load_config(config, overrides)
     if resume:
         if not out:
             raise UserError("--resume needs --out DIR: the LM run to continue")
         out_dir = Path(out)
         if not (out_dir / "checkpoints").is_dir():
             raise UserError(f"{out!r} has no checkpoints/ to resume from")
-        cfg = load_config(config, overrides)
     else:
-        cfg = load_config(config, overrides)
         out_dir = prepare_out_dir(out, "lm", overwrite)
+    _train_lm(cfg, out_dir, resume)
+    return out_dir
+
+
+def _train_lm(cfg: Config, out_dir: Path, resume: bool = False) -> None:
+    from lm.train import train_lm  # the composition root is the one place that imports lm
+
     result = train_lm(cfg, out_dir, resume=resume)
     print(f"LM: held-out loss {result.get('heldout_loss', float('nan')):.4f} "
-          f"(unigram {result.get('unigram_loss', float('nan')):.4f}) -> {out_dir}")
-    return out_dir
+          f"(unigram baseline {result.get('unigram_loss', float('nan')):.4f}) -> {out_dir}")
 
 
 # ---------------------------------------------------------------------------------------------- SAE training
@@ -241,12 +237,8 @@ def run(config: str | None, overrides: list[str], lm: str | None = None, out: st
     elif cfg.lm.path:
         lm_path = _abs_lm(cfg.lm.path)
     else:
-        from lm.train import train_lm
-
         lm_dir = run_dir / LM_DIR
-        result = train_lm(cfg, lm_dir)
-        print(f"LM: held-out loss {result.get('heldout_loss', float('nan')):.4f} "
-              f"(unigram baseline {result.get('unigram_loss', float('nan')):.4f}) -> {lm_dir}")
+        _train_lm(cfg, lm_dir)
         lm_path = str(lm_dir.resolve())
     cfg = load_config(config, [*overrides, f"--lm.path={lm_path}"])
     save_config(cfg, run_dir / "config.yaml")

@@ -1,4 +1,4 @@
-"""Process-wide concerns of a training process: the CPU allocator setting and SIGTERM/SIGINT handling."""
+"""Process-wide concerns of a training process: the device, the CPU allocator setting, SIGTERM/SIGINT handling."""
 
 from __future__ import annotations
 
@@ -9,7 +9,20 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import torch
+
+from sae_stream.config import ConfigError
+
 _ALLOCATOR_TUNED = False
+
+
+def resolve_device(name: str) -> torch.device:
+    """`train.device` -> torch.device ('auto': cuda when available)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name!r} but CUDA is not available: use --train.device=cpu")
+    return torch.device(name)
 
 
 def tune_cpu_allocator() -> bool:

@@ -34,6 +34,7 @@ from sae_stream.sae import SAE
 
 HIST_LOG10_MIN = -10.0  # density histogram range; never-firing features are counted in the lowest bin
 _SUMS = ("loss", "mse", "l1", "aux", "l0", "err_sq", "var_sq")
+MAX_EMPTY_BATCHES = 100  # consecutive all-non-finite batches under nan_policy=skip before giving up
 
 
 def firing_counts(feats_BF: Tensor) -> Tensor:
@@ -43,9 +44,6 @@ def firing_counts(feats_BF: Tensor) -> Tensor:
         ones_B = torch.ones(feats_BF.shape[0], dtype=torch.float32, device=feats_BF.device)
         return (ones_B @ torch.sign(feats_BF)).long()
     return (feats_BF > 0).sum(dim=0)
-
-
-MAX_EMPTY_BATCHES = 100
 
 
 class MetricsLogger(Protocol):
