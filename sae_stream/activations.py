@@ -206,7 +206,10 @@ class ActivationStream:
 
     def __next__(self) -> ActivationChunk:
         dev = self.lm_device
-        tokens_BT = next(self._batches).to(dev, non_blocking=True)
+        tokens_BT = next(self._batches)
+        if dev.type == "cuda":  # from pageable memory the copy would wait for the stream's queued work
+            tokens_BT = tokens_BT.pin_memory()
+        tokens_BT = tokens_BT.to(dev, non_blocking=True)
         B, T = tokens_BT.shape
         start, pos_BK = self._positions(B, T)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else nullcontext()

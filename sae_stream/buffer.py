@@ -189,7 +189,11 @@ class ShuffleBuffer:
         """Write the free slots (those no unread entry points at) from the stream; they become drawable at merge."""
         free_N = torch.ones(self.capacity, dtype=torch.bool, device=self._ring_device)
         free_N[self._order[self._cursor:]] = False
-        slots = free_N.nonzero().squeeze(1)
+        if self.cfg.reuse == 1 and free_N.is_cuda:
+            # unread entries are distinct slots, so the free count is known here: no host sync (nonzero() syncs)
+            slots = torch.nonzero_static(free_N, size=self.capacity - self._unread()).squeeze(1)
+        else:
+            slots = free_N.nonzero().squeeze(1)
         if self._producer is not None:
             self._producer.wait_stream(torch.cuda.current_stream(self.device))  # reads of these slots are queued
             with torch.cuda.stream(self._producer):

@@ -240,6 +240,12 @@ class TrainConfig:
     """Tokens over which feature densities are accumulated for metrics."""
     nan_policy: str = "stop"
     """Non-finite activations: 'stop' (error with the step) or 'skip' (drop and count those rows)."""
+    step_impl: str = "auto"
+    """'fused' (hand-written backward, anthropic only), 'autograd', or 'auto' (fused where it applies)."""
+    cuda_graphs: bool = True
+    """On CUDA, replay the whole step (forward, backward, Adam, constraints, metrics) as one CUDA graph."""
+    tf32: bool = True
+    """On CUDA, let fp32 matmuls use TF32 tensor cores (torch.backends.cuda.matmul.allow_tf32)."""
     cpu_malloc_tuning: bool = True
     """On CPU (glibc), keep freed memory in the heap (mallopt): no page faults per step, ~10-25% faster steps."""
 
@@ -258,6 +264,8 @@ class TrainConfig:
             raise ConfigError("train.autocast must be 'none' or 'bfloat16'")
         if self.device not in ("auto", "cuda", "cpu") and not self.device.startswith("cuda:"):
             raise ConfigError(f"train.device must be auto, cuda or cpu, got {self.device!r}")
+        if self.step_impl not in ("auto", "fused", "autograd"):
+            raise ConfigError(f"train.step_impl must be auto, fused or autograd, got {self.step_impl!r}")
         if self.nan_policy not in ("stop", "skip"):
             raise ConfigError("train.nan_policy must be 'stop' or 'skip'")
         if self.total_tokens < self.batch_size:

@@ -31,6 +31,7 @@ from sae_stream.config import Config, ConfigError, TrainConfig
 from sae_stream.process import TrainingInterrupted, signals_to, tune_cpu_allocator
 from sae_stream.resample import FiringTracker, resample_dead_, resample_steps
 from sae_stream.sae import SAE
+from sae_stream.step import GraphedStep, anthropic_grads_, supports_fused
 
 HIST_LOG10_MIN = -10.0  # density histogram range; never-firing features are counted in the lowest bin
 _SUMS = ("loss", "mse", "l1", "aux", "l0", "err_sq", "var_sq")
@@ -82,7 +83,8 @@ class RunningMetrics:
         self.density_F: Tensor | None = None  # last completed window
 
     @torch.no_grad()
-    def update_(self, out: Any, x_BD: Tensor, counts_F: Tensor, input_scale: Tensor) -> None:
+    def accumulate_(self, out: Any, x_BD: Tensor, counts_F: Tensor, input_scale: Tensor) -> None:
+        """The device half of a step's bookkeeping (in place, so a CUDA graph can replay it)."""
         n, d = x_BD.shape
         err_sq = out.mse.double() * (n * d) / input_scale.double() ** 2  # back to the original space
         var_sq = (x_BD - x_BD.mean(0)).pow(2).sum().double()
@@ -90,9 +92,16 @@ class RunningMetrics:
                                counts_F.sum().double() / n, err_sq, var_sq])
         self.sums += stacked
         self.fire_counts_F += counts_F
+
+    def count_(self, n: int) -> None:
+        """The host half: one step of n rows."""
         self.steps += 1
         self.tokens += n
         self.window_tokens += n
+
+    def update_(self, out: Any, x_BD: Tensor, counts_F: Tensor, input_scale: Tensor) -> None:
+        self.accumulate_(out, x_BD, counts_F, input_scale)
+        self.count_(x_BD.shape[0])
 
     def summary(self) -> dict[str, Any]:
         """Host-side metrics for the interval since the last call (syncs), then resets the interval sums."""
@@ -168,6 +177,8 @@ class Trainer:
         self._empty_batches = 0  # consecutive batches dropped whole by nan_policy=skip
         self._stop_signum: int | None = None  # set by the signal handler during fit, read once per step
         self._saved_step = -1
+        self.grad_sync: Callable[[], None] | None = None  # data parallel: average gradients across ranks
+        self._lr_now = cfg.train.lr
         self._build(next(sae.parameters()).device)
 
     # ------------------------------------------------------------------ device-bound state
@@ -177,11 +188,43 @@ class Trainer:
         t = self.cfg.train
         if device.type == "cpu" and t.cpu_malloc_tuning:
             tune_cpu_allocator()
-        self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=t.lr, betas=t.betas,
-                                          fused=True if device.type == "cuda" else None)
+        cuda = device.type == "cuda"
+        if cuda:
+            torch.backends.cuda.matmul.allow_tf32 = t.tf32
+        # On CUDA the step's scalars live on the device (a graph replays them; filling them needs no sync), and
+        # Adam is fused + capturable. On CPU they stay Python numbers: the same bits as a plain eager loop.
+        self._lr_t = torch.tensor(self._lr_now, device=device) if cuda else None
+        self._lam_t = torch.zeros((), device=device) if cuda else None
+        self._step_t = torch.zeros((), dtype=torch.long, device=device) if cuda else None
+        self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=self._lr_t if cuda else t.lr, betas=t.betas,
+                                          fused=True if cuda else None, capturable=cuda)
         self.firing = FiringTracker(self.sae.d_sae, device)
         self.metrics = RunningMetrics(self.sae.d_sae, device, t, self.cfg.eval.histogram_bins)
         self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self.fused = t.step_impl == "fused" or (t.step_impl == "auto" and supports_fused(self.sae))
+        if t.step_impl == "fused" and not supports_fused(self.sae):
+            raise ConfigError(f"train.step_impl=fused covers sae.architecture=anthropic only, not "
+                              f"{self.sae.cfg.architecture!r}: use step_impl=auto or autograd")
+        self._graph = GraphedStep(self._device_step, before_capture=self._zero_grad)
+
+    def _zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _use_graph(self) -> bool:
+        t = self.cfg.train
+        return (self.device.type == "cuda" and t.cuda_graphs and t.nan_policy == "stop"
+                and self.grad_sync is None)
+
+    def _restore_lr(self) -> None:
+        """After loading optimizer state (which brings the saving run's group options): this device's options
+        (fused + capturable on CUDA), this trainer's lr (a device tensor on CUDA), step counters where Adam wants."""
+        cuda = self.device.type == "cuda"
+        for group in self.optimizer.param_groups:
+            group["lr"] = self._lr_t if cuda else self._lr_now
+            group["capturable"], group["fused"] = cuda, (True if cuda else None)
+        for param, state in self.optimizer.state.items():
+            if isinstance(state.get("step"), Tensor):
+                state["step"] = state["step"].to(param.device if cuda else "cpu", torch.float32)
 
     def _internal_state(self) -> dict[str, Any]:
         return {"firing": self.firing.state_dict(), "metrics": self.metrics.state_dict(),
@@ -190,6 +233,7 @@ class Trainer:
                 "generator": self.generator.get_state()}
 
     def _load_internal_state(self, s: dict[str, Any]) -> None:
+        self._graph.reset()  # the tensors below are replaced: a captured graph would still use the old ones
         self.firing.load_state_dict(s["firing"])
         self.metrics.load_state_dict(s["metrics"])
         self.first_bad = s["first_bad"].to(self.device)
@@ -203,6 +247,7 @@ class Trainer:
         self.sae.to(device)
         self._build(device)
         self.optimizer.load_state_dict(opt_state)  # Adam casts its state to each parameter's device
+        self._restore_lr()
         self._load_internal_state(internal)
 
     # ------------------------------------------------------------------ checkpoints
@@ -212,12 +257,18 @@ class Trainer:
             "step": self.step,
             "architecture": self.sae.cfg.architecture, "d_in": self.sae.d_in, "d_sae": self.sae.d_sae,
             "sae": self.sae.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self._optimizer_state(),
             "trainer": self._internal_state(),
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
             "extra": self.extra_state() if self.extra_state is not None else {},
         }
+
+    def _optimizer_state(self) -> dict[str, Any]:
+        state = self.optimizer.state_dict()
+        for group in state["param_groups"]:  # a float, so the checkpoint loads on any device
+            group["lr"] = float(group["lr"])
+        return state
 
     def save(self) -> Path | None:
         if self.run_dir is None:
@@ -244,6 +295,10 @@ class Trainer:
             raise ValueError(f"checkpoint {ckpt} is (architecture, d_in, d_sae)={got}, this SAE is {want}")
         self.sae.load_state_dict(state["sae"])
         self.optimizer.load_state_dict(state["optimizer"])
+        self._lr_now = float(self.optimizer.param_groups[0]["lr"])
+        if self._lr_t is not None:
+            self._lr_t.fill_(self._lr_now)
+        self._restore_lr()
         self._load_internal_state(state["trainer"])
         self.step = int(state["step"])
         torch.set_rng_state(state["rng"]["torch"])
@@ -317,11 +372,9 @@ class Trainer:
                                          "entirely non-finite: the activation source is broken (check the LM)")
                     return None
             self._empty_batches = 0
-        else:
-            bad = ~torch.isfinite(x_BD).all()
-            self.first_bad = torch.where(bad & (self.first_bad < 0), self.step + 1, self.first_bad)
-            if not self.initialised:
-                self._raise_if_bad_input()  # one host sync, before b_dec is initialised from this batch
+        elif not self.initialised and not bool(torch.isfinite(x_BD).all()):  # one host sync, before b_dec is set
+            self.first_bad.fill_(self.step + 1)
+            self._raise_if_bad_input()
         if not self.initialised:
             self.sae.init_from_sample_(x_BD)
             self.initialised = True
@@ -331,13 +384,44 @@ class Trainer:
         x_BD = self._prepare(x_BD)
         if x_BD is None:
             return False
+        t = self.cfg.train
+        self._lr_now = lr_at(self.step, t)
+        lam = l1_coeff_at(self.step, self.cfg)
+        if self.device.type == "cuda":
+            self._lr_t.fill_(self._lr_now)  # fills are queued kernels: no host sync
+            self._lam_t.fill_(lam)
+            self._step_t.fill_(self.step + 1)
+            self._lam, self._step_no = self._lam_t, self._step_t
+        else:
+            for group in self.optimizer.param_groups:
+                group["lr"] = self._lr_now
+            self._lam, self._step_no = lam, self.step + 1
+        if self._use_graph():
+            self._graph(x_BD, key=self.auxk_on)
+        else:
+            self._device_step(x_BD)
+        self.step += 1
+        self.metrics.count_(x_BD.shape[0])
+        return True
+
+    def _device_step(self, x_BD: Tensor) -> None:
+        """One optimisation step as device work only (no host sync, no Python state that changes from step to
+        step): the body a CUDA graph captures. λ and the 1-based step number come from _train_step."""
         sae, opt, t = self.sae, self.optimizer, self.cfg.train
-        for group in opt.param_groups:
-            group["lr"] = lr_at(self.step, t)
-        dead_F = self.firing.dead_since(self.step, self.auxk_steps) if self.auxk_on else None
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=t.autocast == "bfloat16"):
-            out = sae(x_BD, l1_coeff=l1_coeff_at(self.step, self.cfg), dead_F=dead_F)
-        out.loss.backward()
+        step_no = self._step_no
+        if t.nan_policy == "stop":
+            bad = ~torch.isfinite(x_BD).all()
+            self.first_bad.copy_(torch.where(bad & (self.first_bad < 0), step_no, self.first_bad))
+        dead_F = self.firing.dead_since(step_no - 1, self.auxk_steps) if self.auxk_on else None
+        if self.fused:
+            out = anthropic_grads_(sae, x_BD, self._lam, torch.bfloat16 if t.autocast == "bfloat16" else torch.float32)
+        else:
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=t.autocast == "bfloat16",
+                                cache_enabled=False):
+                out = sae(x_BD, l1_coeff=self._lam, dead_F=dead_F)
+            out.loss.backward()
+        if self.grad_sync is not None:
+            self.grad_sync()
         if sae.unit_norm_decoder:
             sae.remove_parallel_grad_()
         if t.grad_clip > 0:
@@ -346,12 +430,10 @@ class Trainer:
         opt.zero_grad(set_to_none=True)
         if sae.unit_norm_decoder:
             sae.normalize_decoder_()
-        self.step += 1
         with torch.no_grad():
             counts_F = firing_counts(out.feats)
-            self.firing.update_(counts_F > 0, self.step)
-            self.metrics.update_(out, x_BD, counts_F, sae.input_scale)
-        return True
+            self.firing.update_(counts_F > 0, step_no)
+            self.metrics.accumulate_(out, x_BD, counts_F, sae.input_scale)
 
     def log10_density(self) -> Tensor:
         """log10(density + 1e-10) per feature (SAELens's sparsity.safetensors convention), on the CPU."""
@@ -378,7 +460,7 @@ class Trainer:
         m = self.metrics.summary()
         m["tokens_per_s"] = (self.metrics.tokens - self._tokens_last) / max(now - self._t_last, 1e-9)
         self._t_last, self._tokens_last = now, self.metrics.tokens
-        m["lr"] = self.optimizer.param_groups[0]["lr"]
+        m["lr"] = self._lr_now
         m["l1_coeff"] = l1_coeff_at(max(self.step - 1, 0), self.cfg)
         m.update(tokens=self.metrics.tokens, skipped_rows=self.skipped_rows, resampled=self.resampled)
         if self.extra_metrics is not None:

@@ -1,0 +1,303 @@
+"""Side by side on one card: our whole loop, our SAE step alone, the LM alone, the disk-dump baseline (and SAELens,
+run by peer-bench's script in its own process), for several dictionary sizes.
+
+    python benchmarks/gpu_compare.py --out benchmarks/results/gpu.jsonl
+    python benchmarks/gpu_compare.py --device cpu --d-sae 512 --batch 1024 --context-len 64 --seconds 1  # smoke
+
+One JSON line per measurement (stdout, and appended to --out) with the fields date, card, torch, variant, d_sae,
+batch, tokens_per_s, peak_gpu_gb, peak_host_gb (+ details), then a markdown table. Every measurement goes through
+the project's own classes (Trainer, ShuffleBuffer, ActivationStream), configured as `sae-stream train` would be:
+  step_*       Trainer on one fixed batch: eager autograd (the plain PyTorch step), the hand-written backward,
+               CUDA-graph replay, bf16 / TF32 matmuls
+  lm_ctx*      the LM forward up to the hook (bf16 autocast), every position kept
+  loop_*       LM -> ring (GPU or pinned host) -> shuffled batches -> Trainer (best step), several ring refills
+  disk_*       the materialised baseline: LM -> fp16 np.memmap on local disk, then shuffled batches read back and
+               trained on with the same best step
+A measurement that fails is recorded with its error and the run goes on. peak_gpu_gb is torch's peak allocation
+during the measurement; peak_host_gb is the process's resident high-water mark so far (it only grows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import resource
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from buffer_throughput import HOOK, build_lm, token_batches  # noqa: E402
+
+from sae_stream.activations import ActivationStream, HookCapture  # noqa: E402
+from sae_stream.buffer import ShuffleBuffer  # noqa: E402
+from sae_stream.config import BufferConfig, config_from_dict  # noqa: E402
+from sae_stream.sae import build_sae  # noqa: E402
+from sae_stream.trainer import Trainer  # noqa: E402
+
+STEP_VARIANTS = {  # name: train overrides
+    "step_eager_autograd_tf32": {"step_impl": "autograd", "cuda_graphs": False, "autocast": "none"},
+    "step_eager_autograd_bf16": {"step_impl": "autograd", "cuda_graphs": False, "autocast": "bfloat16"},
+    "step_graph_autograd_bf16": {"step_impl": "autograd", "cuda_graphs": True, "autocast": "bfloat16"},
+    "step_eager_fused_bf16": {"step_impl": "fused", "cuda_graphs": False, "autocast": "bfloat16"},
+    "step_graph_fused_tf32": {"step_impl": "fused", "cuda_graphs": True, "autocast": "none"},
+    "step_graph_fused_bf16": {"step_impl": "fused", "cuda_graphs": True, "autocast": "bfloat16"},
+}
+BEST = "step_graph_fused_bf16"
+LARGE_STEP_VARIANTS = ("step_eager_autograd_tf32", "step_graph_autograd_bf16", "step_graph_fused_bf16")
+PAPER_A1_TOKENS = 8_000_000_000
+
+
+class NullLog:
+    def log(self, step: int, metrics: dict) -> None:
+        pass
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="auto", help="auto, cuda or cpu (cpu: a smoke run at tiny sizes)")
+    p.add_argument("--d-sae", default="4096,16384,65536", help="comma list of dictionary sizes")
+    p.add_argument("--batch", type=int, default=8192)
+    p.add_argument("--context-len", type=int, default=1024, help="LM context for the loop (paper: 1024)")
+    p.add_argument("--capacity", type=int, default=2**21, help="ring vectors (2M x 512 fp32 = 4.3 GB)")
+    p.add_argument("--seconds", type=float, default=3.0, help="target length of each timed window")
+    p.add_argument("--disk-tokens", type=int, default=4_000_000, help="vectors written for the disk baseline")
+    p.add_argument("--skip", default="", help="comma list of parts to skip: steps,lm,loop,pinned,disk")
+    p.add_argument("--out", default=None, help="also append the JSON lines to this file")
+    args = p.parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.d_saes = [int(d) for d in args.d_sae.split(",")]
+    args.skip = set(filter(None, args.skip.split(",")))
+    return args
+
+
+# ---------------------------------------------------------------------------------------------- recording
+
+
+class Recorder:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args, self.rows = args, []
+        cuda = args.device == "cuda"
+        self.common = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+                       "card": torch.cuda.get_device_name() if cuda else "cpu", "batch": args.batch}
+
+    def start(self) -> None:
+        if self.args.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+
+    def emit(self, variant: str, d_sae: int | None, tokens_per_s: float | None, **extra: Any) -> dict:
+        peak_gpu = torch.cuda.max_memory_allocated() / 1e9 if self.args.device == "cuda" else 0.0
+        peak_host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+        row = {"variant": variant, "d_sae": d_sae,
+               "tokens_per_s": round(tokens_per_s) if tokens_per_s is not None else None,
+               "peak_gpu_gb": round(peak_gpu, 3), "peak_host_gb": round(peak_host, 3)} | extra
+        row = self.common | row
+        self.rows.append(row)
+        line = json.dumps(row)
+        print(line, flush=True)
+        if self.args.out:
+            with open(self.args.out, "a") as f:
+                f.write(line + "\n")
+        return row
+
+    def guarded(self, variant: str, d_sae: int | None, fn: Callable[[], tuple[float, dict]]) -> float | None:
+        self.start()
+        try:
+            rate, extra = fn()
+        except Exception as exc:  # noqa: BLE001 — one broken variant must not lose the others' numbers
+            traceback.print_exc()
+            self.emit(variant, d_sae, None, error=f"{type(exc).__name__}: {str(exc)[:300]}")
+            return None
+        self.emit(variant, d_sae, rate, **extra)
+        return rate
+
+    def table(self) -> str:
+        lines = ["| variant | d_sae | tokens/s | peak GPU GB | notes |", "|---|---:|---:|---:|---|"]
+        for r in self.rows:
+            rate = f"{r['tokens_per_s']:,}" if r["tokens_per_s"] is not None else "failed" if "error" in r else "-"
+            notes = ", ".join(f"{k}={v}" for k, v in r.items() if k not in (*self.common, "variant", "d_sae",
+                                                                             "tokens_per_s", "peak_gpu_gb",
+                                                                             "peak_host_gb"))
+            lines.append(f"| {r['variant']} | {r['d_sae'] or ''} | {rate} | {r['peak_gpu_gb']} | {notes} |")
+        return "\n".join(lines)
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+# ---------------------------------------------------------------------------------------------- measurements
+
+
+def make_trainer(args: argparse.Namespace, d_sae: int, train: dict) -> Trainer:
+    cfg = config_from_dict({
+        "sae": {"architecture": "anthropic", "d_sae": d_sae, "l1_coeff": 1e-3},
+        "train": {"total_tokens": args.batch * 10**9, "batch_size": args.batch, "lr": 1e-4, "log_every": 10**9,
+                  "checkpoint_every": 10**9, "device": args.device} | train,
+        "resample": {"enabled": False},
+    })
+    sae = build_sae(cfg.sae, 512, seed=0).to(args.device)
+    return Trainer(sae, cfg, None, NullLog())
+
+
+def timed_steps(args: argparse.Namespace, trainer: Trainer, batches: Iterator[Tensor]) -> tuple[float, dict]:
+    """Warm up (graph capture included), calibrate, then time a window of ~args.seconds; tokens/s."""
+    def run(n: int) -> float:
+        trainer.total_steps = trainer.step + n
+        sync(args.device)
+        t0 = time.perf_counter()
+        trainer.fit(batches)
+        sync(args.device)
+        return time.perf_counter() - t0
+
+    run(8)
+    probe = 20
+    dt = run(probe)
+    steps = max(probe, int(args.seconds * probe / dt))
+    dt = run(steps)
+    graphed = bool(trainer._graph.graphs) and not trainer._graph.disabled
+    return steps * args.batch / dt, {"steps": steps, "graphed": graphed}
+
+
+def measure_steps(args: argparse.Namespace, rec: Recorder, d_sae: int) -> dict[str, float | None]:
+    x_BD = torch.randn(args.batch, 512, device=args.device).relu_()
+    names = STEP_VARIANTS if d_sae == args.d_saes[0] else LARGE_STEP_VARIANTS
+    out = {}
+    for name in names:
+        def fn(name: str = name) -> tuple[float, dict]:
+            trainer = make_trainer(args, d_sae, STEP_VARIANTS[name])
+            return timed_steps(args, trainer, itertools.repeat(x_BD))
+        out[name] = rec.guarded(name, d_sae, fn)
+    return out
+
+
+def measure_lm(args: argparse.Namespace, rec: Recorder, context_len: int) -> float | None:
+    def fn() -> tuple[float, dict]:
+        model = build_lm(context_len, args.device)
+        lm_batch = max(1, 65536 // context_len)
+        tokens = torch.randint(0, 50304, (lm_batch, context_len), device=args.device)
+        cap = HookCapture(model, HOOK)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.device == "cuda")
+
+        def run(n: int) -> float:
+            sync(args.device)
+            t0 = time.perf_counter()
+            with torch.inference_mode(), autocast:
+                for _ in range(n):
+                    cap(tokens)
+            sync(args.device)
+            return time.perf_counter() - t0
+
+        run(3)
+        dt = run(5)
+        n = max(5, int(args.seconds * 5 / dt))
+        return n * tokens.numel() / run(n), {"context_len": context_len}
+    return rec.guarded(f"lm_ctx{context_len}", None, fn)
+
+
+def buffer_cfg(args: argparse.Namespace, storage: str, context_len: int) -> BufferConfig:
+    return BufferConfig(hook_name=HOOK, capacity=args.capacity, refill_fraction=0.5, storage=storage,
+                        lm_batch_size=max(1, 65536 // context_len))
+
+
+def measure_loop(args: argparse.Namespace, rec: Recorder, d_sae: int, storage: str, context_len: int,
+                 step_rate: float | None) -> float | None:
+    def fn() -> tuple[float, dict]:
+        model = build_lm(context_len, args.device)
+        bcfg = buffer_cfg(args, storage, context_len)
+        stream = ActivationStream(model, HOOK, token_batches(bcfg.lm_batch_size, context_len, "cpu"), bcfg,
+                                  args.device)
+        buffer = ShuffleBuffer(stream, bcfg, args.device, d_in=512)
+        trainer = make_trainer(args, d_sae, STEP_VARIANTS[BEST])
+        rate, extra = timed_steps(args, trainer, buffer.batches(args.batch))
+        extra |= {"storage": storage, "context_len": context_len, "capacity": args.capacity,
+                  "refills": buffer.refills}
+        if step_rate:
+            extra["ratio_to_step"] = round(rate / step_rate, 3)
+        return rate, extra
+    return rec.guarded(f"loop_{storage}_ctx{context_len}", d_sae, fn)
+
+
+def measure_disk(args: argparse.Namespace, rec: Recorder, d_sae: int) -> None:
+    """The seed's way: write activations to an fp16 memmap first, then train from shuffled reads of it."""
+    context_len = args.context_len
+    bcfg = buffer_cfg(args, "cpu", context_len)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "acts.f16"
+        n_total = args.disk_tokens
+
+        def write() -> tuple[float, dict]:
+            model = build_lm(context_len, args.device)
+            stream = ActivationStream(model, HOOK, token_batches(bcfg.lm_batch_size, context_len, "cpu"), bcfg,
+                                      "cpu")
+            mm = np.memmap(path, dtype=np.float16, mode="w+", shape=(n_total, 512))
+            t0 = time.perf_counter()
+            i = 0
+            while i < n_total:
+                acts = next(stream).acts
+                take = min(len(acts), n_total - i)
+                mm[i:i + take] = acts[:take].to(torch.float16).numpy()
+                i += take
+            mm.flush()
+            return n_total / (time.perf_counter() - t0), {"gb_on_disk": round(n_total * 1024 / 1e9, 2)}
+
+        if rec.guarded("disk_write", None, write) is None:
+            return
+
+        def train() -> tuple[float, dict]:
+            rmm = np.memmap(path, dtype=np.float16, mode="r", shape=(n_total, 512))
+            perm = np.random.default_rng(0).permutation(n_total)
+
+            def batches() -> Iterator[Tensor]:
+                for i in itertools.cycle(range(0, n_total - args.batch + 1, args.batch)):
+                    rows = np.sort(perm[i:i + args.batch])
+                    yield torch.from_numpy(rmm[rows]).to(args.device, torch.float32)
+
+            trainer = make_trainer(args, d_sae, STEP_VARIANTS[BEST])
+            rate, extra = timed_steps(args, trainer, batches())
+            return rate, extra | {"note": "file in page cache"}
+
+        rec.guarded("disk_read_train", d_sae, train)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    rec = Recorder(args)
+    ctxs = [args.context_len] if args.context_len == 128 else [args.context_len, 128]
+    if "lm" not in args.skip:
+        for ctx in ctxs:
+            measure_lm(args, rec, ctx)
+    for d_sae in args.d_saes:
+        steps = measure_steps(args, rec, d_sae) if "steps" not in args.skip else {}
+        best = steps.get(BEST)
+        if "loop" not in args.skip:
+            storage = "cuda" if args.device == "cuda" else "cpu"
+            rate = measure_loop(args, rec, d_sae, storage, args.context_len, best)
+            if d_sae == args.d_saes[0]:
+                if rate:
+                    rec.emit("projection_paper_a1", d_sae, None, minutes=round(PAPER_A1_TOKENS / rate / 60, 1),
+                             note=f"8B tokens at loop_{storage}_ctx{args.context_len}'s rate")
+                if args.context_len != 128:
+                    measure_loop(args, rec, d_sae, storage, 128, best)
+                if args.device == "cuda" and "pinned" not in args.skip:
+                    measure_loop(args, rec, d_sae, "pinned", args.context_len, best)
+        if d_sae == args.d_saes[0] and "disk" not in args.skip:
+            measure_disk(args, rec, d_sae)
+    print(rec.table())
+
+
+if __name__ == "__main__":
+    main()

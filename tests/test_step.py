@@ -1,0 +1,139 @@
+"""The fast step: the hand-written Anthropic backward equals autograd; trainers with either implementation agree;
+CUDA-graph replay equals eager steps (GPU only)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sae_stream.sae import build_sae
+from sae_stream.step import anthropic_grads_, supports_fused
+from sae_stream.trainer import Trainer
+from tests.test_trainer import BATCH, ListLogger, _atoms, _cfg, sparse_batches
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _sae(seed: int = 0, dtype: torch.dtype = torch.float64):
+    sae = build_sae(_cfg().sae, d_in=32, seed=seed).to(dtype)
+    with torch.no_grad():  # off-centre biases so that some pre-activations are negative and b_dec matters
+        sae.b_dec_D.normal_(generator=torch.Generator().manual_seed(seed + 1))
+        sae.b_enc_F.uniform_(-0.3, 0.1, generator=torch.Generator().manual_seed(seed + 2))
+    return sae
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_anthropic_grads__equal_autograd(seed: int) -> None:
+    x_BD = next(sparse_batches(_atoms(seed), seed=seed)).double()[:200] + 0.05
+    lam = 0.37
+    ref = _sae(seed)
+    out_ref = ref(x_BD, l1_coeff=lam)
+    out_ref.loss.backward()
+    sae = _sae(seed)
+    out = anthropic_grads_(sae, x_BD, lam, torch.float64)
+    feats = out_ref.feats
+    assert 0.05 < (feats > 0).double().mean() < 0.95  # both branches of the ReLU are exercised
+    torch.testing.assert_close(out.mse, out_ref.mse, rtol=1e-12, atol=1e-14)
+    for name in ("loss", "l1"):  # SAE.sparsity_loss sums in fp32 even for fp64 inputs
+        torch.testing.assert_close(getattr(out, name), getattr(out_ref, name).double(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(out.feats, out_ref.feats, rtol=1e-12, atol=1e-14)
+    for (name, p), (_, p_ref) in zip(sae.named_parameters(), ref.named_parameters()):
+        assert p.grad is not None, name
+        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-6, atol=1e-9, msg=name)  # λ term: fp32 in ref
+
+
+def test_anthropic_grads__replace_not_accumulate() -> None:
+    x_BD = next(sparse_batches(_atoms())).double()[:64]
+    sae = _sae()
+    anthropic_grads_(sae, x_BD, 0.1, torch.float64)
+    first = [p.grad.clone() for p in sae.parameters()]
+    anthropic_grads_(sae, x_BD, 0.1, torch.float64)
+    for g, p in zip(first, sae.parameters()):
+        assert torch.equal(g, p.grad)
+
+
+def test_supports_fused__anthropic_only() -> None:
+    assert supports_fused(build_sae(_cfg("anthropic").sae, 32))
+    for arch in ("april", "topk", "batchtopk"):
+        assert not supports_fused(build_sae(_cfg(arch).sae, 32))
+
+
+def _train(impl: str, steps: int = 40, device: str = "cpu", **over) -> tuple[torch.nn.Module, list]:
+    cfg = _cfg(steps=steps, train__step_impl=impl, train__log_every=10, **over)
+    sae = build_sae(cfg.sae, d_in=32, seed=0).to(device)
+    log = ListLogger()
+    trainer = Trainer(sae, cfg, None, log)
+    trainer.fit(x.to(device) for x in sparse_batches(_atoms()))
+    return sae.cpu(), log.rows
+
+
+def test_trainer__fused_equals_autograd_fp32() -> None:
+    fused, rows_f = _train("fused")
+    auto, rows_a = _train("autograd")
+    for (name, p), (_, q) in zip(fused.named_parameters(), auto.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=2e-5, msg=name)
+    for (_, mf), (_, ma) in zip(rows_f, rows_a):
+        assert mf["l0"] == pytest.approx(ma["l0"], rel=1e-3)
+        assert mf["mse"] == pytest.approx(ma["mse"], rel=1e-3)
+
+
+def test_trainer__fused_rejects_other_architectures() -> None:
+    from sae_stream.config import ConfigError
+    cfg = _cfg("topk", train__step_impl="fused")
+    with pytest.raises(ConfigError, match="anthropic only"):
+        Trainer(build_sae(cfg.sae, 32), cfg, None, ListLogger())
+
+
+@cuda
+@pytest.mark.parametrize("arch", ["anthropic", "april", "topk", "batchtopk"])
+@pytest.mark.parametrize("autocast", ["none", "bfloat16"])
+def test_cuda_graphs__equal_eager(arch: str, autocast: str) -> None:
+    """40 steps (3 eager warm-ups, a capture, replays; AuxK toggling a second graph for topk) equal eager steps."""
+    over = {"train__autocast": autocast, "train__log_every": 5}
+    runs = {}
+    for graphs in (True, False):
+        cfg = _cfg(arch, steps=40, train__cuda_graphs=graphs, **over)
+        sae = build_sae(cfg.sae, d_in=32, seed=0).cuda()
+        log = ListLogger()
+        trainer = Trainer(sae, cfg, None, log)
+        trainer.fit(x.cuda() for x in sparse_batches(_atoms()))
+        runs[graphs] = (sae.cpu(), log.rows, trainer)
+    assert runs[True][2]._graph.graphs, "no graph was captured"
+    assert not runs[True][2]._graph.disabled
+    tol = dict(rtol=1e-4, atol=1e-5) if autocast == "none" else dict(rtol=2e-2, atol=2e-3)
+    for (name, p), (_, q) in zip(runs[True][0].named_parameters(), runs[False][0].named_parameters()):
+        torch.testing.assert_close(p, q, **tol, msg=name)
+    for (_, mg), (_, me) in zip(runs[True][1], runs[False][1]):
+        assert mg["l0"] == pytest.approx(me["l0"], rel=0.05)
+        assert mg["dead"] == me["dead"]
+
+
+@cuda
+def test_cuda_graphs__resume_and_resample(tmp_path) -> None:
+    """A graphed run with resampling, interrupted by a checkpoint + resume, equals the uninterrupted graphed run."""
+    over = dict(resample__enabled=True, resample__at_steps=[20], train__checkpoint_every=15, train__log_every=5)
+    cfg = _cfg(steps=40, **over)
+
+    def pool(n: int) -> torch.Tensor:
+        return torch.cat([next(sparse_batches(_atoms(), seed=9)) for _ in range(n // BATCH + 1)])[:n].cuda()
+
+    def run(run_dir, stop_after=None, resume=False):
+        sae = build_sae(cfg.sae, d_in=32, seed=0).cuda()
+        trainer = Trainer(sae, cfg, run_dir, ListLogger(), pool_fn=pool)
+        start = 0
+        if resume:
+            trainer.resume(run_dir)
+            start = trainer.step
+        batches = (x.cuda() for x in sparse_batches(_atoms(), start=start))
+        if stop_after is not None:
+            batches = (x for _, x in zip(range(stop_after), batches))
+        trainer.fit(batches)
+        return sae.cpu()
+
+    full = run(tmp_path / "a")
+    with pytest.warns(UserWarning, match="stream ended"):
+        run(tmp_path / "b", stop_after=15)
+    resumed = run(tmp_path / "b", resume=True)
+    for (name, p), (_, q) in zip(full.named_parameters(), resumed.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
