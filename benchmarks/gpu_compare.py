@@ -173,7 +173,7 @@ def timed_steps(args: argparse.Namespace, trainer: Trainer, batches: Iterator[Te
 
 
 def measure_steps(args: argparse.Namespace, rec: Recorder, d_sae: int) -> dict[str, float | None]:
-    x_BD = torch.randn(args.batch, 512, device=args.device).relu_()
+    x_BD = torch.randn(args.batch, 512, generator=torch.Generator().manual_seed(0)).relu_().to(args.device)
     names = STEP_VARIANTS if d_sae == args.d_saes[0] else LARGE_STEP_VARIANTS
     out = {}
     for name in names:

@@ -207,7 +207,7 @@ class ActivationStream:
     def __next__(self) -> ActivationChunk:
         dev = self.lm_device
         tokens_BT = next(self._batches)
-        if dev.type == "cuda":  # from pageable memory the copy would wait for the stream's queued work
+        if dev.type == "cuda" and tokens_BT.device.type == "cpu":  # pageable: the copy would wait for the stream
             tokens_BT = tokens_BT.pin_memory()
         tokens_BT = tokens_BT.to(dev, non_blocking=True)
         B, T = tokens_BT.shape

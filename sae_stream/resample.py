@@ -34,9 +34,10 @@ class FiringTracker:
         self.last_resample_step = 0
 
     @torch.no_grad()
-    def update_(self, fired_F: Tensor, step: int) -> None:
+    def update_(self, fired_F: Tensor, step: int | Tensor) -> None:
         """Record that the features in the bool mask `fired_F` fired during (1-based) step `step`."""
-        self.last_fired_F.masked_fill_(fired_F, step)
+        # where + copy_ rather than masked_fill_: with a device-tensor step that would read it back (a host sync)
+        self.last_fired_F.copy_(torch.where(fired_F, step, self.last_fired_F))
 
     def dead_since(self, step: int, n_steps: int) -> Tensor:
         """Bool mask: features that did not fire in steps (step − n_steps, step]. (Start counts as a firing.)"""

@@ -117,8 +117,9 @@ class GraphedStep:
         except Exception as exc:  # noqa: BLE001 — any capture failure falls back to the (identical) eager step
             self.disabled = True
             self.before_capture()
-            warnings.warn(f"CUDA graph capture of the training step failed ({type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0] if str(exc) else ''}); continuing with eager steps "
+            cause = exc.__context__ or exc  # the op that broke the capture, when capture_end reports it second-hand
+            warnings.warn(f"CUDA graph capture of the training step failed ({type(cause).__name__}: "
+                          f"{str(cause).splitlines()[0] if str(cause) else ''}); continuing with eager steps "
                           "(set train.cuda_graphs=false to skip the attempt)", stacklevel=3)
             self.body(x_BD)
             return

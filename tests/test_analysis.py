@@ -32,7 +32,7 @@ VOCAB, T, D_MLP = 40, 16, 32
 @pytest.fixture(scope="module")
 def model() -> HookedTransformer:
     cfg = HookedTransformerConfig(n_layers=1, d_model=16, n_ctx=T, d_head=4, n_heads=4, d_mlp=D_MLP, d_vocab=VOCAB,
-                                  act_fn="relu", seed=0)
+                                  act_fn="relu", seed=0, device="cpu")
     return HookedTransformer(cfg).eval()
 
 

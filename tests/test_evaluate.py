@@ -69,7 +69,7 @@ class LinearReLUSAE(nn.Module):
 @pytest.fixture(scope="module")
 def model() -> HookedTransformer:
     cfg = HookedTransformerConfig(n_layers=1, d_model=24, n_ctx=T, d_head=6, n_heads=4, d_mlp=D_MLP, d_vocab=VOCAB,
-                                  act_fn="relu", seed=0)
+                                  act_fn="relu", seed=0, device="cpu")
     m = HookedTransformer(cfg)
     with torch.no_grad():  # larger MLP output so ablations move the loss clearly
         m.blocks[0].mlp.W_out.mul_(6.0)

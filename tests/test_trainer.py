@@ -254,8 +254,7 @@ def test_trainer__resampling_needs_a_pool():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_trainer__moves_to_the_batch_device_and_trains_on_cuda():
-    atoms = _atoms().cuda()
     cfg = _cfg(steps=50, train__log_every=25, train__autocast="bfloat16")
     sae = build_sae(cfg.sae, D_IN)
-    m = Trainer(sae, cfg, None, ListLogger()).fit(sparse_batches(atoms))
+    m = Trainer(sae, cfg, None, ListLogger()).fit(x.cuda() for x in sparse_batches(_atoms()))
     assert sae.W_dec_FD.device.type == "cuda" and m["fvu"] < 1.0
