@@ -9,8 +9,10 @@ batch, tokens_per_s, peak_gpu_gb, peak_host_gb (+ details), then a markdown tabl
 the project's own classes (Trainer, ShuffleBuffer, ActivationStream), configured as `sae-stream train` would be:
   step_*       Trainer on one fixed batch: eager autograd (the plain PyTorch step), the hand-written backward,
                CUDA-graph replay, bf16 / TF32 matmuls
-  lm_ctx*      the LM forward up to the hook (bf16 autocast), every position kept
-  loop_*       LM -> ring (GPU or pinned host) -> shuffled batches -> Trainer (best step), several ring refills
+  lm_*_ctx*    the LM forward up to the hook (bf16 autocast): `native` = the GPT's own forward (fused attention,
+               what `sae-stream train` uses for an `lm train` LM), `tl` = transformer-lens hooks
+  loop_*       LM -> ring (GPU or pinned host) -> shuffled batches -> Trainer (best step), several ring refills;
+               every position of every context is used
   disk_*       the materialised baseline: LM -> fp16 np.memmap on local disk, then shuffled batches read back and
                trained on with the same best step
 A measurement that fails is recorded with its error and the run goes on. peak_gpu_gb is torch's peak allocation
@@ -36,11 +38,14 @@ import torch
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from buffer_throughput import HOOK, build_lm, token_batches  # noqa: E402
+from buffer_throughput import HOOK, token_batches  # noqa: E402
 
+from lm.capture import GPTCapture  # noqa: E402
+from lm.hooked import to_hooked  # noqa: E402
+from lm.model import GPT  # noqa: E402
 from sae_stream.activations import ActivationStream, HookCapture  # noqa: E402
 from sae_stream.buffer import ShuffleBuffer  # noqa: E402
-from sae_stream.config import BufferConfig, config_from_dict  # noqa: E402
+from sae_stream.config import BufferConfig, LMConfig, config_from_dict  # noqa: E402
 from sae_stream.sae import build_sae  # noqa: E402
 from sae_stream.trainer import Trainer  # noqa: E402
 
@@ -55,6 +60,21 @@ STEP_VARIANTS = {  # name: train overrides
 BEST = "step_graph_fused_bf16"
 LARGE_STEP_VARIANTS = ("step_eager_autograd_tf32", "step_graph_autograd_bf16", "step_graph_fused_bf16")
 PAPER_A1_TOKENS = 8_000_000_000
+
+
+def build_lm(context_len: int, device: str) -> tuple[GPT, object]:
+    """Random-init 1-layer GPT of the paper's shape (d_model 128, 4 heads, MLP 512 ReLU, vocab 50304) and the
+    HookedTransformer computing the same function."""
+    torch.manual_seed(0)
+    gpt = GPT(LMConfig(n_layers=1, d_model=128, n_heads=4, d_mlp=512, n_ctx=context_len, vocab_size=50304))
+    gpt = gpt.to(device).eval()
+    return gpt, to_hooked(gpt)
+
+
+def make_stream(context_len: int, device: str, bcfg: BufferConfig, out_device: str, native: bool) -> ActivationStream:
+    gpt, hooked = build_lm(context_len, device)
+    return ActivationStream(hooked, HOOK, token_batches(bcfg.lm_batch_size, context_len, "cpu"), bcfg, out_device,
+                            capture=GPTCapture(gpt, [HOOK]) if native else None)
 
 
 class NullLog:
@@ -184,12 +204,12 @@ def measure_steps(args: argparse.Namespace, rec: Recorder, d_sae: int) -> dict[s
     return out
 
 
-def measure_lm(args: argparse.Namespace, rec: Recorder, context_len: int) -> float | None:
+def measure_lm(args: argparse.Namespace, rec: Recorder, context_len: int, native: bool) -> float | None:
     def fn() -> tuple[float, dict]:
-        model = build_lm(context_len, args.device)
+        gpt, hooked = build_lm(context_len, args.device)
         lm_batch = max(1, 65536 // context_len)
         tokens = torch.randint(0, 50304, (lm_batch, context_len), device=args.device)
-        cap = HookCapture(model, HOOK)
+        cap = GPTCapture(gpt, [HOOK]) if native else HookCapture(hooked, HOOK)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.device == "cuda")
 
         def run(n: int) -> float:
@@ -205,7 +225,7 @@ def measure_lm(args: argparse.Namespace, rec: Recorder, context_len: int) -> flo
         dt = run(5)
         n = max(5, int(args.seconds * 5 / dt))
         return n * tokens.numel() / run(n), {"context_len": context_len}
-    return rec.guarded(f"lm_ctx{context_len}", None, fn)
+    return rec.guarded(f"lm_{'native' if native else 'tl'}_ctx{context_len}", None, fn)
 
 
 def buffer_cfg(args: argparse.Namespace, storage: str, context_len: int) -> BufferConfig:
@@ -214,12 +234,10 @@ def buffer_cfg(args: argparse.Namespace, storage: str, context_len: int) -> Buff
 
 
 def measure_loop(args: argparse.Namespace, rec: Recorder, d_sae: int, storage: str, context_len: int,
-                 step_rate: float | None) -> float | None:
+                 step_rate: float | None, native: bool = True) -> float | None:
     def fn() -> tuple[float, dict]:
-        model = build_lm(context_len, args.device)
         bcfg = buffer_cfg(args, storage, context_len)
-        stream = ActivationStream(model, HOOK, token_batches(bcfg.lm_batch_size, context_len, "cpu"), bcfg,
-                                  args.device)
+        stream = make_stream(context_len, args.device, bcfg, args.device, native)
         buffer = ShuffleBuffer(stream, bcfg, args.device, d_in=512)
         trainer = make_trainer(args, d_sae, STEP_VARIANTS[BEST])
         rate, extra = timed_steps(args, trainer, buffer.batches(args.batch))
@@ -228,7 +246,7 @@ def measure_loop(args: argparse.Namespace, rec: Recorder, d_sae: int, storage: s
         if step_rate:
             extra["ratio_to_step"] = round(rate / step_rate, 3)
         return rate, extra
-    return rec.guarded(f"loop_{storage}_ctx{context_len}", d_sae, fn)
+    return rec.guarded(f"loop_{storage}_ctx{context_len}{'' if native else '_tl'}", d_sae, fn)
 
 
 def measure_disk(args: argparse.Namespace, rec: Recorder, d_sae: int) -> None:
@@ -240,9 +258,7 @@ def measure_disk(args: argparse.Namespace, rec: Recorder, d_sae: int) -> None:
         n_total = args.disk_tokens
 
         def write() -> tuple[float, dict]:
-            model = build_lm(context_len, args.device)
-            stream = ActivationStream(model, HOOK, token_batches(bcfg.lm_batch_size, context_len, "cpu"), bcfg,
-                                      "cpu")
+            stream = make_stream(context_len, args.device, bcfg, "cpu", native=True)
             mm = np.memmap(path, dtype=np.float16, mode="w+", shape=(n_total, 512))
             t0 = time.perf_counter()
             i = 0
@@ -279,7 +295,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ctxs = [args.context_len] if args.context_len == 128 else [args.context_len, 128]
     if "lm" not in args.skip:
         for ctx in ctxs:
-            measure_lm(args, rec, ctx)
+            for native in (True, False):
+                measure_lm(args, rec, ctx, native)
     for d_sae in args.d_saes:
         steps = measure_steps(args, rec, d_sae) if "steps" not in args.skip else {}
         best = steps.get(BEST)
@@ -290,6 +307,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 if rate:
                     rec.emit("projection_paper_a1", d_sae, None, minutes=round(PAPER_A1_TOKENS / rate / 60, 1),
                              note=f"8B tokens at loop_{storage}_ctx{args.context_len}'s rate")
+                measure_loop(args, rec, d_sae, storage, args.context_len, best, native=False)
                 if args.context_len != 128:
                     measure_loop(args, rec, d_sae, storage, 128, best)
                 if args.device == "cuda" and "pinned" not in args.skip:

@@ -43,14 +43,17 @@ class CausalSelfAttention(nn.Module):
         self.resid_drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        return self.resid_drop(self.c_proj(self.heads(x_BTD)))
+
+    def heads(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        """The heads' outputs before the output projection, [B, T, H·d] head-major (TL: attn.hook_z flattened)."""
         B, T, D = x_BTD.shape
         H = self.n_heads
         q_BTD, k_BTD, v_BTD = self.c_attn(x_BTD).split(D, dim=2)
         q_BHTd, k_BHTd, v_BHTd = (t.view(B, T, H, D // H).transpose(1, 2) for t in (q_BTD, k_BTD, v_BTD))
         z_BHTd = F.scaled_dot_product_attention(q_BHTd, k_BHTd, v_BHTd, is_causal=True,
                                                 dropout_p=self.dropout if self.training else 0.0)
-        z_BTD = z_BHTd.transpose(1, 2).contiguous().view(B, T, D)
-        return self.resid_drop(self.c_proj(z_BTD))
+        return z_BHTd.transpose(1, 2).contiguous().view(B, T, D)
 
 
 class MLP(nn.Module):

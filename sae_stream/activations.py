@@ -22,7 +22,7 @@ activations. `expected_distinct` and `shuffle_metrics` at the end turn a batch's
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import nullcontext
 from typing import Any, NamedTuple
 
@@ -177,12 +177,14 @@ class ActivationStream:
 
     def __init__(self, model: HookedTransformer, hook_names: str | Sequence[str], token_batches: Iterable[Tensor],
                  cfg: BufferConfig, device: str | torch.device | None = None, *, seed: int = 0, stop: str = "raise",
-                 context_len: int = 1) -> None:
+                 context_len: int = 1, capture: Callable[[Tensor], Tensor] | None = None) -> None:
         self.cfg = cfg
         self.lm_device = next(model.parameters()).device
         self.device = torch.device(device) if device is not None else self.lm_device
-        self.capture = HookCapture(model, hook_names, stop)
-        self.d_in = hook_dim(model, self.capture.names, context_len)
+        hooks = HookCapture(model, hook_names, stop)
+        self.d_in = hook_dim(model, hooks.names, context_len)
+        # `capture` computes the same activations another way (lm.capture.GPTCapture: the GPT's fused attention)
+        self.capture = capture if capture is not None else hooks
         self.dtype = DTYPES[cfg.dtype]
         self._batches = _Rebatcher(token_batches, cfg.lm_batch_size)
         self._gen = torch.Generator().manual_seed(seed)

@@ -145,6 +145,8 @@ class BufferConfig:
     """Sample this many positions per context (paper 250, seed 200); None keeps all (sampling discards LM work)."""
     reuse: int = 1
     """Times each streamed vector is consumed before its slot is refilled."""
+    lm_native: bool = True
+    """`lm train` LM + block hooks: produce with the GPT's own forward (fused attention; same values, faster)."""
     max_memory_gb: float | None = None
     """Refuse a ring larger than this (GB); None checks against free device/host memory."""
 

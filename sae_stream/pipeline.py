@@ -60,6 +60,19 @@ def load_lm(path_or_name: str, device: torch.device) -> Any:
     return load_hooked(path_or_name, device=device)
 
 
+def native_capture(cfg: Config, device: torch.device) -> Any:
+    """lm.capture.GPTCapture when buffer.lm_native holds, the LM is an `lm train` run dir and the hook is a block
+    point it computes; else None (the stream then reads transformer-lens hooks)."""
+    path = Path(str(cfg.lm.path)).expanduser()
+    if not cfg.buffer.lm_native or not path.is_dir():
+        return None
+    from lm.capture import GPTCapture, supported
+    from lm.model import GPT
+
+    gpt = GPT.from_run_dir(path, device=device)
+    return GPTCapture(gpt, [cfg.buffer.hook_name]) if supported(gpt, [cfg.buffer.hook_name]) else None
+
+
 def list_hooks(lm_path: str) -> list[str]:
     from lm.hooked import hook_names
 
@@ -114,7 +127,7 @@ class Session:
         self.contexts = TokenContexts(cfg.data, "train")
         tokens = ContextBatches(self.contexts, cfg.buffer.lm_batch_size)
         self.stream = ActivationStream(self.model, [hook], tokens, cfg.buffer, self.device, seed=cfg.train.seed,
-                                       context_len=cfg.data.context_len)
+                                       context_len=cfg.data.context_len, capture=native_capture(cfg, self.device))
         self.buffer = ShuffleBuffer(self.stream, cfg.buffer, self.device, d_in=self.d_in, seed=cfg.train.seed)
         self.sae = build_sae(cfg.sae, self.d_in, seed=cfg.train.seed).to(self.device)
         self.tracker = Tracker(run_dir, cfg.wandb, to_dict(cfg))

@@ -42,7 +42,10 @@ def anthropic_grads_(sae: SAE, x_BD: Tensor, lam: float | Tensor, dtype: torch.d
     with torch.no_grad():
         xc_BD = (x_BD - b_dec).to(dtype)
         W_dec_c = W_dec.to(dtype)
-        feats_BF = torch.addmm(b_enc.to(dtype), xc_BD, W_enc.to(dtype)).relu_()
+        if xc_BD.is_cuda:  # ReLU in the matmul's epilogue (cuBLASLt): one pass less over [B, d_sae]
+            feats_BF = torch._addmm_activation(b_enc.to(dtype), xc_BD, W_enc.to(dtype))
+        else:
+            feats_BF = torch.addmm(b_enc.to(dtype), xc_BD, W_enc.to(dtype)).relu_()
         recon_BD = torch.addmm(b_dec.to(dtype), feats_BF, W_dec_c).to(acc)
         resid_BD = recon_BD - x_BD
         mse = resid_BD.pow(2).mean()

@@ -223,3 +223,25 @@ def test_train__nan_activations_stop_with_the_step(policy: str, needle: str, tin
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0], err
     assert not list((tmp_path / "run" / "checkpoints").glob("step_*"))  # nothing trained on NaN was saved
+
+
+@pytest.mark.parametrize("hook", ["blocks.0.mlp.hook_post", "blocks.0.hook_resid_mid"])
+def test_session__native_lm_capture_streams_the_hooked_values(tiny_run: Path, tmp_path: Path, hook: str) -> None:
+    """With buffer.lm_native the stream runs the GPT's own forward; its chunks equal the transformer-lens ones."""
+    import torch
+
+    from lm.capture import GPTCapture
+    from sae_stream.activations import HookCapture
+    from sae_stream.pipeline import Session
+
+    def first_chunk(native: bool) -> tuple[object, torch.Tensor]:
+        cfg = load_config(None, [*TINY, f"--lm.path={tiny_run / 'lm'}", f"--buffer.lm_native={native}",
+                                 f"--buffer.hook_name={hook}", "--train.device=cpu"])
+        session = Session(cfg, tmp_path / f"native_{native}")
+        session.tracker.close()
+        return session.stream.capture, next(iter(session.stream)).acts
+
+    native, acts_native = first_chunk(True)
+    hooked, acts_hooked = first_chunk(False)
+    assert isinstance(native, GPTCapture) and isinstance(hooked, HookCapture)
+    torch.testing.assert_close(acts_native, acts_hooked, rtol=1e-4, atol=1e-5)

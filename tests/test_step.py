@@ -137,3 +137,19 @@ def test_cuda_graphs__resume_and_resample(tmp_path) -> None:
     resumed = run(tmp_path / "b", resume=True)
     for (name, p), (_, q) in zip(full.named_parameters(), resumed.named_parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_anthropic_grads__cuda_equals_cpu(dtype: torch.dtype) -> None:
+    """The CUDA path (ReLU fused into the encoder matmul) computes what the CPU path does."""
+    x_BD = next(sparse_batches(_atoms())).float()[:256] + 0.05
+    outs, grads = [], []
+    for device in ("cpu", "cuda"):
+        sae = _sae(dtype=torch.float32).to(device)
+        outs.append(anthropic_grads_(sae, x_BD.to(device), 0.3, dtype).loss.cpu())
+        grads.append([p.grad.cpu() for p in sae.parameters()])
+    tol = dict(rtol=1e-3, atol=1e-5) if dtype == torch.float32 else dict(rtol=3e-2, atol=1e-3)
+    torch.testing.assert_close(outs[1], outs[0], **tol)
+    for g_cuda, g_cpu in zip(grads[1], grads[0]):
+        torch.testing.assert_close(g_cuda, g_cpu, **tol)

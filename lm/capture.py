@@ -1,0 +1,94 @@
+"""Activations of our own GPT at transformer-lens hook names, computed by the GPT's forward itself.
+
+transformer-lens materialises every attention pattern ([B, H, T, T] in fp32); the GPT uses fused (flash)
+attention, which at context 1024 makes producing activations several times faster on a GPU. The values are the
+same as the HookedTransformer's hooks (tests: within float tolerance), so `sae-stream` uses this path whenever
+the LM is an `lm train` run dir and every hook is one of SUPPORTED (blocks.L.<point>); other hooks go through
+transformer-lens.
+
+    capture = GPTCapture(gpt, ["blocks.0.mlp.hook_post"])
+    acts_BTD = capture(tokens_BT)        # like sae_stream.activations.HookCapture
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from lm.model import GPT
+
+# the points of a block, in the order the forward reaches them
+POINTS = ("hook_resid_pre", "attn.hook_z", "hook_attn_out", "hook_resid_mid", "mlp.hook_pre", "mlp.hook_post",
+          "hook_mlp_out", "hook_resid_post")
+_NAME = re.compile(r"blocks\.(\d+)\.(" + "|".join(re.escape(p) for p in POINTS) + r")$")
+
+
+def supported(gpt: GPT, hook_names: Sequence[str]) -> bool:
+    """True when every name is a block point GPTCapture computes, in a layer the GPT has."""
+    for name in hook_names:
+        m = _NAME.match(name)
+        if m is None or int(m.group(1)) >= gpt.cfg.n_layers:
+            return False
+    return True
+
+
+class GPTCapture:
+    """Runs the GPT up to the last point needed and returns the points' activations, concatenated along the last
+    dimension in the order given ([B, T, Σ widths])."""
+
+    def __init__(self, gpt: GPT, hook_names: Sequence[str]) -> None:
+        if not supported(gpt, hook_names):
+            raise ValueError(f"GPTCapture computes blocks.<layer>.<{'|'.join(POINTS)}>, not {list(hook_names)}")
+        self.gpt, self.names = gpt, list(hook_names)
+        parsed = [_NAME.match(n) for n in self.names]
+        self._wanted = {(int(m.group(1)), m.group(2)) for m in parsed}
+        self._last = max((int(m.group(1)), POINTS.index(m.group(2))) for m in parsed)
+
+    @torch.inference_mode()
+    def __call__(self, tokens_BT: Tensor) -> Tensor:
+        gpt, got = self.gpt, {}
+        T = tokens_BT.shape[1]
+        if T > gpt.cfg.n_ctx:
+            raise ValueError(f"sequence length {T} exceeds lm.n_ctx={gpt.cfg.n_ctx}: use shorter contexts")
+        x_BTD = gpt.wte(tokens_BT) + gpt.wpe(torch.arange(T, device=tokens_BT.device))
+        for layer in range(self._last[0] + 1):
+            x_BTD = self._block(layer, x_BTD, got)
+            if x_BTD is None:
+                break
+        return torch.cat([got[n] for n in self.names], dim=-1) if len(self.names) > 1 else got[self.names[0]]
+
+    def _block(self, layer: int, x_BTD: Tensor, got: dict[str, Tensor]) -> Tensor | None:
+        """Block `layer`, recording the wanted points; None once the last wanted point has been computed."""
+        b = self.gpt.blocks[layer]
+        stop = self._last[1] if layer == self._last[0] else len(POINTS)
+
+        def keep(i: int, value: Tensor) -> bool:
+            if (layer, POINTS[i]) in self._wanted:
+                got[f"blocks.{layer}.{POINTS[i]}"] = value
+            return i >= stop
+
+        if keep(0, x_BTD):
+            return None
+        z_BTD = b.attn.heads(b.ln_1(x_BTD))
+        if keep(1, z_BTD):
+            return None
+        attn_out_BTD = b.attn.c_proj(z_BTD)
+        if keep(2, attn_out_BTD):
+            return None
+        x_BTD = x_BTD + attn_out_BTD
+        if keep(3, x_BTD):
+            return None
+        pre_BTM = b.mlp.c_fc(b.ln_2(x_BTD))
+        if keep(4, pre_BTM):
+            return None
+        post_BTM = b.mlp.act(pre_BTM)
+        if keep(5, post_BTM):
+            return None
+        mlp_out_BTD = b.mlp.c_proj(post_BTM)
+        if keep(6, mlp_out_BTD):
+            return None
+        x_BTD = x_BTD + mlp_out_BTD
+        return None if keep(7, x_BTD) else x_BTD
