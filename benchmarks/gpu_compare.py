@@ -15,6 +15,9 @@ the project's own classes (Trainer, ShuffleBuffer, ActivationStream), configured
                every position of every context is used
   disk_*       the materialised baseline: LM -> fp16 np.memmap on local disk, then shuffled batches read back and
                trained on with the same best step
+  saelens_*    SAELens's trainer on the same model shape / hook / d_sae / batch, run by peer-bench's script
+               (--saelens PATH: shared/peer-bench/bench_saelens.py, with sae-lens importable) in its own process;
+               --fast (TF32 + autocast + compiled SAE) at the first size, its defaults at the others
 A measurement that fails is recorded with its error and the run goes on. peak_gpu_gb is torch's peak allocation
 during the measurement; peak_host_gb is the process's resident high-water mark so far (it only grows).
 """
@@ -25,6 +28,7 @@ import argparse
 import itertools
 import json
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -92,6 +96,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--seconds", type=float, default=3.0, help="target length of each timed window")
     p.add_argument("--disk-tokens", type=int, default=4_000_000, help="vectors written for the disk baseline")
     p.add_argument("--skip", default="", help="comma list of parts to skip: steps,lm,loop,pinned,disk")
+    p.add_argument("--saelens", default=None, help="path of peer-bench's bench_saelens.py: also run SAELens")
+    p.add_argument("--saelens-tokens", type=int, default=8_000_000, help="SAELens training tokens at the first size "
+                   "(halved at each larger one)")
     p.add_argument("--out", default=None, help="also append the JSON lines to this file")
     args = p.parse_args(argv)
     if args.device == "auto":
@@ -289,6 +296,30 @@ def measure_disk(args: argparse.Namespace, rec: Recorder, d_sae: int) -> None:
         rec.guarded("disk_read_train", d_sae, train)
 
 
+def saelens_row(record: dict) -> tuple[str, int, float, dict]:
+    """(variant, d_sae, tokens/s, extra) from bench_saelens.py's 'training' JSON line."""
+    variant = "saelens_trainer_fast" if record.get("fast") else "saelens_trainer"
+    extra = {"peak_gpu_gb": None, "peak_host_gb": round(record["peak_rss_mib"] * 2**20 / 1e9, 3),
+             "training_tokens": record["training_tokens"], "compile": record.get("compile"),
+             "context_len": record.get("context_size")}
+    return variant, record["d_sae"], record["end_to_end_tokens_per_s_median"], extra
+
+
+def measure_saelens(args: argparse.Namespace, rec: Recorder, d_sae: int, fast: bool, tokens: int) -> float | None:
+    def fn() -> tuple[float, dict]:
+        cmd = [sys.executable, args.saelens, "--device", args.device, "--only", "train", "--d-sae", str(d_sae),
+               "--batch-tokens", str(args.batch), "--train-repeats", "1", "--warmup-train-tokens", "1000000",
+               "--train-tokens", str(tokens), *(["--fast"] if fast else [])]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        training = [r for r in records if r.get("bench") == "training"]
+        if not training:
+            raise RuntimeError(f"bench_saelens.py printed no training line: {out[-300:]}")
+        _, _, rate, extra = saelens_row(training[-1])
+        return rate, extra | {"note": "its own process (peak_host_gb is that process's)"}
+    return rec.guarded("saelens_trainer_fast" if fast else "saelens_trainer", d_sae, fn)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     rec = Recorder(args)
@@ -314,6 +345,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                     measure_loop(args, rec, d_sae, "pinned", args.context_len, best)
         if d_sae == args.d_saes[0] and "disk" not in args.skip:
             measure_disk(args, rec, d_sae)
+        if args.saelens:
+            i = args.d_saes.index(d_sae)
+            measure_saelens(args, rec, d_sae, fast=i == 0, tokens=max(1_000_000, args.saelens_tokens >> i))
     print(rec.table())
 
 

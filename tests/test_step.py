@@ -145,10 +145,15 @@ def test_anthropic_grads__cuda_equals_cpu(dtype: torch.dtype) -> None:
     """The CUDA path (ReLU fused into the encoder matmul) computes what the CPU path does."""
     x_BD = next(sparse_batches(_atoms())).float()[:256] + 0.05
     outs, grads = [], []
-    for device in ("cpu", "cuda"):
-        sae = _sae(dtype=torch.float32).to(device)
-        outs.append(anthropic_grads_(sae, x_BD.to(device), 0.3, dtype).loss.cpu())
-        grads.append([p.grad.cpu() for p in sae.parameters()])
+    tf32 = torch.backends.cuda.matmul.allow_tf32  # a Trainer built earlier may have turned it on (train.tf32)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        for device in ("cpu", "cuda"):
+            sae = _sae(dtype=torch.float32).to(device)
+            outs.append(anthropic_grads_(sae, x_BD.to(device), 0.3, dtype).loss.cpu())
+            grads.append([p.grad.cpu() for p in sae.parameters()])
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
     tol = dict(rtol=1e-3, atol=1e-5) if dtype == torch.float32 else dict(rtol=3e-2, atol=1e-3)
     torch.testing.assert_close(outs[1], outs[0], **tol)
     for g_cuda, g_cpu in zip(grads[1], grads[0]):

@@ -95,7 +95,7 @@ def _top_effects(effects_V: Tensor, k: int, text: TokenText) -> tuple[list[tuple
 
 def _ablation(ablate: Callable[..., Any] | None, scan: FeatureScan, f: int, n_contexts: int, k: int,
               text: TokenText) -> dict[str, Any]:
-    ids = scan.top.ids_FK[f]
+    ids = scan.top.ids_FK[f].cpu()  # the scan may keep its top-k on the GPU; the tokens live on the host
     ids = ids[ids >= 0][:n_contexts]
     if ablate is None or ids.numel() == 0:
         return {}
