@@ -89,6 +89,7 @@ class RunningMetrics:
         self.fire_counts_F = torch.zeros(d_sae, dtype=torch.long, device=device)
         self.window_tokens = 0
         self.density_F: Tensor | None = None  # last completed window
+        self.reduced_density_F: Tensor | None = None  # data parallel: all ranks' density at the last log
 
     @torch.no_grad()
     def update_(self, out: Any, x_BD: Tensor, counts_F: Tensor, input_scale: Tensor) -> None:
@@ -135,7 +136,9 @@ class RunningMetrics:
         g.sums[:5] /= world  # loss, mse, l1, aux, l0 are per-step means: average them; err_sq, var_sq add up
         g.fire_counts_F = total[n_sums:-2].round().long()
         g.tokens, g.window_tokens = (int(v) for v in total[-2:].round().tolist())
+        used_F = g.density_F if g.density_F is not None else g.fire_counts_F.double() / max(g.window_tokens, 1)
         out = g.summary()
+        self.reduced_density_F = g.density_F if g.density_F is not None else used_F  # what export reports
         self.sums.zero_()
         self.steps = 0
         if g.window_tokens == 0:  # the global window completed
@@ -458,7 +461,9 @@ class Trainer:
 
     def log10_density(self) -> Tensor:
         """log10(density + 1e-10) per feature (SAELens's sparsity.safetensors convention), on the CPU."""
-        return torch.log10(self.metrics.current_density().float().cpu() + 1e-10)
+        density_F = self.metrics.current_density() if self.dist is None else self.metrics.reduced_density_F
+        assert density_F is not None, "data parallel: log (finish()) before reading the densities"
+        return torch.log10(density_F.float().cpu() + 1e-10)
 
     def _resample(self) -> None:
         assert self.pool_fn is not None
