@@ -4,8 +4,13 @@ resampling, exact resume; the real CLI under torchrun survives a SIGKILL and res
 from __future__ import annotations
 
 import itertools
+import json
 import os
+import signal
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +20,7 @@ import torch.multiprocessing as mp
 from sae_stream.distributed import Distributed, shard_size
 from sae_stream.sae import build_sae
 from sae_stream.trainer import Trainer
+from tests.test_cli import TINY, tiny_run  # noqa: F401 - module fixture: a tiny trained LM
 from tests.test_trainer import D_IN, ListLogger, _atoms, _cfg, _pool, sparse_batches
 
 WORLD = 2
@@ -120,3 +126,89 @@ def test_ddp__batch_must_split_evenly_and_checkpoint_needs_same_world(tmp_path: 
     save_checkpoint(tmp_path / "checkpoints", 1, state)
     with pytest.raises(ValueError, match="nproc_per_node=2"):
         Trainer(_sae(cfg), cfg, tmp_path, ListLogger(), pool_fn=_pool(_atoms())).resume(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------- the CLI under torchrun
+
+# The real CLI; rank 0 holds before step HOLD_AT+1 while GATE exists (writing GATE.held), so the job can be
+# SIGKILLed at a known step (the other rank waits in the gradient all-reduce). torchrun starts its workers in
+# sessions of their own, so each writes its pid (GATE.rankR.pid) for the kill to reach it.
+GATED_CLI = """
+import os, sys, time
+from pathlib import Path
+from sae_stream import trainer
+gate, hold_at, step = Path(os.environ["GATE"]), int(os.environ["HOLD_AT"]), trainer.Trainer._train_step
+Path(str(gate) + f".rank{os.environ['RANK']}.pid").write_text(str(os.getpid()))
+def gated(self, x):
+    if self.step == hold_at and os.environ["RANK"] == "0" and gate.exists():
+        Path(str(gate) + ".held").touch()
+        while gate.exists():
+            time.sleep(0.01)
+    return step(self, x)
+trainer.Trainer._train_step = gated
+from sae_stream.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+DDP_ARGS = ["--train.total_tokens=20480", "--train.checkpoint_every=10", "--resample.at_steps=[15]",
+            "--train.device=cpu"]
+
+
+def _torchrun(script: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}", str(script),
+           *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 240) -> None:
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, (out + err)[-3000:]
+
+
+def _kill_job(launcher: subprocess.Popen, gate: Path) -> None:
+    """SIGKILL the launcher and every worker (they hold its output pipes open)."""
+    os.killpg(launcher.pid, signal.SIGKILL)
+    for r in range(WORLD):
+        pid_file = Path(f"{gate}.rank{r}.pid")
+        if pid_file.exists():
+            try:
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    launcher.communicate(timeout=60)
+
+
+def test_torchrun__killed_ddp_run_resumes_to_the_uninterrupted_result(tiny_run: Path, tmp_path: Path) -> None:  # noqa: F811
+    from safetensors.torch import load_file
+
+    script = tmp_path / "gated.py"
+    script.write_text(GATED_CLI)
+    lm, gate = str(tiny_run / "lm"), tmp_path / "gate"
+    gate.touch()
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    killed = _torchrun(script, "train", "--lm", lm, "--out", str(cut), *TINY, *DDP_ARGS,
+                       env={"GATE": str(gate), "HOLD_AT": "25"})
+    try:
+        _finish(_torchrun(script, "train", "--lm", lm, "--out", str(full), *TINY, *DDP_ARGS,
+                          env={"GATE": str(tmp_path / "no-gate"), "HOLD_AT": "-1"}))
+        deadline = time.monotonic() + 240
+        while not Path(str(gate) + ".held").exists():
+            assert killed.poll() is None, killed.communicate()[1][-3000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        _kill_job(killed, gate)  # 5 steps past the newest checkpoint
+    finally:
+        if killed.poll() is None:
+            _kill_job(killed, gate)
+    assert sorted(p.name for p in (cut / "checkpoints").iterdir()) == ["step_00000010", "step_00000020"]
+    assert not (cut / "sae").exists()
+    _finish(_torchrun(script, "train", "--resume", str(cut), env={"GATE": str(gate), "HOLD_AT": "-1"}))
+
+    steps = [json.loads(line)["step"] for line in (cut / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 40 and len(json.loads((full / "metrics.jsonl").read_text().splitlines()[-1])) > 5
+    for key, want in load_file(full / "sae" / "sae_weights.safetensors").items():
+        assert torch.equal(load_file(cut / "sae" / "sae_weights.safetensors")[key], want), key
+    state = torch.load(full / "checkpoints" / "step_00000040" / "state.pt", weights_only=False)
+    contexts = [p["extra"]["buffer"]["source"]["token_source"]["rank"] for p in state["per_rank"]]
+    assert contexts == [0, 1]  # each rank's own text shard is in the checkpoint
