@@ -75,7 +75,11 @@ def _one_line_warning(message: Warning | str, category: type[Warning], *args: ob
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args, overrides = _parser().parse_known_args(argv)
+    # `--section.field=value` overrides bypass argparse, which takes any argument with a space for a positional
+    # (`--sweep.saes=[{name: a, sae: {l1_coeff: 1e-4}}]`)
+    given = [a for a in argv if a.startswith("--") and "=" in a and "." in a.split("=", 1)[0]]
+    args, overrides = _parser().parse_known_args([a for a in argv if a not in given])
+    overrides = [*given, *overrides]
     formatwarning, warnings.formatwarning = warnings.formatwarning, _one_line_warning
     try:
         return _dispatch(args, overrides)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -359,6 +360,44 @@ class WandbConfig:
     """Seconds to wait for wandb.init before falling back to offline mode."""
 
 
+# What one LM forward and one buffer fix for every SAE of a sweep: the batches, the step count, and when
+# checkpoints and metric records happen (all members checkpoint together).
+SWEEP_SHARED_TRAIN = ("device", "total_tokens", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints",
+                      "nan_policy", "cpu_malloc_tuning")
+SWEEP_SECTIONS = ("sae", "train", "resample")
+SWEEP_RESERVED = ("checkpoints", "sae", "lm", "dashboard")
+
+
+@dataclass
+class SweepConfig:
+    saes: list[dict] = field(default_factory=list)
+    """SAEs fed by one LM + buffer: {name, sae, train, resample} overrides, one run subdir each; [] = one SAE."""
+
+    def __post_init__(self) -> None:
+        names = []
+        for i, entry in enumerate(self.saes):
+            name = entry.get("name")
+            where = f"sweep.saes[{i}]"
+            if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+                raise ConfigError(f"{where} needs a name of letters, digits, '.', '_' or '-' (it names the run's "
+                                  f"subdirectory), got {name!r}")
+            if name in SWEEP_RESERVED:
+                raise ConfigError(f"{where}: name {name!r} is reserved in the run directory; choose another")
+            if name in names:
+                raise ConfigError(f"{where}: duplicate name {name!r}: each SAE of a sweep needs its own name")
+            names.append(name)
+            for key, value in entry.items():
+                if key != "name" and key not in SWEEP_SECTIONS:
+                    raise ConfigError(f"{where} ({name}): unknown key {key!r}; a sweep entry overrides only "
+                                      f"{', '.join(SWEEP_SECTIONS)}")
+                if key != "name" and not isinstance(value, dict):
+                    raise ConfigError(f"{where} ({name}).{key}: expected a mapping of fields, got {value!r}")
+            shared = sorted(set(entry.get("train", {})) & set(SWEEP_SHARED_TRAIN))
+            if shared:
+                raise ConfigError(f"{where} ({name}): train.{shared[0]} is shared by every SAE of a sweep (one "
+                                  f"stream, one step count): set it in the top-level train section")
+
+
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
@@ -371,6 +410,25 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+
+    def sweep_members(self) -> list[tuple[str, Config]]:
+        """(name, full config) of each SAE of the sweep, in order; [] without a sweep. Raises ConfigError."""
+        if not self.sweep.saes:
+            return []
+        base = {**to_dict(self), "sweep": {"saes": []}}
+        members = []
+        for i, entry in enumerate(self.sweep.saes):
+            try:
+                cfg = config_from_dict(merge(base, {k: v for k, v in entry.items() if k != "name"}))
+            except ConfigError as e:
+                raise ConfigError(f"sweep.saes[{i}] ({entry['name']}): {e}") from None
+            members.append((entry["name"], cfg))
+        widths = {cfg.sae.d_in for _, cfg in members} | {self.sae.d_in}
+        if len(widths - {None}) > 1:
+            raise ConfigError(f"sweep: sae.d_in differs between SAEs ({sorted(widths - {None})}) but they read one "
+                              "hook: leave sae.d_in null (taken from the hook) or set it once at the top level")
+        return members
 
     def __post_init__(self) -> None:
         if self.buffer.capacity < 2 * self.train.batch_size:
@@ -378,6 +436,11 @@ class Config:
                 f"buffer.capacity ({self.buffer.capacity}) must be >= 2 * train.batch_size ({self.train.batch_size})")
         if self.data.context_len > self.lm.n_ctx:
             raise ConfigError(f"data.context_len ({self.data.context_len}) must be <= lm.n_ctx ({self.lm.n_ctx})")
+        if self.sweep.saes:
+            if self.wandb.enabled:
+                raise ConfigError("wandb.enabled is not supported with sweep.saes yet (one wandb run per process): "
+                                  "set wandb.enabled=false; each SAE logs to RUN_DIR/NAME/metrics.jsonl")
+            self.sweep_members()  # every member must validate now, before any run starts
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -432,6 +495,10 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         return value
     if tp is str:
         if not isinstance(value, str):

@@ -6,12 +6,18 @@ SAE and evaluation never do, so each can be swapped or tested alone.
 Run directory of `train` / `run`:
     config.yaml  metrics.jsonl  checkpoints/  sae/ (SAELens format)  eval.json  density_histogram.png
     feature_density.safetensors  dashboard/index.html  [lm/ when `run` trained the LM]
+A sweep (`sweep.saes`, sweep.py) keeps the shared config.yaml and the stream's checkpoints/ at the top and one
+such directory per SAE, `RUN_DIR/<name>/`. Under torchrun (distributed.py) every rank streams its own shard and
+trains its share of each batch; rank 0 alone writes and evaluates.
 """
 
 from __future__ import annotations
 
+import math
+import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +25,16 @@ import torch
 
 from sae_stream.activations import ActivationStream, check_hook_names, hook_dim
 from sae_stream.buffer import ShuffleBuffer
+from sae_stream.checkpoint import load_checkpoint, save_checkpoint
 from sae_stream.config import Config, load_config, save_config, to_dict
 from sae_stream.data import ContextBatches, TokenContexts, heldout_batches
+from sae_stream.distributed import Distributed, shard_size
 from sae_stream.evaluate import evaluate, load_feature_density, write_eval
 from sae_stream.export import export_saelens, load_saelens
 from sae_stream.process import resolve_device
 from sae_stream.sae import build_sae
-from sae_stream.tracking import Tracker
+from sae_stream.sweep import SharedPool, common_resume_step, fit_together
+from sae_stream.tracking import NullTracker, Tracker
 from sae_stream.trainer import Trainer
 
 SAE_DIR, LM_DIR, DASHBOARD_DIR = "sae", "lm", "dashboard"
@@ -35,9 +44,18 @@ class UserError(RuntimeError):
     """A problem with what the user asked for; reported as one line, exit code 2."""
 
 
+def is_main_process() -> bool:
+    """Rank 0 under torchrun (read before the process group exists), or a plain process."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def prepare_out_dir(out: str | Path | None, command: str, overwrite: bool) -> Path:
     """A fresh output directory; an existing non-empty one needs --overwrite (or --resume)."""
     path = Path(out) if out else Path("runs") / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if not is_main_process():
+        if not out:
+            raise UserError("under torchrun pass --out RUN_DIR: every rank must name the same run directory")
+        return path  # rank 0 prepares it; the others never write
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         if not overwrite:
             raise UserError(f"output directory {str(path)!r} exists: pass --overwrite to replace it, "
@@ -108,8 +126,20 @@ def _train_lm(cfg: Config, out_dir: Path, resume: bool = False) -> None:
 # ---------------------------------------------------------------------------------------------- SAE training
 
 
+@dataclass
+class Member:
+    """One SAE of a session: its config, run directory (the run's own, or `RUN_DIR/<name>` in a sweep) and trainer."""
+
+    name: str | None
+    cfg: Config
+    run_dir: Path
+    trainer: Trainer
+    tracker: Any
+
+
 class Session:
-    """The live parts of one SAE training run: LM, text stream, activation stream, ring buffer, SAE, trainer."""
+    """The live parts of one training run: LM, text stream, activation stream, ring buffer, and its SAEs (one, or
+    the K of a sweep), each with a trainer. Under torchrun, this rank's shard of all of it."""
 
     def __init__(self, cfg: Config, run_dir: Path) -> None:
         if not cfg.lm.path:
@@ -117,36 +147,115 @@ class Session:
                             "(an `sae-stream lm train` dir or a transformer-lens name)")
         self.cfg, self.run_dir = cfg, run_dir
         self.device = resolve_device(cfg.train.device)
+        self.dist = Distributed.from_env(self.device)
+        rank, world = (self.dist.rank, self.dist.world_size) if self.dist else (0, 1)
+        self.device = self.dist.device if self.dist else self.device
+        self.is_main = rank == 0
+        self.batch_size = shard_size(cfg.train.batch_size, world)
         self.model = load_lm(cfg.lm.path, self.device)
         hook = cfg.buffer.hook_name
         check_hook_names(self.model, [hook])
         self.d_in = hook_dim(self.model, hook, cfg.data.context_len)
-        if cfg.sae.d_in is not None and cfg.sae.d_in != self.d_in:
-            raise UserError(f"sae.d_in={cfg.sae.d_in} does not match hook {hook!r} (width {self.d_in}): "
-                            f"set --sae.d_in={self.d_in} or leave it null")
-        self.contexts = TokenContexts(cfg.data, "train")
+        for c in [cfg, *(m for _, m in cfg.sweep_members())]:
+            if c.sae.d_in is not None and c.sae.d_in != self.d_in:
+                raise UserError(f"sae.d_in={c.sae.d_in} does not match hook {hook!r} (width {self.d_in}): "
+                                f"set --sae.d_in={self.d_in} or leave it null")
+        self.contexts = TokenContexts(cfg.data, "train", rank, world)
         tokens = ContextBatches(self.contexts, cfg.buffer.lm_batch_size)
-        self.stream = ActivationStream(self.model, [hook], tokens, cfg.buffer, self.device, seed=cfg.train.seed,
+        seed = cfg.train.seed + rank
+        self.stream = ActivationStream(self.model, [hook], tokens, cfg.buffer, self.device, seed=seed,
                                        context_len=cfg.data.context_len, capture=native_capture(cfg, self.device))
-        self.buffer = ShuffleBuffer(self.stream, cfg.buffer, self.device, d_in=self.d_in, seed=cfg.train.seed)
-        self.sae = build_sae(cfg.sae, self.d_in, seed=cfg.train.seed).to(self.device)
-        self.tracker = Tracker(run_dir, cfg.wandb, to_dict(cfg))
-        pool_dtype = getattr(torch, cfg.resample.pool_dtype)
-        self.trainer = Trainer(self.sae, cfg, run_dir, self.tracker,
-                               pool_fn=lambda n: self.buffer.sample_pool(n, dtype=pool_dtype),
-                               extra_state=lambda: {"buffer": self.buffer.state_dict()},
-                               extra_metrics=self.buffer.metrics)
+        self.buffer = ShuffleBuffer(self.stream, cfg.buffer, self.device, d_in=self.d_in, seed=seed)
+        self.sweep = bool(cfg.sweep.saes)
+        self.pool = SharedPool(self._pool) if self.sweep else self._pool
+        members = cfg.sweep_members() or [(None, cfg)]
+        self.members = [self._member(name, mcfg) for name, mcfg in members]
+        self.sae = self.members[0].trainer.sae  # the SAE of a single run
+        self.trainer = self.members[0].trainer
 
-    def fit(self) -> dict[str, Any]:
+    def _pool(self, n: int) -> Any:
+        """Resampling pool: this rank's share from its buffer, gathered from every rank under torchrun."""
+        dtype = getattr(torch, self.cfg.resample.pool_dtype)
+        if self.dist is None:
+            return self.buffer.sample_pool(n, dtype=dtype)
+        return self.dist.all_gather_rows(self.buffer.sample_pool(math.ceil(n / self.dist.world_size), dtype=dtype))
+
+    def _member(self, name: str | None, cfg: Config) -> Member:
+        run_dir = self.run_dir / name if name else self.run_dir
+        tracker = Tracker(run_dir, cfg.wandb, to_dict(cfg)) if self.is_main else NullTracker()
+        sae = build_sae(cfg.sae, self.d_in, seed=cfg.train.seed).to(self.device)
+        # a single run checkpoints its buffer with the SAE; a sweep checkpoints the stream once (save_stream)
+        extra_state = None if name else (lambda: {"buffer": self.buffer.state_dict()})
+        trainer = Trainer(sae, cfg, run_dir, tracker, pool_fn=self.pool, extra_state=extra_state,
+                          extra_metrics=self.buffer.metrics, dist=self.dist)
+        return Member(name, cfg, run_dir, trainer, tracker)
+
+    def save_configs(self) -> None:
+        """config.yaml of the run, and of each SAE of a sweep (so `sae-stream eval RUN_DIR/NAME` works alone)."""
+        if self.is_main:
+            save_config(self.cfg, self.run_dir / "config.yaml")
+            for m in self.members:
+                if m.name:
+                    save_config(m.cfg, m.run_dir / "config.yaml")
+
+    def resume(self) -> int:
+        """Every SAE and the stream from the newest checkpoint they all have; returns its step."""
+        if not self.sweep:
+            extra = self.trainer.resume(self.run_dir)
+            if "buffer" in extra:
+                self.buffer.load_state_dict(extra["buffer"])
+            return self.trainer.step
+        step = common_resume_step(self.run_dir, [m.run_dir for m in self.members])
+        for m in self.members:
+            m.trainer.resume(m.run_dir / "checkpoints" / f"step_{step:08d}")
+        state = load_checkpoint(self.run_dir / "checkpoints" / f"step_{step:08d}")
+        self.buffer.load_state_dict(self.members[0].trainer._own_part(state, self.run_dir)["extra"]["buffer"])
+        return step
+
+    def _save_stream(self, step: int) -> None:
+        """A sweep's stream checkpoint (after every member's at this step); collective under torchrun."""
+        state: dict[str, Any] = {"step": step, "members": [m.name for m in self.members],
+                                 "extra": {"buffer": self.buffer.state_dict()}}
+        if self.dist is not None:
+            per_rank = self.dist.gather_objects({"extra": state["extra"]})
+            if per_rank is None:
+                return
+            state["per_rank"] = per_rank
+        save_checkpoint(self.run_dir / "checkpoints", step, state, keep=self.cfg.train.keep_checkpoints)
+
+    def fit(self) -> list[dict[str, Any]]:
+        """Train (every SAE on the same batches), export each from rank 0; the final metrics of each SAE."""
+        batches = self.buffer.batches(self.batch_size)
         try:
-            metrics = self.trainer.fit(self.buffer.batches(self.cfg.train.batch_size))
+            if self.sweep:
+                metrics = fit_together([m.trainer for m in self.members], batches, self._save_stream,
+                                       pool=self.pool, run_dir=self.run_dir)
+            else:
+                metrics = [self.trainer.fit(batches)]
         finally:
-            self.tracker.close()
-        export_saelens(self.sae, self.run_dir / SAE_DIR, self.cfg.buffer.hook_name,
-                       log10_density=self.trainer.log10_density(),
-                       model_name=str(self.cfg.lm.path),
-                       extra_cfg={"context_size": self.cfg.data.context_len, "dataset_path": self.cfg.data.source})
+            for m in self.members:
+                m.tracker.close()
+        if self.is_main:
+            for m in self.members:
+                export_saelens(m.trainer.sae, m.run_dir / SAE_DIR, self.cfg.buffer.hook_name,
+                               log10_density=m.trainer.log10_density(), model_name=str(self.cfg.lm.path),
+                               extra_cfg={"context_size": self.cfg.data.context_len,
+                                          "dataset_path": self.cfg.data.source})
         return metrics
+
+    def close(self) -> None:
+        if self.dist is not None:
+            self.dist.close()
+
+
+def _train_session(session: Session) -> None:
+    try:
+        metrics = session.fit()
+    finally:
+        session.close()
+    if session.is_main:
+        for m, final in zip(session.members, metrics):
+            _report_training(final, m.run_dir)
 
 
 def train(config: str | None, overrides: list[str], lm: str | None = None, out: str | None = None,
@@ -155,9 +264,9 @@ def train(config: str | None, overrides: list[str], lm: str | None = None, out: 
         overrides = [*overrides, f"--lm.path={_abs_lm(lm)}"]
     cfg = load_config(config, overrides)
     run_dir = prepare_out_dir(out, "train", overwrite)
-    save_config(cfg, run_dir / "config.yaml")
     session = Session(cfg, run_dir)
-    _report_training(session.fit(), run_dir)
+    session.save_configs()
+    _train_session(session)
     return run_dir
 
 
@@ -165,11 +274,10 @@ def train_resume(run_dir: str | Path) -> Path:
     run_dir = _require_run_dir(run_dir)
     cfg = load_config(run_dir / "config.yaml")
     session = Session(cfg, run_dir)
-    extra = session.trainer.resume(run_dir)
-    if "buffer" in extra:
-        session.buffer.load_state_dict(extra["buffer"])
-    print(f"resuming {run_dir} at step {session.trainer.step}")
-    _report_training(session.fit(), run_dir)
+    step = session.resume()
+    if session.is_main:
+        print(f"resuming {run_dir} at step {step}")
+    _train_session(session)
     return run_dir
 
 
@@ -187,18 +295,36 @@ def _report_training(metrics: dict[str, Any], run_dir: Path) -> None:
 # ---------------------------------------------------------------------------------------------- eval, analyze
 
 
-def _load_trained(run_dir: Path, overrides: list[str]) -> tuple[Config, Any, Any]:
+def _load_trained(run_dir: Path, overrides: list[str], model: Any = None) -> tuple[Config, Any, Any]:
     cfg = load_config(run_dir / "config.yaml", overrides)
     if not (run_dir / SAE_DIR / "cfg.json").is_file():
         raise UserError(f"{run_dir} has no trained SAE in {SAE_DIR}/: run or resume `sae-stream train` first")
     device = resolve_device(cfg.train.device)
-    model = load_lm(cfg.lm.path, device)
+    model = model if model is not None else load_lm(cfg.lm.path, device)
     sae = load_saelens(run_dir / SAE_DIR, device=device)
     return cfg, model, sae
 
 
+def _sweep_dirs(run_dir: Path) -> list[Path]:
+    """The per-SAE directories of a sweep run (empty for a single run)."""
+    return [run_dir / entry["name"] for entry in load_config(run_dir / "config.yaml").sweep.saes]
+
+
+def _each_member(run_dir: Path, overrides: list[str] | None, fn: Any) -> dict[str, Any]:
+    """fn(member_dir, loaded) for every SAE of a sweep, loading the LM once."""
+    out, model = {}, None
+    for member in _sweep_dirs(run_dir):
+        loaded = _load_trained(_require_run_dir(member), overrides or [], model)
+        model = loaded[1]
+        out[member.name] = fn(member, loaded=loaded)
+    return out
+
+
 def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, loaded: tuple | None = None) -> dict:
+    """eval.json for a run (for each SAE of a sweep, in RUN_DIR/<name>/: then {name: result})."""
     run_dir = _require_run_dir(run_dir)
+    if loaded is None and _sweep_dirs(run_dir):
+        return _each_member(run_dir, overrides, evaluate_run)
     cfg, model, sae = loaded or _load_trained(run_dir, overrides or [])
     batches = heldout_batches(cfg.data, cfg.eval.batch_contexts, cfg.eval.tokens)
     result = evaluate(model, sae, cfg.buffer.hook_name, batches, cfg.eval, cfg.train,
@@ -226,6 +352,8 @@ def analyze_run(run_dir: str | Path, overrides: list[str] | None = None, loaded:
     from sae_stream.tokenizer import get_tokenizer
 
     run_dir = _require_run_dir(run_dir)
+    if loaded is None and _sweep_dirs(run_dir):
+        return next(iter(_each_member(run_dir, overrides, analyze_run).values()), run_dir)
     cfg, model, sae = loaded or _load_trained(run_dir, overrides or [])
     densities = load_feature_density(run_dir) if (run_dir / "eval.json").is_file() else None
     batches = heldout_batches(cfg.data, cfg.eval.batch_contexts, cfg.analysis.tokens)
@@ -244,23 +372,31 @@ def run(config: str | None, overrides: list[str], lm: str | None = None, out: st
     """Text -> LM (trained here unless given) -> streamed SAE -> eval -> dashboard, in one run directory."""
     t0 = time.perf_counter()
     cfg = load_config(config, overrides)  # validate everything before touching the disk
+    if not is_main_process() and not (lm or cfg.lm.path):
+        raise UserError("under torchrun pass --lm PATH: train the LM first (`sae-stream lm train`, one process)")
     run_dir = prepare_out_dir(out, "run", overwrite)
     if lm:
         lm_path = _abs_lm(lm)
     elif cfg.lm.path:
         lm_path = _abs_lm(cfg.lm.path)
+    elif "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+        raise UserError("under torchrun pass --lm PATH: train the LM first (`sae-stream lm train`, one process)")
     else:
         lm_dir = run_dir / LM_DIR
         _train_lm(cfg, lm_dir)
         lm_path = str(lm_dir.resolve())
     cfg = load_config(config, [*overrides, f"--lm.path={lm_path}"])
-    save_config(cfg, run_dir / "config.yaml")
     session = Session(cfg, run_dir)
-    _report_training(session.fit(), run_dir)
-    loaded = (cfg, session.model, load_saelens(run_dir / SAE_DIR, device=session.device))
+    session.save_configs()
+    _train_session(session)
+    if not session.is_main:
+        return run_dir  # evaluation and the dashboard run on rank 0 alone
+    model, device, members = session.model, session.device, [(m.cfg, m.run_dir) for m in session.members]
     del session
-    evaluate_run(run_dir, loaded=loaded)
-    if analyze:
-        analyze_run(run_dir, loaded=loaded)
+    for member_cfg, member_dir in members:
+        loaded = (member_cfg, model, load_saelens(member_dir / SAE_DIR, device=device))
+        evaluate_run(member_dir, loaded=loaded)
+        if analyze:
+            analyze_run(member_dir, loaded=loaded)
     print(f"done in {time.perf_counter() - t0:.0f}s: run directory {run_dir.resolve()}")
     return run_dir

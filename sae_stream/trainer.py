@@ -5,6 +5,11 @@
     extra = trainer.resume(run_dir)      # optional: latest valid checkpoint; restore your buffer from `extra`
     final = trainer.fit(buffer.batches(cfg.train.batch_size))
 
+fit() is begin() + advance(x) per batch + finish(), so a driver can feed several trainers the same batches
+(sweep.py). Data parallel (distributed.py): pass `dist`; each rank feeds its own shard of every global batch,
+gradients are averaged right after backward (`grad_sync`), firing state, metrics and resampling are made
+identical across ranks at log / resample / checkpoint steps (never per step), and only rank 0 writes.
+
 Device: the batches' device (the SAE and optimizer move there on the first batch). The hot loop never syncs
 with the host except every log_every steps (metrics are summed on device), at resampling steps, and per step
 under nan_policy='skip' (dropping rows needs their count). Non-finite inputs under nan_policy='stop' are
@@ -14,12 +19,13 @@ detected on device and reported, with the step they first appeared in, at the ne
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -32,6 +38,9 @@ from sae_stream.process import TrainingInterrupted, signals_to, tune_cpu_allocat
 from sae_stream.resample import FiringTracker, resample_dead_, resample_steps
 from sae_stream.sae import SAE
 from sae_stream.step import GraphedStep, anthropic_grads_, supports_fused
+
+if TYPE_CHECKING:
+    from sae_stream.distributed import Distributed
 
 HIST_LOG10_MIN = -10.0  # density histogram range; never-firing features are counted in the lowest bin
 _SUMS = ("loss", "mse", "l1", "aux", "l0", "err_sq", "var_sq")
@@ -81,6 +90,7 @@ class RunningMetrics:
         self.fire_counts_F = torch.zeros(d_sae, dtype=torch.long, device=device)
         self.window_tokens = 0
         self.density_F: Tensor | None = None  # last completed window
+        self.reduced_density_F: Tensor | None = None  # data parallel: all ranks' density at the last log
 
     @torch.no_grad()
     def accumulate_(self, out: Any, x_BD: Tensor, counts_F: Tensor, input_scale: Tensor) -> None:
@@ -122,6 +132,30 @@ class RunningMetrics:
         self.steps = 0
         return out
 
+    def summary_across(self, dist: Distributed) -> tuple[dict[str, Any], int]:
+        """summary() of all ranks' metrics together, and the global token count (data parallel; collective).
+
+        Sums, firing counts and token counts are added over ranks (the per-step means averaged); this rank's
+        interval and density window then reset exactly as the global ones did, so every rank agrees."""
+        n_sums, world = len(_SUMS), dist.world_size
+        counts = torch.tensor([self.tokens, self.window_tokens], dtype=torch.float64, device=self.sums.device)
+        total = dist.all_reduce_(torch.cat([self.sums, self.fire_counts_F.double(), counts]))
+        g = copy.copy(self)
+        g.sums = total[:n_sums].clone()
+        g.sums[:5] /= world  # loss, mse, l1, aux, l0 are per-step means: average them; err_sq, var_sq add up
+        g.fire_counts_F = total[n_sums:-2].round().long()
+        g.tokens, g.window_tokens = (int(v) for v in total[-2:].round().tolist())
+        used_F = g.density_F if g.density_F is not None else g.fire_counts_F.double() / max(g.window_tokens, 1)
+        out = g.summary()
+        self.reduced_density_F = g.density_F if g.density_F is not None else used_F  # what export reports
+        self.sums.zero_()
+        self.steps = 0
+        if g.window_tokens == 0:  # the global window completed
+            self.fire_counts_F.zero_()
+            self.window_tokens = 0
+        self.density_F = g.density_F
+        return out, g.tokens
+
     def current_density(self) -> Tensor:
         """Per-feature firing density: the last completed window, else the window in progress."""
         if self.density_F is not None:
@@ -155,8 +189,8 @@ class Trainer:
     def __init__(self, sae: SAE, cfg: Config, run_dir: Path | str | None, tracker: MetricsLogger,
                  pool_fn: Callable[[int], Tensor] | None = None,
                  extra_state: Callable[[], dict] | None = None,
-                 extra_metrics: Callable[[], dict] | None = None) -> None:
-        self.sae, self.cfg, self.tracker = sae, cfg, tracker
+                 extra_metrics: Callable[[], dict] | None = None, dist: Distributed | None = None) -> None:
+        self.sae, self.cfg, self.tracker, self.dist = sae, cfg, tracker, dist
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.pool_fn, self.extra_state, self.extra_metrics = pool_fn, extra_state, extra_metrics
         self.total_steps = cfg.train.total_steps
@@ -177,8 +211,10 @@ class Trainer:
         self._empty_batches = 0  # consecutive batches dropped whole by nan_policy=skip
         self._stop_signum: int | None = None  # set by the signal handler during fit, read once per step
         self._saved_step = -1
-        self.grad_sync: Callable[[], None] | None = None  # data parallel: average gradients across ranks
         self._lr_now = cfg.train.lr
+        self._agreed_stop: int | None = None  # data parallel: a stop every rank has agreed on
+        # called right after backward, before the decoder-gradient projection: averages gradients over ranks
+        self.grad_sync: Callable[[], None] | None = (lambda: dist.average_grads_(sae.parameters())) if dist else None
         self._build(next(sae.parameters()).device)
 
     # ------------------------------------------------------------------ device-bound state
@@ -270,13 +306,26 @@ class Trainer:
             group["lr"] = float(group["lr"])
         return state
 
+    def _checkpoint_state(self) -> dict[str, Any] | None:
+        """state_dict(); data parallel: a collective that adds every rank's own part (trainer metrics, RNG,
+        stream) as `per_rank`, returned on rank 0 only (the SAE and Adam are identical on every rank)."""
+        if self.dist is not None:
+            self._sync_replicas()
+        state = self.state_dict()
+        if self.dist is None:
+            return state
+        per_rank = self.dist.gather_objects({k: state[k] for k in ("trainer", "rng", "extra")})
+        return None if per_rank is None else {**state, "per_rank": per_rank}
+
     def save(self) -> Path | None:
         if self.run_dir is None:
             return None
         self._raise_if_bad_input()  # never checkpoint weights trained on non-finite data
         self._saved_step = self.step
-        return save_checkpoint(self.run_dir / "checkpoints", self.step, self.state_dict(),
-                               keep=self.cfg.train.keep_checkpoints)
+        state = self._checkpoint_state()
+        if state is None:  # data parallel: rank 0 writes
+            return None
+        return save_checkpoint(self.run_dir / "checkpoints", self.step, state, keep=self.cfg.train.keep_checkpoints)
 
     def resume(self, path_or_run_dir: Path | str) -> dict:
         """Load the latest valid checkpoint (a run dir, its checkpoints/ dir, or one step_* dir); returns
@@ -293,6 +342,7 @@ class Trainer:
         want = (self.sae.cfg.architecture, self.sae.d_in, self.sae.d_sae)
         if got != want:
             raise ValueError(f"checkpoint {ckpt} is (architecture, d_in, d_sae)={got}, this SAE is {want}")
+        state = self._own_part(state, ckpt)
         self.sae.load_state_dict(state["sae"])
         self.optimizer.load_state_dict(state["optimizer"])
         self._lr_now = float(self.optimizer.param_groups[0]["lr"])
@@ -306,41 +356,95 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         return state["extra"]
 
+    def _own_part(self, state: dict[str, Any], ckpt: Path) -> dict[str, Any]:
+        """The checkpoint as this rank saw it: a data-parallel checkpoint needs the same number of ranks."""
+        saved = len(state["per_rank"]) if "per_rank" in state else 1
+        world = self.dist.world_size if self.dist is not None else 1
+        if saved != world:
+            raise ValueError(f"checkpoint {ckpt} was written by {saved} data-parallel rank(s), this run has {world}: "
+                             f"resume with `torchrun --nproc_per_node={saved} -m sae_stream train --resume RUN_DIR`"
+                             if saved > 1 else f"checkpoint {ckpt} was written by a single process: resume it "
+                             "without torchrun")
+        if self.dist is None:
+            return state
+        return {**state, **state["per_rank"][self.dist.rank]}
+
     # ------------------------------------------------------------------ the loop
 
     def fit(self, batches: Iterator[Tensor]) -> dict:
         """Train until train.total_steps (or the iterator ends); returns the final metrics. SIGTERM/SIGINT (main
         thread) finish the step, checkpoint it and raise TrainingInterrupted; a second signal aborts at once."""
-        t = self.cfg.train
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=None, desc="sae", unit="step")
-        self._t_last, self._tokens_last = time.perf_counter(), self.metrics.tokens
         it = iter(batches)
-        self._first_in_fit = True
-        self._stop_signum = None
-        with signals_to(self._request_stop), bar:
-            while self.step < self.total_steps:
-                try:
-                    x_BD = next(it)
-                except StopIteration:
-                    warnings.warn(f"the activation stream ended at step {self.step} of {self.total_steps} "
-                                  f"({self.metrics.tokens:,} tokens trained): training stops here", stacklevel=2)
-                    break
-                if not self._train_step(x_BD):
-                    continue
-                bar.update(1)
-                if self.step in self.resample_at:
-                    self._resample()
-                if self.step % t.log_every == 0:
-                    self._log(bar)
-                if self.step % t.checkpoint_every == 0:
-                    self.save()
-                if self._stop_signum is not None:
-                    self._stop(self._stop_signum)
-            if self.step % t.log_every != 0 or not self.last_metrics:
-                self._log(bar)
-            if self.step % t.checkpoint_every != 0:
-                self.save()
+        self.begin()
+        try:
+            with signals_to(self._request_stop):
+                while self.step < self.total_steps:
+                    try:
+                        x_BD = next(it)
+                    except StopIteration:
+                        self.warn_stream_ended()
+                        break
+                    self.advance(x_BD)
+                    signum = self.stop_requested()
+                    if signum is not None:
+                        self._stop(signum)
+                self.finish()
+        finally:
+            self.close()
         return self.last_metrics
+
+    def begin(self) -> None:
+        """Start (or continue) training: progress bar, throughput clock, signal state."""
+        self._bar = tqdm(total=self.total_steps, initial=self.step, disable=None, desc="sae", unit="step")
+        world = self.dist.world_size if self.dist is not None else 1
+        self._t_last, self._tokens_last = time.perf_counter(), self.metrics.tokens * world
+        self._first_in_fit = True
+        self._stop_signum = self._agreed_stop = None
+
+    def advance(self, x_BD: Tensor) -> bool:
+        """One step on the batch and its bookkeeping (resample, log, checkpoint); False if the batch was skipped."""
+        t = self.cfg.train
+        if not self._train_step(x_BD):
+            return False
+        self._bar.update(1)
+        if self.step in self.resample_at:
+            self._resample()
+        if self.dist is not None and (self.step % t.log_every == 0 or self.step % t.checkpoint_every == 0):
+            self._agree_on_stop()  # ranks must stop at the same step: agreed where they synchronise anyway
+        if self.step % t.log_every == 0:
+            self._log(self._bar)
+        if self.step % t.checkpoint_every == 0:
+            self.save()
+        return True
+
+    def finish(self) -> None:
+        """The final log record and checkpoint (unless this step already has them)."""
+        t = self.cfg.train
+        if self.step % t.log_every != 0 or not self.last_metrics:
+            self._log(self._bar)
+        if self.step % t.checkpoint_every != 0:
+            self.save()
+
+    def close(self) -> None:
+        self._bar.close()
+
+    def warn_stream_ended(self) -> None:
+        warnings.warn(f"the activation stream ended at step {self.step} of {self.total_steps} "
+                      f"({self.metrics.tokens:,} tokens trained): training stops here", stacklevel=3)
+
+    def stop_requested(self) -> int | None:
+        """The signal to stop on after this step, if any (data parallel: only once every rank has agreed)."""
+        return self._stop_signum if self.dist is None else self._agreed_stop
+
+    def _agree_on_stop(self) -> None:
+        assert self.dist is not None
+        flag = torch.tensor([self._stop_signum or 0], dtype=torch.long, device=self.device)
+        signum = int(self.dist.all_reduce_(flag, op="max"))
+        self._agreed_stop = signum or None
+
+    def save_unless_saved(self) -> None:
+        if self._saved_step != self.step:
+            self.save()
 
     def _request_stop(self, signum: int) -> None:
         if self._stop_signum is not None:  # a second signal: stop now, without waiting for the step/checkpoint
@@ -349,8 +453,7 @@ class Trainer:
 
     def _stop(self, signum: int) -> None:
         """Checkpoint the finished step (no log: that would reset the metric window and break exact resume)."""
-        if self._saved_step != self.step:
-            self.save()
+        self.save_unless_saved()
         raise TrainingInterrupted(signum, self.step, self.run_dir)
 
     def _prepare(self, x_BD: Tensor) -> Tensor | None:
@@ -376,7 +479,7 @@ class Trainer:
             self.first_bad.fill_(self.step + 1)
             self._raise_if_bad_input()
         if not self.initialised:
-            self.sae.init_from_sample_(x_BD)
+            self.sae.init_from_sample_(self.dist.all_gather_rows(x_BD) if self.dist else x_BD)  # global batch
             self.initialised = True
         return x_BD
 
@@ -437,14 +540,29 @@ class Trainer:
 
     def log10_density(self) -> Tensor:
         """log10(density + 1e-10) per feature (SAELens's sparsity.safetensors convention), on the CPU."""
-        return torch.log10(self.metrics.current_density().float().cpu() + 1e-10)
+        density_F = self.metrics.current_density() if self.dist is None else self.metrics.reduced_density_F
+        assert density_F is not None, "data parallel: log (finish()) before reading the densities"
+        return torch.log10(density_F.float().cpu() + 1e-10)
 
     def _resample(self) -> None:
         assert self.pool_fn is not None
+        if self.dist is not None:
+            self._sync_replicas()  # the same dead mask everywhere; the pool_fn gathers the pool across ranks
         dead_F = self.firing.resample_dead_mask(self.step, self.cfg.resample.dead_window)
-        self.resampled += resample_dead_(self.sae, self.optimizer, dead_F, self.pool_fn, self.cfg.resample,
-                                         self.generator)
+        n = resample_dead_(self.sae, self.optimizer, dead_F, self.pool_fn, self.cfg.resample, self.generator)
+        if n and self.dist is not None:
+            self.dist.broadcast_training_state_(self.sae, self.optimizer)  # rank 0's draw, bit-identical ranks
+        self.resampled += n
         self.firing.last_resample_step = self.step
+
+    def _sync_replicas(self) -> None:
+        """Data parallel: last-fired steps to their max over ranks (idempotent, so syncing only here equals syncing
+        every step) and running thresholds (batchtopk: a linear EMA) to their mean."""
+        assert self.dist is not None
+        self.dist.all_reduce_(self.firing.last_fired_F, op="max")
+        threshold = getattr(self.sae, "threshold", None)
+        if isinstance(threshold, Tensor):
+            self.dist.all_reduce_(threshold, op="mean")
 
     def _raise_if_bad_input(self) -> None:
         bad_step = int(self.first_bad)
@@ -454,15 +572,20 @@ class Trainer:
 
     def _log(self, bar: tqdm) -> None:
         self._raise_if_bad_input()
+        if self.dist is not None:
+            self._sync_replicas()
         if self.uses_auxk:
             self.auxk_on = bool(self.firing.dead_since(self.step, self.auxk_steps).any())
         now = time.perf_counter()
-        m = self.metrics.summary()
-        m["tokens_per_s"] = (self.metrics.tokens - self._tokens_last) / max(now - self._t_last, 1e-9)
-        self._t_last, self._tokens_last = now, self.metrics.tokens
+        if self.dist is None:
+            m, tokens = self.metrics.summary(), self.metrics.tokens
+        else:
+            m, tokens = self.metrics.summary_across(self.dist)
+        m["tokens_per_s"] = (tokens - self._tokens_last) / max(now - self._t_last, 1e-9)
+        self._t_last, self._tokens_last = now, tokens
         m["lr"] = self._lr_now
         m["l1_coeff"] = l1_coeff_at(max(self.step - 1, 0), self.cfg)
-        m.update(tokens=self.metrics.tokens, skipped_rows=self.skipped_rows, resampled=self.resampled)
+        m.update(tokens=tokens, skipped_rows=self.skipped_rows, resampled=self.resampled)
         if self.extra_metrics is not None:
             m.update(self.extra_metrics())
         self.tracker.log(self.step, m)

@@ -238,7 +238,8 @@ def test_session__native_lm_capture_streams_the_hooked_values(tiny_run: Path, tm
         cfg = load_config(None, [*TINY, f"--lm.path={tiny_run / 'lm'}", f"--buffer.lm_native={native}",
                                  f"--buffer.hook_name={hook}", "--train.device=cpu"])
         session = Session(cfg, tmp_path / f"native_{native}")
-        session.tracker.close()
+        for member in session.members:
+            member.tracker.close()
         return session.stream.capture, next(iter(session.stream)).acts
 
     native, acts_native = first_chunk(True)

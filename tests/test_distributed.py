@@ -1,0 +1,214 @@
+"""Data parallel (gloo, 2 CPU processes): equal to one process on the same global batches, identical ranks through
+resampling, exact resume; the real CLI under torchrun survives a SIGKILL and resumes."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from sae_stream.distributed import Distributed, shard_size
+from sae_stream.sae import build_sae
+from sae_stream.trainer import Trainer
+from tests.test_cli import TINY, tiny_run  # noqa: F401 - module fixture: a tiny trained LM
+from tests.test_trainer import D_IN, ListLogger, _atoms, _cfg, _pool, sparse_batches
+
+WORLD = 2
+STEPS = 40
+DEAD = 8  # features forced dead at init, so both resamples have work
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _config():
+    return _cfg("anthropic", steps=STEPS, train__checkpoint_every=20, train__log_every=10,
+                train__lr_schedule="linear_tail", train__warmup_steps=5, resample__enabled=True,
+                resample__at_steps=[15, 30], sae__l1_coeff=0.05, sae__d_sae=256, resample__dead_window=2)
+
+
+def _sae(cfg):
+    sae = build_sae(cfg.sae, D_IN)
+    with torch.no_grad():
+        sae.b_enc_F[:DEAD] = -1e4
+    return sae
+
+
+def _shard(x: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    n = shard_size(x.shape[0], world)
+    return x[rank * n:(rank + 1) * n]
+
+
+def _worker(rank: int, port: int, out: str, resume_from: str | None, stop_at: int) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist = Distributed.from_env()
+    assert dist is not None and dist.rank == rank
+    cfg, atoms, log = _config(), _atoms(), ListLogger()
+    full_pool = _pool(atoms)
+    trainer = Trainer(_sae(cfg), cfg, Path(out) / "run", log if rank == 0 else ListLogger(),
+                      pool_fn=lambda n: dist.all_gather_rows(_shard(full_pool(n), rank, WORLD)),
+                      extra_state=lambda: {"rank": rank}, dist=dist)
+    start = 0
+    if resume_from is not None:
+        assert trainer.resume(resume_from) == {"rank": rank}  # each rank gets its own part back
+        start = trainer.step
+    batches = (_shard(b, rank, WORLD) for b in itertools.islice(sparse_batches(atoms, start=start), stop_at - start))
+    trainer.fit(batches)
+    torch.save({"sae": trainer.sae.state_dict(), "log": log.rows, "resampled": trainer.resampled},
+               Path(out) / f"rank{rank}.pt")
+    dist.close()
+
+
+def _spawn(out: Path, resume_from: Path | None = None, stop_at: int = STEPS) -> list[dict]:
+    out.mkdir(parents=True, exist_ok=True)
+    mp.start_processes(_worker, args=(_free_port(), str(out), str(resume_from) if resume_from else None, stop_at),
+                       nprocs=WORLD, start_method="spawn")
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def test_ddp__equals_single_process_and_ranks_stay_identical_through_resampling(tmp_path: Path,
+                                                                                one_thread: None) -> None:
+    cfg, atoms = _config(), _atoms()
+    single = _sae(cfg)
+    log = ListLogger()
+    Trainer(single, cfg, None, log, pool_fn=_pool(atoms)).fit(sparse_batches(atoms))
+
+    ranks = _spawn(tmp_path / "ddp")
+    for name, p in ranks[0]["sae"].items():
+        assert torch.equal(p, ranks[1]["sae"][name]), f"{name} differs between ranks"
+        # the sum order differs, and Adam's fresh moments after a resample magnify that: compare whole tensors
+        ref = single.state_dict()[name]
+        assert float((p - ref).norm() / ref.norm().clamp_min(1e-12)) < 1e-4, name
+    assert ranks[0]["resampled"] == ranks[1]["resampled"] > DEAD  # both resamples had work, on both ranks
+    for (step, m), (ref_step, ref) in zip(ranks[0]["log"], log.rows, strict=True):
+        assert step == ref_step and m["tokens"] == ref["tokens"] and m["dead"] == ref["dead"]
+        for key in ("mse", "l1", "l0"):
+            assert m[key] == pytest.approx(ref[key], rel=1e-4), (step, key)
+        assert m["fvu"] == pytest.approx(ref["fvu"], rel=1e-2)  # variance around each rank's batch mean
+
+    # killed after the checkpoint at step 20 (the run stops there), then resumed: the same bits as uninterrupted
+    _spawn(tmp_path / "cut", stop_at=25)
+    state = torch.load(tmp_path / "cut" / "run" / "checkpoints" / "step_00000020" / "state.pt", weights_only=False)
+    assert [p["extra"] for p in state["per_rank"]] == [{"rank": 0}, {"rank": 1}]
+    resumed = _spawn(tmp_path / "resumed", resume_from=tmp_path / "cut" / "run" / "checkpoints" / "step_00000020")
+    for name, p in ranks[0]["sae"].items():
+        assert torch.equal(resumed[0]["sae"][name], p), name
+    def strip(rows: list, after: int = 0) -> list:
+        return [(s, {k: v for k, v in m.items() if k != "tokens_per_s"}) for s, m in rows if s > after]
+
+    assert strip(resumed[0]["log"]) == strip(ranks[0]["log"], after=20)
+
+
+def test_ddp__batch_must_split_evenly_and_checkpoint_needs_same_world(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="train.batch_size=510 is not divisible by the 4"):
+        shard_size(510, 4)
+    cfg = _config()
+    Trainer(_sae(cfg), cfg, tmp_path, ListLogger(), pool_fn=_pool(_atoms())).save()
+    state = torch.load(tmp_path / "checkpoints" / "step_00000000" / "state.pt", weights_only=False)
+    state["per_rank"] = [{}, {}]
+    from sae_stream.checkpoint import save_checkpoint
+
+    save_checkpoint(tmp_path / "checkpoints", 1, state)
+    with pytest.raises(ValueError, match="nproc_per_node=2"):
+        Trainer(_sae(cfg), cfg, tmp_path, ListLogger(), pool_fn=_pool(_atoms())).resume(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------- the CLI under torchrun
+
+# The real CLI; rank 0 holds before step HOLD_AT+1 while GATE exists (writing GATE.held), so the job can be
+# SIGKILLed at a known step (the other rank waits in the gradient all-reduce). torchrun starts its workers in
+# sessions of their own, so each writes its pid (GATE.rankR.pid) for the kill to reach it.
+GATED_CLI = """
+import os, sys, time
+from pathlib import Path
+from sae_stream import trainer
+gate, hold_at, step = Path(os.environ["GATE"]), int(os.environ["HOLD_AT"]), trainer.Trainer._train_step
+Path(str(gate) + f".rank{os.environ['RANK']}.pid").write_text(str(os.getpid()))
+def gated(self, x):
+    if self.step == hold_at and os.environ["RANK"] == "0" and gate.exists():
+        Path(str(gate) + ".held").touch()
+        while gate.exists():
+            time.sleep(0.01)
+    return step(self, x)
+trainer.Trainer._train_step = gated
+from sae_stream.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+DDP_ARGS = ["--train.total_tokens=20480", "--train.checkpoint_every=10", "--resample.at_steps=[15]",
+            "--train.device=cpu"]
+
+
+def _torchrun(script: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}", str(script),
+           *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 240) -> None:
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, (out + err)[-3000:]
+
+
+def _kill_job(launcher: subprocess.Popen, gate: Path) -> None:
+    """SIGKILL the launcher and every worker (they hold its output pipes open)."""
+    os.killpg(launcher.pid, signal.SIGKILL)
+    for r in range(WORLD):
+        pid_file = Path(f"{gate}.rank{r}.pid")
+        if pid_file.exists():
+            try:
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    launcher.communicate(timeout=60)
+
+
+def test_torchrun__killed_ddp_run_resumes_to_the_uninterrupted_result(tiny_run: Path, tmp_path: Path) -> None:  # noqa: F811
+    from safetensors.torch import load_file
+
+    script = tmp_path / "gated.py"
+    script.write_text(GATED_CLI)
+    lm, gate = str(tiny_run / "lm"), tmp_path / "gate"
+    gate.touch()
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    killed = _torchrun(script, "train", "--lm", lm, "--out", str(cut), *TINY, *DDP_ARGS,
+                       env={"GATE": str(gate), "HOLD_AT": "25"})
+    try:
+        _finish(_torchrun(script, "train", "--lm", lm, "--out", str(full), *TINY, *DDP_ARGS,
+                          env={"GATE": str(tmp_path / "no-gate"), "HOLD_AT": "-1"}))
+        deadline = time.monotonic() + 240
+        while not Path(str(gate) + ".held").exists():
+            assert killed.poll() is None, killed.communicate()[1][-3000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        _kill_job(killed, gate)  # 5 steps past the newest checkpoint
+    finally:
+        if killed.poll() is None:
+            _kill_job(killed, gate)
+    assert sorted(p.name for p in (cut / "checkpoints").iterdir()) == ["step_00000010", "step_00000020"]
+    assert not (cut / "sae").exists()
+    _finish(_torchrun(script, "train", "--resume", str(cut), env={"GATE": str(gate), "HOLD_AT": "-1"}))
+
+    steps = [json.loads(line)["step"] for line in (cut / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 40 and len(json.loads((full / "metrics.jsonl").read_text().splitlines()[-1])) > 5
+    for key, want in load_file(full / "sae" / "sae_weights.safetensors").items():
+        assert torch.equal(load_file(cut / "sae" / "sae_weights.safetensors")[key], want), key
+    state = torch.load(full / "checkpoints" / "step_00000040" / "state.pt", weights_only=False)
+    contexts = [p["extra"]["buffer"]["source"]["token_source"]["rank"] for p in state["per_rank"]]
+    assert contexts == [0, 1]  # each rank's own text shard is in the checkpoint

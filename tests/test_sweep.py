@@ -1,0 +1,133 @@
+"""Sweeps: K SAEs fed by one stream train exactly as K separate runs on the same batches; the CLI's sweep run
+directory, resume after an interrupt, per-SAE eval, and bad sweep configs."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sae_stream.cli import main
+from sae_stream.config import ConfigError, config_from_dict
+from sae_stream.sweep import SharedPool, fit_together
+from sae_stream.trainer import Trainer
+from tests.test_cli import TINY, tiny_run  # noqa: F401 - the module fixture: a tiny trained LM
+from tests.test_trainer import D_IN, ListLogger, _atoms, _cfg, _pool, sparse_batches
+
+LAMBDAS = (0.01, 0.03, 0.1)
+
+
+def _member(l1: float, steps: int = 40):
+    cfg = _cfg("anthropic", steps=steps, sae__l1_coeff=l1, sae__d_sae=128, train__log_every=10,
+               train__checkpoint_every=20, resample__enabled=True, resample__at_steps=[15, 30],
+               resample__dead_window=2)
+    from sae_stream.sae import build_sae
+
+    sae = build_sae(cfg.sae, D_IN)
+    with torch.no_grad():
+        sae.b_enc_F[:8] = -1e4  # dead from the start: every member resamples
+    return cfg, sae
+
+
+def test_fit_together__three_saes_equal_three_separate_runs(tmp_path: Path, one_thread: None) -> None:
+    atoms = _atoms()
+    separate = []
+    for i, l1 in enumerate(LAMBDAS):
+        cfg, sae = _member(l1)
+        log = ListLogger()
+        Trainer(sae, cfg, tmp_path / f"separate{i}", log, pool_fn=_pool(atoms)).fit(sparse_batches(atoms))
+        separate.append((sae, log.rows))
+
+    draws: list[int] = []
+
+    def counted_pool(n: int) -> torch.Tensor:
+        draws.append(n)
+        return _pool(atoms)(n)
+
+    pool, streams, trainers = SharedPool(counted_pool), [], []
+    for i, l1 in enumerate(LAMBDAS):
+        cfg, sae = _member(l1)
+        trainers.append(Trainer(sae, cfg, tmp_path / f"member{i}", ListLogger(), pool_fn=pool))
+    finals = fit_together(trainers, sparse_batches(atoms), save_stream=streams.append, pool=pool)
+
+    assert streams == [20, 40] and len(draws) == 2  # one stream checkpoint per step, one pool per resample step
+    for tr, (sae, rows), final in zip(trainers, separate, finals, strict=True):
+        for name, p in sae.state_dict().items():
+            assert torch.equal(tr.sae.state_dict()[name], p), name  # identical maths, identical bits
+        strip = [(s, {k: v for k, v in m.items() if k != "tokens_per_s"}) for s, m in rows]
+        assert strip == [(s, {k: v for k, v in m.items() if k != "tokens_per_s"}) for s, m in tr.tracker.rows]
+        assert final["resampled"] >= 8 and (tr.run_dir / "checkpoints" / "step_00000040").is_dir()
+    assert len({float(t.last_metrics["l0"]) for t in trainers}) == 3  # the λ sweep did produce different SAEs
+
+
+SWEEP = ["--sweep.saes=[{name: low, sae: {l1_coeff: 0.0001}}, {name: high, sae: {l1_coeff: 0.001}, "
+         "train: {lr: 0.002}}]", "--train.total_tokens=20480", "--train.checkpoint_every=10", "--eval.tokens=1024"]
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "sae" / "sae_weights.safetensors")
+
+
+def test_cli__sweep_run_dir_resume_and_eval(tiny_run: Path, tmp_path: Path, one_thread: None,  # noqa: F811
+                                            monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    lm = str(tiny_run / "lm")
+    ref = tmp_path / "sweep"
+    assert main(["train", "--lm", lm, "--out", str(ref), *TINY, *SWEEP]) == 0
+    for name in ("low", "high"):
+        for f in ("config.yaml", "metrics.jsonl", "sae/cfg.json", "sae/sae_weights.safetensors",
+                  "checkpoints/step_00000040/state.pt"):
+            assert (ref / name / f).is_file(), (name, f)
+    assert (ref / "checkpoints" / "step_00000040" / "state.pt").is_file() and not (ref / "sae").exists()
+    assert _weights(ref / "low")["W_enc"].ne(_weights(ref / "high")["W_enc"]).any()
+
+    # a separate run with member "high"'s settings, fed by its own LM + buffer: the same SAE
+    alone = tmp_path / "alone"
+    argv = [*TINY, "--train.total_tokens=20480", "--train.checkpoint_every=10", "--sae.l1_coeff=0.001",
+            "--train.lr=0.002"]
+    assert main(["train", "--lm", lm, "--out", str(alone), *argv]) == 0
+    for key, value in _weights(alone).items():
+        assert torch.equal(_weights(ref / "high")[key], value), key
+
+    # Ctrl-C at step 16: every member and the stream checkpoint step 16; resume ends on the same bits
+    step = Trainer._train_step
+
+    def ctrl_c(self: Trainer, x: torch.Tensor) -> bool:
+        if self.step == 15 and self.run_dir.name == "low":
+            signal.raise_signal(signal.SIGINT)
+        return step(self, x)
+
+    monkeypatch.setattr(Trainer, "_train_step", ctrl_c)
+    cut = tmp_path / "cut"
+    assert main(["train", "--lm", lm, "--out", str(cut), *TINY, *SWEEP]) == 130
+    assert "SIGINT at step 16" in capsys.readouterr().err
+    for d in (cut, cut / "low", cut / "high"):
+        assert sorted(p.name for p in (d / "checkpoints").iterdir()) == ["step_00000010", "step_00000016"], d
+    monkeypatch.setattr(Trainer, "_train_step", step)
+    assert main(["train", "--resume", str(cut)]) == 0
+    for name in ("low", "high"):
+        for key, value in _weights(ref / name).items():
+            assert torch.equal(_weights(cut / name)[key], value), (name, key)
+
+    assert main(["eval", str(ref)]) == 0
+    for name in ("low", "high"):
+        ev = json.loads((ref / name / "eval.json").read_text())
+        assert 0 < ev["fvu"] < 1
+    assert main(["eval", str(ref / "low")]) == 0  # a member directory is a run directory of its own
+
+
+@pytest.mark.parametrize(("saes", "needle"), [
+    ([{"name": "a"}, {"name": "a"}], "duplicate name 'a'"),
+    ([{"name": "a", "train": {"batch_size": 64}}], "train.batch_size is shared"),
+    ([{"name": "a", "sae": {"d_in": 32}}, {"name": "b", "sae": {"d_in": 64}}], "sae.d_in differs"),
+    ([{"name": "a", "sae": {"l1_coeff": -1}}], "sweep.saes[0] (a): sae.l1_coeff must be >= 0"),
+    ([{"name": "checkpoints"}], "reserved"),
+    ([{"sae": {}}], "needs a name"),
+])
+def test_config__bad_sweeps_name_the_fix(saes: list, needle: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"sweep": {"saes": saes}})
+    assert needle in str(info.value) and "\n" not in str(info.value)
