@@ -246,7 +246,7 @@ class TrainConfig:
     step_impl: str = "auto"
     """'fused' (hand-written backward, anthropic only), 'autograd', or 'auto' (fused where it applies)."""
     cuda_graphs: bool = True
-    """On CUDA, replay the whole step (forward, backward, Adam, constraints, metrics) as one CUDA graph."""
+    """CUDA: replay the whole step (fwd, bwd, Adam, constraints, metrics) as one graph (not with nan skip / DDP)."""
     tf32: bool = True
     """On CUDA, let fp32 matmuls use TF32 tensor cores (torch.backends.cuda.matmul.allow_tf32)."""
     cpu_malloc_tuning: bool = True
@@ -363,7 +363,8 @@ class WandbConfig:
 # What one LM forward and one buffer fix for every SAE of a sweep: the batches, the step count, and when
 # checkpoints and metric records happen (all members checkpoint together).
 SWEEP_SHARED_TRAIN = ("device", "total_tokens", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints",
-                      "nan_policy", "cpu_malloc_tuning")
+                      "nan_policy", "cpu_malloc_tuning", "tf32")  # tf32: a process-wide torch switch
+SWEEP_SHARED_RESAMPLE = ("pool_dtype",)  # one pool, drawn once per step, feeds every member resampling then
 SWEEP_SECTIONS = ("sae", "train", "resample")
 SWEEP_RESERVED = ("checkpoints", "sae", "lm", "dashboard")
 
@@ -378,8 +379,8 @@ class SweepConfig:
         for i, entry in enumerate(self.saes):
             name = entry.get("name")
             where = f"sweep.saes[{i}]"
-            if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
-                raise ConfigError(f"{where} needs a name of letters, digits, '.', '_' or '-' (it names the run's "
+            if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name):
+                raise ConfigError(f"{where} needs a name of letters, digits, '_' or '-' (it names the run's "
                                   f"subdirectory), got {name!r}")
             if name in SWEEP_RESERVED:
                 raise ConfigError(f"{where}: name {name!r} is reserved in the run directory; choose another")
@@ -392,10 +393,11 @@ class SweepConfig:
                                       f"{', '.join(SWEEP_SECTIONS)}")
                 if key != "name" and not isinstance(value, dict):
                     raise ConfigError(f"{where} ({name}).{key}: expected a mapping of fields, got {value!r}")
-            shared = sorted(set(entry.get("train", {})) & set(SWEEP_SHARED_TRAIN))
+            shared = [f"train.{k}" for k in sorted(set(entry.get("train", {})) & set(SWEEP_SHARED_TRAIN))]
+            shared += [f"resample.{k}" for k in sorted(set(entry.get("resample", {})) & set(SWEEP_SHARED_RESAMPLE))]
             if shared:
-                raise ConfigError(f"{where} ({name}): train.{shared[0]} is shared by every SAE of a sweep (one "
-                                  f"stream, one step count): set it in the top-level train section")
+                raise ConfigError(f"{where} ({name}): {shared[0]} is shared by every SAE of a sweep (one stream, one "
+                                  f"step count, one pool): set it in the top-level section")
 
 
 @dataclass
@@ -436,7 +438,13 @@ class Config:
                 f"buffer.capacity ({self.buffer.capacity}) must be >= 2 * train.batch_size ({self.train.batch_size})")
         if self.data.context_len > self.lm.n_ctx:
             raise ConfigError(f"data.context_len ({self.data.context_len}) must be <= lm.n_ctx ({self.lm.n_ctx})")
+        if self.train.step_impl == "fused" and self.sae.architecture != "anthropic":
+            raise ConfigError(f"train.step_impl=fused covers sae.architecture=anthropic only, not "
+                              f"{self.sae.architecture!r}: use step_impl=auto or autograd")
         if self.sweep.saes:
+            if self.train.keep_checkpoints == 1:
+                raise ConfigError("a sweep needs train.keep_checkpoints >= 2: each SAE prunes its "
+                                  "own checkpoints before the stream's is written, so one would leave no common step")
             if self.wandb.enabled:
                 raise ConfigError("wandb.enabled is not supported with sweep.saes yet (one wandb run per process): "
                                   "set wandb.enabled=false; each SAE logs to RUN_DIR/NAME/metrics.jsonl")

@@ -322,14 +322,18 @@ class TokenContexts:
 
     def _epoch_contexts(self) -> Iterator[torch.Tensor]:
         seed = (self.cfg.seed if self.split == "train" else HELDOUT_SEED) + self.epoch
-        skip, mine = self.yielded, 0
+        skip, mine, pending = self.yielded, 0, None
         for i, context_T in enumerate(_cut(self._source.token_chunks(seed), self.cfg.context_len)):
-            if i % self.world_size != self.rank:
-                continue
-            mine += 1
-            if mine > skip:
-                self.yielded += 1
-                yield context_T.clone()
+            if i % self.world_size == self.rank:
+                pending = context_T
+            # a context is handed out once its whole group of world_size exists: every rank gets the same count
+            # (the epoch's incomplete last group is dropped), so data-parallel ranks end an epoch together
+            if i % self.world_size == self.world_size - 1 and pending is not None:
+                mine += 1
+                if mine > skip:
+                    self.yielded += 1
+                    yield pending.clone()
+                pending = None
         if mine == 0:
             raise ValueError(f"{self._source.where} has fewer tokens than one context of data.context_len="
                              f"{self.cfg.context_len} for rank {self.rank} of {self.world_size}")

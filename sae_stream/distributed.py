@@ -24,7 +24,7 @@ import torch
 import torch.distributed as tdist
 from torch import Tensor
 
-_OPS = {"sum": tdist.ReduceOp.SUM, "max": tdist.ReduceOp.MAX}
+_OPS = {"sum": tdist.ReduceOp.SUM, "max": tdist.ReduceOp.MAX, "min": tdist.ReduceOp.MIN}
 
 
 class Distributed:

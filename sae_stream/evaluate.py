@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -183,9 +184,28 @@ def density_counts(density_F: Tensor, train_cfg: TrainConfig) -> dict[str, Any]:
 
 
 @torch.no_grad()
+@contextmanager
+def _fp32_matmuls() -> Iterator[None]:
+    """Full-precision fp32 matmuls while evaluating: train.tf32 switches TF32 on process-wide, and eval.json must
+    not depend on whether training ran in the same process (`sae-stream run`) or not (`sae-stream eval`)."""
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
 def evaluate(model: HookedTransformer, sae: SAELike, hook_name: str, token_batches: Iterable[Tensor],
              cfg: EvalConfig, train_cfg: TrainConfig, mean_activation: Tensor | None = None,
              skip_first_position: bool = True) -> dict[str, Any]:
+    with _fp32_matmuls():
+        return _evaluate(model, sae, hook_name, token_batches, cfg, train_cfg, mean_activation, skip_first_position)
+
+
+def _evaluate(model: HookedTransformer, sae: SAELike, hook_name: str, token_batches: Iterable[Tensor],
+              cfg: EvalConfig, train_cfg: TrainConfig, mean_activation: Tensor | None,
+              skip_first_position: bool) -> dict[str, Any]:
     """Evaluate `sae` at `hook_name` on up to `cfg.tokens` held-out tokens; returns a JSON-able dict.
 
     Loss recovered = (L_ablated - L_sae) / (L_ablated - L_clean) against zero- and mean-ablation of the hook

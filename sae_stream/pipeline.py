@@ -152,6 +152,9 @@ class Session:
         self.device = self.dist.device if self.dist else self.device
         self.is_main = rank == 0
         self.batch_size = shard_size(cfg.train.batch_size, world)
+        if self.dist is not None and cfg.train.nan_policy == "skip":
+            raise UserError("train.nan_policy=skip is not supported under torchrun (ranks would drop different "
+                            "numbers of rows and fall out of step): use nan_policy=stop")
         self.model = load_lm(cfg.lm.path, self.device)
         hook = cfg.buffer.hook_name
         check_hook_names(self.model, [hook])
@@ -204,12 +207,15 @@ class Session:
             extra = self.trainer.resume(self.run_dir)
             if "buffer" in extra:
                 self.buffer.load_state_dict(extra["buffer"])
-            return self.trainer.step
-        step = common_resume_step(self.run_dir, [m.run_dir for m in self.members])
-        for m in self.members:
-            m.trainer.resume(m.run_dir / "checkpoints" / f"step_{step:08d}")
-        state = load_checkpoint(self.run_dir / "checkpoints" / f"step_{step:08d}")
-        self.buffer.load_state_dict(self.members[0].trainer._own_part(state, self.run_dir)["extra"]["buffer"])
+            step = self.trainer.step
+        else:
+            step = common_resume_step(self.run_dir, [m.run_dir for m in self.members])
+            for m in self.members:
+                m.trainer.resume(m.run_dir / "checkpoints" / f"step_{step:08d}")
+            state = load_checkpoint(self.run_dir / "checkpoints" / f"step_{step:08d}")
+            self.buffer.load_state_dict(self.members[0].trainer.own_part(state, self.run_dir)["extra"]["buffer"])
+        for m in self.members:  # records logged after the checkpoint (before a kill) are logged again from here
+            m.tracker.drop_after(step)
         return step
 
     def _save_stream(self, step: int) -> None:

@@ -65,24 +65,24 @@ def anthropic_grads_(sae: SAE, x_BD: Tensor, lam: float | Tensor, dtype: torch.d
 
 class GraphedStep:
     """Runs `body(x_BD)` (device work only: no host syncs, no Python state that changes between steps) as a CUDA
-    graph: GRAPH_WARMUP_STEPS eager calls on a side stream, then one capture per `key` (e.g. AuxK on/off), then
-    replays. The batch is copied into a static input; a batch of another shape, or a failed capture (warned once),
-    runs eagerly. Graphs hold the addresses of every tensor they touch: call `reset()` after replacing any of them
-    (loading a checkpoint, moving devices)."""
+    graph: per `key` (e.g. AuxK on/off: different kernels), GRAPH_WARMUP_STEPS eager calls on a side stream, then
+    one capture, then replays. The batch is copied into a static input; a batch of another shape, or a failed
+    capture (warned once), runs eagerly. Graphs hold the addresses of every tensor they touch: call `reset()` after
+    replacing any of them (loading a checkpoint, moving devices)."""
 
     def __init__(self, body: Callable[[Tensor], None], before_capture: Callable[[], None],
                  warmup: int = GRAPH_WARMUP_STEPS) -> None:
         self.body, self.before_capture, self.warmup = body, before_capture, warmup
         self.graphs: dict[Hashable, torch.cuda.CUDAGraph] = {}
         self.static_x: Tensor | None = None
-        self.eager_calls = 0
+        self.eager_calls: dict[Hashable, int] = {}
         self.disabled = False
         self._pool = None
 
     def reset(self) -> None:
         self.graphs.clear()
         self.static_x = None
-        self.eager_calls = 0
+        self.eager_calls.clear()
 
     def __call__(self, x_BD: Tensor, key: Hashable = None) -> None:
         if self.disabled or (self.static_x is not None and x_BD.shape != self.static_x.shape):
@@ -92,8 +92,8 @@ class GraphedStep:
             self.static_x.copy_(x_BD)
             self.graphs[key].replay()
             return
-        if self.eager_calls < self.warmup:
-            self.eager_calls += 1
+        if self.eager_calls.get(key, 0) < self.warmup:
+            self.eager_calls[key] = self.eager_calls.get(key, 0) + 1
             self._on_side_stream(x_BD)
             return
         self._capture_and_run(x_BD, key)

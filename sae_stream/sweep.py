@@ -12,8 +12,9 @@ the stream (buffer, LM and text position) writes `<run>/checkpoints/step_X`, las
 checkpoint whose members all have a valid checkpoint at that step (`common_resume_step`), so the K SAEs and the one
 buffer always restart from the same point.
 
-Resampling: members that resample at the same step share one pool (`SharedPool`, drawn once per step), so a sweep
-consumes the stream exactly as one run does.
+Resampling: members that resample at the same step share one pool (`SharedPool`, drawn once per step; pool_dtype
+is a shared setting), so with one resampling schedule a sweep consumes the stream exactly as one run does; members
+with schedules of their own draw a pool at each of their steps.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def fit_together(trainers: Sequence[Trainer], batches: Iterator[Tensor], save_st
 
     def request_stop(signum: int) -> None:
         for tr in trainers:
-            tr._request_stop(signum)
+            tr.request_stop(signum)
 
     it = iter(batches)
     for tr in trainers:

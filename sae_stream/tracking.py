@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from sae_stream.checkpoint import atomic_write_text
 from sae_stream.config import WandbConfig
 
 
@@ -37,6 +38,9 @@ class NullTracker:
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         pass
 
+    def drop_after(self, step: int) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
@@ -47,9 +51,10 @@ class Tracker(NullTracker):
     def __init__(self, run_dir: str | Path | None, wandb_cfg: WandbConfig | None = None,
                  config: dict[str, Any] | None = None, filename: str = "metrics.jsonl") -> None:
         self._file = None
-        if run_dir is not None:
-            Path(run_dir).mkdir(parents=True, exist_ok=True)
-            self._file = open(Path(run_dir) / filename, "a", buffering=1)
+        self._path = Path(run_dir) / filename if run_dir is not None else None
+        if self._path is not None:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self._path, "a", buffering=1)
         self._wandb = None
         if wandb_cfg is not None and wandb_cfg.enabled and os.environ.get("WANDB_MODE") != "disabled":
             self._wandb = _init_wandb(wandb_cfg, config, run_dir)
@@ -60,6 +65,16 @@ class Tracker(NullTracker):
             self._file.write(json.dumps(record) + "\n")
         if self._wandb is not None:
             self._wandb.log(_wandb_payload(metrics), step=step)
+
+    def drop_after(self, step: int) -> None:
+        """Forget the records after `step` (a resume from that step logs them again): an atomic rewrite."""
+        if self._file is None or self._path is None:
+            return
+        self._file.close()
+        kept = [line for line in self._path.read_text().splitlines(keepends=True)
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        atomic_write_text(self._path, "".join(kept))
+        self._file = open(self._path, "a", buffering=1)
 
     def close(self) -> None:
         if self._file is not None:

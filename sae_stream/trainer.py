@@ -19,7 +19,6 @@ detected on device and reported, with the step they first appeared in, at the ne
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 import warnings
@@ -27,13 +26,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-import numpy as np
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
 from sae_stream.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from sae_stream.config import Config, ConfigError, TrainConfig
+from sae_stream.metrics import RunningMetrics, firing_counts
 from sae_stream.process import TrainingInterrupted, signals_to, tune_cpu_allocator
 from sae_stream.resample import FiringTracker, resample_dead_, resample_steps
 from sae_stream.sae import SAE
@@ -42,18 +41,7 @@ from sae_stream.step import GraphedStep, anthropic_grads_, supports_fused
 if TYPE_CHECKING:
     from sae_stream.distributed import Distributed
 
-HIST_LOG10_MIN = -10.0  # density histogram range; never-firing features are counted in the lowest bin
-_SUMS = ("loss", "mse", "l1", "aux", "l0", "err_sq", "var_sq")
 MAX_EMPTY_BATCHES = 100  # consecutive all-non-finite batches under nan_policy=skip before giving up
-
-
-def firing_counts(feats_BF: Tensor) -> Tensor:
-    """Per-feature number of rows with a positive activation (int64 [d_sae])."""
-    if feats_BF.dtype == torch.float32:
-        # a matrix-vector product over sign(f) (exact below 2^24 rows) is ~3x faster than a bool reduction
-        ones_B = torch.ones(feats_BF.shape[0], dtype=torch.float32, device=feats_BF.device)
-        return (ones_B @ torch.sign(feats_BF)).long()
-    return (feats_BF > 0).sum(dim=0)
 
 
 class MetricsLogger(Protocol):
@@ -77,110 +65,6 @@ def l1_coeff_at(step: int, cfg: Config) -> float:
     """λ for the 0-based step: ramps linearly from 0 over train.l1_warmup_fraction of the run."""
     warm = cfg.train.l1_warmup_fraction * cfg.train.total_steps
     return cfg.sae.l1_coeff * (min(1.0, (step + 1) / warm) if warm > 0 else 1.0)
-
-
-class RunningMetrics:
-    """Per-interval sums (on device) and a per-feature firing count over the density window."""
-
-    def __init__(self, d_sae: int, device: torch.device, t: TrainConfig, bins: int) -> None:
-        self.t, self.bins = t, bins
-        self.sums = torch.zeros(len(_SUMS), dtype=torch.float64, device=device)
-        self.steps = 0
-        self.tokens = 0
-        self.fire_counts_F = torch.zeros(d_sae, dtype=torch.long, device=device)
-        self.window_tokens = 0
-        self.density_F: Tensor | None = None  # last completed window
-        self.reduced_density_F: Tensor | None = None  # data parallel: all ranks' density at the last log
-
-    @torch.no_grad()
-    def accumulate_(self, out: Any, x_BD: Tensor, counts_F: Tensor, input_scale: Tensor) -> None:
-        """The device half of a step's bookkeeping (in place, so a CUDA graph can replay it)."""
-        n, d = x_BD.shape
-        err_sq = out.mse.double() * (n * d) / input_scale.double() ** 2  # back to the original space
-        var_sq = (x_BD - x_BD.mean(0)).pow(2).sum().double()
-        stacked = torch.stack([out.loss.double(), out.mse.double(), out.l1.double(), out.aux.double(),
-                               counts_F.sum().double() / n, err_sq, var_sq])
-        self.sums += stacked
-        self.fire_counts_F += counts_F
-
-    def count_(self, n: int) -> None:
-        """The host half: one step of n rows."""
-        self.steps += 1
-        self.tokens += n
-        self.window_tokens += n
-
-    def update_(self, out: Any, x_BD: Tensor, counts_F: Tensor, input_scale: Tensor) -> None:
-        self.accumulate_(out, x_BD, counts_F, input_scale)
-        self.count_(x_BD.shape[0])
-
-    def summary(self) -> dict[str, Any]:
-        """Host-side metrics for the interval since the last call (syncs), then resets the interval sums."""
-        s = dict(zip(_SUMS, self.sums.tolist()))
-        k = max(self.steps, 1)
-        out: dict[str, Any] = {name: s[name] / k for name in ("loss", "mse", "l1", "aux", "l0")}
-        out["fvu"] = s["err_sq"] / s["var_sq"] if s["var_sq"] > 0 else float("nan")
-        if self.window_tokens >= self.t.density_window_tokens or self.density_F is None:
-            density_F = self.fire_counts_F.double() / max(self.window_tokens, 1)
-            if self.window_tokens >= self.t.density_window_tokens:
-                self.density_F = density_F
-                self.fire_counts_F.zero_()
-                self.window_tokens = 0
-        else:
-            density_F = self.density_F
-        out.update(self._density_metrics(density_F.cpu().numpy()))
-        self.sums.zero_()
-        self.steps = 0
-        return out
-
-    def summary_across(self, dist: Distributed) -> tuple[dict[str, Any], int]:
-        """summary() of all ranks' metrics together, and the global token count (data parallel; collective).
-
-        Sums, firing counts and token counts are added over ranks (the per-step means averaged); this rank's
-        interval and density window then reset exactly as the global ones did, so every rank agrees."""
-        n_sums, world = len(_SUMS), dist.world_size
-        counts = torch.tensor([self.tokens, self.window_tokens], dtype=torch.float64, device=self.sums.device)
-        total = dist.all_reduce_(torch.cat([self.sums, self.fire_counts_F.double(), counts]))
-        g = copy.copy(self)
-        g.sums = total[:n_sums].clone()
-        g.sums[:5] /= world  # loss, mse, l1, aux, l0 are per-step means: average them; err_sq, var_sq add up
-        g.fire_counts_F = total[n_sums:-2].round().long()
-        g.tokens, g.window_tokens = (int(v) for v in total[-2:].round().tolist())
-        used_F = g.density_F if g.density_F is not None else g.fire_counts_F.double() / max(g.window_tokens, 1)
-        out = g.summary()
-        self.reduced_density_F = g.density_F if g.density_F is not None else used_F  # what export reports
-        self.sums.zero_()
-        self.steps = 0
-        if g.window_tokens == 0:  # the global window completed
-            self.fire_counts_F.zero_()
-            self.window_tokens = 0
-        self.density_F = g.density_F
-        return out, g.tokens
-
-    def current_density(self) -> Tensor:
-        """Per-feature firing density: the last completed window, else the window in progress."""
-        if self.density_F is not None:
-            return self.density_F
-        return self.fire_counts_F.double() / max(self.window_tokens, 1)
-
-    def _density_metrics(self, d_F: np.ndarray) -> dict[str, Any]:
-        dead = d_F <= self.t.dead_threshold
-        log_d = np.log10(np.maximum(d_F, 10.0 ** HIST_LOG10_MIN))
-        counts, edges = np.histogram(log_d, bins=self.bins, range=(HIST_LOG10_MIN, 0.0))
-        return {
-            "dead": int(dead.sum()),
-            "ultralow": int(((d_F < self.t.ultralow_threshold) & ~dead).sum()),
-            "dense": int((d_F > self.t.dense_threshold).sum()),
-            "density_log10_histogram": {"counts": counts.tolist(), "edges": edges.tolist()},
-        }
-
-    def state_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("sums", "steps", "tokens", "fire_counts_F", "window_tokens",
-                                               "density_F")}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        device = self.sums.device
-        for k, v in state.items():
-            setattr(self, k, v.to(device) if isinstance(v, Tensor) else v)
 
 
 class Trainer:
@@ -238,9 +122,6 @@ class Trainer:
         self.metrics = RunningMetrics(self.sae.d_sae, device, t, self.cfg.eval.histogram_bins)
         self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
         self.fused = t.step_impl == "fused" or (t.step_impl == "auto" and supports_fused(self.sae))
-        if t.step_impl == "fused" and not supports_fused(self.sae):
-            raise ConfigError(f"train.step_impl=fused covers sae.architecture=anthropic only, not "
-                              f"{self.sae.cfg.architecture!r}: use step_impl=auto or autograd")
         self._graph = GraphedStep(self._device_step, before_capture=self._zero_grad)
 
     def _zero_grad(self) -> None:
@@ -309,8 +190,6 @@ class Trainer:
     def _checkpoint_state(self) -> dict[str, Any] | None:
         """state_dict(); data parallel: a collective that adds every rank's own part (trainer metrics, RNG,
         stream) as `per_rank`, returned on rank 0 only (the SAE and Adam are identical on every rank)."""
-        if self.dist is not None:
-            self._sync_replicas()
         state = self.state_dict()
         if self.dist is None:
             return state
@@ -320,6 +199,8 @@ class Trainer:
     def save(self) -> Path | None:
         if self.run_dir is None:
             return None
+        if self.dist is not None:
+            self._sync_replicas()  # a collective every rank reaches, so a bad batch on one rank stops all of them
         self._raise_if_bad_input()  # never checkpoint weights trained on non-finite data
         self._saved_step = self.step
         state = self._checkpoint_state()
@@ -342,7 +223,7 @@ class Trainer:
         want = (self.sae.cfg.architecture, self.sae.d_in, self.sae.d_sae)
         if got != want:
             raise ValueError(f"checkpoint {ckpt} is (architecture, d_in, d_sae)={got}, this SAE is {want}")
-        state = self._own_part(state, ckpt)
+        state = self.own_part(state, ckpt)
         self.sae.load_state_dict(state["sae"])
         self.optimizer.load_state_dict(state["optimizer"])
         self._lr_now = float(self.optimizer.param_groups[0]["lr"])
@@ -356,7 +237,7 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         return state["extra"]
 
-    def _own_part(self, state: dict[str, Any], ckpt: Path) -> dict[str, Any]:
+    def own_part(self, state: dict[str, Any], ckpt: Path) -> dict[str, Any]:
         """The checkpoint as this rank saw it: a data-parallel checkpoint needs the same number of ranks."""
         saved = len(state["per_rank"]) if "per_rank" in state else 1
         world = self.dist.world_size if self.dist is not None else 1
@@ -377,7 +258,7 @@ class Trainer:
         it = iter(batches)
         self.begin()
         try:
-            with signals_to(self._request_stop):
+            with signals_to(self.request_stop):
                 while self.step < self.total_steps:
                     try:
                         x_BD = next(it)
@@ -446,7 +327,7 @@ class Trainer:
         if self._saved_step != self.step:
             self.save()
 
-    def _request_stop(self, signum: int) -> None:
+    def request_stop(self, signum: int) -> None:
         if self._stop_signum is not None:  # a second signal: stop now, without waiting for the step/checkpoint
             raise KeyboardInterrupt
         self._stop_signum = signum  # a plain attribute: the loop checks it once per step, without a sync
@@ -556,9 +437,15 @@ class Trainer:
         self.firing.last_resample_step = self.step
 
     def _sync_replicas(self) -> None:
-        """Data parallel: last-fired steps to their max over ranks (idempotent, so syncing only here equals syncing
-        every step) and running thresholds (batchtopk: a linear EMA) to their mean."""
+        """Data parallel, at log / resample / checkpoint steps: last-fired steps to their max over ranks (what
+        resampling and the logged densities use: the same as syncing every step), running thresholds (batchtopk: a
+        linear EMA) to their mean, and the first bad step to the earliest on any rank, so every rank raises it.
+        Between syncs AuxK's dead mask is each rank's own (an approximation of single-process training)."""
         assert self.dist is not None
+        never = torch.iinfo(torch.long).max
+        first_bad = torch.where(self.first_bad >= 0, self.first_bad, never)
+        self.dist.all_reduce_(first_bad, op="min")
+        self.first_bad.copy_(torch.where(first_bad == never, -1, first_bad))
         self.dist.all_reduce_(self.firing.last_fired_F, op="max")
         threshold = getattr(self.sae, "threshold", None)
         if isinstance(threshold, Tensor):
@@ -571,9 +458,9 @@ class Trainer:
                              "train.nan_policy=skip to drop such rows")
 
     def _log(self, bar: tqdm) -> None:
-        self._raise_if_bad_input()
         if self.dist is not None:
             self._sync_replicas()
+        self._raise_if_bad_input()
         if self.uses_auxk:
             self.auxk_on = bool(self.firing.dead_since(self.step, self.auxk_steps).any())
         now = time.perf_counter()

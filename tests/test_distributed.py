@@ -212,3 +212,35 @@ def test_torchrun__killed_ddp_run_resumes_to_the_uninterrupted_result(tiny_run: 
     state = torch.load(full / "checkpoints" / "step_00000040" / "state.pt", weights_only=False)
     contexts = [p["extra"]["buffer"]["source"]["token_source"]["rank"] for p in state["per_rank"]]
     assert contexts == [0, 1]  # each rank's own text shard is in the checkpoint
+
+
+def _nan_worker(rank: int, port: int, out: str) -> None:
+    """Rank 1 alone sees a non-finite row at step 3: every rank must stop with the same one-line error."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist = Distributed.from_env()
+    cfg = _cfg("anthropic", steps=20, train__log_every=5, train__checkpoint_every=100)
+    trainer = Trainer(build_sae(cfg.sae, D_IN), cfg, None, ListLogger(), dist=dist)
+
+    def batches():
+        for i, b in enumerate(sparse_batches(_atoms())):
+            x = _shard(b, rank, WORLD).clone()
+            if rank == 1 and i == 2:
+                x[0, 0] = float("nan")
+            yield x
+
+    try:
+        trainer.fit(batches())
+        result = "finished"
+    except ValueError as e:
+        result = str(e)
+    Path(out, f"nan{rank}.txt").write_text(result)
+    dist.close()
+
+
+def test_ddp__a_bad_batch_on_one_rank_stops_every_rank_with_its_step(tmp_path: Path) -> None:
+    mp.start_processes(_nan_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, start_method="spawn")
+    results = [(tmp_path / f"nan{r}.txt").read_text() for r in range(WORLD)]
+    assert results[0] == results[1]
+    assert results[0].startswith("non-finite activations in the batch of step 3")

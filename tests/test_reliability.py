@@ -11,6 +11,7 @@ others run the same CLI `main` in-process, which spares a ~5 s import per run.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -158,6 +159,14 @@ def test_train__interrupted_runs_resume_bit_identical(lm_dir: Path, tmp_path: Pa
     with pytest.warns(UserWarning, match="falling back to the previous checkpoint"):
         assert main(["train", "--resume", str(torn)]) == 0
     _assert_same_sae(torn, ref)
+    # step 50 was logged before the kill and again after resuming from 40: the log keeps it once, as in run A
+    for run in (kill_run, torn):
+        assert _logged(run) == _logged(ref)
+
+
+def _logged(run: Path) -> list[tuple[int, float]]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["mse"]) for r in rows]
 
 
 # ---------------------------------------------------------------------------------------------- in-process signals

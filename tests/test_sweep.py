@@ -126,8 +126,14 @@ def test_cli__sweep_run_dir_resume_and_eval(tiny_run: Path, tmp_path: Path, one_
     ([{"name": "a", "sae": {"l1_coeff": -1}}], "sweep.saes[0] (a): sae.l1_coeff must be >= 0"),
     ([{"name": "checkpoints"}], "reserved"),
     ([{"sae": {}}], "needs a name"),
+    ([{"name": "config.yaml"}], "needs a name of letters, digits, '_' or '-'"),  # would collide with run files
+    ([{"name": "a", "resample": {"pool_dtype": "float32"}}], "resample.pool_dtype is shared"),
+    ([{"name": "a", "train": {"tf32": False}}], "train.tf32 is shared"),
+    ([{"name": "a", "train": {"step_impl": "fused"}, "sae": {"architecture": "topk"}}], "anthropic only"),
+    ([{"name": "a"}, {"name": "b"}], "keep_checkpoints >= 2"),
 ])
 def test_config__bad_sweeps_name_the_fix(saes: list, needle: str) -> None:
+    top = {"train": {"keep_checkpoints": 1}} if needle.startswith("keep") else {}
     with pytest.raises(ConfigError) as info:
-        config_from_dict({"sweep": {"saes": saes}})
+        config_from_dict({"sweep": {"saes": saes}, **top})
     assert needle in str(info.value) and "\n" not in str(info.value)

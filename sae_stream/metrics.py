@@ -1,0 +1,134 @@
+"""Training metrics kept on the device: per-interval loss sums, per-feature firing counts and the density window.
+
+    metrics = RunningMetrics(d_sae, device, cfg.train, bins)
+    metrics.accumulate_(out, x_BD, firing_counts(out.feats), sae.input_scale)   # in the step (graph-safe)
+    metrics.count_(len(x_BD))                                                    # on the host, once per step
+    record = metrics.summary()                                                   # every log_every steps (syncs)
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from sae_stream.config import TrainConfig
+
+if TYPE_CHECKING:
+    from sae_stream.distributed import Distributed
+
+HIST_LOG10_MIN = -10.0  # density histogram range; never-firing features are counted in the lowest bin
+_SUMS = ("loss", "mse", "l1", "aux", "l0", "err_sq", "var_sq")
+
+
+def firing_counts(feats_BF: Tensor) -> Tensor:
+    """Per-feature number of rows with a positive activation (int64 [d_sae])."""
+    if feats_BF.dtype == torch.float32:
+        # a matrix-vector product over sign(f) (exact below 2^24 rows) is ~3x faster than a bool reduction
+        ones_B = torch.ones(feats_BF.shape[0], dtype=torch.float32, device=feats_BF.device)
+        return (ones_B @ torch.sign(feats_BF)).long()
+    return (feats_BF > 0).sum(dim=0)
+
+
+
+class RunningMetrics:
+    """Per-interval sums (on device) and a per-feature firing count over the density window."""
+
+    def __init__(self, d_sae: int, device: torch.device, t: TrainConfig, bins: int) -> None:
+        self.t, self.bins = t, bins
+        self.sums = torch.zeros(len(_SUMS), dtype=torch.float64, device=device)
+        self.steps = 0
+        self.tokens = 0
+        self.fire_counts_F = torch.zeros(d_sae, dtype=torch.long, device=device)
+        self.window_tokens = 0
+        self.density_F: Tensor | None = None  # last completed window
+        self.reduced_density_F: Tensor | None = None  # data parallel: all ranks' density at the last log
+
+    @torch.no_grad()
+    def accumulate_(self, out: Any, x_BD: Tensor, counts_F: Tensor, input_scale: Tensor) -> None:
+        """The device half of a step's bookkeeping (in place, so a CUDA graph can replay it)."""
+        n, d = x_BD.shape
+        err_sq = out.mse.double() * (n * d) / input_scale.double() ** 2  # back to the original space
+        var_sq = (x_BD - x_BD.mean(0)).pow(2).sum().double()
+        stacked = torch.stack([out.loss.double(), out.mse.double(), out.l1.double(), out.aux.double(),
+                               counts_F.sum().double() / n, err_sq, var_sq])
+        self.sums += stacked
+        self.fire_counts_F += counts_F
+
+    def count_(self, n: int) -> None:
+        """The host half: one step of n rows."""
+        self.steps += 1
+        self.tokens += n
+        self.window_tokens += n
+
+    def summary(self) -> dict[str, Any]:
+        """Host-side metrics for the interval since the last call (syncs), then resets the interval sums."""
+        s = dict(zip(_SUMS, self.sums.tolist()))
+        k = max(self.steps, 1)
+        out: dict[str, Any] = {name: s[name] / k for name in ("loss", "mse", "l1", "aux", "l0")}
+        out["fvu"] = s["err_sq"] / s["var_sq"] if s["var_sq"] > 0 else float("nan")
+        if self.window_tokens >= self.t.density_window_tokens or self.density_F is None:
+            density_F = self.fire_counts_F.double() / max(self.window_tokens, 1)
+            if self.window_tokens >= self.t.density_window_tokens:
+                self.density_F = density_F
+                self.fire_counts_F.zero_()
+                self.window_tokens = 0
+        else:
+            density_F = self.density_F
+        out.update(self._density_metrics(density_F.cpu().numpy()))
+        self.sums.zero_()
+        self.steps = 0
+        return out
+
+    def summary_across(self, dist: Distributed) -> tuple[dict[str, Any], int]:
+        """summary() of all ranks' metrics together, and the global token count (data parallel; collective).
+
+        Sums, firing counts and token counts are added over ranks (the per-step means averaged); this rank's
+        interval and density window then reset exactly as the global ones did, so every rank agrees."""
+        n_sums, world = len(_SUMS), dist.world_size
+        counts = torch.tensor([self.tokens, self.window_tokens], dtype=torch.float64, device=self.sums.device)
+        total = dist.all_reduce_(torch.cat([self.sums, self.fire_counts_F.double(), counts]))
+        g = copy.copy(self)
+        g.sums = total[:n_sums].clone()
+        g.sums[:5] /= world  # loss, mse, l1, aux, l0 are per-step means: average them; err_sq, var_sq add up
+        g.fire_counts_F = total[n_sums:-2].round().long()
+        g.tokens, g.window_tokens = (int(v) for v in total[-2:].round().tolist())
+        used_F = g.density_F if g.density_F is not None else g.fire_counts_F.double() / max(g.window_tokens, 1)
+        out = g.summary()
+        self.reduced_density_F = g.density_F if g.density_F is not None else used_F  # what export reports
+        self.sums.zero_()
+        self.steps = 0
+        if g.window_tokens == 0:  # the global window completed
+            self.fire_counts_F.zero_()
+            self.window_tokens = 0
+        self.density_F = g.density_F
+        return out, g.tokens
+
+    def current_density(self) -> Tensor:
+        """Per-feature firing density: the last completed window, else the window in progress."""
+        if self.density_F is not None:
+            return self.density_F
+        return self.fire_counts_F.double() / max(self.window_tokens, 1)
+
+    def _density_metrics(self, d_F: np.ndarray) -> dict[str, Any]:
+        dead = d_F <= self.t.dead_threshold
+        log_d = np.log10(np.maximum(d_F, 10.0 ** HIST_LOG10_MIN))
+        counts, edges = np.histogram(log_d, bins=self.bins, range=(HIST_LOG10_MIN, 0.0))
+        return {
+            "dead": int(dead.sum()),
+            "ultralow": int(((d_F < self.t.ultralow_threshold) & ~dead).sum()),
+            "dense": int((d_F > self.t.dense_threshold).sum()),
+            "density_log10_histogram": {"counts": counts.tolist(), "edges": edges.tolist()},
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("sums", "steps", "tokens", "fire_counts_F", "window_tokens",
+                                               "density_F")}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        device = self.sums.device
+        for k, v in state.items():
+            setattr(self, k, v.to(device) if isinstance(v, Tensor) else v)
