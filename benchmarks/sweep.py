@@ -23,8 +23,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from buffer_throughput import build_lm, token_batches  # noqa: E402
+from transformer_lens import HookedTransformer, HookedTransformerConfig  # noqa: E402
 
-from sae_stream.activations import ActivationStream  # noqa: E402
+from sae_stream.activations import ActivationStream, hook_dim  # noqa: E402
 from sae_stream.buffer import ShuffleBuffer  # noqa: E402
 from sae_stream.config import config_from_dict  # noqa: E402
 from sae_stream.sae import build_sae  # noqa: E402
@@ -45,6 +46,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--context-len", type=int, default=128)
     p.add_argument("--lm-batch", type=int, default=None, help="contexts per LM forward")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--lm-layers", type=int, default=1, help="LM depth (1 with --lm-d-model 128: the paper's LM)")
+    p.add_argument("--lm-d-model", type=int, default=128, help="LM width (heads of 32, MLP 4x)")
+    p.add_argument("--hook", default=HOOK, help="hook the SAEs read (e.g. blocks.3.hook_resid_post)")
     p.add_argument("--out", default=None, help="also append the JSON lines to this file")
     args = p.parse_args(argv)
     if args.device == "auto":
@@ -66,15 +70,28 @@ def _cfg(args: argparse.Namespace, d_sae: int, l1: float):
     })
 
 
+def build_model(args: argparse.Namespace):
+    """The paper's 1-layer LM, or (--lm-layers/--lm-d-model) a deeper/wider random-init one: a costlier forward,
+    as when the SAEs read a larger model (where a sweep saves most)."""
+    if (args.lm_layers, args.lm_d_model) == (1, 128):
+        return build_lm(args.context_len, args.device)
+    torch.manual_seed(0)
+    d = args.lm_d_model
+    cfg = HookedTransformerConfig(n_layers=args.lm_layers, d_model=d, n_heads=d // 32, d_head=32, d_mlp=4 * d,
+                                  d_vocab=50304, n_ctx=args.context_len, act_fn="relu", normalization_type="LN",
+                                  default_prepend_bos=False, device=args.device)
+    return HookedTransformer(cfg).eval()
+
+
 def _buffer(args: argparse.Namespace, model, cfg) -> ShuffleBuffer:
     device = torch.device(args.device)
-    stream = ActivationStream(model, [HOOK], token_batches(args.lm_batch, args.context_len, args.device), cfg.buffer,
-                              device, context_len=args.context_len)
+    stream = ActivationStream(model, [args.hook], token_batches(args.lm_batch, args.context_len, args.device),
+                              cfg.buffer, device, context_len=args.context_len)
     return ShuffleBuffer(stream, cfg.buffer, device, d_in=stream.d_in)
 
 
 def _trainer(args: argparse.Namespace, cfg) -> Trainer:
-    return Trainer(build_sae(cfg.sae, 512).to(args.device), cfg, None, NullTracker())
+    return Trainer(build_sae(cfg.sae, args.d_in).to(args.device), cfg, None, NullTracker())
 
 
 def _sync(args: argparse.Namespace) -> None:
@@ -100,7 +117,9 @@ def measure(args: argparse.Namespace, model, d_sae: int) -> dict:
     _sync(args)
     one = time.perf_counter() - t0
     sae_tokens = args.k * args.tokens
-    return {"bench": "sweep", "device": args.device, "k": args.k, "d_in": 512, "d_sae": d_sae, "batch": args.batch,
+    return {"bench": "sweep", "device": args.device, "k": args.k, "d_in": args.d_in, "d_sae": d_sae,
+            "batch": args.batch,
+            "lm": f"{args.lm_layers}L d_model {args.lm_d_model}, ctx {args.context_len}", "hook": args.hook,
             "tokens_per_sae": args.tokens, "one_run_s": round(one, 3), "separate_s": round(separate, 3),
             "sweep_s": round(sweep, 3), "ratio_sweep_vs_separate": round(sweep / separate, 4),
             "sae_tokens_per_s_separate": round(sae_tokens / separate),
@@ -114,7 +133,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = build_lm(args.context_len, args.device)
+    model = build_model(args)
+    args.d_in = hook_dim(model, args.hook, args.context_len)
     rows = []
     for d_sae in args.d_sae:
         row = measure(args, model, d_sae)
