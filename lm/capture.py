@@ -13,7 +13,7 @@ transformer-lens.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -62,33 +62,28 @@ class GPTCapture:
 
     def _block(self, layer: int, x_BTD: Tensor, got: dict[str, Tensor]) -> Tensor | None:
         """Block `layer`, recording the wanted points; None once the last wanted point has been computed."""
-        b = self.gpt.blocks[layer]
         stop = self._last[1] if layer == self._last[0] else len(POINTS)
-
-        def keep(i: int, value: Tensor) -> bool:
+        for i, value in enumerate(_points(self.gpt.blocks[layer], x_BTD)):  # lazily: stops computing at `stop`
             if (layer, POINTS[i]) in self._wanted:
                 got[f"blocks.{layer}.{POINTS[i]}"] = value
-            return i >= stop
+            if i >= stop:
+                return None
+        return value  # hook_resid_post: the next block's input
 
-        if keep(0, x_BTD):
-            return None
-        z_BTD = b.attn.heads(b.ln_1(x_BTD))
-        if keep(1, z_BTD):
-            return None
-        attn_out_BTD = b.attn.c_proj(z_BTD)
-        if keep(2, attn_out_BTD):
-            return None
-        x_BTD = x_BTD + attn_out_BTD
-        if keep(3, x_BTD):
-            return None
-        pre_BTM = b.mlp.c_fc(b.ln_2(x_BTD))
-        if keep(4, pre_BTM):
-            return None
-        post_BTM = b.mlp.act(pre_BTM)
-        if keep(5, post_BTM):
-            return None
-        mlp_out_BTD = b.mlp.c_proj(post_BTM)
-        if keep(6, mlp_out_BTD):
-            return None
-        x_BTD = x_BTD + mlp_out_BTD
-        return None if keep(7, x_BTD) else x_BTD
+
+def _points(b: torch.nn.Module, x_BTD: Tensor) -> Iterator[Tensor]:
+    """The block's values at POINTS, in order, each computed only when asked for."""
+    yield x_BTD
+    z_BTD = b.attn.heads(b.ln_1(x_BTD))
+    yield z_BTD
+    attn_out_BTD = b.attn.c_proj(z_BTD)
+    yield attn_out_BTD
+    x_BTD = x_BTD + attn_out_BTD
+    yield x_BTD
+    pre_BTM = b.mlp.c_fc(b.ln_2(x_BTD))
+    yield pre_BTM
+    post_BTM = b.mlp.act(pre_BTM)
+    yield post_BTM
+    mlp_out_BTD = b.mlp.c_proj(post_BTM)
+    yield mlp_out_BTD
+    yield x_BTD + mlp_out_BTD
