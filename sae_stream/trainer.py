@@ -356,11 +356,13 @@ class Trainer:
                                          "entirely non-finite: the activation source is broken (check the LM)")
                     return None
             self._empty_batches = 0
-        elif not self.initialised and not bool(torch.isfinite(x_BD).all()):  # one host sync, before b_dec is set
-            self.first_bad.fill_(self.step + 1)
-            self._raise_if_bad_input()
         if not self.initialised:
-            self.sae.init_from_sample_(self.dist.all_gather_rows(x_BD) if self.dist else x_BD)  # global batch
+            sample_ND = self.dist.all_gather_rows(x_BD) if self.dist else x_BD  # data parallel: the global batch
+            # one host sync, before b_dec is set from it (every rank sees the same gathered batch and agrees)
+            if self.cfg.train.nan_policy == "stop" and not bool(torch.isfinite(sample_ND).all()):
+                self.first_bad.fill_(self.step + 1)
+                self._raise_if_bad_input()
+            self.sae.init_from_sample_(sample_ND)
             self.initialised = True
         return x_BD
 
