@@ -21,6 +21,7 @@ from sae_stream.distributed import Distributed, shard_size
 from sae_stream.sae import build_sae
 from sae_stream.trainer import Trainer
 from tests.test_cli import TINY, tiny_run  # noqa: F401 - module fixture: a tiny trained LM
+from tests.test_reliability import GATED_CLI
 from tests.test_trainer import D_IN, ListLogger, _atoms, _cfg, _pool, sparse_batches
 
 WORLD = 2
@@ -130,25 +131,7 @@ def test_ddp__batch_must_split_evenly_and_checkpoint_needs_same_world(tmp_path: 
 
 # ---------------------------------------------------------------------------------------------- the CLI under torchrun
 
-# The real CLI; rank 0 holds before step HOLD_AT+1 while GATE exists (writing GATE.held), so the job can be
-# SIGKILLed at a known step (the other rank waits in the gradient all-reduce). torchrun starts its workers in
-# sessions of their own, so each writes its pid (GATE.rankR.pid) for the kill to reach it.
-GATED_CLI = """
-import os, sys, time
-from pathlib import Path
-from sae_stream import trainer
-gate, hold_at, step = Path(os.environ["GATE"]), int(os.environ["HOLD_AT"]), trainer.Trainer._train_step
-Path(str(gate) + f".rank{os.environ['RANK']}.pid").write_text(str(os.getpid()))
-def gated(self, x):
-    if self.step == hold_at and os.environ["RANK"] == "0" and gate.exists():
-        Path(str(gate) + ".held").touch()
-        while gate.exists():
-            time.sleep(0.01)
-    return step(self, x)
-trainer.Trainer._train_step = gated
-from sae_stream.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
+# GATED_CLI (from test_reliability): the real CLI, rank 0 held before step HOLD_AT+1 while GATE exists.
 DDP_ARGS = ["--train.total_tokens=20480", "--train.checkpoint_every=10", "--resample.at_steps=[15]",
             "--train.device=cpu"]
 

@@ -47,14 +47,18 @@ SAE_ARGS = [
 TOTAL_STEPS = 30720 // 256
 
 # The real CLI, held before step HOLD_AT+1 while the file GATE exists (it writes GATE.held when it gets there),
-# so the parent lands its signal at a known step instead of racing a fast run with sleeps.
+# so the parent lands its signal at a known step instead of racing a fast run with sleeps. Under torchrun rank 0
+# holds (the others wait in the gradient all-reduce), and each rank writes its pid (GATE.rankR.pid): torchrun
+# starts its workers in sessions of their own, beyond a kill of the launcher's process group.
 GATED_CLI = """
 import os, sys, time
 from pathlib import Path
 from sae_stream import trainer
 gate, hold_at, step = Path(os.environ["GATE"]), int(os.environ["HOLD_AT"]), trainer.Trainer._train_step
+rank = os.environ.get("RANK", "0")
+Path(str(gate) + f".rank{rank}.pid").write_text(str(os.getpid()))
 def gated(self, x):
-    if self.step == hold_at and gate.exists():
+    if self.step == hold_at and rank == "0" and gate.exists():
         Path(str(gate) + ".held").touch()
         while gate.exists():
             time.sleep(0.005)
