@@ -71,8 +71,14 @@ class Tracker(NullTracker):
         if self._file is None or self._path is None:
             return
         self._file.close()
-        kept = [line for line in self._path.read_text().splitlines(keepends=True)
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+        kept = []
+        for line in self._path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a record torn by a kill in mid-write
+            if record.get("step", 0) <= step:
+                kept.append(line + "\n")
         atomic_write_text(self._path, "".join(kept))
         self._file = open(self._path, "a", buffering=1)
 

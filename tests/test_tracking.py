@@ -59,3 +59,18 @@ def test_tracker__wandb_disabled_by_env(tmp_path: Path, monkeypatch: pytest.Monk
     tracker = Tracker(tmp_path, WandbConfig(enabled=True, init_timeout_s=0.1))
     assert tracker._wandb is None
     tracker.close()
+
+
+def test_tracker__drop_after_keeps_earlier_records_and_drops_a_torn_line(tmp_path) -> None:
+    tracker = Tracker(tmp_path)
+    for step in (10, 20, 30):
+        tracker.log(step, {"mse": step / 10})
+    tracker.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 40, "ms')  # killed while writing
+    tracker = Tracker(tmp_path)
+    tracker.drop_after(20)
+    tracker.log(30, {"mse": 9.0})
+    tracker.close()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["mse"]) for r in rows] == [(10, 1.0), (20, 2.0), (30, 9.0)]
