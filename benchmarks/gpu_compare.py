@@ -60,9 +60,15 @@ STEP_VARIANTS = {  # name: train overrides
     "step_eager_fused_bf16": {"step_impl": "fused", "cuda_graphs": False, "autocast": "bfloat16"},
     "step_graph_fused_tf32": {"step_impl": "fused", "cuda_graphs": True, "autocast": "none"},
     "step_graph_fused_bf16": {"step_impl": "fused", "cuda_graphs": True, "autocast": "bfloat16"},
+    # TopK (k = 32): dense decoding against the sparse gather / index_add kernels, both graphed
+    "topk_graph_dense_bf16": {"cuda_graphs": True, "autocast": "bfloat16", "sae": {"architecture": "topk",
+                                                                                    "topk_kernels": "dense"}},
+    "topk_graph_sparse_bf16": {"cuda_graphs": True, "autocast": "bfloat16", "sae": {"architecture": "topk",
+                                                                                     "topk_kernels": "sparse"}},
 }
 BEST = "step_graph_fused_bf16"
-LARGE_STEP_VARIANTS = ("step_eager_autograd_tf32", "step_graph_autograd_bf16", "step_graph_fused_bf16")
+LARGE_STEP_VARIANTS = ("step_eager_autograd_tf32", "step_graph_autograd_bf16", "step_graph_fused_bf16",
+                       "topk_graph_dense_bf16", "topk_graph_sparse_bf16")
 PAPER_A1_TOKENS = 8_000_000_000
 
 
@@ -170,8 +176,10 @@ def sync(device: str) -> None:
 
 
 def make_trainer(args: argparse.Namespace, d_sae: int, train: dict) -> Trainer:
+    train = dict(train)
+    sae = {"architecture": "anthropic", "d_sae": d_sae, "l1_coeff": 1e-3} | train.pop("sae", {})
     cfg = config_from_dict({
-        "sae": {"architecture": "anthropic", "d_sae": d_sae, "l1_coeff": 1e-3},
+        "sae": sae,
         "train": {"total_tokens": args.batch * 10**9, "batch_size": args.batch, "lr": 1e-4, "log_every": 10**9,
                   "checkpoint_every": 10**9, "device": args.device} | train,
         "resample": {"enabled": False},

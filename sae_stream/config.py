@@ -186,6 +186,8 @@ class SAEConfig:
     """A latent is dead for AuxK after this many tokens without firing."""
     init_b_dec: str = "geometric_median"
     """'geometric_median' of a buffer sample (paper), 'mean', or 'zeros'."""
+    topk_kernels: str = "auto"
+    """topk/batchtopk: 'sparse' (touch only the selected entries), 'dense', or 'auto' (sparse on CPU, dense on CUDA)."""
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
@@ -199,6 +201,8 @@ class SAEConfig:
             raise ConfigError("sae.l1_coeff must be >= 0")
         if self.init_b_dec not in ("geometric_median", "mean", "zeros"):
             raise ConfigError("sae.init_b_dec must be geometric_median, mean or zeros")
+        if self.topk_kernels not in ("auto", "sparse", "dense"):
+            raise ConfigError(f"sae.topk_kernels must be auto, sparse or dense, got {self.topk_kernels!r}")
 
 
 @dataclass

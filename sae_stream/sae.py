@@ -19,14 +19,13 @@ our main MSE, as SAELens does with its own, un-normalised MSE).
 from __future__ import annotations
 
 import math
-import warnings
 from typing import ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from sae_stream.config import SAEConfig
+from sae_stream.topk_kernels import GatherEncode, Selected, SparseDecode, rowwise
 
 # Running-mean rate of BatchTopK's inference threshold (an EMA with ~100-step memory, like SAELens's default):
 # a plain cumulative mean would be dominated by the very different activations of early training.
@@ -198,94 +197,22 @@ class AprilSAE(SAE):
         return (feats_BF @ norms_F.to(feats_BF.dtype)).float().sum() / feats_BF.shape[0]
 
 
-class Selected(NamedTuple):
-    """Positions kept in a [n_rows, d_sae] activation matrix, row-major: rows_N non-decreasing."""
-
-    rows_N: Tensor
-    cols_N: Tensor
-    offsets_B: Tensor  # index of each row's first entry
-    shape: tuple[int, int]
-
-
-def _rowwise(idx_BK: Tensor, d_sae: int) -> tuple[Selected, Tensor]:
-    """Selected for k columns per row (column-sorted within each row, as CSR wants); returns the sort order."""
-    idx_BK, order_BK = idx_BK.sort(dim=-1)
-    n_rows, k = idx_BK.shape
-    rows_N = torch.arange(n_rows, device=idx_BK.device)[:, None].expand(n_rows, k).flatten()
-    offsets_B = torch.arange(0, n_rows * k, k, device=idx_BK.device)
-    return Selected(rows_N, idx_BK.flatten(), offsets_B, (n_rows, d_sae)), order_BK
-
-
-def _coo_FB(sel: Selected, vals_N: Tensor) -> Tensor:
-    """The selection as a sparse [d_sae, n_rows] matrix (the transpose of the activations)."""
-    return torch.sparse_coo_tensor(torch.stack([sel.cols_N, sel.rows_N]), vals_N, (sel.shape[1], sel.shape[0]))
-
-
-class _GatherEncode(torch.autograd.Function):
-    """Pre-activations at the selected positions (values precomputed by the dense no-grad encoder matmul);
-    the backward touches only those positions: dW_enc = (S_FB @ x)ᵀ, a sparse matmul, not xᵀ·dpre_BF."""
-
-    @staticmethod
-    def forward(ctx, pre_N: Tensor, x_BD: Tensor, W_DF: Tensor, bias_F: Tensor, sel: Selected) -> Tensor:
-        ctx.save_for_backward(x_BD, W_DF, sel.rows_N, sel.cols_N)
-        ctx.shape, ctx.bias_dtype = sel.shape, bias_F.dtype
-        return pre_N.clone()
-
-    @staticmethod
-    def backward(ctx, g_N: Tensor):
-        x_BD, W_DF, rows_N, cols_N = ctx.saved_tensors
-        sel = Selected(rows_N, cols_N, rows_N, ctx.shape)
-        g_N = g_N.to(W_DF.dtype)
-        S_FB = _coo_FB(sel, g_N)
-        dx = torch.sparse.mm(S_FB.t(), W_DF.T) if ctx.needs_input_grad[1] else None
-        dW = torch.sparse.mm(S_FB, x_BD.to(W_DF.dtype)).T if ctx.needs_input_grad[2] else None
-        dbias = None
-        if ctx.needs_input_grad[3]:
-            dbias = torch.zeros(ctx.shape[1], dtype=g_N.dtype, device=g_N.device).index_add_(0, cols_N, g_N)
-            dbias = dbias.to(ctx.bias_dtype)
-        return None, dx, dW, dbias, None
-
-
-class _SparseDecode(torch.autograd.Function):
-    """Σ vals · W_dec[col] per row (embedding_bag), with sparse backward: d_vals by a sampled matmul (SDDMM),
-    dW_dec = S_FB @ grad. B·nnz·d_in work instead of B·d_sae·d_in for the dense decode and its two grads."""
-
-    @staticmethod
-    def forward(ctx, vals_N: Tensor, W_FD: Tensor, sel: Selected) -> Tensor:
-        v_N = vals_N.to(W_FD.dtype)
-        ctx.save_for_backward(v_N, W_FD, sel.rows_N, sel.cols_N, sel.offsets_B)
-        ctx.shape, ctx.vals_dtype = sel.shape, vals_N.dtype
-        return F.embedding_bag(sel.cols_N, W_FD, sel.offsets_B, mode="sum", per_sample_weights=v_N)
-
-    @staticmethod
-    def backward(ctx, g_BD: Tensor):
-        v_N, W_FD, rows_N, cols_N, offsets_B = ctx.saved_tensors
-        g_BD = g_BD.to(W_FD.dtype).contiguous()
-        d_vals = d_W = None
-        if ctx.needs_input_grad[0]:
-            crow = torch.cat([offsets_B, offsets_B.new_tensor([cols_N.numel()])])
-            with warnings.catch_warnings():  # "sparse CSR support is in beta"
-                warnings.simplefilter("ignore")
-                pattern = torch.sparse_csr_tensor(crow, cols_N, torch.zeros_like(v_N), ctx.shape)
-            d_vals = torch.sparse.sampled_addmm(pattern, g_BD, W_FD.T, beta=0.0).values().to(ctx.vals_dtype)
-        if ctx.needs_input_grad[1]:
-            d_W = torch.sparse.mm(_coo_FB(Selected(rows_N, cols_N, offsets_B, ctx.shape), v_N), g_BD)
-        return d_vals, d_W, None
-
-
 class TopKSAE(SAE):
     """OpenAI 2024: f = TopK_k(W_e (x − b_pre) + b_e), then ReLU; exactly k latents per row whenever k of the
     pre-activations are positive. AuxK: the residual x − x̂ is reconstructed by the top auxk_k DEAD latents
     (dead mask supplied by the trainer), loss aux = mean((ê − e)²), weighted by cfg.auxk_coeff.
 
-    On CPU, forward() builds no autograd graph over [B, d_sae]: the encoder matmul runs without autograd and
-    the selected entries get sparse forward/backward kernels (_GatherEncode, _SparseDecode) — ~2x faster steps.
-    On CUDA the same selection is decoded densely (tensor-core matmuls beat cuSPARSE at these sizes).
-    `encode`/`decode` are the plain dense versions (same values).
+    With sparse kernels (cfg.topk_kernels; by default on CPU) forward() builds no autograd graph over
+    [B, d_sae]: the encoder matmul runs without autograd and the selected entries get sparse forward/backward
+    kernels (topk_kernels.py) — ~2x faster steps on CPU. On CUDA the default decodes the selection densely
+    (tensor-core matmuls); `topk_kernels=sparse` there uses the gather / index_add backward, which a CUDA graph can
+    capture. `encode`/`decode` are the plain dense versions (same values).
     """
 
     sparse_kernels: bool | None = None
-    """Sparse forward/backward for the selected entries; None = on CPU only (on GPUs dense matmuls win)."""
+    """Override of cfg.topk_kernels (tests): True sparse, False dense, None as configured."""
+    sparse_backward: str | None = None
+    """Override of the sparse backward ('spmm' | 'index'); None: spmm on CPU, index on CUDA."""
 
     @torch.no_grad()
     def init_weights_(self, generator: torch.Generator | None = None) -> None:
@@ -302,16 +229,19 @@ class TopKSAE(SAE):
     def select(self, pre_BF: Tensor) -> tuple[Selected, Tensor]:
         """Positions kept from the (no-grad) pre-activations, and their values."""
         vals_BK, idx_BK = pre_BF.topk(self.cfg.k, dim=-1, sorted=False)
-        sel, order_BK = _rowwise(idx_BK, self.d_sae)
+        sel, order_BK = rowwise(idx_BK, self.d_sae)
         return sel, vals_BK.gather(-1, order_BK).flatten()
 
     def forward(self, x_BD: Tensor, l1_coeff: float | None = None, dead_F: Tensor | None = None) -> SAEOutput:
-        sparse = self.sparse_kernels if self.sparse_kernels is not None else not x_BD.is_cuda
+        sparse = self.sparse_kernels
+        if sparse is None:
+            sparse = self.cfg.topk_kernels == "sparse" or (self.cfg.topk_kernels == "auto" and not x_BD.is_cuda)
+        via = self.sparse_backward or ("index" if x_BD.is_cuda else "spmm")
         bias_F = self.encoder_bias()
         with torch.set_grad_enabled(torch.is_grad_enabled() and not sparse):
             pre_BF = torch.addmm(bias_F, x_BD, self.W_enc_DF)
         sel, pre_N = self.select(pre_BF.detach())
-        feats_BF, dec_BD = self._decode_selected(x_BD, bias_F, pre_BF, sel, pre_N, sparse)
+        feats_BF, dec_BD = self._decode_selected(x_BD, bias_F, pre_BF, sel, pre_N, sparse, via)
         recon_BD = dec_BD + self.b_dec_D
         resid_BD = x_BD - recon_BD
         mse = resid_BD.pow(2).mean()
@@ -320,24 +250,24 @@ class TopKSAE(SAE):
         if dead_F is not None:
             # alive latents get -inf so the top auxk_k are dead ones; when fewer are dead, the mask zeroes the rest
             top = pre_BF.detach().masked_fill(~dead_F, float("-inf")).topk(self.auxk_k, dim=-1, sorted=False)
-            aux_sel, order_BK = _rowwise(top.indices, self.d_sae)
+            aux_sel, order_BK = rowwise(top.indices, self.d_sae)
             aux_pre_N = top.values.gather(-1, order_BK).flatten()
-            _, aux_dec_BD = self._decode_selected(x_BD, bias_F, pre_BF, aux_sel, aux_pre_N, sparse, dead_F)
+            _, aux_dec_BD = self._decode_selected(x_BD, bias_F, pre_BF, aux_sel, aux_pre_N, sparse, via, dead_F)
             aux = (aux_dec_BD - resid_BD.detach()).pow(2).mean()
         return SAEOutput(recon_BD, feats_BF, mse + self.cfg.auxk_coeff * aux, mse, zero, aux)
 
     def _decode_selected(self, x_BD: Tensor, bias_F: Tensor, pre_BF: Tensor, sel: Selected, pre_N: Tensor,
-                         sparse: bool, keep_F: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                         sparse: bool, via: str, keep_F: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(feats, feats·W_dec without bias) for the selected entries: sparse kernels, or dense autograd."""
         if sparse:
-            vals_N = _GatherEncode.apply(pre_N, x_BD, self.W_enc_DF, bias_F, sel).relu()
+            vals_N = GatherEncode.apply(pre_N, x_BD, self.W_enc_DF, bias_F, sel, via).relu()
         else:
             vals_N = pre_BF[sel.rows_N, sel.cols_N].relu()
         if keep_F is not None:
             vals_N = vals_N * keep_F[sel.cols_N]
         feats_BF = torch.zeros_like(pre_BF).index_put((sel.rows_N, sel.cols_N), vals_N)
         if sparse:
-            return feats_BF, _SparseDecode.apply(vals_N, self.W_dec_FD, sel)
+            return feats_BF, SparseDecode.apply(vals_N, self.W_dec_FD, sel, via)
         return feats_BF, feats_BF @ self.W_dec_FD
 
     @property

@@ -174,12 +174,14 @@ def test_build_sae__seeded_kaiming_init_and_unit_decoder():
     assert april.b_enc_F.abs().max() == 0
 
 
-@pytest.mark.parametrize("sparse", [True, False])
+@pytest.mark.parametrize("kernels", ["spmm", "index", "dense"])
 @pytest.mark.parametrize("arch", ["topk", "batchtopk"])
-def test_topk_forward__sparse_and_dense_paths_match_a_dense_reference(arch, sparse):
+def test_topk_forward__sparse_and_dense_paths_match_a_dense_reference(arch, kernels):
+    """Both sparse backwards (spmm: CPU default; index: the graph-capturable one used on CUDA) and the dense path."""
     torch.manual_seed(0)
     sae = build_sae(SAEConfig(architecture=arch, d_sae=64, k=4, auxk_k=6, auxk_coeff=0.5), d_in=16)
-    sae.sparse_kernels = sparse
+    sae.sparse_kernels = kernels != "dense"
+    sae.sparse_backward = kernels if kernels != "dense" else None
     with torch.no_grad():
         sae.b_enc_F.normal_(0.0, 0.5)
         sae.b_dec_D.normal_()

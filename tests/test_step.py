@@ -164,3 +164,19 @@ def test_anthropic_grads__cuda_equals_cpu(dtype: torch.dtype) -> None:
     torch.testing.assert_close(outs[1], outs[0], **tol)
     for g_cuda, g_cpu in zip(grads[1], grads[0]):
         torch.testing.assert_close(g_cuda, g_cpu, **tol)
+
+
+@cuda
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_cuda_graphs__sparse_topk_kernels_equal_dense(arch: str) -> None:
+    """sae.topk_kernels=sparse on CUDA (gather / index_add backward) is capturable and trains as the dense path."""
+    runs = {}
+    for kernels in ("sparse", "dense"):
+        cfg = _cfg(arch, steps=30, sae__topk_kernels=kernels, train__log_every=10)
+        sae = build_sae(cfg.sae, d_in=32, seed=0).cuda()
+        trainer = Trainer(sae, cfg, None, ListLogger())
+        trainer.fit(x.cuda() for x in sparse_batches(_atoms()))
+        assert trainer._graph.graphs and not trainer._graph.disabled, kernels
+        runs[kernels] = sae.cpu()
+    for (name, p), (_, q) in zip(runs["sparse"].named_parameters(), runs["dense"].named_parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
