@@ -31,11 +31,12 @@ from torch import Tensor
 from tqdm import tqdm
 
 from sae_stream.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from sae_stream.config import Config, ConfigError, TrainConfig
+from sae_stream.config import Config, ConfigError
 from sae_stream.metrics import RunningMetrics, firing_counts
 from sae_stream.process import TrainingInterrupted, signals_to, tune_cpu_allocator
 from sae_stream.resample import FiringTracker, resample_dead_, resample_steps
 from sae_stream.sae import SAE
+from sae_stream.schedule import l1_coeff_at, lr_at
 from sae_stream.step import GraphedStep, anthropic_grads_, supports_fused
 
 if TYPE_CHECKING:
@@ -46,25 +47,6 @@ MAX_EMPTY_BATCHES = 100  # consecutive all-non-finite batches under nan_policy=s
 
 class MetricsLogger(Protocol):
     def log(self, step: int, metrics: dict[str, Any]) -> None: ...
-
-
-def lr_at(step: int, t: TrainConfig) -> float:
-    """Learning rate for the 0-based step `step`: linear warm-up, then constant or a linear tail to 0."""
-    factor = 1.0
-    if t.lr_schedule in ("warmup", "linear_tail") and t.warmup_steps > 0:
-        factor = min(1.0, (step + 1) / t.warmup_steps)
-    if t.lr_schedule == "linear_tail":
-        total = t.total_steps
-        decay_start = int(total * (1.0 - t.decay_fraction))
-        if total > decay_start and step >= decay_start:
-            factor = min(factor, (total - step) / (total - decay_start))
-    return t.lr * factor
-
-
-def l1_coeff_at(step: int, cfg: Config) -> float:
-    """λ for the 0-based step: ramps linearly from 0 over train.l1_warmup_fraction of the run."""
-    warm = cfg.train.l1_warmup_fraction * cfg.train.total_steps
-    return cfg.sae.l1_coeff * (min(1.0, (step + 1) / warm) if warm > 0 else 1.0)
 
 
 class Trainer:
