@@ -4,8 +4,9 @@
     python benchmarks/sweep.py --device cuda --tokens 20000000 --batch 8192 --out benchmarks/results/sweep_gpu.jsonl
 
 The real path (ActivationStream -> ShuffleBuffer -> Trainer, sweep.fit_together for the sweep) with a random-init
-1-layer LM of the paper's shape (d_model 128, MLP 512, vocab 50304; weights built once and shared, so only the
-forwards are counted) and K anthropic SAEs 512 -> d_sae with different λ. One JSON line per measurement: wall time
+LM (default: the paper's 1 layer, d_model 128, MLP 512, vocab 50304; --lm-layers/--lm-d-model for a costlier one;
+weights built once and shared, so only the forwards are counted) and K anthropic SAEs d_in -> d_sae (d_in from
+--hook) with different λ. One JSON line per measurement: wall time
 of K separate runs, of the sweep, and their ratio (sweep / separate: 1/K would mean the SAE steps are free).
 """
 

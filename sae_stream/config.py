@@ -368,7 +368,7 @@ class WandbConfig:
 # checkpoints and metric records happen (all members checkpoint together).
 SWEEP_SHARED_TRAIN = ("device", "total_tokens", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints",
                       "nan_policy", "cpu_malloc_tuning", "tf32")  # tf32: a process-wide torch switch
-SWEEP_SHARED_RESAMPLE = ("pool_dtype",)  # one pool, drawn once per step, feeds every member resampling then
+SWEEP_SHARED_RESAMPLE = ("pool_size", "pool_dtype")  # one pool, drawn once per step, for every member resampling
 SWEEP_SECTIONS = ("sae", "train", "resample")
 SWEEP_RESERVED = ("checkpoints", "sae", "lm", "dashboard")
 

@@ -335,8 +335,8 @@ class TokenContexts:
                     yield pending.clone()
                 pending = None
         if mine == 0:
-            raise ValueError(f"{self._source.where} has fewer tokens than one context of data.context_len="
-                             f"{self.cfg.context_len} for rank {self.rank} of {self.world_size}")
+            raise ValueError(f"{self._source.where} yields fewer than {self.world_size} context(s) of data.context_len="
+                             f"{self.cfg.context_len} (one per rank): use more text, shorter contexts or fewer ranks")
 
     def _identity(self) -> dict[str, Any]:
         return {"source": self.cfg.source, "split": self.split, "seed": self.cfg.seed, "rank": self.rank,

@@ -64,7 +64,7 @@ class Distributed:
     # ------------------------------------------------------------------ tensors
 
     def all_reduce_(self, t: Tensor, op: str = "sum") -> Tensor:
-        """In place over all ranks: 'sum', 'max' or 'mean'; returns `t`."""
+        """In place over all ranks: 'sum', 'max', 'min' or 'mean'; returns `t`."""
         tdist.all_reduce(t, op=_OPS["sum" if op == "mean" else op])
         if op == "mean":
             t.div_(self.world_size)

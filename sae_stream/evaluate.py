@@ -183,7 +183,6 @@ def density_counts(density_F: Tensor, train_cfg: TrainConfig) -> dict[str, Any]:
                            "dense": train_cfg.dense_threshold}}
 
 
-@torch.no_grad()
 @contextmanager
 def _fp32_matmuls() -> Iterator[None]:
     """Full-precision fp32 matmuls while evaluating: train.tf32 switches TF32 on process-wide, and eval.json must
@@ -196,6 +195,7 @@ def _fp32_matmuls() -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
+@torch.no_grad()
 def evaluate(model: HookedTransformer, sae: SAELike, hook_name: str, token_batches: Iterable[Tensor],
              cfg: EvalConfig, train_cfg: TrainConfig, mean_activation: Tensor | None = None,
              skip_first_position: bool = True) -> dict[str, Any]:

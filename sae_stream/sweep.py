@@ -12,9 +12,9 @@ the stream (buffer, LM and text position) writes `<run>/checkpoints/step_X`, las
 checkpoint whose members all have a valid checkpoint at that step (`common_resume_step`), so the K SAEs and the one
 buffer always restart from the same point.
 
-Resampling: members that resample at the same step share one pool (`SharedPool`, drawn once per step; pool_dtype
-is a shared setting), so with one resampling schedule a sweep consumes the stream exactly as one run does; members
-with schedules of their own draw a pool at each of their steps.
+Resampling: members that resample at the same step share one pool (`SharedPool`, drawn once per step; pool_size
+and pool_dtype are shared settings), so with one resampling schedule a sweep consumes the stream exactly as one
+run does; members with schedules of their own draw a pool at each of their steps.
 """
 
 from __future__ import annotations

@@ -7,8 +7,9 @@
 Dense decoding costs B·d_sae·d_in per matmul (forward, and two in the backward); these cost B·nnz·d_in. Two
 backward flavours, chosen by `via`:
 - "spmm": torch.sparse matmuls (COO/CSR). Fastest on CPU (~2x a dense step at 512 -> 4096, k = 32).
-- "index": gathers and index_add. No sparse tensors, no host synchronisation, so it can be captured in a CUDA
-  graph; it moves B·nnz·d_in values, so on a GPU it only beats tensor-core dense matmuls at large d_sae.
+- "index": gathers and index_add, forward and backward. No sparse tensors and no host synchronisation, written to
+  be captured in a CUDA graph (not yet run on a GPU); it makes [nnz, d_in] temporaries (nnz = B·k; AuxK: B·auxk_k,
+  ~8x more at the default auxk_k = d_in/2), so on a GPU it can only beat tensor-core dense matmuls at large d_sae.
 Both are checked against a dense reference in tests/test_sae.py.
 """
 
@@ -53,6 +54,11 @@ def _rows_into(n_out: int, index_N: Tensor, rows_ND: Tensor) -> Tensor:
         0, index_N, rows_ND)
 
 
+def _check_via(via: str) -> None:
+    if via not in VIAS:
+        raise ValueError(f"sparse TopK backward must be one of {', '.join(VIAS)}, got {via!r}")
+
+
 class GatherEncode(torch.autograd.Function):
     """Pre-activations at the selected positions (values precomputed by the dense no-grad encoder matmul);
     the backward touches only those positions: dW_enc = (S_FB @ x)ᵀ, not xᵀ·dpre_BF."""
@@ -60,6 +66,7 @@ class GatherEncode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, pre_N: Tensor, x_BD: Tensor, W_DF: Tensor, bias_F: Tensor, sel: Selected,
                 via: str = "spmm") -> Tensor:
+        _check_via(via)
         ctx.save_for_backward(x_BD, W_DF, sel.rows_N, sel.cols_N)
         ctx.shape, ctx.bias_dtype, ctx.via = sel.shape, bias_F.dtype, via
         return pre_N.clone()
@@ -85,14 +92,18 @@ class GatherEncode(torch.autograd.Function):
 
 
 class SparseDecode(torch.autograd.Function):
-    """Σ vals · W_dec[col] per row (embedding_bag), with sparse backward: d_vals by a sampled matmul (spmm: SDDMM;
-    index: a gather and a row-wise dot), dW_dec = S_FB @ grad (spmm: sparse matmul; index: index_add)."""
+    """Σ vals · W_dec[col] per row (spmm: embedding_bag; index: gather + index_add). Sparse backward: d_vals by a
+    sampled matmul (spmm: SDDMM; index: gather + row-wise dot), dW_dec = S_FB @ grad (spmm: sparse matmul; index:
+    index_add)."""
 
     @staticmethod
     def forward(ctx, vals_N: Tensor, W_FD: Tensor, sel: Selected, via: str = "spmm") -> Tensor:
+        _check_via(via)
         v_N = vals_N.to(W_FD.dtype)
         ctx.save_for_backward(v_N, W_FD, sel.rows_N, sel.cols_N, sel.offsets_B)
         ctx.shape, ctx.vals_dtype, ctx.via = sel.shape, vals_N.dtype, via
+        if via == "index":  # embedding_bag's CUDA offset checks could sync: a gather and index_add cannot
+            return _rows_into(sel.shape[0], sel.rows_N, v_N[:, None] * W_FD[sel.cols_N])
         return F.embedding_bag(sel.cols_N, W_FD, sel.offsets_B, mode="sum", per_sample_weights=v_N)
 
     @staticmethod

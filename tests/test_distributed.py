@@ -202,7 +202,7 @@ def _nan_worker(rank: int, port: int, out: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist = Distributed.from_env()
+    dist = Distributed.from_env(timeout_s=60)  # a rank left behind in a collective fails the test, not hangs it
     cfg = _cfg("anthropic", steps=20, train__log_every=5, train__checkpoint_every=100)
     trainer = Trainer(build_sae(cfg.sae, D_IN), cfg, None, ListLogger(), dist=dist)
 

@@ -236,3 +236,16 @@ def test_evaluate__cuda_matches_cpu(model, batches):
     for key in ("l0", "mse", "fvu", "kl_clean_sae"):
         assert gpu[key] == pytest.approx(cpu[key], rel=1e-3, abs=1e-6)
     assert gpu["ce_loss"]["sae"] == pytest.approx(cpu["ce_loss"]["sae"], rel=1e-4)
+
+
+def test_fp32_matmuls__tf32_off_inside_and_restored() -> None:
+    from sae_stream.evaluate import _fp32_matmuls
+
+    before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        with _fp32_matmuls():
+            assert torch.backends.cuda.matmul.allow_tf32 is False
+        assert torch.backends.cuda.matmul.allow_tf32 is True
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before

@@ -185,11 +185,12 @@ def test_topk_forward__sparse_and_dense_paths_match_a_dense_reference(arch, kern
     with torch.no_grad():
         sae.b_enc_F.normal_(0.0, 0.5)
         sae.b_dec_D.normal_()
-    x = torch.randn(24, 16)
+    x = torch.randn(24, 16, requires_grad=True)  # the input's gradient too (the kernels' dx branch)
     dead = torch.rand(64) < 0.3
     out = sae(x, dead_F=dead)
     out.loss.backward()
     grads = {n: p.grad.clone() for n, p in sae.named_parameters()}
+    grads["x"], x.grad = x.grad.clone(), None
     sae.zero_grad()
     # dense reference: feats from activate(), decode as a plain matmul, AuxK as a dense masked top-k
     pre = sae.pre_acts(x)
@@ -203,5 +204,5 @@ def test_topk_forward__sparse_and_dense_paths_match_a_dense_reference(arch, kern
     loss.backward()
     torch.testing.assert_close(out.recon, recon)
     torch.testing.assert_close(out.loss, loss)
-    for n, p in sae.named_parameters():
+    for n, p in [*sae.named_parameters(), ("x", x)]:
         torch.testing.assert_close(grads[n], p.grad, msg=n)

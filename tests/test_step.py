@@ -172,7 +172,7 @@ def test_cuda_graphs__sparse_topk_kernels_equal_dense(arch: str) -> None:
     """sae.topk_kernels=sparse on CUDA (gather / index_add backward) is capturable and trains as the dense path."""
     runs = {}
     for kernels in ("sparse", "dense"):
-        cfg = _cfg(arch, steps=30, sae__topk_kernels=kernels, train__log_every=10)
+        cfg = _cfg(arch, steps=30, sae__topk_kernels=kernels, train__log_every=10, train__tf32=False)
         sae = build_sae(cfg.sae, d_in=32, seed=0).cuda()
         trainer = Trainer(sae, cfg, None, ListLogger())
         trainer.fit(x.cuda() for x in sparse_batches(_atoms()))
@@ -180,3 +180,36 @@ def test_cuda_graphs__sparse_topk_kernels_equal_dense(arch: str) -> None:
         runs[kernels] = sae.cpu()
     for (name, p), (_, q) in zip(runs["sparse"].named_parameters(), runs["dense"].named_parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_graphed_step__warms_up_each_key_before_capturing_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Per key: GRAPH_WARMUP_STEPS eager (side-stream) calls, then one capture, then replays (CUDA parts stubbed)."""
+    from sae_stream import step as step_mod
+
+    events: list[tuple[str, object]] = []
+    graphed = step_mod.GraphedStep(body=lambda x: None, before_capture=lambda: None)
+
+    class FakeGraph:
+        def __init__(self, key: object) -> None:
+            self.key = key
+
+        def replay(self) -> None:
+            events.append(("replay", self.key))
+
+    def capture(x: torch.Tensor, key: object) -> None:
+        events.append(("capture", key))
+        graphed.static_x = torch.empty_like(x)
+        graphed.graphs[key] = FakeGraph(key)
+
+    monkeypatch.setattr(graphed, "_on_side_stream", lambda x: events.append(("eager", current[0])))
+    monkeypatch.setattr(graphed, "_capture_and_run", capture)
+    current = [False]
+    x = torch.zeros(4, 2)
+    for key in [False] * 5 + [True] * 5 + [False]:
+        current[0] = key
+        graphed(x, key=key)
+    warm = step_mod.GRAPH_WARMUP_STEPS
+    expected = ([("eager", False)] * warm + [("capture", False)] + [("replay", False)] * (4 - warm)
+                + [("eager", True)] * warm + [("capture", True)] + [("replay", True)] * (4 - warm)
+                + [("replay", False)])
+    assert events == expected

@@ -128,6 +128,7 @@ def test_cli__sweep_run_dir_resume_and_eval(tiny_run: Path, tmp_path: Path, one_
     ([{"sae": {}}], "needs a name"),
     ([{"name": "config.yaml"}], "needs a name of letters, digits, '_' or '-'"),  # would collide with run files
     ([{"name": "a", "resample": {"pool_dtype": "float32"}}], "resample.pool_dtype is shared"),
+    ([{"name": "a", "resample": {"pool_size": 4096}}], "resample.pool_size is shared"),
     ([{"name": "a", "train": {"tf32": False}}], "train.tf32 is shared"),
     ([{"name": "a", "train": {"step_impl": "fused"}, "sae": {"architecture": "topk"}}], "anthropic only"),
     ([{"name": "a"}, {"name": "b"}], "keep_checkpoints >= 2"),
