@@ -62,16 +62,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", default=None, help="also append the JSON lines to this file")
     args = p.parse_args(argv)
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    cuda = args.device == "cuda"
-    args.batch = args.batch or (8192 if cuda else 4096)
+    cuda = device_and_batch(args)
     args.lm_batch = args.lm_batch or (max(1, 65536 // args.context_len) if cuda else 32)
     args.capacity = args.capacity or 16 * args.batch
     args.tokens = args.tokens or (20_000_000 if cuda else 400_000)
     args.disk_tokens = args.disk_tokens or (4_000_000 if cuda else 262_144)
     args.steps = args.steps or max(1, round(args.capacity * args.refill_fraction / args.batch / 4))
     return args
+
+
+def device_and_batch(args: argparse.Namespace) -> bool:
+    """Resolve --device auto and the default SAE batch (8192 on cuda, 4096 on cpu) in place; True on cuda."""
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    cuda = args.device == "cuda"
+    args.batch = args.batch or (8192 if cuda else 4096)
+    return cuda
 
 
 # ---------------------------------------------------------------------------------------------- parts

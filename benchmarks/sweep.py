@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from buffer_throughput import build_lm, token_batches  # noqa: E402
+from buffer_throughput import build_lm, device_and_batch, token_batches  # noqa: E402
 from transformer_lens import HookedTransformer, HookedTransformerConfig  # noqa: E402
 
 from sae_stream.activations import ActivationStream, hook_dim  # noqa: E402
@@ -52,10 +52,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--hook", default=HOOK, help="hook the SAEs read (e.g. blocks.3.hook_resid_post)")
     p.add_argument("--out", default=None, help="also append the JSON lines to this file")
     args = p.parse_args(argv)
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    cuda = args.device == "cuda"
-    args.batch = args.batch or (8192 if cuda else 4096)
+    cuda = device_and_batch(args)
     args.tokens = args.tokens or (20_000_000 if cuda else 81_920)
     args.lm_batch = args.lm_batch or (512 if cuda else 32)
     return args

@@ -41,11 +41,11 @@ def anthropic_grads_(sae: SAE, x_BD: Tensor, lam: float | Tensor, dtype: torch.d
     acc = W_dec.dtype  # the parameters' dtype (fp32): gradients, reductions and the loss
     with torch.no_grad():
         xc_BD = (x_BD - b_dec).to(dtype)
-        W_dec_c = W_dec.to(dtype)
+        W_dec_c, W_enc_c, b_enc_c = W_dec.to(dtype), W_enc.to(dtype), b_enc.to(dtype)
         if xc_BD.is_cuda:  # ReLU in the matmul's epilogue (cuBLASLt): one pass less over [B, d_sae]
-            feats_BF = torch._addmm_activation(b_enc.to(dtype), xc_BD, W_enc.to(dtype))
+            feats_BF = torch._addmm_activation(b_enc_c, xc_BD, W_enc_c)
         else:
-            feats_BF = torch.addmm(b_enc.to(dtype), xc_BD, W_enc.to(dtype)).relu_()
+            feats_BF = torch.addmm(b_enc_c, xc_BD, W_enc_c).relu_()
         recon_BD = torch.addmm(b_dec.to(dtype), feats_BF, W_dec_c).to(acc)
         resid_BD = recon_BD - x_BD
         mse = resid_BD.pow(2).mean()
