@@ -50,6 +50,7 @@ from lm.model import GPT  # noqa: E402
 from sae_stream.activations import ActivationStream, HookCapture  # noqa: E402
 from sae_stream.buffer import ShuffleBuffer  # noqa: E402
 from sae_stream.config import BufferConfig, LMConfig, config_from_dict  # noqa: E402
+from sae_stream.fused_ops import tuned_configs  # noqa: E402
 from sae_stream.sae import build_sae  # noqa: E402
 from sae_stream.trainer import Trainer  # noqa: E402
 
@@ -60,6 +61,9 @@ STEP_VARIANTS = {  # name: train overrides
     "step_eager_fused_bf16": {"step_impl": "fused", "cuda_graphs": False, "autocast": "bfloat16"},
     "step_graph_fused_tf32": {"step_impl": "fused", "cuda_graphs": True, "autocast": "none"},
     "step_graph_fused_bf16": {"step_impl": "fused", "cuda_graphs": True, "autocast": "bfloat16"},
+    # the same step with plain PyTorch ops between the matmuls instead of the Triton epilogue kernels
+    "step_graph_fused_bf16_torch_ops": {"step_impl": "fused", "cuda_graphs": True, "autocast": "bfloat16",
+                                        "kernels": "torch"},
     # TopK (k = 32): dense decoding against the sparse gather / index_add kernels, both graphed
     "topk_graph_dense_bf16": {"cuda_graphs": True, "autocast": "bfloat16", "sae": {"architecture": "topk",
                                                                                     "topk_kernels": "dense"}},
@@ -68,6 +72,7 @@ STEP_VARIANTS = {  # name: train overrides
 }
 BEST = "step_graph_fused_bf16"
 LARGE_STEP_VARIANTS = ("step_eager_autograd_tf32", "step_graph_autograd_bf16", "step_graph_fused_bf16",
+                       "step_graph_fused_bf16_torch_ops",
                        "topk_graph_dense_bf16", "topk_graph_sparse_bf16")
 PAPER_A1_TOKENS = 8_000_000_000
 
@@ -103,6 +108,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--disk-tokens", type=int, default=4_000_000, help="vectors written for the disk baseline")
     p.add_argument("--skip", default="", help="comma list of parts to skip: steps,lm,loop,pinned,disk")
     p.add_argument("--saelens", default=None, help="path of peer-bench's bench_saelens.py: also run SAELens")
+    p.add_argument("--kernels", default="auto", help="train.kernels for every variant that does not set it "
+                   "(auto: Triton on CUDA; torch: the plain PyTorch ops)")
+    p.add_argument("--saelens-d-sae", default=None, help="comma list: run SAELens at these sizes only (default: all)")
     p.add_argument("--saelens-tokens", type=int, default=8_000_000, help="SAELens training tokens at the first size "
                    "(halved at each larger one)")
     p.add_argument("--out", default=None, help="also append the JSON lines to this file")
@@ -111,6 +119,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     args.d_saes = [int(d) for d in args.d_sae.split(",")]
     args.skip = set(filter(None, args.skip.split(",")))
+    args.saelens_d_saes = [int(d) for d in args.saelens_d_sae.split(",")] if args.saelens_d_sae else args.d_saes
     return args
 
 
@@ -181,7 +190,7 @@ def make_trainer(args: argparse.Namespace, d_sae: int, train: dict) -> Trainer:
     cfg = config_from_dict({
         "sae": sae,
         "train": {"total_tokens": args.batch * 10**9, "batch_size": args.batch, "lr": 1e-4, "log_every": 10**9,
-                  "checkpoint_every": 10**9, "device": args.device} | train,
+                  "checkpoint_every": 10**9, "device": args.device, "kernels": args.kernels} | train,
         "resample": {"enabled": False},
     })
     sae = build_sae(cfg.sae, 512, seed=0).to(args.device)
@@ -204,7 +213,10 @@ def timed_steps(args: argparse.Namespace, trainer: Trainer, batches: Iterator[Te
     steps = max(probe, int(args.seconds * probe / dt))
     dt = run(steps)
     graphed = bool(trainer._graph.graphs) and not trainer._graph.disabled
-    return steps * args.batch / dt, {"steps": steps, "graphed": graphed}
+    extra = {"steps": steps, "graphed": graphed, "kernels": trainer.kernels}
+    if trainer.kernels == "triton" and trainer.fused:
+        extra["triton_configs"] = tuned_configs()  # the autotuner's picks (BM×BN×BK/warps/stages)
+    return steps * args.batch / dt, extra
 
 
 def measure_steps(args: argparse.Namespace, rec: Recorder, d_sae: int) -> dict[str, float | None]:
@@ -257,7 +269,7 @@ def measure_loop(args: argparse.Namespace, rec: Recorder, d_sae: int, storage: s
         trainer = make_trainer(args, d_sae, STEP_VARIANTS[BEST])
         rate, extra = timed_steps(args, trainer, buffer.batches(args.batch))
         extra |= {"storage": storage, "context_len": context_len, "capacity": args.capacity,
-                  "refills": buffer.refills}
+                  "refills": buffer.refills, "merge_lag": buffer.merge_lag}
         if step_rate:
             extra["ratio_to_step"] = round(rate / step_rate, 3)
         return rate, extra
@@ -353,7 +365,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     measure_loop(args, rec, d_sae, "pinned", args.context_len, best)
         if d_sae == args.d_saes[0] and "disk" not in args.skip:
             measure_disk(args, rec, d_sae)
-        if args.saelens:
+        if args.saelens and d_sae in args.saelens_d_saes:
             i = args.d_saes.index(d_sae)
             measure_saelens(args, rec, d_sae, fast=i == 0, tokens=max(1_000_000, args.saelens_tokens >> i))
     print(rec.table())

@@ -146,6 +146,8 @@ class BufferConfig:
     """Sample this many positions per context (paper 250, seed 200); None keeps all (sampling discards LM work)."""
     reuse: int = 1
     """Times each streamed vector is consumed before its slot is refilled."""
+    merge_lag: int = 32
+    """Batches drawn after a refill starts before its vectors can be drawn (GPU: its LM work overlaps those steps)."""
     lm_native: bool = True
     """`lm train` LM + block hooks: produce with the GPT's own forward (fused attention; same values, faster)."""
     max_memory_gb: float | None = None
@@ -153,6 +155,8 @@ class BufferConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "buffer", "capacity", "lm_batch_size", "reuse")
+        if self.merge_lag < 0:
+            raise ConfigError("buffer.merge_lag must be >= 0")
         if not 0.0 < self.refill_fraction <= 1.0:
             raise ConfigError("buffer.refill_fraction must be in (0, 1]")
         if self.storage not in ("auto", "cuda", "pinned", "cpu"):
@@ -249,6 +253,8 @@ class TrainConfig:
     """Non-finite activations: 'stop' (error with the step) or 'skip' (drop and count those rows)."""
     step_impl: str = "auto"
     """'fused' (hand-written backward, anthropic only), 'autograd', or 'auto' (fused where it applies)."""
+    kernels: str = "auto"
+    """'triton' (fused step passes + decoder-norm constraint as Triton kernels), 'torch', 'auto' (triton on CUDA)."""
     cuda_graphs: bool = True
     """CUDA: replay the whole step (fwd, bwd, Adam, constraints, metrics) as one graph (not with nan skip / DDP)."""
     tf32: bool = True
@@ -273,6 +279,8 @@ class TrainConfig:
             raise ConfigError(f"train.device must be auto, cuda or cpu, got {self.device!r}")
         if self.step_impl not in ("auto", "fused", "autograd"):
             raise ConfigError(f"train.step_impl must be auto, fused or autograd, got {self.step_impl!r}")
+        if self.kernels not in ("auto", "triton", "torch"):
+            raise ConfigError(f"train.kernels must be auto, triton or torch, got {self.kernels!r}")
         if self.nan_policy not in ("stop", "skip"):
             raise ConfigError("train.nan_policy must be 'stop' or 'skip'")
         if self.total_tokens < self.batch_size:

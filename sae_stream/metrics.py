@@ -48,15 +48,22 @@ class RunningMetrics:
         self.reduced_density_F: Tensor | None = None  # data parallel: all ranks' density at the last log
 
     @torch.no_grad()
-    def accumulate_(self, out: Any, x_BD: Tensor, counts_F: Tensor, input_scale: Tensor) -> None:
-        """The device half of a step's bookkeeping (in place, so a CUDA graph can replay it)."""
+    def accumulate_(self, out: Any, x_BD: Tensor, counts_F: Tensor, input_scale: Tensor,
+                    var_sq: Tensor | None = None) -> Tensor:
+        """The device half of a step's bookkeeping (in place, so a CUDA graph can replay it; few kernels: on a GPU
+        each costs a few µs however small). `var_sq` = Σ‖x − x̄‖² (fp64) if the step computed it. Returns it: not
+        finite iff some x is not."""
         n, d = x_BD.shape
-        err_sq = out.mse.double() * (n * d) / input_scale.double() ** 2  # back to the original space
-        var_sq = (x_BD - x_BD.mean(0)).pow(2).sum().double()
-        stacked = torch.stack([out.loss.double(), out.mse.double(), out.l1.double(), out.aux.double(),
-                               counts_F.sum().double() / n, err_sq, var_sq])
-        self.sums += stacked
+        if var_sq is None:  # Σx² − ‖Σx‖²/n, both sums in fp64 (no cancellation at fp32 data), no centred copy of x
+            col_D = x_BD.sum(0, dtype=torch.float64)
+            var_sq = torch.linalg.vector_norm(x_BD, dtype=torch.float64).square() - col_D.square().sum() / n
+        err_sq = out.mse.float() * (n * d) / input_scale.square()  # back to the original space
+        stacked = torch.stack([out.loss.float(), out.mse.float(), out.l1.float(), out.aux.float(),
+                               counts_F.sum() / n, err_sq])  # _SUMS order, var_sq apart (fp64 already)
+        self.sums[:-1] += stacked
+        self.sums[-1] += var_sq
         self.fire_counts_F += counts_F
+        return var_sq
 
     def count_(self, n: int) -> None:
         """The host half: one step of n rows."""

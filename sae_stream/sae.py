@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from sae_stream.config import SAEConfig
+from sae_stream.fused_ops import normalize_rows_, project_out_rows_
 from sae_stream.topk_kernels import GatherEncode, Selected, SparseDecode, rowwise
 
 # Running-mean rate of BatchTopK's inference threshold (an EMA with ~100-step memory, like SAELens's default):
@@ -110,19 +111,15 @@ class SAE(nn.Module):
     # ------------------------------------------------------------------ surgery
 
     @torch.no_grad()
-    def normalize_decoder_(self) -> None:
-        """Renormalise every decoder row (a dictionary vector) to unit L2 norm."""
-        self.W_dec_FD.div_(self.W_dec_FD.norm(dim=1, keepdim=True).clamp_min(1e-12))
+    def normalize_decoder_(self, kernels: str = "torch") -> None:
+        """Renormalise every decoder row (a dictionary vector) to unit L2 norm (kernels: see fused_ops)."""
+        normalize_rows_(self.W_dec_FD, kernels)
 
     @torch.no_grad()
-    def remove_parallel_grad_(self) -> None:
+    def remove_parallel_grad_(self, kernels: str = "torch") -> None:
         """Drop the gradient component along each decoder row, so Adam moves rows on (the tangent of) the sphere."""
-        g_FD = self.W_dec_FD.grad
-        if g_FD is None:
-            return
-        w_FD = self.W_dec_FD
-        coef_F1 = (g_FD * w_FD).sum(dim=1, keepdim=True) / (w_FD * w_FD).sum(dim=1, keepdim=True).clamp_min(1e-12)
-        g_FD.sub_(coef_F1 * w_FD)
+        if self.W_dec_FD.grad is not None:
+            project_out_rows_(self.W_dec_FD.grad, self.W_dec_FD, kernels)
 
     # ------------------------------------------------------------------ forward
 

@@ -1,6 +1,6 @@
 """The fast training step: a hand-written backward for the Anthropic SAE, and CUDA-graph replay of a whole step.
 
-    out = anthropic_grads_(sae, x_BD, lam, torch.bfloat16)   # loss terms; sets .grad of the 4 parameters
+    out, stats = anthropic_grads_(sae, x_BD, lam, torch.bfloat16, "triton")  # sets .grad of the 4 parameters
     step = GraphedStep(body)                                   # body(x_BD): one sync-free optimisation step
     step(x_BD, key=auxk_on)                                    # eager warm-up, then capture once, then replay
 
@@ -12,12 +12,16 @@ number of times; the graph turns the ~40 launches into one. Both are checked aga
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable, Hashable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from sae_stream.config import ConfigError
+from sae_stream.fused_ops import center, encode_relu, relu_backward, residual, triton_available
 from sae_stream.sae import SAE, AnthropicSAE, SAEOutput
 
 GRAPH_WARMUP_STEPS = 3  # eager steps (on a side stream) before capture: lazy optimizer state, cuBLAS workspaces
@@ -28,10 +32,32 @@ def supports_fused(sae: SAE) -> bool:
     return type(sae) is AnthropicSAE
 
 
-def anthropic_grads_(sae: SAE, x_BD: Tensor, lam: float | Tensor, dtype: torch.dtype = torch.float32) -> SAEOutput:
+def resolve_kernels(choice: str, device: torch.device) -> str:
+    """train.kernels -> 'triton' or 'torch' for this device (one-line errors where Triton cannot run)."""
+    if choice == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if choice == "triton":
+        if not triton_available():
+            raise ConfigError("train.kernels=triton needs the triton package (pip install triton), or use "
+                              "train.kernels=torch")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ConfigError("train.kernels=triton runs on CUDA (on CPU only under TRITON_INTERPRET=1, Triton's "
+                              "slow interpreter): use train.kernels=auto or torch")
+    return choice
+
+
+class StepStats(NamedTuple):
+    """What the hand-written step computes on the way that the metrics would otherwise recompute."""
+    counts_F: Tensor  # rows with f > 0 per feature (int64)
+    var_sq: Tensor  # Σ_rows ‖x − mean(x)‖² (fp64): the FVU's denominator; not finite iff the batch is not
+
+
+def anthropic_grads_(sae: SAE, x_BD: Tensor, lam: float | Tensor, dtype: torch.dtype = torch.float32,
+                     kernels: str = "torch") -> tuple[SAEOutput, StepStats]:
     """Loss of AnthropicSAE.forward and its gradients, written into the parameters' .grad (replacing them).
 
-    Matmuls run in `dtype` (bf16: as under autocast), reductions and the loss in fp32. Maths (B rows, D = d_in):
+    Matmuls run in `dtype` (bf16: as under autocast), reductions and the loss in fp32; `kernels` picks how the
+    passes between the matmuls run (sae_stream.fused_ops). Maths (B rows, D = d_in):
         x̄ = x − b_d;  f = ReLU(x̄ W_e + b_e);  x̂ = f W_d + b_d;  r = x̂ − x;  L = Σr²/(B·D) + λ·Σf/B
         g_r = 2r/(B·D);  ∂W_d = fᵀ g_r;  g_pre = [f > 0]·(g_r W_dᵀ + λ/B);  ∂W_e = x̄ᵀ g_pre;  ∂b_e = Σ_B g_pre
         ∂b_d = Σ_B g_r − W_e ∂b_e   (b_d enters the encoder through x̄)
@@ -40,27 +66,37 @@ def anthropic_grads_(sae: SAE, x_BD: Tensor, lam: float | Tensor, dtype: torch.d
     W_enc, b_enc, W_dec, b_dec = sae.W_enc_DF, sae.b_enc_F, sae.W_dec_FD, sae.b_dec_D
     acc = W_dec.dtype  # the parameters' dtype (fp32): gradients, reductions and the loss
     with torch.no_grad():
-        xc_BD = (x_BD - b_dec).to(dtype)
-        W_dec_c, W_enc_c, b_enc_c = W_dec.to(dtype), W_enc.to(dtype), b_enc.to(dtype)
-        if xc_BD.is_cuda:  # ReLU in the matmul's epilogue (cuBLASLt): one pass less over [B, d_sae]
-            feats_BF = torch._addmm_activation(b_enc_c, xc_BD, W_enc_c)
-        else:
-            feats_BF = torch.addmm(b_enc_c, xc_BD, W_enc_c).relu_()
-        recon_BD = torch.addmm(b_dec.to(dtype), feats_BF, W_dec_c).to(acc)
-        resid_BD = recon_BD - x_BD
-        mse = resid_BD.pow(2).mean()
-        l1 = feats_BF.sum(dtype=acc) / n
-        g_recon_BD = resid_BD * (2.0 / (n * d))
-        g_recon_c = g_recon_BD.to(dtype)
-        W_dec.grad = (feats_BF.T @ g_recon_c).to(acc)
-        # ReLU backward in one kernel: keeps the gradient where f > 0 (autograd's own rule for relu)
-        g_pre_BF = torch.ops.aten.threshold_backward(torch.add(g_recon_c @ W_dec_c.T, lam / n), feats_BF, 0)
-        W_enc.grad = (xc_BD.T @ g_pre_BF).to(acc)
-        g_benc_F = g_pre_BF.sum(0, dtype=acc)
-        b_enc.grad = g_benc_F
-        b_dec.grad = g_recon_BD.sum(0) - W_enc @ g_benc_F
+        xc_BD, var_sq = center(x_BD, b_dec, dtype, kernels)
+        W_dec_c, W_enc_c = W_dec.to(dtype), W_enc.to(dtype)
+        feats_BF, fsum_F, counts_F = encode_relu(xc_BD, W_enc_c, b_enc, kernels)
+        recon_BD = torch.addmm(b_dec.to(dtype), feats_BF, W_dec_c)
+        c = 2.0 / (n * d)
+        g_recon_c, sq, rsum_D = residual(recon_BD, x_BD, c, dtype, kernels)  # g_r in the matmul dtype
+        mse = sq / (n * d)
+        l1 = fsum_F.sum() / n
+        W_dec.grad = _mm_to(feats_BF.T, g_recon_c, acc)
+        add = (lam / n).to(acc) if isinstance(lam, Tensor) else torch.tensor(lam / n, dtype=acc, device=x_BD.device)
+        g_pre_BF, g_benc_F = relu_backward(g_recon_c, W_dec_c, feats_BF, add, kernels)
+        W_enc.grad = _mm_to(xc_BD.T, g_pre_BF, acc)
+        b_enc.grad = g_benc_F.to(acc)
+        b_dec.grad = rsum_D.to(acc) * c - W_enc @ b_enc.grad
     zero = mse.new_zeros(())
-    return SAEOutput(recon_BD, feats_BF, mse + lam * l1, mse, l1, zero)
+    out = SAEOutput(recon_BD, feats_BF, mse + lam * l1, mse, l1, zero)  # recon and feats in `dtype`
+    return out, StepStats(counts_F, var_sq)
+
+
+_MM_OUT_DTYPE = [True]  # torch.mm(..., out_dtype=) works here (CUDA, torch >= 2.9); set False at its first failure
+
+
+def _mm_to(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
+    """a @ b as `dtype` (fp32 weight gradients from bf16 operands): on CUDA straight out of the matmul (no
+    rounding to bf16, no cast kernel), elsewhere a matmul then a cast."""
+    if a.is_cuda and a.dtype != dtype and _MM_OUT_DTYPE[0]:
+        try:
+            return torch.mm(a, b, out_dtype=dtype)
+        except (RuntimeError, TypeError):
+            _MM_OUT_DTYPE[0] = False  # decided in an eager warm-up step, before any graph capture
+    return (a @ b).to(dtype)
 
 
 class GraphedStep:

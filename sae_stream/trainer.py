@@ -37,7 +37,7 @@ from sae_stream.process import TrainingInterrupted, signals_to, tune_cpu_allocat
 from sae_stream.resample import FiringTracker, resample_dead_, resample_steps
 from sae_stream.sae import SAE
 from sae_stream.schedule import l1_coeff_at, lr_at
-from sae_stream.step import GraphedStep, anthropic_grads_, supports_fused
+from sae_stream.step import GraphedStep, anthropic_grads_, resolve_kernels, supports_fused
 
 if TYPE_CHECKING:
     from sae_stream.distributed import Distributed
@@ -104,6 +104,7 @@ class Trainer:
         self.metrics = RunningMetrics(self.sae.d_sae, device, t, self.cfg.eval.histogram_bins)
         self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
         self.fused = t.step_impl == "fused" or (t.step_impl == "auto" and supports_fused(self.sae))
+        self.kernels = resolve_kernels(t.kernels, device)  # the fused step's passes and the decoder-norm constraint
         self._graph = GraphedStep(self._device_step, before_capture=self._zero_grad)
 
     def _zero_grad(self) -> None:
@@ -377,12 +378,11 @@ class Trainer:
         step): the body a CUDA graph captures. λ and the 1-based step number come from _train_step."""
         sae, opt, t = self.sae, self.optimizer, self.cfg.train
         step_no = self._step_no
-        if t.nan_policy == "stop":
-            bad = ~torch.isfinite(x_BD).all()
-            self.first_bad.copy_(torch.where(bad & (self.first_bad < 0), step_no, self.first_bad))
         dead_F = self.firing.dead_since(step_no - 1, self.auxk_steps) if self.auxk_on else None
+        stats = None
         if self.fused:
-            out = anthropic_grads_(sae, x_BD, self._lam, torch.bfloat16 if t.autocast == "bfloat16" else torch.float32)
+            out, stats = anthropic_grads_(sae, x_BD, self._lam,
+                                          torch.bfloat16 if t.autocast == "bfloat16" else torch.float32, self.kernels)
         else:
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=t.autocast == "bfloat16",
                                 cache_enabled=False):
@@ -391,17 +391,21 @@ class Trainer:
         if self.grad_sync is not None:
             self.grad_sync()
         if sae.unit_norm_decoder:
-            sae.remove_parallel_grad_()
+            sae.remove_parallel_grad_(self.kernels)
         if t.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(sae.parameters(), t.grad_clip, foreach=True)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if sae.unit_norm_decoder:
-            sae.normalize_decoder_()
+            sae.normalize_decoder_(self.kernels)
         with torch.no_grad():
-            counts_F = firing_counts(out.feats)
+            counts_F = firing_counts(out.feats) if stats is None else stats.counts_F
             self.firing.update_(counts_F > 0, step_no)
-            self.metrics.accumulate_(out, x_BD, counts_F, sae.input_scale)
+            var_sq = self.metrics.accumulate_(out, x_BD, counts_F, sae.input_scale,
+                                              None if stats is None else stats.var_sq)
+            if t.nan_policy == "stop":  # var_sq (fp64 sums) is finite iff the batch is
+                self.first_bad.copy_(torch.where(torch.isfinite(var_sq) | (self.first_bad >= 0), self.first_bad,
+                                                 step_no))
 
     def log10_density(self) -> Tensor:
         """log10(density + 1e-10) per feature (SAELens's sparsity.safetensors convention), on the CPU."""

@@ -9,6 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("SAE_STREAM_TRITON_AUTOTUNE", "0")  # GPU tests: one config per dtype, no minutes of tuning
 
 
 @pytest.fixture

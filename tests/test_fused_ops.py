@@ -1,0 +1,198 @@
+"""The epilogue-fused kernels of the Anthropic step (sae_stream.fused_ops) against fp64 references.
+
+The Triton kernels run on CPU through Triton's interpreter (TRITON_INTERPRET=1 must be set before triton is imported,
+so those checks run in a subprocess); on CUDA they run compiled (GPU tests)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sae_stream.fused_ops import (
+    center,
+    encode_relu,
+    normalize_rows_,
+    project_out_rows_,
+    relu_backward,
+    residual,
+    triton_available,
+)
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+needs_triton = pytest.mark.skipif(not triton_available(), reason="needs the triton package")
+ROOT = Path(__file__).resolve().parents[1]
+# ragged shapes: B not a multiple of the 64-row block, d_sae not of the 32-column block, d_in not of the 32-wide K step
+SHAPES = [(130, 48, 72), (64, 32, 64)]
+# fp32 atol grows with the √D rounding of a D-term dot (D = 512: 3e-6 was seen on an H200, ieee dots)
+TOL = {torch.float64: dict(rtol=1e-12, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-6),
+       torch.bfloat16: dict(rtol=8e-3, atol=1e-3)}
+
+
+def _tol(dtype: torch.dtype, D: int) -> dict:
+    tol = dict(TOL[dtype])
+    if dtype == torch.float32:
+        tol["atol"] *= max(1.0, D**0.5)
+    return tol
+
+
+def _inputs(B: int, D: int, F: int, dtype: torch.dtype, device: str, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, D, generator=g).to(device, dtype)
+    W_enc = (torch.randn(D, F, generator=g) / D**0.5).to(device, dtype)
+    b_enc = (torch.randn(F, generator=g) * 0.3).to(device)  # fp32, as the parameter
+    g_out = (torch.randn(B, D, generator=g) * 0.1).to(device, dtype)
+    W_dec = (torch.randn(F, D, generator=g) / D**0.5).to(device, dtype)
+    add = torch.tensor(0.013, device=device)
+    return x, W_enc, b_enc, g_out, W_dec, add
+
+
+def check_against_reference(backend: str, device: str, dtype: torch.dtype, shape: tuple[int, int, int]) -> None:
+    """Both kernels' outputs against fp64 maths on the same inputs (the backward on the kernel's own f)."""
+    x, W_enc, b_enc, g_out, W_dec, add = _inputs(*shape, dtype, device)
+    f, fsum, counts = encode_relu(x, W_enc, b_enc, backend)
+    assert f.dtype == dtype and counts.dtype == torch.int64
+    assert fsum.dtype == torch.promote_types(dtype, torch.float32)
+    ref = torch.relu(x.double() @ W_enc.double() + b_enc.double())
+    assert 0.2 < (ref > 0).double().mean() < 0.8  # both sides of the ReLU
+    torch.testing.assert_close(f.double(), ref, **_tol(dtype, shape[1]))
+    # the sums are of the stored (rounded) values
+    torch.testing.assert_close(fsum.double(), f.double().sum(0), rtol=1e-5, atol=1e-6 * len(x))
+    assert torch.equal(counts, (f > 0).sum(0))
+
+    g_pre, gsum = relu_backward(g_out, W_dec, f, add, backend)
+    assert g_pre.dtype == dtype and gsum.dtype == fsum.dtype
+    ref_g = torch.where(f > 0, g_out.double() @ W_dec.double().T + add.double(), 0.0)
+    torch.testing.assert_close(g_pre.double(), ref_g, **_tol(dtype, shape[1]))
+    assert torch.equal(g_pre[f <= 0], torch.zeros_like(g_pre[f <= 0]))  # the mask is exact
+    torch.testing.assert_close(gsum.double(), g_pre.double().sum(0), rtol=1e-5, atol=1e-6 * len(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_torch_backend__equals_reference(dtype: torch.dtype) -> None:
+    check_against_reference("torch", "cpu", dtype, SHAPES[0])
+
+
+def _interpreted_checks() -> None:
+    """Run in a subprocess with TRITON_INTERPRET=1: the Triton kernels on CPU, then a trainer using them."""
+    from sae_stream.sae import build_sae
+    from sae_stream.trainer import Trainer
+    from tests.test_trainer import ListLogger, _atoms, _cfg, sparse_batches
+
+    torch.set_num_threads(1)
+    for dtype in (torch.float32, torch.bfloat16):
+        for shape in SHAPES:
+            check_against_reference("triton", "cpu", dtype, shape)
+    check_rows("triton", "cpu")
+    for dtype in (torch.float32, torch.bfloat16):
+        check_passes("triton", "cpu", dtype)
+    runs = {}
+    for kernels in ("triton", "torch"):
+        cfg = _cfg(steps=12, train__kernels=kernels, train__step_impl="fused", train__log_every=4)
+        sae = build_sae(cfg.sae, d_in=32, seed=0)
+        log = ListLogger()
+        trainer = Trainer(sae, cfg, None, log)
+        assert trainer.kernels == kernels
+        trainer.fit(sparse_batches(_atoms()))
+        runs[kernels] = (sae, log.rows)
+    for (name, p), (_, q) in zip(runs["triton"][0].named_parameters(), runs["torch"][0].named_parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    for (_, a), (_, b) in zip(runs["triton"][1], runs["torch"][1]):
+        assert a["l0"] == pytest.approx(b["l0"], rel=1e-6) and a["mse"] == pytest.approx(b["mse"], rel=1e-5)
+    print("interpreted checks passed")
+
+
+@needs_triton
+def test_triton_kernels__interpreted_equal_reference_and_train_as_torch() -> None:
+    env = os.environ | {"TRITON_INTERPRET": "1"}
+    code = "import tests.test_fused_ops as t; t._interpreted_checks()"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "interpreted checks passed" in proc.stdout
+
+
+def test_kernels_config__triton_on_cpu_needs_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sae_stream.config import ConfigError
+    from sae_stream.step import resolve_kernels
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert resolve_kernels("auto", torch.device("cpu")) == "torch"
+    with pytest.raises(ConfigError, match="train.kernels=triton"):
+        resolve_kernels("triton", torch.device("cpu"))
+
+
+@cuda
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_kernels__cuda_equal_reference(dtype: torch.dtype) -> None:
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 checked at full precision (ieee dots)
+    try:
+        for shape in [*SHAPES, (8192 + 7, 512, 4096 + 32)]:
+            check_against_reference("triton", "cuda", dtype, shape)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def check_passes(backend: str, device: str, dtype: torch.dtype, B: int = 130, D: int = 48) -> None:
+    """The [B, d_in] passes against fp64 maths: centring + the batch variance, the residual and its sums."""
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(B, D, generator=g) * 2 + 3).to(device)  # off-centre: the variance must not cancel badly
+    b = (torch.randn(D, generator=g) + 3).to(device)
+    xc, var_sq = center(x, b, dtype, backend)
+    assert xc.dtype == dtype and var_sq.dtype == torch.float64
+    torch.testing.assert_close(xc.double(), x.double() - b.double(), **_tol(dtype, 1))
+    ref_var = ((x.double() - x.double().mean(0)) ** 2).sum()
+    torch.testing.assert_close(var_sq, ref_var, rtol=1e-6, atol=0)
+    recon = (x + 0.1 * torch.randn(B, D, generator=g).to(device)).to(dtype)
+    c = 2.0 / (B * D)
+    g_BD, sq, col_D = residual(recon, x, c, dtype, backend)
+    r = recon.double() - x.double()
+    torch.testing.assert_close(g_BD.double(), c * r, rtol=TOL[dtype]["rtol"], atol=1e-6 * c)
+    torch.testing.assert_close(sq.double(), (r * r).sum(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(col_D.double(), r.sum(0), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_backend__passes_equal_reference(dtype: torch.dtype) -> None:
+    check_passes("torch", "cpu", dtype)
+
+
+def check_rows(backend: str, device: str, F: int = 37, D: int = 48) -> None:
+    """Projection and normalisation against fp64 maths (ragged F and D: masked rows and columns)."""
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(F, D, generator=g).to(device)
+    grad = torch.randn(F, D, generator=g).to(device)
+    ref = grad.double() - ((grad.double() * W.double()).sum(1, keepdim=True)
+                           / (W.double() ** 2).sum(1, keepdim=True)) * W.double()
+    project_out_rows_(grad, W, backend)
+    torch.testing.assert_close(grad.double(), ref, rtol=1e-5, atol=1e-6)
+    cos = (grad * W).sum(1) / (grad.norm(dim=1) * W.norm(dim=1))
+    assert cos.abs().max() < 1e-5  # orthogonal to every row
+    ref_w = W.double() / W.double().norm(dim=1, keepdim=True)
+    normalize_rows_(W, backend)
+    torch.testing.assert_close(W.double(), ref_w, rtol=1e-6, atol=1e-7)
+
+
+def test_torch_backend__row_ops_equal_reference() -> None:
+    check_rows("torch", "cpu")
+
+
+@cuda
+@needs_triton
+def test_triton_row_ops__cuda_equal_reference() -> None:
+    for F, D in [(37, 48), (4096, 512), (100, 2048)]:
+        check_rows("triton", "cuda", F, D)
+
+
+@cuda
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_passes__cuda_equal_reference(dtype: torch.dtype) -> None:
+    for B, D in [(130, 48), (8192, 512), (100, 2048)]:
+        check_passes("triton", "cuda", dtype, B, D)
