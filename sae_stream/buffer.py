@@ -16,8 +16,9 @@ in full batches, then a final partial batch unless `drop_last`.
 
 Overlap. On a cuda consumer the stream runs on its own CUDA stream: the refill waits (on the GPU) for the reads
 already queued, writes the freed slots, and records an event; batches keep coming from the old unread slots for
-`merge_lag` more draws (cfg.merge_lag: 32 by default, so the LM work of a refill overlaps ~32 SAE steps instead of
-stalling them), then the consumer stream waits on the event before the new slots can be drawn. From
+`merge_lag` more draws (auto: up to 32 and at most a quarter of the unread batches, so the LM work of a refill
+overlaps those SAE steps instead of stalling them while the old pool stays large), then the consumer stream waits
+on the event before the new slots can be drawn. From
 pinned host memory, batches are gathered on the host into two alternating pinned buffers and copied to the GPU
 on a copy stream (non-blocking, double-buffered). On the CPU everything runs inline: the LM forward costs ~2% of
 a 512 -> 4096 SAE step there, and a background producer thread measured no better on 2 cores (LM -> buffer -> step
@@ -188,7 +189,17 @@ class ShuffleBuffer:
         return filled
 
     @torch.no_grad()
-    def _refill(self) -> None:
+    def _merge_lag(self, m: int) -> int:
+        """Draws of `m` before a refill's slots join (cfg.merge_lag, or auto: 2 inline; with a producer stream a
+        quarter of the unread batches, at most 32: long enough to overlap the refill, short enough to keep 3/4 of
+        the old pool to mix the new vectors into)."""
+        if self.merge_lag is not None:
+            return self.merge_lag
+        if self._producer is None:
+            return 2
+        return max(2, min(32, self._unread() // (4 * m)))
+
+    def _refill(self, m: int = 1) -> None:
         """Write the free slots (those no unread entry points at) from the stream; they become drawable at merge."""
         free_N = torch.ones(self.capacity, dtype=torch.bool, device=self._ring_device)
         free_N.index_fill_(0, self._order[self._cursor:], False)  # `x[idx] = False` copies False from host: a sync
@@ -207,7 +218,7 @@ class ShuffleBuffer:
         self._inflight = slots[:filled]
         self.produced += filled
         self.refills += 1
-        self._lag_left = self.merge_lag
+        self._lag_left = self._merge_lag(m)
         self._reads_since_refill = 0
 
     def _merge(self) -> None:
@@ -229,7 +240,7 @@ class ShuffleBuffer:
         if self._inflight is not None and self._lag_left <= 0:
             self._merge()
         if self._inflight is None and not self._exhausted and self._reads_since_refill >= self._refill_every:
-            self._refill()
+            self._refill(m)
             if self._lag_left <= 0:
                 self._merge()
         while self._unread() < m:

@@ -146,8 +146,8 @@ class BufferConfig:
     """Sample this many positions per context (paper 250, seed 200); None keeps all (sampling discards LM work)."""
     reuse: int = 1
     """Times each streamed vector is consumed before its slot is refilled."""
-    merge_lag: int = 32
-    """Batches drawn after a refill starts before its vectors can be drawn (GPU: its LM work overlaps those steps)."""
+    merge_lag: int | None = None
+    """Batches drawn after a refill starts before its vectors join; null: 2 on CPU, on GPU <= 32 and <= 1/4 unread."""
     lm_native: bool = True
     """`lm train` LM + block hooks: produce with the GPT's own forward (fused attention; same values, faster)."""
     max_memory_gb: float | None = None
@@ -155,7 +155,7 @@ class BufferConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "buffer", "capacity", "lm_batch_size", "reuse")
-        if self.merge_lag < 0:
+        if self.merge_lag is not None and self.merge_lag < 0:
             raise ConfigError("buffer.merge_lag must be >= 0")
         if not 0.0 < self.refill_fraction <= 1.0:
             raise ConfigError("buffer.refill_fraction must be in (0, 1]")

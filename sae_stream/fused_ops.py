@@ -1,6 +1,6 @@
 """Fused device ops of the training step (Triton), each beside its torch reference.
 
-    xc, var_sq = center(x_BD, b_dec_D, torch.bfloat16, "triton")            # x − b cast, Σ‖x − x̄‖² (fp64)
+    xc, var_sq, ok = center(x_BD, b_dec_D, torch.bfloat16, "triton")        # x − b cast, Σ‖x − x̄‖², all finite
     f, colsum_F, counts_F = encode_relu(xc_BD, W_enc_DF, b_enc_F, "triton")   # f = ReLU(xc W + b), Σ_B f, #(f > 0)
     g_r, sq, rsum_D = residual(recon_BD, x_BD, c, torch.bfloat16, "triton")  # c·(x̂ − x) cast, Σ(x̂ − x)², Σ_B
     g_pre, gsum_F = relu_backward(g_BD, W_dec_FD, f, add, "triton")            # [f > 0]·(g W_decᵀ + add), Σ_B g_pre
@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 MAX_ROW = 8192  # the row kernels hold a whole row (padded to a power of two) in registers
+MAX_NUMEL = 2**31 - 2**24  # the kernels index with 32-bit offsets: larger tensors take the torch path
 MIN_BLOCK_M = 64  # the smallest row block of any config: partial-sum buffers have ⌈B/64⌉ rows (unused ones zero)
 # (BM, BN, BK, warps, stages) tried by the autotuner on the first call per shape; "0" in this environment variable
 # uses the first that fits the dtype instead (tests: seconds, not a minute of tuning per shape)
@@ -46,23 +47,26 @@ def triton_available() -> bool:
 
 
 @torch.no_grad()
-def center(x_BD: Tensor, b_D: Tensor, dtype: torch.dtype, backend: str) -> tuple[Tensor, Tensor]:
-    """x − b in `dtype`, and Σ_rows ‖x − mean‖² (fp64 0-dim: the FVU's denominator; not finite iff some x is
-    not, or the Triton path's fp32 squares overflow, |x − b| > ~1e19)."""
+def center(x_BD: Tensor, b_D: Tensor, dtype: torch.dtype, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """x − b in `dtype`; Σ_rows ‖x − mean‖² (fp64 0-dim: the FVU's denominator); and whether every x is finite
+    (bool 0-dim; judged on x alone)."""
     if backend == "torch" or not _rows_fit(x_BD):
         xc_BD = torch.sub(x_BD, b_D, out=torch.empty_like(x_BD, dtype=dtype))  # centred and cast: one pass
-        # Σ‖x − x̄‖² = Σx² − ‖Σx‖²/n, both sums in fp64 (no cancellation at fp32 data), no centred copy of x
+        # Σ‖x − x̄‖² = Σx² − ‖Σx‖²/n, both sums in fp64 (no cancellation at fp32 data), no centred copy of x;
+        # fp64 sums of fp32 values cannot overflow, so var_sq is finite iff every x is
         col_D = x_BD.sum(0, dtype=torch.float64)
-        return xc_BD, torch.linalg.vector_norm(x_BD, dtype=torch.float64).square() - col_D.square().sum() / len(x_BD)
+        var_sq = torch.linalg.vector_norm(x_BD, dtype=torch.float64).square() - col_D.square().sum() / len(x_BD)
+        return xc_BD, var_sq, torch.isfinite(var_sq)
     (B, D) = x_BD.shape
     xc_BD = torch.empty(B, D, dtype=dtype, device=x_BD.device)
     kernel, grid, meta = _row_launcher("center", x_BD)
     col = torch.empty(grid[0], D, dtype=torch.float32, device=x_BD.device)
     sq = torch.empty(grid[0], dtype=torch.float32, device=x_BD.device)
-    kernel[grid](x_BD, b_D, xc_BD, col, sq, B, D=D, **meta)
+    bad = torch.empty(grid[0], dtype=torch.int32, device=x_BD.device)
+    kernel[grid](x_BD, b_D, xc_BD, col, sq, bad, B, D=D, **meta)
     # per-block fp32 sums of x − b (b ≈ the data's centre: little cancellation), combined in fp64
     col_D = col.sum(0, dtype=torch.float64)
-    return xc_BD, sq.sum(dtype=torch.float64) - col_D.square().sum() / B
+    return xc_BD, sq.sum(dtype=torch.float64) - col_D.square().sum() / B, bad.sum() == 0
 
 
 @torch.no_grad()
@@ -83,9 +87,24 @@ def residual(recon_BD: Tensor, x_BD: Tensor, c: float, dtype: torch.dtype, backe
     return g_BD, sq.sum(), col.sum(0)
 
 
+@functools.cache
+def triton_probe(device: torch.device) -> str | None:
+    """None if a small Triton kernel compiles and runs correctly on `device` (a CUDA device), else why not: Triton
+    can be importable yet unusable (no C compiler for its launcher, an unsupported GPU)."""
+    try:
+        w = torch.arange(1.0, 13.0, device=device).reshape(3, 4)
+        normalize_rows_(w, "triton")
+        expected = torch.arange(1.0, 13.0, device=device).reshape(3, 4)
+        if not torch.allclose(w, expected / expected.norm(dim=1, keepdim=True)):
+            return "a test kernel computed wrong values"
+    except Exception as exc:  # noqa: BLE001 — any failure means: use the torch ops
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return None
+
+
 def encode_relu(xc_BD: Tensor, W_DF: Tensor, b_F: Tensor, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """f = ReLU(xc W + b) in xc's dtype, Σ_B f (fp32) and the number of rows with f > 0 (int64), per feature."""
-    if backend == "torch":
+    if backend == "torch" or xc_BD.shape[0] * W_DF.shape[1] >= MAX_NUMEL or W_DF.numel() >= MAX_NUMEL:
         b = b_F.to(xc_BD.dtype)
         f_BF = torch._addmm_activation(b, xc_BD, W_DF) if xc_BD.is_cuda else torch.addmm(b, xc_BD, W_DF).relu_()
         return f_BF, f_BF.sum(0, dtype=_sum_dtype(f_BF)), _count_positive(f_BF)
@@ -101,8 +120,9 @@ def encode_relu(xc_BD: Tensor, W_DF: Tensor, b_F: Tensor, backend: str) -> tuple
 
 def relu_backward(g_BD: Tensor, W_FD: Tensor, f_BF: Tensor, add: Tensor, backend: str) -> tuple[Tensor, Tensor]:
     """g_pre = [f > 0]·(g W_FDᵀ + add) in g's dtype (add: a 0-dim fp32 tensor) and Σ_B g_pre (fp32)."""
-    if backend == "torch":
-        bias_F = add.to(g_BD.dtype).expand(W_FD.shape[0])  # a bias vector: added in the matmul's epilogue
+    if backend == "torch" or g_BD.shape[0] * W_FD.shape[0] >= MAX_NUMEL or W_FD.numel() >= MAX_NUMEL:
+        # λ/B as a bias vector, added in the matmul's epilogue (in bf16 runs rounded to bf16: <= 0.2% of λ)
+        bias_F = add.to(g_BD.dtype).expand(W_FD.shape[0])
         g_pre = torch.ops.aten.threshold_backward(torch.addmm(bias_F, g_BD, W_FD.T), f_BF, 0)
         return g_pre, g_pre.sum(0, dtype=_sum_dtype(g_pre))
     (B, D), F = g_BD.shape, W_FD.shape[0]
@@ -137,7 +157,8 @@ def normalize_rows_(W_FD: Tensor, backend: str) -> None:
 
 
 def _rows_fit(*ts: Tensor) -> bool:
-    return all(t.is_contiguous() and t.dtype == torch.float32 and t.shape[1] <= MAX_ROW for t in ts)
+    return all(t.is_contiguous() and t.dtype == torch.float32 and t.shape[1] <= MAX_ROW and t.numel() < MAX_NUMEL
+               for t in ts)
 
 
 def _row_launcher(name: str, x: Tensor):
@@ -206,9 +227,11 @@ def _kernels() -> dict:
     fns = {"encode": _encode, "backward": _backward, "center": _center, "residual": _residual,
            "project": _project_rows, "normalize": _normalize_rows}
     out = {name: triton.jit(fn) for name, fn in fns.items()}
-    for name in ("encode", "backward"):
+    for name, sums in (("encode", ["sum_ptr", "cnt_ptr"]), ("backward", ["sum_ptr"])):
         out[name + "_fixed"] = out[name]
-        out[name] = triton.autotune(configs, key=["M", "N"])(out[name])  # per dtype too (a new specialisation)
+        # the partial sums have ⌈B/64⌉ rows, a config writes ⌈B/BM⌉: zero them before each timed config and before
+        # the real launch, or a BM=64 trial's rows would stay in the first step's sums (the key also has dtypes)
+        out[name] = triton.autotune(configs, key=["M", "N", "K", "PRECISION"], reset_to_zero=sums)(out[name])
     return out | {name + "_interpreted": InterpretedFunction(fn) for name, fn in fns.items()}
 
 
@@ -275,7 +298,8 @@ if tl is not None:
 
     # Row kernels: BR whole rows (padded to BD, a power of two) per program; sums per program, combined by torch.
 
-    def _center(x_ptr, b_ptr, xc_ptr, col_ptr, sq_ptr, M, D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr):
+    def _center(x_ptr, b_ptr, xc_ptr, col_ptr, sq_ptr, bad_ptr, M, D: tl.constexpr, BD: tl.constexpr,
+                BR: tl.constexpr):
         pid = tl.program_id(0)
         rows, cols = pid * BR + tl.arange(0, BR), tl.arange(0, BD)
         mask = (rows[:, None] < M) & (cols[None, :] < D)
@@ -283,6 +307,8 @@ if tl is not None:
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         b = tl.load(b_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
         xc = tl.where(mask, x - b[None, :], 0.0)
+        finite = (x == x) & (tl.abs(x) < float("inf"))  # NaN != NaN
+        tl.store(bad_ptr + pid, tl.sum(tl.sum((mask & ~finite).to(tl.int32), axis=1), axis=0))
         tl.store(xc_ptr + offs, xc.to(xc_ptr.dtype.element_ty), mask=mask)
         tl.store(col_ptr + pid * D + cols, tl.sum(xc, axis=0), mask=cols < D)
         tl.store(sq_ptr + pid, tl.sum(tl.sum(xc * xc, axis=1), axis=0))

@@ -51,8 +51,8 @@ class RunningMetrics:
     def accumulate_(self, out: Any, x_BD: Tensor, counts_F: Tensor, input_scale: Tensor,
                     var_sq: Tensor | None = None) -> Tensor:
         """The device half of a step's bookkeeping (in place, so a CUDA graph can replay it; few kernels: on a GPU
-        each costs a few µs however small). `var_sq` = Σ‖x − x̄‖² (fp64) if the step computed it. Returns it: not
-        finite iff some x is not."""
+        each costs a few µs however small). `var_sq` = Σ‖x − x̄‖² (fp64) if the step computed it; returned. Interval
+        sums are fp64; the per-step terms are fp32 scalars."""
         n, d = x_BD.shape
         if var_sq is None:  # Σx² − ‖Σx‖²/n, both sums in fp64 (no cancellation at fp32 data), no centred copy of x
             col_D = x_BD.sum(0, dtype=torch.float64)

@@ -12,6 +12,7 @@ number of times; the graph turns the ~40 launches into one. Both are checked aga
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from collections.abc import Callable, Hashable
@@ -21,7 +22,7 @@ import torch
 from torch import Tensor
 
 from sae_stream.config import ConfigError
-from sae_stream.fused_ops import center, encode_relu, relu_backward, residual, triton_available
+from sae_stream.fused_ops import center, encode_relu, relu_backward, residual, triton_available, triton_probe
 from sae_stream.sae import SAE, AnthropicSAE, SAEOutput
 
 GRAPH_WARMUP_STEPS = 3  # eager steps (on a side stream) before capture: lazy optimizer state, cuBLAS workspaces
@@ -35,7 +36,13 @@ def supports_fused(sae: SAE) -> bool:
 def resolve_kernels(choice: str, device: torch.device) -> str:
     """train.kernels -> 'triton' or 'torch' for this device (one-line errors where Triton cannot run)."""
     if choice == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "torch"
+        if device.type != "cuda" or not triton_available():
+            return "torch"
+        why = triton_probe(device)
+        if why is not None:
+            warnings.warn(f"Triton kernels unusable on {device} ({why}); using train.kernels=torch", stacklevel=2)
+            return "torch"
+        return "triton"
     if choice == "triton":
         if not triton_available():
             raise ConfigError("train.kernels=triton needs the triton package (pip install triton), or use "
@@ -49,7 +56,8 @@ def resolve_kernels(choice: str, device: torch.device) -> str:
 class StepStats(NamedTuple):
     """What the hand-written step computes on the way that the metrics would otherwise recompute."""
     counts_F: Tensor  # rows with f > 0 per feature (int64)
-    var_sq: Tensor  # Σ_rows ‖x − mean(x)‖² (fp64): the FVU's denominator; not finite iff the batch is not
+    var_sq: Tensor  # Σ_rows ‖x − mean(x)‖² (fp64): the FVU's denominator
+    finite: Tensor  # bool 0-dim: every entry of x is finite
 
 
 def anthropic_grads_(sae: SAE, x_BD: Tensor, lam: float | Tensor, dtype: torch.dtype = torch.float32,
@@ -66,7 +74,7 @@ def anthropic_grads_(sae: SAE, x_BD: Tensor, lam: float | Tensor, dtype: torch.d
     W_enc, b_enc, W_dec, b_dec = sae.W_enc_DF, sae.b_enc_F, sae.W_dec_FD, sae.b_dec_D
     acc = W_dec.dtype  # the parameters' dtype (fp32): gradients, reductions and the loss
     with torch.no_grad():
-        xc_BD, var_sq = center(x_BD, b_dec, dtype, kernels)
+        xc_BD, var_sq, finite = center(x_BD, b_dec, dtype, kernels)
         W_dec_c, W_enc_c = W_dec.to(dtype), W_enc.to(dtype)
         feats_BF, fsum_F, counts_F = encode_relu(xc_BD, W_enc_c, b_enc, kernels)
         recon_BD = torch.addmm(b_dec.to(dtype), feats_BF, W_dec_c)
@@ -82,20 +90,25 @@ def anthropic_grads_(sae: SAE, x_BD: Tensor, lam: float | Tensor, dtype: torch.d
         b_dec.grad = rsum_D.to(acc) * c - W_enc @ b_enc.grad
     zero = mse.new_zeros(())
     out = SAEOutput(recon_BD, feats_BF, mse + lam * l1, mse, l1, zero)  # recon and feats in `dtype`
-    return out, StepStats(counts_F, var_sq)
+    return out, StepStats(counts_F, var_sq, finite)
 
 
-_MM_OUT_DTYPE = [True]  # torch.mm(..., out_dtype=) works here (CUDA, torch >= 2.9); set False at its first failure
+@functools.cache
+def _mm_out_dtype_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """torch.mm(..., out_dtype=) for these operands on this device (CUDA, torch >= 2.9): probed once, outside
+    any graph capture (the first eager step), never inside the hot path's error handling."""
+    a = torch.ones(2, 2, dtype=dtype, device=device)
+    try:
+        return torch.equal(torch.mm(a, a, out_dtype=torch.float32), torch.full((2, 2), 2.0, device=device))
+    except (RuntimeError, TypeError):
+        return False
 
 
 def _mm_to(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
     """a @ b as `dtype` (fp32 weight gradients from bf16 operands): on CUDA straight out of the matmul (no
     rounding to bf16, no cast kernel), elsewhere a matmul then a cast."""
-    if a.is_cuda and a.dtype != dtype and _MM_OUT_DTYPE[0]:
-        try:
-            return torch.mm(a, b, out_dtype=dtype)
-        except (RuntimeError, TypeError):
-            _MM_OUT_DTYPE[0] = False  # decided in an eager warm-up step, before any graph capture
+    if a.is_cuda and a.dtype != dtype and dtype == torch.float32 and _mm_out_dtype_works(a.device, a.dtype):
+        return torch.mm(a, b, out_dtype=dtype)
     return (a @ b).to(dtype)
 
 

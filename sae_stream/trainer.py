@@ -403,9 +403,9 @@ class Trainer:
             self.firing.update_(counts_F > 0, step_no)
             var_sq = self.metrics.accumulate_(out, x_BD, counts_F, sae.input_scale,
                                               None if stats is None else stats.var_sq)
-            if t.nan_policy == "stop":  # var_sq (fp64 sums) is finite iff the batch is
-                self.first_bad.copy_(torch.where(torch.isfinite(var_sq) | (self.first_bad >= 0), self.first_bad,
-                                                 step_no))
+            if t.nan_policy == "stop":  # (metrics' var_sq: fp64 sums of x, finite iff the batch is)
+                finite = torch.isfinite(var_sq) if stats is None else stats.finite
+                self.first_bad.copy_(torch.where(finite | (self.first_bad >= 0), self.first_bad, step_no))
 
     def log10_density(self) -> Tensor:
         """log10(density + 1e-10) per feature (SAELens's sparsity.safetensors convention), on the CPU."""

@@ -197,6 +197,23 @@ def test_shuffle_buffer__every_vector_exactly_once(refill_fraction: float, merge
     assert buf.refills > 10 and buf.produced == buf.consumed == src.n_vectors
 
 
+def test_shuffle_buffer__auto_merge_lag_keeps_most_of_the_old_pool() -> None:
+    """merge_lag=null: 2 draws inline; with a producer stream (GPU) a quarter of the unread batches, capped at 32,
+    so the refill overlaps training but the new vectors still join a large old pool (32 of a 32-batch pool would
+    drain it first and alternate ring halves)."""
+    buf = ShuffleBuffer(TaggedSource(n_contexts=2000), _cfg(capacity=4096), d_in=8)
+    assert buf.merge_lag is None and buf._merge_lag(16) == 2
+    batches = buf.batches(16)
+    for _ in range(50):
+        next(batches)
+    unread = buf._unread()
+    assert unread > 4 * 32 * 16
+    buf._producer = object()  # only its presence is read here
+    assert buf._merge_lag(16) == max(2, min(32, unread // 64))
+    assert buf._merge_lag(1) == 32 and buf._merge_lag(unread) == 2
+    assert ShuffleBuffer(TaggedSource(n_contexts=4), _cfg(merge_lag=5), d_in=8)._merge_lag(16) == 5
+
+
 def test_shuffle_buffer__drop_last_drops_only_the_final_partial_batch() -> None:
     src = TaggedSource(n_contexts=301)
     buf = ShuffleBuffer(src, _cfg(), d_in=8, drop_last=True)

@@ -88,6 +88,8 @@ def _interpreted_checks() -> None:
         for shape in SHAPES:
             check_against_reference("triton", "cpu", dtype, shape)
     check_rows("triton", "cpu")
+    from sae_stream.fused_ops import triton_probe
+    assert triton_probe(torch.device("cpu")) is None  # the probe's kernel, interpreted
     for dtype in (torch.float32, torch.bfloat16):
         check_passes("triton", "cpu", dtype)
     runs = {}
@@ -144,11 +146,16 @@ def check_passes(backend: str, device: str, dtype: torch.dtype, B: int = 130, D:
     g = torch.Generator().manual_seed(5)
     x = (torch.randn(B, D, generator=g) * 2 + 3).to(device)  # off-centre: the variance must not cancel badly
     b = (torch.randn(D, generator=g) + 3).to(device)
-    xc, var_sq = center(x, b, dtype, backend)
-    assert xc.dtype == dtype and var_sq.dtype == torch.float64
+    xc, var_sq, finite = center(x, b, dtype, backend)
+    assert xc.dtype == dtype and var_sq.dtype == torch.float64 and bool(finite)
     torch.testing.assert_close(xc.double(), x.double() - b.double(), **_tol(dtype, 1))
     ref_var = ((x.double() - x.double().mean(0)) ** 2).sum()
     torch.testing.assert_close(var_sq, ref_var, rtol=1e-6, atol=0)
+    for bad in (float("nan"), float("inf"), -float("inf")):  # the flag judges x alone, any row, any column
+        x_bad = x.clone()
+        x_bad[B - 1, D - 1] = bad
+        assert not bool(center(x_bad, b, dtype, backend)[2])
+        assert bool(center(x, b.new_full(b.shape, float("nan")), dtype, backend)[2])
     recon = (x + 0.1 * torch.randn(B, D, generator=g).to(device)).to(dtype)
     c = 2.0 / (B * D)
     g_BD, sq, col_D = residual(recon, x, c, dtype, backend)
@@ -196,3 +203,24 @@ def test_triton_row_ops__cuda_equal_reference() -> None:
 def test_triton_passes__cuda_equal_reference(dtype: torch.dtype) -> None:
     for B, D in [(130, 48), (8192, 512), (100, 2048)]:
         check_passes("triton", "cuda", dtype, B, D)
+
+
+def test_kernels_auto__falls_back_to_torch_when_triton_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Importable is not usable (no C compiler for Triton's launcher, an unsupported GPU): auto warns and uses torch."""
+    from sae_stream import step as step_mod
+
+    monkeypatch.setattr(step_mod, "triton_available", lambda: True)
+    monkeypatch.setattr(step_mod, "triton_probe", lambda device: "RuntimeError: no C compiler")
+    with pytest.warns(UserWarning, match="no C compiler"):
+        assert step_mod.resolve_kernels("auto", torch.device("cuda")) == "torch"
+    monkeypatch.setattr(step_mod, "triton_probe", lambda device: None)
+    assert step_mod.resolve_kernels("auto", torch.device("cuda")) == "triton"
+
+
+@cuda
+@needs_triton
+def test_triton_kernels__autotuned_first_call_is_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The autotuner times every config on the first call per shape, writing the partial-sum buffers each time: the
+    call that returns must still give exact sums and counts (a BM=64 trial's rows must not survive a BM=128 pick)."""
+    monkeypatch.setenv("SAE_STREAM_TRITON_AUTOTUNE", "1")
+    check_against_reference("triton", "cuda", torch.bfloat16, (8192 + 64, 512, 4096))
