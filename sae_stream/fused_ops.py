@@ -33,10 +33,10 @@ from torch import Tensor
 MAX_ROW = 8192  # the row kernels hold a whole row (padded to a power of two) in registers
 MAX_NUMEL = 2**31 - 2**24  # the kernels index with 32-bit offsets: larger tensors take the torch path
 MIN_BLOCK_M = 64  # the smallest row block of any config: partial-sum buffers have ⌈B/64⌉ rows (unused ones zero)
-# (BM, BN, BK, warps, stages) tried by the autotuner on the first call per shape; "0" in this environment variable
-# uses the first that fits the dtype instead (tests: seconds, not a minute of tuning per shape)
+# (BM, BN, BK, warps, stages) tried by the autotuner on the first call per shape (~10-20 s); "0" in this environment
+# variable uses FIXED instead (tests: seconds, not a minute of tuning per shape). An H200 at batch 8192 picked
+# 128×128×64/4/3 for both kernels at 512 -> 4096 and 16384; 128×128×32/4/5 and 256×128×32/8/4 at 65536.
 AUTOTUNE_ENV = "SAE_STREAM_TRITON_AUTOTUNE"
-# (an H200 picked 128×128×32/4/4 for both kernels at 512 -> 4096, batch 8192, from an earlier list with BK 32-128)
 CONFIGS = [(128, 128, 32, 4, 4), (128, 128, 32, 4, 5), (128, 128, 32, 8, 4), (128, 256, 32, 8, 4),
            (256, 128, 32, 8, 4), (64, 128, 32, 4, 4), (128, 128, 64, 4, 3), (128, 256, 64, 8, 3)]
 FIXED = CONFIGS[0]  # fits shared memory in fp32 too
