@@ -16,13 +16,12 @@ in full batches, then a final partial batch unless `drop_last`.
 
 Overlap. On a cuda consumer the stream runs on its own CUDA stream: the refill waits (on the GPU) for the reads
 already queued, writes the freed slots, and records an event; batches keep coming from the old unread slots for
-`merge_lag` more draws (auto: up to 32 and at most a quarter of the unread batches, so the LM work of a refill
-overlaps those SAE steps instead of stalling them while the old pool stays large), then the consumer stream waits
-on the event before the new slots can be drawn. From
-pinned host memory, batches are gathered on the host into two alternating pinned buffers and copied to the GPU
-on a copy stream (non-blocking, double-buffered). On the CPU everything runs inline: the LM forward costs ~2% of
-a 512 -> 4096 SAE step there, and a background producer thread measured no better on 2 cores (LM -> buffer -> step
-at 1.01x the bare step either way, benchmarks/buffer_throughput.py) while it would complicate exact resume.
+`merge_lag` more draws (GPU: up to 32, so the refill's LM work overlaps SAE steps), then the consumer stream waits
+on the event before the new slots can be drawn. From pinned host memory, batches are gathered on the host into two
+alternating pinned buffers and copied to the GPU on a copy stream (non-blocking, double-buffered). On the CPU
+everything runs inline: the LM forward costs ~2% of a 512 -> 4096 SAE step there, and a background producer thread
+measured no better on 2 cores (LM -> buffer -> step at 1.01x the bare step either way, benchmarks/buffer_throughput.py)
+while it would complicate exact resume.
 
 A yielded batch is overwritten two batches later (two alternating output buffers, no allocation per step): use it
 before asking for the batch after next, or pass `fresh=True`.
@@ -92,8 +91,7 @@ class ShuffleBuffer:
         if self.d_in <= 0:
             raise ValueError("ShuffleBuffer needs d_in: pass d_in= or a source with a .d_in attribute")
         self.capacity, self.dtype, self.drop_last = cfg.capacity, DTYPES[cfg.dtype], drop_last
-        self.merge_lag = cfg.merge_lag if merge_lag is None else merge_lag
-        self.metrics_every = metrics_every
+        self.merge_lag, self.metrics_every = cfg.merge_lag if merge_lag is None else merge_lag, metrics_every
         self._ring_device = torch.device(self.device if self.storage == "cuda" else "cpu")
         self.memory_bytes = self._ring_bytes()
         self._check_memory(self.memory_bytes)
@@ -188,17 +186,13 @@ class ShuffleBuffer:
             filled += take
         return filled
 
-    @torch.no_grad()
     def _merge_lag(self, m: int) -> int:
-        """Draws of `m` before a refill's slots join (cfg.merge_lag, or auto: 2 inline; with a producer stream a
-        quarter of the unread batches, at most 32: long enough to overlap the refill, short enough to keep 3/4 of
-        the old pool to mix the new vectors into)."""
+        """Draws of `m` before a refill joins: cfg.merge_lag, or 2 inline, else min(32, unread batches / 4)."""
         if self.merge_lag is not None:
             return self.merge_lag
-        if self._producer is None:
-            return 2
-        return max(2, min(32, self._unread() // (4 * m)))
+        return 2 if self._producer is None else max(2, min(32, self._unread() // (4 * m)))
 
+    @torch.no_grad()
     def _refill(self, m: int = 1) -> None:
         """Write the free slots (those no unread entry points at) from the stream; they become drawable at merge."""
         free_N = torch.ones(self.capacity, dtype=torch.bool, device=self._ring_device)
