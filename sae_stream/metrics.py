@@ -1,9 +1,9 @@
 """Training metrics kept on the device: per-interval loss sums, per-feature firing counts and the density window.
 
     metrics = RunningMetrics(d_sae, device, cfg.train, bins)
-    metrics.accumulate_(out, x_BD, firing_counts(out.feats), sae.input_scale)   # in the step (graph-safe)
-    metrics.count_(len(x_BD))                                                    # on the host, once per step
-    record = metrics.summary()                                                   # every log_every steps (syncs)
+    metrics.accumulate_(out, x_BD, firing_counts(out.feats), sae.input_scale)  # in the step (graph-safe)
+    metrics.count_(len(x_BD))                                                   # on the host, once per step
+    record = metrics.summary()                                                  # every log_every steps (syncs)
 """
 
 from __future__ import annotations
@@ -16,22 +16,13 @@ import torch
 from torch import Tensor
 
 from sae_stream.config import TrainConfig
+from sae_stream.fused_ops import centred_sq_sum
 
 if TYPE_CHECKING:
     from sae_stream.distributed import Distributed
 
 HIST_LOG10_MIN = -10.0  # density histogram range; never-firing features are counted in the lowest bin
 _SUMS = ("loss", "mse", "l1", "aux", "l0", "err_sq", "var_sq")
-
-
-def firing_counts(feats_BF: Tensor) -> Tensor:
-    """Per-feature number of rows with a positive activation (int64 [d_sae])."""
-    if feats_BF.dtype == torch.float32:
-        # a matrix-vector product over sign(f) (exact below 2^24 rows) is ~3x faster than a bool reduction
-        ones_B = torch.ones(feats_BF.shape[0], dtype=torch.float32, device=feats_BF.device)
-        return (ones_B @ torch.sign(feats_BF)).long()
-    return (feats_BF > 0).sum(dim=0)
-
 
 
 class RunningMetrics:
@@ -54,9 +45,8 @@ class RunningMetrics:
         each costs a few µs however small). `var_sq` = Σ‖x − x̄‖² (fp64) if the step computed it; returned. Interval
         sums are fp64; the per-step terms are fp32 scalars."""
         n, d = x_BD.shape
-        if var_sq is None:  # Σx² − ‖Σx‖²/n, both sums in fp64 (no cancellation at fp32 data), no centred copy of x
-            col_D = x_BD.sum(0, dtype=torch.float64)
-            var_sq = torch.linalg.vector_norm(x_BD, dtype=torch.float64).square() - col_D.square().sum() / n
+        if var_sq is None:
+            var_sq = centred_sq_sum(x_BD)
         err_sq = out.mse.float() * (n * d) / input_scale.square()  # back to the original space
         stacked = torch.stack([out.loss.float(), out.mse.float(), out.l1.float(), out.aux.float(),
                                counts_F.sum() / n, err_sq])  # _SUMS order, var_sq apart (fp64 already)

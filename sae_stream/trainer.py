@@ -32,7 +32,8 @@ from tqdm import tqdm
 
 from sae_stream.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from sae_stream.config import Config, ConfigError
-from sae_stream.metrics import RunningMetrics, firing_counts
+from sae_stream.fused_ops import firing_counts
+from sae_stream.metrics import RunningMetrics
 from sae_stream.process import TrainingInterrupted, signals_to, tune_cpu_allocator
 from sae_stream.resample import FiringTracker, resample_dead_, resample_steps
 from sae_stream.sae import SAE

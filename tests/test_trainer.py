@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sae_stream.config import Config, config_from_dict
-from sae_stream.metrics import firing_counts
+from sae_stream.fused_ops import firing_counts
 from sae_stream.sae import build_sae
 from sae_stream.schedule import l1_coeff_at, lr_at
 from sae_stream.trainer import Trainer
