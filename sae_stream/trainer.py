@@ -30,7 +30,6 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from sae_stream.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from sae_stream.config import Config, ConfigError
 from sae_stream.fused_ops import firing_counts
 from sae_stream.metrics import RunningMetrics
@@ -39,6 +38,7 @@ from sae_stream.resample import FiringTracker, resample_dead_, resample_steps
 from sae_stream.sae import SAE
 from sae_stream.schedule import l1_coeff_at, lr_at
 from sae_stream.step import GraphedStep, anthropic_grads_, resolve_kernels, supports_fused
+from sae_stream.trainer_state import TrainerState
 
 if TYPE_CHECKING:
     from sae_stream.distributed import Distributed
@@ -50,8 +50,8 @@ class MetricsLogger(Protocol):
     def log(self, step: int, metrics: dict[str, Any]) -> None: ...
 
 
-class Trainer:
-    """Adam + schedules + decoder constraints + resampling + metrics + exact-resume checkpoints."""
+class Trainer(TrainerState):
+    """Adam + schedules + decoder constraints + resampling + metrics; exact-resume checkpoints from TrainerState."""
 
     def __init__(self, sae: SAE, cfg: Config, run_dir: Path | str | None, tracker: MetricsLogger,
                  pool_fn: Callable[[int], Tensor] | None = None,
@@ -115,124 +115,6 @@ class Trainer:
         t = self.cfg.train
         return (self.device.type == "cuda" and t.cuda_graphs and t.nan_policy == "stop"
                 and self.grad_sync is None)
-
-    def _restore_lr(self) -> None:
-        """After loading optimizer state (which brings the saving run's group options): this device's options
-        (fused + capturable on CUDA), this trainer's lr (a device tensor on CUDA), step counters where Adam wants."""
-        cuda = self.device.type == "cuda"
-        for group in self.optimizer.param_groups:
-            group["lr"] = self._lr_t if cuda else self._lr_now
-            group["capturable"], group["fused"] = cuda, (True if cuda else None)
-        for param, state in self.optimizer.state.items():
-            if isinstance(state.get("step"), Tensor):
-                state["step"] = state["step"].to(param.device if cuda else "cpu", torch.float32)
-
-    def _internal_state(self) -> dict[str, Any]:
-        return {"firing": self.firing.state_dict(), "metrics": self.metrics.state_dict(),
-                "first_bad": self.first_bad, "initialised": self.initialised, "auxk_on": self.auxk_on,
-                "skipped_rows": self.skipped_rows, "resampled": self.resampled,
-                "generator": self.generator.get_state()}
-
-    def _load_internal_state(self, s: dict[str, Any]) -> None:
-        self._graph.reset()  # the tensors below are replaced: a captured graph would still use the old ones
-        self.firing.load_state_dict(s["firing"])
-        self.metrics.load_state_dict(s["metrics"])
-        self.first_bad = s["first_bad"].to(self.device)
-        self.initialised, self.auxk_on = s["initialised"], s["auxk_on"]
-        self.skipped_rows, self.resampled = s["skipped_rows"], s["resampled"]
-        self.generator.set_state(s["generator"])
-
-    def _move_to(self, device: torch.device) -> None:
-        """Move the SAE, the optimizer state and the trackers to `device`, keeping their values."""
-        opt_state, internal = self.optimizer.state_dict(), self._internal_state()
-        self.sae.to(device)
-        self._build(device)
-        self.optimizer.load_state_dict(opt_state)  # Adam casts its state to each parameter's device
-        self._restore_lr()
-        self._load_internal_state(internal)
-
-    # ------------------------------------------------------------------ checkpoints
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "step": self.step,
-            "architecture": self.sae.cfg.architecture, "d_in": self.sae.d_in, "d_sae": self.sae.d_sae,
-            "sae": self.sae.state_dict(),
-            "optimizer": self._optimizer_state(),
-            "trainer": self._internal_state(),
-            "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-            "extra": self.extra_state() if self.extra_state is not None else {},
-        }
-
-    def _optimizer_state(self) -> dict[str, Any]:
-        state = self.optimizer.state_dict()
-        for group in state["param_groups"]:  # a float, so the checkpoint loads on any device
-            group["lr"] = float(group["lr"])
-        return state
-
-    def _checkpoint_state(self) -> dict[str, Any] | None:
-        """state_dict(); data parallel: a collective that adds every rank's own part (trainer metrics, RNG,
-        stream) as `per_rank`, returned on rank 0 only (the SAE and Adam are identical on every rank)."""
-        state = self.state_dict()
-        if self.dist is None:
-            return state
-        per_rank = self.dist.gather_objects({k: state[k] for k in ("trainer", "rng", "extra")})
-        return None if per_rank is None else {**state, "per_rank": per_rank}
-
-    def save(self) -> Path | None:
-        if self.run_dir is None:
-            return None
-        if self.dist is not None:
-            self._sync_replicas()  # a collective every rank reaches, so a bad batch on one rank stops all of them
-        self._raise_if_bad_input()  # never checkpoint weights trained on non-finite data
-        self._saved_step = self.step
-        state = self._checkpoint_state()
-        if state is None:  # data parallel: rank 0 writes
-            return None
-        return save_checkpoint(self.run_dir / "checkpoints", self.step, state, keep=self.cfg.train.keep_checkpoints)
-
-    def resume(self, path_or_run_dir: Path | str) -> dict:
-        """Load the latest valid checkpoint (a run dir, its checkpoints/ dir, or one step_* dir); returns
-        the caller's extra_state so it can restore its stream position. fit() continues from the saved step."""
-        path = Path(path_or_run_dir)
-        if (path / "MANIFEST.json").is_file():
-            ckpt = path
-        else:
-            ckpt = latest_checkpoint(path / "checkpoints" if (path / "checkpoints").is_dir() else path)
-        if ckpt is None:
-            raise ValueError(f"no valid checkpoint under {str(path)!r}: train first or point at a run dir")
-        state = load_checkpoint(ckpt, map_location="cpu")
-        got = (state["architecture"], state["d_in"], state["d_sae"])
-        want = (self.sae.cfg.architecture, self.sae.d_in, self.sae.d_sae)
-        if got != want:
-            raise ValueError(f"checkpoint {ckpt} is (architecture, d_in, d_sae)={got}, this SAE is {want}")
-        state = self.own_part(state, ckpt)
-        self.sae.load_state_dict(state["sae"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self._lr_now = float(self.optimizer.param_groups[0]["lr"])
-        if self._lr_t is not None:
-            self._lr_t.fill_(self._lr_now)
-        self._restore_lr()
-        self._load_internal_state(state["trainer"])
-        self.step = int(state["step"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        return state["extra"]
-
-    def own_part(self, state: dict[str, Any], ckpt: Path) -> dict[str, Any]:
-        """The checkpoint as this rank saw it: a data-parallel checkpoint needs the same number of ranks."""
-        saved = len(state["per_rank"]) if "per_rank" in state else 1
-        world = self.dist.world_size if self.dist is not None else 1
-        if saved != world:
-            raise ValueError(f"checkpoint {ckpt} was written by {saved} data-parallel rank(s), this run has {world}: "
-                             f"resume with `torchrun --nproc_per_node={saved} -m sae_stream train --resume RUN_DIR`"
-                             if saved > 1 else f"checkpoint {ckpt} was written by a single process: resume it "
-                             "without torchrun")
-        if self.dist is None:
-            return state
-        return {**state, **state["per_rank"][self.dist.rank]}
 
     # ------------------------------------------------------------------ the loop
 
