@@ -187,7 +187,7 @@ class ShuffleBuffer:
         return filled
 
     def _merge_lag(self, m: int) -> int:
-        """Draws of `m` before a refill joins: cfg.merge_lag, or 2 inline, else min(32, unread batches / 4)."""
+        """Draws of `m` before a refill joins: cfg.merge_lag, or 2 inline, else unread batches / 4 within [2, 32]."""
         if self.merge_lag is not None:
             return self.merge_lag
         return 2 if self._producer is None else max(2, min(32, self._unread() // (4 * m)))

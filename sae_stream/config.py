@@ -147,7 +147,7 @@ class BufferConfig:
     reuse: int = 1
     """Times each streamed vector is consumed before its slot is refilled."""
     merge_lag: int | None = None
-    """Batches drawn after a refill starts before its vectors join; null: 2 on CPU, on GPU <= 32 and <= 1/4 unread."""
+    """Batches drawn after a refill starts before its vectors join; null: 2 on CPU, on GPU 1/4 of unread (2..32)."""
     lm_native: bool = True
     """`lm train` LM + block hooks: produce with the GPT's own forward (fused attention; same values, faster)."""
     max_memory_gb: float | None = None

@@ -56,7 +56,8 @@ def centred_sq_sum(x_BD: Tensor) -> Tensor:
 @torch.no_grad()
 def center(x_BD: Tensor, b_D: Tensor, dtype: torch.dtype, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """x − b in `dtype`; Σ_rows ‖x − mean‖² (fp64 0-dim: the FVU's denominator); and whether every x is finite
-    (bool 0-dim; judged on x alone)."""
+    (bool 0-dim; judged on x alone). The Triton path squares x − b in fp32: past |x − b| ~ 1e19 var_sq is inf (the
+    logged FVU then reads 0) while x counts as finite."""
     if backend == "torch" or not _rows_fit(x_BD):
         xc_BD = torch.sub(x_BD, b_D, out=torch.empty_like(x_BD, dtype=dtype))  # centred and cast: one pass
         var_sq = centred_sq_sum(x_BD)
@@ -93,22 +94,34 @@ def residual(recon_BD: Tensor, x_BD: Tensor, c: float, dtype: torch.dtype, backe
 
 @functools.cache
 def triton_probe(device: torch.device) -> str | None:
-    """None if a small Triton kernel compiles and runs correctly on `device` (a CUDA device), else why not: Triton
-    can be importable yet unusable (no C compiler for its launcher, an unsupported GPU)."""
+    """None if small Triton kernels (a row kernel; the encoder's dot in bf16 and fp32, FIXED config) compile and
+    compute correctly on `device`, else why not: Triton can be importable yet unusable (no C compiler for its
+    launcher, an unsupported GPU)."""
     try:
-        w = torch.arange(1.0, 13.0, device=device).reshape(3, 4)
+        g = torch.Generator().manual_seed(0)
+        w = torch.randn(3, 40, generator=g).to(device)
+        want = w / w.norm(dim=1, keepdim=True)
         normalize_rows_(w, "triton")
-        expected = torch.arange(1.0, 13.0, device=device).reshape(3, 4)
-        if not torch.allclose(w, expected / expected.norm(dim=1, keepdim=True)):
-            return "a test kernel computed wrong values"
+        if not torch.allclose(w, want, rtol=1e-5, atol=1e-6):
+            return "a test kernel (row normalisation) computed wrong values"
+        for dtype in (torch.bfloat16, torch.float32):
+            x = torch.randn(70, 32, generator=g).to(device, dtype)
+            W = torch.randn(32, 48, generator=g).to(device, dtype)
+            b = torch.randn(48, generator=g).to(device)
+            f, _, counts = encode_relu(x, W, b, "triton", tune=False)
+            ref = torch.relu(x.float() @ W.float() + b)
+            if not torch.allclose(f.float(), ref, rtol=2e-2, atol=2e-2) or not torch.equal(counts, (f > 0).sum(0)):
+                return f"a test kernel (the {dtype} encoder matmul) computed wrong values"
     except Exception as exc:  # noqa: BLE001 — any failure means: use the torch ops
         return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     return None
 
 
-def encode_relu(xc_BD: Tensor, W_DF: Tensor, b_F: Tensor, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    """f = ReLU(xc W + b) in xc's dtype, Σ_B f (fp32) and the number of rows with f > 0 (int64), per feature."""
-    if backend == "torch" or xc_BD.shape[0] * W_DF.shape[1] >= MAX_NUMEL or W_DF.numel() >= MAX_NUMEL:
+def encode_relu(xc_BD: Tensor, W_DF: Tensor, b_F: Tensor, backend: str, tune: bool = True
+                ) -> tuple[Tensor, Tensor, Tensor]:
+    """f = ReLU(xc W + b) in xc's dtype, Σ_B f (fp32) and the number of rows with f > 0 (int64), per feature.
+    `tune=False`: the FIXED config even where the autotuner would run."""
+    if backend == "torch" or max(xc_BD.shape[0] * W_DF.shape[1], W_DF.numel(), xc_BD.numel()) >= MAX_NUMEL:
         b = b_F.to(xc_BD.dtype)
         f_BF = torch._addmm_activation(b, xc_BD, W_DF) if xc_BD.is_cuda else torch.addmm(b, xc_BD, W_DF).relu_()
         return f_BF, f_BF.sum(0, dtype=_sum_dtype(f_BF)), firing_counts(f_BF)
@@ -116,7 +129,7 @@ def encode_relu(xc_BD: Tensor, W_DF: Tensor, b_F: Tensor, backend: str) -> tuple
     f_BF = torch.empty(B, F, dtype=xc_BD.dtype, device=xc_BD.device)
     sums = torch.zeros(-(-B // MIN_BLOCK_M), F, dtype=torch.float32, device=xc_BD.device)
     counts = torch.zeros(sums.shape, dtype=torch.int32, device=xc_BD.device)
-    kernel, grid, extra = _launcher("encode", xc_BD, F)
+    kernel, grid, extra = _launcher("encode", xc_BD, F, tune)
     kernel[grid](xc_BD, W_DF, b_F, f_BF, sums, counts, B, F, xc_BD.stride(0), W_DF.stride(0), W_DF.stride(1), K=D,
                  **_precision(xc_BD), **extra)
     return f_BF, sums.sum(0), counts.sum(0)
@@ -124,7 +137,7 @@ def encode_relu(xc_BD: Tensor, W_DF: Tensor, b_F: Tensor, backend: str) -> tuple
 
 def relu_backward(g_BD: Tensor, W_FD: Tensor, f_BF: Tensor, add: Tensor, backend: str) -> tuple[Tensor, Tensor]:
     """g_pre = [f > 0]·(g W_FDᵀ + add) in g's dtype (add: a 0-dim fp32 tensor) and Σ_B g_pre (fp32)."""
-    if backend == "torch" or g_BD.shape[0] * W_FD.shape[0] >= MAX_NUMEL or W_FD.numel() >= MAX_NUMEL:
+    if backend == "torch" or max(g_BD.shape[0] * W_FD.shape[0], W_FD.numel(), g_BD.numel()) >= MAX_NUMEL:
         # λ/B as a bias vector, added in the matmul's epilogue (in bf16 runs rounded to bf16: <= 0.2% of λ)
         bias_F = add.to(g_BD.dtype).expand(W_FD.shape[0])
         g_pre = torch.ops.aten.threshold_backward(torch.addmm(bias_F, g_BD, W_FD.T), f_BF, 0)
@@ -191,14 +204,14 @@ def _precision(x: Tensor) -> dict:
     return {"PRECISION": "tf32" if tf32 else "ieee"}
 
 
-def _launcher(name: str, x: Tensor, F: int):
+def _launcher(name: str, x: Tensor, F: int, tune: bool = True):
     """(kernel, grid, extra launch args) for input x [B, ·] and F output columns: the autotuned Triton kernel on
-    CUDA (or one fixed config, see AUTOTUNE_ENV); the interpreter with a small fixed config on CPU."""
+    CUDA (or the FIXED config: tune=False or AUTOTUNE_ENV=0); the interpreter with a small fixed config on CPU."""
     kernels, B = _kernels(), x.shape[0]
     if not x.is_cuda:
         return kernels[name + "_interpreted"], (triton_cdiv(B, MIN_BLOCK_M) * triton_cdiv(F, 32),), \
             {"BM": MIN_BLOCK_M, "BN": 32, "BK": 32, "UPCAST": True}
-    if os.environ.get(AUTOTUNE_ENV, "1") == "0":
+    if not tune or os.environ.get(AUTOTUNE_ENV, "1") == "0":
         bm, bn, bk, warps, stages = FIXED
         return kernels[name + "_fixed"], (triton_cdiv(B, bm) * triton_cdiv(F, bn),), \
             {"BM": bm, "BN": bn, "BK": bk, "num_warps": warps, "num_stages": stages, "UPCAST": False}

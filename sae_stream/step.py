@@ -36,8 +36,8 @@ def supports_fused(sae: SAE) -> bool:
 def resolve_kernels(choice: str, device: torch.device) -> str:
     """train.kernels -> 'triton' or 'torch' for this device (one-line errors where Triton cannot run)."""
     if choice == "auto":
-        if device.type != "cuda" or not triton_available():
-            return "torch"
+        if device.type != "cuda" or not triton_available() or os.environ.get("TRITON_INTERPRET") == "1":
+            return "torch"  # (under the interpreter Triton would run on the host: slow)
         why = triton_probe(device)
         if why is not None:
             warnings.warn(f"Triton kernels unusable on {device} ({why}); using train.kernels=torch", stacklevel=2)

@@ -135,4 +135,3 @@ class TrainerState:
         if self.dist is None:
             return state
         return {**state, **state["per_rank"][self.dist.rank]}
-

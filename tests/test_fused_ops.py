@@ -222,5 +222,9 @@ def test_kernels_auto__falls_back_to_torch_when_triton_fails(monkeypatch: pytest
 def test_triton_kernels__autotuned_first_call_is_exact(monkeypatch: pytest.MonkeyPatch) -> None:
     """The autotuner times every config on the first call per shape, writing the partial-sum buffers each time: the
     call that returns must still give exact sums and counts (a BM=64 trial's rows must not survive a BM=128 pick)."""
+    from sae_stream.fused_ops import tuned_configs
+
     monkeypatch.setenv("SAE_STREAM_TRITON_AUTOTUNE", "1")
     check_against_reference("triton", "cuda", torch.bfloat16, (8192 + 64, 512, 4096))
+    if int(tuned_configs()["encode"].split("x")[0]) == 64:  # then no trial left rows the winner does not write
+        pytest.skip("the autotuner picked BM=64 here: the stale-row case did not arise")
