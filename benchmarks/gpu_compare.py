@@ -10,9 +10,11 @@ the project's own classes (Trainer, ShuffleBuffer, ActivationStream), configured
   step_*       Trainer on one fixed batch: eager autograd (the plain PyTorch step), the hand-written backward,
                CUDA-graph replay, bf16 / TF32 matmuls
   lm_*_ctx*    the LM forward up to the hook (bf16 autocast): `native` = the GPT's own forward (fused attention,
-               what `sae-stream train` uses for an `lm train` LM), `tl` = transformer-lens hooks
+               Triton LayerNorms on CUDA: what `sae-stream train` uses for an `lm train` LM), `native_torch_ln` =
+               the same with torch's LayerNorm, `tl` = transformer-lens hooks
   loop_*       LM -> ring (GPU or pinned host) -> shuffled batches -> Trainer (best step), several ring refills;
-               every position of every context is used
+               every position of every context is used; the ring in the dtype the LM gives (bf16 on CUDA), and
+               `*_fp32_ring_torch_ln` the loop as before (fp32 ring, torch's LayerNorm) in the same run
   disk_*       the materialised baseline: LM -> fp16 np.memmap on local disk, then shuffled batches read back and
                trained on with the same best step
   saelens_*    SAELens's trainer on the same model shape / hook / d_sae / batch, run by peer-bench's script
@@ -52,6 +54,7 @@ from sae_stream.buffer import ShuffleBuffer  # noqa: E402
 from sae_stream.config import BufferConfig, LMConfig, config_from_dict  # noqa: E402
 from sae_stream.fused_ops import tuned_configs  # noqa: E402
 from sae_stream.sae import build_sae  # noqa: E402
+from sae_stream.step import resolve_kernels  # noqa: E402
 from sae_stream.trainer import Trainer  # noqa: E402
 
 STEP_VARIANTS = {  # name: train overrides
@@ -86,10 +89,16 @@ def build_lm(context_len: int, device: str) -> tuple[GPT, object]:
     return gpt, to_hooked(gpt)
 
 
-def make_stream(context_len: int, device: str, bcfg: BufferConfig, out_device: str, native: bool) -> ActivationStream:
+def make_stream(context_len: int, device: str, bcfg: BufferConfig, out_device: str, native: bool,
+                kernels: str = "torch") -> ActivationStream:
     gpt, hooked = build_lm(context_len, device)
     return ActivationStream(hooked, HOOK, token_batches(bcfg.lm_batch_size, context_len, "cpu"), bcfg, out_device,
-                            capture=GPTCapture(gpt, [HOOK]) if native else None)
+                            capture=GPTCapture(gpt, [HOOK], kernels=kernels) if native else None)
+
+
+def lm_kernels(args: argparse.Namespace) -> str:
+    """The native LM's LayerNorm kernels, as `sae-stream train` picks them from train.kernels (--kernels)."""
+    return resolve_kernels(args.kernels, torch.device(args.device))
 
 
 class NullLog:
@@ -231,12 +240,16 @@ def measure_steps(args: argparse.Namespace, rec: Recorder, d_sae: int) -> dict[s
     return out
 
 
-def measure_lm(args: argparse.Namespace, rec: Recorder, context_len: int, native: bool) -> float | None:
+def measure_lm(args: argparse.Namespace, rec: Recorder, context_len: int, native: bool,
+               kernels: str | None = None) -> float | None:
+    """The LM to the hook; `kernels` (native only): the LayerNorms' kernels, None = as `sae-stream train`."""
+    kernels = kernels or lm_kernels(args)
+
     def fn() -> tuple[float, dict]:
         gpt, hooked = build_lm(context_len, args.device)
         lm_batch = max(1, 65536 // context_len)
         tokens = torch.randint(0, 50304, (lm_batch, context_len), device=args.device)
-        cap = GPTCapture(gpt, [HOOK]) if native else HookCapture(hooked, HOOK)
+        cap = GPTCapture(gpt, [HOOK], kernels=kernels) if native else HookCapture(hooked, HOOK)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.device == "cuda")
 
         def run(n: int) -> float:
@@ -251,29 +264,40 @@ def measure_lm(args: argparse.Namespace, rec: Recorder, context_len: int, native
         run(3)
         dt = run(5)
         n = max(5, int(args.seconds * 5 / dt))
-        return n * tokens.numel() / run(n), {"context_len": context_len}
-    return rec.guarded(f"lm_{'native' if native else 'tl'}_ctx{context_len}", None, fn)
+        return n * tokens.numel() / run(n), {"context_len": context_len, "kernels": kernels if native else None}
+    name = ("native" if kernels == lm_kernels(args) else f"native_{kernels}_ln") if native else "tl"
+    return rec.guarded(f"lm_{name}_ctx{context_len}", None, fn)
 
 
-def buffer_cfg(args: argparse.Namespace, storage: str, context_len: int) -> BufferConfig:
+def buffer_cfg(args: argparse.Namespace, storage: str, context_len: int, dtype: str = "auto") -> BufferConfig:
     return BufferConfig(hook_name=HOOK, capacity=args.capacity, refill_fraction=0.5, storage=storage,
-                        lm_batch_size=max(1, 65536 // context_len))
+                        lm_batch_size=max(1, 65536 // context_len), dtype=dtype)
+
+
+# the loop as session 3 measured it: an fp32 ring, torch's LayerNorm in the LM (same run, for the ratio)
+LOOP_BEFORE = {"dtype": "float32", "kernels": "torch"}
 
 
 def measure_loop(args: argparse.Namespace, rec: Recorder, d_sae: int, storage: str, context_len: int,
-                 step_rate: float | None, native: bool = True) -> float | None:
+                 step_rate: float | None, native: bool = True, before: bool = False) -> float | None:
+    """LM -> ring -> batches -> the best step, configured as `sae-stream train` (buffer.dtype auto: the dtype the
+    LM gives; the LM's LayerNorms by --kernels), or with `before` as LOOP_BEFORE."""
     def fn() -> tuple[float, dict]:
-        bcfg = buffer_cfg(args, storage, context_len)
-        stream = make_stream(context_len, args.device, bcfg, args.device, native)
+        bcfg = buffer_cfg(args, storage, context_len, LOOP_BEFORE["dtype"] if before else "auto")
+        kernels = LOOP_BEFORE["kernels"] if before else lm_kernels(args)
+        stream = make_stream(context_len, args.device, bcfg, args.device, native, kernels)
         buffer = ShuffleBuffer(stream, bcfg, args.device, d_in=512)
         trainer = make_trainer(args, d_sae, STEP_VARIANTS[BEST])
-        rate, extra = timed_steps(args, trainer, buffer.batches(args.batch))
+        dtype = trainer.input_dtype(buffer.dtype)
+        rate, extra = timed_steps(args, trainer, buffer.batches(args.batch, dtype=dtype))
         extra |= {"storage": storage, "context_len": context_len, "capacity": args.capacity,
-                  "refills": buffer.refills, "merge_lag": buffer.merge_lag}
+                  "refills": buffer.refills, "merge_lag": buffer.merge_lag, "ring_dtype": buffer.dtype_name,
+                  "batch_dtype": str(dtype).removeprefix("torch."), "lm_kernels": kernels if native else None}
         if step_rate:
             extra["ratio_to_step"] = round(rate / step_rate, 3)
         return rate, extra
-    return rec.guarded(f"loop_{storage}_ctx{context_len}{'' if native else '_tl'}", d_sae, fn)
+    suffix = ("" if native else "_tl") + ("_fp32_ring_torch_ln" if before else "")
+    return rec.guarded(f"loop_{storage}_ctx{context_len}{suffix}", d_sae, fn)
 
 
 def measure_disk(args: argparse.Namespace, rec: Recorder, d_sae: int) -> None:
@@ -346,8 +370,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     ctxs = [args.context_len] if args.context_len == 128 else [args.context_len, 128]
     if "lm" not in args.skip:
         for ctx in ctxs:
-            for native in (True, False):
-                measure_lm(args, rec, ctx, native)
+            measure_lm(args, rec, ctx, native=True)
+            if lm_kernels(args) != "torch":
+                measure_lm(args, rec, ctx, native=True, kernels="torch")
+            measure_lm(args, rec, ctx, native=False)
     for d_sae in args.d_saes:
         steps = measure_steps(args, rec, d_sae) if "steps" not in args.skip else {}
         best = steps.get(BEST)
@@ -355,6 +381,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             storage = "cuda" if args.device == "cuda" else "cpu"
             rate = measure_loop(args, rec, d_sae, storage, args.context_len, best)
             if d_sae == args.d_saes[0]:
+                measure_loop(args, rec, d_sae, storage, args.context_len, best, before=True)
                 if rate:
                     rec.emit("projection_paper_a1", d_sae, None, minutes=round(PAPER_A1_TOKENS / rate / 60, 1),
                              note=f"8B tokens at loop_{storage}_ctx{args.context_len}'s rate")

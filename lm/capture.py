@@ -6,19 +6,24 @@ same as the HookedTransformer's hooks (tests: within float tolerance), so `sae-s
 the LM is an `lm train` run dir and every hook is one of SUPPORTED (blocks.L.<point>); other hooks go through
 transformer-lens.
 
-    capture = GPTCapture(gpt, ["blocks.0.mlp.hook_post"])
+    capture = GPTCapture(gpt, ["blocks.0.mlp.hook_post"], kernels="triton")
     acts_BTD = capture(tokens_BT)        # like sae_stream.activations.HookCapture
+
+kernels="triton" (what `train.kernels` resolves to on CUDA) makes each LayerNorm one Triton pass that writes the
+dtype the next matmul runs in (sae_stream.fused_ops.layer_norm), and puts a ReLU MLP's bias and ReLU in its
+matmul's epilogue when its pre-activations are not asked for: the same values up to fp32 rounding, fewer passes.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
 
 from lm.model import GPT
+from sae_stream.fused_ops import layer_norm
 
 # the points of a block, in the order the forward reaches them
 POINTS = ("hook_resid_pre", "attn.hook_z", "hook_attn_out", "hook_resid_mid", "mlp.hook_pre", "mlp.hook_post",
@@ -39,13 +44,16 @@ class GPTCapture:
     """Runs the GPT up to the last point needed and returns the points' activations, concatenated along the last
     dimension in the order given ([B, T, Σ widths])."""
 
-    def __init__(self, gpt: GPT, hook_names: Sequence[str]) -> None:
+    def __init__(self, gpt: GPT, hook_names: Sequence[str], kernels: str = "torch") -> None:
         if not supported(gpt, hook_names):
             raise ValueError(f"GPTCapture computes blocks.<layer>.<{'|'.join(POINTS)}>, not {list(hook_names)}")
-        self.gpt, self.names = gpt, list(hook_names)
+        self.gpt, self.names, self.kernels = gpt, list(hook_names), kernels
         parsed = [_NAME.match(n) for n in self.names]
         self._wanted = {(int(m.group(1)), m.group(2)) for m in parsed}
         self._last = max((int(m.group(1)), POINTS.index(m.group(2))) for m in parsed)
+        # with the fast kernels, a ReLU MLP whose pre-activations are not asked for gets its ReLU in the matmul
+        self._fuse_act = {layer for layer in range(gpt.cfg.n_layers) if kernels == "triton"
+                          and gpt.cfg.act_fn == "relu" and (layer, "mlp.hook_pre") not in self._wanted}
 
     @torch.inference_mode()
     def __call__(self, tokens_BT: Tensor) -> Tensor:
@@ -63,7 +71,8 @@ class GPTCapture:
     def _block(self, layer: int, x_BTD: Tensor, got: dict[str, Tensor]) -> Tensor | None:
         """Block `layer`, recording the wanted points; None once the last wanted point has been computed."""
         stop = self._last[1] if layer == self._last[0] else len(POINTS)
-        for i, value in enumerate(_points(self.gpt.blocks[layer], x_BTD)):  # lazily: stops computing at `stop`
+        points = _points(self.gpt.blocks[layer], x_BTD, self._ln, layer in self._fuse_act)
+        for i, value in enumerate(points):  # lazily: stops computing at `stop`
             if (layer, POINTS[i]) in self._wanted:
                 got[f"blocks.{layer}.{POINTS[i]}"] = value
             if i >= stop:
@@ -71,19 +80,45 @@ class GPTCapture:
         return value  # hook_resid_post: the next block's input
 
 
-def _points(b: torch.nn.Module, x_BTD: Tensor) -> Iterator[Tensor]:
-    """The block's values at POINTS, in order, each computed only when asked for."""
+    def _ln(self, ln: torch.nn.LayerNorm, x_BTD: Tensor) -> Tensor:
+        """ln(x), or with kernels='triton' the fused LayerNorm that writes the dtype the next linear computes in
+        (autocast's; else x's): the same values as the module's fp32 output cast there, up to fp32 rounding."""
+        if self.kernels != "triton":
+            return ln(x_BTD)
+        dev = x_BTD.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x_BTD.dtype
+        return layer_norm(x_BTD, ln.weight, ln.bias, ln.eps, dtype, "triton")
+
+
+def _points(b: torch.nn.Module, x_BTD: Tensor, ln: Callable[[torch.nn.LayerNorm, Tensor], Tensor],
+            fuse_act: bool = False) -> Iterator[Tensor | None]:
+    """The block's values at POINTS, in order, each computed only when asked for; `ln(module, x)` applies a
+    LayerNorm; `fuse_act`: ReLU in the MLP matmul's epilogue (mlp.hook_pre is then None)."""
     yield x_BTD
-    z_BTD = b.attn.heads(b.ln_1(x_BTD))
+    z_BTD = b.attn.heads(ln(b.ln_1, x_BTD))
     yield z_BTD
     attn_out_BTD = b.attn.c_proj(z_BTD)
     yield attn_out_BTD
     x_BTD = x_BTD + attn_out_BTD
     yield x_BTD
-    pre_BTM = b.mlp.c_fc(b.ln_2(x_BTD))
-    yield pre_BTM
-    post_BTM = b.mlp.act(pre_BTM)
+    if fuse_act:
+        yield None
+        post_BTM = _linear_relu(b.mlp.c_fc, ln(b.ln_2, x_BTD))
+    else:
+        pre_BTM = b.mlp.c_fc(ln(b.ln_2, x_BTD))
+        yield pre_BTM
+        post_BTM = b.mlp.act(pre_BTM)
     yield post_BTM
     mlp_out_BTD = b.mlp.c_proj(post_BTM)
     yield mlp_out_BTD
     yield x_BTD + mlp_out_BTD
+
+
+def _linear_relu(lin: torch.nn.Linear, x_BTD: Tensor) -> Tensor:
+    """ReLU(lin(x)), the bias and ReLU in the matmul's epilogue (cuBLASLt on CUDA): one pass over [B, T, d_mlp]
+    fewer, the same values (ReLU commutes with rounding). In autocast's dtype when it is on, as lin(x) would be."""
+    dev = x_BTD.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x_BTD.dtype
+    x_ND = x_BTD.reshape(-1, x_BTD.shape[-1]).to(dtype)
+    out_NM = torch._addmm_activation(lin.bias.to(dtype), x_ND, lin.weight.to(dtype).T)
+    return out_NM.view(*x_BTD.shape[:-1], -1)

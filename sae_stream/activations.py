@@ -135,6 +135,11 @@ def hook_dim(model: HookedTransformer, hook_name: str | Sequence[str], context_l
     return HookCapture(model, hook_name)(tokens).shape[-1]
 
 
+def _autocast(device: torch.device) -> Any:
+    """The LM's precision when producing: bf16 autocast on cuda, fp32 elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
 class _Rebatcher:
     """Token batches of any size -> batches of exactly `size` contexts (the last one may be smaller)."""
 
@@ -171,7 +176,8 @@ class ActivationStream:
     Per context it keeps positions 1..T-1 (`cfg.skip_first_position`) or all, or `cfg.positions_per_context` of
     them drawn without replacement by a generator seeded with `seed`: sampling discards LM work (the forward
     computes every position). The LM runs where its weights are, under inference_mode, in bf16 autocast on cuda;
-    vectors are returned on `device` (None: the model's device) in `cfg.dtype`. Hooks are registered per forward,
+    vectors are returned on `device` (None: the model's device) in `cfg.dtype` (`auto`: as the hook gives them,
+    found by one probe forward at construction; `.dtype`). Hooks are registered per forward,
     so one model must not be shared by streams running in different threads.
     """
 
@@ -182,10 +188,14 @@ class ActivationStream:
         self.lm_device = next(model.parameters()).device
         self.device = torch.device(device) if device is not None else self.lm_device
         hooks = HookCapture(model, hook_names, stop)
-        self.d_in = hook_dim(model, hooks.names, context_len)
         # `capture` computes the same activations another way (lm.capture.GPTCapture: the GPT's fused attention)
         self.capture = capture if capture is not None else hooks
-        self.dtype = DTYPES[cfg.dtype]
+        # one probe forward, as __next__ runs it: the width, and the dtype the hook gives (buffer.dtype=auto)
+        tokens = torch.zeros(1, context_len, dtype=torch.long, device=self.lm_device)
+        with torch.inference_mode(), _autocast(self.lm_device):
+            probe = self.capture(tokens)
+        self.d_in = probe.shape[-1]
+        self.dtype = probe.dtype if cfg.dtype == "auto" else DTYPES[cfg.dtype]
         self._batches = _Rebatcher(token_batches, cfg.lm_batch_size)
         self._gen = torch.Generator().manual_seed(seed)
         self.contexts_seen = 0
@@ -214,8 +224,7 @@ class ActivationStream:
         tokens_BT = tokens_BT.to(dev, non_blocking=True)
         B, T = tokens_BT.shape
         start, pos_BK = self._positions(B, T)
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else nullcontext()
-        with torch.inference_mode(), autocast:
+        with torch.inference_mode(), _autocast(dev):
             acts_BTD = self.capture(tokens_BT)
             if pos_BK is None:
                 acts_BKD = acts_BTD[:, start:]

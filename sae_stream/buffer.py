@@ -90,15 +90,15 @@ class ShuffleBuffer:
         self.d_in = int(d_in if d_in is not None else getattr(source, "d_in", 0))
         if self.d_in <= 0:
             raise ValueError("ShuffleBuffer needs d_in: pass d_in= or a source with a .d_in attribute")
-        self.capacity, self.dtype, self.drop_last = cfg.capacity, DTYPES[cfg.dtype], drop_last
+        self.capacity, self.drop_last = cfg.capacity, drop_last
+        self.dtype = getattr(source, "dtype", torch.float32) if cfg.dtype == "auto" else DTYPES[cfg.dtype]
         self.merge_lag, self.metrics_every = cfg.merge_lag if merge_lag is None else merge_lag, metrics_every
         self._ring_device = torch.device(self.device if self.storage == "cuda" else "cpu")
         self.memory_bytes = self._ring_bytes()
         self._check_memory(self.memory_bytes)
         self._source = source
         self._it: Iterator[ActivationChunk | Tensor] = iter(source)
-        self._ring_ND = torch.empty(self.capacity, self.d_in, dtype=self.dtype, device=self._ring_device,
-                                    pin_memory=self.storage == "pinned")
+        self._ring_ND = self._new_ring()
         self._context_N = torch.full((self.capacity,), -1, dtype=torch.int64, device=self._ring_device)
         self._position_N = torch.full((self.capacity,), -1, dtype=torch.int32, device=self._ring_device)
         self._gen = torch.Generator(device=self._ring_device).manual_seed(seed)
@@ -123,6 +123,14 @@ class ShuffleBuffer:
 
     # ------------------------------------------------------------------------------------------ memory
 
+    def _new_ring(self) -> Tensor:
+        return torch.empty(self.capacity, self.d_in, dtype=self.dtype, device=self._ring_device,
+                           pin_memory=self.storage == "pinned")
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
     def _ring_bytes(self) -> int:
         """Ring + provenance (12 B/slot) + order and its re-permutation (2 x int64 per entry) + free-slot mask."""
         ring = self.capacity * self.d_in * torch.empty(0, dtype=self.dtype).element_size()
@@ -136,7 +144,7 @@ class ShuffleBuffer:
             limit, what = available_memory(self.storage, self.device), f"free {where} memory"
         if need > limit:
             raise ValueError(
-                f"buffer.capacity={self.capacity:,} x d_in={self.d_in} in {self.cfg.dtype} needs {need / 1e9:.2f} GB "
+                f"buffer.capacity={self.capacity:,} x d_in={self.d_in} in {self.dtype_name} needs {need / 1e9:.2f} GB "
                 f"of {where} memory but {what} is {limit / 1e9:.2f} GB: lower buffer.capacity or use bfloat16")
 
     # ------------------------------------------------------------------------------------------ production
@@ -361,7 +369,7 @@ class ShuffleBuffer:
         unread = self._order[self._cursor:]
         live = torch.cat([unread, inflight]).unique()
         state: dict[str, Any] = {
-            "capacity": self.capacity, "d_in": self.d_in, "dtype": self.cfg.dtype,
+            "capacity": self.capacity, "d_in": self.d_in, "dtype": self.dtype_name,
             "slots": live.cpu(), "acts": self._ring_ND[live].cpu(),
             "context": self._context_N[live].cpu(), "position": self._position_N[live].cpu(),
             "unread": unread.cpu(), "inflight": None if self._inflight is None else inflight.cpu(),
@@ -375,9 +383,16 @@ class ShuffleBuffer:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if (state["capacity"], state["d_in"], state["dtype"]) != (self.capacity, self.d_in, self.cfg.dtype):
+        """Restore a state_dict. With buffer.dtype=auto the ring takes the saved ring's dtype (a run resumes in
+        the dtype it started with, whichever device it resumes on)."""
+        if self.cfg.dtype == "auto" and state["dtype"] != self.dtype_name:
+            self.dtype, self._ring_ND, self._outs, self._d2h, self._stages = DTYPES[state["dtype"]], None, [], None, []
+            self.memory_bytes = self._ring_bytes()
+            self._check_memory(self.memory_bytes)
+            self._ring_ND = self._new_ring()
+        if (state["capacity"], state["d_in"], state["dtype"]) != (self.capacity, self.d_in, self.dtype_name):
             raise ValueError(f"buffer state is for capacity/d_in/dtype {state['capacity']}/{state['d_in']}/"
-                             f"{state['dtype']}, this buffer has {self.capacity}/{self.d_in}/{self.cfg.dtype}")
+                             f"{state['dtype']}, this buffer has {self.capacity}/{self.d_in}/{self.dtype_name}")
         dev = self._ring_device
         slots = state["slots"].to(dev)
         self._ring_ND[slots] = state["acts"].to(dev)

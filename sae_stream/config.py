@@ -136,8 +136,9 @@ class BufferConfig:
     """Refill the slots already read once this fraction of the ring has been consumed."""
     storage: str = "auto"
     """'auto' (cuda if the device is cuda, else cpu), 'cuda', 'pinned' (host memory, GPU consumer) or 'cpu'."""
-    dtype: str = "float32"
-    """Storage dtype: float32, bfloat16 or float16."""
+    dtype: str = "auto"
+    """Storage dtype: 'auto' (the dtype the LM gives the hook in: lossless; bf16 for our GPT's MLP under CUDA
+    autocast, fp32 on CPU), float32, bfloat16 or float16."""
     lm_batch_size: int = 32
     """Contexts per LM forward."""
     skip_first_position: bool = True
@@ -161,8 +162,8 @@ class BufferConfig:
             raise ConfigError("buffer.refill_fraction must be in (0, 1]")
         if self.storage not in ("auto", "cuda", "pinned", "cpu"):
             raise ConfigError(f"buffer.storage must be auto, cuda, pinned or cpu, got {self.storage!r}")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ConfigError(f"buffer.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"buffer.dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if self.positions_per_context is not None and self.positions_per_context <= 0:
             raise ConfigError("buffer.positions_per_context must be > 0 or null")
 
@@ -254,7 +255,8 @@ class TrainConfig:
     step_impl: str = "auto"
     """'fused' (hand-written backward, anthropic only), 'autograd', or 'auto' (fused where it applies)."""
     kernels: str = "auto"
-    """'triton' (fused step passes + decoder-norm constraint as Triton kernels), 'torch', 'auto' (triton on CUDA)."""
+    """'triton' (fused step passes, decoder-norm constraint, the native LM's LayerNorms), 'torch', 'auto' (triton
+    on CUDA)."""
     cuda_graphs: bool = True
     """CUDA: replay the whole step (fwd, bwd, Adam, constraints, metrics) as one graph (not with nan skip / DDP)."""
     tf32: bool = True

@@ -1,4 +1,4 @@
-"""Fused device ops of the training step (Triton), each beside its torch reference.
+"""Fused device ops of the training step and of the LM's production (Triton), each beside its torch reference.
 
     xc, var_sq, ok = center(x_BD, b_dec_D, torch.bfloat16, "triton")        # x − b cast, Σ‖x − x̄‖², all finite
     f, colsum_F, counts_F = encode_relu(xc_BD, W_enc_DF, b_enc_F, "triton")   # f = ReLU(xc W + b), Σ_B f, #(f > 0)
@@ -6,6 +6,7 @@
     g_pre, gsum_F = relu_backward(g_BD, W_dec_FD, f, add, "triton")            # [f > 0]·(g W_decᵀ + add), Σ_B g_pre
     project_out_rows_(g_FD, W_FD, "triton")    # g_f −= (⟨g_f, w_f⟩ / ‖w_f‖²) w_f per row: one pass instead of ~8
     normalize_rows_(W_FD, "triton")            # w_f /= ‖w_f‖ per row
+    y = layer_norm(x_BTD, ln.weight, ln.bias, ln.eps, torch.bfloat16, "triton")  # fp32 LayerNorm, bf16 out
 
 Why: on an H200 at d_sae 4096 / batch 8192 the matmuls of a step took ~250 µs and the passes over [B, d_sae]
 between them (the L1 sum, firing counts, the λ add, the ReLU mask, the b_enc gradient sum) ~450 µs more. Here each
@@ -32,6 +33,7 @@ from torch import Tensor
 
 MAX_ROW = 8192  # the row kernels hold a whole row (padded to a power of two) in registers
 MAX_NUMEL = 2**31 - 2**24  # the kernels index with 32-bit offsets: larger tensors take the torch path
+FLOATS = (torch.float32, torch.bfloat16, torch.float16)  # what the row kernels read x in (computing in fp32)
 MIN_BLOCK_M = 64  # the smallest row block of any config: partial-sum buffers have ⌈B/64⌉ rows (unused ones zero)
 # (BM, BN, BK, warps, stages) tried by the autotuner on the first call per shape (~10-20 s); "0" in this environment
 # variable uses FIXED instead (tests: seconds, not a minute of tuning per shape). An H200 at batch 8192 picked
@@ -55,10 +57,10 @@ def centred_sq_sum(x_BD: Tensor) -> Tensor:
 
 @torch.no_grad()
 def center(x_BD: Tensor, b_D: Tensor, dtype: torch.dtype, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    """x − b in `dtype`; Σ_rows ‖x − mean‖² (fp64 0-dim: the FVU's denominator); and whether every x is finite
-    (bool 0-dim; judged on x alone). The Triton path squares x − b in fp32: past |x − b| ~ 1e19 var_sq is inf (the
-    logged FVU then reads 0) while x counts as finite."""
-    if backend == "torch" or not _rows_fit(x_BD):
+    """x − b in `dtype` (x in any float dtype, b fp32; computed in fp32); Σ_rows ‖x − mean‖² (fp64 0-dim: the
+    FVU's denominator); and whether every x is finite (bool 0-dim; judged on x alone). The Triton path squares
+    x − b in fp32: past |x − b| ~ 1e19 var_sq is inf (the logged FVU then reads 0) while x counts as finite."""
+    if backend == "torch" or not _rows_fit(x_BD, dtypes=FLOATS):
         xc_BD = torch.sub(x_BD, b_D, out=torch.empty_like(x_BD, dtype=dtype))  # centred and cast: one pass
         var_sq = centred_sq_sum(x_BD)
         return xc_BD, var_sq, torch.isfinite(var_sq)
@@ -77,8 +79,11 @@ def center(x_BD: Tensor, b_D: Tensor, dtype: torch.dtype, backend: str) -> tuple
 @torch.no_grad()
 def residual(recon_BD: Tensor, x_BD: Tensor, c: float, dtype: torch.dtype, backend: str
              ) -> tuple[Tensor, Tensor, Tensor]:
-    """r = x̂ − x (in fp32): c·r in `dtype`, Σr² (0-dim) and Σ_rows r ([D]), both fp32 (fp64 for fp64 inputs)."""
-    if backend == "torch" or not _rows_fit(x_BD) or not recon_BD.is_contiguous():
+    """r = x̂ − x (in fp32; x in any float dtype): c·r in `dtype`, Σr² (0-dim) and Σ_rows r ([D]), both fp32
+    (fp64 for fp64 inputs)."""
+    if backend == "torch" or not _rows_fit(x_BD, dtypes=FLOATS) or not recon_BD.is_contiguous():
+        if recon_BD.dtype.itemsize < 4 and x_BD.dtype.itemsize < 4:  # (bf16 − bf16 would round r to bf16)
+            recon_BD = recon_BD.float()
         r_BD = torch.sub(recon_BD, x_BD)  # fp32 out of a bf16 x̂: no separate cast
         g_BD = torch.mul(r_BD, c, out=torch.empty_like(r_BD, dtype=dtype))
         ones_B = torch.ones(len(r_BD), dtype=r_BD.dtype, device=r_BD.device)
@@ -173,8 +178,25 @@ def normalize_rows_(W_FD: Tensor, backend: str) -> None:
     kernel[grid](W_FD, W_FD.shape[0], D=W_FD.shape[1], **meta)
 
 
-def _rows_fit(*ts: Tensor) -> bool:
-    return all(t.is_contiguous() and t.dtype == torch.float32 and t.shape[1] <= MAX_ROW and t.numel() < MAX_NUMEL
+@torch.no_grad()
+def layer_norm(x: Tensor, w_D: Tensor, b_D: Tensor, eps: float, dtype: torch.dtype, backend: str) -> Tensor:
+    """LayerNorm over the last dim, computed in fp32 (x in any float dtype), written in `dtype`: one pass for what
+    bf16 autocast does in two (an fp32 LayerNorm, then the next linear's cast of its output). For the LM that
+    produces activations: torch's LayerNorm took ~100 µs per [65536, 128] fp32 call on an H200 (a third of the
+    forward up to the MLP hook) where a pass over those bytes takes ~15."""
+    D = x.shape[-1]
+    fits = x.is_contiguous() and _rows_fit(x.view(-1, D), dtypes=FLOATS) and _rows_fit(w_D[None], b_D[None])
+    if backend == "torch" or not fits:
+        return torch.nn.functional.layer_norm(x.float(), (D,), w_D.float(), b_D.float(), eps).to(dtype)
+    y = torch.empty(x.shape, dtype=dtype, device=x.device)
+    x_ND = x.view(-1, D)
+    kernel, grid, meta = _row_launcher("layer_norm", x_ND)
+    kernel[grid](x_ND, w_D, b_D, y, x_ND.shape[0], eps, D=D, **meta)
+    return y
+
+
+def _rows_fit(*ts: Tensor, dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> bool:
+    return all(t.is_contiguous() and t.dtype in dtypes and t.shape[1] <= MAX_ROW and t.numel() < MAX_NUMEL
                for t in ts)
 
 
@@ -245,7 +267,7 @@ def _kernels() -> dict:
 
     configs = [triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s) for bm, bn, bk, w, s in CONFIGS]
     fns = {"encode": _encode, "backward": _backward, "center": _center, "residual": _residual,
-           "project": _project_rows, "normalize": _normalize_rows}
+           "project": _project_rows, "normalize": _normalize_rows, "layer_norm": _layer_norm}
     out = {name: triton.jit(fn) for name, fn in fns.items()}
     for name, sums in (("encode", ["sum_ptr", "cnt_ptr"]), ("backward", ["sum_ptr"])):
         out[name + "_fixed"] = out[name]
@@ -360,3 +382,14 @@ if tl is not None:
         w = tl.load(w_ptr + offs, mask=mask, other=0.0)
         norm = tl.maximum(tl.sqrt(tl.sum(w * w, axis=1)), 1e-12)
         tl.store(w_ptr + offs, w / norm[:, None], mask=mask)
+
+    def _layer_norm(x_ptr, w_ptr, b_ptr, y_ptr, M, eps, D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr):
+        rows, cols = tl.program_id(0) * BR + tl.arange(0, BR), tl.arange(0, BD)
+        mask = (rows[:, None] < M) & (cols[None, :] < D)
+        offs = rows[:, None] * D + cols[None, :]
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        xc = tl.where(mask, x - (tl.sum(x, axis=1) / D)[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps)  # biased variance, as torch
+        w = tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
+        tl.store(y_ptr + offs, (xc * rstd[:, None] * w[None, :] + b[None, :]).to(y_ptr.dtype.element_ty), mask=mask)

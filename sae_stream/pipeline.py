@@ -33,6 +33,7 @@ from sae_stream.evaluate import evaluate, load_feature_density, write_eval
 from sae_stream.export import export_saelens, load_saelens
 from sae_stream.process import resolve_device
 from sae_stream.sae import build_sae
+from sae_stream.step import resolve_kernels
 from sae_stream.sweep import SharedPool, common_resume_step, fit_together
 from sae_stream.tracking import NullTracker, Tracker
 from sae_stream.trainer import Trainer
@@ -88,7 +89,9 @@ def native_capture(cfg: Config, device: torch.device) -> Any:
     from lm.model import GPT
 
     gpt = GPT.from_run_dir(path, device=device)
-    return GPTCapture(gpt, [cfg.buffer.hook_name]) if supported(gpt, [cfg.buffer.hook_name]) else None
+    if not supported(gpt, [cfg.buffer.hook_name]):
+        return None
+    return GPTCapture(gpt, [cfg.buffer.hook_name], kernels=resolve_kernels(cfg.train.kernels, device))
 
 
 def list_hooks(lm_path: str) -> list[str]:
@@ -231,7 +234,10 @@ class Session:
 
     def fit(self) -> list[dict[str, Any]]:
         """Train (every SAE on the same batches), export each from rank 0; the final metrics of each SAE."""
-        batches = self.buffer.batches(self.batch_size)
+        # the ring's dtype when every SAE's step reads it (a bf16 ring: no cast, half the traffic), else fp32
+        ring = self.buffer.dtype
+        dtype = ring if all(m.trainer.input_dtype(ring) == ring for m in self.members) else torch.float32
+        batches = self.buffer.batches(self.batch_size, dtype=dtype)
         try:
             if self.sweep:
                 metrics = fit_together([m.trainer for m in self.members], batches, self._save_stream,

@@ -65,7 +65,8 @@ def anthropic_grads_(sae: SAE, x_BD: Tensor, lam: float | Tensor, dtype: torch.d
     """Loss of AnthropicSAE.forward and its gradients, written into the parameters' .grad (replacing them).
 
     Matmuls run in `dtype` (bf16: as under autocast), reductions and the loss in fp32; `kernels` picks how the
-    passes between the matmuls run (sae_stream.fused_ops). Maths (B rows, D = d_in):
+    passes between the matmuls run (sae_stream.fused_ops). x may be bf16/fp16 (a bf16 ring): it is read as fp32,
+    so the step equals the step on x.float(). Maths (B rows, D = d_in):
         x̄ = x − b_d;  f = ReLU(x̄ W_e + b_e);  x̂ = f W_d + b_d;  r = x̂ − x;  L = Σr²/(B·D) + λ·Σf/B
         g_r = 2r/(B·D);  ∂W_d = fᵀ g_r;  g_pre = [f > 0]·(g_r W_dᵀ + λ/B);  ∂W_e = x̄ᵀ g_pre;  ∂b_e = Σ_B g_pre
         ∂b_d = Σ_B g_r − W_e ∂b_e   (b_d enters the encoder through x̄)
@@ -134,7 +135,8 @@ class GraphedStep:
         self.eager_calls.clear()
 
     def __call__(self, x_BD: Tensor, key: Hashable = None) -> None:
-        if self.disabled or (self.static_x is not None and x_BD.shape != self.static_x.shape):
+        if self.disabled or (self.static_x is not None and (x_BD.shape, x_BD.dtype) != (self.static_x.shape,
+                                                                                       self.static_x.dtype)):
             self.body(x_BD)
             return
         if key in self.graphs:

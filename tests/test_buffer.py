@@ -11,7 +11,14 @@ import pytest
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from sae_stream.activations import ActivationChunk, ActivationStream, expected_distinct, hook_dim, shuffle_metrics
+from sae_stream.activations import (
+    ActivationChunk,
+    ActivationStream,
+    HookCapture,
+    expected_distinct,
+    hook_dim,
+    shuffle_metrics,
+)
 from sae_stream.buffer import ShuffleBuffer
 from sae_stream.config import BufferConfig
 
@@ -109,6 +116,20 @@ def test_activation_stream__any_hook_of_another_model(hook: str, width: int) -> 
     if hook.endswith("hook_pattern"):
         ref = ref.permute(0, 2, 1, 3)
     torch.testing.assert_close(acts, ref.reshape(50, width))
+
+
+def test_activation_stream__auto_dtype_is_what_the_hook_gives() -> None:
+    model = _tiny_model()
+    cfg = BufferConfig(hook_name="blocks.0.mlp.hook_post", lm_batch_size=2)  # dtype auto
+    stream = ActivationStream(model, cfg.hook_name, _token_batches([3]), cfg)
+    assert stream.dtype == torch.float32 and next(stream).acts.dtype == torch.float32  # CPU: fp32
+    hooks = HookCapture(model, cfg.hook_name)
+    stream = ActivationStream(model, cfg.hook_name, _token_batches([3]), cfg, capture=lambda t: hooks(t).bfloat16())
+    assert stream.dtype == torch.bfloat16 and stream.d_in == 64
+    assert next(stream).acts.dtype == torch.bfloat16
+    assert ShuffleBuffer(stream, _cfg(capacity=64), d_in=64).dtype == torch.bfloat16
+    stream = ActivationStream(model, cfg.hook_name, _token_batches([3]), BufferConfig(dtype="float16"))
+    assert stream.dtype == torch.float16 and next(stream).acts.dtype == torch.float16
 
 
 def test_activation_stream__several_hooks_concatenate() -> None:
@@ -290,6 +311,42 @@ def test_shuffle_buffer__bfloat16_storage_rounds_like_bf16() -> None:
             assert torch.equal(row, by_id[int(row[0])].to(torch.bfloat16).float())
             seen += 1
     assert seen == 224
+
+
+class Bf16Source(TaggedSource):
+    """TaggedSource in bf16, saying so (like ActivationStream with buffer.dtype=auto under CUDA autocast)."""
+    dtype = torch.bfloat16
+
+    def __next__(self) -> ActivationChunk:
+        chunk = super().__next__()
+        return chunk._replace(acts=chunk.acts.to(torch.bfloat16))
+
+
+def test_shuffle_buffer__auto_dtype_stores_what_the_source_gives() -> None:
+    by_id = {int(r[0]): r for c in Bf16Source(n_contexts=28) for r in c.acts}  # ids < 256: exact in bf16
+    buf = ShuffleBuffer(Bf16Source(n_contexts=28), _cfg(capacity=64), d_in=8, drop_last=False)
+    assert buf.dtype == torch.bfloat16 and buf.memory_bytes == 64 * 8 * 2 + 64 * 12 + 2 * 8 * 64 + 64
+    rows = [r.clone() for b in buf.batches(16, dtype=torch.bfloat16) for r in b]
+    assert len(rows) == 224 and all(r.dtype == torch.bfloat16 and torch.equal(r, by_id[int(r[0])]) for r in rows)
+    assert ShuffleBuffer(TaggedSource(n_contexts=1), _cfg(), d_in=8).dtype == torch.float32  # no .dtype: fp32
+
+
+def test_shuffle_buffer__auto_dtype_resumes_in_the_saved_dtype() -> None:
+    """A run started with a bf16 ring (GPU) resumes with one wherever it resumes; an explicit dtype must match."""
+    cfg = _cfg(capacity=120, refill_fraction=0.4)
+    ref = [b.clone() for b in ShuffleBuffer(Bf16Source(n_contexts=200), cfg, d_in=8, seed=1).batches(24)]
+    buf = ShuffleBuffer(Bf16Source(n_contexts=200), cfg, d_in=8, seed=1)
+    it = buf.batches(24)
+    head = [next(it).clone() for _ in range(9)]
+    state = buf.state_dict()
+    assert state["dtype"] == "bfloat16"
+    resumed = ShuffleBuffer(TaggedSource(n_contexts=200), cfg, d_in=8)  # this source would give an fp32 ring
+    resumed.load_state_dict(state)
+    assert resumed.dtype == torch.bfloat16 and resumed.memory_bytes == buf.memory_bytes
+    tail = [b.clone() for b in resumed.batches(24)]  # (fp32 batches of the bf16 ring, as before the stop)
+    assert len(head) + len(tail) == len(ref) and all(torch.equal(a, b) for a, b in zip(head + tail, ref))
+    with pytest.raises(ValueError, match="dtype .*bfloat16, this buffer has .*float32"):
+        ShuffleBuffer(TaggedSource(n_contexts=200), _cfg(capacity=120, dtype="float32"), d_in=8).load_state_dict(state)
 
 
 def test_shuffle_buffer__too_large_is_an_error_before_allocating() -> None:

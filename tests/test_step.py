@@ -82,6 +82,30 @@ def test_trainer__fused_equals_autograd_fp32() -> None:
         assert mf["mse"] == pytest.approx(ma["mse"], rel=1e-3)
 
 
+@pytest.mark.parametrize("impl", ["fused", "autograd"])
+@pytest.mark.parametrize("autocast", ["none", "bfloat16"])
+def test_trainer__bf16_batches_train_exactly_like_their_values_in_fp32(impl: str, autocast: str) -> None:
+    """A bf16 ring (buffer.dtype=auto under CUDA autocast) holds values that are bf16 already: training on its bf16
+    batches must equal training on the same values as fp32, bit for bit (the hand-written step reads x as fp32;
+    the others are given fp32)."""
+    batches = [x.bfloat16() for x, _ in zip(sparse_batches(_atoms()), range(25))]
+    runs = []
+    for as_fp32 in (False, True):
+        cfg = _cfg(steps=25, train__step_impl=impl, train__autocast=autocast, train__log_every=5)
+        log = ListLogger()
+        trainer = Trainer(build_sae(cfg.sae, d_in=32, seed=0), cfg, None, log)
+        assert trainer.input_dtype(torch.bfloat16) == (torch.bfloat16 if impl == "fused" else torch.float32)
+        trainer.fit(x.float() if as_fp32 else x for x in batches)
+        runs.append((trainer.sae, log.rows))
+    (a, rows_a), (b, rows_b) = runs
+    for (name, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(p, q), name
+    assert len(rows_a) == len(rows_b) == 5
+    for (_, ma), (_, mb) in zip(rows_a, rows_b):  # (the FVU's fp64 variance may sum in another order)
+        assert {k: ma[k] for k in ("loss", "mse", "l0")} == {k: mb[k] for k in ("loss", "mse", "l0")}
+        assert ma["fvu"] == pytest.approx(mb["fvu"], rel=1e-9)
+
+
 def test_config__fused_step_rejects_other_architectures() -> None:
     from sae_stream.config import ConfigError
     with pytest.raises(ConfigError, match="anthropic only"):
