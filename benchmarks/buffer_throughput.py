@@ -54,7 +54,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="contexts per LM forward (default 32 on cpu, 65536 tokens' worth on cuda)")
     p.add_argument("--capacity", type=int, default=None, help="ring vectors (default 16 batches)")
     p.add_argument("--refill-fraction", type=float, default=0.5)
-    p.add_argument("--buffer-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--buffer-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="ring dtype (auto: what the LM gives, as sae-stream train; the synthetic source is fp32)")
     p.add_argument("--steps", type=int, default=None, help="SAE steps per (d)/(e) window (default: refill period / 4)")
     p.add_argument("--repeats", type=int, default=8, help="interleaved (d)/(e) windows (default 8: two refill periods)")
     p.add_argument("--disk-tokens", type=int, default=None, help="vectors for the materialized baseline")

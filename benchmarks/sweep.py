@@ -29,6 +29,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig  # noqa:
 from sae_stream.activations import ActivationStream, hook_dim  # noqa: E402
 from sae_stream.buffer import ShuffleBuffer  # noqa: E402
 from sae_stream.config import config_from_dict  # noqa: E402
+from sae_stream.pipeline import batch_dtype  # noqa: E402
 from sae_stream.sae import build_sae  # noqa: E402
 from sae_stream.sweep import fit_together  # noqa: E402
 from sae_stream.tracking import NullTracker  # noqa: E402
@@ -97,21 +98,29 @@ def _sync(args: argparse.Namespace) -> None:
         torch.cuda.synchronize()
 
 
+def _fit(trainers: list, buffer, batch: int) -> None:
+    """One trainer's fit, or several fed the same batches, drawn as `sae-stream train` draws them."""
+    batches = buffer.batches(batch, dtype=batch_dtype(buffer.dtype, trainers))
+    if len(trainers) == 1:
+        trainers[0].fit(batches)
+    else:
+        fit_together(trainers, batches, save_stream=lambda step: None)
+
+
 def measure(args: argparse.Namespace, model, d_sae: int) -> dict:
     cfgs = [_cfg(args, d_sae, l1) for l1 in (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)[:args.k]]
     _sync(args)
     t0 = time.perf_counter()
     for cfg in cfgs:  # K separate runs: each streams its own activations
-        _trainer(args, cfg).fit(_buffer(args, model, cfg).batches(args.batch))
+        _fit([_trainer(args, cfg)], _buffer(args, model, cfg), args.batch)
     _sync(args)
     separate = time.perf_counter() - t0
     t0 = time.perf_counter()
-    buffer = _buffer(args, model, cfgs[0])
-    fit_together([_trainer(args, cfg) for cfg in cfgs], buffer.batches(args.batch), save_stream=lambda step: None)
+    _fit([_trainer(args, cfg) for cfg in cfgs], _buffer(args, model, cfgs[0]), args.batch)
     _sync(args)
     sweep = time.perf_counter() - t0
     t0 = time.perf_counter()
-    _trainer(args, cfgs[0]).fit(_buffer(args, model, cfgs[0]).batches(args.batch))
+    _fit([_trainer(args, cfgs[0])], _buffer(args, model, cfgs[0]), args.batch)
     _sync(args)
     one = time.perf_counter() - t0
     sae_tokens = args.k * args.tokens

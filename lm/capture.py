@@ -10,8 +10,8 @@ transformer-lens.
     acts_BTD = capture(tokens_BT)        # like sae_stream.activations.HookCapture
 
 kernels="triton" (what `train.kernels` resolves to on CUDA) makes each LayerNorm one Triton pass that writes the
-dtype the next matmul runs in (sae_stream.fused_ops.layer_norm), and puts a ReLU MLP's bias and ReLU in its
-matmul's epilogue when its pre-activations are not asked for: the same values up to fp32 rounding, fewer passes.
+dtype the next matmul runs in (sae_stream.fused_ops.layer_norm): the same values up to fp32 rounding, one pass
+instead of two.
 """
 
 from __future__ import annotations
@@ -51,9 +51,6 @@ class GPTCapture:
         parsed = [_NAME.match(n) for n in self.names]
         self._wanted = {(int(m.group(1)), m.group(2)) for m in parsed}
         self._last = max((int(m.group(1)), POINTS.index(m.group(2))) for m in parsed)
-        # with the fast kernels, a ReLU MLP whose pre-activations are not asked for gets its ReLU in the matmul
-        self._fuse_act = {layer for layer in range(gpt.cfg.n_layers) if kernels == "triton"
-                          and gpt.cfg.act_fn == "relu" and (layer, "mlp.hook_pre") not in self._wanted}
 
     @torch.inference_mode()
     def __call__(self, tokens_BT: Tensor) -> Tensor:
@@ -71,8 +68,7 @@ class GPTCapture:
     def _block(self, layer: int, x_BTD: Tensor, got: dict[str, Tensor]) -> Tensor | None:
         """Block `layer`, recording the wanted points; None once the last wanted point has been computed."""
         stop = self._last[1] if layer == self._last[0] else len(POINTS)
-        points = _points(self.gpt.blocks[layer], x_BTD, self._ln, layer in self._fuse_act)
-        for i, value in enumerate(points):  # lazily: stops computing at `stop`
+        for i, value in enumerate(_points(self.gpt.blocks[layer], x_BTD, self._ln)):  # lazily: stops at `stop`
             if (layer, POINTS[i]) in self._wanted:
                 got[f"blocks.{layer}.{POINTS[i]}"] = value
             if i >= stop:
@@ -90,10 +86,10 @@ class GPTCapture:
         return layer_norm(x_BTD, ln.weight, ln.bias, ln.eps, dtype, "triton")
 
 
-def _points(b: torch.nn.Module, x_BTD: Tensor, ln: Callable[[torch.nn.LayerNorm, Tensor], Tensor],
-            fuse_act: bool = False) -> Iterator[Tensor | None]:
+def _points(b: torch.nn.Module, x_BTD: Tensor, ln: Callable[[torch.nn.LayerNorm, Tensor], Tensor]
+            ) -> Iterator[Tensor]:
     """The block's values at POINTS, in order, each computed only when asked for; `ln(module, x)` applies a
-    LayerNorm; `fuse_act`: ReLU in the MLP matmul's epilogue (mlp.hook_pre is then None)."""
+    LayerNorm."""
     yield x_BTD
     z_BTD = b.attn.heads(ln(b.ln_1, x_BTD))
     yield z_BTD
@@ -101,24 +97,11 @@ def _points(b: torch.nn.Module, x_BTD: Tensor, ln: Callable[[torch.nn.LayerNorm,
     yield attn_out_BTD
     x_BTD = x_BTD + attn_out_BTD
     yield x_BTD
-    if fuse_act:
-        yield None
-        post_BTM = _linear_relu(b.mlp.c_fc, ln(b.ln_2, x_BTD))
-    else:
-        pre_BTM = b.mlp.c_fc(ln(b.ln_2, x_BTD))
-        yield pre_BTM
-        post_BTM = b.mlp.act(pre_BTM)
+    pre_BTM = b.mlp.c_fc(ln(b.ln_2, x_BTD))
+    yield pre_BTM
+    post_BTM = b.mlp.act(pre_BTM)  # (not cuBLASLt's ReLU epilogue: its max(NaN, 0) would hide a broken LM's NaN)
     yield post_BTM
     mlp_out_BTD = b.mlp.c_proj(post_BTM)
     yield mlp_out_BTD
     yield x_BTD + mlp_out_BTD
 
-
-def _linear_relu(lin: torch.nn.Linear, x_BTD: Tensor) -> Tensor:
-    """ReLU(lin(x)), the bias and ReLU in the matmul's epilogue (cuBLASLt on CUDA): one pass over [B, T, d_mlp]
-    fewer, the same values (ReLU commutes with rounding). In autocast's dtype when it is on, as lin(x) would be."""
-    dev = x_BTD.device.type
-    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x_BTD.dtype
-    x_ND = x_BTD.reshape(-1, x_BTD.shape[-1]).to(dtype)
-    out_NM = torch._addmm_activation(lin.bias.to(dtype), x_ND, lin.weight.to(dtype).T)
-    return out_NM.view(*x_BTD.shape[:-1], -1)

@@ -127,6 +127,15 @@ class ShuffleBuffer:
         return torch.empty(self.capacity, self.d_in, dtype=self.dtype, device=self._ring_device,
                            pin_memory=self.storage == "pinned")
 
+    def _reallocate(self, dtype: torch.dtype) -> None:
+        """A new (empty) ring in `dtype`, checked against the memory free once the old one is released."""
+        self.dtype, self._ring_ND, self._outs, self._d2h, self._stages = dtype, None, [], None, []
+        if self._ring_device.type == "cuda":
+            torch.cuda.empty_cache()  # the old ring's memory back from the caching allocator, for the check
+        self.memory_bytes = self._ring_bytes()
+        self._check_memory(self.memory_bytes)
+        self._ring_ND = self._new_ring()
+
     @property
     def dtype_name(self) -> str:
         return str(self.dtype).removeprefix("torch.")
@@ -145,7 +154,8 @@ class ShuffleBuffer:
         if need > limit:
             raise ValueError(
                 f"buffer.capacity={self.capacity:,} x d_in={self.d_in} in {self.dtype_name} needs {need / 1e9:.2f} GB "
-                f"of {where} memory but {what} is {limit / 1e9:.2f} GB: lower buffer.capacity or use bfloat16")
+                f"of {where} memory but {what} is {limit / 1e9:.2f} GB: lower buffer.capacity"
+                + (" or use bfloat16" if self.dtype.itemsize > 2 else ""))
 
     # ------------------------------------------------------------------------------------------ production
 
@@ -385,14 +395,13 @@ class ShuffleBuffer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a state_dict. With buffer.dtype=auto the ring takes the saved ring's dtype (a run resumes in
         the dtype it started with, whichever device it resumes on)."""
-        if self.cfg.dtype == "auto" and state["dtype"] != self.dtype_name:
-            self.dtype, self._ring_ND, self._outs, self._d2h, self._stages = DTYPES[state["dtype"]], None, [], None, []
-            self.memory_bytes = self._ring_bytes()
-            self._check_memory(self.memory_bytes)
-            self._ring_ND = self._new_ring()
-        if (state["capacity"], state["d_in"], state["dtype"]) != (self.capacity, self.d_in, self.dtype_name):
+        other_dtype = state["dtype"] != self.dtype_name
+        fixed = self.cfg.dtype != "auto"
+        if (state["capacity"], state["d_in"]) != (self.capacity, self.d_in) or (other_dtype and fixed):
             raise ValueError(f"buffer state is for capacity/d_in/dtype {state['capacity']}/{state['d_in']}/"
                              f"{state['dtype']}, this buffer has {self.capacity}/{self.d_in}/{self.dtype_name}")
+        if other_dtype:
+            self._reallocate(getattr(torch, state["dtype"]))
         dev = self._ring_device
         slots = state["slots"].to(dev)
         self._ring_ND[slots] = state["acts"].to(dev)

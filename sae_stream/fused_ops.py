@@ -99,7 +99,7 @@ def residual(recon_BD: Tensor, x_BD: Tensor, c: float, dtype: torch.dtype, backe
 
 @functools.cache
 def triton_probe(device: torch.device) -> str | None:
-    """None if small Triton kernels (a row kernel; the encoder's dot in bf16 and fp32, FIXED config) compile and
+    """None if small Triton kernels (row kernels; the encoder's dot in bf16 and fp32, FIXED config) compile and
     compute correctly on `device`, else why not: Triton can be importable yet unusable (no C compiler for its
     launcher, an unsupported GPU)."""
     try:
@@ -109,6 +109,9 @@ def triton_probe(device: torch.device) -> str | None:
         normalize_rows_(w, "triton")
         if not torch.allclose(w, want, rtol=1e-5, atol=1e-6):
             return "a test kernel (row normalisation) computed wrong values"
+        ln_ref = torch.nn.functional.layer_norm(w * 7 + 1, (40,), w[0], w[1], 1e-5)
+        if not torch.allclose(layer_norm(w * 7 + 1, w[0], w[1], 1e-5, torch.float32, "triton"), ln_ref, atol=1e-5):
+            return "a test kernel (LayerNorm) computed wrong values"
         for dtype in (torch.bfloat16, torch.float32):
             x = torch.randn(70, 32, generator=g).to(device, dtype)
             W = torch.randn(32, 48, generator=g).to(device, dtype)
@@ -389,7 +392,7 @@ if tl is not None:
         offs = rows[:, None] * D + cols[None, :]
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         xc = tl.where(mask, x - (tl.sum(x, axis=1) / D)[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps)  # biased variance, as torch
+        rstd = tl.rsqrt(tl.sum(xc * xc, axis=1) / D + eps)  # biased variance, as torch
         w = tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
         b = tl.load(b_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
         tl.store(y_ptr + offs, (xc * rstd[:, None] * w[None, :] + b[None, :]).to(y_ptr.dtype.element_ty), mask=mask)

@@ -94,6 +94,12 @@ def native_capture(cfg: Config, device: torch.device) -> Any:
     return GPTCapture(gpt, [cfg.buffer.hook_name], kernels=resolve_kernels(cfg.train.kernels, device))
 
 
+def batch_dtype(ring: torch.dtype, trainers: list[Trainer]) -> torch.dtype:
+    """The dtype batches are drawn in: the ring's when every SAE's step reads it (a bf16 ring: no cast, half the
+    traffic), else fp32."""
+    return ring if all(t.input_dtype(ring) == ring for t in trainers) else torch.float32
+
+
 def list_hooks(lm_path: str) -> list[str]:
     from lm.hooked import hook_names
 
@@ -234,9 +240,7 @@ class Session:
 
     def fit(self) -> list[dict[str, Any]]:
         """Train (every SAE on the same batches), export each from rank 0; the final metrics of each SAE."""
-        # the ring's dtype when every SAE's step reads it (a bf16 ring: no cast, half the traffic), else fp32
-        ring = self.buffer.dtype
-        dtype = ring if all(m.trainer.input_dtype(ring) == ring for m in self.members) else torch.float32
+        dtype = batch_dtype(self.buffer.dtype, [m.trainer for m in self.members])
         batches = self.buffer.batches(self.batch_size, dtype=dtype)
         try:
             if self.sweep:

@@ -116,9 +116,9 @@ def _mm_to(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
 class GraphedStep:
     """Runs `body(x_BD)` (device work only: no host syncs, no Python state that changes between steps) as a CUDA
     graph: per `key` (e.g. AuxK on/off: different kernels), GRAPH_WARMUP_STEPS eager calls on a side stream, then
-    one capture, then replays. The batch is copied into a static input; a batch of another shape, or a failed
-    capture (warned once), runs eagerly. Graphs hold the addresses of every tensor they touch: call `reset()` after
-    replacing any of them (loading a checkpoint, moving devices)."""
+    one capture, then replays. The batch is copied into a static input; a batch of another shape or dtype, or a
+    failed capture (warned once), runs eagerly. Graphs hold the addresses of every tensor they touch: call
+    `reset()` after replacing any of them (loading a checkpoint, moving devices)."""
 
     def __init__(self, body: Callable[[Tensor], None], before_capture: Callable[[], None],
                  warmup: int = GRAPH_WARMUP_STEPS) -> None:

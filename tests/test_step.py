@@ -106,6 +106,16 @@ def test_trainer__bf16_batches_train_exactly_like_their_values_in_fp32(impl: str
         assert ma["fvu"] == pytest.approx(mb["fvu"], rel=1e-9)
 
 
+def test_batch_dtype__ring_dtype_only_when_every_sae_reads_it() -> None:
+    from sae_stream.pipeline import batch_dtype
+
+    fused, other = (Trainer(build_sae(_cfg(arch).sae, d_in=32), _cfg(arch), None, ListLogger())
+                    for arch in ("anthropic", "topk"))
+    assert batch_dtype(torch.bfloat16, [fused]) == torch.bfloat16
+    assert batch_dtype(torch.bfloat16, [fused, other]) == torch.float32  # a sweep with a TopK member
+    assert batch_dtype(torch.float32, [fused, other]) == torch.float32
+
+
 def test_config__fused_step_rejects_other_architectures() -> None:
     from sae_stream.config import ConfigError
     with pytest.raises(ConfigError, match="anthropic only"):
