@@ -1,8 +1,8 @@
 #!/bin/bash
 # Everything a short GPU lease should check, in one call that fits LIMIT seconds (default 540): the CUDA kernel
 # tests, the side-by-side benchmark (benchmarks/gpu_compare.py, SAELens too when its script and wheels are given),
-# `sae-stream run` end to end, then the other CUDA tests; each step bounded by what is left, so a hang cannot eat
-# the next step's time.
+# kernel tables of the step and the loop (benchmarks/profile_step.py), `sae-stream run` end to end, then the other
+# CUDA tests; each step bounded by what is left, so a hang cannot eat the next step's time.
 #
 #   LIMIT=540 OUT=/tmp/gpu WHEELS=.whl SAELENS=.whl/bench_saelens.py bash benchmarks/gpu_session.sh
 #
@@ -34,18 +34,22 @@ SAE_STREAM_TRITON_AUTOTUNE=0 timeout 60 python3 -m pytest -q -p no:cacheprovider
 rc=$?; echo "kernel tests rc=$rc at $((SECONDS - T0)) s"; grep -E "passed|failed|Error" "$OUT/tests_kernels.log" | head -12
 KERNELS=auto; if [ $rc -ne 0 ]; then KERNELS=torch; echo "kernel tests failed: benchmarking with --kernels torch"; fi
 
-# 2. the benchmark (one SAELens size: its trainer is slow), leaving 90 s+ for the rest
+# 2. the benchmark (one SAELens size: its trainer is slow), leaving 210 s for the rest
 SAELENS_ARGS=(); if [ -n "$SAELENS" ]; then SAELENS_ARGS=(--saelens "$SAELENS" --saelens-d-sae 4096); fi
-timeout $(budget 150) python3 benchmarks/gpu_compare.py --seconds 1 --kernels $KERNELS "${SAELENS_ARGS[@]}" \
+timeout $(budget 210) python3 benchmarks/gpu_compare.py --seconds 1 --kernels $KERNELS "${SAELENS_ARGS[@]}" \
   --out "$OUT/gpu.jsonl" > "$OUT/gpu_compare.log" 2>&1
 echo "gpu_compare rc=$? at $((SECONDS - T0)) s"; grep -v '^{' "$OUT/gpu_compare.log" | grep -v "^\s*$" | tail -40
 
-# 3. the main job end to end on the GPU (embedded data: LM, SAE, eval, dashboard), at most 150 s
+# 3. where the step's and the loop's device time goes (kernel tables), at most 60 s
+timeout $(budget 150 60) python3 benchmarks/profile_step.py > "$OUT/profile.txt" 2>&1
+echo "profile rc=$? at $((SECONDS - T0)) s"; grep "^==" "$OUT/profile.txt"
+
+# 4. the main job end to end on the GPU (embedded data: LM, SAE, eval, dashboard), at most 150 s
 timeout $(budget 60 150) python3 -m sae_stream run --out /tmp/gpu_session_run \
   --overwrite > "$OUT/e2e.log" 2>&1
 echo "e2e rc=$? at $((SECONDS - T0)) s"; grep -E "^(LM|SAE|eval|dashboard)|Error" "$OUT/e2e.log" | head -8
 
-# 4. the other CUDA tests (pytest has been seen to hang at exit on these machines after its summary: bounded)
+# 5. the other CUDA tests (pytest has been seen to hang at exit on these machines after its summary: bounded)
 timeout $(budget 3) python3 -m pytest -q -p no:cacheprovider tests/ -k "cuda or gpu" \
   --ignore=tests/test_fused_ops.py > "$OUT/gpu_tests.log" 2>&1
 echo "gpu tests rc=$? at $((SECONDS - T0)) s"; grep -E "passed|failed|Error" "$OUT/gpu_tests.log" | head -16
