@@ -11,7 +11,8 @@ the project's own classes (Trainer, ShuffleBuffer, ActivationStream), configured
                CUDA-graph replay, bf16 / TF32 matmuls
   lm_*_ctx*    the LM forward up to the hook (bf16 autocast): `native` = the GPT's own forward (fused attention,
                Triton LayerNorms on CUDA: what `sae-stream train` uses for an `lm train` LM), `native_torch_ln` =
-               the same with torch's LayerNorm, `tl` = transformer-lens hooks
+               the same with torch's LayerNorm, `native_flash` / `_efficient` / `_cudnn` = with that attention
+               kernel forced, `tl` = transformer-lens hooks
   loop_*       LM -> ring (GPU or pinned host) -> shuffled batches -> Trainer (best step), several ring refills;
                every position of every context is used; the ring in the dtype the LM gives (bf16 on CUDA), and
                `*_fp32_ring_torch_ln` the loop as before (fp32 ring, torch's LayerNorm) in the same run
@@ -27,6 +28,7 @@ during the measurement; peak_host_gb is the process's resident high-water mark s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import resource
@@ -42,6 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from buffer_throughput import HOOK, token_batches  # noqa: E402
@@ -241,8 +244,10 @@ def measure_steps(args: argparse.Namespace, rec: Recorder, d_sae: int) -> dict[s
 
 
 def measure_lm(args: argparse.Namespace, rec: Recorder, context_len: int, native: bool,
-               kernels: str | None = None) -> float | None:
-    """The LM to the hook; `kernels` (native only): the LayerNorms' kernels, None = as `sae-stream train`."""
+               kernels: str | None = None, attention: str | None = None) -> float | None:
+    """The LM to the hook; `kernels` (native only): the LayerNorms' kernels, None = as `sae-stream train`;
+    `attention`: force one scaled_dot_product_attention backend (FLASH_ATTENTION, EFFICIENT_ATTENTION, ...)
+    instead of torch's pick."""
     kernels = kernels or lm_kernels(args)
 
     def fn() -> tuple[float, dict]:
@@ -251,11 +256,12 @@ def measure_lm(args: argparse.Namespace, rec: Recorder, context_len: int, native
         tokens = torch.randint(0, 50304, (lm_batch, context_len), device=args.device)
         cap = GPTCapture(gpt, [HOOK], kernels=kernels) if native else HookCapture(hooked, HOOK)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.device == "cuda")
+        backend = sdpa_kernel(getattr(SDPBackend, attention)) if attention else contextlib.nullcontext()
 
         def run(n: int) -> float:
             sync(args.device)
             t0 = time.perf_counter()
-            with torch.inference_mode(), autocast:
+            with torch.inference_mode(), autocast, backend:
                 for _ in range(n):
                     cap(tokens)
             sync(args.device)
@@ -264,8 +270,10 @@ def measure_lm(args: argparse.Namespace, rec: Recorder, context_len: int, native
         run(3)
         dt = run(5)
         n = max(5, int(args.seconds * 5 / dt))
-        return n * tokens.numel() / run(n), {"context_len": context_len, "kernels": kernels if native else None}
+        return n * tokens.numel() / run(n), {"context_len": context_len, "kernels": kernels if native else None,
+                                             "attention": attention}
     name = ("native" if kernels == lm_kernels(args) else f"native_{kernels}_ln") if native else "tl"
+    name += f"_{attention.split('_')[0].lower()}" if attention else ""
     return rec.guarded(f"lm_{name}_ctx{context_len}", None, fn)
 
 
@@ -373,6 +381,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             measure_lm(args, rec, ctx, native=True)
             if lm_kernels(args) != "torch":
                 measure_lm(args, rec, ctx, native=True, kernels="torch")
+            if ctx == ctxs[0] and args.device == "cuda":  # which attention kernel is fastest at head dim 32
+                for attention in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION"):
+                    measure_lm(args, rec, ctx, native=True, attention=attention)
             measure_lm(args, rec, ctx, native=False)
     for d_sae in args.d_saes:
         steps = measure_steps(args, rec, d_sae) if "steps" not in args.skip else {}
