@@ -10,12 +10,12 @@ the project's own classes (Trainer, ShuffleBuffer, ActivationStream), configured
   step_*       Trainer on one fixed batch: eager autograd (the plain PyTorch step), the hand-written backward,
                CUDA-graph replay, bf16 / TF32 matmuls
   lm_*_ctx*    the LM forward up to the hook (bf16 autocast): `native` = the GPT's own forward (fused attention,
-               Triton LayerNorms on CUDA: what `sae-stream train` uses for an `lm train` LM), `native_torch_ln` =
-               the same with torch's LayerNorm, `native_flash` / `_efficient` / `_cudnn` = with that attention
-               kernel forced, `tl` = transformer-lens hooks
+               lm/fused.py's Triton kernels on CUDA: what `sae-stream train` uses for an `lm train` LM),
+               `native_torch_ops` = the same with torch's ops only, `native_flash` / `_efficient` / `_cudnn` =
+               with that attention kernel forced, `tl` = transformer-lens hooks
   loop_*       LM -> ring (GPU or pinned host) -> shuffled batches -> Trainer (best step), several ring refills;
                every position of every context is used; the ring in the dtype the LM gives (bf16 on CUDA), and
-               `*_fp32_ring_torch_ln` the loop as before (fp32 ring, torch's LayerNorm) in the same run
+               `*_fp32_ring_torch_ops` the loop as before (fp32 ring, the LM in torch's ops) in the same run
   disk_*       the materialised baseline: LM -> fp16 np.memmap on local disk, then shuffled batches read back and
                trained on with the same best step
   saelens_*    SAELens's trainer on the same model shape / hook / d_sae / batch, run by peer-bench's script
@@ -245,7 +245,7 @@ def measure_steps(args: argparse.Namespace, rec: Recorder, d_sae: int) -> dict[s
 
 def measure_lm(args: argparse.Namespace, rec: Recorder, context_len: int, native: bool,
                kernels: str | None = None, attention: str | None = None) -> float | None:
-    """The LM to the hook; `kernels` (native only): the LayerNorms' kernels, None = as `sae-stream train`;
+    """The LM to the hook; `kernels` (native only): lm/fused.py's or torch's, None = as `sae-stream train`;
     `attention`: force one scaled_dot_product_attention backend (FLASH_ATTENTION, EFFICIENT_ATTENTION, ...)
     instead of torch's pick."""
     kernels = kernels or lm_kernels(args)
@@ -272,7 +272,7 @@ def measure_lm(args: argparse.Namespace, rec: Recorder, context_len: int, native
         n = max(5, int(args.seconds * 5 / dt))
         return n * tokens.numel() / run(n), {"context_len": context_len, "kernels": kernels if native else None,
                                              "attention": attention}
-    name = ("native" if kernels == lm_kernels(args) else f"native_{kernels}_ln") if native else "tl"
+    name = ("native" if kernels == lm_kernels(args) else f"native_{kernels}_ops") if native else "tl"
     name += f"_{attention.split('_')[0].lower()}" if attention else ""
     return rec.guarded(f"lm_{name}_ctx{context_len}", None, fn)
 
@@ -282,7 +282,7 @@ def buffer_cfg(args: argparse.Namespace, storage: str, context_len: int, dtype: 
                         lm_batch_size=max(1, 65536 // context_len), dtype=dtype)
 
 
-# the loop as session 3 measured it: an fp32 ring, torch's LayerNorm in the LM (same run, for the ratio)
+# the loop as session 3 measured it: an fp32 ring, the LM in torch's ops (same run, for the ratio)
 LOOP_BEFORE = {"dtype": "float32", "kernels": "torch"}
 
 
@@ -304,7 +304,7 @@ def measure_loop(args: argparse.Namespace, rec: Recorder, d_sae: int, storage: s
         if step_rate:
             extra["ratio_to_step"] = round(rate / step_rate, 3)
         return rate, extra
-    suffix = ("" if native else "_tl") + ("_fp32_ring_torch_ln" if before else "")
+    suffix = ("" if native else "_tl") + ("_fp32_ring_torch_ops" if before else "")
     return rec.guarded(f"loop_{storage}_ctx{context_len}{suffix}", d_sae, fn)
 
 

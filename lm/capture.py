@@ -9,21 +9,24 @@ transformer-lens.
     capture = GPTCapture(gpt, ["blocks.0.mlp.hook_post"], kernels="triton")
     acts_BTD = capture(tokens_BT)        # like sae_stream.activations.HookCapture
 
-kernels="triton" (what `train.kernels` resolves to on CUDA) makes each LayerNorm one Triton pass that writes the
-dtype the next matmul runs in (sae_stream.fused_ops.layer_norm): the same values up to fp32 rounding, one pass
-instead of two.
+kernels="triton" (what `train.kernels` resolves to on CUDA) runs the kernels of lm/fused.py under autocast: each
+LayerNorm one pass that writes the dtype the next matmul runs in, and when the last point asked for is a block's
+mlp.hook_post (or hook_pre) and nothing earlier in that block is, the block from the heads' output to it as one
+kernel. The same values up to fp32 rounding (tested against the torch path); if the kernels fail on first use
+the capture warns once and continues with torch's.
 """
 
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
 
+from lm.fused import block_mlp_in, layer_norm, mlp_in_fits
 from lm.model import GPT
-from sae_stream.fused_ops import layer_norm
 
 # the points of a block, in the order the forward reaches them
 POINTS = ("hook_resid_pre", "attn.hook_z", "hook_attn_out", "hook_resid_mid", "mlp.hook_pre", "mlp.hook_post",
@@ -51,13 +54,34 @@ class GPTCapture:
         parsed = [_NAME.match(n) for n in self.names]
         self._wanted = {(int(m.group(1)), m.group(2)) for m in parsed}
         self._last = max((int(m.group(1)), POINTS.index(m.group(2))) for m in parsed)
+        last_layer, last_point = self._last[0], POINTS[self._last[1]]
+        # the fused tail: only the last point of the last layer is wanted there, and it is an MLP point
+        tail = {p for layer, p in self._wanted if layer == last_layer} == {last_point}
+        relu_ok = last_point == "mlp.hook_pre" or gpt.cfg.act_fn == "relu"
+        self._tail = tail and last_point in ("mlp.hook_pre", "mlp.hook_post") and relu_ok
+        self._tried = False  # the Triton path has run once without failing
 
     @torch.inference_mode()
     def __call__(self, tokens_BT: Tensor) -> Tensor:
+        if tokens_BT.shape[1] > self.gpt.cfg.n_ctx:
+            raise ValueError(f"sequence length {tokens_BT.shape[1]} exceeds lm.n_ctx={self.gpt.cfg.n_ctx}: use "
+                             "shorter contexts")
+        if self.kernels != "triton" or self._tried:
+            return self._forward(tokens_BT)
+        try:
+            out = self._forward(tokens_BT)
+        except Exception as exc:  # noqa: BLE001 — a kernel that fails to build or run: torch's ops give the same
+            why = str(exc).splitlines()[0] if str(exc) else ""
+            warnings.warn(f"the LM's Triton kernels failed ({type(exc).__name__}: {why}); producing activations "
+                          "with torch's ops", stacklevel=2)
+            self.kernels = "torch"
+            return self._forward(tokens_BT)
+        self._tried = True
+        return out
+
+    def _forward(self, tokens_BT: Tensor) -> Tensor:
         gpt, got = self.gpt, {}
         T = tokens_BT.shape[1]
-        if T > gpt.cfg.n_ctx:
-            raise ValueError(f"sequence length {T} exceeds lm.n_ctx={gpt.cfg.n_ctx}: use shorter contexts")
         x_BTD = gpt.wte(tokens_BT) + gpt.wpe(torch.arange(T, device=tokens_BT.device))
         for layer in range(self._last[0] + 1):
             x_BTD = self._block(layer, x_BTD, got)
@@ -67,14 +91,20 @@ class GPTCapture:
 
     def _block(self, layer: int, x_BTD: Tensor, got: dict[str, Tensor]) -> Tensor | None:
         """Block `layer`, recording the wanted points; None once the last wanted point has been computed."""
+        b = self.gpt.blocks[layer]
+        if layer == self._last[0] and self._tail and self.kernels == "triton" and _autocast_on(x_BTD):
+            z_BTD = b.attn.heads(self._ln(b.ln_1, x_BTD))
+            if mlp_in_fits(z_BTD, x_BTD, b):  # heads' output -> MLP point in one kernel
+                point = POINTS[self._last[1]]
+                got[f"blocks.{layer}.{point}"] = block_mlp_in(z_BTD, x_BTD, b, point == "mlp.hook_post", "triton")
+                return None
         stop = self._last[1] if layer == self._last[0] else len(POINTS)
-        for i, value in enumerate(_points(self.gpt.blocks[layer], x_BTD, self._ln)):  # lazily: stops at `stop`
+        for i, value in enumerate(_points(b, x_BTD, self._ln)):  # lazily: stops computing at `stop`
             if (layer, POINTS[i]) in self._wanted:
                 got[f"blocks.{layer}.{POINTS[i]}"] = value
             if i >= stop:
                 return None
         return value  # hook_resid_post: the next block's input
-
 
     def _ln(self, ln: torch.nn.LayerNorm, x_BTD: Tensor) -> Tensor:
         """ln(x), or with kernels='triton' the fused LayerNorm that writes the dtype the next linear computes in
@@ -84,6 +114,12 @@ class GPTCapture:
         dev = x_BTD.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x_BTD.dtype
         return layer_norm(x_BTD, ln.weight, ln.bias, ln.eps, dtype, "triton")
+
+
+def _autocast_on(x: Tensor) -> bool:
+    """bf16/fp16 autocast is on for x's device (the fused block reproduces autocast's roundings)."""
+    dev = x.device.type
+    return torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) in (torch.bfloat16, torch.float16)
 
 
 def _points(b: torch.nn.Module, x_BTD: Tensor, ln: Callable[[torch.nn.LayerNorm, Tensor], Tensor]

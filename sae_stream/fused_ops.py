@@ -1,4 +1,4 @@
-"""Fused device ops of the training step and of the LM's production (Triton), each beside its torch reference.
+"""Fused device ops of the training step (Triton), each beside its torch reference (the LM's: lm/fused.py).
 
     xc, var_sq, ok = center(x_BD, b_dec_D, torch.bfloat16, "triton")        # x − b cast, Σ‖x − x̄‖², all finite
     f, colsum_F, counts_F = encode_relu(xc_BD, W_enc_DF, b_enc_F, "triton")   # f = ReLU(xc W + b), Σ_B f, #(f > 0)
@@ -6,7 +6,6 @@
     g_pre, gsum_F = relu_backward(g_BD, W_dec_FD, f, add, "triton")            # [f > 0]·(g W_decᵀ + add), Σ_B g_pre
     project_out_rows_(g_FD, W_FD, "triton")    # g_f −= (⟨g_f, w_f⟩ / ‖w_f‖²) w_f per row: one pass instead of ~8
     normalize_rows_(W_FD, "triton")            # w_f /= ‖w_f‖ per row
-    y = layer_norm(x_BTD, ln.weight, ln.bias, ln.eps, torch.bfloat16, "triton")  # fp32 LayerNorm, bf16 out
 
 Why: on an H200 at d_sae 4096 / batch 8192 the matmuls of a step took ~250 µs and the passes over [B, d_sae]
 between them (the L1 sum, firing counts, the λ add, the ReLU mask, the b_enc gradient sum) ~450 µs more. Here each
@@ -99,7 +98,7 @@ def residual(recon_BD: Tensor, x_BD: Tensor, c: float, dtype: torch.dtype, backe
 
 @functools.cache
 def triton_probe(device: torch.device) -> str | None:
-    """None if small Triton kernels (row kernels; the encoder's dot in bf16 and fp32, FIXED config) compile and
+    """None if small Triton kernels (a row kernel; the encoder's dot in bf16 and fp32, FIXED config) compile and
     compute correctly on `device`, else why not: Triton can be importable yet unusable (no C compiler for its
     launcher, an unsupported GPU)."""
     try:
@@ -109,9 +108,6 @@ def triton_probe(device: torch.device) -> str | None:
         normalize_rows_(w, "triton")
         if not torch.allclose(w, want, rtol=1e-5, atol=1e-6):
             return "a test kernel (row normalisation) computed wrong values"
-        ln_ref = torch.nn.functional.layer_norm(w * 7 + 1, (40,), w[0], w[1], 1e-5)
-        if not torch.allclose(layer_norm(w * 7 + 1, w[0], w[1], 1e-5, torch.float32, "triton"), ln_ref, atol=1e-5):
-            return "a test kernel (LayerNorm) computed wrong values"
         for dtype in (torch.bfloat16, torch.float32):
             x = torch.randn(70, 32, generator=g).to(device, dtype)
             W = torch.randn(32, 48, generator=g).to(device, dtype)
@@ -179,23 +175,6 @@ def normalize_rows_(W_FD: Tensor, backend: str) -> None:
         return
     kernel, grid, meta = _row_launcher("normalize", W_FD)
     kernel[grid](W_FD, W_FD.shape[0], D=W_FD.shape[1], **meta)
-
-
-@torch.no_grad()
-def layer_norm(x: Tensor, w_D: Tensor, b_D: Tensor, eps: float, dtype: torch.dtype, backend: str) -> Tensor:
-    """LayerNorm over the last dim, computed in fp32 (x in any float dtype), written in `dtype`: one pass for what
-    bf16 autocast does in two (an fp32 LayerNorm, then the next linear's cast of its output). For the LM that
-    produces activations: torch's LayerNorm took ~100 µs per [65536, 128] fp32 call on an H200 (a third of the
-    forward up to the MLP hook) where a pass over those bytes takes ~15."""
-    D = x.shape[-1]
-    fits = x.is_contiguous() and _rows_fit(x.view(-1, D), dtypes=FLOATS) and _rows_fit(w_D[None], b_D[None])
-    if backend == "torch" or not fits:
-        return torch.nn.functional.layer_norm(x.float(), (D,), w_D.float(), b_D.float(), eps).to(dtype)
-    y = torch.empty(x.shape, dtype=dtype, device=x.device)
-    x_ND = x.view(-1, D)
-    kernel, grid, meta = _row_launcher("layer_norm", x_ND)
-    kernel[grid](x_ND, w_D, b_D, y, x_ND.shape[0], eps, D=D, **meta)
-    return y
 
 
 def _rows_fit(*ts: Tensor, dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> bool:
@@ -270,7 +249,7 @@ def _kernels() -> dict:
 
     configs = [triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s) for bm, bn, bk, w, s in CONFIGS]
     fns = {"encode": _encode, "backward": _backward, "center": _center, "residual": _residual,
-           "project": _project_rows, "normalize": _normalize_rows, "layer_norm": _layer_norm}
+           "project": _project_rows, "normalize": _normalize_rows}
     out = {name: triton.jit(fn) for name, fn in fns.items()}
     for name, sums in (("encode", ["sum_ptr", "cnt_ptr"]), ("backward", ["sum_ptr"])):
         out[name + "_fixed"] = out[name]
@@ -385,14 +364,3 @@ if tl is not None:
         w = tl.load(w_ptr + offs, mask=mask, other=0.0)
         norm = tl.maximum(tl.sqrt(tl.sum(w * w, axis=1)), 1e-12)
         tl.store(w_ptr + offs, w / norm[:, None], mask=mask)
-
-    def _layer_norm(x_ptr, w_ptr, b_ptr, y_ptr, M, eps, D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr):
-        rows, cols = tl.program_id(0) * BR + tl.arange(0, BR), tl.arange(0, BD)
-        mask = (rows[:, None] < M) & (cols[None, :] < D)
-        offs = rows[:, None] * D + cols[None, :]
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        xc = tl.where(mask, x - (tl.sum(x, axis=1) / D)[:, None], 0.0)
-        rstd = tl.rsqrt(tl.sum(xc * xc, axis=1) / D + eps)  # biased variance, as torch
-        w = tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
-        b = tl.load(b_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
-        tl.store(y_ptr + offs, (xc * rstd[:, None] * w[None, :] + b[None, :]).to(y_ptr.dtype.element_ty), mask=mask)

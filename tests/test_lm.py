@@ -26,10 +26,11 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def tiny_gpt(act_fn: str = "relu", n_layers: int = 1, seed: int = 0) -> GPT:
+def tiny_gpt(act_fn: str = "relu", n_layers: int = 1, seed: int = 0, d_model: int = 32, d_mlp: int = 64) -> GPT:
     """A small GPT with every weight perturbed (non-zero biases, non-unit LayerNorms) so no mapping hides."""
     torch.manual_seed(seed)
-    gpt = GPT(LMConfig(n_layers=n_layers, d_model=32, n_heads=4, d_mlp=64, n_ctx=16, vocab_size=97, act_fn=act_fn))
+    gpt = GPT(LMConfig(n_layers=n_layers, d_model=d_model, n_heads=4, d_mlp=d_mlp, n_ctx=16, vocab_size=97,
+                       act_fn=act_fn))
     with torch.no_grad():
         for p in gpt.parameters():
             p.add_(0.1 * torch.randn_like(p))

@@ -1,14 +1,25 @@
-"""GPTCapture (the GPT's own forward, fused attention) gives the HookedTransformer's hook activations."""
+"""GPTCapture (the GPT's own forward, fused attention) gives the HookedTransformer's hook activations; its Triton
+kernels (lm/fused.py) give the torch path's values. The kernels' CPU checks run through Triton's interpreter in
+tests/test_fused_ops.py's subprocess (check_* below)."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
 
 from lm.capture import POINTS, GPTCapture, supported
+from lm.fused import block_mlp_in, layer_norm
 from lm.hooked import to_hooked
 from sae_stream.activations import HookCapture
+from sae_stream.fused_ops import triton_available
 from tests.test_lm import tiny_gpt
+
+# Triton's interpreter rounds fp32 -> bf16 toward zero (compiled kernels: to nearest even), so interpreted bf16
+# outputs are checked to within one bf16 step only
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+cuda_triton = pytest.mark.skipif(not (torch.cuda.is_available() and triton_available()), reason="needs CUDA + triton")
 
 
 @pytest.mark.parametrize("act_fn", ["relu", "gelu"])
@@ -53,3 +64,103 @@ def test_gpt_capture__cuda_bf16_close_to_transformer_lens() -> None:
         ours = GPTCapture(gpt, ["blocks.0.mlp.hook_post"])(tokens).float()
         ref = HookCapture(hooked, "blocks.0.mlp.hook_post")(tokens).float()
     torch.testing.assert_close(ours, ref, rtol=5e-2, atol=2e-2)
+
+
+def _within_one_bf16_step(got: torch.Tensor, want: torch.Tensor, exact_fraction: float) -> None:
+    """bf16 outputs equal to a reference up to one step (8 significant bits) where fp32 rounding moved a value
+    across a tie; compiled, most are exactly equal."""
+    assert got.dtype == want.dtype == torch.bfloat16 and got.shape == want.shape
+    step = want.float().abs().clamp_min(1e-3) * 2**-7
+    assert ((got.float() - want.float()).abs() <= step).all(), (got.float() - want.float()).abs().max()
+    if not INTERPRETED:
+        assert (got == want).double().mean() > exact_fraction
+
+
+def check_layer_norm(backend: str, device: str, shapes=((5, 13, 48), (70, 128))) -> None:
+    """The LM's LayerNorm: fp32 maths (fp64 reference), written in fp32 or bf16, from fp32 or bf16 x."""
+    g = torch.Generator().manual_seed(7)
+    for shape in shapes:
+        D = shape[-1]
+        x = (torch.randn(*shape, generator=g) * 3 + 1).to(device)
+        w, b = (torch.randn(D, generator=g) + 1).to(device), torch.randn(D, generator=g).to(device)
+        for x_in in (x, x.to(torch.bfloat16)):
+            ref = torch.nn.functional.layer_norm(x_in.double(), (D,), w.double(), b.double(), 1e-5)
+            y = layer_norm(x_in, w, b, 1e-5, torch.float32, backend)
+            assert y.shape == x.shape and y.dtype == torch.float32
+            torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+            _within_one_bf16_step(layer_norm(x_in, w, b, 1e-5, torch.bfloat16, backend), ref.float().bfloat16(), 0.98)
+
+
+def test_torch_backend__layer_norm_equals_reference() -> None:
+    check_layer_norm("torch", "cpu")
+
+
+def check_block_mlp_in(backend: str, device: str, shapes=((3, 16), (2, 37))) -> None:
+    """The block from the heads' output to the MLP neurons against the torch ops it replaces (bf16 autocast's
+    roundings), ReLU'd or not, ragged row counts; d_model 32 and 48 (not a power of two: masked columns)."""
+    from lm.fused import mlp_in_fits
+
+    for d_model, (B, T) in zip((32, 48), shapes):
+        gpt = tiny_gpt(n_layers=1, seed=4, d_model=d_model, d_mlp=2 * d_model + 16).to(device)
+        b = gpt.blocks[0]
+        g = torch.Generator().manual_seed(d_model)
+        x = (torch.randn(B, T, d_model, generator=g) * 2).to(device)
+        z = torch.randn(B, T, d_model, generator=g).to(device, torch.bfloat16)
+        assert backend == "torch" or mlp_in_fits(z, x, b)
+        for relu in (True, False):
+            with torch.inference_mode(), torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+                want = b.mlp.c_fc(b.ln_2(x + b.attn.c_proj(z)))  # the module path: autocast's casts and roundings
+                want = b.mlp.act(want) if relu else want
+                got = block_mlp_in(z, x, b, relu, backend)
+            assert got.dtype == want.dtype == torch.bfloat16
+            torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+            if not INTERPRETED:
+                assert (got == want).double().mean() > 0.9
+    x[0, 1, 3] = float("nan")  # a broken LM's NaN reaches the MLP neurons, as through torch.relu
+    with torch.inference_mode(), torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        assert block_mlp_in(z, x, b, True, backend)[0, 1].isnan().all()
+
+
+def test_torch_backend__block_mlp_in_equals_module_path() -> None:
+    check_block_mlp_in("torch", "cpu")
+
+
+def check_gpt_capture(device: str) -> None:
+    """The native LM's activations with the Triton kernels (kernels='triton') under bf16 autocast equal those of the
+    torch path within bf16 rounding, at every block point, alone (mlp.hook_pre / hook_post: the fused block) and
+    in combinations (fused in the last layer only; not fused when an earlier point of that layer is asked for)."""
+    gpt = tiny_gpt(n_layers=2, seed=2).to(device)
+    tokens = torch.randint(0, 97, (4, 16), generator=torch.Generator().manual_seed(0)).to(device)
+    cases = [[f"blocks.1.{p}"] for p in POINTS] + [
+        ["blocks.0.mlp.hook_pre", "blocks.1.mlp.hook_post"], ["blocks.1.hook_resid_mid", "blocks.1.mlp.hook_post"],
+        ["blocks.1.mlp.hook_post", "blocks.1.mlp.hook_pre"]]
+    with torch.inference_mode(), torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        for names in cases:
+            ours, ref = (GPTCapture(gpt, names, kernels=k)(tokens) for k in ("triton", "torch"))
+            assert ours.dtype == ref.dtype and ours.shape == ref.shape, names
+            torch.testing.assert_close(ours.float(), ref.float(), rtol=3e-2, atol=3e-2, msg=str(names))
+            if names[-1].endswith("mlp.hook_post") and not INTERPRETED:
+                assert (ours == ref).double().mean() > 0.9, names
+
+
+def test_gpt_capture__triton_kernels_that_fail_fall_back_to_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    import lm.capture
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C compiler")
+
+    monkeypatch.setattr(lm.capture, "layer_norm", broken)
+    gpt = tiny_gpt(n_layers=1, seed=2)
+    tokens = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(0))
+    capture = GPTCapture(gpt, ["blocks.0.mlp.hook_post"], kernels="triton")
+    with pytest.warns(UserWarning, match="no C compiler"):
+        got = capture(tokens)
+    assert capture.kernels == "torch"
+    torch.testing.assert_close(got, GPTCapture(gpt, ["blocks.0.mlp.hook_post"])(tokens))
+
+
+@cuda_triton
+def test_lm_kernels__cuda_equal_torch() -> None:
+    check_layer_norm("triton", "cuda", shapes=((5, 13, 48), (64, 1024, 128), (300, 768)))
+    check_block_mlp_in("triton", "cuda", shapes=((64, 1024), (3, 37)))
+    check_gpt_capture("cuda")

@@ -1,0 +1,161 @@
+"""Fused Triton kernels for producing activations with the GPT (lm.capture.GPTCapture, kernels="triton"), each
+beside its torch reference, computing what bf16 autocast computes with fewer passes over memory.
+
+    y = layer_norm(x_BTD, ln.weight, ln.bias, ln.eps, torch.bfloat16, "triton")    # fp32 LayerNorm, bf16 out
+    h = block_mlp_in(z_BTD, x_BTD, block, relu=True, backend="triton")           # heads' output -> MLP neurons
+
+Why: on an H200 the forward up to `blocks.0.mlp.hook_post` at context 1024 (65,536 tokens) took ~570 µs, a third of
+it torch's fp32 LayerNorm (~100 µs per call where a pass over its bytes takes ~15) and much of the rest passes of a
+few µs each over [65536, 128] and [65536, 512] tensors (the attention output projection, the residual add, the
+casts around the LayerNorms, the MLP matmul, the ReLU). `block_mlp_in` does the block from the heads' output to
+the MLP's hidden layer in one kernel: d_model (<= 256) fits one tile, so both matmuls are single dots and the
+LayerNorm sits between them in registers.
+
+On CPU tensors the kernels run through Triton's interpreter (TRITON_INTERPRET=1 before triton is imported: tests),
+which rounds fp32 -> bf16 toward zero where compiled kernels round to nearest.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sae_stream.fused_ops import AUTOTUNE_ENV, FLOATS, MAX_NUMEL, triton_cdiv
+
+MAX_D_MODEL = 256  # block_mlp_in holds [BM, d_model] tiles and W_O [d_model, d_model] in one program
+# (BM, BN, warps) tried by the autotuner for block_mlp_in on the first call per shape; FIXED without autotuning
+MLP_IN_CONFIGS = [(64, 128, 4), (64, 256, 8), (128, 128, 8), (32, 128, 4), (128, 64, 4)]
+FIXED = MLP_IN_CONFIGS[0]
+
+
+@torch.no_grad()
+def layer_norm(x: Tensor, w_D: Tensor, b_D: Tensor, eps: float, dtype: torch.dtype, backend: str) -> Tensor:
+    """LayerNorm over the last dim, computed in fp32 (x in any float dtype), written in `dtype`: one pass for what
+    bf16 autocast does in two (an fp32 LayerNorm, then the next linear's cast of its output)."""
+    D = x.shape[-1]
+    fits = (x.is_contiguous() and x.dtype in FLOATS and D <= 8192 and x.numel() < MAX_NUMEL
+            and all(t.is_contiguous() and t.dtype == torch.float32 for t in (w_D, b_D)))
+    if backend == "torch" or not fits:
+        return F.layer_norm(x.float(), (D,), w_D.float(), b_D.float(), eps).to(dtype)
+    y = torch.empty(x.shape, dtype=dtype, device=x.device)
+    x_ND = x.view(-1, D)
+    BD = 1 << (D - 1).bit_length()
+    BR = max(1, 4096 // BD)  # rows per program
+    kernel = _kernels()["layer_norm" if x.is_cuda else "layer_norm_interpreted"]
+    kernel[(triton_cdiv(len(x_ND), BR),)](x_ND, w_D, b_D, y, len(x_ND), eps, D=D, BD=BD, BR=BR)
+    return y
+
+
+def mlp_in_fits(z_BTD: Tensor, x_BTD: Tensor, block: torch.nn.Module) -> bool:
+    """block_mlp_in's Triton kernel takes these: contiguous, bf16/fp16 heads' output, fp32 residual, d_model <=
+    MAX_D_MODEL, fp32 parameters, 32-bit offsets."""
+    D, M = x_BTD.shape[-1], block.mlp.c_fc.out_features
+    params = (block.attn.c_proj.weight, block.attn.c_proj.bias, block.ln_2.weight, block.ln_2.bias,
+              block.mlp.c_fc.weight, block.mlp.c_fc.bias)
+    return (z_BTD.dtype in (torch.bfloat16, torch.float16) and x_BTD.dtype == torch.float32 and D <= MAX_D_MODEL
+            and z_BTD.shape == x_BTD.shape and z_BTD.is_contiguous() and x_BTD.is_contiguous()
+            and x_BTD.numel() // D * M < MAX_NUMEL and all(p.dtype == torch.float32 and p.is_contiguous()
+                                                            for p in params))
+
+
+@torch.no_grad()
+def block_mlp_in(z_BTD: Tensor, x_BTD: Tensor, block: torch.nn.Module, relu: bool, backend: str) -> Tensor:
+    """From a block's heads' output z (attn.hook_z, in the matmul dtype) and its input residual x (fp32) to the MLP's
+    hidden layer, as bf16 autocast computes it:
+        attn_out = z W_Oᵀ + b_O (rounded to z's dtype);  h = x + attn_out;  u = LN₂(h) (fp32, rounded)
+        pre = u W_fcᵀ + b_fc (rounded);  post = ReLU(pre)
+    Returns post (`relu`) or pre, [B, T, d_mlp] in z's dtype."""
+    proj, ln, fc = block.attn.c_proj, block.ln_2, block.mlp.c_fc
+    dtype = z_BTD.dtype
+    if backend == "torch" or not mlp_in_fits(z_BTD, x_BTD, block):
+        h_BTD = x_BTD + F.linear(z_BTD, proj.weight.to(dtype), proj.bias.to(dtype))
+        u_BTD = F.layer_norm(h_BTD.float(), (h_BTD.shape[-1],), ln.weight, ln.bias, ln.eps).to(dtype)
+        pre_BTM = F.linear(u_BTD, fc.weight.to(dtype), fc.bias.to(dtype))
+        return torch.relu(pre_BTM) if relu else pre_BTM
+    D, M = x_BTD.shape[-1], fc.out_features
+    N = x_BTD.numel() // D
+    out = torch.empty(*x_BTD.shape[:-1], M, dtype=dtype, device=x_BTD.device)
+    args = (z_BTD, proj.weight, proj.bias, x_BTD, ln.weight, ln.bias, fc.weight, fc.bias, out, N, M, ln.eps)
+    meta = {"D": D, "BD": max(16, 1 << (D - 1).bit_length()), "RELU": relu}
+    kernels = _kernels()
+    if not x_BTD.is_cuda:
+        grid, kernel, meta = (triton_cdiv(N, 32) * triton_cdiv(M, 32),), kernels["mlp_in_interpreted"], \
+            meta | {"BM": 32, "BN": 32, "UPCAST": True}
+    elif os.environ.get(AUTOTUNE_ENV, "1") == "0":
+        bm, bn, warps = FIXED
+        grid, kernel = (triton_cdiv(N, bm) * triton_cdiv(M, bn),), kernels["mlp_in_fixed"]
+        meta |= {"BM": bm, "BN": bn, "UPCAST": False, "num_warps": warps}
+    else:
+        def grid(m: dict) -> tuple[int]:
+            return (triton_cdiv(N, m["BM"]) * triton_cdiv(M, m["BN"]),)
+        kernel, meta = kernels["mlp_in"], meta | {"UPCAST": False}
+    kernel[grid](*args, **meta)
+    return out
+
+
+@functools.cache
+def _kernels() -> dict:
+    import triton
+    from triton.runtime.interpreter import InterpretedFunction
+
+    configs = [triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=2) for bm, bn, w in MLP_IN_CONFIGS]
+    ln, mlp_in = triton.jit(_layer_norm), triton.jit(_mlp_in)
+    return {"layer_norm": ln, "layer_norm_interpreted": InterpretedFunction(_layer_norm),
+            "mlp_in_fixed": mlp_in, "mlp_in": triton.autotune(configs, key=["N", "M", "D"])(mlp_in),
+            "mlp_in_interpreted": InterpretedFunction(_mlp_in)}
+
+
+try:
+    import triton.language as tl
+except ImportError:  # the torch backend only
+    tl = None
+
+if tl is not None:
+
+    def _layer_norm(x_ptr, w_ptr, b_ptr, y_ptr, M, eps, D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr):
+        rows, cols = tl.program_id(0) * BR + tl.arange(0, BR), tl.arange(0, BD)
+        mask = (rows[:, None] < M) & (cols[None, :] < D)
+        offs = rows[:, None] * D + cols[None, :]
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        xc = tl.where(mask, x - (tl.sum(x, axis=1) / D)[:, None], 0.0)
+        rstd = tl.rsqrt(tl.sum(xc * xc, axis=1) / D + eps)  # biased variance, as torch
+        w = tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
+        tl.store(y_ptr + offs, (xc * rstd[:, None] * w[None, :] + b[None, :]).to(y_ptr.dtype.element_ty), mask=mask)
+
+    def _mlp_in(z_ptr, wo_ptr, bo_ptr, x_ptr, lnw_ptr, lnb_ptr, wfc_ptr, bfc_ptr, out_ptr, N, M, eps,
+                D: tl.constexpr, BD: tl.constexpr, RELU: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr,
+                BN: tl.constexpr):
+        # program -> (row block, column block of d_mlp); the row block's attention output and LayerNorm are
+        # recomputed per column block (d_model-wide: cheap next to the [BM, BN] output)
+        n_blocks = tl.cdiv(M, BN)
+        pid_m, pid_n = tl.program_id(0) // n_blocks, tl.program_id(0) % n_blocks
+        rm, d, rn = pid_m * BM + tl.arange(0, BM), tl.arange(0, BD), pid_n * BN + tl.arange(0, BN)
+        am, dm, nm = rm % N, d < D, rn < M  # rows past N re-read valid ones (their outputs are masked)
+        mm_dtype = z_ptr.dtype.element_ty
+        z = tl.load(z_ptr + am[:, None] * D + d[None, :], mask=dm[None, :], other=0.0)
+        wo_t = tl.load(wo_ptr + d[None, :] * D + d[:, None], mask=dm[:, None] & dm[None, :], other=0.0).to(mm_dtype)
+        if UPCAST:  # the interpreter's dot mishandles bf16; bf16 products are exact in fp32 anyway
+            z, wo_t = z.to(tl.float32), wo_t.to(tl.float32)
+        bo = tl.load(bo_ptr + d, mask=dm, other=0.0).to(mm_dtype).to(tl.float32)  # autocast's bf16 bias
+        attn = (tl.dot(z, wo_t) + bo[None, :]).to(mm_dtype).to(tl.float32)  # the projection's bf16 output
+        h = tl.where(dm[None, :], tl.load(x_ptr + am[:, None] * D + d[None, :], mask=dm[None, :], other=0.0) + attn,
+                     0.0)
+        hc = tl.where(dm[None, :], h - (tl.sum(h, axis=1) / D)[:, None], 0.0)
+        rstd = tl.rsqrt(tl.sum(hc * hc, axis=1) / D + eps)
+        lnw = tl.load(lnw_ptr + d, mask=dm, other=0.0)
+        lnb = tl.load(lnb_ptr + d, mask=dm, other=0.0)
+        u = tl.where(dm[None, :], hc * rstd[:, None] * lnw[None, :] + lnb[None, :], 0.0).to(mm_dtype)
+        wfc_t = tl.load(wfc_ptr + rn[None, :] * D + d[:, None], mask=dm[:, None] & nm[None, :], other=0.0)
+        wfc_t = wfc_t.to(mm_dtype)
+        if UPCAST:
+            u, wfc_t = u.to(tl.float32), wfc_t.to(tl.float32)
+        bfc = tl.load(bfc_ptr + rn, mask=nm, other=0.0).to(mm_dtype).to(tl.float32)
+        pre = (tl.dot(u, wfc_t) + bfc[None, :]).to(mm_dtype)
+        if RELU:
+            pre = tl.where(pre < 0, 0.0, pre).to(mm_dtype)  # NaN stays NaN, as torch.relu
+        tl.store(out_ptr + rm[:, None] * M + rn[None, :], pre, mask=(rm[:, None] < N) & nm[None, :])
