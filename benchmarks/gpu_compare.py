@@ -270,8 +270,8 @@ def measure_lm(args: argparse.Namespace, rec: Recorder, context_len: int, native
         run(3)
         dt = run(5)
         n = max(5, int(args.seconds * 5 / dt))
-        return n * tokens.numel() / run(n), {"context_len": context_len, "kernels": kernels if native else None,
-                                             "attention": attention}
+        rate = n * tokens.numel() / run(n)  # kernels: what ran (a failing Triton kernel falls back to torch's)
+        return rate, {"context_len": context_len, "kernels": cap.kernels if native else None, "attention": attention}
     name = ("native" if kernels == lm_kernels(args) else f"native_{kernels}_ops") if native else "tl"
     name += f"_{attention.split('_')[0].lower()}" if attention else ""
     return rec.guarded(f"lm_{name}_ctx{context_len}", None, fn)
@@ -300,7 +300,8 @@ def measure_loop(args: argparse.Namespace, rec: Recorder, d_sae: int, storage: s
         rate, extra = timed_steps(args, trainer, buffer.batches(args.batch, dtype=dtype))
         extra |= {"storage": storage, "context_len": context_len, "capacity": args.capacity,
                   "refills": buffer.refills, "merge_lag": buffer.merge_lag, "ring_dtype": buffer.dtype_name,
-                  "batch_dtype": str(dtype).removeprefix("torch."), "lm_kernels": kernels if native else None}
+                  "batch_dtype": str(dtype).removeprefix("torch."),
+                  "lm_kernels": stream.capture.kernels if native else None}  # (what ran: see measure_lm)
         if step_rate:
             extra["ratio_to_step"] = round(rate / step_rate, 3)
         return rate, extra

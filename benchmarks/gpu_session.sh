@@ -29,7 +29,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/env.txt"
 
 # 1. the Triton kernels, the step's and the LM's (one fixed block config: seconds, not a minute of autotuning)
-SAE_STREAM_TRITON_AUTOTUNE=0 timeout 75 python3 -m pytest -q -p no:cacheprovider tests/test_fused_ops.py \
+SAE_STREAM_TRITON_AUTOTUNE=0 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_fused_ops.py \
   tests/test_lm_capture.py -k "cuda" > "$OUT/tests_kernels.log" 2>&1
 rc=$?; echo "kernel tests rc=$rc at $((SECONDS - T0)) s"; grep -E "passed|failed|Error" "$OUT/tests_kernels.log" | head -12
 KERNELS=auto; if [ $rc -ne 0 ]; then KERNELS=torch; echo "kernel tests failed: benchmarking with --kernels torch"; fi

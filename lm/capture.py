@@ -73,7 +73,7 @@ class GPTCapture:
         except Exception as exc:  # noqa: BLE001 — a kernel that fails to build or run: torch's ops give the same
             why = str(exc).splitlines()[0] if str(exc) else ""
             warnings.warn(f"the LM's Triton kernels failed ({type(exc).__name__}: {why}); producing activations "
-                          "with torch's ops", stacklevel=2)
+                          "with torch's ops", stacklevel=3)
             self.kernels = "torch"
             return self._forward(tokens_BT)
         self._tried = True
@@ -92,12 +92,13 @@ class GPTCapture:
     def _block(self, layer: int, x_BTD: Tensor, got: dict[str, Tensor]) -> Tensor | None:
         """Block `layer`, recording the wanted points; None once the last wanted point has been computed."""
         b = self.gpt.blocks[layer]
-        if layer == self._last[0] and self._tail and self.kernels == "triton" and _autocast_on(x_BTD):
+        dtype = _autocast_dtype(x_BTD)
+        if (layer == self._last[0] and self._tail and self.kernels == "triton" and dtype is not None
+                and mlp_in_fits(x_BTD, b, dtype)):  # heads' output -> MLP point in one kernel
             z_BTD = b.attn.heads(self._ln(b.ln_1, x_BTD))
-            if mlp_in_fits(z_BTD, x_BTD, b):  # heads' output -> MLP point in one kernel
-                point = POINTS[self._last[1]]
-                got[f"blocks.{layer}.{point}"] = block_mlp_in(z_BTD, x_BTD, b, point == "mlp.hook_post", "triton")
-                return None
+            point = POINTS[self._last[1]]
+            got[f"blocks.{layer}.{point}"] = block_mlp_in(z_BTD, x_BTD, b, point == "mlp.hook_post", "triton")
+            return None
         stop = self._last[1] if layer == self._last[0] else len(POINTS)
         for i, value in enumerate(_points(b, x_BTD, self._ln)):  # lazily: stops computing at `stop`
             if (layer, POINTS[i]) in self._wanted:
@@ -116,10 +117,11 @@ class GPTCapture:
         return layer_norm(x_BTD, ln.weight, ln.bias, ln.eps, dtype, "triton")
 
 
-def _autocast_on(x: Tensor) -> bool:
-    """bf16/fp16 autocast is on for x's device (the fused block reproduces autocast's roundings)."""
+def _autocast_dtype(x: Tensor) -> torch.dtype | None:
+    """bf16 or fp16 if autocast is on in it for x's device (the fused block reproduces autocast's roundings)."""
     dev = x.device.type
-    return torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) in (torch.bfloat16, torch.float16)
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+    return dtype if dtype in (torch.bfloat16, torch.float16) else None
 
 
 def _points(b: torch.nn.Module, x_BTD: Tensor, ln: Callable[[torch.nn.LayerNorm, Tensor], Tensor]

@@ -50,16 +50,16 @@ def layer_norm(x: Tensor, w_D: Tensor, b_D: Tensor, eps: float, dtype: torch.dty
     return y
 
 
-def mlp_in_fits(z_BTD: Tensor, x_BTD: Tensor, block: torch.nn.Module) -> bool:
-    """block_mlp_in's Triton kernel takes these: contiguous, bf16/fp16 heads' output, fp32 residual, d_model <=
-    MAX_D_MODEL, fp32 parameters, 32-bit offsets."""
+def mlp_in_fits(x_BTD: Tensor, block: torch.nn.Module, dtype: torch.dtype) -> bool:
+    """block_mlp_in's Triton kernel takes a block with these: matmuls in bf16/fp16 (`dtype`, the heads' output's),
+    a contiguous fp32 residual, d_model <= MAX_D_MODEL, fp32 parameters, 32-bit offsets. Decidable before the
+    heads run."""
     D, M = x_BTD.shape[-1], block.mlp.c_fc.out_features
     params = (block.attn.c_proj.weight, block.attn.c_proj.bias, block.ln_2.weight, block.ln_2.bias,
               block.mlp.c_fc.weight, block.mlp.c_fc.bias)
-    return (z_BTD.dtype in (torch.bfloat16, torch.float16) and x_BTD.dtype == torch.float32 and D <= MAX_D_MODEL
-            and z_BTD.shape == x_BTD.shape and z_BTD.is_contiguous() and x_BTD.is_contiguous()
-            and x_BTD.numel() // D * M < MAX_NUMEL and all(p.dtype == torch.float32 and p.is_contiguous()
-                                                            for p in params))
+    return (dtype in (torch.bfloat16, torch.float16) and x_BTD.dtype == torch.float32 and x_BTD.is_contiguous()
+            and D <= MAX_D_MODEL and max(x_BTD.numel(), x_BTD.numel() // D * M) < MAX_NUMEL
+            and all(p.dtype == torch.float32 and p.is_contiguous() for p in params))
 
 
 @torch.no_grad()
@@ -71,7 +71,8 @@ def block_mlp_in(z_BTD: Tensor, x_BTD: Tensor, block: torch.nn.Module, relu: boo
     Returns post (`relu`) or pre, [B, T, d_mlp] in z's dtype."""
     proj, ln, fc = block.attn.c_proj, block.ln_2, block.mlp.c_fc
     dtype = z_BTD.dtype
-    if backend == "torch" or not mlp_in_fits(z_BTD, x_BTD, block):
+    fits = z_BTD.shape == x_BTD.shape and z_BTD.is_contiguous() and mlp_in_fits(x_BTD, block, dtype)
+    if backend == "torch" or not fits:
         h_BTD = x_BTD + F.linear(z_BTD, proj.weight.to(dtype), proj.bias.to(dtype))
         u_BTD = F.layer_norm(h_BTD.float(), (h_BTD.shape[-1],), ln.weight, ln.bias, ln.eps).to(dtype)
         pre_BTM = F.linear(u_BTD, fc.weight.to(dtype), fc.bias.to(dtype))
@@ -79,7 +80,9 @@ def block_mlp_in(z_BTD: Tensor, x_BTD: Tensor, block: torch.nn.Module, relu: boo
     D, M = x_BTD.shape[-1], fc.out_features
     N = x_BTD.numel() // D
     out = torch.empty(*x_BTD.shape[:-1], M, dtype=dtype, device=x_BTD.device)
-    args = (z_BTD, proj.weight, proj.bias, x_BTD, ln.weight, ln.bias, fc.weight, fc.bias, out, N, M, ln.eps)
+    # the weights in the matmul dtype up front (as autocast casts them: ~100 KB), so the kernel loads them as is
+    args = (z_BTD, proj.weight.to(dtype), proj.bias, x_BTD, ln.weight, ln.bias, fc.weight.to(dtype), fc.bias, out,
+            N, M, ln.eps)
     meta = {"D": D, "BD": max(16, 1 << (D - 1).bit_length()), "RELU": relu}
     kernels = _kernels()
     if not x_BTD.is_cuda:
@@ -138,7 +141,7 @@ if tl is not None:
         am, dm, nm = rm % N, d < D, rn < M  # rows past N re-read valid ones (their outputs are masked)
         mm_dtype = z_ptr.dtype.element_ty
         z = tl.load(z_ptr + am[:, None] * D + d[None, :], mask=dm[None, :], other=0.0)
-        wo_t = tl.load(wo_ptr + d[None, :] * D + d[:, None], mask=dm[:, None] & dm[None, :], other=0.0).to(mm_dtype)
+        wo_t = tl.load(wo_ptr + d[None, :] * D + d[:, None], mask=dm[:, None] & dm[None, :], other=0.0)
         if UPCAST:  # the interpreter's dot mishandles bf16; bf16 products are exact in fp32 anyway
             z, wo_t = z.to(tl.float32), wo_t.to(tl.float32)
         bo = tl.load(bo_ptr + d, mask=dm, other=0.0).to(mm_dtype).to(tl.float32)  # autocast's bf16 bias
@@ -151,7 +154,6 @@ if tl is not None:
         lnb = tl.load(lnb_ptr + d, mask=dm, other=0.0)
         u = tl.where(dm[None, :], hc * rstd[:, None] * lnw[None, :] + lnb[None, :], 0.0).to(mm_dtype)
         wfc_t = tl.load(wfc_ptr + rn[None, :] * D + d[:, None], mask=dm[:, None] & nm[None, :], other=0.0)
-        wfc_t = wfc_t.to(mm_dtype)
         if UPCAST:
             u, wfc_t = u.to(tl.float32), wfc_t.to(tl.float32)
         bfc = tl.load(bfc_ptr + rn, mask=nm, other=0.0).to(mm_dtype).to(tl.float32)
