@@ -157,7 +157,7 @@ if tl is not None:
         if UPCAST:
             u, wfc_t = u.to(tl.float32), wfc_t.to(tl.float32)
         bfc = tl.load(bfc_ptr + rn, mask=nm, other=0.0).to(mm_dtype).to(tl.float32)
-        pre = (tl.dot(u, wfc_t) + bfc[None, :]).to(mm_dtype)
-        if RELU:
-            pre = tl.where(pre < 0, 0.0, pre).to(mm_dtype)  # NaN stays NaN, as torch.relu
-        tl.store(out_ptr + rm[:, None] * M + rn[None, :], pre, mask=(rm[:, None] < N) & nm[None, :])
+        pre = (tl.dot(u, wfc_t) + bfc[None, :]).to(mm_dtype).to(tl.float32)  # the bf16 linear's rounding
+        if RELU:  # (compared in fp32: Triton 3.9's interpreter compares bf16 as raw bits)
+            pre = tl.where(pre < 0, 0.0, pre)  # NaN stays NaN, as torch.relu
+        tl.store(out_ptr + rm[:, None] * M + rn[None, :], pre.to(mm_dtype), mask=(rm[:, None] < N) & nm[None, :])
