@@ -1,17 +1,20 @@
 #!/bin/bash
-# Everything a short GPU lease should check, in one call that fits LIMIT seconds (default 540): the CUDA kernel
+# Everything a short GPU lease should check, in one call that fits LIMIT seconds (default 570): the CUDA kernel
 # tests, the side-by-side benchmark (benchmarks/gpu_compare.py, SAELens too when its script and wheels are given),
 # kernel tables of the step and the loop (benchmarks/profile_step.py), `sae-stream run` end to end, then the other
 # CUDA tests; each step bounded by what is left, so a hang cannot eat the next step's time.
 #
-#   LIMIT=540 OUT=/tmp/gpu WHEELS=.whl SAELENS=.whl/bench_saelens.py bash benchmarks/gpu_session.sh
+#   LIMIT=570 OUT=/tmp/gpu WHEELS=.whl SAELENS=.whl/bench_saelens.py bash benchmarks/gpu_session.sh
+#
+# (session 3's H200 call: kernel tests ~40 s, gpu_compare with SAELens at one size ~230 s; this one has a few more
+# variants. Under the device tool: timeout_s 600, carry .whl.)
 #
 # WHEELS: a folder of wheels to install first (--target /tmp/site; e.g. sae-lens and what the machine lacks, from
 # shared/peer-bench/fetch_wheels.sh). Results: $OUT/gpu.jsonl (append it to benchmarks/results/gpu.jsonl), the logs,
 # and a summary on stdout. If the kernel tests fail, the benchmark runs with --kernels torch.
 set -o pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled TQDM_DISABLE=1
-LIMIT=${LIMIT:-540}
+LIMIT=${LIMIT:-570}
 OUT=${OUT:-benchmarks/results/session}
 mkdir -p "$OUT"
 T0=$SECONDS

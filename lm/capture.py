@@ -112,9 +112,7 @@ class GPTCapture:
         (autocast's; else x's): the same values as the module's fp32 output cast there, up to fp32 rounding."""
         if self.kernels != "triton":
             return ln(x_BTD)
-        dev = x_BTD.device.type
-        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x_BTD.dtype
-        return layer_norm(x_BTD, ln.weight, ln.bias, ln.eps, dtype, "triton")
+        return layer_norm(x_BTD, ln.weight, ln.bias, ln.eps, _autocast_dtype(x_BTD) or x_BTD.dtype, "triton")
 
 
 def _autocast_dtype(x: Tensor) -> torch.dtype | None:
@@ -142,4 +140,3 @@ def _points(b: torch.nn.Module, x_BTD: Tensor, ln: Callable[[torch.nn.LayerNorm,
     mlp_out_BTD = b.mlp.c_proj(post_BTM)
     yield mlp_out_BTD
     yield x_BTD + mlp_out_BTD
-

@@ -94,11 +94,9 @@ class ShuffleBuffer:
         self.dtype = getattr(source, "dtype", torch.float32) if cfg.dtype == "auto" else DTYPES[cfg.dtype]
         self.merge_lag, self.metrics_every = cfg.merge_lag if merge_lag is None else merge_lag, metrics_every
         self._ring_device = torch.device(self.device if self.storage == "cuda" else "cpu")
-        self.memory_bytes = self._ring_bytes()
-        self._check_memory(self.memory_bytes)
+        self._allocate_ring(self.dtype)
         self._source = source
         self._it: Iterator[ActivationChunk | Tensor] = iter(source)
-        self._ring_ND = self._new_ring()
         self._context_N = torch.full((self.capacity,), -1, dtype=torch.int64, device=self._ring_device)
         self._position_N = torch.full((self.capacity,), -1, dtype=torch.int32, device=self._ring_device)
         self._gen = torch.Generator(device=self._ring_device).manual_seed(seed)
@@ -116,25 +114,22 @@ class ShuffleBuffer:
         self._producer = torch.cuda.Stream(self.device) if cuda else None
         self._copier = torch.cuda.Stream(self.device) if cuda and self.storage == "pinned" else None
         self._refill_event = torch.cuda.Event() if cuda else None
-        self._outs: list[Tensor] = []
-        self._d2h: Tensor | None = None
-        self._stages: list[tuple[Tensor, Tensor, torch.cuda.Event, torch.cuda.Event]] = []
         self._turn = 0
 
     # ------------------------------------------------------------------------------------------ memory
 
-    def _new_ring(self) -> Tensor:
-        return torch.empty(self.capacity, self.d_in, dtype=self.dtype, device=self._ring_device,
-                           pin_memory=self.storage == "pinned")
-
-    def _reallocate(self, dtype: torch.dtype) -> None:
-        """A new (empty) ring in `dtype`, checked against the memory free once the old one is released."""
-        self.dtype, self._ring_ND, self._outs, self._d2h, self._stages = dtype, None, [], None, []
+    def _allocate_ring(self, dtype: torch.dtype) -> None:
+        """An (empty) ring in `dtype`, its size first checked against the memory free where it lives (with any old
+        ring released: resume in another dtype)."""
+        self.dtype, self._ring_ND, self._d2h = dtype, None, None  # (and the host / output staging buffers:)
+        self._outs: list[Tensor] = []
+        self._stages: list[tuple[Tensor, Tensor, torch.cuda.Event, torch.cuda.Event]] = []
         if self._ring_device.type == "cuda":
-            torch.cuda.empty_cache()  # the old ring's memory back from the caching allocator, for the check
+            torch.cuda.empty_cache()  # an old ring's memory back from the caching allocator, for the check
         self.memory_bytes = self._ring_bytes()
         self._check_memory(self.memory_bytes)
-        self._ring_ND = self._new_ring()
+        self._ring_ND = torch.empty(self.capacity, self.d_in, dtype=dtype, device=self._ring_device,
+                                    pin_memory=self.storage == "pinned")
 
     @property
     def dtype_name(self) -> str:
@@ -401,7 +396,7 @@ class ShuffleBuffer:
             raise ValueError(f"buffer state is for capacity/d_in/dtype {state['capacity']}/{state['d_in']}/"
                              f"{state['dtype']}, this buffer has {self.capacity}/{self.d_in}/{self.dtype_name}")
         if other_dtype:
-            self._reallocate(getattr(torch, state["dtype"]))
+            self._allocate_ring(getattr(torch, state["dtype"]))
         dev = self._ring_device
         slots = state["slots"].to(dev)
         self._ring_ND[slots] = state["acts"].to(dev)

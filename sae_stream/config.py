@@ -255,8 +255,8 @@ class TrainConfig:
     step_impl: str = "auto"
     """'fused' (hand-written backward, anthropic only), 'autograd', or 'auto' (fused where it applies)."""
     kernels: str = "auto"
-    """'triton' (fused step passes, decoder-norm constraint, the native LM's LayerNorms), 'torch', 'auto' (triton
-    on CUDA)."""
+    """'triton' (fused step passes, decoder-norm constraint, the native LM's kernels), 'torch', 'auto' (triton on
+    CUDA)."""
     cuda_graphs: bool = True
     """CUDA: replay the whole step (fwd, bwd, Adam, constraints, metrics) as one graph (not with nan skip / DDP)."""
     tf32: bool = True
