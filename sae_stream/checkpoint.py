@@ -8,15 +8,16 @@ returns the newest one whose manifest verifies, so a truncated checkpoint is rep
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import io
 import json
 import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -43,15 +44,16 @@ def _umask() -> int:
 _FILE_MODE = 0o666 & ~_umask()  # what open() would give; mkstemp's own 0600 would hide results from other users
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old file or the whole new one."""
+@contextlib.contextmanager
+def _atomic_file(path: str | Path) -> Iterator[BinaryIO]:
+    """A temp file beside `path` to write; on success fsync'd and renamed over `path`, on any error removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -64,6 +66,12 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` so that readers see the old file or the whole new one."""
+    with _atomic_file(path) as f:
+        f.write(data)
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
@@ -72,13 +80,28 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+class _HashingWriter:
+    """What torch.save writes to: the file, and a sha256 of the bytes on the way."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f, self.sha256 = f, hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def atomic_torch_save(path: str | Path, obj: Any) -> str:
-    """torch.save atomically; returns the sha256 of the bytes written."""
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    data = buf.getvalue()
-    atomic_write_bytes(path, data)
-    return hashlib.sha256(data).hexdigest()
+    """torch.save atomically, streamed to the file; returns the sha256 of the bytes written. (Serialising into
+    memory first held a second copy of every tensor: 4.3 GB more host RAM for A/1's bf16 ring, and twice the time
+    on a 2-core machine: 29 s -> 16 s for that ring.)"""
+    with _atomic_file(path) as f:
+        writer = _HashingWriter(f)
+        torch.save(obj, writer)
+    return writer.sha256.hexdigest()
 
 
 def sha256_file(path: str | Path) -> str:

@@ -268,3 +268,26 @@ def test_run__sae_stage_sigint_exits_130_and_resumes(lm_dir: Path, tmp_path: Pat
     monkeypatch.setattr(Trainer, "_train_step", step)
     assert main(["train", "--resume", str(out)]) == 0
     assert _steps(out)[-1] == TOTAL_STEPS and (out / "sae" / "sae_weights.safetensors").is_file()
+
+
+class _Unsaveable:
+    def __reduce__(self):
+        raise RuntimeError("this object cannot be saved")
+
+
+def test_atomic_torch_save__streams_with_its_checksum_and_leaves_nothing_on_failure(tmp_path: Path) -> None:
+    """The checkpoint file is written as torch.save streams it (no copy in memory): its sha256 is the file's, it
+    loads back equal; a save that fails midway (an object that cannot be pickled, after a tensor) leaves the
+    previous file whole and no temp file."""
+    from sae_stream.checkpoint import atomic_torch_save, sha256_file
+
+    path = tmp_path / "state.pt"
+    state = {"ring": torch.randn(3000, 64).bfloat16(), "step": 7}
+    digest = atomic_torch_save(path, state)
+    assert digest == sha256_file(path)
+    loaded = torch.load(path, weights_only=True)
+    assert loaded["step"] == 7 and torch.equal(loaded["ring"], state["ring"])
+    before = path.read_bytes()
+    with pytest.raises(RuntimeError, match="cannot be saved"):
+        atomic_torch_save(path, {"ring": torch.randn(3000, 64), "broken": _Unsaveable()})
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["state.pt"]
