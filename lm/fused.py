@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sae_stream.fused_ops import AUTOTUNE_ENV, FLOATS, MAX_NUMEL, triton_cdiv
+from sae_stream.fused_ops import AUTOTUNE_ENV, FLOATS, MAX_NUMEL, rows_fit, triton_cdiv
 
 MAX_D_MODEL = 256  # block_mlp_in holds [BM, d_model] tiles and W_O [d_model, d_model] in one program
 # (BM, BN, warps) tried by the autotuner for block_mlp_in on the first call per shape; FIXED without autotuning
@@ -37,8 +37,7 @@ def layer_norm(x: Tensor, w_D: Tensor, b_D: Tensor, eps: float, dtype: torch.dty
     """LayerNorm over the last dim, computed in fp32 (x in any float dtype), written in `dtype`: one pass for what
     bf16 autocast does in two (an fp32 LayerNorm, then the next linear's cast of its output)."""
     D = x.shape[-1]
-    fits = (x.is_contiguous() and x.dtype in FLOATS and D <= 8192 and x.numel() < MAX_NUMEL
-            and all(t.is_contiguous() and t.dtype == torch.float32 for t in (w_D, b_D)))
+    fits = x.is_contiguous() and rows_fit(x.view(-1, D), dtypes=FLOATS) and rows_fit(w_D[None], b_D[None])
     if backend == "torch" or not fits:
         return F.layer_norm(x.float(), (D,), w_D.float(), b_D.float(), eps).to(dtype)
     y = torch.empty(x.shape, dtype=dtype, device=x.device)

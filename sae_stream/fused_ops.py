@@ -59,7 +59,7 @@ def center(x_BD: Tensor, b_D: Tensor, dtype: torch.dtype, backend: str) -> tuple
     """x − b in `dtype` (x in any float dtype, b fp32; computed in fp32); Σ_rows ‖x − mean‖² (fp64 0-dim: the
     FVU's denominator); and whether every x is finite (bool 0-dim; judged on x alone). The Triton path squares
     x − b in fp32: past |x − b| ~ 1e19 var_sq is inf (the logged FVU then reads 0) while x counts as finite."""
-    if backend == "torch" or not _rows_fit(x_BD, dtypes=FLOATS):
+    if backend == "torch" or not rows_fit(x_BD, dtypes=FLOATS):
         xc_BD = torch.sub(x_BD, b_D, out=torch.empty_like(x_BD, dtype=dtype))  # centred and cast: one pass
         var_sq = centred_sq_sum(x_BD)
         return xc_BD, var_sq, torch.isfinite(var_sq)
@@ -80,7 +80,7 @@ def residual(recon_BD: Tensor, x_BD: Tensor, c: float, dtype: torch.dtype, backe
              ) -> tuple[Tensor, Tensor, Tensor]:
     """r = x̂ − x (in fp32; x in any float dtype): c·r in `dtype`, Σr² (0-dim) and Σ_rows r ([D]), both fp32
     (fp64 for fp64 inputs)."""
-    if backend == "torch" or not _rows_fit(x_BD, dtypes=FLOATS) or not recon_BD.is_contiguous():
+    if backend == "torch" or not rows_fit(x_BD, dtypes=FLOATS) or not recon_BD.is_contiguous():
         if recon_BD.dtype.itemsize < 4 and x_BD.dtype.itemsize < 4:  # (bf16 − bf16 would round r to bf16)
             recon_BD = recon_BD.float()
         r_BD = torch.sub(recon_BD, x_BD)  # fp32 out of a bf16 x̂: no separate cast
@@ -131,7 +131,7 @@ def encode_relu(xc_BD: Tensor, W_DF: Tensor, b_F: Tensor, backend: str, tune: bo
         return f_BF, f_BF.sum(0, dtype=_sum_dtype(f_BF)), firing_counts(f_BF)
     (B, D), F = xc_BD.shape, W_DF.shape[1]
     f_BF = torch.empty(B, F, dtype=xc_BD.dtype, device=xc_BD.device)
-    sums = torch.zeros(-(-B // MIN_BLOCK_M), F, dtype=torch.float32, device=xc_BD.device)
+    sums = torch.zeros(triton_cdiv(B, MIN_BLOCK_M), F, dtype=torch.float32, device=xc_BD.device)
     counts = torch.zeros(sums.shape, dtype=torch.int32, device=xc_BD.device)
     kernel, grid, extra = _launcher("encode", xc_BD, F, tune)
     kernel[grid](xc_BD, W_DF, b_F, f_BF, sums, counts, B, F, xc_BD.stride(0), W_DF.stride(0), W_DF.stride(1), K=D,
@@ -148,7 +148,7 @@ def relu_backward(g_BD: Tensor, W_FD: Tensor, f_BF: Tensor, add: Tensor, backend
         return g_pre, g_pre.sum(0, dtype=_sum_dtype(g_pre))
     (B, D), F = g_BD.shape, W_FD.shape[0]
     g_pre = torch.empty(B, F, dtype=g_BD.dtype, device=g_BD.device)
-    sums = torch.zeros(-(-B // MIN_BLOCK_M), F, dtype=torch.float32, device=g_BD.device)
+    sums = torch.zeros(triton_cdiv(B, MIN_BLOCK_M), F, dtype=torch.float32, device=g_BD.device)
     kernel, grid, extra = _launcher("backward", g_BD, F)
     kernel[grid](g_BD, W_FD, f_BF, add, g_pre, sums, B, F, g_BD.stride(0), W_FD.stride(0), W_FD.stride(1),
                  f_BF.stride(0), K=D, **_precision(g_BD), **extra)
@@ -159,7 +159,7 @@ def relu_backward(g_BD: Tensor, W_FD: Tensor, f_BF: Tensor, add: Tensor, backend
 def project_out_rows_(g_FD: Tensor, W_FD: Tensor, backend: str) -> None:
     """In place: remove from each row of g its component along the same row of W (Adam then moves W's rows
     along the sphere's tangent)."""
-    if backend == "torch" or not _rows_fit(g_FD, W_FD):
+    if backend == "torch" or not rows_fit(g_FD, W_FD):
         coef_F1 = (g_FD * W_FD).sum(dim=1, keepdim=True) / (W_FD * W_FD).sum(dim=1, keepdim=True).clamp_min(1e-12)
         g_FD.sub_(coef_F1 * W_FD)
         return
@@ -170,14 +170,15 @@ def project_out_rows_(g_FD: Tensor, W_FD: Tensor, backend: str) -> None:
 @torch.no_grad()
 def normalize_rows_(W_FD: Tensor, backend: str) -> None:
     """In place: scale each row of W to unit L2 norm (rows of norm < 1e-12 are divided by 1e-12)."""
-    if backend == "torch" or not _rows_fit(W_FD):
+    if backend == "torch" or not rows_fit(W_FD):
         W_FD.div_(W_FD.norm(dim=1, keepdim=True).clamp_min(1e-12))
         return
     kernel, grid, meta = _row_launcher("normalize", W_FD)
     kernel[grid](W_FD, W_FD.shape[0], D=W_FD.shape[1], **meta)
 
 
-def _rows_fit(*ts: Tensor, dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> bool:
+def rows_fit(*ts: Tensor, dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> bool:
+    """The row kernels take these 2-D tensors: contiguous, of `dtypes`, rows of <= MAX_ROW, 32-bit offsets."""
     return all(t.is_contiguous() and t.dtype in dtypes and t.shape[1] <= MAX_ROW and t.numel() < MAX_NUMEL
                for t in ts)
 
