@@ -1,11 +1,19 @@
-"""Writing a checkpoint that holds a large ring: seconds and peak host memory of `save_checkpoint` (torch.save
-streamed to the file, hashed on the way) against serialising into memory first (the way before), each variant in
-its own process so that its peak RSS is its own. Default: the paper's A/1 ring, 4M x 512 in bf16 (4.3 GB).
+"""Writing a checkpoint that holds a large ring, each variant in its own process so that its peak RSS is its own.
+Default: the paper's A/1 ring, 4M x 512 in bf16 (4.3 GB).
+
+--mode write: seconds and peak host memory of `save_checkpoint` (torch.save streamed to the file, hashed on the
+way) against serialising into memory first (the way before).
+--mode stall: what a checkpoint costs the training thread. `CheckpointWriter` synchronous (training waits for the
+write) against background (training waits for the snapshot handover only), with a stand-in for the training
+loop's host side running meanwhile: a Python loop of small torch ops (GIL-bound, like launching a step's
+kernels), whose rate during the write is compared to its rate alone.
 
     python benchmarks/checkpoint_write.py --out benchmarks/results/checkpoint.jsonl
+    python benchmarks/checkpoint_write.py --mode stall --out benchmarks/results/checkpoint.jsonl
     python benchmarks/checkpoint_write.py --rows 65536 --repeats 1          # smoke
 
-One JSON line per variant and repeat (seconds, peak_rss_gb above the process's RSS with the state built).
+One JSON line per variant and repeat (write: seconds, peak_rss_gb above the process's RSS with the state built;
+stall: stall_s, write_s, loop_rate_during_write / loop rate alone).
 """
 
 from __future__ import annotations
@@ -53,28 +61,66 @@ def run_variant(variant: str, rows: int, d_in: int, directory: str) -> dict:
     return {"variant": variant, "seconds": round(seconds, 2), "peak_rss_gb": round(peak, 2)}
 
 
+def _host_loop(seconds: float | None = None, until: object = None) -> tuple[int, float]:
+    """Small torch ops in a Python loop (the host side of a training loop) for `seconds` or until `until()`."""
+    a = torch.ones(64)
+    n, t0 = 0, time.perf_counter()
+    while True:
+        for _ in range(50):
+            a = (a * 1.0001).add_(1e-6).clamp_(max=1e6)
+        n += 50
+        elapsed = time.perf_counter() - t0
+        if (seconds is not None and elapsed >= seconds) or (until is not None and until()):
+            return n, elapsed
+
+
+def run_stall(variant: str, rows: int, d_in: int, directory: str) -> dict:
+    from sae_stream.checkpoint import CheckpointWriter
+
+    torch.set_num_threads(1)
+    acts = torch.randn(rows, d_in, dtype=torch.bfloat16)
+    state = {"extra": {"buffer": {"acts": acts, "slots": torch.arange(rows)}}}
+    n, dt = _host_loop(seconds=2.0)
+    alone = n / dt
+    writer = CheckpointWriter(background=variant == "background")
+    t0 = time.perf_counter()
+    writer.save(Path(directory), 1, state, keep=1)
+    stall = time.perf_counter() - t0
+    during = None
+    if writer.background:
+        n, dt = _host_loop(until=lambda: all(f.done() for _, _, f in writer._inflight))
+        during = n / dt
+    writer.wait()
+    write = time.perf_counter() - t0
+    return {"variant": variant, "stall_s": round(stall, 3), "write_s": round(write, 2),
+            "loop_rate_during_write": None if during is None else round(during / alone, 3)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rows", type=int, default=4 * 2**20)
     p.add_argument("--d-in", type=int, default=512)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--mode", choices=("write", "stall"), default="write")
     p.add_argument("--dir", default=None, help="where to write (default: a temp dir on the default temp disk)")
     p.add_argument("--out", default=None, help="also append the JSON lines here")
     p.add_argument("--_variant", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args._variant:  # a child: one measurement, printed as JSON
-        print(json.dumps(run_variant(args._variant, args.rows, args.d_in, args.dir)))
+        run = run_stall if args.mode == "stall" else run_variant
+        print(json.dumps(run(args._variant, args.rows, args.d_in, args.dir)))
         return
     gb = args.rows * args.d_in * 2 / 1e9
+    variants = ("sync", "background") if args.mode == "stall" else ("in_memory", "streamed")
     for _ in range(args.repeats):
-        for variant in ("in_memory", "streamed"):  # alternating: the disk's speed drifts
+        for variant in variants:  # alternating: the disk's speed drifts
             with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-                cmd = [sys.executable, __file__, "--_variant", variant, "--rows", str(args.rows), "--d-in",
-                       str(args.d_in), "--dir", tmp]
+                cmd = [sys.executable, __file__, "--_variant", variant, "--mode", args.mode, "--rows",
+                       str(args.rows), "--d-in", str(args.d_in), "--dir", tmp]
                 res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
                 shutil.rmtree(tmp, ignore_errors=True)
             row = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
-                   "torch": torch.__version__, "ring_gb": round(gb, 2)} | res
+                   "torch": torch.__version__, "mode": args.mode, "ring_gb": round(gb, 2)} | res
             line = json.dumps(row)
             print(line, flush=True)
             if args.out:

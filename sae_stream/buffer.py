@@ -367,7 +367,8 @@ class ShuffleBuffer:
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed buffer needs to yield the identical batch sequence: the live slots' contents,
         the unread order, the refill under way, the RNG, the leftover chunk, counters, and the source's state when
-        it has `state_dict` (else the caller must resume the source at the same point)."""
+        it has `state_dict` (else the caller must resume the source at the same point). A snapshot: its tensors
+        are new CPU tensors (gathers, copies), so it can be written in the background while the buffer goes on."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         inflight = self._inflight if self._inflight is not None else self._order[:0]
@@ -377,7 +378,8 @@ class ShuffleBuffer:
             "capacity": self.capacity, "d_in": self.d_in, "dtype": self.dtype_name,
             "slots": live.cpu(), "acts": self._ring_ND[live].cpu(),
             "context": self._context_N[live].cpu(), "position": self._position_N[live].cpu(),
-            "unread": unread.cpu(), "inflight": None if self._inflight is None else inflight.cpu(),
+            "unread": unread.to("cpu", copy=True),
+            "inflight": None if self._inflight is None else inflight.to("cpu", copy=True),
             "lag_left": self._lag_left, "reads_since_refill": self._reads_since_refill,
             "rng": self._gen.get_state(), "exhausted": self._exhausted,
             "pending": None if self._pending is None else tuple(t.cpu().clone() for t in self._pending),

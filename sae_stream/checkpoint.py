@@ -4,18 +4,24 @@ Every checkpoint, export and result the project writes goes through `atomic_writ
 mid-write leaves either the old file or the new one, never half of one. A checkpoint is a directory
 `step_XXXXXXXX/` holding `state.pt` and `MANIFEST.json` (sha256 of every file); `latest_checkpoint`
 returns the newest one whose manifest verifies, so a truncated checkpoint is reported and skipped.
+
+`CheckpointWriter(background=True)` writes them on a thread while training goes on: the caller hands it a
+snapshot (`host_copy`), checkpoints are written in the order given, and at most one step's are in flight.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
+import sys
 import json
 import os
 import shutil
 import tempfile
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -124,6 +130,9 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, state: dict[str, Any], keep
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
+    for stale in ckpt_dir.glob(".step_*.partial"):  # left by a process killed mid-write (one writer per dir)
+        if stale != staging:
+            shutil.rmtree(stale, ignore_errors=True)
     try:
         digest = atomic_torch_save(staging / "state.pt", state)
         atomic_write_json(staging / "MANIFEST.json", {"step": step, "files": {"state.pt": digest}})
@@ -137,6 +146,92 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, state: dict[str, Any], keep
     for old in list_checkpoints(ckpt_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def host_copy(obj: Any, copy_cpu: bool = True) -> Any:
+    """`obj` with every tensor replaced by a copy of it on the CPU (dicts, lists and tuples rebuilt, their types and
+    attributes such as a state_dict's `_metadata` kept): a snapshot that a background write can hold while training
+    goes on changing the originals. copy_cpu=False: only tensors on other devices are copied (for parts already
+    made of fresh CPU tensors, such as unpickled ones)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=copy_cpu or obj.device.type != "cpu")
+    if isinstance(obj, dict):
+        out = copy.copy(obj)  # (OrderedDict with _metadata, defaultdict with its factory)
+        for k, v in out.items():
+            out[k] = host_copy(v, copy_cpu)
+        return out
+    if isinstance(obj, list):
+        return [host_copy(v, copy_cpu) for v in obj]
+    if isinstance(obj, tuple):
+        items = [host_copy(v, copy_cpu) for v in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
+    return obj
+
+
+class CheckpointWriter:
+    """Writes checkpoints (save_checkpoint) now, or with `background=True` on one thread while training goes on.
+
+    In the background: checkpoints are written in the order they are given, so a crash leaves the newest ones
+    missing, never older ones, and at most one step's are in flight: call `make_room(step)` before building a
+    step's snapshot (it waits for an earlier step's writes), so only one step's snapshots are ever in memory and a
+    sweep's members and stream always have a step in common on disk. The state handed over must not change
+    afterwards: pass copies (`host_copy`). A failed write is raised by the next `save`, `check` or `wait` (an OSError
+    as itself: it names the file; others as CheckpointError), i.e. at the next log step after it failed, the next
+    checkpoint or the end; the interpreter finishes a write in flight before it exits."""
+
+    def __init__(self, background: bool = False) -> None:
+        self.background = background
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="sae-stream-checkpoint") if background else None
+        self._inflight: list[tuple[int, Path, Future]] = []
+
+    @property
+    def pending(self) -> int:
+        """Checkpoints handed over and not yet waited for."""
+        return len(self._inflight)
+
+    def make_room(self, step: int) -> None:
+        """Before building the snapshot of checkpoint `step`: wait for the writes of other steps (raising theirs)."""
+        self.check()
+        if any(s != step for s, _, _ in self._inflight):
+            self.wait()
+
+    def save(self, ckpt_dir: str | Path, step: int, state: dict[str, Any], keep: int = 2) -> Path:
+        """Write (or start writing) checkpoint `ckpt_dir/step_{step:08d}`; returns its path."""
+        if self._pool is None:
+            return save_checkpoint(ckpt_dir, step, state, keep=keep)
+        self.make_room(step)
+        path = Path(ckpt_dir) / f"step_{step:08d}"
+        self._inflight.append((step, path, self._pool.submit(save_checkpoint, ckpt_dir, step, state, keep)))
+        return path
+
+    def check(self) -> None:
+        """Raise the error of a background write that has failed (without waiting for the others)."""
+        if any(f.done() and f.exception() is not None for _, _, f in self._inflight):
+            self.wait()
+
+    def wait(self) -> None:
+        """Block until every checkpoint handed over is on disk; raise the first failure. Interrupted (a second
+        Ctrl-C), the writes not yet finished stay pending for a later wait or drain."""
+        errors = []
+        while self._inflight:
+            _, path, future = self._inflight[0]
+            err = future.exception()  # blocks until that write ends
+            self._inflight.pop(0)
+            if err is not None:
+                errors.append((path, err))
+        if errors:
+            path, err = errors[0]
+            if isinstance(err, OSError):  # a full disk stays an OSError (the CLI reports it as such)
+                raise err
+            raise CheckpointError(f"writing checkpoint {path} failed: {err}"
+                                  + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else "")) from err
+
+    def drain(self) -> None:
+        """wait(), for a caller already leaving on an error: a failed write is printed to stderr, not raised."""
+        try:
+            self.wait()
+        except Exception as e:  # noqa: BLE001 — the error being raised already is the one to report
+            print(f"sae-stream: warning: a checkpoint write failed too: {e}", file=sys.stderr)
 
 
 def list_checkpoints(ckpt_dir: str | Path) -> list[Path]:

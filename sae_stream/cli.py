@@ -21,6 +21,7 @@ import warnings
 from collections.abc import Sequence
 
 from sae_stream import pipeline
+from sae_stream.checkpoint import CheckpointError
 from sae_stream.config import ConfigError, help_text
 from sae_stream.process import TrainingInterrupted
 
@@ -83,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     formatwarning, warnings.formatwarning = warnings.formatwarning, _one_line_warning
     try:
         return _dispatch(args, overrides)
-    except (ConfigError, ValueError, FileNotFoundError, FileExistsError, pipeline.UserError) as e:
+    except (ConfigError, ValueError, FileNotFoundError, FileExistsError, pipeline.UserError, CheckpointError) as e:
         return _fail(str(e), args.debug)
     except BrokenPipeError:  # output piped into `head` (before OSError, its base class)
         return 0

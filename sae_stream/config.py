@@ -242,6 +242,8 @@ class TrainConfig:
     """Steps between checkpoints (and at the end)."""
     keep_checkpoints: int = 2
     """Checkpoints kept on disk (oldest deleted)."""
+    background_checkpoints: bool = True
+    """Write checkpoints on a thread while training goes on (A/1's 4.3 GB ring takes seconds to write)."""
     dead_threshold: float = 0.0
     """A feature with density <= this over the logging window counts as dead."""
     ultralow_threshold: float = 1e-6
@@ -377,7 +379,7 @@ class WandbConfig:
 # What one LM forward and one buffer fix for every SAE of a sweep: the batches, the step count, and when
 # checkpoints and metric records happen (all members checkpoint together).
 SWEEP_SHARED_TRAIN = ("device", "total_tokens", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints",
-                      "nan_policy", "cpu_malloc_tuning", "tf32")  # tf32: a process-wide torch switch
+                      "background_checkpoints", "nan_policy", "cpu_malloc_tuning", "tf32")  # tf32: a process-wide torch switch
 SWEEP_SHARED_RESAMPLE = ("pool_size", "pool_dtype")  # one pool, drawn once per step, for every member resampling
 SWEEP_SECTIONS = ("sae", "train", "resample")
 SWEEP_RESERVED = ("checkpoints", "sae", "lm", "dashboard")

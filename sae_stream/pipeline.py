@@ -25,7 +25,7 @@ import torch
 
 from sae_stream.activations import ActivationStream, check_hook_names, hook_dim
 from sae_stream.buffer import ShuffleBuffer
-from sae_stream.checkpoint import load_checkpoint, save_checkpoint
+from sae_stream.checkpoint import CheckpointWriter, load_checkpoint
 from sae_stream.config import Config, load_config, save_config, to_dict
 from sae_stream.data import ContextBatches, TokenContexts, heldout_batches
 from sae_stream.distributed import Distributed, shard_size
@@ -178,6 +178,8 @@ class Session:
         self.stream = ActivationStream(self.model, [hook], tokens, cfg.buffer, self.device, seed=seed,
                                        context_len=cfg.data.context_len, capture=native_capture(cfg, self.device))
         self.buffer = ShuffleBuffer(self.stream, cfg.buffer, self.device, d_in=self.d_in, seed=seed)
+        # one writer for every SAE and the stream: checkpoints land in the order written (a sweep's always agree)
+        self.writer = CheckpointWriter(background=cfg.train.background_checkpoints and self.is_main)
         self.sweep = bool(cfg.sweep.saes)
         self.pool = SharedPool(self._pool) if self.sweep else self._pool
         members = cfg.sweep_members() or [(None, cfg)]
@@ -199,7 +201,7 @@ class Session:
         # a single run checkpoints its buffer with the SAE; a sweep checkpoints the stream once (save_stream)
         extra_state = None if name else (lambda: {"buffer": self.buffer.state_dict()})
         trainer = Trainer(sae, cfg, run_dir, tracker, pool_fn=self.pool, extra_state=extra_state,
-                          extra_metrics=self.buffer.metrics, dist=self.dist)
+                          extra_metrics=self.buffer.metrics, dist=self.dist, writer=self.writer)
         return Member(name, cfg, run_dir, trainer, tracker)
 
     def save_configs(self) -> None:
@@ -229,6 +231,7 @@ class Session:
 
     def _save_stream(self, step: int) -> None:
         """A sweep's stream checkpoint (after every member's at this step); collective under torchrun."""
+        self.writer.make_room(step)
         state: dict[str, Any] = {"step": step, "members": [m.name for m in self.members],
                                  "extra": {"buffer": self.buffer.state_dict()}}
         if self.dist is not None:
@@ -236,7 +239,7 @@ class Session:
             if per_rank is None:
                 return
             state["per_rank"] = per_rank
-        save_checkpoint(self.run_dir / "checkpoints", step, state, keep=self.cfg.train.keep_checkpoints)
+        self.writer.save(self.run_dir / "checkpoints", step, state, keep=self.cfg.train.keep_checkpoints)
 
     def fit(self) -> list[dict[str, Any]]:
         """Train (every SAE on the same batches), export each from rank 0; the final metrics of each SAE."""
@@ -248,6 +251,10 @@ class Session:
                                        pool=self.pool, run_dir=self.run_dir)
             else:
                 metrics = [self.trainer.fit(batches)]
+            self.writer.wait()  # (a sweep's last stream checkpoint)
+        except BaseException:
+            self.writer.drain()  # a stop's checkpoint still lands; a failed write is reported, not raised over this
+            raise
         finally:
             for m in self.members:
                 m.tracker.close()

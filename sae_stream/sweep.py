@@ -87,10 +87,14 @@ def fit_together(trainers: Sequence[Trainer], batches: Iterator[Tensor], save_st
                     for tr in trainers:
                         tr.save_unless_saved()
                     checkpoint_stream()
+                    for tr in trainers:  # (their writers: the stream's checkpoint may share one with them)
+                        tr.writer.wait()
                     raise TrainingInterrupted(signum, lead.step, run_dir)
             for tr in trainers:
                 tr.finish()
             checkpoint_stream()
+            for tr in trainers:  # the stream's last checkpoint, still under the signal handlers
+                tr.writer.wait()
     finally:
         for tr in trainers:
             tr.close()

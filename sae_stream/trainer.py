@@ -10,6 +10,10 @@ fit() is begin() + advance(x) per batch + finish(), so a driver can feed several
 gradients are averaged right after backward (`grad_sync`), firing state, metrics and resampling are made
 identical across ranks at log / resample / checkpoint steps (never per step), and only rank 0 writes.
 
+Checkpoints go through `writer` (checkpoint.CheckpointWriter): written before save() returns by default; with a
+background writer (what `sae-stream train` passes) training goes on while they are written, so `extra_state` must
+then return copies (ShuffleBuffer.state_dict does), and a stop or the end waits for the write.
+
 Device: the batches' device (the SAE and optimizer move there on the first batch). The hot loop never syncs
 with the host except every log_every steps (metrics are summed on device), at resampling steps, and per step
 under nan_policy='skip' (dropping rows needs their count). Non-finite inputs under nan_policy='stop' are
@@ -30,6 +34,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from sae_stream.checkpoint import CheckpointWriter
 from sae_stream.config import Config, ConfigError
 from sae_stream.fused_ops import firing_counts
 from sae_stream.metrics import RunningMetrics
@@ -56,8 +61,10 @@ class Trainer(TrainerState):
     def __init__(self, sae: SAE, cfg: Config, run_dir: Path | str | None, tracker: MetricsLogger,
                  pool_fn: Callable[[int], Tensor] | None = None,
                  extra_state: Callable[[], dict] | None = None,
-                 extra_metrics: Callable[[], dict] | None = None, dist: Distributed | None = None) -> None:
+                 extra_metrics: Callable[[], dict] | None = None, dist: Distributed | None = None,
+                 writer: CheckpointWriter | None = None) -> None:
         self.sae, self.cfg, self.tracker, self.dist = sae, cfg, tracker, dist
+        self.writer = writer if writer is not None else CheckpointWriter()  # default: writes before save() returns
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.pool_fn, self.extra_state, self.extra_metrics = pool_fn, extra_state, extra_metrics
         self.total_steps = cfg.train.total_steps
@@ -176,6 +183,7 @@ class Trainer(TrainerState):
             self._log(self._bar)
         if self.step % t.checkpoint_every != 0:
             self.save()
+        self.writer.wait()
 
     def close(self) -> None:
         self._bar.close()
@@ -206,6 +214,7 @@ class Trainer(TrainerState):
     def _stop(self, signum: int) -> None:
         """Checkpoint the finished step (no log: that would reset the metric window and break exact resume)."""
         self.save_unless_saved()
+        self.writer.wait()
         raise TrainingInterrupted(signum, self.step, self.run_dir)
 
     def _prepare(self, x_BD: Tensor) -> Tensor | None:
@@ -334,6 +343,7 @@ class Trainer(TrainerState):
                              "train.nan_policy=skip to drop such rows")
 
     def _log(self, bar: tqdm) -> None:
+        self.writer.check()  # a failed background checkpoint write stops the run here, not at the next checkpoint
         if self.dist is not None:
             self._sync_replicas()
         self._raise_if_bad_input()

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sae_stream.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from sae_stream.checkpoint import host_copy, latest_checkpoint, load_checkpoint
 
 
 class TrainerState:
@@ -89,10 +89,15 @@ class TrainerState:
             self._sync_replicas()  # a collective every rank reaches, so a bad batch on one rank stops all of them
         self._raise_if_bad_input()  # never checkpoint weights trained on non-finite data
         self._saved_step = self.step
+        self.writer.make_room(self.step)  # one step's snapshots in memory at a time
         state = self._checkpoint_state()
         if state is None:  # data parallel: rank 0 writes
             return None
-        return save_checkpoint(self.run_dir / "checkpoints", self.step, state, keep=self.cfg.train.keep_checkpoints)
+        if self.writer.background:  # training goes on while it is written: the trainer's part is copied here; the
+            # caller's extra_state must already be copies (ShuffleBuffer's are), the gathered per_rank parts are
+            # (unpickled), only moved off the GPU
+            state = {k: v if k == "extra" else host_copy(v, copy_cpu=k != "per_rank") for k, v in state.items()}
+        return self.writer.save(self.run_dir / "checkpoints", self.step, state, keep=self.cfg.train.keep_checkpoints)
 
     def resume(self, path_or_run_dir: Path | str) -> dict:
         """Load the latest valid checkpoint (a run dir, its checkpoints/ dir, or one step_* dir); returns

@@ -281,15 +281,22 @@ def test_shuffle_buffer__same_seed_same_batches_other_seed_differs() -> None:
 
 
 @pytest.mark.parametrize("stop_after", [1, 13, 29])  # inside the first cycle, with a refill in flight, later
-def test_shuffle_buffer__resume_yields_the_identical_sequence(stop_after: int) -> None:
+@pytest.mark.parametrize("written_later", [False, True])
+def test_shuffle_buffer__resume_yields_the_identical_sequence(stop_after: int, written_later: bool) -> None:
+    """written_later: the state is serialised only after the buffer has run to its end (refills overwriting the
+    ring, new orders), as a background checkpoint write may be: state_dict must be a snapshot."""
     cfg = _cfg(capacity=300, refill_fraction=0.4)
     ref_buf = ShuffleBuffer(TaggedSource(n_contexts=400), cfg, d_in=8, seed=1, merge_lag=3)
     ref = [b.clone() for b in ref_buf.batches(24)]
     buf = ShuffleBuffer(TaggedSource(n_contexts=400), cfg, d_in=8, seed=1, merge_lag=3)
     it = buf.batches(24)
     head = [next(it).clone() for _ in range(stop_after)]
+    state = buf.state_dict()
+    if written_later:
+        for _ in it:
+            pass
     blob = io.BytesIO()
-    torch.save(buf.state_dict(), blob)
+    torch.save(state, blob)
     blob.seek(0)
     resumed = ShuffleBuffer(TaggedSource(n_contexts=400), cfg, d_in=8, seed=99, merge_lag=3)
     resumed.load_state_dict(torch.load(blob, weights_only=False))

@@ -59,6 +59,7 @@ rank = os.environ.get("RANK", "0")
 Path(str(gate) + f".rank{rank}.pid").write_text(str(os.getpid()))
 def gated(self, x):
     if self.step == hold_at and rank == "0" and gate.exists():
+        self.writer.wait()  # checkpoints are written in the background: the held run's are all on disk
         Path(str(gate) + ".held").touch()
         while gate.exists():
             time.sleep(0.005)
@@ -163,6 +164,7 @@ def test_train__interrupted_runs_resume_bit_identical(lm_dir: Path, tmp_path: Pa
     with pytest.warns(UserWarning, match="falling back to the previous checkpoint"):
         assert main(["train", "--resume", str(torn)]) == 0
     _assert_same_sae(torn, ref)
+    assert not list((torn / "checkpoints").glob(".*.partial"))  # the killed write's staging dir is cleared
     # step 50 was logged before the kill and again after resuming from 40: the log keeps it once, as in run A
     for run in (kill_run, torn):
         assert _logged(run) == _logged(ref)
@@ -291,3 +293,236 @@ def test_atomic_torch_save__streams_with_its_checksum_and_leaves_nothing_on_fail
     with pytest.raises(RuntimeError, match="cannot be saved"):
         atomic_torch_save(path, {"ring": torch.randn(3000, 64), "broken": _Unsaveable()})
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["state.pt"]
+
+
+# ---------------------------------------------------------------------------------------------- background writes
+
+
+def _equal_trees(a: object, b: object, where: str = "state", exact: bool = True) -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, f"{where} differs"
+        same = torch.equal(a, b) if exact or not a.is_floating_point() else torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+        assert same, f"{where} differs"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), f"{where}: keys differ"
+        for k in a:
+            _equal_trees(a[k], b[k], f"{where}.{k}", exact)
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), f"{where}: lengths differ"
+        for i, (x, y) in enumerate(zip(a, b)):
+            _equal_trees(x, y, f"{where}[{i}]", exact)
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def _trainer_with(tmp_path: Path, writer: object, total_steps: int = 22) -> Trainer:
+    from sae_stream.sae import build_sae
+
+    cfg = config_from_dict({"sae": {"d_sae": 16, "architecture": "anthropic"},
+                            "train": {"total_tokens": 64 * total_steps, "batch_size": 64, "log_every": 5,
+                                      "checkpoint_every": 5, "keep_checkpoints": 10},
+                            "resample": {"enabled": False}})
+    return Trainer(build_sae(cfg.sae, 8, seed=0), cfg, tmp_path, _NullLog(), writer=writer)
+
+
+def _batches(n: int = 1000, device: str = "cpu") -> Iterator[torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(n):
+        yield torch.randn(64, 8, generator=gen).to(device)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_background_checkpoints__hold_the_step_they_were_taken_at(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  device: str) -> None:
+    """Each background write is held back until training has gone 2 steps further (changing the weights, Adam and
+    the trackers in place); the checkpoints must still equal, tensor for tensor, those a synchronous writer wrote
+    of the same run, and be written off the training thread. (On CUDA, equal up to float rounding: the graphed
+    step's reductions need not repeat bit for bit; 2 more Adam steps are ~1e-4 away.)"""
+    import threading
+
+    from sae_stream import checkpoint
+
+    reference = _trainer_with(tmp_path / "sync", checkpoint.CheckpointWriter())
+    reference.fit(_batches(device=device))
+    trainer = _trainer_with(tmp_path / "bg", checkpoint.CheckpointWriter(background=True))
+    write, threads = checkpoint.save_checkpoint, set()
+
+    def held_back(ckpt_dir: Path, step: int, state: dict, keep: int) -> Path:
+        deadline = time.monotonic() + 60
+        while trainer.step < min(step + 2, trainer.total_steps):
+            assert time.monotonic() < deadline, "training did not go on during the write"
+            time.sleep(0.001)
+        threads.add(threading.current_thread().name)
+        return write(ckpt_dir, step, state, keep)
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", held_back)
+    trainer.fit(_batches(device=device))
+    assert _steps(tmp_path / "bg") == _steps(tmp_path / "sync") == [5, 10, 15, 20, 22]
+    assert threads and all(name.startswith("sae-stream-checkpoint") for name in threads)
+    for step in _steps(tmp_path / "sync"):
+        name = f"checkpoints/step_{step:08d}"
+        got = checkpoint.load_checkpoint(tmp_path / "bg" / name)
+        want = checkpoint.load_checkpoint(tmp_path / "sync" / name)
+        got["rng"] = want["rng"] = None  # torch's global RNG: this process's, drawn between the two runs
+        _equal_trees(got, want, f"step {step}", exact=device == "cpu")
+
+
+def test_background_checkpoints__a_failed_write_stops_training(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write that fails on the thread is raised in the training loop by the next log step at the latest: a full
+    disk as the OSError itself (naming the file), anything else as a CheckpointError naming the checkpoint; the
+    earlier checkpoint stays and no staging directory is left."""
+    import errno
+
+    from sae_stream import checkpoint
+
+    save = checkpoint.atomic_torch_save
+
+    def fails_at_10(path: Path, obj: dict) -> str:
+        if obj["step"] == 10 and disk_full:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return save(path, {**obj, "broken": _Unsaveable()} if obj["step"] == 10 else obj)
+
+    monkeypatch.setattr(checkpoint, "atomic_torch_save", fails_at_10)
+    for disk_full in (True, False):
+        run = tmp_path / str(disk_full)
+        trainer = _trainer_with(run, checkpoint.CheckpointWriter(background=True))
+        if disk_full:
+            with pytest.raises(OSError, match="No space left") as info:
+                trainer.fit(_batches())
+            assert info.value.errno == errno.ENOSPC and ".step_00000010.partial" in info.value.filename
+        else:
+            with pytest.raises(checkpoint.CheckpointError, match=r"step_00000010 failed: .*cannot be saved") as info:
+                trainer.fit(_batches())
+            assert len(str(info.value).splitlines()) == 1
+        assert trainer.step in (10, 15)
+        assert _steps(run) == [5] and not list((run / "checkpoints").glob(".*"))
+
+
+def test_checkpoint_writer__one_step_in_flight_written_in_order(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Checkpoints of one step queue behind each other; one of a new step waits until the previous step's are all
+    written (so a sweep's members and stream always share a step on disk)."""
+    import threading
+
+    from sae_stream import checkpoint
+
+    release, written = threading.Event(), []
+
+    def slow(ckpt_dir: Path, step: int, state: dict, keep: int) -> Path:
+        assert release.wait(60)
+        written.append(Path(ckpt_dir).name)
+        return Path(ckpt_dir)
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", slow)
+    writer = checkpoint.CheckpointWriter(background=True)
+    writer.save(tmp_path / "a", 1, {})
+    writer.save(tmp_path / "b", 1, {})  # same step: queued, returns at once
+    assert written == []
+    threading.Timer(0.05, release.set).start()
+    writer.save(tmp_path / "a", 2, {})  # a new step: waits for step 1's two
+    assert written[:2] == ["a", "b"]
+    writer.wait()
+    assert written == ["a", "b", "a"]
+
+
+def test_background_checkpoints__a_stop_waits_for_its_checkpoint(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM with a background writer whose writes are slow: when TrainingInterrupted reaches the caller, the
+    stop's checkpoint is on disk and valid."""
+    from sae_stream import checkpoint
+
+    write = checkpoint.save_checkpoint
+
+    def slow(ckpt_dir: Path, step: int, state: dict, keep: int) -> Path:
+        time.sleep(0.3)
+        return write(ckpt_dir, step, state, keep)
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", slow)
+    trainer = _trainer_with(tmp_path, checkpoint.CheckpointWriter(background=True))
+    with pytest.raises(TrainingInterrupted) as info:
+        trainer.fit(_batches_raising(signal.SIGTERM, at=7))
+    assert info.value.step == 8 and trainer.writer.pending == 0
+    assert _steps(tmp_path) == [5, 8]
+    checkpoint.verify_checkpoint(tmp_path / "checkpoints" / "step_00000008")
+
+
+def test_background_checkpoints__next_snapshot_waits_for_the_previous_write(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write still going when the next checkpoint is due is finished before the next snapshot is built (one
+    step's snapshots in memory): the step-5 write is held until training reaches step 10."""
+    from sae_stream import checkpoint
+
+    write, pending_at_snapshot = checkpoint.save_checkpoint, []
+    writer = checkpoint.CheckpointWriter(background=True)
+
+    def held_back(ckpt_dir: Path, step: int, state: dict, keep: int) -> Path:
+        deadline = time.monotonic() + 60
+        while trainer.step < min(step + 5, trainer.total_steps):
+            assert time.monotonic() < deadline, "training did not reach the next checkpoint"
+            time.sleep(0.001)
+        return write(ckpt_dir, step, state, keep)
+
+    def extra_state() -> dict:
+        pending_at_snapshot.append(writer.pending)
+        return {}
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", held_back)
+    trainer = _trainer_with(tmp_path, writer, total_steps=15)
+    trainer.extra_state = extra_state
+    trainer.fit(_batches())
+    assert pending_at_snapshot == [0, 0, 0] and _steps(tmp_path) == [5, 10, 15]
+
+
+def test_checkpoint_writer__interrupted_wait_keeps_pending_and_drain_reports(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch,
+                                                                              capsys: pytest.CaptureFixture) -> None:
+    """Ctrl-C while waiting for a write leaves it pending (not forgotten); drain(), on the way out with another
+    error, waits for it and prints its failure (a full disk too) instead of raising it over that error."""
+    import errno
+    import threading
+
+    from sae_stream import checkpoint
+
+    release = threading.Event()
+
+    def full_disk(ckpt_dir: Path, step: int, state: dict, keep: int) -> Path:
+        assert release.wait(60)
+        raise OSError(errno.ENOSPC, "No space left on device", str(ckpt_dir))
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", full_disk)
+    writer = checkpoint.CheckpointWriter(background=True)
+    writer.save(tmp_path, 1, {})
+    # process-directed (Linux hands it to the main thread, blocked in the wait), as a terminal's Ctrl-C is
+    threading.Timer(0.05, os.kill, args=(os.getpid(), signal.SIGINT)).start()
+    with pytest.raises(KeyboardInterrupt):
+        writer.wait()
+    assert writer.pending == 1
+    release.set()
+    with pytest.raises(ValueError, match="the training error"):
+        try:
+            raise ValueError("the training error")
+        except ValueError:
+            writer.drain()
+            raise
+    assert writer.pending == 0 and "No space left" in capsys.readouterr().err
+
+
+def test_host_copy__keeps_container_types_and_copies_every_tensor() -> None:
+    from collections import OrderedDict, defaultdict
+
+    from sae_stream.checkpoint import host_copy
+
+    sd = torch.nn.Linear(3, 2).state_dict()
+    tree = {"sd": sd, "dd": defaultdict(list, a=[torch.ones(2)]), "t": (torch.zeros(1), 3), "s": "x"}
+    got = host_copy(tree)
+    assert isinstance(got["sd"], OrderedDict) and got["sd"]._metadata == sd._metadata
+    assert isinstance(got["dd"], defaultdict) and got["dd"].default_factory is list
+    assert got["t"][1] == 3 and got["s"] == "x"
+    for a, b in [(got["sd"]["weight"], sd["weight"]), (got["dd"]["a"][0], tree["dd"]["a"][0]),
+                 (got["t"][0], tree["t"][0])]:
+        assert torch.equal(a, b) and a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()
+    fresh = torch.ones(4)
+    assert host_copy({"x": fresh}, copy_cpu=False)["x"] is not None
+    assert host_copy([fresh], copy_cpu=False)[0].untyped_storage().data_ptr() == fresh.untyped_storage().data_ptr()
