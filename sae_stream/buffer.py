@@ -40,6 +40,8 @@ from torch import Tensor
 from sae_stream.activations import DTYPES, ActivationChunk, expected_distinct, shuffle_metrics
 from sae_stream.config import BufferConfig
 
+SNAPSHOT_CHUNK_BYTES = 256 << 20  # a GPU ring's rows go to the host in pieces this size at a checkpoint
+
 
 def resolve_storage(storage: str, device: torch.device) -> str:
     """'auto' -> 'cuda' for a cuda consumer, else 'cpu'; 'cuda'/'pinned' need CUDA."""
@@ -376,7 +378,7 @@ class ShuffleBuffer:
         live = torch.cat([unread, inflight]).unique()
         state: dict[str, Any] = {
             "capacity": self.capacity, "d_in": self.d_in, "dtype": self.dtype_name,
-            "slots": live.cpu(), "acts": self._ring_ND[live].cpu(),
+            "slots": live.cpu(), "acts": self._rows_to_host(live),
             "context": self._context_N[live].cpu(), "position": self._position_N[live].cpu(),
             "unread": unread.to("cpu", copy=True),
             "inflight": None if self._inflight is None else inflight.to("cpu", copy=True),
@@ -388,6 +390,17 @@ class ShuffleBuffer:
         if hasattr(self._source, "state_dict"):
             state["source"] = self._source.state_dict()
         return state
+
+    def _rows_to_host(self, rows: Tensor) -> Tensor:
+        """ring[rows] as a new CPU tensor. From a GPU ring in chunks of ~SNAPSHOT_CHUNK_BYTES: gathered whole, a
+        checkpoint would need the ring's size again in free GPU memory (4.3 GB for A/1's) at every save."""
+        out = torch.empty(len(rows), self.d_in, dtype=self.dtype)
+        if self._ring_device.type == "cpu":
+            return torch.index_select(self._ring_ND, 0, rows, out=out)
+        chunk = max(1, SNAPSHOT_CHUNK_BYTES // (self.d_in * self.dtype.itemsize))
+        for i in range(0, len(rows), chunk):
+            out[i:i + chunk].copy_(self._ring_ND.index_select(0, rows[i:i + chunk]))
+        return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a state_dict. With buffer.dtype=auto the ring takes the saved ring's dtype (a run resumes in

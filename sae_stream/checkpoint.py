@@ -14,10 +14,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
-import sys
 import json
 import os
 import shutil
+import sys
 import tempfile
 import warnings
 from collections.abc import Iterator

@@ -452,3 +452,28 @@ def test_stream_into_buffer__cuda_lm_on_producer_stream_matches_cpu() -> None:
     key = torch.randn(64, dtype=torch.float64)
     torch.testing.assert_close((got.double() @ key).sort().values, (ref.double() @ key).sort().values,
                                atol=0.1, rtol=0.05)  # bf16 autocast on cuda
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_shuffle_buffer__cuda_state_dict_copies_the_ring_in_chunks(dtype: str,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GPU ring's live rows reach the checkpoint through chunks (here 7 rows each) and resume the identical
+    sequence, like the whole-ring gather they replace."""
+    from sae_stream import buffer as buffer_module
+
+    cfg = _cfg(capacity=300, refill_fraction=0.4, storage="cuda", dtype=dtype)
+    ref = [b.clone() for b in ShuffleBuffer(TaggedSource(n_contexts=60, d_in=16), cfg, "cuda", d_in=16,
+                                            seed=1).batches(24)]
+    monkeypatch.setattr(buffer_module, "SNAPSHOT_CHUNK_BYTES", 7 * 16 * torch.empty(0, dtype=getattr(torch, dtype))
+                        .element_size())
+    buf = ShuffleBuffer(TaggedSource(n_contexts=60, d_in=16), cfg, "cuda", d_in=16, seed=1)
+    it = buf.batches(24)
+    head = [next(it).clone() for _ in range(5)]
+    state = buf.state_dict()
+    assert state["acts"].device.type == "cpu" and len(state["slots"]) > 7
+    assert torch.equal(state["acts"], buf._ring_ND[state["slots"].cuda()].cpu())
+    resumed = ShuffleBuffer(TaggedSource(n_contexts=60, d_in=16), cfg, "cuda", d_in=16, seed=7)
+    resumed.load_state_dict(state)
+    tail = [b.clone() for b in resumed.batches(24)]
+    assert len(head) + len(tail) == len(ref) and all(torch.equal(a, b) for a, b in zip(head + tail, ref))
