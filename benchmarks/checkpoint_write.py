@@ -8,8 +8,13 @@ write) against background (training waits for the snapshot handover only), with 
 loop's host side running meanwhile: a Python loop of small torch ops (GIL-bound, like launching a step's
 kernels), whose rate during the write is compared to its rate alone.
 
+--mode snapshot: what the training thread still pays with background writes: `ShuffleBuffer.state_dict()` of a
+full ring on --device (on a GPU: the live rows gathered and copied to host memory in 256 MB chunks), seconds and
+the GPU memory it needed above the ring.
+
     python benchmarks/checkpoint_write.py --out benchmarks/results/checkpoint.jsonl
     python benchmarks/checkpoint_write.py --mode stall --out benchmarks/results/checkpoint.jsonl
+    python benchmarks/checkpoint_write.py --mode snapshot --device cuda --out benchmarks/results/checkpoint.jsonl
     python benchmarks/checkpoint_write.py --rows 65536 --repeats 1          # smoke
 
 One JSON line per variant and repeat (write: seconds, peak_rss_gb above the process's RSS with the state built;
@@ -96,22 +101,56 @@ def run_stall(variant: str, rows: int, d_in: int, directory: str) -> dict:
             "loop_rate_during_write": None if during is None else round(during / alone, 3)}
 
 
+def run_snapshot(variant: str, rows: int, d_in: int, directory: str) -> dict:
+    from sae_stream.buffer import ShuffleBuffer
+    from sae_stream.config import BufferConfig
+
+    device = torch.device(variant)
+    chunk = 65536
+
+    def source():  # random bf16 chunks where the LM would make them
+        while True:
+            yield torch.randn(chunk, d_in, device=device, dtype=torch.bfloat16)
+
+    cfg = BufferConfig(capacity=rows, refill_fraction=0.5, storage="cuda" if device.type == "cuda" else "cpu",
+                       dtype="bfloat16")
+    buf = ShuffleBuffer(source(), cfg, device, d_in=d_in)
+    next(buf.batches(8192))  # the first fill
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        state = buf.state_dict()
+        times.append(time.perf_counter() - t0)
+        del state
+    extra = round((torch.cuda.max_memory_allocated() - base) / 1e9, 3) if cuda else None
+    return {"variant": f"snapshot_{device.type}", "seconds": round(min(times), 3),
+            "seconds_all": [round(t, 3) for t in times], "gpu_gb_above_ring": extra,
+            "card": torch.cuda.get_device_name() if cuda else None}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rows", type=int, default=4 * 2**20)
     p.add_argument("--d-in", type=int, default=512)
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--mode", choices=("write", "stall"), default="write")
+    p.add_argument("--mode", choices=("write", "stall", "snapshot"), default="write")
+    p.add_argument("--device", default="cpu", help="--mode snapshot: where the ring lives")
     p.add_argument("--dir", default=None, help="where to write (default: a temp dir on the default temp disk)")
     p.add_argument("--out", default=None, help="also append the JSON lines here")
     p.add_argument("--_variant", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args._variant:  # a child: one measurement, printed as JSON
-        run = run_stall if args.mode == "stall" else run_variant
+        run = {"stall": run_stall, "snapshot": run_snapshot, "write": run_variant}[args.mode]
         print(json.dumps(run(args._variant, args.rows, args.d_in, args.dir)))
         return
     gb = args.rows * args.d_in * 2 / 1e9
-    variants = ("sync", "background") if args.mode == "stall" else ("in_memory", "streamed")
+    variants = {"stall": ("sync", "background"), "snapshot": (args.device,),
+                "write": ("in_memory", "streamed")}[args.mode]
     for _ in range(args.repeats):
         for variant in variants:  # alternating: the disk's speed drifts
             with tempfile.TemporaryDirectory(dir=args.dir) as tmp:

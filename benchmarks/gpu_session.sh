@@ -1,8 +1,9 @@
 #!/bin/bash
 # Everything a short GPU lease should check, in one call that fits LIMIT seconds (default 570): the CUDA kernel
 # tests, the side-by-side benchmark (benchmarks/gpu_compare.py, SAELens too when its script and wheels are given),
-# kernel tables of the step and the loop (benchmarks/profile_step.py), `sae-stream run` end to end, then the other
-# CUDA tests; each step bounded by what is left, so a hang cannot eat the next step's time.
+# kernel tables of the step and the loop (benchmarks/profile_step.py), `sae-stream run` end to end, the other CUDA
+# tests, then a checkpoint snapshot's cost; each step bounded by what is left, so a hang cannot eat the next step's
+# time.
 #
 #   LIMIT=570 OUT=/tmp/gpu WHEELS=.whl SAELENS=.whl/bench_saelens.py bash benchmarks/gpu_session.sh
 #
@@ -10,7 +11,8 @@
 # variants. Under the device tool: timeout_s 600, carry .whl.)
 #
 # WHEELS: a folder of wheels to install first (--target /tmp/site; e.g. sae-lens and what the machine lacks, from
-# shared/peer-bench/fetch_wheels.sh). Results: $OUT/gpu.jsonl (append it to benchmarks/results/gpu.jsonl), the logs,
+# shared/peer-bench/fetch_wheels.sh). Results: $OUT/gpu.jsonl (append it to benchmarks/results/gpu.jsonl),
+# $OUT/checkpoint.jsonl (to benchmarks/results/checkpoint.jsonl), the logs,
 # and a summary on stdout. If the kernel tests fail, the benchmark runs with --kernels torch.
 set -o pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled TQDM_DISABLE=1
@@ -53,6 +55,11 @@ timeout $(budget 60 150) python3 -m sae_stream run --out /tmp/gpu_session_run \
 echo "e2e rc=$? at $((SECONDS - T0)) s"; grep -E "^(LM|SAE|eval|dashboard)|Error" "$OUT/e2e.log" | head -8
 
 # 5. the other CUDA tests (pytest has been seen to hang at exit on these machines after its summary: bounded)
-timeout $(budget 3) python3 -m pytest -q -p no:cacheprovider tests/ -k "cuda or gpu" \
+timeout $(budget 25) python3 -m pytest -q -p no:cacheprovider tests/ -k "cuda or gpu" \
   --ignore=tests/test_fused_ops.py --ignore=tests/test_lm_capture.py > "$OUT/gpu_tests.log" 2>&1
 echo "gpu tests rc=$? at $((SECONDS - T0)) s"; grep -E "passed|failed|Error" "$OUT/gpu_tests.log" | head -16
+
+# 6. what a checkpoint still costs the training thread with background writes: A/1's ring (4M x 512 bf16) to host
+timeout $(budget 3 40) python3 benchmarks/checkpoint_write.py --mode snapshot --device cuda --repeats 1 \
+  --out "$OUT/checkpoint.jsonl" > "$OUT/snapshot.log" 2>&1
+echo "snapshot rc=$? at $((SECONDS - T0)) s"; tail -2 "$OUT/snapshot.log"
