@@ -9,8 +9,9 @@ loop's host side running meanwhile: a Python loop of small torch ops (GIL-bound,
 kernels), whose rate during the write is compared to its rate alone.
 
 --mode snapshot: what the training thread still pays with background writes: `ShuffleBuffer.state_dict()` of a
-full ring on --device (on a GPU: the live rows gathered and copied to host memory in 256 MB chunks), seconds and
-the GPU memory it needed above the ring.
+full ring on --device (on a GPU: the live rows gathered and copied to host memory in 256 MB chunks), into new host
+memory each time or into the kept buffer (`reuse_host_memory`, what training uses; pinned for a GPU ring), 3
+times each, alternating; seconds and the GPU memory it needed above the ring.
 
     python benchmarks/checkpoint_write.py --out benchmarks/results/checkpoint.jsonl
     python benchmarks/checkpoint_write.py --mode stall --out benchmarks/results/checkpoint.jsonl
@@ -121,15 +122,16 @@ def run_snapshot(variant: str, rows: int, d_in: int, directory: str) -> dict:
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-    times = []
+    times: dict[bool, list[float]] = {False: [], True: []}
     for _ in range(3):
-        t0 = time.perf_counter()
-        state = buf.state_dict()
-        times.append(time.perf_counter() - t0)
-        del state
+        for reuse in (False, True):  # a new host tensor each time, or the kept (pinned on a GPU) one
+            t0 = time.perf_counter()
+            state = buf.state_dict(reuse_host_memory=reuse)
+            times[reuse].append(round(time.perf_counter() - t0, 3))
+            del state
     extra = round((torch.cuda.max_memory_allocated() - base) / 1e9, 3) if cuda else None
-    return {"variant": f"snapshot_{device.type}", "seconds": round(min(times), 3),
-            "seconds_all": [round(t, 3) for t in times], "gpu_gb_above_ring": extra,
+    return {"variant": f"snapshot_{device.type}", "seconds_new_memory": times[False],
+            "seconds_kept_memory": times[True], "gpu_gb_above_ring": extra,
             "card": torch.cuda.get_device_name() if cuda else None}
 
 

@@ -75,6 +75,16 @@ def pool_chunks(pool_ND: Tensor, chunk_rows: int, device: str | torch.device,
         yield pool_ND[i:i + chunk_rows].to(device=device, dtype=dtype, non_blocking=True)
 
 
+def _host_tensor(shape: tuple[int, int], dtype: torch.dtype, pin: bool) -> Tensor:
+    """An empty host tensor, page-locked if asked and possible (pinning can fail where locked memory is limited)."""
+    if pin:
+        try:
+            return torch.empty(shape, dtype=dtype, pin_memory=True)
+        except RuntimeError:
+            pass
+    return torch.empty(shape, dtype=dtype)
+
+
 class ShuffleBuffer:
     """Ring buffer of `cfg.capacity` activation vectors fed by `source` (ActivationChunk or Tensor[n, d_in] items).
 
@@ -124,6 +134,7 @@ class ShuffleBuffer:
         """An (empty) ring in `dtype`, its size first checked against the memory free where it lives (with any old
         ring released: resume in another dtype)."""
         self.dtype, self._ring_ND, self._d2h = dtype, None, None  # (and the host / output staging buffers:)
+        self._snapshot: Tensor | None = None  # state_dict(reuse_host_memory=True)'s
         self._outs: list[Tensor] = []
         self._stages: list[tuple[Tensor, Tensor, torch.cuda.Event, torch.cuda.Event]] = []
         if self._ring_device.type == "cuda":
@@ -366,11 +377,15 @@ class ShuffleBuffer:
 
     # ------------------------------------------------------------------------------------------ resume
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, reuse_host_memory: bool = False) -> dict[str, Any]:
         """Everything a resumed buffer needs to yield the identical batch sequence: the live slots' contents,
         the unread order, the refill under way, the RNG, the leftover chunk, counters, and the source's state when
         it has `state_dict` (else the caller must resume the source at the same point). A snapshot: its tensors
-        are new CPU tensors (gathers, copies), so it can be written in the background while the buffer goes on."""
+        are new CPU tensors (gathers, copies), so it can be written in the background while the buffer goes on.
+
+        reuse_host_memory: the ring's rows go into one host buffer kept for the next call (pinned for a GPU ring:
+        no page faults and a full-speed copy at each checkpoint), so a snapshot is only valid until the next call:
+        for a caller that is done with the previous one (CheckpointWriter.make_room) first."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         inflight = self._inflight if self._inflight is not None else self._order[:0]
@@ -378,7 +393,7 @@ class ShuffleBuffer:
         live = torch.cat([unread, inflight]).unique()
         state: dict[str, Any] = {
             "capacity": self.capacity, "d_in": self.d_in, "dtype": self.dtype_name,
-            "slots": live.cpu(), "acts": self._rows_to_host(live),
+            "slots": live.cpu(), "acts": self._rows_to_host(live, reuse_host_memory),
             "context": self._context_N[live].cpu(), "position": self._position_N[live].cpu(),
             "unread": unread.to("cpu", copy=True),
             "inflight": None if self._inflight is None else inflight.to("cpu", copy=True),
@@ -391,15 +406,23 @@ class ShuffleBuffer:
             state["source"] = self._source.state_dict()
         return state
 
-    def _rows_to_host(self, rows: Tensor) -> Tensor:
-        """ring[rows] as a new CPU tensor. From a GPU ring in chunks of ~SNAPSHOT_CHUNK_BYTES: gathered whole, a
-        checkpoint would need the ring's size again in free GPU memory (4.3 GB for A/1's) at every save."""
-        out = torch.empty(len(rows), self.d_in, dtype=self.dtype)
-        if self._ring_device.type == "cpu":
+    def _rows_to_host(self, rows: Tensor, reuse: bool) -> Tensor:
+        """ring[rows] on the CPU: a new tensor, or (reuse) the front of the kept snapshot buffer. From a GPU ring in
+        chunks of ~SNAPSHOT_CHUNK_BYTES: gathered whole, a checkpoint would need the ring's size again in free GPU
+        memory (4.3 GB for A/1's) at every save."""
+        cuda = self._ring_device.type == "cuda"
+        if not reuse:
+            out = torch.empty(len(rows), self.d_in, dtype=self.dtype)
+        else:
+            if self._snapshot is None:
+                self._snapshot = _host_tensor((self.capacity, self.d_in), self.dtype, pin=cuda)
+            out = self._snapshot[:len(rows)]
+        if not cuda:
             return torch.index_select(self._ring_ND, 0, rows, out=out)
         chunk = max(1, SNAPSHOT_CHUNK_BYTES // (self.d_in * self.dtype.itemsize))
-        for i in range(0, len(rows), chunk):
-            out[i:i + chunk].copy_(self._ring_ND.index_select(0, rows[i:i + chunk]))
+        for i in range(0, len(rows), chunk):  # (chunks freed in stream order: safe while their copy is queued)
+            out[i:i + chunk].copy_(self._ring_ND.index_select(0, rows[i:i + chunk]), non_blocking=out.is_pinned())
+        torch.cuda.current_stream(self._ring_device).synchronize()
         return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

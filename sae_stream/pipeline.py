@@ -199,7 +199,8 @@ class Session:
         tracker = Tracker(run_dir, cfg.wandb, to_dict(cfg)) if self.is_main else NullTracker()
         sae = build_sae(cfg.sae, self.d_in, seed=cfg.train.seed).to(self.device)
         # a single run checkpoints its buffer with the SAE; a sweep checkpoints the stream once (save_stream)
-        extra_state = None if name else (lambda: {"buffer": self.buffer.state_dict()})
+        # (the trainer has made room in the writer first: the buffer's kept snapshot memory is free to reuse)
+        extra_state = None if name else (lambda: {"buffer": self.buffer.state_dict(reuse_host_memory=True)})
         trainer = Trainer(sae, cfg, run_dir, tracker, pool_fn=self.pool, extra_state=extra_state,
                           extra_metrics=self.buffer.metrics, dist=self.dist, writer=self.writer)
         return Member(name, cfg, run_dir, trainer, tracker)
@@ -233,7 +234,7 @@ class Session:
         """A sweep's stream checkpoint (after every member's at this step); collective under torchrun."""
         self.writer.make_room(step)
         state: dict[str, Any] = {"step": step, "members": [m.name for m in self.members],
-                                 "extra": {"buffer": self.buffer.state_dict()}}
+                                 "extra": {"buffer": self.buffer.state_dict(reuse_host_memory=True)}}
         if self.dist is not None:
             per_rank = self.dist.gather_objects({"extra": state["extra"]})
             if per_rank is None:

@@ -282,16 +282,19 @@ def test_shuffle_buffer__same_seed_same_batches_other_seed_differs() -> None:
 
 @pytest.mark.parametrize("stop_after", [1, 13, 29])  # inside the first cycle, with a refill in flight, later
 @pytest.mark.parametrize("written_later", [False, True])
-def test_shuffle_buffer__resume_yields_the_identical_sequence(stop_after: int, written_later: bool) -> None:
+@pytest.mark.parametrize("reuse", [False, True])
+def test_shuffle_buffer__resume_yields_the_identical_sequence(stop_after: int, written_later: bool,
+                                                               reuse: bool) -> None:
     """written_later: the state is serialised only after the buffer has run to its end (refills overwriting the
-    ring, new orders), as a background checkpoint write may be: state_dict must be a snapshot."""
+    ring, new orders), as a background checkpoint write may be: state_dict must be a snapshot. reuse: its rows in
+    the buffer's kept snapshot memory (valid until the next state_dict call)."""
     cfg = _cfg(capacity=300, refill_fraction=0.4)
     ref_buf = ShuffleBuffer(TaggedSource(n_contexts=400), cfg, d_in=8, seed=1, merge_lag=3)
     ref = [b.clone() for b in ref_buf.batches(24)]
     buf = ShuffleBuffer(TaggedSource(n_contexts=400), cfg, d_in=8, seed=1, merge_lag=3)
     it = buf.batches(24)
     head = [next(it).clone() for _ in range(stop_after)]
-    state = buf.state_dict()
+    state = buf.state_dict(reuse_host_memory=reuse)
     if written_later:
         for _ in it:
             pass
@@ -304,6 +307,21 @@ def test_shuffle_buffer__resume_yields_the_identical_sequence(stop_after: int, w
     assert len(head) + len(tail) == len(ref)
     for got, want in zip(head + tail, ref):
         assert torch.equal(got, want)
+
+
+def test_shuffle_buffer__reused_snapshot_memory_is_the_same_rows_in_one_kept_buffer() -> None:
+    buf = ShuffleBuffer(TaggedSource(n_contexts=400), _cfg(capacity=300, refill_fraction=0.4), d_in=8, seed=1)
+    it = buf.batches(24)
+    for _ in range(5):
+        next(it)
+    fresh, kept = buf.state_dict(), buf.state_dict(reuse_host_memory=True)
+    assert torch.equal(fresh["acts"], kept["acts"]) and torch.equal(fresh["slots"], kept["slots"])
+    for _ in range(9):
+        next(it)
+    again = buf.state_dict(reuse_host_memory=True)
+    assert again["acts"].data_ptr() == kept["acts"].data_ptr()  # the same memory, rewritten
+    assert torch.equal(again["acts"], buf.state_dict()["acts"])
+    assert fresh["acts"].data_ptr() != buf.state_dict()["acts"].data_ptr()
 
 
 def test_shuffle_buffer__bfloat16_storage_rounds_like_bf16() -> None:
@@ -456,10 +474,11 @@ def test_stream_into_buffer__cuda_lm_on_producer_stream_matches_cpu() -> None:
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_shuffle_buffer__cuda_state_dict_copies_the_ring_in_chunks(dtype: str,
+@pytest.mark.parametrize("reuse", [False, True])
+def test_shuffle_buffer__cuda_state_dict_copies_the_ring_in_chunks(dtype: str, reuse: bool,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    """A GPU ring's live rows reach the checkpoint through chunks (here 7 rows each) and resume the identical
-    sequence, like the whole-ring gather they replace."""
+    """A GPU ring's live rows reach the checkpoint through chunks (here 7 rows each; reuse: into the kept pinned
+    buffer, asynchronously) and resume the identical sequence, like the whole-ring gather they replace."""
     from sae_stream import buffer as buffer_module
 
     cfg = _cfg(capacity=300, refill_fraction=0.4, storage="cuda", dtype=dtype)
@@ -470,8 +489,8 @@ def test_shuffle_buffer__cuda_state_dict_copies_the_ring_in_chunks(dtype: str,
     buf = ShuffleBuffer(TaggedSource(n_contexts=60, d_in=16), cfg, "cuda", d_in=16, seed=1)
     it = buf.batches(24)
     head = [next(it).clone() for _ in range(5)]
-    state = buf.state_dict()
-    assert state["acts"].device.type == "cpu" and len(state["slots"]) > 7
+    state = buf.state_dict(reuse_host_memory=reuse)
+    assert state["acts"].device.type == "cpu" and len(state["slots"]) > 7 and state["acts"].is_pinned() == reuse
     assert torch.equal(state["acts"], buf._ring_ND[state["slots"].cuda()].cpu())
     resumed = ShuffleBuffer(TaggedSource(n_contexts=60, d_in=16), cfg, "cuda", d_in=16, seed=7)
     resumed.load_state_dict(state)
