@@ -63,3 +63,6 @@ echo "gpu tests rc=$? at $((SECONDS - T0)) s"; grep -E "passed|failed|Error" "$O
 timeout $(budget 3 40) python3 benchmarks/checkpoint_write.py --mode snapshot --device cuda --repeats 1 \
   --out "$OUT/checkpoint.jsonl" > "$OUT/snapshot.log" 2>&1
 echo "snapshot rc=$? at $((SECONDS - T0)) s"; tail -2 "$OUT/snapshot.log"
+
+# 7. autotune picks kept on disk by the runs above (fused_ops.autotuned: Triton's cache_results)
+echo "autotune picks cached: $(find "${TRITON_CACHE_DIR:-$HOME/.triton/cache}" -name '*.autotune.json' 2>/dev/null | wc -l)"

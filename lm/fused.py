@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sae_stream.fused_ops import AUTOTUNE_ENV, FLOATS, MAX_NUMEL, rows_fit, triton_cdiv
+from sae_stream.fused_ops import AUTOTUNE_ENV, FLOATS, MAX_NUMEL, autotuned, rows_fit, triton_cdiv
 
 MAX_D_MODEL = 256  # block_mlp_in holds [BM, d_model] tiles and W_O [d_model, d_model] in one program
 # (BM, BN, warps) tried by the autotuner for block_mlp_in on the first call per shape; FIXED without autotuning
@@ -107,7 +107,7 @@ def _kernels() -> dict:
     configs = [triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=2) for bm, bn, w in MLP_IN_CONFIGS]
     ln, mlp_in = triton.jit(_layer_norm), triton.jit(_mlp_in)
     return {"layer_norm": ln, "layer_norm_interpreted": InterpretedFunction(_layer_norm),
-            "mlp_in_fixed": mlp_in, "mlp_in": triton.autotune(configs, key=["N", "M", "D"])(mlp_in),
+            "mlp_in_fixed": mlp_in, "mlp_in": autotuned(mlp_in, configs, ["N", "M", "D"]),
             "mlp_in_interpreted": InterpretedFunction(_mlp_in)}
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -243,6 +244,20 @@ def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def autotuned(fn: Any, configs: list, key: list[str], **kwargs: Any) -> Any:
+    """triton.autotune(configs, key, ...)(fn), its picks kept on disk in Triton's cache (TRITON_CACHE_DIR, keyed by
+    the kernel's source, the configs, the shape key, the GPU and Triton's version) where this Triton can: a later
+    run skips the tuning (~10-20 s per shape). Safe with reset_to_zero: without trial runs nothing needs zeroing
+    (callers allocate those sums zeroed)."""
+    import inspect
+
+    import triton
+
+    if "cache_results" in inspect.signature(triton.autotune).parameters:
+        kwargs["cache_results"] = True
+    return triton.autotune(configs, key=key, **kwargs)(fn)
+
+
 @functools.cache
 def _kernels() -> dict:
     import triton
@@ -256,7 +271,7 @@ def _kernels() -> dict:
         out[name + "_fixed"] = out[name]
         # the partial sums have ⌈B/64⌉ rows, a config writes ⌈B/BM⌉: zero them before each timed config and before
         # the real launch, or a BM=64 trial's rows would stay in the first step's sums (the key also has dtypes)
-        out[name] = triton.autotune(configs, key=["M", "N", "K", "PRECISION"], reset_to_zero=sums)(out[name])
+        out[name] = autotuned(out[name], configs, ["M", "N", "K", "PRECISION"], reset_to_zero=sums)
     return out | {name + "_interpreted": InterpretedFunction(fn) for name, fn in fns.items()}
 
 
