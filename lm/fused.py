@@ -107,7 +107,7 @@ def _kernels() -> dict:
     configs = [triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=2) for bm, bn, w in MLP_IN_CONFIGS]
     ln, mlp_in = triton.jit(_layer_norm), triton.jit(_mlp_in)
     return {"layer_norm": ln, "layer_norm_interpreted": InterpretedFunction(_layer_norm),
-            "mlp_in_fixed": mlp_in, "mlp_in": autotuned(mlp_in, configs, ["N", "M", "D"]),
+            "mlp_in_fixed": mlp_in, "mlp_in": autotuned(mlp_in, configs, ["N", "M", "D", "RELU"]),
             "mlp_in_interpreted": InterpretedFunction(_mlp_in)}
 
 

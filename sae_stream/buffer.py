@@ -76,11 +76,13 @@ def pool_chunks(pool_ND: Tensor, chunk_rows: int, device: str | torch.device,
 
 
 def _host_tensor(shape: tuple[int, int], dtype: torch.dtype, pin: bool) -> Tensor:
-    """An empty host tensor, page-locked if asked and possible (pinning can fail where locked memory is limited)."""
-    if pin:
+    """An empty host tensor, page-locked if asked, possible, and not wasteful: PyTorch's pinned allocator rounds a
+    size up to a power of two, so a size more than 1/8 under one stays pageable (A/1's 4M x 512 bf16 is 2^32 B)."""
+    nbytes = shape[0] * shape[1] * dtype.itemsize
+    if pin and nbytes > 0 and (1 << (nbytes - 1).bit_length()) <= nbytes * 9 // 8:
         try:
             return torch.empty(shape, dtype=dtype, pin_memory=True)
-        except RuntimeError:
+        except RuntimeError:  # where locked memory is limited
             pass
     return torch.empty(shape, dtype=dtype)
 
@@ -385,7 +387,7 @@ class ShuffleBuffer:
 
         reuse_host_memory: the ring's rows go into one host buffer kept for the next call (pinned for a GPU ring:
         no page faults and a full-speed copy at each checkpoint), so a snapshot is only valid until the next call:
-        for a caller that is done with the previous one (CheckpointWriter.make_room) first."""
+        for a caller that is done with the previous one (no checkpoint write in flight) first."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         inflight = self._inflight if self._inflight is not None else self._order[:0]
@@ -418,12 +420,18 @@ class ShuffleBuffer:
                 self._snapshot = _host_tensor((self.capacity, self.d_in), self.dtype, pin=cuda)
             out = self._snapshot[:len(rows)]
         if not cuda:
-            return torch.index_select(self._ring_ND, 0, rows, out=out)
-        chunk = max(1, SNAPSHOT_CHUNK_BYTES // (self.d_in * self.dtype.itemsize))
-        for i in range(0, len(rows), chunk):  # (chunks freed in stream order: safe while their copy is queued)
-            out[i:i + chunk].copy_(self._ring_ND.index_select(0, rows[i:i + chunk]), non_blocking=out.is_pinned())
-        torch.cuda.current_stream(self._ring_device).synchronize()
-        return out
+            torch.index_select(self._ring_ND, 0, rows, out=out)
+        else:
+            chunk = max(1, SNAPSHOT_CHUNK_BYTES // (self.d_in * self.dtype.itemsize))
+            for i in range(0, len(rows), chunk):  # (chunks freed in stream order: safe while their copy is queued)
+                out[i:i + chunk].copy_(self._ring_ND.index_select(0, rows[i:i + chunk]), non_blocking=out.is_pinned())
+            torch.cuda.current_stream(self._ring_device).synchronize()
+        if not reuse:
+            return out
+        # torch.save writes a view's whole storage (here the kept buffer's): hand over a tensor on a storage of
+        # exactly these rows, sharing the kept memory (the sub-storage holds a reference to the buffer's)
+        rows_storage = self._snapshot.untyped_storage()[:out.numel() * out.element_size()]
+        return torch.empty(0, dtype=self.dtype).set_(rows_storage, 0, tuple(out.shape))
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a state_dict. With buffer.dtype=auto the ring takes the saved ring's dtype (a run resumes in

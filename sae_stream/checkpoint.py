@@ -183,11 +183,12 @@ class CheckpointWriter:
         self.background = background
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="sae-stream-checkpoint") if background else None
         self._inflight: list[tuple[int, Path, Future]] = []
+        self._errors: list[tuple[Path, BaseException]] = []  # failed writes not yet raised
 
     @property
     def pending(self) -> int:
-        """Checkpoints handed over and not yet waited for."""
-        return len(self._inflight)
+        """Checkpoints handed over and not yet waited for (or failed and not yet reported)."""
+        return len(self._inflight) + len(self._errors)
 
     def make_room(self, step: int) -> None:
         """Before building the snapshot of checkpoint `step`: wait for the writes of other steps (raising theirs)."""
@@ -206,19 +207,19 @@ class CheckpointWriter:
 
     def check(self) -> None:
         """Raise the error of a background write that has failed (without waiting for the others)."""
-        if any(f.done() and f.exception() is not None for _, _, f in self._inflight):
+        if self._errors or any(f.done() and f.exception() is not None for _, _, f in self._inflight):
             self.wait()
 
     def wait(self) -> None:
         """Block until every checkpoint handed over is on disk; raise the first failure. Interrupted (a second
         Ctrl-C), the writes not yet finished stay pending for a later wait or drain."""
-        errors = []
         while self._inflight:
             _, path, future = self._inflight[0]
             err = future.exception()  # blocks until that write ends
             self._inflight.pop(0)
             if err is not None:
-                errors.append((path, err))
+                self._errors.append((path, err))
+        errors, self._errors = self._errors, []
         if errors:
             path, err = errors[0]
             if isinstance(err, OSError):  # a full disk stays an OSError (the CLI reports it as such)

@@ -246,9 +246,9 @@ def triton_cdiv(a: int, b: int) -> int:
 
 def autotuned(fn: Any, configs: list, key: list[str], **kwargs: Any) -> Any:
     """triton.autotune(configs, key, ...)(fn), its picks kept on disk in Triton's cache (TRITON_CACHE_DIR, keyed by
-    the kernel's source, the configs, the shape key, the GPU and Triton's version) where this Triton can: a later
-    run skips the tuning (~10-20 s per shape). Safe with reset_to_zero: without trial runs nothing needs zeroing
-    (callers allocate those sums zeroed)."""
+    the kernel's source, the configs, the shape key, the GPU architecture (H100 and H200 share sm_90) and Triton's
+    version) where this Triton can: a later run skips the tuning (~10-20 s per shape; clear that directory to tune
+    again). Safe with reset_to_zero: without trial runs nothing needs zeroing (callers allocate those sums zeroed)."""
     import inspect
 
     import triton

@@ -199,8 +199,7 @@ class Session:
         tracker = Tracker(run_dir, cfg.wandb, to_dict(cfg)) if self.is_main else NullTracker()
         sae = build_sae(cfg.sae, self.d_in, seed=cfg.train.seed).to(self.device)
         # a single run checkpoints its buffer with the SAE; a sweep checkpoints the stream once (save_stream)
-        # (the trainer has made room in the writer first: the buffer's kept snapshot memory is free to reuse)
-        extra_state = None if name else (lambda: {"buffer": self.buffer.state_dict(reuse_host_memory=True)})
+        extra_state = None if name else (lambda: {"buffer": self._buffer_state()})
         trainer = Trainer(sae, cfg, run_dir, tracker, pool_fn=self.pool, extra_state=extra_state,
                           extra_metrics=self.buffer.metrics, dist=self.dist, writer=self.writer)
         return Member(name, cfg, run_dir, trainer, tracker)
@@ -230,13 +229,23 @@ class Session:
             m.tracker.drop_after(step)
         return step
 
+    def _buffer_state(self) -> dict[str, Any]:
+        """The buffer's snapshot for a checkpoint. Written in the background, it goes into the buffer's kept host
+        memory (no page faults at each checkpoint), once no write is in flight that could still be reading it."""
+        if not self.writer.background:
+            return self.buffer.state_dict()
+        self.writer.wait()
+        return self.buffer.state_dict(reuse_host_memory=True)
+
     def _save_stream(self, step: int) -> None:
         """A sweep's stream checkpoint (after every member's at this step); collective under torchrun."""
         self.writer.make_room(step)
-        state: dict[str, Any] = {"step": step, "members": [m.name for m in self.members],
-                                 "extra": {"buffer": self.buffer.state_dict(reuse_host_memory=True)}}
-        if self.dist is not None:
-            per_rank = self.dist.gather_objects({"extra": state["extra"]})
+        state: dict[str, Any] = {"step": step, "members": [m.name for m in self.members]}
+        extra = {"buffer": self._buffer_state()}
+        if self.dist is None:
+            state["extra"] = extra
+        else:  # every rank's own part (rank 0's too: once, in per_rank)
+            per_rank = self.dist.gather_objects({"extra": extra})
             if per_rank is None:
                 return
             state["per_rank"] = per_rank

@@ -75,12 +75,15 @@ class TrainerState:
 
     def _checkpoint_state(self) -> dict[str, Any] | None:
         """state_dict(); data parallel: a collective that adds every rank's own part (trainer metrics, RNG,
-        stream) as `per_rank`, returned on rank 0 only (the SAE and Adam are identical on every rank)."""
+        stream) as `per_rank`, returned on rank 0 only (the SAE and Adam are identical on every rank). The caller's
+        extra state (the ring) is kept once, in per_rank (own_part puts it back)."""
         state = self.state_dict()
         if self.dist is None:
             return state
         per_rank = self.dist.gather_objects({k: state[k] for k in ("trainer", "rng", "extra")})
-        return None if per_rank is None else {**state, "per_rank": per_rank}
+        if per_rank is None:
+            return None
+        return {**{k: v for k, v in state.items() if k != "extra"}, "per_rank": per_rank}
 
     def save(self) -> Path | None:
         if self.run_dir is None:

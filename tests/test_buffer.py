@@ -310,6 +310,8 @@ def test_shuffle_buffer__resume_yields_the_identical_sequence(stop_after: int, w
 
 
 def test_shuffle_buffer__reused_snapshot_memory_is_the_same_rows_in_one_kept_buffer() -> None:
+    """state_dict(reuse_host_memory=True): the same values as a fresh snapshot, in one buffer kept and rewritten by
+    each call, and saved as the live rows only."""
     buf = ShuffleBuffer(TaggedSource(n_contexts=400), _cfg(capacity=300, refill_fraction=0.4), d_in=8, seed=1)
     it = buf.batches(24)
     for _ in range(5):
@@ -322,6 +324,14 @@ def test_shuffle_buffer__reused_snapshot_memory_is_the_same_rows_in_one_kept_buf
     assert again["acts"].data_ptr() == kept["acts"].data_ptr()  # the same memory, rewritten
     assert torch.equal(again["acts"], buf.state_dict()["acts"])
     assert fresh["acts"].data_ptr() != buf.state_dict()["acts"].data_ptr()
+    # saved, it is the live rows only (torch.save writes a view's whole storage: here the kept buffer's)
+    assert len(again["acts"]) < buf.capacity
+    sizes = []
+    for state in (again, buf.state_dict()):
+        blob = io.BytesIO()
+        torch.save(state["acts"], blob)
+        sizes.append(len(blob.getvalue()))
+    assert sizes[0] == sizes[1]
 
 
 def test_shuffle_buffer__bfloat16_storage_rounds_like_bf16() -> None:

@@ -478,27 +478,33 @@ def test_background_checkpoints__next_snapshot_waits_for_the_previous_write(tmp_
 def test_checkpoint_writer__interrupted_wait_keeps_pending_and_drain_reports(tmp_path: Path,
                                                                               monkeypatch: pytest.MonkeyPatch,
                                                                               capsys: pytest.CaptureFixture) -> None:
-    """Ctrl-C while waiting for a write leaves it pending (not forgotten); drain(), on the way out with another
-    error, waits for it and prints its failure (a full disk too) instead of raising it over that error."""
+    """Ctrl-C while waiting for the second of two writes, the first of which failed: neither the failure nor the
+    write still going is forgotten; drain(), on the way out with another error, waits for the write and prints the
+    failure (a full disk) instead of raising it over that error."""
     import errno
     import threading
 
     from sae_stream import checkpoint
 
-    release = threading.Event()
+    fail_a, release = threading.Event(), threading.Event()
 
-    def full_disk(ckpt_dir: Path, step: int, state: dict, keep: int) -> Path:
+    def first_fails_second_slow(ckpt_dir: Path, step: int, state: dict, keep: int) -> Path:
+        if Path(ckpt_dir).name == "a":
+            assert fail_a.wait(60)
+            raise OSError(errno.ENOSPC, "No space left on device", str(ckpt_dir))
         assert release.wait(60)
-        raise OSError(errno.ENOSPC, "No space left on device", str(ckpt_dir))
+        return Path(ckpt_dir)
 
-    monkeypatch.setattr(checkpoint, "save_checkpoint", full_disk)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", first_fails_second_slow)
     writer = checkpoint.CheckpointWriter(background=True)
-    writer.save(tmp_path, 1, {})
+    writer.save(tmp_path / "a", 1, {})
+    writer.save(tmp_path / "b", 1, {})
+    fail_a.set()
     # process-directed (Linux hands it to the main thread, blocked in the wait), as a terminal's Ctrl-C is
-    threading.Timer(0.05, os.kill, args=(os.getpid(), signal.SIGINT)).start()
+    threading.Timer(0.2, os.kill, args=(os.getpid(), signal.SIGINT)).start()
     with pytest.raises(KeyboardInterrupt):
         writer.wait()
-    assert writer.pending == 1
+    assert writer.pending == 2  # a's failure, b in flight
     release.set()
     with pytest.raises(ValueError, match="the training error"):
         try:
@@ -524,5 +530,4 @@ def test_host_copy__keeps_container_types_and_copies_every_tensor() -> None:
                  (got["t"][0], tree["t"][0])]:
         assert torch.equal(a, b) and a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()
     fresh = torch.ones(4)
-    assert host_copy({"x": fresh}, copy_cpu=False)["x"] is not None
     assert host_copy([fresh], copy_cpu=False)[0].untyped_storage().data_ptr() == fresh.untyped_storage().data_ptr()
