@@ -26,6 +26,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from sae_stream.activations import ActivationStream
 from sae_stream.buffer import ShuffleBuffer
+from sae_stream.checkpoint import CheckpointWriter
 from sae_stream.config import config_from_dict
 from sae_stream.sae import build_sae
 from sae_stream.tracking import NullTracker
@@ -86,6 +87,9 @@ def main() -> None:
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--warmup", type=float, default=0.2)
     p.add_argument("--interval", type=float, default=1.0)
+    p.add_argument("--checkpoints", choices=("background", "sync"), default="background",
+                   help="written on a thread into the buffer's kept snapshot memory (what `sae-stream train` does), "
+                   "or before training continues")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
 
@@ -105,15 +109,23 @@ def main() -> None:
     buffer = ShuffleBuffer(stream, cfg.buffer, "cpu", d_in=stream.d_in, seed=0)
     sae = build_sae(cfg.sae, stream.d_in, seed=0)
     sampler = RSSSampler(buffer, args.interval)
+    writer = CheckpointWriter(background=args.checkpoints == "background")
+
+    def buffer_state() -> dict[str, Any]:  # as sae_stream.pipeline.Session._buffer_state
+        if not writer.background:
+            return {"buffer": buffer.state_dict()}
+        writer.wait()
+        return {"buffer": buffer.state_dict(reuse_host_memory=True)}
+
     with tempfile.TemporaryDirectory() as run_dir:
-        trainer = Trainer(sae, cfg, run_dir, NullTracker(), pool_fn=buffer.sample_pool,
-                          extra_state=lambda: {"buffer": buffer.state_dict()})
+        trainer = Trainer(sae, cfg, run_dir, NullTracker(), pool_fn=buffer.sample_pool, extra_state=buffer_state,
+                          writer=writer)
         sampler.start()
         trainer.fit(buffer.batches(cfg.train.batch_size))
         sampler.stop()
     out = open(args.out, "a") if args.out else None
     for row in [*sampler.samples, summarise(sampler.samples, args.tokens, args.warmup)]:
-        line = json.dumps({"bench": "soak", **row})
+        line = json.dumps({"bench": "soak", "checkpoints": args.checkpoints, **row})
         print(line)
         if out:
             out.write(line + "\n")
