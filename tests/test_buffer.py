@@ -489,12 +489,12 @@ def test_shuffle_buffer__cuda_state_dict_copies_the_ring_in_chunks(dtype: str, r
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """A GPU ring's live rows reach the checkpoint through chunks (here 7 rows each; reuse: into the kept pinned
     buffer, asynchronously) and resume the identical sequence, like the whole-ring gather they replace."""
-    from sae_stream import buffer as buffer_module
+    from sae_stream import buffer_state
 
     cfg = _cfg(capacity=300, refill_fraction=0.4, storage="cuda", dtype=dtype)
     ref = [b.clone() for b in ShuffleBuffer(TaggedSource(n_contexts=60, d_in=16), cfg, "cuda", d_in=16,
                                             seed=1).batches(24)]
-    monkeypatch.setattr(buffer_module, "SNAPSHOT_CHUNK_BYTES", 7 * 16 * torch.empty(0, dtype=getattr(torch, dtype))
+    monkeypatch.setattr(buffer_state, "SNAPSHOT_CHUNK_BYTES", 7 * 16 * torch.empty(0, dtype=getattr(torch, dtype))
                         .element_size())
     buf = ShuffleBuffer(TaggedSource(n_contexts=60, d_in=16), cfg, "cuda", d_in=16, seed=1)
     it = buf.batches(24)
