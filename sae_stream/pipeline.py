@@ -231,7 +231,8 @@ class Session:
 
     def _buffer_state(self) -> dict[str, Any]:
         """The buffer's snapshot for a checkpoint. Written in the background, it goes into the buffer's kept host
-        memory (no page faults at each checkpoint), once no write is in flight that could still be reading it."""
+        memory (no page faults at each checkpoint), once no write is in flight that could still be reading it (so
+        also at most one step's snapshots in memory)."""
         if not self.writer.background:
             return self.buffer.state_dict()
         self.writer.wait()
@@ -239,7 +240,6 @@ class Session:
 
     def _save_stream(self, step: int) -> None:
         """A sweep's stream checkpoint (after every member's at this step); collective under torchrun."""
-        self.writer.make_room(step)
         state: dict[str, Any] = {"step": step, "members": [m.name for m in self.members]}
         extra = {"buffer": self._buffer_state()}
         if self.dist is None:
@@ -260,8 +260,7 @@ class Session:
                 metrics = fit_together([m.trainer for m in self.members], batches, self._save_stream,
                                        pool=self.pool, run_dir=self.run_dir)
             else:
-                metrics = [self.trainer.fit(batches)]
-            self.writer.wait()  # (a sweep's last stream checkpoint)
+                metrics = [self.trainer.fit(batches)]  # (both wait for their last checkpoint)
         except BaseException:
             self.writer.drain()  # a stop's checkpoint still lands; a failed write is reported, not raised over this
             raise
