@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from sae_stream.distributed import Distributed, shard_size
 from sae_stream.evaluate import evaluate, load_feature_density, write_eval
 from sae_stream.export import export_saelens, load_saelens
 from sae_stream.process import resolve_device
+from sae_stream.rundir import UserError, is_main_process, prepare_out_dir, require_run_dir
 from sae_stream.sae import build_sae
 from sae_stream.step import resolve_kernels
 from sae_stream.sweep import SharedPool, common_resume_step, fit_together
@@ -39,38 +39,6 @@ from sae_stream.tracking import NullTracker, Tracker
 from sae_stream.trainer import Trainer
 
 SAE_DIR, LM_DIR, DASHBOARD_DIR = "sae", "lm", "dashboard"
-
-
-class UserError(RuntimeError):
-    """A problem with what the user asked for; reported as one line, exit code 2."""
-
-
-def is_main_process() -> bool:
-    """Rank 0 under torchrun (read before the process group exists), or a plain process."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def prepare_out_dir(out: str | Path | None, command: str, overwrite: bool) -> Path:
-    """A fresh output directory; an existing non-empty one needs --overwrite (or --resume)."""
-    path = Path(out) if out else Path("runs") / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if not is_main_process():
-        if not out:
-            raise UserError("under torchrun pass --out RUN_DIR: every rank must name the same run directory")
-        return path  # rank 0 prepares it; the others never write
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        if not overwrite:
-            raise UserError(f"output directory {str(path)!r} exists: pass --overwrite to replace it, "
-                            f"--resume to continue it, or choose another --out")
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def _require_run_dir(run_dir: str | Path) -> Path:
-    path = Path(run_dir)
-    if not (path / "config.yaml").is_file():
-        raise UserError(f"{str(path)!r} is not a run directory (no config.yaml): pass the --out of `sae-stream train`")
-    return path
 
 
 def load_lm(path_or_name: str, device: torch.device) -> Any:
@@ -303,7 +271,7 @@ def train(config: str | None, overrides: list[str], lm: str | None = None, out: 
 
 
 def train_resume(run_dir: str | Path) -> Path:
-    run_dir = _require_run_dir(run_dir)
+    run_dir = require_run_dir(run_dir)
     cfg = load_config(run_dir / "config.yaml")
     session = Session(cfg, run_dir)
     step = session.resume()
@@ -346,7 +314,7 @@ def _each_member(run_dir: Path, overrides: list[str] | None, fn: Any) -> dict[st
     """fn(member_dir, loaded) for every SAE of a sweep, loading the LM once."""
     out, model = {}, None
     for member in _sweep_dirs(run_dir):
-        loaded = _load_trained(_require_run_dir(member), overrides or [], model)
+        loaded = _load_trained(require_run_dir(member), overrides or [], model)
         model = loaded[1]
         out[member.name] = fn(member, loaded=loaded)
     return out
@@ -354,7 +322,7 @@ def _each_member(run_dir: Path, overrides: list[str] | None, fn: Any) -> dict[st
 
 def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, loaded: tuple | None = None) -> dict:
     """eval.json for a run (for each SAE of a sweep, in RUN_DIR/<name>/: then {name: result})."""
-    run_dir = _require_run_dir(run_dir)
+    run_dir = require_run_dir(run_dir)
     if loaded is None and _sweep_dirs(run_dir):
         return _each_member(run_dir, overrides, evaluate_run)
     cfg, model, sae = loaded or _load_trained(run_dir, overrides or [])
@@ -383,7 +351,7 @@ def analyze_run(run_dir: str | Path, overrides: list[str] | None = None, loaded:
     from sae_stream.analysis.dashboard import build_dashboard
     from sae_stream.tokenizer import get_tokenizer
 
-    run_dir = _require_run_dir(run_dir)
+    run_dir = require_run_dir(run_dir)
     if loaded is None and _sweep_dirs(run_dir):
         return next(iter(_each_member(run_dir, overrides, analyze_run).values()), run_dir)
     cfg, model, sae = loaded or _load_trained(run_dir, overrides or [])

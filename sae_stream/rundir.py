@@ -1,0 +1,43 @@
+"""Run directories: a fresh one for a new run (never overwriting without being asked), an existing one for a resume,
+eval or analyze; and the one-line error for what the user asked wrongly.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+
+class UserError(RuntimeError):
+    """A problem with what the user asked for; reported as one line, exit code 2."""
+
+
+def is_main_process() -> bool:
+    """Rank 0 under torchrun (read before the process group exists), or a plain process."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def prepare_out_dir(out: str | Path | None, command: str, overwrite: bool) -> Path:
+    """A fresh output directory; an existing non-empty one needs --overwrite (or --resume)."""
+    path = Path(out) if out else Path("runs") / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if not is_main_process():
+        if not out:
+            raise UserError("under torchrun pass --out RUN_DIR: every rank must name the same run directory")
+        return path  # rank 0 prepares it; the others never write
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        if not overwrite:
+            raise UserError(f"output directory {str(path)!r} exists: pass --overwrite to replace it, "
+                            f"--resume to continue it, or choose another --out")
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def require_run_dir(run_dir: str | Path) -> Path:
+    """An existing run directory (one with the config.yaml a run writes)."""
+    path = Path(run_dir)
+    if not (path / "config.yaml").is_file():
+        raise UserError(f"{str(path)!r} is not a run directory (no config.yaml): pass the --out of `sae-stream train`")
+    return path
