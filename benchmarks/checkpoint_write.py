@@ -13,8 +13,12 @@ full ring on --device (on a GPU: the live rows gathered and copied to host memor
 memory each time or into the kept buffer (`reuse_host_memory`, what training uses; pinned for a GPU ring), 3
 times each, alternating; seconds and the GPU memory it needed above the ring.
 
+--mode resume: a data-parallel rank resuming: a checkpoint holding --ranks rings of --rows, loaded and one rank's
+ring copied out; peak RSS above the process's start, `load_checkpoint` (memory-mapped) against reading it whole.
+
     python benchmarks/checkpoint_write.py --out benchmarks/results/checkpoint.jsonl
     python benchmarks/checkpoint_write.py --mode stall --out benchmarks/results/checkpoint.jsonl
+    python benchmarks/checkpoint_write.py --mode resume --rows 1048576 --out benchmarks/results/checkpoint.jsonl
     python benchmarks/checkpoint_write.py --mode snapshot --device cuda --out benchmarks/results/checkpoint.jsonl
     python benchmarks/checkpoint_write.py --rows 65536 --repeats 1          # smoke
 
@@ -135,27 +139,62 @@ def run_snapshot(variant: str, rows: int, d_in: int, directory: str) -> dict:
             "card": torch.cuda.get_device_name() if cuda else None}
 
 
+def _peak_rss_bytes() -> int:
+    """This process image's peak RSS (VmHWM: unlike ru_maxrss, not inherited from the parent across fork + exec,
+    which here holds the rings it wrote)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+def run_resume(variant: str, rows: int, d_in: int, directory: str) -> dict:
+    from sae_stream.checkpoint import load_checkpoint, verify_checkpoint
+
+    path = Path(directory) / "step_00000001"
+    base = _peak_rss_bytes()
+    t0 = time.perf_counter()
+    if variant == "mapped":
+        state = load_checkpoint(path)
+    else:
+        verify_checkpoint(path)
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    own = state["per_rank"][1]["extra"]["buffer"]["acts"].clone()  # what a rank's ring takes from the file
+    seconds = time.perf_counter() - t0
+    peak = (_peak_rss_bytes() - base) / 1e9
+    return {"variant": f"resume_{variant}", "ranks": len(state["per_rank"]), "seconds": round(seconds, 2),
+            "peak_rss_gb": round(peak, 2), "own_part_gb": round(own.numel() * own.element_size() / 1e9, 2)}
+
+
+def write_ranks_checkpoint(directory: str, rows: int, d_in: int, ranks: int) -> None:
+    from sae_stream.checkpoint import save_checkpoint
+
+    parts = [{"extra": {"buffer": {"acts": torch.randn(rows, d_in, dtype=torch.bfloat16)}}} for _ in range(ranks)]
+    save_checkpoint(Path(directory), 1, {"step": 1, "per_rank": parts}, keep=1)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rows", type=int, default=4 * 2**20)
     p.add_argument("--d-in", type=int, default=512)
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--mode", choices=("write", "stall", "snapshot"), default="write")
+    p.add_argument("--mode", choices=("write", "stall", "snapshot", "resume"), default="write")
+    p.add_argument("--ranks", type=int, default=4, help="--mode resume: rings in the checkpoint")
     p.add_argument("--device", default="cpu", help="--mode snapshot: where the ring lives")
     p.add_argument("--dir", default=None, help="where to write (default: a temp dir on the default temp disk)")
     p.add_argument("--out", default=None, help="also append the JSON lines here")
     p.add_argument("--_variant", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args._variant:  # a child: one measurement, printed as JSON
-        run = {"stall": run_stall, "snapshot": run_snapshot, "write": run_variant}[args.mode]
+        run = {"stall": run_stall, "snapshot": run_snapshot, "write": run_variant, "resume": run_resume}[args.mode]
         print(json.dumps(run(args._variant, args.rows, args.d_in, args.dir)))
         return
     gb = args.rows * args.d_in * 2 / 1e9
-    variants = {"stall": ("sync", "background"), "snapshot": (args.device,),
+    variants = {"stall": ("sync", "background"), "snapshot": (args.device,), "resume": ("mapped", "read_whole"),
                 "write": ("in_memory", "streamed")}[args.mode]
     for _ in range(args.repeats):
         for variant in variants:  # alternating: the disk's speed drifts
             with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+                if args.mode == "resume":
+                    write_ranks_checkpoint(tmp, args.rows, args.d_in, args.ranks)
                 cmd = [sys.executable, __file__, "--_variant", variant, "--mode", args.mode, "--rows",
                        str(args.rows), "--d-in", str(args.d_in), "--dir", tmp]
                 res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)

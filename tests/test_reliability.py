@@ -277,6 +277,24 @@ class _Unsaveable:
         raise RuntimeError("this object cannot be saved")
 
 
+def test_load_checkpoint__maps_the_file_and_reads_what_is_used(tmp_path: Path) -> None:
+    """A checkpoint loads memory-mapped (a data-parallel rank then reads only its own part of every rank's ring):
+    the tensors are file-backed, equal to what was saved, and writing to them leaves the file as it was."""
+    from sae_stream.checkpoint import load_checkpoint, save_checkpoint, sha256_file
+
+    parts = [{"acts": torch.randn(1000, 64).bfloat16()} for _ in range(3)]
+    path = save_checkpoint(tmp_path, 1, {"per_rank": parts, "step": 1})
+    digest = sha256_file(path / "state.pt")
+    state = load_checkpoint(path)
+    got = state["per_rank"][1]["acts"]
+    assert torch.equal(got, parts[1]["acts"])
+    maps = [line.split()[0].split("-") for line in Path("/proc/self/maps").read_text().splitlines()
+            if line.endswith(str(path / "state.pt"))]
+    assert any(int(a, 16) <= got.data_ptr() < int(b, 16) for a, b in maps), "not in the file's mapping"
+    got.add_(1)  # copy-on-write: e.g. Adam's state, updated in place after a resume on the CPU
+    assert sha256_file(path / "state.pt") == digest
+
+
 def test_atomic_torch_save__streams_with_its_checksum_and_leaves_nothing_on_failure(tmp_path: Path) -> None:
     """The checkpoint file is written as torch.save streams it (no copy in memory): its sha256 is the file's, it
     loads back equal; a save that fails midway (an object that cannot be pickled, after a tensor) leaves the
