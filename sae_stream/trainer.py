@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from sae_stream.checkpoint import CheckpointWriter
 from sae_stream.config import Config, ConfigError
-from sae_stream.fused_ops import firing_counts
+from sae_stream.fused_ops import FLOATS, firing_counts
 from sae_stream.metrics import RunningMetrics
 from sae_stream.process import TrainingInterrupted, signals_to, tune_cpu_allocator
 from sae_stream.resample import FiringTracker, resample_dead_, resample_steps
@@ -121,7 +121,7 @@ class Trainer(TrainerState):
     def input_dtype(self, offered: torch.dtype) -> torch.dtype:
         """The dtype batches are trained in: the hand-written step reads x in any float dtype (as fp32: bf16
         batches from a bf16 ring give bit-identical steps at half the traffic); the other steps take fp32."""
-        return offered if self.fused and offered in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
+        return offered if self.fused and offered in FLOATS else torch.float32
 
     def _use_graph(self) -> bool:
         t = self.cfg.train
