@@ -13,12 +13,19 @@ full ring on --device (on a GPU: the live rows gathered and copied to host memor
 memory each time or into the kept buffer (`reuse_host_memory`, what training uses; pinned for a GPU ring), 3
 times each, alternating; seconds and the GPU memory it needed above the ring.
 
---mode resume: a data-parallel rank resuming: a checkpoint holding --ranks rings of --rows, loaded and one rank's
-ring copied out; peak RSS above the process's start, `load_checkpoint` (memory-mapped) against reading it whole.
+--mode resume: data-parallel rank 1 resuming a checkpoint of --ranks ranks' rings of --rows each: rank 0's file (its
+ring with the shared part) and rank 1's own, loaded and rank 1's ring copied out; peak RSS above the process's start,
+`load_own_part` (memory-mapped: rank 0's ring is never read) against reading both files whole.
+
+--mode dp-save: one checkpoint of a data-parallel run, --ranks gloo processes on this machine each holding a ring
+snapshot of --rows: every rank writing its own part in the background (`rank_state`, `rank_dir`: what training
+does) against the way of sessions 3-5, every rank's part gathered (pickled) to rank 0, which writes them all. Per
+rank: the training thread's stall, the time until on disk, peak RSS above the rank's start (with its ring built).
 
     python benchmarks/checkpoint_write.py --out benchmarks/results/checkpoint.jsonl
     python benchmarks/checkpoint_write.py --mode stall --out benchmarks/results/checkpoint.jsonl
     python benchmarks/checkpoint_write.py --mode resume --rows 1048576 --out benchmarks/results/checkpoint.jsonl
+    python benchmarks/checkpoint_write.py --mode dp-save --rows 786432 --out benchmarks/results/checkpoint.jsonl
     python benchmarks/checkpoint_write.py --mode snapshot --device cuda --out benchmarks/results/checkpoint.jsonl
     python benchmarks/checkpoint_write.py --rows 65536 --repeats 1          # smoke
 
@@ -32,6 +39,7 @@ import argparse
 import hashlib
 import io
 import json
+import os
 import platform
 import resource
 import shutil
@@ -146,29 +154,96 @@ def _peak_rss_bytes() -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
-def run_resume(variant: str, rows: int, d_in: int, directory: str) -> dict:
-    from sae_stream.checkpoint import load_checkpoint, verify_checkpoint
+class _Rank:
+    """Rank `rank` of `world` as load_own_part sees it (no process group needed to read files)."""
 
-    path = Path(directory) / "step_00000001"
+    def __init__(self, rank: int, world: int) -> None:
+        self.rank, self.world_size, self.is_main = rank, world, rank == 0
+
+
+def run_resume(variant: str, rows: int, d_in: int, directory: str, ranks: int) -> dict:
+    from sae_stream.checkpoint import load_own_part, rank_dir, verify_checkpoint
+
+    path, own_path = Path(directory) / "step_00000001", rank_dir(directory, 1) / "step_00000001"
     base = _peak_rss_bytes()
     t0 = time.perf_counter()
     if variant == "mapped":
-        state = load_checkpoint(path)
+        state = load_own_part(path, _Rank(1, ranks))
     else:
-        verify_checkpoint(path)
-        state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
-    own = state["per_rank"][1]["extra"]["buffer"]["acts"].clone()  # what a rank's ring takes from the file
+        for p in (path, own_path):
+            verify_checkpoint(p)
+        state = {**torch.load(path / "state.pt", weights_only=False),
+                 **torch.load(own_path / "state.pt", weights_only=False)}
+    own = state["extra"]["buffer"]["acts"].clone()  # what rank 1's ring takes from its file
     seconds = time.perf_counter() - t0
     peak = (_peak_rss_bytes() - base) / 1e9
-    return {"variant": f"resume_{variant}", "ranks": len(state["per_rank"]), "seconds": round(seconds, 2),
+    return {"variant": f"resume_{variant}", "ranks": ranks, "seconds": round(seconds, 2),
             "peak_rss_gb": round(peak, 2), "own_part_gb": round(own.numel() * own.element_size() / 1e9, 2)}
 
 
 def write_ranks_checkpoint(directory: str, rows: int, d_in: int, ranks: int) -> None:
-    from sae_stream.checkpoint import save_checkpoint
+    """A data-parallel checkpoint as training writes it: rank 0's state and every other rank's own part."""
+    from sae_stream.checkpoint import rank_dir, rank_state, save_checkpoint
 
-    parts = [{"extra": {"buffer": {"acts": torch.randn(rows, d_in, dtype=torch.bfloat16)}}} for _ in range(ranks)]
-    save_checkpoint(Path(directory), 1, {"step": 1, "per_rank": parts}, keep=1)
+    for r in range(ranks):
+        state = {"step": 1, "sae": {"W": torch.zeros(4)}, "trainer": {}, "rng": {},
+                 "extra": {"buffer": {"acts": torch.randn(rows, d_in, dtype=torch.bfloat16)}}}
+        save_checkpoint(rank_dir(directory, r), 1, rank_state(state, _Rank(r, ranks)), keep=1)
+
+
+def _dp_save_worker(rank: int, world: int, port: int, variant: str, rows: int, d_in: int, directory: str,
+                    results: str) -> None:
+    import torch.distributed as tdist
+
+    from sae_stream.checkpoint import CheckpointWriter, rank_dir, rank_state
+    from sae_stream.distributed import Distributed
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist = Distributed.from_env()
+    ring = torch.randn(rows, d_in, dtype=torch.bfloat16)  # the ring's snapshot, as ShuffleBuffer hands it over
+    state = {"step": 1, "sae": {"W": torch.zeros(512, 4096)}, "trainer": {}, "rng": {},
+             "extra": {"buffer": {"acts": ring, "slots": torch.arange(rows)}}}
+    base = _peak_rss_bytes()
+    dist.barrier()
+    t0 = time.perf_counter()
+    if variant == "per_rank":  # what training does now
+        writer = CheckpointWriter(background=True, dist=dist)
+        writer.make_room(1)
+        writer.save(rank_dir(directory, rank), 1, rank_state(state, dist), keep=1)
+    else:  # sessions 3-5: every rank's own part pickled to rank 0, which writes the lot in the background
+        writer = CheckpointWriter(background=rank == 0)
+        parts = [None] * world if rank == 0 else None
+        tdist.gather_object({k: state[k] for k in ("trainer", "rng", "extra")}, parts, dst=0)
+        if parts is not None:
+            writer.save(directory, 1, {"step": 1, "sae": state["sae"], "per_rank": parts}, keep=1)
+    stall = time.perf_counter() - t0
+    writer.wait()
+    dist.barrier()  # (gathered: the others' memory and time end with rank 0's write)
+    write = time.perf_counter() - t0
+    row = {"rank": rank, "stall_s": round(stall, 3), "write_s": round(write, 2),
+           "peak_rss_gb": round((_peak_rss_bytes() - base) / 1e9, 2)}
+    Path(results, f"rank{rank}.json").write_text(json.dumps(row))
+    dist.close()
+
+
+def run_dp_save(variant: str, rows: int, d_in: int, directory: str, ranks: int) -> dict:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    results = tempfile.mkdtemp()
+    mp.start_processes(_dp_save_worker, args=(ranks, port, variant, rows, d_in, directory, results), nprocs=ranks,
+                       start_method="spawn")
+    per_rank = [json.loads(Path(results, f"rank{r}.json").read_text()) for r in range(ranks)]
+    shutil.rmtree(results)
+    others = per_rank[1:]
+    return {"variant": f"dp_save_{variant}", "ranks": ranks,
+            "rank0": {k: v for k, v in per_rank[0].items() if k != "rank"},
+            "others_max": {k: max(r[k] for r in others) for k in ("stall_s", "write_s", "peak_rss_gb")}}
 
 
 def main() -> None:
@@ -176,27 +251,29 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=4 * 2**20)
     p.add_argument("--d-in", type=int, default=512)
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--mode", choices=("write", "stall", "snapshot", "resume"), default="write")
-    p.add_argument("--ranks", type=int, default=4, help="--mode resume: rings in the checkpoint")
+    p.add_argument("--mode", choices=("write", "stall", "snapshot", "resume", "dp-save"), default="write")
+    p.add_argument("--ranks", type=int, default=4, help="--mode resume / dp-save: data-parallel ranks")
     p.add_argument("--device", default="cpu", help="--mode snapshot: where the ring lives")
     p.add_argument("--dir", default=None, help="where to write (default: a temp dir on the default temp disk)")
     p.add_argument("--out", default=None, help="also append the JSON lines here")
     p.add_argument("--_variant", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args._variant:  # a child: one measurement, printed as JSON
-        run = {"stall": run_stall, "snapshot": run_snapshot, "write": run_variant, "resume": run_resume}[args.mode]
-        print(json.dumps(run(args._variant, args.rows, args.d_in, args.dir)))
+        run = {"stall": run_stall, "snapshot": run_snapshot, "write": run_variant, "resume": run_resume,
+               "dp-save": run_dp_save}[args.mode]
+        extra = (args.ranks,) if args.mode in ("resume", "dp-save") else ()
+        print(json.dumps(run(args._variant, args.rows, args.d_in, args.dir, *extra)))
         return
     gb = args.rows * args.d_in * 2 / 1e9
     variants = {"stall": ("sync", "background"), "snapshot": (args.device,), "resume": ("mapped", "read_whole"),
-                "write": ("in_memory", "streamed")}[args.mode]
+                "write": ("in_memory", "streamed"), "dp-save": ("gathered_on_rank0", "per_rank")}[args.mode]
     for _ in range(args.repeats):
         for variant in variants:  # alternating: the disk's speed drifts
             with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
                 if args.mode == "resume":
                     write_ranks_checkpoint(tmp, args.rows, args.d_in, args.ranks)
                 cmd = [sys.executable, __file__, "--_variant", variant, "--mode", args.mode, "--rows",
-                       str(args.rows), "--d-in", str(args.d_in), "--dir", tmp]
+                       str(args.rows), "--d-in", str(args.d_in), "--dir", tmp, "--ranks", str(args.ranks)]
                 res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
                 shutil.rmtree(tmp, ignore_errors=True)
             row = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),

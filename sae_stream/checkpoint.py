@@ -7,6 +7,13 @@ returns the newest one whose manifest verifies, so a truncated checkpoint is rep
 
 `CheckpointWriter(background=True)` writes them on a thread while training goes on: the caller hands it a
 snapshot (`host_copy`), checkpoints are written in the order given, and at most one step's are in flight.
+
+Data parallel (torchrun): no rank sends its state to another. Rank 0 writes the checkpoint (the SAE and Adam, the
+same on every rank, with its own part), rank r > 0 writes only its own part (`RANK_KEYS`: its ring, RNG, stream
+position) under `checkpoints/rank_<r>/step_XXXXXXXX/`, each in its own background writer. Every directory is
+atomic on its own, so a resume takes the newest step that verifies in every rank's directory
+(`newest_common_step`, agreed by a collective), and pruning never removes the newest step every rank has written
+(`CheckpointWriter(dist=...)` agrees on it at each checkpoint): `keep_checkpoints=1` keeps up to 2 per rank.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import shutil
 import sys
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -122,8 +129,9 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, truncated or fails its checksum."""
 
 
-def save_checkpoint(ckpt_dir: str | Path, step: int, state: dict[str, Any], keep: int = 2) -> Path:
-    """Write `state` as checkpoint `ckpt_dir/step_{step:08d}` and prune all but the newest `keep`."""
+def save_checkpoint(ckpt_dir: str | Path, step: int, state: dict[str, Any], keep: int = 2,
+                    protect: int | None = None) -> Path:
+    """Write `state` as checkpoint `ckpt_dir/step_{step:08d}` and prune all but the newest `keep` and `protect`."""
     ckpt_dir = Path(ckpt_dir)
     final = ckpt_dir / f"step_{step:08d}"
     staging = ckpt_dir / f".step_{step:08d}.partial"
@@ -144,8 +152,31 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, state: dict[str, Any], keep
     os.replace(staging, final)
     _fsync_dir(ckpt_dir)
     for old in list_checkpoints(ckpt_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        if old.name != _name(protect):
+            shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _name(step: int | None) -> str | None:
+    return None if step is None else f"step_{step:08d}"
+
+
+# the keys of a checkpoint state that are each data-parallel rank's own (the rest is rank 0's, the same everywhere)
+RANK_KEYS = ("step", "world_size", "trainer", "rng", "extra")
+
+
+def rank_dir(ckpt_dir: str | Path, rank: int) -> Path:
+    """Where rank `rank` writes its checkpoints: rank 0 (or a single process) `ckpt_dir`, others `ckpt_dir/rank_<r>`."""
+    return Path(ckpt_dir) if rank == 0 else Path(ckpt_dir) / f"rank_{rank}"
+
+
+def rank_state(state: dict[str, Any], dist: Any) -> dict[str, Any]:
+    """What this rank writes of a checkpoint `state`: all of it in a single process; under data parallelism rank 0
+    all of it and the others their own part (RANK_KEYS), each marked with the number of ranks."""
+    if dist is None:
+        return state
+    state = {**state, "world_size": dist.world_size}
+    return state if dist.is_main else {k: v for k, v in state.items() if k in RANK_KEYS}
 
 
 def host_copy(obj: Any, copy_cpu: bool = True) -> Any:
@@ -179,11 +210,14 @@ class CheckpointWriter:
     as itself: it names the file; others as CheckpointError), i.e. at the next log step after it failed, the next
     checkpoint or the end; the interpreter finishes a write in flight before it exits."""
 
-    def __init__(self, background: bool = False) -> None:
-        self.background = background
+    def __init__(self, background: bool = False, dist: Any = None) -> None:
+        self.background, self.dist = background, dist
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="sae-stream-checkpoint") if background else None
         self._inflight: list[tuple[int, Path, Future]] = []
         self._errors: list[tuple[Path, BaseException]] = []  # failed writes not yet raised
+        self.written: int | None = None  # the newest step whose writes have all finished
+        self._room_for: int | None = None  # the step make_room last made room for
+        self.protect: int | None = None  # data parallel: the newest step every rank has written (never pruned)
 
     @property
     def pending(self) -> int:
@@ -191,18 +225,26 @@ class CheckpointWriter:
         return len(self._inflight) + len(self._errors)
 
     def make_room(self, step: int) -> None:
-        """Before building the snapshot of checkpoint `step`: wait for the writes of other steps (raising theirs)."""
+        """Before building the snapshot of checkpoint `step`: wait for the writes of other steps (raising theirs).
+        Data parallel, a collective at each new step: agree on the newest step every rank has written."""
         self.check()
         if any(s != step for s, _, _ in self._inflight):
             self.wait()
+        if self.dist is not None and step != self._room_for:
+            agreed = self.dist.min_int(-1 if self.written is None else self.written)
+            self.protect = None if agreed < 0 else agreed
+        self._room_for = step
 
     def save(self, ckpt_dir: str | Path, step: int, state: dict[str, Any], keep: int = 2) -> Path:
         """Write (or start writing) checkpoint `ckpt_dir/step_{step:08d}`; returns its path."""
-        if self._pool is None:
-            return save_checkpoint(ckpt_dir, step, state, keep=keep)
         self.make_room(step)
+        if self._pool is None:
+            path = save_checkpoint(ckpt_dir, step, state, keep=keep, protect=self.protect)
+            self.written = step
+            return path
         path = Path(ckpt_dir) / f"step_{step:08d}"
-        self._inflight.append((step, path, self._pool.submit(save_checkpoint, ckpt_dir, step, state, keep)))
+        future = self._pool.submit(save_checkpoint, ckpt_dir, step, state, keep, self.protect)
+        self._inflight.append((step, path, future))
         return path
 
     def check(self) -> None:
@@ -214,11 +256,13 @@ class CheckpointWriter:
         """Block until every checkpoint handed over is on disk; raise the first failure. Interrupted (a second
         Ctrl-C), the writes not yet finished stay pending for a later wait or drain."""
         while self._inflight:
-            _, path, future = self._inflight[0]
+            step, path, future = self._inflight[0]
             err = future.exception()  # blocks until that write ends
             self._inflight.pop(0)
             if err is not None:
                 self._errors.append((path, err))
+            elif not any(s == step for s, _, _ in self._inflight):
+                self.written = step
         errors, self._errors = self._errors, []
         if errors:
             path, err = errors[0]
@@ -258,18 +302,53 @@ def verify_checkpoint(path: str | Path) -> None:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """The verified checkpoint's state, memory-mapped (copy-on-write): only what is used is read into memory, so a
-    data-parallel rank holds its own part, not every rank's ring (N x 4.3 GB per rank for A/1 when read whole)."""
+    """The verified checkpoint's state, memory-mapped (copy-on-write): only what is used is read into memory (a
+    data-parallel rank r > 0 takes the SAE and Adam from rank 0's file and never reads rank 0's ring)."""
     verify_checkpoint(path)
     return torch.load(Path(path) / "state.pt", map_location=map_location, weights_only=False, mmap=True)
 
 
 def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
     """Newest checkpoint that verifies; corrupt ones are reported and skipped."""
-    for path in reversed(list_checkpoints(ckpt_dir)):
+    step = newest_common_step([ckpt_dir])
+    return None if step is None else Path(ckpt_dir) / _name(step)
+
+
+def newest_common_step(ckpt_dirs: Sequence[str | Path], dist: Any = None) -> int | None:
+    """The newest step with a checkpoint that verifies in every one of `ckpt_dirs` (a sweep: the stream's and each
+    SAE's) and, data parallel, on every rank (each checks its own parts, `rank_dir`; a collective). Corrupt ones are
+    reported and skipped; None if no step has them all."""
+    mine = [rank_dir(d, dist.rank if dist is not None else 0) for d in ckpt_dirs]
+    steps = set.intersection(*({int(p.name.removeprefix("step_")) for p in list_checkpoints(d)} for d in mine))
+    if dist is not None:
+        steps = set.intersection(*(set(s) for s in dist.all_gather_objects(sorted(steps))))
+    for step in sorted(steps, reverse=True):
         try:
-            verify_checkpoint(path)
-            return path
+            for d in mine:
+                verify_checkpoint(d / _name(step))
+            ok = True
         except CheckpointError as e:
             warnings.warn(f"{e}; falling back to the previous checkpoint", stacklevel=2)
+            ok = False
+        if (dist.min_int(int(ok)) == 1) if dist is not None else ok:
+            return step
     return None
+
+
+def load_own_part(ckpt: str | Path, dist: Any = None) -> dict[str, Any]:
+    """Checkpoint `ckpt` (a `step_*` dir of rank 0's) as this rank saved it: rank 0's state with, on rank r > 0,
+    its own part (RANK_KEYS, from its own directory) in place of rank 0's. Resuming needs as many ranks as wrote it."""
+    ckpt = Path(ckpt)
+    state = load_checkpoint(ckpt)
+    if "per_rank" in state:
+        raise ValueError(f"checkpoint {ckpt} holds every rank's part in one file, a layout sae-stream no longer "
+                         "reads: resume it with the version that wrote it (before per-rank checkpoint files)")
+    saved, world = state.get("world_size", 1), dist.world_size if dist is not None else 1
+    if saved != world:
+        raise ValueError(f"checkpoint {ckpt} was written by {saved} data-parallel rank(s), this run has {world}: "
+                         f"resume with `torchrun --nproc_per_node={saved} -m sae_stream train --resume RUN_DIR`"
+                         if saved > 1 else f"checkpoint {ckpt} was written by a single process: resume it "
+                         "without torchrun")
+    if dist is None:
+        return state
+    return {**state, **load_checkpoint(rank_dir(ckpt.parent, dist.rank) / ckpt.name)} if dist.rank else state

@@ -9,8 +9,10 @@ step, so `train.batch_size` stays the global batch and a run matches single-proc
 
 Gradients are averaged by one all-reduce over a flat copy of the SAE's gradients right after backward: simpler than
 wrapping the SAE in nn.parallel.DistributedDataParallel (whose bucketing and overlap buy little for four tensors
-and a single backward), and it leaves the decoder-gradient projection, clipping and Adam as they are. Objects
-(checkpoint parts) travel over a gloo group, so a ring buffer's state never passes through GPU memory.
+and a single backward), and it leaves the decoder-gradient projection, clipping and Adam as they are. Small objects
+(which checkpoints each rank has) travel over a gloo group; checkpoints themselves never travel: each rank writes
+its own part (its ring, RNG, stream position) beside rank 0's (checkpoint.py), so the run directory must be one
+that every rank sees (a shared filesystem across machines).
 """
 
 from __future__ import annotations
@@ -107,17 +109,23 @@ class Distributed:
 
     # ------------------------------------------------------------------ objects
 
-    def gather_objects(self, obj: Any) -> list[Any] | None:
-        """Every rank's `obj` (pickled) as a list on rank 0, None elsewhere."""
-        out = [None] * self.world_size if self.is_main else None
-        tdist.gather_object(obj, out, dst=0, group=self.object_group)
-        return out
-
     def broadcast_object(self, obj: Any) -> Any:
         """Rank 0's `obj` on every rank."""
         box = [obj]
         tdist.broadcast_object_list(box, src=0, group=self.object_group)
         return box[0]
+
+    def all_gather_objects(self, obj: Any) -> list[Any]:
+        """Every rank's `obj` (pickled), in rank order, on every rank."""
+        out: list[Any] = [None] * self.world_size
+        tdist.all_gather_object(out, obj, group=self.object_group)
+        return out
+
+    def min_int(self, value: int) -> int:
+        """The smallest of every rank's `value` (over the gloo group: no GPU work, no stream sync)."""
+        t = torch.tensor([value], dtype=torch.long)
+        tdist.all_reduce(t, op=tdist.ReduceOp.MIN, group=self.object_group)
+        return int(t)
 
     def barrier(self) -> None:
         tdist.barrier(group=self.object_group)

@@ -24,14 +24,14 @@ import torch
 
 from sae_stream.activations import ActivationStream, check_hook_names, hook_dim
 from sae_stream.buffer import ShuffleBuffer
-from sae_stream.checkpoint import CheckpointWriter, load_checkpoint
+from sae_stream.checkpoint import CheckpointWriter, load_own_part, rank_dir, rank_state
 from sae_stream.config import Config, load_config, save_config, to_dict
 from sae_stream.data import ContextBatches, TokenContexts, heldout_batches
 from sae_stream.distributed import Distributed, shard_size
 from sae_stream.evaluate import evaluate, load_feature_density, write_eval
 from sae_stream.export import export_saelens, load_saelens
 from sae_stream.process import resolve_device
-from sae_stream.rundir import UserError, is_main_process, prepare_out_dir, require_run_dir
+from sae_stream.rundir import UserError, check_shared, is_main_process, prepare_out_dir, require_run_dir
 from sae_stream.sae import build_sae
 from sae_stream.step import resolve_kernels
 from sae_stream.sweep import SharedPool, common_resume_step, fit_together
@@ -127,6 +127,8 @@ class Session:
         self.dist = Distributed.from_env(self.device)
         rank, world = (self.dist.rank, self.dist.world_size) if self.dist else (0, 1)
         self.device = self.dist.device if self.dist else self.device
+        if self.dist is not None:
+            check_shared(run_dir, self.dist)
         self.is_main = rank == 0
         self.batch_size = shard_size(cfg.train.batch_size, world)
         if self.dist is not None and cfg.train.nan_policy == "skip":
@@ -146,8 +148,9 @@ class Session:
         self.stream = ActivationStream(self.model, [hook], tokens, cfg.buffer, self.device, seed=seed,
                                        context_len=cfg.data.context_len, capture=native_capture(cfg, self.device))
         self.buffer = ShuffleBuffer(self.stream, cfg.buffer, self.device, d_in=self.d_in, seed=seed)
-        # one writer for every SAE and the stream: checkpoints land in the order written (a sweep's always agree)
-        self.writer = CheckpointWriter(background=cfg.train.background_checkpoints and self.is_main)
+        # one writer for every SAE and the stream: checkpoints land in the order written (a sweep's always agree);
+        # data parallel, one per rank, each writing this rank's part
+        self.writer = CheckpointWriter(background=cfg.train.background_checkpoints, dist=self.dist)
         self.sweep = bool(cfg.sweep.saes)
         self.pool = SharedPool(self._pool) if self.sweep else self._pool
         members = cfg.sweep_members() or [(None, cfg)]
@@ -188,11 +191,11 @@ class Session:
                 self.buffer.load_state_dict(extra["buffer"])
             step = self.trainer.step
         else:
-            step = common_resume_step(self.run_dir, [m.run_dir for m in self.members])
+            step = common_resume_step(self.run_dir, [m.run_dir for m in self.members], self.dist)
             for m in self.members:
                 m.trainer.resume(m.run_dir / "checkpoints" / f"step_{step:08d}")
-            state = load_checkpoint(self.run_dir / "checkpoints" / f"step_{step:08d}")
-            self.buffer.load_state_dict(self.members[0].trainer.own_part(state, self.run_dir)["extra"]["buffer"])
+            stream = load_own_part(self.run_dir / "checkpoints" / f"step_{step:08d}", self.dist)
+            self.buffer.load_state_dict(stream["extra"]["buffer"])
         for m in self.members:  # records logged after the checkpoint (before a kill) are logged again from here
             m.tracker.drop_after(step)
         return step
@@ -208,16 +211,10 @@ class Session:
 
     def _save_stream(self, step: int) -> None:
         """A sweep's stream checkpoint (after every member's at this step); collective under torchrun."""
-        state: dict[str, Any] = {"step": step, "members": [m.name for m in self.members]}
-        extra = {"buffer": self._buffer_state()}
-        if self.dist is None:
-            state["extra"] = extra
-        else:  # every rank's own part (rank 0's too: once, in per_rank)
-            per_rank = self.dist.gather_objects({"extra": extra})
-            if per_rank is None:
-                return
-            state["per_rank"] = per_rank
-        self.writer.save(self.run_dir / "checkpoints", step, state, keep=self.cfg.train.keep_checkpoints)
+        self.writer.make_room(step)
+        state = {"step": step, "members": [m.name for m in self.members], "extra": {"buffer": self._buffer_state()}}
+        ckpt_dir = rank_dir(self.run_dir / "checkpoints", self.dist.rank if self.dist is not None else 0)
+        self.writer.save(ckpt_dir, step, rank_state(state, self.dist), keep=self.cfg.train.keep_checkpoints)
 
     def fit(self) -> list[dict[str, Any]]:
         """Train (every SAE on the same batches), export each from rank 0; the final metrics of each SAE."""

@@ -5,9 +5,11 @@ eval or analyze; and the one-line error for what the user asked wrongly.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 
 class UserError(RuntimeError):
@@ -25,7 +27,7 @@ def prepare_out_dir(out: str | Path | None, command: str, overwrite: bool) -> Pa
     if not is_main_process():
         if not out:
             raise UserError("under torchrun pass --out RUN_DIR: every rank must name the same run directory")
-        return path  # rank 0 prepares it; the others never write
+        return path  # rank 0 prepares it (the others write their checkpoint parts into it: check_shared)
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         if not overwrite:
             raise UserError(f"output directory {str(path)!r} exists: pass --overwrite to replace it, "
@@ -41,3 +43,19 @@ def require_run_dir(run_dir: str | Path) -> Path:
     if not (path / "config.yaml").is_file():
         raise UserError(f"{str(path)!r} is not a run directory (no config.yaml): pass the --out of `sae-stream train`")
     return path
+
+
+def check_shared(run_dir: Path, dist: Any) -> None:
+    """Under torchrun every rank writes its own part of each checkpoint into the run directory, so every rank must
+    see the same directory (across machines: a shared filesystem). Checked with a file rank 0 writes; a collective."""
+    marker = run_dir / f".ranks-{dist.broadcast_object(secrets.token_hex(8) if dist.is_main else None)}"
+    if dist.is_main:
+        marker.touch()
+    dist.barrier()
+    blind = [r for r, seen in enumerate(dist.all_gather_objects(marker.is_file())) if not seen]
+    if dist.is_main:
+        marker.unlink()
+    if blind:
+        raise UserError(f"rank(s) {blind} do not see the run directory {str(run_dir)!r} that rank 0 made: under "
+                        "torchrun every rank writes its part of each checkpoint there, so put --out on a filesystem "
+                        "every machine shares")

@@ -9,8 +9,9 @@ steps themselves are not shared (they run one after the other on the same device
 
 Checkpoints: at every `train.checkpoint_every` step each member writes `<run>/<name>/checkpoints/step_X`, and then
 the stream (buffer, LM and text position) writes `<run>/checkpoints/step_X`, last. A resume takes the newest stream
-checkpoint whose members all have a valid checkpoint at that step (`common_resume_step`), so the K SAEs and the one
-buffer always restart from the same point.
+checkpoint whose members all have a valid checkpoint at that step (`common_resume_step`; data parallel: on every
+rank, each rank's parts being in `rank_<r>/` of each of those directories), so the K SAEs and the one buffer always
+restart from the same point.
 
 Resampling: members that resample at the same step share one pool (`SharedPool`, drawn once per step; pool_size
 and pool_dtype are shared settings), so with one resampling schedule a sweep consumes the stream exactly as one
@@ -19,13 +20,13 @@ run does; members with schedules of their own draw a pool at each of their steps
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from torch import Tensor
 
-from sae_stream.checkpoint import CheckpointError, list_checkpoints, verify_checkpoint
+from sae_stream.checkpoint import newest_common_step
 from sae_stream.process import TrainingInterrupted, signals_to
 from sae_stream.trainer import Trainer
 
@@ -101,16 +102,11 @@ def fit_together(trainers: Sequence[Trainer], batches: Iterator[Tensor], save_st
     return [tr.last_metrics for tr in trainers]
 
 
-def common_resume_step(run_dir: Path, member_dirs: Sequence[Path]) -> int:
-    """The newest step with a valid stream checkpoint and a valid checkpoint of every member."""
-    for ckpt in reversed(list_checkpoints(run_dir / "checkpoints")):
-        step = int(ckpt.name.removeprefix("step_"))
-        try:
-            for path in [ckpt, *(d / "checkpoints" / ckpt.name for d in member_dirs)]:
-                verify_checkpoint(path)
-        except CheckpointError as e:
-            warnings.warn(f"{e}; falling back to the previous checkpoint", stacklevel=2)
-            continue
-        return step
-    raise ValueError(f"no step under {run_dir} has a valid checkpoint of the stream and of every SAE of the sweep: "
-                     "start the sweep again")
+def common_resume_step(run_dir: Path, member_dirs: Sequence[Path], dist: Any = None) -> int:
+    """The newest step with a valid stream checkpoint and a valid checkpoint of every member (data parallel: on
+    every rank; a collective)."""
+    step = newest_common_step([run_dir / "checkpoints", *(d / "checkpoints" for d in member_dirs)], dist)
+    if step is None:
+        raise ValueError(f"no step under {run_dir} has a valid checkpoint of the stream and of every SAE of the "
+                         "sweep: start the sweep again")
+    return step

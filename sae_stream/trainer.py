@@ -8,7 +8,8 @@
 fit() is begin() + advance(x) per batch + finish(), so a driver can feed several trainers the same batches
 (sweep.py). Data parallel (distributed.py): pass `dist`; each rank feeds its own shard of every global batch,
 gradients are averaged right after backward (`grad_sync`), firing state, metrics and resampling are made
-identical across ranks at log / resample / checkpoint steps (never per step), and only rank 0 writes.
+identical across ranks at log / resample / checkpoint steps (never per step); rank 0 logs, and each rank writes
+its own part of every checkpoint (checkpoint.py).
 
 Checkpoints go through `writer` (checkpoint.CheckpointWriter): written before save() returns by default; with a
 background writer (what `sae-stream train` passes) training goes on while they are written, so `extra_state` must
@@ -64,7 +65,9 @@ class Trainer(TrainerState):
                  extra_metrics: Callable[[], dict] | None = None, dist: Distributed | None = None,
                  writer: CheckpointWriter | None = None) -> None:
         self.sae, self.cfg, self.tracker, self.dist = sae, cfg, tracker, dist
-        self.writer = writer if writer is not None else CheckpointWriter()  # default: writes before save() returns
+        self.writer = writer if writer is not None else CheckpointWriter(dist=dist)  # default: synchronous
+        if (self.writer.dist is None) != (dist is None):
+            raise ValueError("a data-parallel Trainer needs a CheckpointWriter(dist=...) with the same dist")
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.pool_fn, self.extra_state, self.extra_metrics = pool_fn, extra_state, extra_metrics
         self.total_steps = cfg.train.total_steps

@@ -2,7 +2,8 @@
 stream position; data parallel: every rank's own part). A mixin of Trainer (trainer.py), using its attributes.
 
     state = trainer.state_dict()         # everything needed to continue bit for bit
-    trainer.save()                       # -> RUN/checkpoints/step_N (atomic; rank 0 under data parallelism)
+    trainer.save()                       # -> RUN/checkpoints/step_N (atomic; data parallel: rank r > 0 its own
+                                         #    part in RUN/checkpoints/rank_<r>/step_N)
     extra = trainer.resume(run_dir)      # the latest valid checkpoint; returns the caller's extra_state
 """
 
@@ -14,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sae_stream.checkpoint import host_copy, latest_checkpoint, load_checkpoint
+from sae_stream.checkpoint import host_copy, load_own_part, newest_common_step, rank_dir, rank_state
 
 
 class TrainerState:
@@ -73,18 +74,6 @@ class TrainerState:
             group["lr"] = float(group["lr"])
         return state
 
-    def _checkpoint_state(self) -> dict[str, Any] | None:
-        """state_dict(); data parallel: a collective that adds every rank's own part (trainer metrics, RNG,
-        stream) as `per_rank`, returned on rank 0 only (the SAE and Adam are identical on every rank). The caller's
-        extra state (the ring) is kept once, in per_rank (own_part puts it back)."""
-        state = self.state_dict()
-        if self.dist is None:
-            return state
-        per_rank = self.dist.gather_objects({k: state[k] for k in ("trainer", "rng", "extra")})
-        if per_rank is None:
-            return None
-        return {**{k: v for k, v in state.items() if k != "extra"}, "per_rank": per_rank}
-
     def save(self) -> Path | None:
         if self.run_dir is None:
             return None
@@ -93,14 +82,12 @@ class TrainerState:
         self._raise_if_bad_input()  # never checkpoint weights trained on non-finite data
         self._saved_step = self.step
         self.writer.make_room(self.step)  # one step's snapshots in memory at a time
-        state = self._checkpoint_state()
-        if state is None:  # data parallel: rank 0 writes
-            return None
+        state = rank_state(self.state_dict(), self.dist)  # data parallel: rank r > 0 writes its own part only
         if self.writer.background:  # training goes on while it is written: the trainer's part is copied here; the
-            # caller's extra_state must already be copies (ShuffleBuffer's are), the gathered per_rank parts are
-            # (unpickled), only moved off the GPU
-            state = {k: v if k == "extra" else host_copy(v, copy_cpu=k != "per_rank") for k, v in state.items()}
-        return self.writer.save(self.run_dir / "checkpoints", self.step, state, keep=self.cfg.train.keep_checkpoints)
+            # caller's extra_state must already be copies (ShuffleBuffer's are)
+            state = {k: v if k == "extra" else host_copy(v) for k, v in state.items()}
+        ckpt_dir = rank_dir(self.run_dir / "checkpoints", self.dist.rank if self.dist is not None else 0)
+        return self.writer.save(ckpt_dir, self.step, state, keep=self.cfg.train.keep_checkpoints)
 
     def resume(self, path_or_run_dir: Path | str) -> dict:
         """Load the latest valid checkpoint (a run dir, its checkpoints/ dir, or one step_* dir); returns
@@ -108,16 +95,17 @@ class TrainerState:
         path = Path(path_or_run_dir)
         if (path / "MANIFEST.json").is_file():
             ckpt = path
-        else:
-            ckpt = latest_checkpoint(path / "checkpoints" if (path / "checkpoints").is_dir() else path)
-        if ckpt is None:
-            raise ValueError(f"no valid checkpoint under {str(path)!r}: train first or point at a run dir")
-        state = load_checkpoint(ckpt, map_location="cpu")
+        else:  # data parallel: the newest step every rank has (a collective)
+            ckpt_dir = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+            step = newest_common_step([ckpt_dir], self.dist)
+            if step is None:
+                raise ValueError(f"no valid checkpoint under {str(path)!r}: train first or point at a run dir")
+            ckpt = ckpt_dir / f"step_{step:08d}"
+        state = load_own_part(ckpt, self.dist)
         got = (state["architecture"], state["d_in"], state["d_sae"])
         want = (self.sae.cfg.architecture, self.sae.d_in, self.sae.d_sae)
         if got != want:
             raise ValueError(f"checkpoint {ckpt} is (architecture, d_in, d_sae)={got}, this SAE is {want}")
-        state = self.own_part(state, ckpt)
         self.sae.load_state_dict(state["sae"])
         self.optimizer.load_state_dict(state["optimizer"])
         self._lr_now = float(self.optimizer.param_groups[0]["lr"])
@@ -130,16 +118,3 @@ class TrainerState:
         if state["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         return state["extra"]
-
-    def own_part(self, state: dict[str, Any], ckpt: Path) -> dict[str, Any]:
-        """The checkpoint as this rank saw it: a data-parallel checkpoint needs the same number of ranks."""
-        saved = len(state["per_rank"]) if "per_rank" in state else 1
-        world = self.dist.world_size if self.dist is not None else 1
-        if saved != world:
-            raise ValueError(f"checkpoint {ckpt} was written by {saved} data-parallel rank(s), this run has {world}: "
-                             f"resume with `torchrun --nproc_per_node={saved} -m sae_stream train --resume RUN_DIR`"
-                             if saved > 1 else f"checkpoint {ckpt} was written by a single process: resume it "
-                             "without torchrun")
-        if self.dist is None:
-            return state
-        return {**state, **state["per_rank"][self.dist.rank]}

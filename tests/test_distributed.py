@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from sae_stream.checkpoint import RANK_KEYS, list_checkpoints, rank_dir, save_checkpoint
 from sae_stream.distributed import Distributed, shard_size
 from sae_stream.sae import build_sae
 from sae_stream.trainer import Trainer
@@ -35,8 +36,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _config():
-    return _cfg("anthropic", steps=STEPS, train__checkpoint_every=20, train__log_every=10,
+def _config(keep: int = 2):
+    return _cfg("anthropic", steps=STEPS, train__checkpoint_every=20, train__log_every=10, train__keep_checkpoints=keep,
                 train__lr_schedule="linear_tail", train__warmup_steps=5, resample__enabled=True,
                 resample__at_steps=[15, 30], sae__l1_coeff=0.05, sae__d_sae=256, resample__dead_window=2)
 
@@ -53,13 +54,13 @@ def _shard(x: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     return x[rank * n:(rank + 1) * n]
 
 
-def _worker(rank: int, port: int, out: str, resume_from: str | None, stop_at: int) -> None:
+def _worker(rank: int, port: int, out: str, resume_from: str | None, stop_at: int, keep: int) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist = Distributed.from_env()
     assert dist is not None and dist.rank == rank
-    cfg, atoms, log = _config(), _atoms(), ListLogger()
+    cfg, atoms, log = _config(keep), _atoms(), ListLogger()
     full_pool = _pool(atoms)
     trainer = Trainer(_sae(cfg), cfg, Path(out) / "run", log if rank == 0 else ListLogger(),
                       pool_fn=lambda n: dist.all_gather_rows(_shard(full_pool(n), rank, WORLD)),
@@ -75,10 +76,10 @@ def _worker(rank: int, port: int, out: str, resume_from: str | None, stop_at: in
     dist.close()
 
 
-def _spawn(out: Path, resume_from: Path | None = None, stop_at: int = STEPS) -> list[dict]:
+def _spawn(out: Path, resume_from: Path | None = None, stop_at: int = STEPS, keep: int = 2) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
-    mp.start_processes(_worker, args=(_free_port(), str(out), str(resume_from) if resume_from else None, stop_at),
-                       nprocs=WORLD, start_method="spawn")
+    mp.start_processes(_worker, args=(_free_port(), str(out), str(resume_from) if resume_from else None, stop_at,
+                                      keep), nprocs=WORLD, start_method="spawn")
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
@@ -102,11 +103,18 @@ def test_ddp__equals_single_process_and_ranks_stay_identical_through_resampling(
             assert m[key] == pytest.approx(ref[key], rel=1e-4), (step, key)
         assert m["fvu"] == pytest.approx(ref["fvu"], rel=1e-2)  # variance around each rank's batch mean
 
-    # killed after the checkpoint at step 20 (the run stops there), then resumed: the same bits as uninterrupted
-    _spawn(tmp_path / "cut", stop_at=25)
-    state = torch.load(tmp_path / "cut" / "run" / "checkpoints" / "step_00000020" / "state.pt", weights_only=False)
-    assert [p["extra"] for p in state["per_rank"]] == [{"rank": 0}, {"rank": 1}]
-    resumed = _spawn(tmp_path / "resumed", resume_from=tmp_path / "cut" / "run" / "checkpoints" / "step_00000020")
+    # cut at step 25 (checkpoints at 20 and 25) with keep_checkpoints=1, rank 1's newest part torn, then resumed
+    # from the run dir: both ranks agree on step 20 (kept: the newest step every rank had written when 25 was
+    # saved), and the result is the same bits as uninterrupted
+    _spawn(tmp_path / "cut", stop_at=25, keep=1)
+    ckpts = tmp_path / "cut" / "run" / "checkpoints"
+    main, own = (torch.load(d / "step_00000020" / "state.pt", weights_only=False) for d in (ckpts, ckpts / "rank_1"))
+    assert (main["extra"], main["world_size"], own["extra"]) == ({"rank": 0}, 2, {"rank": 1})
+    assert set(own) == set(RANK_KEYS)  # rank 1 writes only its own part: no SAE, no Adam
+    for d in (ckpts, ckpts / "rank_1"):
+        assert [p.name for p in list_checkpoints(d)] == ["step_00000020", "step_00000025"]
+    (ckpts / "rank_1" / "step_00000025" / "state.pt").write_bytes(b"torn")
+    resumed = _spawn(tmp_path / "resumed", resume_from=tmp_path / "cut" / "run")
     for name, p in ranks[0]["sae"].items():
         assert torch.equal(resumed[0]["sae"][name], p), name
     def strip(rows: list, after: int = 0) -> list:
@@ -121,17 +129,15 @@ def test_ddp__batch_must_split_evenly_and_checkpoint_needs_same_world(tmp_path: 
     cfg = _config()
     Trainer(_sae(cfg), cfg, tmp_path, ListLogger(), pool_fn=_pool(_atoms())).save()
     state = torch.load(tmp_path / "checkpoints" / "step_00000000" / "state.pt", weights_only=False)
-    state["per_rank"] = [{}, {}]
-    from sae_stream.checkpoint import save_checkpoint
-
-    save_checkpoint(tmp_path / "checkpoints", 1, state)
+    save_checkpoint(tmp_path / "checkpoints", 1, {**state, "world_size": 2})
     with pytest.raises(ValueError, match="nproc_per_node=2"):
         Trainer(_sae(cfg), cfg, tmp_path, ListLogger(), pool_fn=_pool(_atoms())).resume(tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------- the CLI under torchrun
 
-# GATED_CLI (from test_reliability): the real CLI, rank 0 held before step HOLD_AT+1 while GATE exists.
+# GATED_CLI (from test_reliability): the real CLI, every rank held before step HOLD_AT+1 while GATE exists, its
+# checkpoints written.
 DDP_ARGS = ["--train.total_tokens=20480", "--train.checkpoint_every=10", "--resample.at_steps=[15]",
             "--train.device=cpu"]
 
@@ -162,7 +168,14 @@ def _kill_job(launcher: subprocess.Popen, gate: Path) -> None:
     launcher.communicate(timeout=60)
 
 
-def test_torchrun__killed_ddp_run_resumes_to_the_uninterrupted_result(tiny_run: Path, tmp_path: Path) -> None:  # noqa: F811
+SWEEP_ARGS = ["--sweep.saes=[{name: low, sae: {l1_coeff: 0.0001}}, {name: high, sae: {l1_coeff: 0.001}}]"]
+
+
+@pytest.mark.parametrize("sweep", [False, True], ids=["one_sae", "sweep"])
+def test_torchrun__killed_ddp_run_resumes_to_the_uninterrupted_result(tiny_run: Path, tmp_path: Path,  # noqa: F811
+                                                                      sweep: bool) -> None:
+    """Each rank writes its own checkpoint parts (a sweep: each SAE's and the stream's); SIGKILLed after step 25,
+    the run resumes from step 20 on both ranks to the same bits as an uninterrupted run."""
     from safetensors.torch import load_file
 
     script = tmp_path / "gated.py"
@@ -170,13 +183,13 @@ def test_torchrun__killed_ddp_run_resumes_to_the_uninterrupted_result(tiny_run: 
     lm, gate = str(tiny_run / "lm"), tmp_path / "gate"
     gate.touch()
     full, cut = tmp_path / "full", tmp_path / "cut"
-    killed = _torchrun(script, "train", "--lm", lm, "--out", str(cut), *TINY, *DDP_ARGS,
-                       env={"GATE": str(gate), "HOLD_AT": "25"})
+    args = [*TINY, *DDP_ARGS, *(SWEEP_ARGS if sweep else [])]
+    killed = _torchrun(script, "train", "--lm", lm, "--out", str(cut), *args, env={"GATE": str(gate), "HOLD_AT": "25"})
     try:
-        _finish(_torchrun(script, "train", "--lm", lm, "--out", str(full), *TINY, *DDP_ARGS,
+        _finish(_torchrun(script, "train", "--lm", lm, "--out", str(full), *args,
                           env={"GATE": str(tmp_path / "no-gate"), "HOLD_AT": "-1"}))
         deadline = time.monotonic() + 240
-        while not Path(str(gate) + ".held").exists():
+        while not all(Path(str(gate) + m).exists() for m in (".held", *(f".rank{r}.held" for r in range(1, WORLD)))):
             assert killed.poll() is None, killed.communicate()[1][-3000:]
             assert time.monotonic() < deadline
             time.sleep(0.05)
@@ -184,17 +197,23 @@ def test_torchrun__killed_ddp_run_resumes_to_the_uninterrupted_result(tiny_run: 
     finally:
         if killed.poll() is None:
             _kill_job(killed, gate)
-    assert sorted(p.name for p in (cut / "checkpoints").iterdir()) == ["step_00000010", "step_00000020"]
-    assert not (cut / "sae").exists()
+    saes = ["low", "high"] if sweep else [""]
+    for d in [cut, *(cut / name for name in saes)]:
+        for r in range(WORLD):
+            assert [p.name for p in list_checkpoints(rank_dir(d / "checkpoints", r))] == ["step_00000010",
+                                                                                            "step_00000020"]
+    assert not (cut / saes[0] / "sae").exists()
     _finish(_torchrun(script, "train", "--resume", str(cut), env={"GATE": str(gate), "HOLD_AT": "-1"}))
 
-    steps = [json.loads(line)["step"] for line in (cut / "metrics.jsonl").read_text().splitlines()]
-    assert steps[-1] == 40 and len(json.loads((full / "metrics.jsonl").read_text().splitlines()[-1])) > 5
-    for key, want in load_file(full / "sae" / "sae_weights.safetensors").items():
-        assert torch.equal(load_file(cut / "sae" / "sae_weights.safetensors")[key], want), key
-    state = torch.load(full / "checkpoints" / "step_00000040" / "state.pt", weights_only=False)
-    contexts = [p["extra"]["buffer"]["source"]["token_source"]["rank"] for p in state["per_rank"]]
-    assert contexts == [0, 1]  # each rank's own text shard is in the checkpoint
+    for name in saes:
+        steps = [json.loads(line)["step"] for line in (cut / name / "metrics.jsonl").read_text().splitlines()]
+        assert steps[-1] == 40 and len(json.loads((full / name / "metrics.jsonl").read_text().splitlines()[-1])) > 5
+        for key, want in load_file(full / name / "sae" / "sae_weights.safetensors").items():
+            assert torch.equal(load_file(cut / name / "sae" / "sae_weights.safetensors")[key], want), (name, key)
+    parts = [torch.load(rank_dir(full / "checkpoints", r) / "step_00000040" / "state.pt", weights_only=False)
+             for r in range(WORLD)]
+    assert [p["extra"]["buffer"]["source"]["token_source"]["rank"] for p in parts] == [0, 1]  # each its own shard
+    assert parts[1]["extra"]["buffer"]["acts"].shape[0] > 0  # rank 1's ring, in its own file
 
 
 def _nan_worker(rank: int, port: int, out: str) -> None:
@@ -227,3 +246,30 @@ def test_ddp__a_bad_batch_on_one_rank_stops_every_rank_with_its_step(tmp_path: P
     results = [(tmp_path / f"nan{r}.txt").read_text() for r in range(WORLD)]
     assert results[0] == results[1]
     assert results[0].startswith("non-finite activations in the batch of step 3")
+
+
+class _Rank1:
+    """Rank 1 of 2 as check_shared sees it: rank 0 announced marker ".ranks-abc", rank 0 itself saw it."""
+
+    is_main, rank, world_size = False, 1, 2
+
+    def broadcast_object(self, obj: object) -> str:
+        return "abc"
+
+    def barrier(self) -> None:
+        pass
+
+    def all_gather_objects(self, obj: object) -> list:
+        return [True, obj]
+
+
+def test_check_shared__a_rank_that_cannot_see_the_run_dir_is_named(tmp_path: Path) -> None:
+    from sae_stream.rundir import UserError, check_shared
+
+    shared, elsewhere = tmp_path / "run", tmp_path / "other-machine"
+    shared.mkdir()
+    elsewhere.mkdir()
+    (shared / ".ranks-abc").touch()  # what rank 0 wrote
+    check_shared(shared, _Rank1())
+    with pytest.raises(UserError, match=r"rank\(s\) \[1\] do not see the run directory .*other-machine.*shares"):
+        check_shared(elsewhere, _Rank1())

@@ -58,9 +58,9 @@ gate, hold_at, step = Path(os.environ["GATE"]), int(os.environ["HOLD_AT"]), trai
 rank = os.environ.get("RANK", "0")
 Path(str(gate) + f".rank{rank}.pid").write_text(str(os.getpid()))
 def gated(self, x):
-    if self.step == hold_at and rank == "0" and gate.exists():
+    if self.step == hold_at and gate.exists():
         self.writer.wait()  # checkpoints are written in the background: the held run's are all on disk
-        Path(str(gate) + ".held").touch()
+        Path(str(gate) + (".held" if rank == "0" else f".rank{rank}.held")).touch()
         while gate.exists():
             time.sleep(0.005)
     return step(self, x)
@@ -278,15 +278,15 @@ class _Unsaveable:
 
 
 def test_load_checkpoint__maps_the_file_and_reads_what_is_used(tmp_path: Path) -> None:
-    """A checkpoint loads memory-mapped (a data-parallel rank then reads only its own part of every rank's ring):
+    """A checkpoint loads memory-mapped (a data-parallel rank r > 0 then never reads rank 0's ring):
     the tensors are file-backed, equal to what was saved, and writing to them leaves the file as it was."""
     from sae_stream.checkpoint import load_checkpoint, save_checkpoint, sha256_file
 
     parts = [{"acts": torch.randn(1000, 64).bfloat16()} for _ in range(3)]
-    path = save_checkpoint(tmp_path, 1, {"per_rank": parts, "step": 1})
+    path = save_checkpoint(tmp_path, 1, {"parts": parts, "step": 1})
     digest = sha256_file(path / "state.pt")
     state = load_checkpoint(path)
-    got = state["per_rank"][1]["acts"]
+    got = state["parts"][1]["acts"]
     assert torch.equal(got, parts[1]["acts"])
     maps = [line.split()[0].split("-") for line in Path("/proc/self/maps").read_text().splitlines()
             if line.endswith(str(path / "state.pt"))]
@@ -366,13 +366,13 @@ def test_background_checkpoints__hold_the_step_they_were_taken_at(tmp_path: Path
     trainer = _trainer_with(tmp_path / "bg", checkpoint.CheckpointWriter(background=True))
     write, threads = checkpoint.save_checkpoint, set()
 
-    def held_back(ckpt_dir: Path, step: int, state: dict, keep: int) -> Path:
+    def held_back(ckpt_dir: Path, step: int, state: dict, keep: int, protect: int | None) -> Path:
         deadline = time.monotonic() + 60
         while trainer.step < min(step + 2, trainer.total_steps):
             assert time.monotonic() < deadline, "training did not go on during the write"
             time.sleep(0.001)
         threads.add(threading.current_thread().name)
-        return write(ckpt_dir, step, state, keep)
+        return write(ckpt_dir, step, state, keep, protect)
 
     monkeypatch.setattr(checkpoint, "save_checkpoint", held_back)
     trainer.fit(_batches(device=device))
@@ -428,7 +428,7 @@ def test_checkpoint_writer__one_step_in_flight_written_in_order(tmp_path: Path,
 
     release, written = threading.Event(), []
 
-    def slow(ckpt_dir: Path, step: int, state: dict, keep: int) -> Path:
+    def slow(ckpt_dir: Path, step: int, state: dict, keep: int, protect: int | None) -> Path:
         assert release.wait(60)
         written.append(Path(ckpt_dir).name)
         return Path(ckpt_dir)
@@ -453,9 +453,9 @@ def test_background_checkpoints__a_stop_waits_for_its_checkpoint(tmp_path: Path,
 
     write = checkpoint.save_checkpoint
 
-    def slow(ckpt_dir: Path, step: int, state: dict, keep: int) -> Path:
+    def slow(ckpt_dir: Path, step: int, state: dict, keep: int, protect: int | None) -> Path:
         time.sleep(0.3)
-        return write(ckpt_dir, step, state, keep)
+        return write(ckpt_dir, step, state, keep, protect)
 
     monkeypatch.setattr(checkpoint, "save_checkpoint", slow)
     trainer = _trainer_with(tmp_path, checkpoint.CheckpointWriter(background=True))
@@ -475,12 +475,12 @@ def test_background_checkpoints__next_snapshot_waits_for_the_previous_write(tmp_
     write, pending_at_snapshot = checkpoint.save_checkpoint, []
     writer = checkpoint.CheckpointWriter(background=True)
 
-    def held_back(ckpt_dir: Path, step: int, state: dict, keep: int) -> Path:
+    def held_back(ckpt_dir: Path, step: int, state: dict, keep: int, protect: int | None) -> Path:
         deadline = time.monotonic() + 60
         while trainer.step < min(step + 5, trainer.total_steps):
             assert time.monotonic() < deadline, "training did not reach the next checkpoint"
             time.sleep(0.001)
-        return write(ckpt_dir, step, state, keep)
+        return write(ckpt_dir, step, state, keep, protect)
 
     def extra_state() -> dict:
         pending_at_snapshot.append(writer.pending)
@@ -506,7 +506,7 @@ def test_checkpoint_writer__interrupted_wait_keeps_pending_and_drain_reports(tmp
 
     fail_a, release = threading.Event(), threading.Event()
 
-    def first_fails_second_slow(ckpt_dir: Path, step: int, state: dict, keep: int) -> Path:
+    def first_fails_second_slow(ckpt_dir: Path, step: int, state: dict, keep: int, protect: int | None) -> Path:
         if Path(ckpt_dir).name == "a":
             assert fail_a.wait(60)
             raise OSError(errno.ENOSPC, "No space left on device", str(ckpt_dir))
@@ -549,3 +549,32 @@ def test_host_copy__keeps_container_types_and_copies_every_tensor() -> None:
         assert torch.equal(a, b) and a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()
     fresh = torch.ones(4)
     assert host_copy([fresh], copy_cpu=False)[0].untyped_storage().data_ptr() == fresh.untyped_storage().data_ptr()
+
+
+class _LaggingPeer:
+    """A data-parallel group of this rank and one whose newest finished checkpoint is step 1 (min_int as the group)."""
+
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+
+    def min_int(self, value: int) -> int:
+        self.seen.append(value)
+        return min(value, 1)
+
+
+@pytest.mark.parametrize("background", [False, True], ids=["sync", "background"])
+def test_checkpoint_writer__never_prunes_the_newest_step_every_rank_has(tmp_path: Path, background: bool) -> None:
+    """keep=1 under data parallelism: a rank keeps its newest checkpoint and the newest one the whole group has
+    finished (agreed once per step, before its snapshot), so a resume always finds a step every rank has."""
+    from sae_stream.checkpoint import CheckpointWriter, list_checkpoints
+
+    peer = _LaggingPeer()
+    writer = CheckpointWriter(background=background, dist=peer)
+    for step in (1, 2, 3):
+        writer.make_room(step)  # (the trainer's call before it builds the snapshot)
+        writer.save(tmp_path, step, {"step": step}, keep=1)
+        writer.save(tmp_path / "stream", step, {"step": step}, keep=1)  # a second write at the step: no new agreement
+    writer.wait()
+    assert peer.seen == [-1, 1, 2]  # this rank's newest finished step at each new step
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000001", "step_00000003"]
+    assert [p.name for p in list_checkpoints(tmp_path / "stream")] == ["step_00000001", "step_00000003"]
