@@ -54,7 +54,7 @@ from lm.hooked import to_hooked  # noqa: E402
 from lm.model import GPT  # noqa: E402
 from sae_stream.activations import ActivationStream, HookCapture  # noqa: E402
 from sae_stream.buffer import ShuffleBuffer  # noqa: E402
-from sae_stream.config import BufferConfig, LMConfig, config_from_dict  # noqa: E402
+from sae_stream.config import BufferConfig, LMConfig, config_from_dict, load_config  # noqa: E402
 from sae_stream.fused_ops import tuned_configs  # noqa: E402
 from sae_stream.sae import build_sae  # noqa: E402
 from sae_stream.step import resolve_kernels  # noqa: E402
@@ -80,7 +80,7 @@ BEST = "step_graph_fused_bf16"
 LARGE_STEP_VARIANTS = ("step_eager_autograd_tf32", "step_graph_autograd_bf16", "step_graph_fused_bf16",
                        "step_graph_fused_bf16_torch_ops",
                        "topk_graph_dense_bf16", "topk_graph_sparse_bf16")
-PAPER_A1_TOKENS = 8_000_000_000
+PAPER_A1 = Path(__file__).resolve().parent.parent / "configs" / "paper_a1.yaml"  # the run the projection is for
 
 
 def build_lm(context_len: int, device: str) -> tuple[GPT, object]:
@@ -395,8 +395,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             if d_sae == args.d_saes[0]:
                 measure_loop(args, rec, d_sae, storage, args.context_len, best, before=True)
                 if rate:
-                    rec.emit("projection_paper_a1", d_sae, None, minutes=round(PAPER_A1_TOKENS / rate / 60, 1),
-                             note=f"8B tokens at loop_{storage}_ctx{args.context_len}'s rate")
+                    tokens = load_config(PAPER_A1).train.total_tokens
+                    rec.emit("projection_paper_a1", d_sae, None, minutes=round(tokens / rate / 60, 1),
+                             note=f"{tokens:,} tokens ({PAPER_A1.name}) at loop_{storage}_ctx{args.context_len}'s rate")
                 measure_loop(args, rec, d_sae, storage, args.context_len, best, native=False)
                 if args.context_len != 128:
                     measure_loop(args, rec, d_sae, storage, 128, best)

@@ -10,10 +10,15 @@ snapshot (`host_copy`), checkpoints are written in the order given, and at most 
 
 Data parallel (torchrun): no rank sends its state to another. Rank 0 writes the checkpoint (the SAE and Adam, the
 same on every rank, with its own part), rank r > 0 writes only its own part (`RANK_KEYS`: its ring, RNG, stream
-position) under `checkpoints/rank_<r>/step_XXXXXXXX/`, each in its own background writer. Every directory is
-atomic on its own, so a resume takes the newest step that verifies in every rank's directory
-(`newest_common_step`, agreed by a collective), and pruning never removes the newest step every rank has written
-(`CheckpointWriter(dist=...)` agrees on it at each checkpoint): `keep_checkpoints=1` keeps up to 2 per rank.
+position) under `checkpoints/rank_<r>/step_XXXXXXXX/`, each in its own background writer.
+
+A step written as several directories (every rank's; a sweep's SAEs and stream) is atomic only directory by
+directory, so a resume takes the newest step that verifies in all of them (`newest_common_step`; data parallel,
+agreed by a collective), and such a writer (`CheckpointWriter(protect_common=True)`) never prunes the step before
+the one it is writing: every directory (every rank: a collective) had finished it before this step's writes began,
+so a crash mid-step always leaves it. `keep_checkpoints=1` then keeps up to 2 per directory. A directory is pruned
+of steps up to the one just written only: a newer one left by a crash (on one rank, or one SAE of a sweep) is
+pruned once training passes it.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import copy
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -151,14 +157,15 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, state: dict[str, Any], keep
         shutil.rmtree(final)
     os.replace(staging, final)
     _fsync_dir(ckpt_dir)
-    for old in list_checkpoints(ckpt_dir)[:-keep] if keep > 0 else []:
-        if old.name != _name(protect):
+    done = [p for p in list_checkpoints(ckpt_dir) if step_of(p) <= step]  # (not a newer one a crash left)
+    for old in done[:-keep] if keep > 0 else []:
+        if step_of(old) != protect:
             shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def _name(step: int | None) -> str | None:
-    return None if step is None else f"step_{step:08d}"
+def step_of(ckpt: Path) -> int:
+    return int(ckpt.name.removeprefix("step_"))
 
 
 # the keys of a checkpoint state that are each data-parallel rank's own (the rest is rank 0's, the same everywhere)
@@ -210,14 +217,16 @@ class CheckpointWriter:
     as itself: it names the file; others as CheckpointError), i.e. at the next log step after it failed, the next
     checkpoint or the end; the interpreter finishes a write in flight before it exits."""
 
-    def __init__(self, background: bool = False, dist: Any = None) -> None:
+    def __init__(self, background: bool = False, dist: Any = None, protect_common: bool | None = None) -> None:
         self.background, self.dist = background, dist
+        # a step written as several directories (ranks, a sweep's SAEs and stream): keep the previous step on pruning
+        self.protect_common = dist is not None if protect_common is None else protect_common
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="sae-stream-checkpoint") if background else None
         self._inflight: list[tuple[int, Path, Future]] = []
         self._errors: list[tuple[Path, BaseException]] = []  # failed writes not yet raised
-        self.written: int | None = None  # the newest step whose writes have all finished
+        self.written: int | None = None  # the newest step whose writes have all finished (or was resumed from)
         self._room_for: int | None = None  # the step make_room last made room for
-        self.protect: int | None = None  # data parallel: the newest step every rank has written (never pruned)
+        self.protect: int | None = None  # the newest step every directory (rank) had finished: never pruned
 
     @property
     def pending(self) -> int:
@@ -226,12 +235,14 @@ class CheckpointWriter:
 
     def make_room(self, step: int) -> None:
         """Before building the snapshot of checkpoint `step`: wait for the writes of other steps (raising theirs).
-        Data parallel, a collective at each new step: agree on the newest step every rank has written."""
+        With protect_common, at each new step: the step to keep; data parallel, a collective that every rank reaches
+        only once its own writes of the previous step are on disk, so none prunes it before all have it."""
         self.check()
         if any(s != step for s, _, _ in self._inflight):
             self.wait()
-        if self.dist is not None and step != self._room_for:
-            agreed = self.dist.min_int(-1 if self.written is None else self.written)
+        if self.protect_common and step != self._room_for:
+            mine = -1 if self.written is None else self.written
+            agreed = self.dist.min_int(mine) if self.dist is not None else mine
             self.protect = None if agreed < 0 else agreed
         self._room_for = step
 
@@ -280,10 +291,11 @@ class CheckpointWriter:
 
 
 def list_checkpoints(ckpt_dir: str | Path) -> list[Path]:
+    """The `step_XXXXXXXX` directories in `ckpt_dir`, oldest first (other names, e.g. `step_..._bak`, ignored)."""
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         return []
-    return sorted(p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step_"))
+    return sorted(p for p in ckpt_dir.iterdir() if p.is_dir() and re.fullmatch(r"step_\d{8}", p.name))
 
 
 def verify_checkpoint(path: str | Path) -> None:
@@ -301,31 +313,37 @@ def verify_checkpoint(path: str | Path) -> None:
             raise CheckpointError(f"checkpoint {path} is corrupt: {name} fails its sha256 check")
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """The verified checkpoint's state, memory-mapped (copy-on-write): only what is used is read into memory (a
-    data-parallel rank r > 0 takes the SAE and Adam from rank 0's file and never reads rank 0's ring)."""
-    verify_checkpoint(path)
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", verify: bool = True) -> dict[str, Any]:
+    """The checkpoint's state (verified first unless `verify=False`: one just verified), memory-mapped
+    (copy-on-write): only what is used is read into memory (a data-parallel rank r > 0 takes the SAE and Adam from
+    rank 0's file and never loads rank 0's ring)."""
+    if verify:
+        verify_checkpoint(path)
     return torch.load(Path(path) / "state.pt", map_location=map_location, weights_only=False, mmap=True)
 
 
 def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
     """Newest checkpoint that verifies; corrupt ones are reported and skipped."""
     step = newest_common_step([ckpt_dir])
-    return None if step is None else Path(ckpt_dir) / _name(step)
+    return None if step is None else Path(ckpt_dir) / f"step_{step:08d}"
 
 
 def newest_common_step(ckpt_dirs: Sequence[str | Path], dist: Any = None) -> int | None:
     """The newest step with a checkpoint that verifies in every one of `ckpt_dirs` (a sweep: the stream's and each
     SAE's) and, data parallel, on every rank (each checks its own parts, `rank_dir`; a collective). Corrupt ones are
-    reported and skipped; None if no step has them all."""
+    reported and skipped; None if no step has them all. Written by another number of ranks: a ValueError."""
+    world = dist.world_size if dist is not None else 1
+    for d in ckpt_dirs:
+        if list_checkpoints(d) and (saved := saved_world_size(d)) != world:
+            raise ValueError(_world_mismatch(f"the checkpoints in {d}", saved, world))
     mine = [rank_dir(d, dist.rank if dist is not None else 0) for d in ckpt_dirs]
-    steps = set.intersection(*({int(p.name.removeprefix("step_")) for p in list_checkpoints(d)} for d in mine))
+    steps = set.intersection(*({step_of(p) for p in list_checkpoints(d)} for d in mine))
     if dist is not None:
         steps = set.intersection(*(set(s) for s in dist.all_gather_objects(sorted(steps))))
     for step in sorted(steps, reverse=True):
         try:
             for d in mine:
-                verify_checkpoint(d / _name(step))
+                verify_checkpoint(d / f"step_{step:08d}")
             ok = True
         except CheckpointError as e:
             warnings.warn(f"{e}; falling back to the previous checkpoint", stacklevel=2)
@@ -335,20 +353,30 @@ def newest_common_step(ckpt_dirs: Sequence[str | Path], dist: Any = None) -> int
     return None
 
 
-def load_own_part(ckpt: str | Path, dist: Any = None) -> dict[str, Any]:
+def saved_world_size(ckpt_dir: str | Path) -> int:
+    """How many data-parallel ranks wrote the checkpoints in `ckpt_dir` (1 + the highest `rank_<r>/`)."""
+    ranks = [int(p.name[5:]) for p in Path(ckpt_dir).glob("rank_*") if p.is_dir() and p.name[5:].isdigit()]
+    return max(ranks, default=0) + 1
+
+
+def _world_mismatch(where: str | Path, saved: int, world: int) -> str:
+    return (f"{where} was written by {saved} data-parallel rank(s), this run has {world}: resume with "
+            f"`torchrun --nproc_per_node={saved} -m sae_stream train --resume RUN_DIR`" if saved > 1 else
+            f"{where} was written by a single process: resume it without torchrun")
+
+
+def load_own_part(ckpt: str | Path, dist: Any = None, verify: bool = True) -> dict[str, Any]:
     """Checkpoint `ckpt` (a `step_*` dir of rank 0's) as this rank saved it: rank 0's state with, on rank r > 0,
-    its own part (RANK_KEYS, from its own directory) in place of rank 0's. Resuming needs as many ranks as wrote it."""
+    its own part (RANK_KEYS, from its own directory) in place of rank 0's. Resuming needs as many ranks as wrote it.
+    verify=False: the step was just agreed by `newest_common_step`, which verified every part."""
     ckpt = Path(ckpt)
-    state = load_checkpoint(ckpt)
+    state = load_checkpoint(ckpt, verify=verify)
     if "per_rank" in state:
         raise ValueError(f"checkpoint {ckpt} holds every rank's part in one file, a layout sae-stream no longer "
                          "reads: resume it with the version that wrote it (before per-rank checkpoint files)")
     saved, world = state.get("world_size", 1), dist.world_size if dist is not None else 1
     if saved != world:
-        raise ValueError(f"checkpoint {ckpt} was written by {saved} data-parallel rank(s), this run has {world}: "
-                         f"resume with `torchrun --nproc_per_node={saved} -m sae_stream train --resume RUN_DIR`"
-                         if saved > 1 else f"checkpoint {ckpt} was written by a single process: resume it "
-                         "without torchrun")
-    if dist is None:
+        raise ValueError(_world_mismatch(f"checkpoint {ckpt}", saved, world))
+    if dist is None or dist.rank == 0:
         return state
-    return {**state, **load_checkpoint(rank_dir(ckpt.parent, dist.rank) / ckpt.name)} if dist.rank else state
+    return {**state, **load_checkpoint(rank_dir(ckpt.parent, dist.rank) / ckpt.name, verify=verify)}

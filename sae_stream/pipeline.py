@@ -8,7 +8,8 @@ Run directory of `train` / `run`:
     feature_density.safetensors  dashboard/index.html  [lm/ when `run` trained the LM]
 A sweep (`sweep.saes`, sweep.py) keeps the shared config.yaml and the stream's checkpoints/ at the top and one
 such directory per SAE, `RUN_DIR/<name>/`. Under torchrun (distributed.py) every rank streams its own shard and
-trains its share of each batch; rank 0 alone writes and evaluates.
+trains its share of each batch; rank 0 alone logs, exports and evaluates, each rank writes its own part of every
+checkpoint (`checkpoints/rank_<r>/` beside rank 0's, checkpoint.py).
 """
 
 from __future__ import annotations
@@ -150,8 +151,9 @@ class Session:
         self.buffer = ShuffleBuffer(self.stream, cfg.buffer, self.device, d_in=self.d_in, seed=seed)
         # one writer for every SAE and the stream: checkpoints land in the order written (a sweep's always agree);
         # data parallel, one per rank, each writing this rank's part
-        self.writer = CheckpointWriter(background=cfg.train.background_checkpoints, dist=self.dist)
         self.sweep = bool(cfg.sweep.saes)
+        self.writer = CheckpointWriter(background=cfg.train.background_checkpoints, dist=self.dist,
+                                       protect_common=self.sweep or self.dist is not None)
         self.pool = SharedPool(self._pool) if self.sweep else self._pool
         members = cfg.sweep_members() or [(None, cfg)]
         self.members = [self._member(name, mcfg) for name, mcfg in members]
@@ -194,7 +196,7 @@ class Session:
             step = common_resume_step(self.run_dir, [m.run_dir for m in self.members], self.dist)
             for m in self.members:
                 m.trainer.resume(m.run_dir / "checkpoints" / f"step_{step:08d}")
-            stream = load_own_part(self.run_dir / "checkpoints" / f"step_{step:08d}", self.dist)
+            stream = load_own_part(self.run_dir / "checkpoints" / f"step_{step:08d}", self.dist, verify=False)
             self.buffer.load_state_dict(stream["extra"]["buffer"])
         for m in self.members:  # records logged after the checkpoint (before a kill) are logged again from here
             m.tracker.drop_after(step)

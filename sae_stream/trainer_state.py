@@ -94,14 +94,14 @@ class TrainerState:
         the caller's extra_state so it can restore its stream position. fit() continues from the saved step."""
         path = Path(path_or_run_dir)
         if (path / "MANIFEST.json").is_file():
-            ckpt = path
+            ckpt, verified = path, False
         else:  # data parallel: the newest step every rank has (a collective)
             ckpt_dir = path / "checkpoints" if (path / "checkpoints").is_dir() else path
             step = newest_common_step([ckpt_dir], self.dist)
             if step is None:
                 raise ValueError(f"no valid checkpoint under {str(path)!r}: train first or point at a run dir")
-            ckpt = ckpt_dir / f"step_{step:08d}"
-        state = load_own_part(ckpt, self.dist)
+            ckpt, verified = ckpt_dir / f"step_{step:08d}", True
+        state = load_own_part(ckpt, self.dist, verify=not verified)
         got = (state["architecture"], state["d_in"], state["d_sae"])
         want = (self.sae.cfg.architecture, self.sae.d_in, self.sae.d_sae)
         if got != want:
@@ -114,6 +114,7 @@ class TrainerState:
         self._restore_lr()
         self._load_internal_state(state["trainer"])
         self.step = int(state["step"])
+        self.writer.written = self.step  # on disk in every part: the next checkpoint's pruning keeps it
         torch.set_rng_state(state["rng"]["torch"])
         if state["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])

@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from sae_stream.checkpoint import RANK_KEYS, list_checkpoints, rank_dir, save_checkpoint
+from sae_stream.checkpoint import RANK_KEYS, list_checkpoints, newest_common_step, rank_dir, save_checkpoint
 from sae_stream.distributed import Distributed, shard_size
 from sae_stream.sae import build_sae
 from sae_stream.trainer import Trainer
@@ -130,8 +130,16 @@ def test_ddp__batch_must_split_evenly_and_checkpoint_needs_same_world(tmp_path: 
     Trainer(_sae(cfg), cfg, tmp_path, ListLogger(), pool_fn=_pool(_atoms())).save()
     state = torch.load(tmp_path / "checkpoints" / "step_00000000" / "state.pt", weights_only=False)
     save_checkpoint(tmp_path / "checkpoints", 1, {**state, "world_size": 2})
-    with pytest.raises(ValueError, match="nproc_per_node=2"):
-        Trainer(_sae(cfg), cfg, tmp_path, ListLogger(), pool_fn=_pool(_atoms())).resume(tmp_path)
+    with pytest.raises(ValueError, match="nproc_per_node=2"):  # an explicit step: its state says so
+        Trainer(_sae(cfg), cfg, tmp_path, ListLogger(), pool_fn=_pool(_atoms())).resume(tmp_path / "checkpoints" /
+                                                                                         "step_00000001")
+    # the run dir: told by the rank directories, before any collective (every rank raises the same)
+    with pytest.raises(ValueError, match="by a single process: resume it without torchrun"):
+        newest_common_step([tmp_path / "checkpoints"], _Rank1())
+    save_checkpoint(tmp_path / "checkpoints" / "rank_1", 1, {"step": 1})
+    for dist, fix in ((None, "nproc_per_node=2"), (_Rank1(world=3), "nproc_per_node=2")):
+        with pytest.raises(ValueError, match=f"written by 2 data-parallel rank.*{fix}"):
+            newest_common_step([tmp_path / "checkpoints"], dist)
 
 
 # ---------------------------------------------------------------------------------------------- the CLI under torchrun
@@ -251,7 +259,10 @@ def test_ddp__a_bad_batch_on_one_rank_stops_every_rank_with_its_step(tmp_path: P
 class _Rank1:
     """Rank 1 of 2 as check_shared sees it: rank 0 announced marker ".ranks-abc", rank 0 itself saw it."""
 
-    is_main, rank, world_size = False, 1, 2
+    is_main, rank = False, 1
+
+    def __init__(self, world: int = 2) -> None:
+        self.world_size = world
 
     def broadcast_object(self, obj: object) -> str:
         return "abc"

@@ -11,6 +11,7 @@ others run the same CLI `main` in-process, which spares a ~5 s import per run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -551,30 +552,49 @@ def test_host_copy__keeps_container_types_and_copies_every_tensor() -> None:
     assert host_copy([fresh], copy_cpu=False)[0].untyped_storage().data_ptr() == fresh.untyped_storage().data_ptr()
 
 
-class _LaggingPeer:
-    """A data-parallel group of this rank and one whose newest finished checkpoint is step 1 (min_int as the group)."""
-
-    def __init__(self) -> None:
-        self.seen: list[int] = []
-
-    def min_int(self, value: int) -> int:
-        self.seen.append(value)
-        return min(value, 1)
-
-
 @pytest.mark.parametrize("background", [False, True], ids=["sync", "background"])
-def test_checkpoint_writer__never_prunes_the_newest_step_every_rank_has(tmp_path: Path, background: bool) -> None:
-    """keep=1 under data parallelism: a rank keeps its newest checkpoint and the newest one the whole group has
-    finished (agreed once per step, before its snapshot), so a resume always finds a step every rank has."""
-    from sae_stream.checkpoint import CheckpointWriter, list_checkpoints
+def test_checkpoint_writer__a_crash_mid_step_always_leaves_a_common_step(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch,
+                                                                        background: bool) -> None:
+    """A step written as two directories (a sweep's SAE and its stream; ranks alike) with keep_checkpoints=1: a crash
+    after the first directory's write leaves the previous step in both. After a resume (the writer told the resumed
+    step, as Trainer.resume does), a newer step a crash had left in one directory neither displaces the steps now
+    written nor outlives the run passing it."""
+    from sae_stream import checkpoint
+    from sae_stream.checkpoint import CheckpointWriter, list_checkpoints, newest_common_step
 
-    peer = _LaggingPeer()
-    writer = CheckpointWriter(background=background, dist=peer)
-    for step in (1, 2, 3):
-        writer.make_room(step)  # (the trainer's call before it builds the snapshot)
-        writer.save(tmp_path, step, {"step": step}, keep=1)
-        writer.save(tmp_path / "stream", step, {"step": step}, keep=1)  # a second write at the step: no new agreement
-    writer.wait()
-    assert peer.seen == [-1, 1, 2]  # this rank's newest finished step at each new step
-    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000001", "step_00000003"]
-    assert [p.name for p in list_checkpoints(tmp_path / "stream")] == ["step_00000001", "step_00000003"]
+    write, crash_at = checkpoint.save_checkpoint, {}
+
+    def crashing(ckpt_dir: Path, step: int, state: dict, keep: int, protect: int | None) -> Path:
+        if crash_at.get(Path(ckpt_dir).name) == step:
+            raise OSError(f"killed before writing {ckpt_dir}")
+        return write(ckpt_dir, step, state, keep, protect)
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", crashing)
+    sae, stream = tmp_path / "sae", tmp_path / "stream"
+
+    def checkpoint_at(writer: CheckpointWriter, step: int) -> None:
+        with contextlib.suppress(OSError):
+            writer.make_room(step)
+            for d in (sae, stream):
+                writer.save(d, step, {"step": step}, keep=1)
+            writer.wait()
+
+    writer = CheckpointWriter(background=background, protect_common=True)
+    for step in (1, 2):
+        checkpoint_at(writer, step)
+    crash_at["stream"] = 3
+    checkpoint_at(writer, 3)
+    assert newest_common_step([sae, stream]) == 2
+
+    write(sae, 4, {"step": 4}, keep=5)  # a newer step left in one directory only, by another crash
+    crash_at.clear()
+    resumed = CheckpointWriter(background=background, protect_common=True)
+    resumed.written = 2  # what Trainer.resume tells it
+    checkpoint_at(resumed, 3)
+    assert newest_common_step([sae, stream]) == 3  # (pruning must not take the 3 just written for the stray 4)
+    checkpoint_at(resumed, 5)
+    assert [p.name for p in list_checkpoints(sae)] == ["step_00000003", "step_00000005"]  # the stray 4, once passed
+    crash_at["stream"] = 6
+    checkpoint_at(resumed, 6)
+    assert newest_common_step([sae, stream]) == 5

@@ -142,9 +142,11 @@ def test_trainer__resume_from_run_dir_picks_latest_and_checks_shape(tmp_path):
     cfg = _cfg(steps=6, train__checkpoint_every=2, train__keep_checkpoints=2)
     Trainer(build_sae(cfg.sae, D_IN), cfg, tmp_path, ListLogger()).fit(sparse_batches(atoms))
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000004", "step_00000006"]
+    (tmp_path / "checkpoints" / "step_00000009.bak").mkdir()  # not a checkpoint name: ignored
     tr = Trainer(build_sae(cfg.sae, D_IN), cfg, tmp_path, ListLogger())
     tr.resume(tmp_path)
     assert tr.step == 6
+    assert tr.writer.written == 6  # on disk: a writer pruning for several directories keeps it (checkpoint.py)
     other = _cfg(steps=6, sae__d_sae=32)
     with pytest.raises(ValueError, match="d_sae"):
         Trainer(build_sae(other.sae, D_IN), other, tmp_path, ListLogger()).resume(tmp_path)
