@@ -458,9 +458,6 @@ class Config:
             raise ConfigError(f"train.step_impl=fused covers sae.architecture=anthropic only, not "
                               f"{self.sae.architecture!r}: use step_impl=auto or autograd")
         if self.sweep.saes:
-            if self.train.keep_checkpoints == 1:
-                raise ConfigError("a sweep needs train.keep_checkpoints >= 2: each SAE prunes its "
-                                  "own checkpoints before the stream's is written, so one would leave no common step")
             if self.wandb.enabled:
                 raise ConfigError("wandb.enabled is not supported with sweep.saes yet (one wandb run per process): "
                                   "set wandb.enabled=false; each SAE logs to RUN_DIR/NAME/metrics.jsonl")
