@@ -224,8 +224,9 @@ class CheckpointWriter:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="sae-stream-checkpoint") if background else None
         self._inflight: list[tuple[int, Path, Future]] = []
         self._errors: list[tuple[Path, BaseException]] = []  # failed writes not yet raised
-        self.written: int | None = None  # the newest step whose writes have all finished (or was resumed from)
+        self.written: int | None = None  # the newest step whose writes all succeeded (or that was resumed from)
         self._room_for: int | None = None  # the step make_room last made room for
+        self._failed: set[int] = set()  # steps with a failed write
         self.protect: int | None = None  # the newest step every directory (rank) had finished: never pruned
 
     @property
@@ -240,6 +241,8 @@ class CheckpointWriter:
         self.check()
         if any(s != step for s, _, _ in self._inflight):
             self.wait()
+        if step != self._room_for and self._room_for is not None and self._room_for not in self._failed:
+            self.written = self._room_for  # every write of the previous step has ended, none failed
         if self.protect_common and step != self._room_for:
             mine = -1 if self.written is None else self.written
             agreed = self.dist.min_int(mine) if self.dist is not None else mine
@@ -250,9 +253,11 @@ class CheckpointWriter:
         """Write (or start writing) checkpoint `ckpt_dir/step_{step:08d}`; returns its path."""
         self.make_room(step)
         if self._pool is None:
-            path = save_checkpoint(ckpt_dir, step, state, keep=keep, protect=self.protect)
-            self.written = step
-            return path
+            try:
+                return save_checkpoint(ckpt_dir, step, state, keep=keep, protect=self.protect)
+            except BaseException:
+                self._failed.add(step)
+                raise
         path = Path(ckpt_dir) / f"step_{step:08d}"
         future = self._pool.submit(save_checkpoint, ckpt_dir, step, state, keep, self.protect)
         self._inflight.append((step, path, future))
@@ -272,8 +277,7 @@ class CheckpointWriter:
             self._inflight.pop(0)
             if err is not None:
                 self._errors.append((path, err))
-            elif not any(s == step for s, _, _ in self._inflight):
-                self.written = step
+                self._failed.add(step)
         errors, self._errors = self._errors, []
         if errors:
             path, err = errors[0]
@@ -295,7 +299,7 @@ def list_checkpoints(ckpt_dir: str | Path) -> list[Path]:
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         return []
-    return sorted(p for p in ckpt_dir.iterdir() if p.is_dir() and re.fullmatch(r"step_\d{8}", p.name))
+    return sorted((p for p in ckpt_dir.iterdir() if p.is_dir() and re.fullmatch(r"step_\d{8,}", p.name)), key=step_of)
 
 
 def verify_checkpoint(path: str | Path) -> None:
@@ -323,7 +327,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
 
 
 def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
-    """Newest checkpoint that verifies; corrupt ones are reported and skipped."""
+    """Newest checkpoint that verifies; corrupt ones are reported and skipped (a data-parallel run's: ValueError)."""
     step = newest_common_step([ckpt_dir])
     return None if step is None else Path(ckpt_dir) / f"step_{step:08d}"
 
@@ -335,7 +339,7 @@ def newest_common_step(ckpt_dirs: Sequence[str | Path], dist: Any = None) -> int
     world = dist.world_size if dist is not None else 1
     for d in ckpt_dirs:
         if list_checkpoints(d) and (saved := saved_world_size(d)) != world:
-            raise ValueError(_world_mismatch(f"the checkpoints in {d}", saved, world))
+            raise ValueError(_world_mismatch(f"checkpoint directory {d}", saved, world))
     mine = [rank_dir(d, dist.rank if dist is not None else 0) for d in ckpt_dirs]
     steps = set.intersection(*({step_of(p) for p in list_checkpoints(d)} for d in mine))
     if dist is not None:
@@ -353,6 +357,15 @@ def newest_common_step(ckpt_dirs: Sequence[str | Path], dist: Any = None) -> int
     return None
 
 
+def drop_newer(ckpt_dirs: Sequence[str | Path], step: int, dist: Any = None) -> None:
+    """After resuming at `step`: remove this rank's checkpoints newer than it (each lacks a part somewhere or fails
+    its check, or a crash left it), so that none of that abandoned history can win a later resume."""
+    for d in ckpt_dirs:
+        for ckpt in list_checkpoints(rank_dir(d, dist.rank if dist is not None else 0)):
+            if step_of(ckpt) > step:
+                shutil.rmtree(ckpt, ignore_errors=True)
+
+
 def saved_world_size(ckpt_dir: str | Path) -> int:
     """How many data-parallel ranks wrote the checkpoints in `ckpt_dir` (1 + the highest `rank_<r>/`)."""
     ranks = [int(p.name[5:]) for p in Path(ckpt_dir).glob("rank_*") if p.is_dir() and p.name[5:].isdigit()]
@@ -362,7 +375,8 @@ def saved_world_size(ckpt_dir: str | Path) -> int:
 def _world_mismatch(where: str | Path, saved: int, world: int) -> str:
     return (f"{where} was written by {saved} data-parallel rank(s), this run has {world}: resume with "
             f"`torchrun --nproc_per_node={saved} -m sae_stream train --resume RUN_DIR`" if saved > 1 else
-            f"{where} was written by a single process: resume it without torchrun")
+            f"{where} was written by a single process (or by an sae-stream version before per-rank checkpoint "
+            "files): resume it without torchrun")
 
 
 def load_own_part(ckpt: str | Path, dist: Any = None, verify: bool = True) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from sae_stream import pipeline
 from sae_stream.checkpoint import CheckpointError
 from sae_stream.config import ConfigError, help_text
 from sae_stream.process import TrainingInterrupted
+from sae_stream.rundir import is_main_process, resume_command
 
 EXIT_USAGE = 2
 
@@ -92,11 +93,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if e.errno != errno.ENOSPC:
             raise
         return _fail(f"disk full while writing {e.filename or 'a file'}: free space and resume with "
-                     f"`sae-stream train --resume RUN_DIR` (no partial checkpoint was left; earlier ones are kept)",
-                     args.debug)
-    except TrainingInterrupted as e:  # the step in flight finished and was checkpointed
-        where = e.run_dir if e.run_dir is not None else "RUN_DIR"
-        print(f"sae-stream: {e}, checkpoint saved; continue with: sae-stream train --resume {where}", file=sys.stderr)
+                     f"`{resume_command()}` (no partial checkpoint was left; earlier ones are kept)", args.debug)
+    except TrainingInterrupted as e:  # the step in flight finished and was checkpointed (on every rank: told once)
+        if is_main_process():
+            where = e.run_dir if e.run_dir is not None else "RUN_DIR"
+            print(f"sae-stream: {e}, checkpoint saved; continue with: {resume_command(where)}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("sae-stream: interrupted", file=sys.stderr)

@@ -25,7 +25,7 @@ import torch
 
 from sae_stream.activations import ActivationStream, check_hook_names, hook_dim
 from sae_stream.buffer import ShuffleBuffer
-from sae_stream.checkpoint import CheckpointWriter, load_own_part, rank_dir, rank_state
+from sae_stream.checkpoint import CheckpointWriter, drop_newer, load_own_part, rank_dir, rank_state
 from sae_stream.config import Config, load_config, save_config, to_dict
 from sae_stream.data import ContextBatches, TokenContexts, heldout_batches
 from sae_stream.distributed import Distributed, shard_size
@@ -193,9 +193,11 @@ class Session:
                 self.buffer.load_state_dict(extra["buffer"])
             step = self.trainer.step
         else:
+            dirs = [self.run_dir / "checkpoints", *(m.run_dir / "checkpoints" for m in self.members)]
             step = common_resume_step(self.run_dir, [m.run_dir for m in self.members], self.dist)
+            drop_newer(dirs, step, self.dist)  # (an abandoned history: it must not win a later resume)
             for m in self.members:
-                m.trainer.resume(m.run_dir / "checkpoints" / f"step_{step:08d}")
+                m.trainer.resume(m.run_dir / "checkpoints" / f"step_{step:08d}", verified=True)
             stream = load_own_part(self.run_dir / "checkpoints" / f"step_{step:08d}", self.dist, verify=False)
             self.buffer.load_state_dict(stream["extra"]["buffer"])
         for m in self.members:  # records logged after the checkpoint (before a kill) are logged again from here

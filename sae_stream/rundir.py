@@ -21,6 +21,15 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def resume_command(run_dir: str | Path = "RUN_DIR") -> str:
+    """The command that continues a run: under torchrun, with the same number of processes per node."""
+    cmd = f"sae-stream train --resume {run_dir}"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        per_node = os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])
+        cmd = f"torchrun --nproc_per_node={per_node} -m sae_stream train --resume {run_dir}"
+    return cmd
+
+
 def prepare_out_dir(out: str | Path | None, command: str, overwrite: bool) -> Path:
     """A fresh output directory; an existing non-empty one needs --overwrite (or --resume)."""
     path = Path(out) if out else Path("runs") / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}"

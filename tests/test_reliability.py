@@ -598,3 +598,37 @@ def test_checkpoint_writer__a_crash_mid_step_always_leaves_a_common_step(tmp_pat
     crash_at["stream"] = 6
     checkpoint_at(resumed, 6)
     assert newest_common_step([sae, stream]) == 5
+
+    # a caller that goes on after a failed write (the first directory's, at step 7): that step is not counted as
+    # written, so the next step's pruning keeps 5, and a crash in step 8 still leaves it in both
+    crash_at.update(sae=7, stream=8)
+    for step in (7, 8):
+        checkpoint_at(resumed, step)
+    assert newest_common_step([sae, stream]) == 5
+
+
+class _Group:
+    """The data-parallel group as CheckpointWriter sees it: min_int over this rank's value and `others`' newest."""
+
+    def __init__(self, others: int) -> None:
+        self.others, self.seen = others, []
+
+    def min_int(self, value: int) -> int:
+        self.seen.append(value)
+        return min(value, self.others)
+
+
+def test_checkpoint_writer__agrees_on_the_step_to_keep_once_per_step(tmp_path: Path) -> None:
+    """Data parallel: at each new step (not at each write of it) the writer offers its newest finished step and
+    keeps the group's minimum, here a step another rank still needs (1) though this rank has written 2."""
+    from sae_stream.checkpoint import CheckpointWriter, list_checkpoints
+
+    group = _Group(others=1)
+    writer = CheckpointWriter(dist=group)
+    assert writer.protect_common
+    for step in (1, 2, 3):
+        writer.make_room(step)  # (the trainer's call before it builds the snapshot)
+        for d in ("sae", "stream"):
+            writer.save(tmp_path / d, step, {"step": step}, keep=1)
+    assert group.seen == [-1, 1, 2]
+    assert [p.name for p in list_checkpoints(tmp_path / "sae")] == ["step_00000001", "step_00000003"]

@@ -104,7 +104,8 @@ def test_cli__sweep_run_dir_resume_and_eval(tiny_run: Path, tmp_path: Path, one_
     monkeypatch.setattr(Trainer, "_train_step", ctrl_c)
     cut = tmp_path / "cut"
     assert main(["train", "--lm", lm, "--out", str(cut), *TINY, *SWEEP, "--train.keep_checkpoints=1"]) == 130
-    assert "SIGINT at step 16" in capsys.readouterr().err
+    assert f"SIGINT at step 16, checkpoint saved; continue with: sae-stream train --resume {cut}" in \
+        capsys.readouterr().err
     for d in (cut, cut / "low", cut / "high"):
         assert sorted(p.name for p in (d / "checkpoints").iterdir()) == ["step_00000010", "step_00000016"], d
     monkeypatch.setattr(Trainer, "_train_step", step)
