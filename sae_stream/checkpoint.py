@@ -186,22 +186,21 @@ def rank_state(state: dict[str, Any], dist: Any) -> dict[str, Any]:
     return state if dist.is_main else {k: v for k, v in state.items() if k in RANK_KEYS}
 
 
-def host_copy(obj: Any, copy_cpu: bool = True) -> Any:
+def host_copy(obj: Any) -> Any:
     """`obj` with every tensor replaced by a copy of it on the CPU (dicts, lists and tuples rebuilt, their types and
     attributes such as a state_dict's `_metadata` kept): a snapshot that a background write can hold while training
-    goes on changing the originals. copy_cpu=False: only tensors on other devices are copied (for parts already
-    made of fresh CPU tensors, such as unpickled ones)."""
+    goes on changing the originals."""
     if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=copy_cpu or obj.device.type != "cpu")
+        return obj.detach().to("cpu", copy=True)
     if isinstance(obj, dict):
         out = copy.copy(obj)  # (OrderedDict with _metadata, defaultdict with its factory)
         for k, v in out.items():
-            out[k] = host_copy(v, copy_cpu)
+            out[k] = host_copy(v)
         return out
     if isinstance(obj, list):
-        return [host_copy(v, copy_cpu) for v in obj]
+        return [host_copy(v) for v in obj]
     if isinstance(obj, tuple):
-        items = [host_copy(v, copy_cpu) for v in obj]
+        items = [host_copy(v) for v in obj]
         return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
     return obj
 
@@ -373,10 +372,10 @@ def saved_world_size(ckpt_dir: str | Path) -> int:
 
 
 def _world_mismatch(where: str | Path, saved: int, world: int) -> str:
-    return (f"{where} was written by {saved} data-parallel rank(s), this run has {world}: resume with "
-            f"`torchrun --nproc_per_node={saved} -m sae_stream train --resume RUN_DIR`" if saved > 1 else
-            f"{where} was written by a single process (or by an sae-stream version before per-rank checkpoint "
-            "files): resume it without torchrun")
+    return (f"{where} was written by {saved} data-parallel processes, this run has {world}: resume with {saved} "
+            f"in all (one node: `torchrun --nproc_per_node={saved} -m sae_stream train --resume RUN_DIR`)"
+            if saved > 1 else f"{where} was written by a single process: resume it without torchrun (or, if torchrun "
+            "wrote it with an sae-stream from before per-rank checkpoint files, with that version)")
 
 
 def load_own_part(ckpt: str | Path, dist: Any = None, verify: bool = True) -> dict[str, Any]:

@@ -241,7 +241,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     """Steps between checkpoints (and at the end)."""
     keep_checkpoints: int = 2
-    """Checkpoints kept on disk (oldest deleted; under torchrun also the newest one every rank has finished)."""
+    """Checkpoints kept on disk (oldest deleted; under torchrun or in a sweep also the step before the newest)."""
     background_checkpoints: bool = True
     """Write checkpoints on a thread while training goes on (A/1's 4.3 GB ring takes seconds to write)."""
     dead_threshold: float = 0.0

@@ -186,20 +186,22 @@ class Session:
                     save_config(m.cfg, m.run_dir / "config.yaml")
 
     def resume(self) -> int:
-        """Every SAE and the stream from the newest checkpoint they all have; returns its step."""
+        """Every SAE and the stream from the newest checkpoint they all have; returns its step. Once all of it has
+        loaded, this rank's newer checkpoints (an abandoned history a crash left) are removed: none may win a later
+        resume."""
+        dirs = [self.run_dir / "checkpoints", *(m.run_dir / "checkpoints" for m in self.members if m.name)]
         if not self.sweep:
             extra = self.trainer.resume(self.run_dir)
             if "buffer" in extra:
                 self.buffer.load_state_dict(extra["buffer"])
             step = self.trainer.step
         else:
-            dirs = [self.run_dir / "checkpoints", *(m.run_dir / "checkpoints" for m in self.members)]
             step = common_resume_step(self.run_dir, [m.run_dir for m in self.members], self.dist)
-            drop_newer(dirs, step, self.dist)  # (an abandoned history: it must not win a later resume)
             for m in self.members:
                 m.trainer.resume(m.run_dir / "checkpoints" / f"step_{step:08d}", verified=True)
             stream = load_own_part(self.run_dir / "checkpoints" / f"step_{step:08d}", self.dist, verify=False)
             self.buffer.load_state_dict(stream["extra"]["buffer"])
+        drop_newer(dirs, step, self.dist)
         for m in self.members:  # records logged after the checkpoint (before a kill) are logged again from here
             m.tracker.drop_after(step)
         return step
@@ -214,7 +216,7 @@ class Session:
         return self.buffer.state_dict(reuse_host_memory=True)
 
     def _save_stream(self, step: int) -> None:
-        """A sweep's stream checkpoint (after every member's at this step); collective under torchrun."""
+        """A sweep's stream checkpoint (after every member's at this step); under torchrun, this rank's part."""
         self.writer.make_room(step)
         state = {"step": step, "members": [m.name for m in self.members], "extra": {"buffer": self._buffer_state()}}
         ckpt_dir = rank_dir(self.run_dir / "checkpoints", self.dist.rank if self.dist is not None else 0)

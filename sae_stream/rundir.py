@@ -22,12 +22,13 @@ def is_main_process() -> bool:
 
 
 def resume_command(run_dir: str | Path = "RUN_DIR") -> str:
-    """The command that continues a run: under torchrun, with the same number of processes per node."""
-    cmd = f"sae-stream train --resume {run_dir}"
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        per_node = os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])
-        cmd = f"torchrun --nproc_per_node={per_node} -m sae_stream train --resume {run_dir}"
-    return cmd
+    """The command that continues a run: under torchrun, with as many nodes and processes per node."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return f"sae-stream train --resume {run_dir}"
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    nodes = f"--nnodes={world // per_node} (and your rendezvous options) " if world > per_node else ""
+    return f"torchrun {nodes}--nproc_per_node={per_node} -m sae_stream train --resume {run_dir}"
 
 
 def prepare_out_dir(out: str | Path | None, command: str, overwrite: bool) -> Path:
@@ -50,7 +51,10 @@ def require_run_dir(run_dir: str | Path) -> Path:
     """An existing run directory (one with the config.yaml a run writes)."""
     path = Path(run_dir)
     if not (path / "config.yaml").is_file():
-        raise UserError(f"{str(path)!r} is not a run directory (no config.yaml): pass the --out of `sae-stream train`")
+        shared = (" (under torchrun every process must see it: on several machines, a shared filesystem)"
+                  if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "")
+        raise UserError(f"{str(path)!r} is not a run directory (no config.yaml): pass the --out of `sae-stream "
+                        f"train`{shared}")
     return path
 
 

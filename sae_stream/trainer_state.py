@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sae_stream.checkpoint import drop_newer, host_copy, load_own_part, newest_common_step, rank_dir, rank_state
+from sae_stream.checkpoint import host_copy, load_own_part, newest_common_step, rank_dir, rank_state
 
 
 class TrainerState:
@@ -92,8 +92,7 @@ class TrainerState:
     def resume(self, path_or_run_dir: Path | str, verified: bool = False) -> dict:
         """Load the latest valid checkpoint (a run dir, its checkpoints/ dir, or one step_* dir); returns
         the caller's extra_state so it can restore its stream position. fit() continues from the saved step.
-        From this run's own dir, this rank's checkpoints newer than it (an abandoned history) are removed. verified: a
-        step_* dir every part of which was just checked (`newest_common_step`)."""
+        verified: a step_* dir every part of which was just checked (`newest_common_step`)."""
         path = Path(path_or_run_dir)
         if (path / "MANIFEST.json").is_file():
             ckpt = path
@@ -102,8 +101,6 @@ class TrainerState:
             step = newest_common_step([ckpt_dir], self.dist)
             if step is None:
                 raise ValueError(f"no valid checkpoint under {str(path)!r}: train first or point at a run dir")
-            if self.run_dir is not None and ckpt_dir.resolve() == (self.run_dir / "checkpoints").resolve():
-                drop_newer([ckpt_dir], step, self.dist)  # (only this run's own)
             ckpt, verified = ckpt_dir / f"step_{step:08d}", True
         state = load_own_part(ckpt, self.dist, verify=not verified)
         got = (state["architecture"], state["d_in"], state["d_sae"])

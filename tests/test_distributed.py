@@ -134,11 +134,11 @@ def test_ddp__batch_must_split_evenly_and_checkpoint_needs_same_world(tmp_path: 
         Trainer(_sae(cfg), cfg, tmp_path, ListLogger(), pool_fn=_pool(_atoms())).resume(tmp_path / "checkpoints" /
                                                                                          "step_00000001")
     # the run dir: told by the rank directories, before any collective (every rank raises the same)
-    with pytest.raises(ValueError, match=r"by a single process \(or .*\): resume it without torchrun"):
+    with pytest.raises(ValueError, match=r"by a single process: resume it without torchrun \(or, if torchrun"):
         newest_common_step([tmp_path / "checkpoints"], _Rank1())
     save_checkpoint(tmp_path / "checkpoints" / "rank_1", 1, {"step": 1})
     for dist, fix in ((None, "nproc_per_node=2"), (_Rank1(world=3), "nproc_per_node=2")):
-        with pytest.raises(ValueError, match=f"written by 2 data-parallel rank.*{fix}"):
+        with pytest.raises(ValueError, match=f"written by 2 data-parallel processes.*{fix}"):
             newest_common_step([tmp_path / "checkpoints"], dist)
 
 
@@ -291,6 +291,8 @@ def test_resume_command__names_torchrun_with_the_processes_per_node(monkeypatch:
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert resume_command("runs/a1") == "sae-stream train --resume runs/a1"
-    monkeypatch.setenv("WORLD_SIZE", "8")
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # 2 nodes of 4
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     assert resume_command("runs/a1") == "torchrun --nproc_per_node=4 -m sae_stream train --resume runs/a1"
+    monkeypatch.setenv("WORLD_SIZE", "8")  # 2 nodes of 4
+    assert resume_command("runs/a1").startswith("torchrun --nnodes=2 (and your rendezvous options) --nproc_per_node=4")
