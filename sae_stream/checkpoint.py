@@ -12,13 +12,11 @@ Data parallel (torchrun): no rank sends its state to another. Rank 0 writes the 
 same on every rank, with its own part), rank r > 0 writes only its own part (`RANK_KEYS`: its ring, RNG, stream
 position) under `checkpoints/rank_<r>/step_XXXXXXXX/`, each in its own background writer.
 
-A step written as several directories (every rank's; a sweep's SAEs and stream) is atomic only directory by
-directory, so a resume takes the newest step that verifies in all of them (`newest_common_step`; data parallel,
-agreed by a collective), and such a writer (`CheckpointWriter(protect_common=True)`) never prunes the step before
-the one it is writing: every directory (every rank: a collective) had finished it before this step's writes began,
-so a crash mid-step always leaves it. `keep_checkpoints=1` then keeps up to 2 per directory. A directory is pruned
-of steps up to the one just written only: a newer one left by a crash (on one rank, or one SAE of a sweep) is
-pruned once training passes it.
+A step written as several directories (every rank's; a sweep's SAEs and stream) is atomic directory by directory,
+so a resume takes the newest step that verifies in all (`newest_common_step`; data parallel, a collective), and such
+a writer (`protect_common`) never prunes the step before the one it writes, which every directory (every rank: a
+collective) had finished first: a crash mid-step leaves it (`keep_checkpoints=1` keeps up to 2 per directory).
+Pruning stops at the step just written: a newer one a crash left is pruned once training passes it.
 """
 
 from __future__ import annotations
@@ -177,6 +175,11 @@ def rank_dir(ckpt_dir: str | Path, rank: int) -> Path:
     return Path(ckpt_dir) if rank == 0 else Path(ckpt_dir) / f"rank_{rank}"
 
 
+def own_dir(ckpt_dir: str | Path, dist: Any) -> Path:
+    """This process's `rank_dir` (dist: a Distributed, or None in a single process)."""
+    return rank_dir(ckpt_dir, dist.rank if dist is not None else 0)
+
+
 def rank_state(state: dict[str, Any], dist: Any) -> dict[str, Any]:
     """What this rank writes of a checkpoint `state`: all of it in a single process; under data parallelism rank 0
     all of it and the others their own part (RANK_KEYS), each marked with the number of ranks."""
@@ -240,12 +243,13 @@ class CheckpointWriter:
         self.check()
         if any(s != step for s, _, _ in self._inflight):
             self.wait()
-        if step != self._room_for and self._room_for is not None and self._room_for not in self._failed:
-            self.written = self._room_for  # every write of the previous step has ended, none failed
-        if self.protect_common and step != self._room_for:
-            mine = -1 if self.written is None else self.written
-            agreed = self.dist.min_int(mine) if self.dist is not None else mine
-            self.protect = None if agreed < 0 else agreed
+        if step != self._room_for:  # a new step: every write of the previous one has ended
+            if self._room_for is not None and self._room_for not in self._failed:
+                self.written = self._room_for
+            if self.protect_common:
+                mine = -1 if self.written is None else self.written
+                agreed = self.dist.min_int(mine) if self.dist is not None else mine
+                self.protect = None if agreed < 0 else agreed
         self._room_for = step
 
     def save(self, ckpt_dir: str | Path, step: int, state: dict[str, Any], keep: int = 2) -> Path:
@@ -339,7 +343,7 @@ def newest_common_step(ckpt_dirs: Sequence[str | Path], dist: Any = None) -> int
     for d in ckpt_dirs:
         if list_checkpoints(d) and (saved := saved_world_size(d)) != world:
             raise ValueError(_world_mismatch(f"checkpoint directory {d}", saved, world))
-    mine = [rank_dir(d, dist.rank if dist is not None else 0) for d in ckpt_dirs]
+    mine = [own_dir(d, dist) for d in ckpt_dirs]
     steps = set.intersection(*({step_of(p) for p in list_checkpoints(d)} for d in mine))
     if dist is not None:
         steps = set.intersection(*(set(s) for s in dist.all_gather_objects(sorted(steps))))
@@ -360,7 +364,7 @@ def drop_newer(ckpt_dirs: Sequence[str | Path], step: int, dist: Any = None) -> 
     """After resuming at `step`: remove this rank's checkpoints newer than it (each lacks a part somewhere or fails
     its check, or a crash left it), so that none of that abandoned history can win a later resume."""
     for d in ckpt_dirs:
-        for ckpt in list_checkpoints(rank_dir(d, dist.rank if dist is not None else 0)):
+        for ckpt in list_checkpoints(own_dir(d, dist)):
             if step_of(ckpt) > step:
                 shutil.rmtree(ckpt, ignore_errors=True)
 

@@ -8,8 +8,7 @@ Run directory of `train` / `run`:
     feature_density.safetensors  dashboard/index.html  [lm/ when `run` trained the LM]
 A sweep (`sweep.saes`, sweep.py) keeps the shared config.yaml and the stream's checkpoints/ at the top and one
 such directory per SAE, `RUN_DIR/<name>/`. Under torchrun (distributed.py) every rank streams its own shard and
-trains its share of each batch; rank 0 alone logs, exports and evaluates, each rank writes its own part of every
-checkpoint (`checkpoints/rank_<r>/` beside rank 0's, checkpoint.py).
+trains its share of each batch; rank 0 alone logs and evaluates; each rank checkpoints its own part (checkpoint.py).
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ import torch
 
 from sae_stream.activations import ActivationStream, check_hook_names, hook_dim
 from sae_stream.buffer import ShuffleBuffer
-from sae_stream.checkpoint import CheckpointWriter, drop_newer, load_own_part, rank_dir, rank_state
+from sae_stream.checkpoint import CheckpointWriter, drop_newer, load_own_part, own_dir, rank_state
 from sae_stream.config import Config, load_config, save_config, to_dict
 from sae_stream.data import ContextBatches, TokenContexts, heldout_batches
 from sae_stream.distributed import Distributed, shard_size
@@ -128,8 +127,7 @@ class Session:
         self.dist = Distributed.from_env(self.device)
         rank, world = (self.dist.rank, self.dist.world_size) if self.dist else (0, 1)
         self.device = self.dist.device if self.dist else self.device
-        if self.dist is not None:
-            check_shared(run_dir, self.dist)
+        check_shared(run_dir, self.dist)
         self.is_main = rank == 0
         self.batch_size = shard_size(cfg.train.batch_size, world)
         if self.dist is not None and cfg.train.nan_policy == "skip":
@@ -149,8 +147,7 @@ class Session:
         self.stream = ActivationStream(self.model, [hook], tokens, cfg.buffer, self.device, seed=seed,
                                        context_len=cfg.data.context_len, capture=native_capture(cfg, self.device))
         self.buffer = ShuffleBuffer(self.stream, cfg.buffer, self.device, d_in=self.d_in, seed=seed)
-        # one writer for every SAE and the stream: checkpoints land in the order written (a sweep's always agree);
-        # data parallel, one per rank, each writing this rank's part
+        # one writer (per rank) for every SAE and the stream: checkpoints land in the order written
         self.sweep = bool(cfg.sweep.saes)
         self.writer = CheckpointWriter(background=cfg.train.background_checkpoints, dist=self.dist,
                                        protect_common=self.sweep or self.dist is not None)
@@ -187,8 +184,7 @@ class Session:
 
     def resume(self) -> int:
         """Every SAE and the stream from the newest checkpoint they all have; returns its step. Once all of it has
-        loaded, this rank's newer checkpoints (an abandoned history a crash left) are removed: none may win a later
-        resume."""
+        loaded, this rank's newer checkpoints (a crash's leftovers) are removed: none may win a later resume."""
         dirs = [self.run_dir / "checkpoints", *(m.run_dir / "checkpoints" for m in self.members if m.name)]
         if not self.sweep:
             extra = self.trainer.resume(self.run_dir)
@@ -217,10 +213,9 @@ class Session:
 
     def _save_stream(self, step: int) -> None:
         """A sweep's stream checkpoint (after every member's at this step); under torchrun, this rank's part."""
-        self.writer.make_room(step)
         state = {"step": step, "members": [m.name for m in self.members], "extra": {"buffer": self._buffer_state()}}
-        ckpt_dir = rank_dir(self.run_dir / "checkpoints", self.dist.rank if self.dist is not None else 0)
-        self.writer.save(ckpt_dir, step, rank_state(state, self.dist), keep=self.cfg.train.keep_checkpoints)
+        self.writer.save(own_dir(self.run_dir / "checkpoints", self.dist), step, rank_state(state, self.dist),
+                         keep=self.cfg.train.keep_checkpoints)
 
     def fit(self) -> list[dict[str, Any]]:
         """Train (every SAE on the same batches), export each from rank 0; the final metrics of each SAE."""

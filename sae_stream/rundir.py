@@ -60,7 +60,10 @@ def require_run_dir(run_dir: str | Path) -> Path:
 
 def check_shared(run_dir: Path, dist: Any) -> None:
     """Under torchrun every rank writes its own part of each checkpoint into the run directory, so every rank must
-    see the same directory (across machines: a shared filesystem). Checked with a file rank 0 writes; a collective."""
+    see the same directory (across machines: a shared filesystem). Checked with a file rank 0 writes; a collective.
+    dist None (a single process): nothing to check."""
+    if dist is None:
+        return
     marker = run_dir / f".ranks-{dist.broadcast_object(secrets.token_hex(8) if dist.is_main else None)}"
     if dist.is_main:
         marker.touch()

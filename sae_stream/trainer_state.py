@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sae_stream.checkpoint import host_copy, load_own_part, newest_common_step, rank_dir, rank_state
+from sae_stream.checkpoint import host_copy, load_own_part, newest_common_step, own_dir, rank_state
 
 
 class TrainerState:
@@ -86,8 +86,8 @@ class TrainerState:
         if self.writer.background:  # training goes on while it is written: the trainer's part is copied here; the
             # caller's extra_state must already be copies (ShuffleBuffer's are)
             state = {k: v if k == "extra" else host_copy(v) for k, v in state.items()}
-        ckpt_dir = rank_dir(self.run_dir / "checkpoints", self.dist.rank if self.dist is not None else 0)
-        return self.writer.save(ckpt_dir, self.step, state, keep=self.cfg.train.keep_checkpoints)
+        return self.writer.save(own_dir(self.run_dir / "checkpoints", self.dist), self.step, state,
+                                keep=self.cfg.train.keep_checkpoints)
 
     def resume(self, path_or_run_dir: Path | str, verified: bool = False) -> dict:
         """Load the latest valid checkpoint (a run dir, its checkpoints/ dir, or one step_* dir); returns
