@@ -11,9 +11,10 @@ import time
 import pytest
 import torch
 
-from sae_stream import data
+from sae_stream import corpus, data
 from sae_stream.config import DataConfig
-from sae_stream.data import TokenContexts, context_batches, heldout_batches, heldout_key
+from sae_stream.corpus import heldout_key
+from sae_stream.data import TokenContexts, context_batches, heldout_batches
 
 EOT = 256  # the byte tokenizer's end-of-text id
 
@@ -52,7 +53,7 @@ def txt_dir(tmp_path):
 
 
 def test_embedded_corpus__gpt2_size_and_heldout_share() -> None:
-    summary = data.corpus_summary("gpt2", heldout_fraction=0.05)
+    summary = corpus.corpus_summary("gpt2", heldout_fraction=0.05)
     total = summary["train_tokens"] + summary["heldout_tokens"]
     assert 300_000 < total < 1_500_000, summary
     assert 0.01 < summary["heldout_tokens"] / total < 0.15, summary
@@ -71,11 +72,11 @@ def test_embedded_corpus__train_and_heldout_documents_disjoint() -> None:
 
 def test_embedded_corpus__disk_cache_written_and_reused(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("SAE_STREAM_CACHE", str(tmp_path))
-    monkeypatch.setattr(data, "embedded_documents", lambda: ("ab", "é"))
-    data.embedded_corpus.cache_clear()
+    monkeypatch.setattr(corpus, "embedded_documents", lambda: ("ab", "é"))
+    corpus.embedded_corpus.cache_clear()
     try:
-        built = data.embedded_corpus("byte")
-        path = data.embedded_cache_path("byte")
+        built = corpus.embedded_corpus("byte")
+        path = corpus.embedded_cache_path("byte")
         assert path.parent == tmp_path and path.is_file()
         assert built.tokens_N.tolist() == [97, 98, EOT, 0xC3, 0xA9, EOT]
         assert built.doc_lens_D.tolist() == [3, 3]
@@ -83,16 +84,16 @@ def test_embedded_corpus__disk_cache_written_and_reused(tmp_path, monkeypatch) -
         def no_build():
             raise AssertionError("the disk cache should have been used")
 
-        monkeypatch.setattr(data, "embedded_documents", no_build)
-        data.embedded_corpus.cache_clear()
-        assert torch.equal(data.embedded_corpus("byte").tokens_N, built.tokens_N)
+        monkeypatch.setattr(corpus, "embedded_documents", no_build)
+        corpus.embedded_corpus.cache_clear()
+        assert torch.equal(corpus.embedded_corpus("byte").tokens_N, built.tokens_N)
 
         path.write_bytes(b"truncated")  # a broken cache is rebuilt, not trusted
-        monkeypatch.setattr(data, "embedded_documents", lambda: ("ab", "é"))
-        data.embedded_corpus.cache_clear()
-        assert torch.equal(data.embedded_corpus("byte").tokens_N, built.tokens_N)
+        monkeypatch.setattr(corpus, "embedded_documents", lambda: ("ab", "é"))
+        corpus.embedded_corpus.cache_clear()
+        assert torch.equal(corpus.embedded_corpus("byte").tokens_N, built.tokens_N)
     finally:
-        data.embedded_corpus.cache_clear()
+        corpus.embedded_corpus.cache_clear()
 
 
 # ---------------------------------------------------------------------------------------------- stream properties
