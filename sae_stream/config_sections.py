@@ -1,0 +1,368 @@
+"""The sections of the config tree (config.py): one dataclass per section, each field with its default and, in the
+string literal right below it, its `--help` text; `__post_init__` checks the values a section can check alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A bad config value: the message names the key and how to fix it."""
+
+
+@dataclass
+class DataConfig:
+    source: str = "embedded"
+    """'embedded' (Python's own docs, offline), a local file/dir/glob (.txt/.jsonl/.parquet), or a HF dataset name."""
+    hf_subset: str | None = None
+    """HF dataset configuration name (e.g. 'en' for allenai/c4); None for the default."""
+    split: str = "train"
+    """HF split to stream for training."""
+    text_field: str = "text"
+    """Column holding the text in HF / jsonl / parquet records."""
+    tokenizer: str = "gpt2"
+    """'gpt2' (tiktoken BPE, shipped offline) or 'byte' (256 byte ids + end-of-text, for tiny tests)."""
+    context_len: int = 128
+    """Tokens per context (documents are joined with end-of-text and cut to this length)."""
+    heldout_fraction: float = 0.05
+    """Fraction of documents (by hash) held out for evaluation; HF sources use the split `heldout_split` instead."""
+    heldout_split: str | None = None
+    """HF split used for held-out data; None holds out documents by hash from `split`."""
+    shuffle_buffer: int = 1000
+    """Documents in the streaming shuffle buffer (HF streaming shuffle / local shuffle)."""
+    loop: bool = True
+    """When the source is exhausted: True starts another epoch (reshuffled), False stops the stream."""
+    seed: int = 0
+    """Seed for document order."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "data", "context_len", "shuffle_buffer")
+        if not 0.0 <= self.heldout_fraction < 1.0:
+            raise ConfigError("data.heldout_fraction must be in [0, 1)")
+        if self.tokenizer not in ("gpt2", "byte"):
+            raise ConfigError(f"data.tokenizer must be 'gpt2' or 'byte', got {self.tokenizer!r}")
+
+
+@dataclass
+class LMConfig:
+    path: str | None = None
+    """Trained LM: a run dir of `sae-stream lm train`, or a transformer-lens model name. None: train one first."""
+    n_layers: int = 1
+    """Transformer blocks (the paper: 1)."""
+    d_model: int = 128
+    """Residual stream width."""
+    n_heads: int = 4
+    """Attention heads."""
+    d_mlp: int = 512
+    """MLP hidden width (the neurons the SAE reads)."""
+    act_fn: str = "relu"
+    """MLP activation: 'relu' (the paper) or 'gelu' (nanoGPT / the seed)."""
+    n_ctx: int = 1024
+    """Maximum context length (position embeddings)."""
+    vocab_size: int = 50304
+    """Vocabulary size (GPT-2's 50257 padded to a multiple of 64 like nanoGPT)."""
+    dropout: float = 0.0
+    """Dropout during LM training."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "lm", "n_layers", "d_model", "n_heads", "d_mlp", "n_ctx", "vocab_size")
+        if self.act_fn not in ("relu", "gelu"):
+            raise ConfigError(f"lm.act_fn must be 'relu' or 'gelu', got {self.act_fn!r}")
+        if self.d_model % self.n_heads:
+            raise ConfigError("lm.d_model must be divisible by lm.n_heads")
+
+
+@dataclass
+class LMTrainConfig:
+    tokens: int = 2_000_000
+    """Total training tokens for the LM."""
+    batch_size: int = 32
+    """Contexts per optimizer step."""
+    lr: float = 3e-3
+    """Peak learning rate (AdamW)."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay floor as a fraction of lr."""
+    warmup_steps: int = 50
+    """Linear warm-up steps."""
+    weight_decay: float = 0.1
+    """AdamW weight decay (matrices only)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    grad_clip: float = 1.0
+    """Gradient norm clip; 0 disables."""
+    eval_every: int = 100
+    """Steps between held-out evaluations."""
+    eval_tokens: int = 32768
+    """Held-out tokens per evaluation."""
+    checkpoint_every: int = 500
+    """Steps between checkpoints."""
+    compile: bool = False
+    """torch.compile the model (GPU runs)."""
+    autocast: str = "auto"
+    """'auto' (bfloat16 on CUDA and on CPUs with native bf16: avx512_bf16/amx), 'bfloat16' or 'none'."""
+    log_every: int = 10
+    """Steps between training-loss records in metrics.jsonl."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "lm_train", "tokens", "batch_size", "eval_every", "eval_tokens", "checkpoint_every",
+                  "log_every")
+        if self.autocast not in ("auto", "bfloat16", "none"):
+            raise ConfigError(f"lm_train.autocast must be auto, bfloat16 or none, got {self.autocast!r}")
+
+
+@dataclass
+class BufferConfig:
+    hook_name: str = "blocks.0.mlp.hook_post"
+    """Hook point whose activations train the SAE (any hook of the model; `sae-stream hooks` lists them)."""
+    capacity: int = 262_144
+    """Ring capacity in activation vectors."""
+    refill_fraction: float = 0.5
+    """Refill the slots already read once this fraction of the ring has been consumed."""
+    storage: str = "auto"
+    """'auto' (cuda if the device is cuda, else cpu), 'cuda', 'pinned' (host memory, GPU consumer) or 'cpu'."""
+    dtype: str = "auto"
+    """Storage dtype: 'auto' (the dtype the LM gives the hook in: lossless; bf16 for our GPT's MLP under CUDA
+    autocast, fp32 on CPU), float32, bfloat16 or float16."""
+    lm_batch_size: int = 32
+    """Contexts per LM forward."""
+    skip_first_position: bool = True
+    """Drop position 0 of each context (its activations are atypical: attention sinks on BOS-like tokens)."""
+    positions_per_context: int | None = None
+    """Sample this many positions per context (paper 250, seed 200); None keeps all (sampling discards LM work)."""
+    reuse: int = 1
+    """Times each streamed vector is consumed before its slot is refilled."""
+    merge_lag: int | None = None
+    """Batches drawn after a refill starts before its vectors join; null: 2 on CPU, on GPU 1/4 of unread (2..32)."""
+    lm_native: bool = True
+    """`lm train` LM + block hooks: produce with the GPT's own forward (fused attention; same values, faster)."""
+    max_memory_gb: float | None = None
+    """Refuse a ring larger than this (GB); None checks against free device/host memory."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "buffer", "capacity", "lm_batch_size", "reuse")
+        if self.merge_lag is not None and self.merge_lag < 0:
+            raise ConfigError("buffer.merge_lag must be >= 0")
+        if not 0.0 < self.refill_fraction <= 1.0:
+            raise ConfigError("buffer.refill_fraction must be in (0, 1]")
+        if self.storage not in ("auto", "cuda", "pinned", "cpu"):
+            raise ConfigError(f"buffer.storage must be auto, cuda, pinned or cpu, got {self.storage!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"buffer.dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.positions_per_context is not None and self.positions_per_context <= 0:
+            raise ConfigError("buffer.positions_per_context must be > 0 or null")
+
+
+ARCHITECTURES = ("anthropic", "april", "topk", "batchtopk")
+
+
+@dataclass
+class SAEConfig:
+    architecture: str = "anthropic"
+    """'anthropic' (2023 paper), 'april' (Apr-2024 update), 'topk' (with AuxK) or 'batchtopk'."""
+    d_in: int | None = None
+    """Input width; None takes it from the hook. Must match the hook if set."""
+    d_sae: int = 4096
+    """Dictionary size (features)."""
+    l1_coeff: float = 1e-3
+    """λ (anthropic/april): loss = MSE (mean over elements) + λ·Σ_f|f| (april |f|·‖W_d,f‖); = λ_paper / d_in."""
+    k: int = 32
+    """Active features per input (topk) or on average per input (batchtopk)."""
+    auxk_coeff: float = 1 / 32
+    """AuxK loss coefficient (topk/batchtopk)."""
+    auxk_k: int | None = None
+    """Dead latents used by AuxK; None = d_in // 2."""
+    dead_tokens_auxk: int = 10_000_000
+    """A latent is dead for AuxK after this many tokens without firing."""
+    init_b_dec: str = "geometric_median"
+    """'geometric_median' of a buffer sample (paper), 'mean', or 'zeros'."""
+    topk_kernels: str = "auto"
+    """topk/batchtopk: 'sparse' (touch only the selected entries), 'dense', or 'auto' (sparse on CPU, dense on CUDA)."""
+
+    def __post_init__(self) -> None:
+        if self.architecture not in ARCHITECTURES:
+            raise ConfigError(f"sae.architecture must be one of {', '.join(ARCHITECTURES)}, got {self.architecture!r}")
+        _positive(self, "sae", "d_sae", "k", "dead_tokens_auxk")
+        if self.d_in is not None and self.d_in <= 0:
+            raise ConfigError("sae.d_in must be > 0 or null")
+        if self.architecture in ("topk", "batchtopk") and self.k > self.d_sae:
+            raise ConfigError(f"sae.k ({self.k}) must be <= sae.d_sae ({self.d_sae})")
+        if self.l1_coeff < 0:
+            raise ConfigError("sae.l1_coeff must be >= 0")
+        if self.init_b_dec not in ("geometric_median", "mean", "zeros"):
+            raise ConfigError("sae.init_b_dec must be geometric_median, mean or zeros")
+        if self.topk_kernels not in ("auto", "sparse", "dense"):
+            raise ConfigError(f"sae.topk_kernels must be auto, sparse or dense, got {self.topk_kernels!r}")
+
+
+@dataclass
+class TrainConfig:
+    device: str = "auto"
+    """'auto' (cuda if available), 'cuda', 'cpu'."""
+    seed: int = 0
+    """Seed for SAE init, buffer sampling and resampling."""
+    total_tokens: int = 4_000_000
+    """Activation vectors to train on (paper: 8B)."""
+    batch_size: int = 4096
+    """Activation vectors per step (paper: 8192)."""
+    lr: float = 1e-3
+    """Adam learning rate."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam betas."""
+    lr_schedule: str = "constant"
+    """'constant', 'warmup' (linear warm-up, then constant), 'linear_tail' (warm-up, then to 0 over decay_fraction)."""
+    warmup_steps: int = 0
+    """Linear lr warm-up steps."""
+    decay_fraction: float = 0.2
+    """Fraction of steps at the end over which 'linear_tail' decays lr to 0."""
+    l1_warmup_fraction: float = 0.0
+    """Fraction of steps over which λ ramps linearly from 0 (april: 0.05)."""
+    grad_clip: float = 0.0
+    """Gradient norm clip; 0 disables."""
+    autocast: str = "none"
+    """'none' or 'bfloat16' autocast for the SAE step."""
+    log_every: int = 50
+    """Steps between metric records."""
+    checkpoint_every: int = 500
+    """Steps between checkpoints (and at the end)."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept on disk (oldest deleted; under torchrun or in a sweep also the step before the newest)."""
+    background_checkpoints: bool = True
+    """Write checkpoints on a thread while training goes on (A/1's 4.3 GB ring takes seconds to write)."""
+    dead_threshold: float = 0.0
+    """A feature with density <= this over the logging window counts as dead."""
+    ultralow_threshold: float = 1e-6
+    """Density below this is 'ultra-low' (paper: 1e-6)."""
+    dense_threshold: float = 0.1
+    """Density above this is 'dense'."""
+    density_window_tokens: int = 1_000_000
+    """Tokens over which feature densities are accumulated for metrics."""
+    nan_policy: str = "stop"
+    """Non-finite activations: 'stop' (error with the step) or 'skip' (drop and count those rows)."""
+    step_impl: str = "auto"
+    """'fused' (hand-written backward, anthropic only), 'autograd', or 'auto' (fused where it applies)."""
+    kernels: str = "auto"
+    """'triton' (fused step passes, decoder-norm constraint, the native LM's kernels), 'torch', 'auto' (triton on
+    CUDA)."""
+    cuda_graphs: bool = True
+    """CUDA: replay the whole step (fwd, bwd, Adam, constraints, metrics) as one graph (not with nan skip / DDP)."""
+    tf32: bool = True
+    """On CUDA, let fp32 matmuls use TF32 tensor cores (torch.backends.cuda.matmul.allow_tf32)."""
+    cpu_malloc_tuning: bool = True
+    """On CPU (glibc), keep freed memory in the heap (mallopt): no page faults per step, ~10-25% faster steps."""
+
+    @property
+    def total_steps(self) -> int:
+        return max(1, self.total_tokens // self.batch_size)
+
+    def __post_init__(self) -> None:
+        _positive(self, "train", "total_tokens", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints",
+                  "density_window_tokens")
+        if self.lr <= 0:
+            raise ConfigError("train.lr must be > 0")
+        if self.lr_schedule not in ("constant", "warmup", "linear_tail"):
+            raise ConfigError("train.lr_schedule must be constant, warmup or linear_tail")
+        if self.autocast not in ("none", "bfloat16"):
+            raise ConfigError("train.autocast must be 'none' or 'bfloat16'")
+        if self.device not in ("auto", "cuda", "cpu") and not self.device.startswith("cuda:"):
+            raise ConfigError(f"train.device must be auto, cuda or cpu, got {self.device!r}")
+        if self.step_impl not in ("auto", "fused", "autograd"):
+            raise ConfigError(f"train.step_impl must be auto, fused or autograd, got {self.step_impl!r}")
+        if self.kernels not in ("auto", "triton", "torch"):
+            raise ConfigError(f"train.kernels must be auto, triton or torch, got {self.kernels!r}")
+        if self.nan_policy not in ("stop", "skip"):
+            raise ConfigError("train.nan_policy must be 'stop' or 'skip'")
+        if self.total_tokens < self.batch_size:
+            raise ConfigError(
+                f"train.total_tokens ({self.total_tokens}) must be >= train.batch_size ({self.batch_size})")
+
+
+@dataclass
+class ResampleConfig:
+    enabled: bool = True
+    """Anthropic neuron resampling (anthropic architecture only)."""
+    at_fractions: list[float] = field(default_factory=lambda: [0.025, 0.05, 0.075, 0.1])
+    """When to resample, as fractions of total steps (paper: 25k,50k,75k,100k of 1M steps)."""
+    at_steps: list[int] | None = None
+    """Explicit resample steps; overrides at_fractions."""
+    dead_window: int = 12_500
+    """Dead = fired on no input in this many steps before a resample (capped at the steps since the last one)."""
+    pool_size: int = 819_200
+    """Inputs drawn from the live buffer to score the reconstruction loss."""
+    pool_dtype: str = "float32"
+    """Pool storage dtype (bfloat16 halves memory)."""
+    encoder_scale: float = 0.2
+    """New encoder rows = input direction x this x mean alive encoder norm."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "resample", "dead_window", "pool_size")
+        if any(not 0.0 < f < 1.0 for f in self.at_fractions):
+            raise ConfigError("resample.at_fractions must all be in (0, 1)")
+
+
+@dataclass
+class EvalConfig:
+    tokens: int = 1_000_000
+    """Held-out tokens for `sae-stream eval`."""
+    batch_contexts: int = 16
+    """Contexts per eval forward."""
+    histogram_bins: int = 60
+    """Bins of the log10 density histogram."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "eval", "tokens", "batch_contexts", "histogram_bins")
+
+
+@dataclass
+class AnalysisConfig:
+    features: int = 256
+    """Features shown in the dashboard: evenly spaced over the alive features ranked by density (all if fewer)."""
+    top_k: int = 20
+    """Top-activating contexts kept per feature."""
+    window: int = 12
+    """Tokens shown left of the activating token (right: window // 3)."""
+    tokens: int = 500_000
+    """Held-out tokens scanned for top activations."""
+    batch_contexts: int = 16
+    """Contexts per forward while scanning."""
+    logit_k: int = 10
+    """Top positive / negative logit effects shown."""
+    histogram_bins: int = 32
+    """Bins of each feature's activation histogram (a power of two: bins merge pairwise as the range grows)."""
+    single_token_fraction: float = 0.8
+    """Flag a feature as single-token when at least this fraction of its top activations sit on one token id."""
+    ablation: bool = True
+    """Show each feature's ablation effect (next-token log-prob change over its top contexts)."""
+    ablation_contexts: int = 8
+    """Top contexts per feature used for the ablation (each costs one forward and an SAE pass over the context)."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "analysis", "features", "top_k", "tokens", "batch_contexts", "logit_k", "histogram_bins",
+                  "ablation_contexts")
+        if self.window < 0:
+            raise ConfigError("analysis.window must be >= 0")
+        if self.histogram_bins & (self.histogram_bins - 1):
+            raise ConfigError(f"analysis.histogram_bins must be a power of two, got {self.histogram_bins}")
+        if not 0.0 < self.single_token_fraction <= 1.0:
+            raise ConfigError("analysis.single_token_fraction must be in (0, 1]")
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = False
+    """Log to Weights & Biases (off by default)."""
+    project: str = "sae-stream"
+    """W&B project."""
+    entity: str | None = None
+    """W&B entity."""
+    run_name: str | None = None
+    """W&B run name."""
+    init_timeout_s: float = 20.0
+    """Seconds to wait for wandb.init before falling back to offline mode."""
+
+
+def _positive(obj: Any, section: str, *names: str) -> None:
+    for name in names:
+        if getattr(obj, name) <= 0:
+            raise ConfigError(f"{section}.{name} must be > 0, got {getattr(obj, name)}")
