@@ -192,7 +192,7 @@ class Session:
                 self.buffer.load_state_dict(extra["buffer"])
             step = self.trainer.step
         else:
-            step = common_resume_step(self.run_dir, [m.run_dir for m in self.members], self.dist)
+            step = common_resume_step(dirs, self.dist)
             for m in self.members:
                 m.trainer.resume(m.run_dir / "checkpoints" / f"step_{step:08d}", verified=True)
             stream = load_own_part(self.run_dir / "checkpoints" / f"step_{step:08d}", self.dist, verify=False)

@@ -102,11 +102,11 @@ def fit_together(trainers: Sequence[Trainer], batches: Iterator[Tensor], save_st
     return [tr.last_metrics for tr in trainers]
 
 
-def common_resume_step(run_dir: Path, member_dirs: Sequence[Path], dist: Any = None) -> int:
-    """The newest step with a valid stream checkpoint and a valid checkpoint of every member (data parallel: on
-    every rank; a collective)."""
-    step = newest_common_step([run_dir / "checkpoints", *(d / "checkpoints" for d in member_dirs)], dist)
+def common_resume_step(ckpt_dirs: Sequence[Path], dist: Any = None) -> int:
+    """The newest step with a valid checkpoint in each of `ckpt_dirs`, the stream's (`RUN_DIR/checkpoints`, first)
+    and every member's (data parallel: on every rank; a collective)."""
+    step = newest_common_step(ckpt_dirs, dist)
     if step is None:
-        raise ValueError(f"no step under {run_dir} has a valid checkpoint of the stream and of every SAE of the "
-                         "sweep: start the sweep again")
+        raise ValueError(f"no step under {ckpt_dirs[0].parent} has a valid checkpoint of the stream and of every SAE "
+                         "of the sweep: start the sweep again")
     return step
