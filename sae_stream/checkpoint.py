@@ -385,8 +385,26 @@ def _world_mismatch(where: str | Path, saved: int, world: int) -> str:
 def load_own_part(ckpt: str | Path, dist: Any = None, verify: bool = True) -> dict[str, Any]:
     """Checkpoint `ckpt` (a `step_*` dir of rank 0's) as this rank saved it: rank 0's state with, on rank r > 0,
     its own part (RANK_KEYS, from its own directory) in place of rank 0's. Resuming needs as many ranks as wrote it.
-    verify=False: the step was just agreed by `newest_common_step`, which verified every part."""
-    ckpt = Path(ckpt)
+    verify=False: the step was just agreed by `newest_common_step`, which verified every part. Under torchrun with
+    verify=True (an explicit step directory) the ranks agree first: if any rank's part is missing or fails its
+    check, every rank raises the same error naming the ranks."""
+    if dist is not None and verify:
+        try:
+            state, err = _load_own_part(Path(ckpt), dist, verify=True), None
+        except (CheckpointError, ValueError, OSError) as e:
+            state, err = None, str(e)
+        by_error: dict[str, list[int]] = {}
+        for r, e in enumerate(dist.all_gather_objects(err)):
+            if e is not None:
+                by_error.setdefault(e, []).append(r)
+        if by_error:
+            raise ValueError("; ".join(f"rank{'s' * (len(rs) > 1)} {', '.join(map(str, rs))}: {e}"
+                                       for e, rs in by_error.items()))
+        return state
+    return _load_own_part(Path(ckpt), dist, verify)
+
+
+def _load_own_part(ckpt: Path, dist: Any, verify: bool) -> dict[str, Any]:
     state = load_checkpoint(ckpt, verify=verify)
     if "per_rank" in state:
         raise ValueError(f"checkpoint {ckpt} holds every rank's part in one file, a layout sae-stream no longer "

@@ -142,6 +142,47 @@ def test_ddp__batch_must_split_evenly_and_checkpoint_needs_same_world(tmp_path: 
             newest_common_step([tmp_path / "checkpoints"], dist)
 
 
+class _Peer:
+    """Rank `rank` of 2 whose all_gather_objects reports `other` as the other rank's object."""
+
+    world_size, is_main = 2, False
+
+    def __init__(self, rank: int, other: object) -> None:
+        self.rank, self.other, self.is_main = rank, other, rank == 0
+
+    def all_gather_objects(self, obj: object) -> list:
+        return [obj, self.other] if self.rank == 0 else [self.other, obj]
+
+
+def test_load_own_part__explicit_step_ranks_agree_and_name_the_rank_missing_its_part(tmp_path: Path) -> None:
+    from sae_stream.checkpoint import load_own_part
+
+    ckpts = tmp_path / "checkpoints"
+    save_checkpoint(ckpts, 5, {"step": 5, "world_size": 2, "sae": "shared", "rng": "r0"})
+    step = ckpts / "step_00000005"
+    # rank 1's part is missing: rank 1 raises naming itself; rank 0, whose own load works, raises the same
+    with pytest.raises(ValueError) as on_rank1:
+        load_own_part(step, _Peer(1, None))
+    assert str(on_rank1.value).startswith("rank 1: ")
+    with pytest.raises(ValueError) as on_rank0:
+        load_own_part(step, _Peer(0, str(on_rank1.value)[len("rank 1: "):]))
+    assert str(on_rank0.value) == str(on_rank1.value)
+    # once the part is there, each rank gets rank 0's state with its own part in place
+    save_checkpoint(rank_dir(ckpts, 1), 5, {"step": 5, "world_size": 2, "rng": "r1"})
+    assert load_own_part(step, _Peer(1, None))["rng"] == "r1"
+    assert load_own_part(step, _Peer(0, None)) == {"step": 5, "world_size": 2, "sae": "shared", "rng": "r0"}
+    # the same error on every rank (resumed with 3 ranks) is given once, naming them all
+    three = _Peer(0, None)
+    three.world_size = 3
+    with pytest.raises(ValueError) as alone:
+        load_own_part(step, three)
+    message = str(alone.value)[len("rank 0: "):]
+    assert "written by 2 data-parallel processes, this run has 3" in message
+    three.other = message
+    with pytest.raises(ValueError, match=r"^ranks 0, 1: checkpoint .*written by 2 data-parallel"):
+        load_own_part(step, three)
+
+
 # ---------------------------------------------------------------------------------------------- the CLI under torchrun
 
 # GATED_CLI (from test_reliability): the real CLI, every rank held before step HOLD_AT+1 while GATE exists, its
