@@ -11,7 +11,6 @@ the GPT's (fp32: max abs diff ~1e-6) and its hook activations are the GPT's own.
 from __future__ import annotations
 
 import os
-import socket
 import warnings
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from lm.model import GPT
+from sae_stream.data import hub_unreachable_reason
 
 
 def hooked_config(gpt: GPT, device: str | torch.device = "cpu") -> HookedTransformerConfig:
@@ -104,8 +104,11 @@ def _from_pretrained(name: str, device: str | torch.device) -> HookedTransformer
     from transformer_lens.loading_from_pretrained import get_official_model_name
 
     hint = "pass a local run dir from `lm train` instead"
-    if not _is_cached(get_official_model_name(name)) and (_env_true("HF_HUB_OFFLINE") or not _hub_reachable()):
-        raise ValueError(f"could not download model {name!r} (offline: no network or HF_HUB_OFFLINE set); {hint}")
+    # without a connection from_pretrained spends ~30 s in retries before failing; the check goes through
+    # HTTPS_PROXY when one is set, and a hanging DNS lookup is bounded
+    if not _is_cached(get_official_model_name(name)) and \
+            (why := hub_unreachable_reason(offline_vars=("HF_HUB_OFFLINE",))) is not None:
+        raise ValueError(f"could not download model {name!r} (offline: {why}); {hint}")
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="HookedTransformer is deprecated", category=DeprecationWarning)
@@ -115,21 +118,9 @@ def _from_pretrained(name: str, device: str | torch.device) -> HookedTransformer
         raise ValueError(f"could not download model {name!r} ({first}); {hint}") from None
 
 
-def _env_true(var: str) -> bool:
-    return os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on")
-
-
 def _is_cached(repo_id: str) -> bool:
     from huggingface_hub import try_to_load_from_cache
 
     return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
 
 
-def _hub_reachable(timeout_s: float = 3.0) -> bool:
-    """A TCP connect to the hub: without it from_pretrained spends ~30 s in retries before failing."""
-    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
-    try:
-        with socket.create_connection((host, 443), timeout=timeout_s):
-            return True
-    except OSError:
-        return False

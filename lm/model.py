@@ -144,6 +144,9 @@ class GPT(nn.Module):
     def from_run_dir(cls, run_dir: str | Path, device: str | torch.device = "cpu") -> GPT:
         """Build from run_dir/config.yaml (its `lm` section) and load run_dir/model.safetensors."""
         run_dir = Path(run_dir)
+        if run_dir.is_file():
+            raise ValueError(f"{str(run_dir)!r} is a file, not an LM run dir: pass the directory written by "
+                             f"`lm train` (the one holding {CONFIG_FILE} and {WEIGHTS_FILE})")
         if not run_dir.is_dir():
             raise ValueError(f"LM run dir {str(run_dir)!r} does not exist: pass a directory written by `lm train`")
         gpt = cls(read_lm_config(run_dir))
@@ -174,7 +177,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h_ND: torch.Tensor, W_VD: torch.Tensor, y_N: torch.Tensor, chunk: int,
-                dtype: torch.dtype) -> torch.Tensor:
+                dtype: torch.dtype, grads: bool) -> torch.Tensor:
         N = h_ND.shape[0]
         grad_h_ND = torch.empty(h_ND.shape, dtype=torch.float32, device=h_ND.device)
         grad_W_VD = torch.zeros(W_VD.shape, dtype=torch.float32, device=W_VD.device)
@@ -185,7 +188,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             for s in range(0, N, chunk):
                 h_cD, y_c = h_ND[s:s + chunk].to(dtype), y_N[s:s + chunk]
                 logits_cV = h_cD @ W_c.T
-                if not any(ctx.needs_input_grad[:2]):  # evaluation: the loss is all we need
+                if not grads:  # evaluation (no_grad / inference_mode, or frozen inputs): the loss is all we need
                     lse_c = torch.logsumexp(logits_cV.float(), dim=1)
                     total += (lse_c - logits_cV.gather(1, y_c[:, None]).squeeze(1).float()).sum()
                     continue
@@ -204,14 +207,16 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
         grad_h_ND, grad_W_VD = ctx.saved_tensors
-        return grad_h_ND * grad_out, grad_W_VD * grad_out, None, None, None
+        return grad_h_ND * grad_out, grad_W_VD * grad_out, None, None, None, None
 
 
 def chunked_cross_entropy(h_ND: torch.Tensor, W_VD: torch.Tensor, y_N: torch.Tensor, chunk: int = 128) -> torch.Tensor:
     """Mean cross-entropy of the logits h_ND @ W_VD.T against y_N, in the autocast dtype if autocast is on."""
     device_type = h_ND.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else h_ND.dtype
-    return _ChunkedLinearCrossEntropy.apply(h_ND, W_VD, y_N, chunk, dtype)
+    # (inside forward grad mode is always off, and needs_input_grad ignores no_grad: decided here)
+    grads = torch.is_grad_enabled() and (h_ND.requires_grad or W_VD.requires_grad)
+    return _ChunkedLinearCrossEntropy.apply(h_ND, W_VD, y_N, chunk, dtype, grads)
 
 
 def read_lm_config(run_dir: Path) -> LMConfig:

@@ -1,5 +1,9 @@
 """Train the GPT of lm/model.py on `data.*` token contexts; resumable, with held-out and unigram-baseline losses.
 
+Each training window holds data.context_len + 1 tokens: the model reads the first context_len and predicts the
+last context_len, so every position the SAE stream later reads (0 .. context_len - 1) is trained, its position
+embedding included (nanoGPT's block_size + 1).
+
     python -m lm.train --out runs/lm [--config configs/default.yaml] [--resume] [--lm_train.tokens=500000 ...]
 
 Writes to the output dir: config.yaml, metrics.jsonl, checkpoints/step_*/ (model, optimizer, step, RNG, data
@@ -10,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import itertools
 import json
 import math
@@ -124,7 +129,7 @@ def _checkpoint(out_dir: Path, cfg: Config, model: GPT, opt: torch.optim.Optimiz
     save_checkpoint(out_dir / CKPT_DIR, state.step, {
         "model": model.state_dict(), "optimizer": opt.state_dict(), "step": state.step, "rng": rng,
         "data": contexts.state_dict(), "unigram_counts": state.counts_V, "elapsed_s": elapsed_s,
-        "last_heldout": state.last_heldout, "config": to_dict(cfg)})
+        "last_heldout": state.last_heldout, "config": to_dict(cfg), "window": cfg.data.context_len + 1})
 
 
 def _resume(out_dir: Path, cfg: Config, model: GPT, opt: torch.optim.Optimizer, contexts: TokenContexts,
@@ -135,6 +140,10 @@ def _resume(out_dir: Path, cfg: Config, model: GPT, opt: torch.optim.Optimizer, 
     if path is None:
         raise ValueError(f"every checkpoint in {str(out_dir / CKPT_DIR)!r} is corrupt: delete them to start over")
     ckpt = load_checkpoint(path, map_location="cpu")
+    if ckpt.get("window") != cfg.data.context_len + 1:
+        raise ValueError(f"cannot resume {str(out_dir)!r}: its checkpoints come from an sae-stream that trained on "
+                         f"windows of data.context_len tokens (now context_len + 1, so that the last position is "
+                         "trained too): resume with that version, or train again")
     saved, now = ckpt["config"], to_dict(cfg)
     for section in ("lm", "data"):
         if saved[section] != now[section]:
@@ -194,14 +203,17 @@ def train_lm(cfg: Config, out_dir: str | Path, resume: bool = False, tracker: An
     else:
         tune_cpu_allocator()  # chunked logits and grads would page-fault in again every step
     torch.manual_seed(cfg.train.seed)
-    contexts = TokenContexts(cfg.data, "train")
+    windows = dataclasses.replace(cfg.data, context_len=cfg.data.context_len + 1)  # inputs + the next token
+    contexts = TokenContexts(windows, "train")
     total_steps = _check(cfg, contexts)
+    # read before anything is written: a data error leaves --out as it was, so the fixed command can reuse it
+    heldout = list(heldout_batches(windows, cfg.lm_train.batch_size, cfg.lm_train.eval_tokens,
+                                   what="lm_train.eval_tokens"))
     model = GPT(cfg.lm).to(device)
     opt = make_optimizer(model, cfg.lm_train, device)
     state = (_resume(out_dir, cfg, model, opt, contexts, device) if resume
              else _State(0, torch.zeros(cfg.lm.vocab_size, dtype=torch.int64), 0.0))
     save_config(cfg, out_dir / "config.yaml")
-    heldout = list(heldout_batches(cfg.data, cfg.lm_train.batch_size, cfg.lm_train.eval_tokens))
     own_tracker = tracker is None
     if own_tracker and resume:
         _trim_metrics(out_dir / "metrics.jsonl", state.step)

@@ -8,9 +8,10 @@
 
 How it mixes. The ring holds `capacity` vectors; `order` lists the unread slots in a uniformly random order and
 batches are consecutive slices of it, so every batch is a uniform draw without replacement from the unread
-vectors. Once `refill_fraction * capacity` vectors have been read, the freed slots are refilled from the stream;
-the new slots join the unread ones and `order` is re-permuted: O(capacity) index work per refill, never a copy of
-the ring (SAELens's concatenate-and-permute-everything buffer slows as it grows: /work/shared/PERF_NOTES.md).
+entries (with `cfg.reuse` > 1 each slot is `reuse` entries, so a batch may hold one vector twice). Once
+`refill_fraction * capacity` vectors have been read, the freed slots are refilled from the stream; the new slots
+join the unread ones and `order` is re-permuted: O(capacity) index work per refill, never a copy of the ring
+(SAELens's concatenate-and-permute-everything buffer slows as it grows: /work/shared/PERF_NOTES.md).
 Each streamed vector is read exactly `cfg.reuse` times (batches and pools together); a finite stream is drained
 in full batches, then a final partial batch unless `drop_last`.
 

@@ -160,7 +160,8 @@ ARCHITECTURES = ("anthropic", "april", "topk", "batchtopk")
 @dataclass
 class SAEConfig:
     architecture: str = "anthropic"
-    """'anthropic' (2023 paper), 'april' (Apr-2024 update), 'topk' (with AuxK) or 'batchtopk'."""
+    """'anthropic' (2023 paper), 'april' (Apr-2024 update; its schedules are train.l1_warmup_fraction,
+    train.lr_schedule=linear_tail and train.grad_clip, off unless set), 'topk' (with AuxK) or 'batchtopk'."""
     d_in: int | None = None
     """Input width; None takes it from the hook. Must match the hook if set."""
     d_sae: int = 4096

@@ -70,13 +70,16 @@ class _StreamSource:
 
     def token_chunks(self, seed: int) -> Iterator[torch.Tensor]:
         batch: list[str] = []
-        n_docs = 0
-        for record in self.dataset.shuffle(seed=seed, buffer_size=self.shuffle_buffer):
+        n_docs = n_other_split = 0
+        for record in self._records(seed):
             if self.text_field not in record:
                 raise ValueError(f"{self.where} has no column {self.text_field!r} (columns: "
                                  f"{', '.join(record)}): set data.text_field")
             text = record[self.text_field]
-            if not isinstance(text, str) or not text.strip() or (self.keep is not None and not self.keep(text)):
+            if not isinstance(text, str) or not text.strip():
+                continue
+            if self.keep is not None and not self.keep(text):
+                n_other_split += 1
                 continue
             batch.append(text)
             n_docs += 1
@@ -85,8 +88,26 @@ class _StreamSource:
                 batch = []
         if batch:
             yield self._encode(batch)
+        if n_docs == 0 and n_other_split:
+            raise ValueError(f"no text in {self.where}: each of its {n_other_split} document(s) fell in the other "
+                             "split (data.heldout_fraction picks documents by a hash of their text; a single .txt "
+                             "file is split into documents at blank lines): give more documents, e.g. blank lines "
+                             "between them or a .jsonl record each, or change data.heldout_fraction")
         if n_docs == 0:
             raise ValueError(f"no text in {self.where}")
+
+    def _records(self, seed: int) -> Iterator[dict[str, Any]]:
+        """The shuffled records; a reader's error (a malformed .jsonl line, a bad parquet file) names the source."""
+        it = iter(self.dataset.shuffle(seed=seed, buffer_size=self.shuffle_buffer))
+        while True:
+            try:
+                record = next(it)
+            except StopIteration:
+                return
+            except Exception as e:  # noqa: BLE001 - pyarrow / json / datasets errors come in many types
+                first = (str(e).splitlines() or [type(e).__name__])[0]
+                raise ValueError(f"cannot read {self.where}: {first}") from e
+            yield record
 
     def _encode(self, texts: list[str]) -> torch.Tensor:
         ids = self.tok.encode_batch(texts)
@@ -103,7 +124,7 @@ def _hash_filter(fraction: float, heldout: bool) -> Callable[[str], bool] | None
 def local_files(source: str) -> list[Path] | None:
     """The files a local `data.source` names (file, directory or glob); None when it names no local path."""
     path = Path(source).expanduser()
-    if glob.has_magic(source):
+    if glob.has_magic(source) and not path.is_file():  # an existing name such as `corpus[v2].txt` is itself
         files = [Path(f) for f in sorted(glob.glob(str(path), recursive=True)) if Path(f).is_file()]
     elif path.is_dir():
         files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix in LOCAL_BUILDERS)
@@ -134,8 +155,9 @@ def _open_local(cfg: DataConfig, files: list[Path], heldout: bool, tok: Tokenize
         kwargs["sample_by"] = "paragraph" if len(files) == 1 else "document"
     import datasets
 
-    dataset = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", streaming=True,
-                                    **kwargs)
+    # data_files are patterns to `datasets`: escaped, a name such as `corpus[v2].txt` matches only itself
+    dataset = datasets.load_dataset(builder, data_files=[glob.escape(str(f)) for f in files], split="train",
+                                    streaming=True, **kwargs)
     field = "text" if builder == "text" else cfg.text_field
     return _StreamSource(dataset, field, _hash_filter(cfg.heldout_fraction, heldout), tok, cfg.shuffle_buffer, where)
 
@@ -162,9 +184,11 @@ def _open_hf(cfg: DataConfig, heldout: bool, tok: Tokenizer) -> _StreamSource:
     return _StreamSource(dataset, cfg.text_field, keep, tok, cfg.shuffle_buffer, where)
 
 
-def hub_unreachable_reason(timeout_s: float = 3.0) -> str | None:
-    """Why the Hub can't be reached (offline env var, no connection within `timeout_s`), or None if it can."""
-    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+def hub_unreachable_reason(timeout_s: float = 3.0,
+                           offline_vars: tuple[str, ...] = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")) -> str | None:
+    """Why the Hub can't be reached (one of `offline_vars` set, no connection within `timeout_s`), or None if it
+    can. The connection goes to HTTPS_PROXY when one is set."""
+    for var in offline_vars:
         if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
             return f"{var} is set"
     proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
@@ -227,7 +251,9 @@ class TokenContexts:
             self.epoch, self.yielded = self.epoch + 1, 0
 
     def _epoch_contexts(self) -> Iterator[torch.Tensor]:
-        seed = (self.cfg.seed if self.split == "train" else HELDOUT_SEED) + self.epoch
+        # one shuffle per (seed, epoch) pair: `seed + epoch` gave seed s+1 the orders of seed s one epoch later
+        base = self.cfg.seed if self.split == "train" else HELDOUT_SEED
+        seed = (base * 1_000_003 + self.epoch) % 2**32
         skip, mine, pending = self.yielded, 0, None
         for i, context_T in enumerate(_cut(self._source.token_chunks(seed), self.cfg.context_len)):
             if i % self.world_size == self.rank:
@@ -286,13 +312,14 @@ def context_batches(contexts: Iterable[torch.Tensor], batch_size: int,
 
 
 def heldout_batches(cfg: DataConfig, batch_size: int, n_tokens: int, rank: int = 0,
-                    world_size: int = 1) -> Iterator[torch.Tensor]:
+                    world_size: int = 1, what: str = "n_tokens") -> Iterator[torch.Tensor]:
     """Held-out batches [B, T] in a fixed order, at most `n_tokens` tokens, stopping at the end of the split.
 
     The last batch may be smaller than `batch_size`, so small budgets still evaluate every token they allow.
+    `what` names the setting `n_tokens` came from in the error.
     """
     if n_tokens < cfg.context_len:
-        raise ValueError(f"n_tokens ({n_tokens}) must be >= data.context_len ({cfg.context_len})")
+        raise ValueError(f"{what} ({n_tokens}) must be >= one context of {cfg.context_len} tokens: raise it")
     contexts = TokenContexts(dataclasses.replace(cfg, loop=False), "heldout", rank, world_size)
     return context_batches(itertools.islice(contexts, n_tokens // cfg.context_len), batch_size, drop_last=False)
 

@@ -17,7 +17,8 @@ Definitions (also written into eval.json under "definitions"):
   0 = as bad as ablating the hook. The seed logged its complement (L_sae - L_clean) / (L_A - L_clean).
 - KL = KL(p_clean || p_sae) summed over the vocabulary, averaged over the same predictions as the CE.
 - density of a feature = fraction of evaluated tokens where it fires (> 0); dead: density <= train.dead_threshold;
-  ultra-low: alive and density < train.ultralow_threshold; dense: density > train.dense_threshold.
+  ultra-low: alive and density < train.ultralow_threshold (null when the evaluated tokens cannot resolve it);
+  dense: density > train.dense_threshold.
 
 Memory is bounded by one chunk of `eval.batch_contexts` contexts: two [B, T, V] log-prob tensors and the
 chunk's [B*T, d_sae] features. Only the token ids of the held-out set are kept, so the mean activation (needed
@@ -51,12 +52,14 @@ from sae_stream.analysis.hooks import (
     model_device,
     sae_decode,
     sae_features,
+    sae_in_eval_mode,
     spliced_logits,
     take_contexts,
 )
 from sae_stream.analysis.plots import plot_density_histogram
 from sae_stream.checkpoint import atomic_write_bytes, atomic_write_json
 from sae_stream.config import EvalConfig, TrainConfig
+from sae_stream.metrics import resolves
 
 EVAL_JSON = "eval.json"
 DENSITY_FILE = "feature_density.safetensors"
@@ -73,8 +76,10 @@ DEFINITIONS = {
     "activation_positions": "L0/MSE/FVU/density use every position except position 0 when skip_first_position; "
                             "spliced runs then keep position 0 clean",
     "density": "fraction of evaluated tokens where a feature is > 0; dead: <= dead_threshold; "
-               "ultralow: alive and < ultralow_threshold; dense: > dense_threshold; "
-               "resolution: 1 / evaluated tokens, the smallest density this eval can tell from 0",
+               "ultralow: alive and < ultralow_threshold (null when resolution >= ultralow_threshold: no alive "
+               "feature can then be below it; raise eval.tokens past 1 / ultralow_threshold); "
+               "dense: > dense_threshold; resolution: 1 / evaluated tokens, the smallest density this eval can tell "
+               "from 0",
 }
 
 
@@ -174,10 +179,13 @@ def _eval_chunk(model: HookedTransformer, sae: SAELike, hook_name: str, tokens_B
     losses.n += logp_clean.shape[0] * logp_clean.shape[1]
 
 
-def density_counts(density_F: Tensor, train_cfg: TrainConfig) -> dict[str, Any]:
+def density_counts(density_F: Tensor, train_cfg: TrainConfig, tokens: int | None = None) -> dict[str, Any]:
+    """Dead / ultra-low / dense counts; ultralow is None when densities over `tokens` cannot resolve the threshold
+    (every alive feature then has density >= 1 / tokens, so a count would read 0 whatever the SAE)."""
     dead = density_F <= train_cfg.dead_threshold
+    ultralow = int((~dead & (density_F < train_cfg.ultralow_threshold)).sum())
     return {"d_sae": density_F.numel(), "dead": int(dead.sum()),
-            "ultralow": int((~dead & (density_F < train_cfg.ultralow_threshold)).sum()),
+            "ultralow": ultralow if tokens is None or resolves(tokens, train_cfg.ultralow_threshold) else None,
             "dense": int((density_F > train_cfg.dense_threshold).sum()),
             "thresholds": {"dead": train_cfg.dead_threshold, "ultralow": train_cfg.ultralow_threshold,
                            "dense": train_cfg.dense_threshold}}
@@ -195,6 +203,7 @@ def _fp32_matmuls() -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
+@sae_in_eval_mode
 @torch.no_grad()
 def evaluate(model: HookedTransformer, sae: SAELike, hook_name: str, token_batches: Iterable[Tensor],
              cfg: EvalConfig, train_cfg: TrainConfig, mean_activation: Tensor | None = None,
@@ -232,7 +241,7 @@ def _evaluate(model: HookedTransformer, sae: SAELike, hook_name: str, token_batc
     return {"hook_name": hook_name, "contexts": tokens_NT.shape[0], "tokens": tokens_NT.numel(),
             "skip_first_position": skip_first_position, **stats,
             "explained_variance": 1 - stats["fvu"] if stats["fvu"] is not None else None,
-            **losses.summary(), "density": {**density_counts(density_F, train_cfg),
+            **losses.summary(), "density": {**density_counts(density_F, train_cfg, stats["activation_tokens"]),
                                           "resolution": 1 / max(stats["activation_tokens"], 1)},
             "feature_density": density_F.tolist(), "definitions": DEFINITIONS}
 

@@ -41,7 +41,7 @@ SAELENS_ARCH = {"anthropic": "standard", "april": "standard", "topk": "topk", "b
 FORMAT_VERSION = "6.0.0"  # the SAELens config layout we write (with the pre-6 keys alongside)
 # keys SAELens 6.x accepts in `metadata` (it builds a dataclass from them, so nothing else goes there)
 METADATA_KEYS = ("model_name", "hook_name", "hook_head_index", "context_size", "dataset_path", "prepend_bos",
-                 "model_from_pretrained_kwargs", "sae_lens_version", "sae_lens_training_version")
+                 "seqpos_slice", "model_from_pretrained_kwargs", "sae_lens_version", "sae_lens_training_version")
 
 
 @torch.no_grad()
@@ -71,7 +71,8 @@ def saelens_cfg(sae: SAE, hook_name: str, model_name: str, extra_cfg: dict[str, 
         "device": "cpu",
         "apply_b_dec_to_input": sae.subtract_b_dec,
         "normalize_activations": "none",
-        "reshape_activations": "none",
+        # an attention hook_z SAE reads [..., heads, d_head] flattened head-major, as SAELens's "hook_z" mode does
+        "reshape_activations": "hook_z" if hook_name.endswith("hook_z") else "none",
         "model_name": model_name,
         "hook_name": hook_name,
         "hook_point": hook_name,
@@ -107,6 +108,8 @@ def export_saelens(sae: SAE, out_dir: Path | str, hook_name: str, log10_density:
     if log10_density is not None:
         sparsity = {"sparsity": log10_density.detach().float().cpu().contiguous()}
         atomic_write_bytes(out / "sparsity.safetensors", save(sparsity))
+    else:  # an earlier export's densities would no longer describe these weights
+        (out / "sparsity.safetensors").unlink(missing_ok=True)
     atomic_write_json(out / "cfg.json", saelens_cfg(sae, hook_name, model_name, extra_cfg))
     return out
 

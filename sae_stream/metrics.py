@@ -25,6 +25,11 @@ HIST_LOG10_MIN = -10.0  # density histogram range; never-firing features are cou
 _SUMS = ("loss", "mse", "l1", "aux", "l0", "err_sq", "var_sq")
 
 
+def resolves(tokens: int, threshold: float) -> bool:
+    """Whether densities measured over `tokens` can fall below `threshold` and be non-zero (1 / tokens < it)."""
+    return threshold <= 0 or tokens * threshold > 1
+
+
 class RunningMetrics:
     """Per-interval sums (on device) and a per-feature firing count over the density window."""
 
@@ -36,6 +41,7 @@ class RunningMetrics:
         self.fire_counts_F = torch.zeros(d_sae, dtype=torch.long, device=device)
         self.window_tokens = 0
         self.density_F: Tensor | None = None  # last completed window
+        self.density_tokens = 0  # the tokens of that window
         self.reduced_density_F: Tensor | None = None  # data parallel: all ranks' density at the last log
 
     @torch.no_grad()
@@ -68,14 +74,14 @@ class RunningMetrics:
         out: dict[str, Any] = {name: s[name] / k for name in ("loss", "mse", "l1", "aux", "l0")}
         out["fvu"] = s["err_sq"] / s["var_sq"] if s["var_sq"] > 0 else float("nan")
         if self.window_tokens >= self.t.density_window_tokens or self.density_F is None:
-            density_F = self.fire_counts_F.double() / max(self.window_tokens, 1)
+            density_F, tokens = self.fire_counts_F.double() / max(self.window_tokens, 1), self.window_tokens
             if self.window_tokens >= self.t.density_window_tokens:
-                self.density_F = density_F
+                self.density_F, self.density_tokens = density_F, tokens
                 self.fire_counts_F.zero_()
                 self.window_tokens = 0
         else:
-            density_F = self.density_F
-        out.update(self._density_metrics(density_F.cpu().numpy()))
+            density_F, tokens = self.density_F, self.density_tokens
+        out.update(self._density_metrics(density_F.cpu().numpy(), tokens))
         self.sums.zero_()
         self.steps = 0
         return out
@@ -101,7 +107,7 @@ class RunningMetrics:
         if g.window_tokens == 0:  # the global window completed
             self.fire_counts_F.zero_()
             self.window_tokens = 0
-        self.density_F = g.density_F
+        self.density_F, self.density_tokens = g.density_F, g.density_tokens
         return out, g.tokens
 
     def current_density(self) -> Tensor:
@@ -110,20 +116,22 @@ class RunningMetrics:
             return self.density_F
         return self.fire_counts_F.double() / max(self.window_tokens, 1)
 
-    def _density_metrics(self, d_F: np.ndarray) -> dict[str, Any]:
+    def _density_metrics(self, d_F: np.ndarray, tokens: int) -> dict[str, Any]:
+        """Counts over a window of `tokens`; ultralow is None when that window cannot resolve its threshold."""
         dead = d_F <= self.t.dead_threshold
         log_d = np.log10(np.maximum(d_F, 10.0 ** HIST_LOG10_MIN))
         counts, edges = np.histogram(log_d, bins=self.bins, range=(HIST_LOG10_MIN, 0.0))
         return {
             "dead": int(dead.sum()),
-            "ultralow": int(((d_F < self.t.ultralow_threshold) & ~dead).sum()),
+            "ultralow": (int(((d_F < self.t.ultralow_threshold) & ~dead).sum())
+                         if resolves(tokens, self.t.ultralow_threshold) else None),
             "dense": int((d_F > self.t.dense_threshold).sum()),
             "density_log10_histogram": {"counts": counts.tolist(), "edges": edges.tolist()},
         }
 
     def state_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ("sums", "steps", "tokens", "fire_counts_F", "window_tokens",
-                                               "density_F")}
+                                               "density_F", "density_tokens")}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         device = self.sums.device

@@ -28,7 +28,7 @@ from sae_stream.checkpoint import CheckpointWriter, drop_newer, load_own_part, o
 from sae_stream.config import Config, load_config, save_config, to_dict
 from sae_stream.data import ContextBatches, TokenContexts, heldout_batches
 from sae_stream.distributed import Distributed, shard_size
-from sae_stream.evaluate import evaluate, load_feature_density, write_eval
+from sae_stream.evaluate import evaluate, load_feature_density, read_eval, write_eval
 from sae_stream.export import export_saelens, load_saelens
 from sae_stream.process import resolve_device
 from sae_stream.rundir import UserError, check_shared, is_main_process, prepare_out_dir, require_run_dir
@@ -238,7 +238,10 @@ class Session:
                 export_saelens(m.trainer.sae, m.run_dir / SAE_DIR, self.cfg.buffer.hook_name,
                                log10_density=m.trainer.log10_density(), model_name=str(self.cfg.lm.path),
                                extra_cfg={"context_size": self.cfg.data.context_len,
-                                          "dataset_path": self.cfg.data.source})
+                                          "dataset_path": self.cfg.data.source,
+                                          # the positions trained on (SAELens's slice of each context)
+                                          "seqpos_slice": [1, None] if self.cfg.buffer.skip_first_position
+                                          else [None]})
         return metrics
 
     def close(self) -> None:
@@ -324,7 +327,7 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, loaded
     if loaded is None and _sweep_dirs(run_dir):
         return _each_member(run_dir, overrides, evaluate_run)
     cfg, model, sae = loaded or _load_trained(run_dir, overrides or [])
-    batches = heldout_batches(cfg.data, cfg.eval.batch_contexts, cfg.eval.tokens)
+    batches = heldout_batches(cfg.data, cfg.eval.batch_contexts, cfg.eval.tokens, what="eval.tokens")
     result = evaluate(model, sae, cfg.buffer.hook_name, batches, cfg.eval, cfg.train,
                       skip_first_position=cfg.buffer.skip_first_position)
     path = write_eval(run_dir, result, cfg.eval.histogram_bins)
@@ -341,7 +344,11 @@ def _print_eval(r: dict[str, Any], path: Path) -> None:
           f"SAE {fmt(ce['sae'])} / zero-abl {fmt(ce['zero_ablation'])} / mean-abl {fmt(ce['mean_ablation'])}, "
           f"loss recovered {fmt(rec['zero'])} (vs zero) {fmt(rec['mean'])} (vs mean), KL {fmt(r['kl_clean_sae'])}")
     d = r.get("density", {})
-    print(f"eval: dead {d.get('dead')}, ultra-low {d.get('ultralow')}, dense {d.get('dense')} of {d.get('d_sae')} "
+    ultralow = d.get("ultralow")
+    if ultralow is None and "thresholds" in d:  # too few tokens to see a density below the threshold
+        need = math.ceil(1 / d["thresholds"]["ultralow"])
+        ultralow = f"n/a (below {d['thresholds']['ultralow']:g} needs eval.tokens > {need:,})"
+    print(f"eval: dead {d.get('dead')}, ultra-low {ultralow}, dense {d.get('dense')} of {d.get('d_sae')} "
           f"features -> {path}")
 
 
@@ -353,10 +360,14 @@ def analyze_run(run_dir: str | Path, overrides: list[str] | None = None, loaded:
     if loaded is None and _sweep_dirs(run_dir):
         return next(iter(_each_member(run_dir, overrides, analyze_run).values()), run_dir)
     cfg, model, sae = loaded or _load_trained(run_dir, overrides or [])
-    densities = load_feature_density(run_dir) if (run_dir / "eval.json").is_file() else None
-    batches = heldout_batches(cfg.data, cfg.eval.batch_contexts, cfg.analysis.tokens)
+    evaluated = (run_dir / "eval.json").is_file()
+    densities = load_feature_density(run_dir) if evaluated else None
+    density_tokens = read_eval(run_dir).get("activation_tokens") if evaluated else None
+    batches = heldout_batches(cfg.data, cfg.eval.batch_contexts, cfg.analysis.tokens,
+                              what="analysis.tokens")
     path = build_dashboard(model, sae, cfg.buffer.hook_name, batches, get_tokenizer(cfg.data.tokenizer), cfg.analysis,
                            run_dir / DASHBOARD_DIR, densities, ultralow_threshold=cfg.train.ultralow_threshold,
+                           dead_threshold=cfg.train.dead_threshold, density_tokens=density_tokens,
                            skip_first_position=cfg.buffer.skip_first_position)
     print(f"dashboard: {path}")
     return path

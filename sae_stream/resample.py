@@ -14,6 +14,7 @@ steps since the previous resample or the start) are re-initialised towards input
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -114,6 +115,10 @@ def resample_dead_(
     pool_ND = pool_fn(cfg.pool_size)
     if pool_ND.ndim != 2 or pool_ND.shape[1] != sae.d_in:
         raise ValueError(f"resample pool has shape {tuple(pool_ND.shape)}; expected [n, {sae.d_in}]")
+    if pool_ND.shape[0] == 0:  # a finite stream drained right at a resampling step
+        warnings.warn(f"{n_dead} dead features not resampled: the resampling pool is empty (the activation stream "
+                      "has ended)", stacklevel=2)
+        return 0
     weights_N = per_input_loss(sae, pool_ND).double().pow(2)
     weights_N = torch.where(torch.isfinite(weights_N), weights_N, torch.zeros_like(weights_N))
     if float(weights_N.sum()) <= 0.0:

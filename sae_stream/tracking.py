@@ -41,6 +41,9 @@ class NullTracker:
     def drop_after(self, step: int) -> None:
         pass
 
+    def last_record(self) -> dict[str, Any]:
+        return {}
+
     def close(self) -> None:
         pass
 
@@ -81,6 +84,17 @@ class Tracker(NullTracker):
                 kept.append(line + "\n")
         atomic_write_text(self._path, "".join(kept))
         self._file = open(self._path, "a", buffering=1)
+
+    def last_record(self) -> dict[str, Any]:
+        """The newest complete record in metrics.jsonl ({} if none)."""
+        if self._path is None or not self._path.is_file():
+            return {}
+        for line in reversed(self._path.read_text().splitlines()):
+            try:
+                return json.loads(line)
+            except ValueError:
+                continue
+        return {}
 
     def close(self) -> None:
         if self._file is not None:

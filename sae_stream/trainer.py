@@ -180,10 +180,13 @@ class Trainer(TrainerState):
         return True
 
     def finish(self) -> None:
-        """The final log record and checkpoint (unless this step already has them)."""
+        """The final log record and checkpoint (unless this step already has them). Resumed at a step whose record
+        is already logged (a finished run resumed), the final metrics are that record."""
         t = self.cfg.train
-        if self.step % t.log_every != 0 or not self.last_metrics:
+        if self.metrics.steps > 0:  # steps since the last record (restored with the metrics on a resume)
             self._log(self._bar)
+        elif not self.last_metrics and hasattr(self.tracker, "last_record"):
+            self.last_metrics = self.tracker.last_record()
         if self.step % t.checkpoint_every != 0:
             self.save()
         self.writer.wait()

@@ -101,6 +101,20 @@ def test_streaming_histogram__equals_histogram_with_final_edges():
         assert firing.max() <= float(width_F[f]) * bins < 2 * firing.max() + 1e-12
 
 
+@pytest.mark.parametrize("maxima", [(8.0, 16.0), (8.0, 8.0, 33.0), (8.0, 1000.0), (3.0, 6.0, 12.0, 13.0)])
+def test_streaming_histogram__a_value_on_the_top_edge_lands_in_its_bin_once_the_range_grows(maxima):
+    # the first chunk's max sits on the top edge (clamped into the last bin); after a doubling that edge is an
+    # inner one and the value belongs to the bin it starts
+    bins = 8
+    hist = StreamingHistogram(1, bins)
+    for m in maxima:
+        hist.update(torch.tensor([[m], [m / 3]]))
+    counts_FB, width_F = hist.result()
+    values = np.array([v for m in maxima for v in (m, m / 3)])
+    ref, _ = np.histogram(values, bins=bins, range=(0.0, float(width_F[0]) * bins))
+    assert counts_FB[0].tolist() == ref.tolist()
+
+
 def test_window_activations__gathers_the_window_around_each_token():
     feats_BTF = torch.randn(3, 5, 2)
     rows_FK = torch.tensor([[0, 7, 14], [9, 10, 4]])  # rows b * 5 + t
@@ -221,6 +235,37 @@ def test_build_dashboard__one_escaped_panel_per_feature(model, batches, tmp_path
     assert '<span class="ws">·</span><span class="ws">↵</span>' in page  # token 0 is " \n", drawn visibly
     assert "Ablation" in page and "W_out[0]" in page
     assert "http://" not in page and "https://" not in page  # self-contained
+
+
+class PaddedVocabTokenizer(AngleTokenizer):
+    """A tokenizer of 30 ids for the 40-logit model: ids 30..39 are padding (as GPT-2's 50257 in a 50304 LM)."""
+
+    n_vocab = 30
+
+
+def test_build_dashboard__padding_logits_hidden_and_ultralow_means_alive_and_below(model, batches, tmp_path):
+    sae = LinearReLUSAE(D_MLP, 24, bias=-0.1)
+    cfg = AnalysisConfig(features=6, top_k=4, window=3, tokens=10_000, batch_contexts=6, logit_k=8, ablation=False)
+    density_F = torch.full((24,), 0.01)
+    density_F[0], density_F[1] = 0.0, 1e-3  # dead; ultra-low at a threshold of 2e-3
+
+    def shown_ids(page: str) -> set[int]:  # ids in the promoted / suppressed lists (contexts hold ids < 40 too)
+        lists = re.findall(r"<h4>(?:promoted|suppressed)</h4><ol>.*?</ol>", page, flags=re.S)
+        return {int(i) for part in lists for i in re.findall(r"&lt;(\d+)&gt;", part)}
+
+    # 16 of 40 ids per feature: without the tokenizer's size the 10 padding ids show up
+    unfiltered = build_dashboard(model, sae, MLP, batches, AngleTokenizer(), cfg, tmp_path, density_F,
+                                 features=[0, 1, 2], ultralow_threshold=2e-3, density_tokens=10_000).read_text()
+    assert max(shown_ids(unfiltered)) >= 30
+    page = build_dashboard(model, sae, MLP, batches, PaddedVocabTokenizer(), cfg, tmp_path, density_F,
+                           features=[0, 1, 2], ultralow_threshold=2e-3, density_tokens=10_000).read_text()
+    assert shown_ids(page) and max(shown_ids(page)) < 30
+    low_tab = page[page.index('id="tab-low"'): page.index("</table>", page.index('id="tab-low"'))]
+    assert re.findall(r'href="#f(\d+)"', low_tab) == ["1"]  # not the dead feature 0
+    # densities over 10,000 tokens cannot go below 1e-4 unless 0: with a threshold of 1e-5 the tab says so
+    page = build_dashboard(model, sae, MLP, batches, AngleTokenizer(), cfg, tmp_path, density_F, features=[0, 1, 2],
+                           ultralow_threshold=1e-5, density_tokens=10_000).read_text()
+    assert "densities over 10,000 tokens cannot go below 1/10,000" in page
 
 
 def test_build_dashboard__flags_single_token_features(tmp_path):

@@ -40,6 +40,8 @@ def test_run__writes_the_run_directory(tiny_run: Path) -> None:
     saelens = json.loads((tiny_run / "sae/cfg.json").read_text())
     assert (saelens["d_in"], saelens["d_sae"]) == (64, 128)
     assert saelens["hook_name"] == "blocks.0.mlp.hook_post"
+    # trained without position 0: SAELens's slice of each context says so (slice(1, None))
+    assert saelens["metadata"]["seqpos_slice"] == [1, None] and saelens["reshape_activations"] == "none"
 
 
 def test_run__eval_is_sane(tiny_run: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import re
 import socket
 import time
 
@@ -116,6 +117,9 @@ def test_token_contexts__epochs_reshuffle_and_loop_flag(txt_dir) -> None:
     assert all(torch.equal(x, y) for x, y in zip(finite, two_epochs))
     assert sorted(documents_in(two_epochs[len(finite):])) == sorted(documents_in(finite))
     assert documents_in(two_epochs[len(finite):]) != documents_in(finite)  # a new order, same documents
+    # another seed is another sequence of orders, not this one shifted by an epoch
+    seed_1 = list(TokenContexts(byte_cfg(source=str(txt_dir), heldout_fraction=0.0, context_len=16, seed=1)))
+    assert documents_in(seed_1) != documents_in(two_epochs[len(finite):])
 
 
 @pytest.mark.parametrize("source", ["embedded", "txt"])
@@ -190,6 +194,21 @@ def test_local_single_txt__split_at_blank_lines(tmp_path) -> None:
     assert sorted(d.strip() for d in got) == sorted(paragraphs)
 
 
+def test_local_single_txt__one_document_cannot_be_split_and_the_error_says_why(tmp_path) -> None:
+    path = tmp_path / "lines[v2].txt"  # glob characters in the name of an existing file: the file itself
+    path.write_text("".join(f"line {i} of a file without blank lines\n" for i in range(50)))
+    splits = []
+    for split in ("train", "heldout"):
+        try:
+            splits.append(len(list(TokenContexts(byte_cfg(source=str(path), heldout_fraction=0.5, context_len=8),
+                                                 split))))
+        except ValueError as e:
+            splits.append(str(e))
+    # the whole file is one document: it lands in one split, and the other one names the cause and the fix
+    (empty,) = [s for s in splits if isinstance(s, str)]
+    assert re.search(r"no text in .*: each of its 1 document\(s\) fell in the other split .*blank lines", empty)
+
+
 def test_local_jsonl_and_parquet__read_text_field(tmp_path, monkeypatch) -> None:
     import datasets
     import pyarrow as pa
@@ -208,6 +227,10 @@ def test_local_jsonl_and_parquet__read_text_field(tmp_path, monkeypatch) -> None
         assert sorted(documents_in(list(TokenContexts(cfg)))) == sorted(bodies)
     with pytest.raises(ValueError, match="no column 'text'.*data.text_field"):
         next(iter(TokenContexts(byte_cfg(source=str(jsonl)))))
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": "fine"}\n{"text": not json\n')
+    with pytest.raises(ValueError, match=r"cannot read data.source '.*broken.jsonl' \(train split\): JSON parse"):
+        list(TokenContexts(byte_cfg(source=str(broken), heldout_fraction=0.0, context_len=1)))
 
 
 def test_local_source__empty_corpus_is_an_error(tmp_path) -> None:

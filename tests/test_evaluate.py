@@ -197,8 +197,47 @@ def test_evaluate__token_budget_and_bad_inputs(model, batches):
 
 def test_density_counts__thresholds():
     density_F = torch.tensor([0.0, 0.0, 5e-7, 1e-6, 1e-3, 0.2, 0.5])
-    c = density_counts(density_F, TrainConfig(dead_threshold=0.0, ultralow_threshold=1e-6, dense_threshold=0.2))
+    t = TrainConfig(dead_threshold=0.0, ultralow_threshold=1e-6, dense_threshold=0.2)
+    c = density_counts(density_F, t)
     assert (c["dead"], c["ultralow"], c["dense"], c["d_sae"]) == (2, 1, 1, 7)
+    # measured over 2M tokens a density of 5e-7 is one firing: resolvable
+    assert density_counts(density_F, t, tokens=2_000_000)["ultralow"] == 1
+    # over 1M tokens (or fewer) no alive feature can be below 1e-6: not a count of 0 but unknown
+    for tokens in (1_000_000, 65_024):
+        assert density_counts(density_F, t, tokens=tokens)["ultralow"] is None
+
+
+def test_evaluate__ultralow_is_null_when_the_eval_cannot_resolve_the_threshold(model, batches):
+    sae = LinearReLUSAE(D_MLP, 40, bias=-0.6)
+    n = sum(b.shape[0] * (b.shape[1] - 1) for b in batches)  # position 0 skipped
+    resolvable = evaluate(model, sae, MLP, batches, _cfg(), TrainConfig(ultralow_threshold=2 / n))
+    assert resolvable["density"]["resolution"] == 1 / n and resolvable["density"]["ultralow"] is not None
+    too_few = evaluate(model, sae, MLP, batches, _cfg(), TrainConfig(ultralow_threshold=1 / n))
+    assert too_few["density"]["ultralow"] is None and too_few["density"]["dead"] == resolvable["density"]["dead"]
+
+
+def test_evaluate__batchtopk_sae_left_in_train_mode_is_evaluated_with_its_threshold(model, batches):
+    from sae_stream.analysis.ablation import ablate_feature
+    from sae_stream.analysis.scan import scan_features
+    from sae_stream.config import AnalysisConfig, SAEConfig
+    from sae_stream.sae import build_sae
+
+    torch.manual_seed(0)
+    sae = build_sae(SAEConfig(architecture="batchtopk", d_sae=64, k=4), d_in=D_MLP)
+    _, cache = model.run_with_cache(torch.cat(batches), names_filter=MLP)
+    sae.train()
+    sae(cache[MLP].reshape(-1, D_MLP))  # a training step: sets the threshold, leaves the SAE in train mode
+    got = evaluate(model, sae, MLP, batches, _cfg(), TrainConfig())
+    scan = scan_features(model, sae, MLP, batches, AnalysisConfig(tokens=10_000, batch_contexts=5))
+    ablation = ablate_feature(model, sae, MLP, batches[0], 0, torch.full((batches[0].shape[0],), 5))
+    assert sae.training  # given back as it came
+    sae.eval()
+    assert got == evaluate(model, sae, MLP, batches, _cfg(), TrainConfig())
+    ref = scan_features(model, sae, MLP, batches, AnalysisConfig(tokens=10_000, batch_contexts=5))
+    assert torch.equal(scan.fire_count_F, ref.fire_count_F)
+    assert torch.equal(ablation.delta_logprob_V,
+                       ablate_feature(model, sae, MLP, batches[0], 0, torch.full((batches[0].shape[0],), 5))
+                       .delta_logprob_V)
 
 
 def test_write_eval__writes_json_densities_and_png(model, batches, tmp_path):

@@ -100,6 +100,17 @@ def test_export__cfg_json_has_saelens_fields_old_and_new(tmp_path):
         export_saelens(sae, tmp_path, hook_name="h", log10_density=torch.zeros(3))
 
 
+def test_export__hook_z_sae_asks_saelens_to_flatten_heads_and_stale_densities_go(tmp_path):
+    sae, _ = _trained_like("anthropic")
+    export_saelens(sae, tmp_path, hook_name="blocks.0.attn.hook_z", log10_density=torch.zeros(48))
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    assert cfg["reshape_activations"] == "hook_z"  # SAELens then flattens [..., heads, d_head] as we trained
+    assert (tmp_path / "sparsity.safetensors").is_file()
+    export_saelens(sae, tmp_path, hook_name="blocks.0.mlp.hook_post")  # re-exported without densities
+    assert json.loads((tmp_path / "cfg.json").read_text())["reshape_activations"] == "none"
+    assert not (tmp_path / "sparsity.safetensors").exists()
+
+
 def test_load_saelens__foreign_standard_dir_maps_to_anthropic(tmp_path):
     sae, x = _trained_like("anthropic")
     export_saelens(sae, tmp_path, hook_name="blocks.0.hook_resid_post")

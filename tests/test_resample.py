@@ -74,6 +74,18 @@ def test_resample__dead_fire_again_and_alive_untouched_bit_for_bit():
     assert torch.all(fires > 0)
 
 
+def test_resample__an_empty_pool_warns_and_changes_nothing():
+    # a finite stream drained right at a resampling step gives no pool: training goes on to its end-of-stream message
+    sae, opt, dead_F = _trained_sae_with_dead()
+    before = _snapshot(sae, opt)
+    with pytest.warns(UserWarning, match="4 dead features not resampled: the resampling pool is empty"):
+        n = resample_dead_(sae, opt, dead_F, lambda k: torch.zeros(0, 16), ResampleConfig(pool_size=2048),
+                           torch.Generator().manual_seed(0))
+    assert n == 0
+    after = _snapshot(sae, opt)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
 def test_resample__picks_in_proportion_to_loss_squared():
     torch.manual_seed(0)
     d_sae = 3000

@@ -30,6 +30,9 @@ class ListLogger:
     def log(self, step: int, metrics: dict) -> None:
         self.rows.append((step, metrics))
 
+    def last_record(self) -> dict:
+        return {"step": self.rows[-1][0], **self.rows[-1][1]} if self.rows else {}
+
 
 def _atoms(seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
@@ -185,6 +188,40 @@ def test_trainer__metrics_match_a_direct_computation():
     assert sum(hist["counts"]) == N_ATOMS and len(hist["edges"]) == len(hist["counts"]) + 1
     assert m["lr"] == cfg.train.lr and m["l1_coeff"] == cfg.sae.l1_coeff and m["tokens"] == BATCH
     assert m["tokens_per_s"] > 0
+
+
+@pytest.mark.parametrize("steps", [10, 12])  # the last step a log step, or logged only by finish()
+def test_trainer__resuming_a_finished_run_logs_nothing_new_and_returns_its_final_metrics(tmp_path, steps):
+    from sae_stream.tracking import Tracker
+
+    atoms = _atoms()
+    cfg = _cfg(steps=steps, train__log_every=5, train__checkpoint_every=5)
+    tracker = Tracker(tmp_path)
+    final = Trainer(build_sae(cfg.sae, D_IN), cfg, tmp_path, tracker).fit(sparse_batches(atoms))
+    tracker.close()
+    before = (tmp_path / "metrics.jsonl").read_text()
+    tracker = Tracker(tmp_path)
+    trainer = Trainer(build_sae(cfg.sae, D_IN), cfg, tmp_path, tracker)
+    trainer.resume(tmp_path)
+    tracker.drop_after(trainer.step)
+    again = trainer.fit(sparse_batches(atoms, start=steps))
+    tracker.close()
+    assert (tmp_path / "metrics.jsonl").read_text() == before  # no empty record of zero steps appended
+    assert again["mse"] == final["mse"] and again["l0"] == final["l0"] and again["step"] == steps
+
+
+def test_trainer__ultralow_count_only_where_the_density_window_resolves_its_threshold():
+    atoms = _atoms()
+    # windows of 2 batches: one batch cannot tell a density below 0.75 / BATCH from 0, two can
+    cfg = _cfg(steps=3, train__log_every=1, train__density_window_tokens=2 * BATCH,
+               train__ultralow_threshold=0.75 / BATCH)
+    log = ListLogger()
+    trainer = Trainer(build_sae(cfg.sae, D_IN), cfg, None, log)
+    trainer.fit(sparse_batches(atoms))
+    assert [m["ultralow"] is None for _, m in log.rows] == [True, False, False]
+    density = trainer.metrics.density_F  # the completed window of steps 1-2, which step 3 still reports
+    assert trainer.metrics.density_tokens == 2 * BATCH
+    assert log.rows[2][1]["ultralow"] == int(((density > 0) & (density < 0.75 / BATCH)).sum())
 
 
 def test_firing_counts__float_path_equals_bool_count():

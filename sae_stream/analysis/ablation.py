@@ -17,7 +17,15 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 from transformer_lens.utilities.activation_functions import apply_softcap
 
-from sae_stream.analysis.hooks import SAELike, check_hook, sae_decode, sae_features, splice_hook, stop_layer
+from sae_stream.analysis.hooks import (
+    SAELike,
+    check_hook,
+    sae_decode,
+    sae_features,
+    sae_in_eval_mode,
+    splice_hook,
+    stop_layer,
+)
 
 
 class AblationResult(NamedTuple):
@@ -49,6 +57,7 @@ def _final_logprobs_at(model: HookedTransformer, hook_name: str, tokens_BT: Tens
     return logits_BV.float().log_softmax(-1)
 
 
+@sae_in_eval_mode
 @torch.no_grad()
 def ablate_feature(model: HookedTransformer, sae: SAELike, hook_name: str, tokens_BT: Tensor, feature: int,
                    positions: Tensor | list[int], k: int = 10, skip_first_position: bool = True) -> AblationResult:

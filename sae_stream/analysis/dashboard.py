@@ -13,6 +13,7 @@ at least `cfg.single_token_fraction` of its top activations fall on one token id
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -29,6 +30,7 @@ from sae_stream.analysis.logits import logit_effects
 from sae_stream.analysis.scan import FeatureScan, scan_features
 from sae_stream.checkpoint import atomic_write_text
 from sae_stream.config import AnalysisConfig
+from sae_stream.metrics import resolves
 
 
 class TokenText:
@@ -36,6 +38,7 @@ class TokenText:
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
+        self.n_vocab: int | None = getattr(tokenizer, "n_vocab", None)  # an LM's d_vocab may pad past it
         self.cache: dict[int, str] = {}
 
     def __call__(self, token_id: int) -> str:
@@ -87,6 +90,8 @@ def _named(pairs: list[tuple[int, float]], text: TokenText) -> list[tuple[str, f
 
 
 def _top_effects(effects_V: Tensor, k: int, text: TokenText) -> tuple[list[tuple[str, float]], ...]:
+    """The k most promoted and most suppressed tokens (padding ids past the tokenizer's vocabulary left out)."""
+    effects_V = effects_V[: text.n_vocab]
     k = min(k, effects_V.numel())
     up, down = effects_V.topk(k), (-effects_V).topk(k)
     return (_named(list(zip(up.indices.tolist(), up.values.tolist())), text),
@@ -104,9 +109,9 @@ def _ablation(ablate: Callable[..., Any] | None, scan: FeatureScan, f: int, n_co
     return {"ablation_raised": _named(result.raised, text), "ablation_lowered": _named(result.lowered, text)}
 
 
-def _summary_html(scan: FeatureScan, density_F: Tensor, hook_name: str, source: str) -> str:
+def _summary_html(scan: FeatureScan, density_F: Tensor, hook_name: str, source: str, dead_threshold: float) -> str:
     log_d = torch.log10(density_F[density_F > 0].double())
-    dead = int((density_F <= 0).sum())
+    dead = int((density_F <= dead_threshold).sum())
     counts, titles, lo, hi = [], [], "", ""
     if log_d.numel():
         lo_v, hi_v = float(log_d.min()), float(log_d.max()) + 1e-9
@@ -123,10 +128,12 @@ def _summary_html(scan: FeatureScan, density_F: Tensor, hook_name: str, source: 
 def build_dashboard(model: HookedTransformer, sae: SAELike, hook_name: str, token_batches: Iterable[Tensor],
                     tokenizer: Any, cfg: AnalysisConfig, out_dir: str | Path, densities: Tensor | None = None, *,
                     features: Sequence[int] | None = None, ultralow_threshold: float = 1e-6,
+                    dead_threshold: float = 0.0, density_tokens: int | None = None,
                     skip_first_position: bool = True) -> Path:
     """Scan `cfg.tokens` held-out tokens and write `out_dir/index.html`; returns its path.
 
-    `densities` [d_sae] (e.g. from eval) choose and label the features; None uses the scan's own counts.
+    `densities` [d_sae] (e.g. from eval, measured over `density_tokens`) choose and label the features; None uses
+    the scan's own counts. Ultra-low: alive (density > `dead_threshold`) and below `ultralow_threshold`.
     `features` overrides the selection.
     """
     scan = scan_features(model, sae, hook_name, token_batches, cfg, skip_first_position)
@@ -146,15 +153,22 @@ def build_dashboard(model: HookedTransformer, sae: SAELike, hook_name: str, toke
         counts = scan.histogram.counts_FB[f].tolist()
         logits_pos, logits_neg = _top_effects(effects_SV[s], cfg.logit_k, text) if effects_SV is not None else ([], [])
         panels.append(FeaturePanel(
-            feature=f, density=float(density_F[f]), ultralow=bool(density_F[f] < ultralow_threshold), contexts=views,
+            feature=f, density=float(density_F[f]), contexts=views,
+            ultralow=bool(dead_threshold < density_F[f] < ultralow_threshold),
             hist_counts=counts, hist_width=float(scan.histogram.width_F[f]),
             top_tokens=[text(i) for i, _ in Counter(centre_ids).most_common(3)],
             single_token=_single_token(centre_ids, cfg.single_token_fraction, text),
             logits_pos=logits_pos, logits_neg=logits_neg,
             **_ablation(ablate, scan, f, cfg.ablation_contexts, cfg.logit_k, text)))
     source = "the given densities" if densities is not None else "this scan"
-    page = render_page(panels, f"SAE features · {hook_name}", _summary_html(scan, density_F, hook_name, source),
-                       logit_note)
+    tokens = density_tokens if densities is not None else scan.n_tokens
+    low_note = (f"none below {ultralow_threshold:g} among the shown features" if tokens is None or
+                resolves(tokens, ultralow_threshold) else
+                f"densities over {tokens:,} tokens cannot go below 1/{tokens:,} = {1 / max(tokens, 1):.1e} "
+                f"without being 0: finding densities below {ultralow_threshold:g} needs more than "
+                f"{math.ceil(1 / ultralow_threshold):,} tokens (eval.tokens)")
+    page = render_page(panels, f"SAE features · {hook_name}",
+                       _summary_html(scan, density_F, hook_name, source, dead_threshold), logit_note, low_note)
     path = Path(out_dir) / "index.html"
     atomic_write_text(path, page)
     return path

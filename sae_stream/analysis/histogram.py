@@ -3,7 +3,9 @@
 Feature f's bins are [j * w_f, (j + 1) * w_f) for j < bins. The width starts at (first chunk's max) / bins
 and doubles whenever a larger activation arrives; after m doublings each new bin is exactly the union of
 2^m old ones, so counts are merged, never re-estimated: the final counts equal a histogram of the whole
-stream with the final edges (values on the last edge go in the last bin).
+stream with the final edges (values on the last edge go in the last bin). The one value that does not merge
+with its bin is one on the top edge, clamped into the last bin: it is counted apart too, and moved to the
+bin that edge starts once the range grows.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class StreamingHistogram:
         self.bins = bins
         self.counts_FB = torch.zeros(n_features, bins, dtype=torch.long, device=device)
         self.width_F = torch.zeros(n_features, dtype=torch.float64, device=device)
+        self.on_top_F = torch.zeros(n_features, dtype=torch.long, device=device)  # values == the top edge
 
     @torch.no_grad()
     def update(self, values_NF: Tensor) -> None:
@@ -44,6 +47,8 @@ class StreamingHistogram:
         bin_idx = (firing / self.width_F[f_idx]).floor().long().clamp_(max=self.bins - 1)
         flat = torch.bincount(f_idx * self.bins + bin_idx, minlength=self.counts_FB.numel())
         self.counts_FB += flat.view_as(self.counts_FB)
+        on_top = firing >= self.width_F[f_idx] * self.bins
+        self.on_top_F += torch.bincount(f_idx[on_top], minlength=len(self.on_top_F))
 
     def _grow_(self, max_F: Tensor) -> None:
         unset = (self.width_F == 0) & (max_F > 0)
@@ -59,8 +64,15 @@ class StreamingHistogram:
         doublings[short] += 1
         for m in doublings[grow].unique().tolist():
             rows = (doublings == m).nonzero(as_tuple=True)[0]
-            self.counts_FB[rows] = _merge_bins(self.counts_FB[rows], m)
+            counts_RB = _merge_bins(self.counts_FB[rows], m)
+            # the old top edge is the new edge bins / 2^m: its values leave the bin the last old bin merged into
+            src, dst = (self.bins - 1) >> m, self.bins >> m
+            if src != dst:
+                counts_RB[:, src] -= self.on_top_F[rows]
+                counts_RB[:, dst] += self.on_top_F[rows]
+            self.counts_FB[rows] = counts_RB
             self.width_F[rows] *= 2.0**m
+        self.on_top_F[grow] = 0
 
     def result(self) -> HistogramResult:
         return HistogramResult(self.counts_FB, self.width_F)

@@ -10,9 +10,10 @@ replaced: the SAE never saw it during training, so it keeps its clean activation
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 from torch import Tensor
@@ -28,6 +29,28 @@ class SAELike(Protocol):
     def encode(self, x_BD: Tensor) -> Tensor: ...
 
     def decode(self, feats_BF: Tensor) -> Tensor: ...
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def sae_in_eval_mode(fn: F) -> F:
+    """Run `fn(model, sae, ...)` with the SAE in eval mode, then give it back in the mode it had: a BatchTopK SAE
+    in train mode keeps the top-k over the whole batch, so its features would depend on what else is in it."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        sae = kwargs["sae"] if "sae" in kwargs else args[1]
+        training = isinstance(sae, torch.nn.Module) and sae.training
+        if training:
+            sae.eval()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if training:
+                sae.train()
+
+    return wrapper  # type: ignore[return-value]
 
 
 Replace = Callable[[Tensor], Tensor]

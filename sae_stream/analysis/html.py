@@ -137,13 +137,19 @@ def _index_rows(panels: list[FeaturePanel]) -> str:
     return "".join(rows)
 
 
-def render_page(panels: list[FeaturePanel], title: str, summary_html: str, logit_note: str) -> str:
+def render_page(panels: list[FeaturePanel], title: str, summary_html: str, logit_note: str,
+                empty_low_note: str = "") -> str:
+    """The whole page; `empty_low_note` fills the ultra-low tab when no shown feature is ultra-low."""
     high = [p for p in panels if not p.ultralow]
     low = [p for p in panels if p.ultralow]
     head = "<tr><th>feature</th><th>density</th><th>top tokens</th></tr>"
+
+    def rows(group: list[FeaturePanel], empty: str) -> str:
+        return _index_rows(group) if group or not empty else f'<tr><td colspan="3" class="note">{esc(empty)}</td></tr>'
+
     tables = "".join(f'<table class="list{" active" if i == 0 else ""}" id="tab-{name}"><thead>{head}</thead>'
-                     f'<tbody>{_index_rows(group)}</tbody></table>'
-                     for i, (name, group) in enumerate((("high", high), ("low", low))))
+                     f'<tbody>{rows(group, empty)}</tbody></table>'
+                     for i, (name, group, empty) in enumerate((("high", high, ""), ("low", low, empty_low_note))))
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
             f'<script>{ERROR_TRAP}</script><style>{CSS}</style></head><body>'
             f'<header><h1>{esc(title)}</h1>{summary_html}</header><main><nav>'

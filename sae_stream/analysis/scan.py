@@ -26,6 +26,7 @@ from sae_stream.analysis.hooks import (
     hook_activations,
     model_device,
     sae_features,
+    sae_in_eval_mode,
     take_contexts,
 )
 from sae_stream.analysis.topk import StreamingTopK, TopKResult
@@ -61,6 +62,7 @@ def window_activations(feats_BTF: Tensor, rows_FK: Tensor, left: int, right: int
     return vals_FKW.float().masked_fill(~inside, torch.nan)
 
 
+@sae_in_eval_mode
 @torch.no_grad()
 def scan_features(model: HookedTransformer, sae: SAELike, hook_name: str, token_batches: Iterable[Tensor],
                   cfg: AnalysisConfig, skip_first_position: bool = True) -> FeatureScan:
