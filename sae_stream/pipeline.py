@@ -347,7 +347,7 @@ def _print_eval(r: dict[str, Any], path: Path) -> None:
     ultralow = d.get("ultralow")
     if ultralow is None and "thresholds" in d:  # too few tokens to see a density below the threshold
         need = math.ceil(1 / d["thresholds"]["ultralow"])
-        ultralow = f"n/a (below {d['thresholds']['ultralow']:g} needs eval.tokens > {need:,})"
+        ultralow = f"n/a (below {d['thresholds']['ultralow']:g} needs > {need:,} positions: raise eval.tokens)"
     print(f"eval: dead {d.get('dead')}, ultra-low {ultralow}, dense {d.get('dense')} of {d.get('d_sae')} "
           f"features -> {path}")
 
