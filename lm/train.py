@@ -36,7 +36,7 @@ from sae_stream.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from sae_stream.config import Config, LMTrainConfig, load_config, save_config, to_dict
+from sae_stream.config import Config, LMTrainConfig, save_config, to_dict
 from sae_stream.data import TokenContexts, context_batches, heldout_batches
 from sae_stream.process import resolve_device, tune_cpu_allocator
 from sae_stream.tracking import Tracker
@@ -305,14 +305,17 @@ def _loop(cfg: Config, out_dir: Path, model: GPT, opt: torch.optim.Optimizer, st
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """`sae-stream lm train` under another name: the same run, output checks and one-line errors."""
+    from sae_stream.cli import main as cli_main
+    from sae_stream.config import default_config_path
+
     parser = argparse.ArgumentParser(prog="python -m lm.train", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="output run dir")
     parser.add_argument("--config", default=None, help="YAML config (default: the embedded default)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    args, overrides = parser.parse_known_args(argv)
-    result = train_lm(load_config(args.config, overrides), Path(args.out), resume=args.resume)
-    print(result)
-    return 0
+    args, rest = parser.parse_known_args(argv)
+    config = args.config or str(default_config_path())
+    return cli_main(["lm", "train", config, "--out", args.out, *(["--resume"] if args.resume else []), *rest])
 
 
 if __name__ == "__main__":

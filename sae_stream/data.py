@@ -54,10 +54,11 @@ class _EmbeddedSource:
         if len(self.docs_K) == 0:
             raise ValueError(f"no text in {self.where}: data.heldout_fraction={cfg.heldout_fraction} selects none")
 
-    def token_chunks(self, seed: int) -> Iterator[torch.Tensor]:
+    def token_chunks(self, seed: int, skip_records: int = 0) -> Iterator[tuple[torch.Tensor, int]]:
+        """The epoch as one chunk (in memory: replaying it is cheap), and 0 records before it."""
         order_K = self.docs_K[torch.randperm(len(self.docs_K), generator=torch.Generator().manual_seed(seed))]
         starts, lens = self.starts_D[order_K].tolist(), self.corpus.doc_lens_D[order_K].tolist()
-        yield torch.cat([self.corpus.tokens_N[s:s + n] for s, n in zip(starts, lens)]).long()
+        yield torch.cat([self.corpus.tokens_N[s:s + n] for s, n in zip(starts, lens)]).long(), 0
 
 
 class _StreamSource:
@@ -68,10 +69,15 @@ class _StreamSource:
         self.dataset, self.text_field, self.keep, self.tok = dataset, text_field, keep, tok
         self.shuffle_buffer, self.where = shuffle_buffer, where
 
-    def token_chunks(self, seed: int) -> Iterator[torch.Tensor]:
+    def token_chunks(self, seed: int, skip_records: int = 0) -> Iterator[tuple[torch.Tensor, int]]:
+        """Token chunks of the epoch's documents (`_ENCODE_DOCS` per tokenizer call), each with the number of
+        records read before its first one. `skip_records`: start after that many records of the shuffled order,
+        read but neither filtered nor tokenized (a resume replays to its position this way)."""
         batch: list[str] = []
         n_docs = n_other_split = 0
-        for record in self._records(seed):
+        read = before = skip_records
+        for record in self._records(seed, skip_records):
+            read += 1
             if self.text_field not in record:
                 raise ValueError(f"{self.where} has no column {self.text_field!r} (columns: "
                                  f"{', '.join(record)}): set data.text_field")
@@ -84,10 +90,12 @@ class _StreamSource:
             batch.append(text)
             n_docs += 1
             if len(batch) == _ENCODE_DOCS:
-                yield self._encode(batch)
-                batch = []
+                yield self._encode(batch), before
+                batch, before = [], read
         if batch:
-            yield self._encode(batch)
+            yield self._encode(batch), before
+        if skip_records:
+            return  # a replay's rest of the epoch may be empty; the epoch itself had text
         if n_docs == 0 and n_other_split:
             raise ValueError(f"no text in {self.where}: each of its {n_other_split} document(s) fell in the other "
                              "split (data.heldout_fraction picks documents by a hash of their text; a single .txt "
@@ -96,9 +104,18 @@ class _StreamSource:
         if n_docs == 0:
             raise ValueError(f"no text in {self.where}")
 
-    def _records(self, seed: int) -> Iterator[dict[str, Any]]:
-        """The shuffled records; a reader's error (a malformed .jsonl line, a bad parquet file) names the source."""
+    def _records(self, seed: int, skip: int = 0) -> Iterator[dict[str, Any]]:
+        """The shuffled records after the first `skip`; a reader's error (a malformed .jsonl line, a bad parquet
+        file) names the source."""
         it = iter(self.dataset.shuffle(seed=seed, buffer_size=self.shuffle_buffer))
+        try:
+            for _ in range(skip):
+                next(it)
+        except StopIteration:
+            return
+        except Exception as e:  # noqa: BLE001 - as below
+            first = (str(e).splitlines() or [type(e).__name__])[0]
+            raise ValueError(f"cannot read {self.where}: {first}") from e
         while True:
             try:
                 record = next(it)
@@ -214,6 +231,20 @@ def hub_unreachable_reason(timeout_s: float = 3.0,
 # ---------------------------------------------------------------------------------------------- contexts
 
 
+@dataclasses.dataclass
+class _Replay:
+    """Where to replay an epoch from to reach a position: after `records` records of the shuffled order, with
+    `index` contexts cut, `mine` of them this rank's, `carry` tokens left over and this rank's `pending` context of
+    an unfinished group. Taken at the start of each token chunk, so a resume tokenizes one chunk again, not the
+    epoch up to its position."""
+
+    records: int = 0
+    index: int = 0
+    mine: int = 0
+    carry: torch.Tensor = dataclasses.field(default_factory=lambda: torch.empty(0, dtype=torch.long))
+    pending: torch.Tensor | None = None
+
+
 class TokenContexts:
     """Iterable of LongTensor[context_len] for one split and rank; resumable via state_dict / load_state_dict.
 
@@ -229,6 +260,8 @@ class TokenContexts:
         self.tokenizer = get_tokenizer(cfg.tokenizer)
         self._source = self._open_source()
         self.epoch, self.yielded = 0, 0
+        self._replay = _Replay()  # the current chunk's start: what state_dict saves
+        self._resume_from: _Replay | None = None  # set by load_state_dict for the next epoch pass
 
     def _open_source(self) -> _EmbeddedSource | _StreamSource:
         heldout = self.split == "heldout"
@@ -251,21 +284,31 @@ class TokenContexts:
             self.epoch, self.yielded = self.epoch + 1, 0
 
     def _epoch_contexts(self) -> Iterator[torch.Tensor]:
+        """The epoch's contexts of this rank after the first `self.yielded` (replayed from `_resume_from`)."""
         # one shuffle per (seed, epoch) pair: `seed + epoch` gave seed s+1 the orders of seed s one epoch later
         base = self.cfg.seed if self.split == "train" else HELDOUT_SEED
         seed = (base * 1_000_003 + self.epoch) % 2**32
-        skip, mine, pending = self.yielded, 0, None
-        for i, context_T in enumerate(_cut(self._source.token_chunks(seed), self.cfg.context_len)):
-            if i % self.world_size == self.rank:
-                pending = context_T
-            # a context is handed out once its whole group of world_size exists: every rank gets the same count
-            # (the epoch's incomplete last group is dropped), so data-parallel ranks end an epoch together
-            if i % self.world_size == self.world_size - 1 and pending is not None:
-                mine += 1
-                if mine > skip:
-                    self.yielded += 1
-                    yield pending.clone()
-                pending = None
+        start, self._resume_from = self._resume_from or _Replay(), None
+        L, W, skip = self.cfg.context_len, self.world_size, self.yielded
+        i, mine, carry, pending = start.index, start.mine, start.carry, start.pending
+        for chunk, records_before in self._source.token_chunks(seed, start.records):
+            self._replay = _Replay(records_before, i, mine, carry, None if pending is None else pending.clone())
+            tokens = torch.cat([carry, chunk]) if len(carry) else chunk
+            n = len(tokens) // L
+            for context_T in tokens[: n * L].view(n, L):
+                if i % W == self.rank:
+                    pending = context_T
+                # a context is handed out once its whole group of world_size exists: every rank gets the same
+                # count (the epoch's incomplete last group is dropped), so data-parallel ranks end an epoch together
+                if i % W == W - 1 and pending is not None:
+                    mine += 1
+                    if mine > skip:
+                        self.yielded += 1
+                        yield pending.clone()
+                    pending = None
+                i += 1
+            carry = tokens[n * L:].clone()  # (a view would keep the whole chunk alive)
+        self._replay = _Replay()
         if mine == 0:
             raise ValueError(f"{self._source.where} yields fewer than {self.world_size} context(s) of data.context_len="
                              f"{self.cfg.context_len} (one per rank): use more text, shorter contexts or fewer ranks")
@@ -275,25 +318,19 @@ class TokenContexts:
                 "world_size": self.world_size, "context_len": self.cfg.context_len, "tokenizer": self.cfg.tokenizer}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "contexts": self.yielded, **self._identity()}
+        return {"epoch": self.epoch, "contexts": self.yielded, "replay": dataclasses.asdict(self._replay),
+                **self._identity()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Set the position; the next iteration replays the epoch up to it, so its first context is the next one."""
+        """Set the position; the next iteration replays the epoch up to it (from the start of the token chunk it is
+        in: the records before it are read again, not tokenized), so its first context is the next one."""
         for key, value in self._identity().items():
             if state.get(key) != value:
                 raise ValueError(f"data state was saved with {key}={state.get(key)!r} but this stream has "
                                  f"{key}={value!r}: resume with the same data settings")
         self.epoch, self.yielded = int(state["epoch"]), int(state["contexts"])
-
-
-def _cut(chunks: Iterable[torch.Tensor], context_len: int) -> Iterator[torch.Tensor]:
-    """Concatenate token chunks and cut them into rows of `context_len` (the tail of the epoch is dropped)."""
-    carry = torch.empty(0, dtype=torch.long)
-    for chunk in chunks:
-        tokens = torch.cat([carry, chunk]) if len(carry) else chunk
-        n = len(tokens) // context_len
-        yield from tokens[: n * context_len].view(n, context_len)
-        carry = tokens[n * context_len:]
+        replay = state.get("replay")  # (states from before it replay the epoch from its start)
+        self._resume_from = _Replay(**replay) if replay is not None else None
 
 
 def context_batches(contexts: Iterable[torch.Tensor], batch_size: int,

@@ -125,6 +125,22 @@ def test_cli__bad_inputs_name_the_fix(tiny_run: Path, tmp_path: Path, capsys: py
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and needle in err, (argv, err)
+    # a data error leaves lm train's --out as it was (no config.yaml), so the corrected command can use it
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text("".join(json.dumps({"body": f"document {i} " * 20}) + "\n" for i in range(50)))
+    out = tmp_path / "lm_out"
+    argv = ["lm", "train", str(default_config_path()), "--out", str(out), *TINY, f"--data.source={jsonl}",
+            "--lm_train.tokens=2048", "--data.heldout_fraction=0.5"]
+    assert main(argv) == 2 and "data.text_field" in capsys.readouterr().err
+    assert not out.exists() or not any(out.iterdir())
+    assert main([*argv, "--data.text_field=body"]) == 0 and (out / "model.safetensors").is_file()
+    # `python -m lm.train` is the same command, with the same one-line errors
+    import subprocess
+    import sys
+
+    bad = subprocess.run([sys.executable, "-m", "lm.train", "--out", str(tmp_path / "h"), f"--data.source={empty}"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "no text" in bad.stderr
 
 
 def test_config__yaml_roundtrip_and_defaults(tiny_run: Path) -> None:

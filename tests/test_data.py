@@ -148,6 +148,34 @@ def test_token_contexts__state_dict_replays_across_epochs(txt_dir) -> None:
     assert all(torch.equal(x, y) for x, y in zip(take(resumed, 63), reference[137:]))
 
 
+def test_token_contexts__resume_replays_one_chunk_not_the_epoch_and_is_exact(tmp_path, monkeypatch) -> None:
+    import sae_stream.data as data
+
+    monkeypatch.setattr(data, "_ENCODE_DOCS", 4)  # many chunks per epoch
+    docs = [("" if i % 17 == 0 else f"doc {i}: " + "word " * (i % 13)) for i in range(240)]  # some empty records
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    cfg = byte_cfg(source=str(path), context_len=24, loop=True, seed=3, heldout_fraction=0.2)
+    for rank in range(3):
+        reference = take(TokenContexts(cfg, rank=rank, world_size=3), 400)  # > 2 epochs of this shard
+        for at in (0, 1, 37, 111, 112, 113, 250, 399):
+            first = TokenContexts(cfg, rank=rank, world_size=3)
+            take(first, at)
+            resumed = TokenContexts(cfg, rank=rank, world_size=3)
+            resumed.load_state_dict(first.state_dict())
+            encoded: list[int] = []
+
+            def counting(texts, encode=resumed._source.tok.encode_batch, log=encoded):
+                log.append(len(texts))
+                return encode(texts)
+
+            monkeypatch.setattr(resumed._source.tok, "encode_batch", counting)
+            got = take(resumed, 1)[0]
+            assert torch.equal(got, reference[at]), (rank, at)
+            assert sum(encoded) <= 3 * 4  # a chunk or three, not every document up to the position
+            assert all(torch.equal(x, y) for x, y in zip(take(resumed, 30), reference[at + 1:]))
+
+
 def test_token_contexts__state_from_other_layout_rejected() -> None:
     state = TokenContexts(byte_cfg(), rank=0, world_size=2).state_dict()
     with pytest.raises(ValueError, match="world_size=2"):
