@@ -391,8 +391,8 @@ def load_own_part(ckpt: str | Path, dist: Any = None, verify: bool = True) -> di
     if dist is not None and verify:
         try:
             state, err = _load_own_part(Path(ckpt), dist, verify=True), None
-        except (CheckpointError, ValueError, OSError) as e:
-            state, err = None, str(e)
+        except Exception as e:  # noqa: BLE001 - any failure must reach the collective, or the others wait on it
+            state, err = None, (str(e).splitlines() or [""])[0] or type(e).__name__
         by_error: dict[str, list[int]] = {}
         for r, e in enumerate(dist.all_gather_objects(err)):
             if e is not None:

@@ -201,6 +201,13 @@ def _open_hf(cfg: DataConfig, heldout: bool, tok: Tokenizer) -> _StreamSource:
     return _StreamSource(dataset, cfg.text_field, keep, tok, cfg.shuffle_buffer, where)
 
 
+def _no_proxy(host: str) -> bool:
+    """Whether NO_PROXY exempts `host` (comma-separated names and domain suffixes, or `*`)."""
+    entries = (os.environ.get("NO_PROXY") or os.environ.get("no_proxy") or "").split(",")
+    names = [e.strip().lstrip(".").lower() for e in entries if e.strip()]
+    return any(n == "*" or host.lower() == n or host.lower().endswith("." + n) for n in names)
+
+
 def hub_unreachable_reason(timeout_s: float = 3.0,
                            offline_vars: tuple[str, ...] = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")) -> str | None:
     """Why the Hub can't be reached (one of `offline_vars` set, no connection within `timeout_s`), or None if it
@@ -208,8 +215,13 @@ def hub_unreachable_reason(timeout_s: float = 3.0,
     for var in offline_vars:
         if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
             return f"{var} is set"
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
     proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
-    url = urlparse(proxy or os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    if proxy and _no_proxy(urlparse(endpoint).hostname or ""):
+        proxy = None
+    if proxy and "://" not in proxy:  # `proxy.corp:3128` means http://proxy.corp:3128
+        proxy = "http://" + proxy
+    url = urlparse(proxy or endpoint)
     host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
     outcome: list[BaseException | None] = []
 
@@ -328,9 +340,13 @@ class TokenContexts:
             if state.get(key) != value:
                 raise ValueError(f"data state was saved with {key}={state.get(key)!r} but this stream has "
                                  f"{key}={value!r}: resume with the same data settings")
-        self.epoch, self.yielded = int(state["epoch"]), int(state["contexts"])
         replay = state.get("replay")  # (states from before it replay the epoch from its start)
+        if replay is None and self.split == "train" and self.cfg.seed != 0:
+            raise ValueError("data state was saved by an sae-stream from before session 7, whose epoch shuffles for "
+                             f"data.seed={self.cfg.seed} differ from this one's: resume with that version")
+        self.epoch, self.yielded = int(state["epoch"]), int(state["contexts"])
         self._resume_from = _Replay(**replay) if replay is not None else None
+        self._replay = self._resume_from or _Replay()  # what state_dict saves until iteration moves on
 
 
 def context_batches(contexts: Iterable[torch.Tensor], batch_size: int,

@@ -137,3 +137,5 @@ class RunningMetrics:
         device = self.sums.device
         for k, v in state.items():
             setattr(self, k, v.to(device) if isinstance(v, Tensor) else v)
+        if "density_tokens" not in state and self.density_F is not None:  # a checkpoint from before it was kept
+            self.density_tokens = self.t.density_window_tokens  # (a completed window has at least that many)

@@ -173,7 +173,9 @@ class Trainer(TrainerState):
             self._resample()
         if self.dist is not None and (self.step % t.log_every == 0 or self.step % t.checkpoint_every == 0):
             self._agree_on_stop()  # ranks must stop at the same step: agreed where they synchronise anyway
-        if self.step % t.log_every == 0:
+        # the last step is logged before its checkpoint: that checkpoint then holds no unlogged steps, and a
+        # finished run resumed logs nothing again
+        if self.step % t.log_every == 0 or self.step == self.total_steps:
             self._log(self._bar)
         if self.step % t.checkpoint_every == 0:
             self.save()

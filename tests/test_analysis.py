@@ -245,12 +245,12 @@ class PaddedVocabTokenizer(AngleTokenizer):
 
 def test_build_dashboard__padding_logits_hidden_and_ultralow_means_alive_and_below(model, batches, tmp_path):
     sae = LinearReLUSAE(D_MLP, 24, bias=-0.1)
-    cfg = AnalysisConfig(features=6, top_k=4, window=3, tokens=10_000, batch_contexts=6, logit_k=8, ablation=False)
+    cfg = AnalysisConfig(features=6, top_k=4, window=3, tokens=10_000, batch_contexts=6, logit_k=8)
     density_F = torch.full((24,), 0.01)
     density_F[0], density_F[1] = 0.0, 1e-3  # dead; ultra-low at a threshold of 2e-3
 
     def shown_ids(page: str) -> set[int]:  # ids in the promoted / suppressed lists (contexts hold ids < 40 too)
-        lists = re.findall(r"<h4>(?:promoted|suppressed)</h4><ol>.*?</ol>", page, flags=re.S)
+        lists = re.findall(r"<h4>(?:promoted|suppressed|raised|lowered)</h4><ol>.*?</ol>", page, flags=re.S)
         return {int(i) for part in lists for i in re.findall(r"&lt;(\d+)&gt;", part)}
 
     # 16 of 40 ids per feature: without the tokenizer's size the 10 padding ids show up

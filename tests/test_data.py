@@ -176,6 +176,22 @@ def test_token_contexts__resume_replays_one_chunk_not_the_epoch_and_is_exact(tmp
             assert all(torch.equal(x, y) for x, y in zip(take(resumed, 30), reference[at + 1:]))
 
 
+def test_token_contexts__loaded_state_is_saved_again_as_loaded_and_old_seeded_states_refused(txt_dir) -> None:
+    cfg = byte_cfg(source=str(txt_dir), context_len=16, loop=True, seed=5)
+    early, late = TokenContexts(cfg), TokenContexts(cfg)
+    take(early, 10)
+    take(late, 150)
+    reference = take(TokenContexts(cfg), 31)[-1]
+    late.load_state_dict(early.state_dict())  # an object that ran further is put back...
+    again = TokenContexts(cfg)
+    again.load_state_dict(late.state_dict())  # ...and saved before it iterates: the loaded position, not its own
+    assert torch.equal(take(again, 21)[-1], reference)
+    old = {k: v for k, v in early.state_dict().items() if k != "replay"}  # written before session 7
+    with pytest.raises(ValueError, match="data.seed=5 differ.*resume with that version"):
+        TokenContexts(cfg).load_state_dict(old)
+    TokenContexts(dataclasses.replace(cfg, seed=0)).load_state_dict({**old, "seed": 0})  # seed 0: same orders
+
+
 def test_token_contexts__state_from_other_layout_rejected() -> None:
     state = TokenContexts(byte_cfg(), rank=0, world_size=2).state_dict()
     with pytest.raises(ValueError, match="world_size=2"):
@@ -307,3 +323,10 @@ def test_hub_unreachable_reason__bounded_when_connect_hangs(monkeypatch) -> None
 
     monkeypatch.setattr(socket, "create_connection", refuse)
     assert "no connection" in data.hub_unreachable_reason(timeout_s=0.2)
+    # the proxy is what is tried (a bare host:port means http), unless NO_PROXY exempts the hub
+    tried = []
+    monkeypatch.setattr(socket, "create_connection", lambda addr, **k: tried.append(addr) or _Hung())
+    monkeypatch.setenv("HTTPS_PROXY", "proxy.corp:3128")
+    assert data.hub_unreachable_reason(timeout_s=0.2) is None and tried[-1] == ("proxy.corp", 3128)
+    monkeypatch.setenv("NO_PROXY", "localhost,.huggingface.co")
+    assert data.hub_unreachable_reason(timeout_s=0.2) is None and tried[-1] == ("huggingface.co", 443)

@@ -190,12 +190,14 @@ def test_trainer__metrics_match_a_direct_computation():
     assert m["tokens_per_s"] > 0
 
 
-@pytest.mark.parametrize("steps", [10, 12])  # the last step a log step, or logged only by finish()
-def test_trainer__resuming_a_finished_run_logs_nothing_new_and_returns_its_final_metrics(tmp_path, steps):
+# the last step: a log and checkpoint step; neither; a checkpoint step only
+@pytest.mark.parametrize(("steps", "checkpoint_every"), [(10, 5), (12, 5), (12, 4)])
+def test_trainer__resuming_a_finished_run_logs_nothing_new_and_returns_its_final_metrics(tmp_path, steps,
+                                                                                         checkpoint_every):
     from sae_stream.tracking import Tracker
 
     atoms = _atoms()
-    cfg = _cfg(steps=steps, train__log_every=5, train__checkpoint_every=5)
+    cfg = _cfg(steps=steps, train__log_every=5, train__checkpoint_every=checkpoint_every)
     tracker = Tracker(tmp_path)
     final = Trainer(build_sae(cfg.sae, D_IN), cfg, tmp_path, tracker).fit(sparse_batches(atoms))
     tracker.close()
@@ -222,6 +224,18 @@ def test_trainer__ultralow_count_only_where_the_density_window_resolves_its_thre
     density = trainer.metrics.density_F  # the completed window of steps 1-2, which step 3 still reports
     assert trainer.metrics.density_tokens == 2 * BATCH
     assert log.rows[2][1]["ultralow"] == int(((density > 0) & (density < 0.75 / BATCH)).sum())
+
+
+def test_running_metrics__state_from_before_density_tokens_keeps_ultralow_counted():
+    from sae_stream.metrics import RunningMetrics
+
+    t = _cfg(train__density_window_tokens=2 * BATCH, train__ultralow_threshold=0.75 / BATCH).train
+    old = RunningMetrics(8, torch.device("cpu"), t, bins=10).state_dict()
+    old["density_F"] = torch.full((8,), 0.5, dtype=torch.float64)  # a completed window...
+    del old["density_tokens"]  # ...saved before its token count was kept
+    m = RunningMetrics(8, torch.device("cpu"), t, bins=10)
+    m.load_state_dict(old)
+    assert m.summary()["ultralow"] == 0  # a count (the window resolves the threshold), not None
 
 
 def test_firing_counts__float_path_equals_bool_count():

@@ -60,9 +60,11 @@ def _final_logprobs_at(model: HookedTransformer, hook_name: str, tokens_BT: Tens
 @sae_in_eval_mode
 @torch.no_grad()
 def ablate_feature(model: HookedTransformer, sae: SAELike, hook_name: str, tokens_BT: Tensor, feature: int,
-                   positions: Tensor | list[int], k: int = 10, skip_first_position: bool = True) -> AblationResult:
+                   positions: Tensor | list[int], k: int = 10, skip_first_position: bool = True,
+                   n_vocab: int | None = None) -> AblationResult:
     """Zero `feature` in the spliced reconstruction of contexts `tokens_BT` and compare next-token log-probs
-    at `positions` (one activating position per context) with the unablated spliced run."""
+    at `positions` (one activating position per context) with the unablated spliced run. The top-k lists leave
+    out ids from `n_vocab` on (an LM's padded vocabulary: ids no tokenizer gives)."""
     check_hook(model, hook_name)
     if not 0 <= feature < sae.d_sae:
         raise ValueError(f"feature must be in [0, {sae.d_sae}), got {feature}")
@@ -94,7 +96,8 @@ def ablate_feature(model: HookedTransformer, sae: SAELike, hook_name: str, token
     acts_B = feats_BTF[torch.arange(n_ctx, device=feats_BTF.device),
                        (positions_B - offset).clamp(min=0), feature].float().cpu()
     acts_B = torch.where((positions_B >= offset).cpu(), acts_B, torch.zeros_like(acts_B))
-    k = min(k, delta_V.numel())
-    up, down = delta_V.topk(k), (-delta_V).topk(k)
+    shown_V = delta_V[:n_vocab]
+    k = min(k, shown_V.numel())
+    up, down = shown_V.topk(k), (-shown_V).topk(k)
     return AblationResult(feature, delta_V, list(zip(up.indices.tolist(), up.values.tolist())),
                           list(zip(down.indices.tolist(), (-down.values).tolist())), acts_B)

@@ -146,7 +146,8 @@ def build_dashboard(model: HookedTransformer, sae: SAELike, hook_name: str, toke
     ablate = None
     if cfg.ablation:
         def ablate(tokens_BT: Tensor, f: int, positions: Tensor, k: int) -> Any:
-            return ablate_feature(model, sae, hook_name, tokens_BT, f, positions, k, skip_first_position)
+            return ablate_feature(model, sae, hook_name, tokens_BT, f, positions, k, skip_first_position,
+                                  n_vocab=text.n_vocab)
     panels = []
     for s, f in enumerate(shown):
         views, centre_ids = _contexts(scan, f, text)
