@@ -304,8 +304,8 @@ class ResampleConfig:
 
 @dataclass
 class EvalConfig:
-    tokens: int = 1_000_000
-    """Held-out tokens for `sae-stream eval`."""
+    tokens: int = 2_000_000
+    """Held-out tokens for `sae-stream eval` (ultra-low densities need more positions than 1 / its threshold)."""
     batch_contexts: int = 16
     """Contexts per eval forward."""
     histogram_bins: int = 60
