@@ -59,6 +59,8 @@ class BufferState:
             "rng": self._gen.get_state(), "exhausted": self._exhausted,
             "pending": None if self._pending is None else tuple(t.cpu().clone() for t in self._pending),
             "counters": {k: getattr(self, k) for k in _COUNTERS},
+            # the shuffle metrics' window (provenance of the last sampled batches): logged the same after a resume
+            "samples": [(b, *(t.to("cpu", copy=True) for t in ts)) for b, *ts in self._samples],
         }
         if hasattr(self._source, "state_dict"):
             state["source"] = self._source.state_dict()
@@ -113,6 +115,8 @@ class BufferState:
         self._pending = None if pending is None else ActivationChunk(*(t.to(dev) for t in pending))
         for k, v in state["counters"].items():
             setattr(self, k, v)
+        self._samples.clear()
+        self._samples.extend((b, *(t.to(dev) for t in ts)) for b, *ts in state.get("samples", []))
         if state.get("source") is not None and hasattr(self._source, "load_state_dict"):
             self._source.load_state_dict(state["source"])
             self._it = iter(self._source)

@@ -204,6 +204,7 @@ def test_select_features__alive_and_evenly_spread():
     assert select_features(density_F, 100) == [1, 5, 3, 7, 6, 2]
     picks = select_features(density_F, 3)
     assert picks == [1, 3, 2]  # densest, middle (rank 2.5 rounds to 2), rarest alive
+    assert select_features(density_F, 100, dead_threshold=1e-6) == [1, 5, 3, 7, 6]  # 1e-7 counts as dead
 
 
 def test_visible__escapes_and_marks_whitespace():

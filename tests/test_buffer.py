@@ -307,6 +307,7 @@ def test_shuffle_buffer__resume_yields_the_identical_sequence(stop_after: int, w
     assert len(head) + len(tail) == len(ref)
     for got, want in zip(head + tail, ref):
         assert torch.equal(got, want)
+    assert resumed.metrics() == ref_buf.metrics()  # the shuffle metrics' window came along too
 
 
 def test_shuffle_buffer__reused_snapshot_memory_is_the_same_rows_in_one_kept_buffer() -> None:

@@ -50,9 +50,10 @@ class TokenText:
         return self.cache[token_id]
 
 
-def select_features(density_F: Tensor, n: int) -> list[int]:
-    """`n` alive features evenly spaced over the ranking by density (descending), so every density range shows."""
-    alive = (density_F > 0).nonzero()[:, 0]
+def select_features(density_F: Tensor, n: int, dead_threshold: float = 0.0) -> list[int]:
+    """`n` alive features (density > `dead_threshold`) evenly spaced over the ranking by density (descending), so
+    every density range shows."""
+    alive = (density_F > dead_threshold).nonzero()[:, 0]
     order = alive[density_F[alive].double().sort(descending=True, stable=True).indices]
     if order.numel() <= n:
         return order.tolist()
@@ -140,7 +141,7 @@ def build_dashboard(model: HookedTransformer, sae: SAELike, hook_name: str, toke
     density_F = (densities if densities is not None else scan.density_F).double().cpu()
     if density_F.numel() != scan.fire_count_F.numel():
         raise ValueError(f"densities has {density_F.numel()} entries but the SAE has {scan.fire_count_F.numel()}")
-    shown = list(features) if features is not None else select_features(density_F, cfg.features)
+    shown = list(features) if features is not None else select_features(density_F, cfg.features, dead_threshold)
     effects_SV, logit_note = logit_effects(model, sae, hook_name, shown)
     text = TokenText(tokenizer)
     ablate = None
