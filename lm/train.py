@@ -19,7 +19,7 @@ import itertools
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -190,8 +190,10 @@ def _check(cfg: Config, contexts: TokenContexts) -> int:
     return steps
 
 
-def train_lm(cfg: Config, out_dir: str | Path, resume: bool = False, tracker: Any = None) -> dict[str, Any]:
-    """Train the LM of cfg.lm on cfg.data for cfg.lm_train.tokens tokens; returns (and writes) lm_result.json."""
+def train_lm(cfg: Config, out_dir: str | Path, resume: bool = False, tracker: Any = None,
+             started: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Train the LM of cfg.lm on cfg.data for cfg.lm_train.tokens tokens; returns (and writes) lm_result.json.
+    `started` is called once the data and config have checked out, before the first step."""
     out_dir = Path(out_dir)
     if not resume and list_checkpoints(out_dir / CKPT_DIR):
         raise ValueError(f"{str(out_dir)!r} already holds LM checkpoints: resume it or use a fresh output dir")
@@ -214,6 +216,8 @@ def train_lm(cfg: Config, out_dir: str | Path, resume: bool = False, tracker: An
     state = (_resume(out_dir, cfg, model, opt, contexts, device) if resume
              else _State(0, torch.zeros(cfg.lm.vocab_size, dtype=torch.int64), 0.0))
     save_config(cfg, out_dir / "config.yaml")
+    if started is not None:
+        started()
     own_tracker = tracker is None
     if own_tracker and resume:
         _trim_metrics(out_dir / "metrics.jsonl", state.step)

@@ -102,10 +102,15 @@ class _HashingWriter:
 
     def __init__(self, f: BinaryIO) -> None:
         self.f, self.sha256 = f, hashlib.sha256()
+        self.error: OSError | None = None  # torch.save reports a failed write as "unexpected pos": kept here
 
     def write(self, data: bytes) -> int:
         self.sha256.update(data)
-        return self.f.write(data)
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
 
     def flush(self) -> None:
         self.f.flush()
@@ -117,7 +122,12 @@ def atomic_torch_save(path: str | Path, obj: Any) -> str:
     on a 2-core machine: 29 s -> 16 s for that ring.)"""
     with _atomic_file(path) as f:
         writer = _HashingWriter(f)
-        torch.save(obj, writer)
+        try:
+            torch.save(obj, writer)
+        except RuntimeError:
+            if writer.error is not None:  # the file's own error (a full disk says so), not torch's summary
+                raise writer.error from None
+            raise
     return writer.sha256.hexdigest()
 
 

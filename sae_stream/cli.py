@@ -77,6 +77,10 @@ def _one_line_warning(message: Warning | str, category: type[Warning], *args: ob
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        argv = _join_override_values(argv)
+    except ConfigError as e:
+        return _fail(str(e), "--debug" in argv)
     # `--section.field=value` overrides bypass argparse, which takes any argument with a space for a positional
     # (`--sweep.saes=[{name: a, sae: {l1_coeff: 1e-4}}]`)
     given = [a for a in argv if a.startswith("--") and "=" in a and "." in a.split("=", 1)[0]]
@@ -90,10 +94,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` (before OSError, its base class)
         return 0
     except OSError as e:
-        if e.errno != errno.ENOSPC:
-            raise
-        return _fail(f"disk full while writing {e.filename or 'a file'}: free space and resume with "
-                     f"`{resume_command()}` (no partial checkpoint was left; earlier ones are kept)", args.debug)
+        if e.errno == errno.ENOSPC:
+            return _fail(f"disk full while writing {e.filename or 'a file'}: free space and {_again(args)}",
+                         args.debug)
+        if e.errno in _USER_ERRNOS:  # a path the user gave: read-only, not allowed, missing, not a directory
+            where = f" {e.filename!s}" if e.filename else ""
+            return _fail(f"cannot write or read{where}: {e.strerror or e}; choose a path this user can write "
+                         "(--out) or fix its permissions", args.debug)
+        raise
     except TrainingInterrupted as e:  # the step in flight finished and was checkpointed (on every rank: told once)
         if is_main_process():
             where = e.run_dir if e.run_dir is not None else "RUN_DIR"
@@ -104,6 +112,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     finally:
         warnings.formatwarning = formatwarning
+
+
+def _join_override_values(argv: list[str]) -> list[str]:
+    """`--section.field value` -> `--section.field=value` (else argparse would take the value for the config
+    path); an override with no value is a one-line error naming it."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--") and "=" not in arg and "." in arg:
+            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                raise ConfigError(f"{arg} needs a value: {arg}=VALUE")
+            out.append(f"{arg}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(arg)
+        i += 1
+    return out
+
+
+_USER_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT, errno.ENOTDIR, errno.EISDIR}
+
+
+def _again(args: argparse.Namespace) -> str:
+    """What to do after freeing space: resume a training run (its checkpoints are kept), or run the command again."""
+    if args.command in ("train", "run"):
+        run_dir = getattr(args, "resume", None) or getattr(args, "out", None) or "RUN_DIR"
+        return (f"resume with `{resume_command(run_dir)}` (no partial checkpoint was left; earlier ones are kept; "
+                "a run stopped before its first checkpoint starts again with --overwrite)")
+    return "run the command again"
 
 
 def _fail(message: str, debug: bool) -> int:
@@ -127,6 +164,10 @@ def _dispatch(args: argparse.Namespace, overrides: list[str]) -> int:
         if args.resume:
             if args.config or overrides:
                 raise pipeline.UserError("--resume RUN_DIR takes no config or overrides: the run's config.yaml is used")
+            ignored = [f for f, v in (("--out", args.out), ("--lm", args.lm), ("--overwrite", args.overwrite)) if v]
+            if ignored:
+                raise pipeline.UserError(f"--resume RUN_DIR continues that run in place with its own LM: drop "
+                                         f"{', '.join(ignored)}")
             pipeline.train_resume(args.resume)
         else:
             pipeline.train(args.config, overrides, lm=args.lm, out=args.out, overwrite=args.overwrite)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,14 +25,22 @@ import torch
 
 from sae_stream.activations import ActivationStream, check_hook_names, hook_dim
 from sae_stream.buffer import ShuffleBuffer
-from sae_stream.checkpoint import CheckpointWriter, drop_newer, load_own_part, own_dir, rank_state
-from sae_stream.config import Config, load_config, save_config, to_dict
+from sae_stream.checkpoint import CheckpointWriter, drop_newer, load_own_part, own_dir, rank_state, sha256_file
+from sae_stream.config import Config, ConfigError, load_config, save_config, to_dict
 from sae_stream.data import ContextBatches, TokenContexts, heldout_batches
 from sae_stream.distributed import Distributed, shard_size
 from sae_stream.evaluate import evaluate, load_feature_density, read_eval, write_eval
 from sae_stream.export import export_saelens, load_saelens
 from sae_stream.process import resolve_device
-from sae_stream.rundir import UserError, check_shared, is_main_process, prepare_out_dir, require_run_dir
+from sae_stream.rundir import (
+    UserError,
+    check_shared,
+    fresh_out_dir,
+    inside,
+    is_main_process,
+    require_run_dir,
+    resume_command,
+)
 from sae_stream.sae import build_sae
 from sae_stream.step import resolve_kernels
 from sae_stream.sweep import SharedPool, common_resume_step, fit_together
@@ -86,16 +95,17 @@ def lm_train(config: str | None, overrides: list[str], out: str | None, resume: 
         out_dir = Path(out)
         if not (out_dir / "checkpoints").is_dir():
             raise UserError(f"{out!r} has no checkpoints/ to resume from")
-    else:
-        out_dir = prepare_out_dir(out, "lm", overwrite)
-    _train_lm(cfg, out_dir, resume)
-    return out_dir
+        _train_lm(cfg, out_dir, resume=True)
+        return out_dir
+    with fresh_out_dir(out, "lm", overwrite) as staged:
+        _train_lm(cfg, staged.path, started=staged.commit)
+    return staged.path
 
 
-def _train_lm(cfg: Config, out_dir: Path, resume: bool = False) -> None:
+def _train_lm(cfg: Config, out_dir: Path, resume: bool = False, started: Any = None) -> None:
     from lm.train import train_lm  # the composition root is the one place that imports lm
 
-    result = train_lm(cfg, out_dir, resume=resume)
+    result = train_lm(cfg, out_dir, resume=resume, started=started)
     print(f"LM: held-out loss {result.get('heldout_loss', float('nan')):.4f} "
           f"(unigram baseline {result.get('unigram_loss', float('nan')):.4f}) -> {out_dir}")
 
@@ -134,6 +144,7 @@ class Session:
             raise UserError("train.nan_policy=skip is not supported under torchrun (ranks would drop different "
                             "numbers of rows and fall out of step): use nan_policy=stop")
         self.model = load_lm(cfg.lm.path, self.device)
+        check_lm_fits(self.model, cfg)
         hook = cfg.buffer.hook_name
         check_hook_names(self.model, [hook])
         self.d_in = hook_dim(self.model, hook, cfg.data.context_len)
@@ -264,15 +275,32 @@ def train(config: str | None, overrides: list[str], lm: str | None = None, out: 
     if lm:
         overrides = [*overrides, f"--lm.path={_abs_lm(lm)}"]
     cfg = load_config(config, overrides)
-    run_dir = prepare_out_dir(out, "train", overwrite)
-    session = Session(cfg, run_dir)
-    session.save_configs()
-    _train_session(session)
-    return run_dir
+    _lm_outside(cfg.lm.path, out, overwrite)
+    with fresh_out_dir(out, "train", overwrite) as staged:
+        session = Session(cfg, staged.path)
+        session.save_configs()
+        staged.commit()  # the inputs checked out: the replaced run (if any) goes now
+        _train_session(session)
+    return staged.path
+
+
+def _lm_outside(lm: str | None, out: str | None, overwrite: bool) -> None:
+    """--overwrite replaces --out: an LM inside it would be gone before it is loaded."""
+    if overwrite and lm and out and Path(lm).exists() and inside(lm, out):
+        raise UserError(f"--lm {lm!r} lies inside --out {out!r}, which --overwrite replaces: move the LM out "
+                        "first, or choose another --out")
 
 
 def train_resume(run_dir: str | Path) -> Path:
     run_dir = require_run_dir(run_dir)
+    parent = run_dir.resolve().parent
+    try:
+        members = [d.resolve() for d in _sweep_dirs(parent)] if (parent / "config.yaml").is_file() else []
+    except (ConfigError, ValueError):
+        members = []  # the directory above is no run of ours
+    if run_dir.resolve() in members:
+        raise UserError(f"{str(run_dir)!r} is one SAE of the sweep in {str(parent)!r}: its SAEs share one stream "
+                        f"and resume together, `{resume_command(parent)}`")
     cfg = load_config(run_dir / "config.yaml")
     session = Session(cfg, run_dir)
     step = session.resume()
@@ -291,6 +319,22 @@ def _report_training(metrics: dict[str, Any], run_dir: Path) -> None:
     keys = ("mse", "fvu", "l0", "dead", "tokens_per_s")
     shown = ", ".join(f"{k} {metrics[k]:.4g}" for k in keys if isinstance(metrics.get(k), (int, float)))
     print(f"SAE trained: {shown} -> {run_dir / SAE_DIR}")
+    if (run_dir / "eval.json").is_file() and not _eval_is_current(run_dir):
+        print(f"note: {run_dir / 'eval.json'} describes the SAE before this training: run `sae-stream eval "
+              f"{run_dir}` (and `analyze`) again")
+
+
+def _sae_digest(run_dir: Path) -> str | None:
+    weights = run_dir / SAE_DIR / "sae_weights.safetensors"
+    return sha256_file(weights) if weights.is_file() else None
+
+
+def _eval_is_current(run_dir: Path) -> bool:
+    """eval.json exists and describes the exported SAE (an eval.json from before the digest was kept: assumed)."""
+    if not (run_dir / "eval.json").is_file():
+        return False
+    saved = read_eval(run_dir).get("sae_weights_sha256")
+    return saved is None or saved == _sae_digest(run_dir)
 
 
 # ---------------------------------------------------------------------------------------------- eval, analyze
@@ -302,8 +346,24 @@ def _load_trained(run_dir: Path, overrides: list[str], model: Any = None) -> tup
         raise UserError(f"{run_dir} has no trained SAE in {SAE_DIR}/: run or resume `sae-stream train` first")
     device = resolve_device(cfg.train.device)
     model = model if model is not None else load_lm(cfg.lm.path, device)
+    check_lm_fits(model, cfg)
     sae = load_saelens(run_dir / SAE_DIR, device=device)
     return cfg, model, sae
+
+
+def check_lm_fits(model: Any, cfg: Config) -> None:
+    """The text settings must suit the LM: contexts no longer than its position embeddings, token ids inside its
+    vocabulary (else a shape error or an index error deep in the forward)."""
+    from sae_stream.tokenizer import get_tokenizer
+
+    if cfg.data.context_len > model.cfg.n_ctx:
+        raise UserError(f"data.context_len ({cfg.data.context_len}) exceeds the LM's context of {model.cfg.n_ctx} "
+                        f"tokens: set --data.context_len={model.cfg.n_ctx} or less")
+    n_vocab = get_tokenizer(cfg.data.tokenizer).n_vocab
+    if n_vocab > model.cfg.d_vocab:
+        raise UserError(f"data.tokenizer {cfg.data.tokenizer!r} gives {n_vocab} token ids but the LM knows "
+                        f"{model.cfg.d_vocab}: use the tokenizer the LM was trained with (its config.yaml's "
+                        "data.tokenizer)")
 
 
 def _sweep_dirs(run_dir: Path) -> list[Path]:
@@ -330,6 +390,7 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, loaded
     batches = heldout_batches(cfg.data, cfg.eval.batch_contexts, cfg.eval.tokens, what="eval.tokens")
     result = evaluate(model, sae, cfg.buffer.hook_name, batches, cfg.eval, cfg.train,
                       skip_first_position=cfg.buffer.skip_first_position)
+    result["sae_weights_sha256"] = _sae_digest(run_dir)  # which SAE this describes (a later train may replace it)
     path = write_eval(run_dir, result, cfg.eval.histogram_bins)
     _print_eval(result, path)
     return result
@@ -360,7 +421,10 @@ def analyze_run(run_dir: str | Path, overrides: list[str] | None = None, loaded:
     if loaded is None and _sweep_dirs(run_dir):
         return next(iter(_each_member(run_dir, overrides, analyze_run).values()), run_dir)
     cfg, model, sae = loaded or _load_trained(run_dir, overrides or [])
-    evaluated = (run_dir / "eval.json").is_file()
+    evaluated = _eval_is_current(run_dir)
+    if (run_dir / "eval.json").is_file() and not evaluated:
+        warnings.warn(f"{run_dir / 'eval.json'} predates the SAE in {SAE_DIR}/ (trained further since): the "
+                      "dashboard uses its own scan's densities; `sae-stream eval` refreshes eval.json", stacklevel=2)
     densities = load_feature_density(run_dir) if evaluated else None
     density_tokens = read_eval(run_dir).get("activation_tokens") if evaluated else None
     batches = heldout_batches(cfg.data, cfg.eval.batch_contexts, cfg.analysis.tokens,
@@ -383,21 +447,24 @@ def run(config: str | None, overrides: list[str], lm: str | None = None, out: st
     cfg = load_config(config, overrides)  # validate everything before touching the disk
     if not is_main_process() and not (lm or cfg.lm.path):
         raise UserError("under torchrun pass --lm PATH: train the LM first (`sae-stream lm train`, one process)")
-    run_dir = prepare_out_dir(out, "run", overwrite)
-    if lm:
-        lm_path = _abs_lm(lm)
-    elif cfg.lm.path:
-        lm_path = _abs_lm(cfg.lm.path)
-    elif "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
-        raise UserError("under torchrun pass --lm PATH: train the LM first (`sae-stream lm train`, one process)")
-    else:
-        lm_dir = run_dir / LM_DIR
-        _train_lm(cfg, lm_dir)
-        lm_path = str(lm_dir.resolve())
-    cfg = load_config(config, [*overrides, f"--lm.path={lm_path}"])
-    session = Session(cfg, run_dir)
-    session.save_configs()
-    _train_session(session)
+    _lm_outside(lm or cfg.lm.path, out, overwrite)
+    with fresh_out_dir(out, "run", overwrite) as staged:
+        run_dir = staged.path
+        if lm:
+            lm_path = _abs_lm(lm)
+        elif cfg.lm.path:
+            lm_path = _abs_lm(cfg.lm.path)
+        elif "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+            raise UserError("under torchrun pass --lm PATH: train the LM first (`sae-stream lm train`, one process)")
+        else:
+            lm_dir = run_dir / LM_DIR
+            _train_lm(cfg, lm_dir, started=staged.commit)
+            lm_path = str(lm_dir.resolve())
+        cfg = load_config(config, [*overrides, f"--lm.path={lm_path}"])
+        session = Session(cfg, run_dir)
+        session.save_configs()
+        staged.commit()
+        _train_session(session)
     if not session.is_main:
         return run_dir  # evaluation and the dashboard run on rank 0 alone
     model, device, members = session.model, session.device, [(m.cfg, m.run_dir) for m in session.members]

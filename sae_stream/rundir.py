@@ -8,6 +8,8 @@ import os
 import secrets
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,20 +33,66 @@ def resume_command(run_dir: str | Path = "RUN_DIR") -> str:
     return f"torchrun {nodes}--nproc_per_node={per_node} -m sae_stream train --resume {run_dir}"
 
 
-def prepare_out_dir(out: str | Path | None, command: str, overwrite: bool) -> Path:
-    """A fresh output directory; an existing non-empty one needs --overwrite (or --resume)."""
+class OutDir:
+    """A fresh output directory (`path`). An existing run directory replaced with --overwrite is only moved aside
+    until the new run has started (`commit`, once its inputs have checked out); a failure or a stop before that
+    (`rollback`) removes what this made and puts the old one back: bad input never costs the old run."""
+
+    def __init__(self, path: Path, old: Path | None = None, created: bool = False) -> None:
+        self.path, self.old, self.created, self.done = path, old, created, False
+
+    def commit(self) -> None:
+        if not self.done and self.old is not None:
+            shutil.rmtree(self.old, ignore_errors=True)
+        self.done = True
+
+    def rollback(self) -> None:
+        if self.done:
+            return
+        if self.created:
+            shutil.rmtree(self.path, ignore_errors=True)
+        if self.old is not None:
+            os.replace(self.old, self.path)
+        self.done = True
+
+
+@contextmanager
+def fresh_out_dir(out: str | Path | None, command: str, overwrite: bool) -> Iterator[OutDir]:
+    """An `OutDir` for a new run: committed when the block ends, or earlier by the caller; rolled back if the
+    block raises first. An existing non-empty directory needs --overwrite, and must be a run directory."""
     path = Path(out) if out else Path("runs") / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}"
     if not is_main_process():
         if not out:
             raise UserError("under torchrun pass --out RUN_DIR: every rank must name the same run directory")
-        return path  # rank 0 prepares it (the others write their checkpoint parts into it: check_shared)
+        yield OutDir(path)  # rank 0 prepares it (the others write their checkpoint parts into it: check_shared)
+        return
+    old = None
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         if not overwrite:
-            raise UserError(f"output directory {str(path)!r} exists: pass --overwrite to replace it, "
-                            f"--resume to continue it, or choose another --out")
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+            resume = ("`sae-stream lm train CONFIG --out DIR --resume` continues it" if command == "lm" else
+                      "`sae-stream train --resume DIR` continues an interrupted run")
+            raise UserError(f"output directory {str(path)!r} exists: pass --overwrite to replace it, or choose "
+                            f"another --out ({resume})")
+        if not (path / "config.yaml").is_file():
+            raise UserError(f"refusing to --overwrite {str(path)!r}: it is not a run directory (no config.yaml); "
+                            "remove it yourself or choose another --out")
+        old = path.with_name(f".{path.name}.replaced-{os.getpid()}")
+        os.replace(path, old)
+    created = not path.exists()
     path.mkdir(parents=True, exist_ok=True)
-    return path
+    staged = OutDir(path, old, created)
+    try:
+        yield staged
+    except BaseException:
+        staged.rollback()
+        raise
+    staged.commit()
+
+
+def inside(path: str | Path, directory: str | Path) -> bool:
+    """Whether `path` lies in `directory` (both resolved)."""
+    return Path(directory).resolve() in Path(path).resolve().parents or Path(path).resolve() == Path(
+        directory).resolve()
 
 
 def require_run_dir(run_dir: str | Path) -> Path:

@@ -100,7 +100,8 @@ class TrainerState:
             ckpt_dir = path / "checkpoints" if (path / "checkpoints").is_dir() else path
             step = newest_common_step([ckpt_dir], self.dist)
             if step is None:
-                raise ValueError(f"no valid checkpoint under {str(path)!r}: train first or point at a run dir")
+                raise ValueError(f"no valid checkpoint under {str(path)!r}: point at a run dir, or (a run stopped "
+                                 "before its first checkpoint) start it again with --out on it and --overwrite")
             ckpt, verified = ckpt_dir / f"step_{step:08d}", True
         state = load_own_part(ckpt, self.dist, verify=not verified)
         got = (state["architecture"], state["d_in"], state["d_sae"])

@@ -143,6 +143,42 @@ def test_cli__bad_inputs_name_the_fix(tiny_run: Path, tmp_path: Path, capsys: py
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "no text" in bad.stderr
 
 
+def test_cli__guards_keep_runs_and_name_the_fix(tiny_run: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture) -> None:
+    import shutil
+
+    lm = str(tiny_run / "lm")
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_run, copy)
+    listing = sorted(str(p.relative_to(copy)) for p in copy.rglob("*"))
+
+    def fails(argv: list[str], needle: str) -> None:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and needle in err, (argv, err)
+
+    # --overwrite: an LM inside the directory it replaces; a bad input found after the move: the old run is back
+    fails(["run", "--out", str(copy), "--overwrite", "--lm", str(copy / "lm"), *TINY], "lies inside --out")
+    fails(["train", "--lm", lm, "--out", str(copy), "--overwrite", *TINY, "--buffer.hook_name=blocks.7.nope"],
+          "blocks.0")
+    assert sorted(str(p.relative_to(copy)) for p in copy.rglob("*")) == listing
+    assert not list(tmp_path.glob(".copy.replaced-*"))
+    stranger = tmp_path / "not_a_run"
+    stranger.mkdir()
+    (stranger / "notes.txt").write_text("mine")
+    fails(["train", "--lm", lm, "--out", str(stranger), "--overwrite", *TINY], "not a run directory")
+    assert (stranger / "notes.txt").read_text() == "mine"
+    # text settings that do not suit the LM: one line, and no half-made run directory left behind
+    fails(["train", "--lm", lm, "--out", str(tmp_path / "x")], "data.context_len (128) exceeds the LM's context")
+    fails(["train", "--lm", lm, "--out", str(tmp_path / "x"), "--data.context_len=32"], "data.tokenizer 'gpt2'")
+    assert not (tmp_path / "x").exists()
+    # analyze with a hook the SAE was not trained on; overrides written with a space; flags --resume ignores
+    fails(["analyze", str(copy), "--buffer.hook_name=blocks.0.attn.hook_z"], "does not match hook")
+    fails(["train", "--lm", lm, "--train.lr", "--out", str(tmp_path / "y")], "--train.lr needs a value")
+    fails(["train", "--resume", str(copy), "--out", str(tmp_path / "z")], "drop --out")
+    fails(["train", "--lm", lm, "--out", str(copy), *TINY, "--train.lr", "abc"], "train.lr")
+
+
 def test_config__yaml_roundtrip_and_defaults(tiny_run: Path) -> None:
     saved = load_config(tiny_run / "config.yaml")
     assert saved.sae.d_sae == 128 and saved.data.tokenizer == "byte"

@@ -119,6 +119,12 @@ def test_cli__sweep_run_dir_resume_and_eval(tiny_run: Path, tmp_path: Path, one_
         ev = json.loads((ref / name / "eval.json").read_text())
         assert 0 < ev["fvu"] < 1
     assert main(["eval", str(ref / "low")]) == 0  # a member directory is a run directory of its own
+    capsys.readouterr()
+    # ...but not a run of its own to resume: its SAE trains on the sweep's stream
+    before = sorted(p.name for p in (ref / "low" / "checkpoints").iterdir())
+    assert main(["train", "--resume", str(ref / "low")]) == 2
+    assert f"one SAE of the sweep in {str(ref.resolve())!r}" in capsys.readouterr().err
+    assert sorted(p.name for p in (ref / "low" / "checkpoints").iterdir()) == before
 
 
 @pytest.mark.parametrize(("saes", "needle"), [

@@ -21,6 +21,7 @@ from sae_stream.analysis.histogram import HistogramResult, StreamingHistogram
 from sae_stream.analysis.hooks import (
     SAELike,
     check_hook,
+    check_sae,
     chunks,
     first_position,
     hook_activations,
@@ -78,7 +79,10 @@ def scan_features(model: HookedTransformer, sae: SAELike, hook_name: str, token_
     n_tokens = 0
     batches = chunks(tokens_NT, cfg.batch_contexts, device)
     for i, tokens_BT in enumerate(tqdm(batches, total=-(-n_ctx // cfg.batch_contexts), desc="scan", disable=None)):
-        feats_BTF = sae_features(sae, hook_activations(model, hook_name, tokens_BT)).float()
+        x_BTD = hook_activations(model, hook_name, tokens_BT)
+        if i == 0:
+            check_sae(sae, x_BTD.shape[-1], hook_name)
+        feats_BTF = sae_features(sae, x_BTD).float()
         n_feat = feats_BTF.shape[-1]
         if topk is None or hist is None or fire_F is None:
             topk = StreamingTopK(n_feat, cfg.top_k, payload_shape=(left + 1 + right,), device=device)
