@@ -225,20 +225,31 @@ def test_train__disk_full_while_checkpointing_keeps_previous(tiny_run: Path, tmp
 
     from sae_stream import checkpoint
 
-    real, calls = checkpoint.atomic_torch_save, []
+    class Full:  # the file of the second checkpoint: the disk fills up part-way through torch.save
+        def __init__(self, f) -> None:
+            self.f, self.left = f, 4096
 
-    def second_write_fails(path, obj):
-        calls.append(path)
-        if len(calls) == 2:
-            raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        return real(path, obj)
+        def write(self, data: bytes) -> int:
+            if len(data) > self.left:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.left -= len(data)
+            return self.f.write(data)
 
-    monkeypatch.setattr(checkpoint, "atomic_torch_save", second_write_fails)
+        def __getattr__(self, name: str):
+            return getattr(self.f, name)
+
+    init, writers = checkpoint._HashingWriter.__init__, []
+
+    def second_file_fills_the_disk(self, f) -> None:
+        writers.append(self)
+        init(self, Full(f) if len(writers) == 2 else f)
+
+    monkeypatch.setattr(checkpoint._HashingWriter, "__init__", second_file_fills_the_disk)
     run = tmp_path / "full"
     argv = ["train", "--lm", str(tiny_run / "lm"), "--out", str(run), *TINY, "--train.checkpoint_every=10"]
     assert main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "disk full" in err[0] and "--resume" in err[0]
+    err = capsys.readouterr().err.strip().splitlines()  # (torch.save itself says only "unexpected pos")
+    assert len(err) == 1 and "disk full" in err[0] and f"sae-stream train --resume {run}" in err[0], err
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000010"]  # no partial leftovers
     checkpoint.verify_checkpoint(run / "checkpoints" / "step_00000010")
 
