@@ -99,8 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                          args.debug)
         if e.errno in _USER_ERRNOS:  # a path the user gave: read-only, not allowed, missing, not a directory
             where = f" {e.filename!s}" if e.filename else ""
-            return _fail(f"cannot write or read{where}: {e.strerror or e}; choose a path this user can write "
-                         "(--out) or fix its permissions", args.debug)
+            return _fail(f"cannot write or read{where}: {e.strerror or e}; fix the path or its permissions, then "
+                         f"{_again(args)}", args.debug)
         raise
     except TrainingInterrupted as e:  # the step in flight finished and was checkpointed (on every rank: told once)
         if is_main_process():
@@ -138,8 +138,8 @@ def _again(args: argparse.Namespace) -> str:
     """What to do after freeing space: resume a training run (its checkpoints are kept), or run the command again."""
     if args.command in ("train", "run"):
         run_dir = getattr(args, "resume", None) or getattr(args, "out", None) or "RUN_DIR"
-        return (f"resume with `{resume_command(run_dir)}` (no partial checkpoint was left; earlier ones are kept; "
-                "a run stopped before its first checkpoint starts again with --overwrite)")
+        return (f"resume with `{resume_command(run_dir)}` if it had begun training (its checkpoints are kept, no "
+                "partial one is left), else run the command again (with --overwrite if it made the directory)")
     return "run the command again"
 
 

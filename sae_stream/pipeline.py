@@ -13,6 +13,7 @@ trains its share of each batch; rank 0 alone logs and evaluates; each rank check
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -144,14 +145,8 @@ class Session:
             raise UserError("train.nan_policy=skip is not supported under torchrun (ranks would drop different "
                             "numbers of rows and fall out of step): use nan_policy=stop")
         self.model = load_lm(cfg.lm.path, self.device)
-        check_lm_fits(self.model, cfg)
         hook = cfg.buffer.hook_name
-        check_hook_names(self.model, [hook])
-        self.d_in = hook_dim(self.model, hook, cfg.data.context_len)
-        for c in [cfg, *(m for _, m in cfg.sweep_members())]:
-            if c.sae.d_in is not None and c.sae.d_in != self.d_in:
-                raise UserError(f"sae.d_in={c.sae.d_in} does not match hook {hook!r} (width {self.d_in}): "
-                                f"set --sae.d_in={self.d_in} or leave it null")
+        self.d_in = check_sae_inputs(self.model, cfg)
         self.contexts = TokenContexts(cfg.data, "train", rank, world)
         tokens = ContextBatches(self.contexts, cfg.buffer.lm_batch_size)
         seed = cfg.train.seed + rank
@@ -284,6 +279,14 @@ def train(config: str | None, overrides: list[str], lm: str | None = None, out: 
     return staged.path
 
 
+def _untrained_lm(cfg: Config) -> Any:
+    """The GPT `lm train` would train, at its initialisation, as transformer-lens sees it (for input checks)."""
+    from lm.hooked import to_hooked
+    from lm.model import GPT
+
+    return to_hooked(GPT(cfg.lm))
+
+
 def _lm_outside(lm: str | None, out: str | None, overwrite: bool) -> None:
     """--overwrite replaces --out: an LM inside it would be gone before it is loaded."""
     if overwrite and lm and out and Path(lm).exists() and inside(lm, out):
@@ -349,6 +352,20 @@ def _load_trained(run_dir: Path, overrides: list[str], model: Any = None) -> tup
     check_lm_fits(model, cfg)
     sae = load_saelens(run_dir / SAE_DIR, device=device)
     return cfg, model, sae
+
+
+def check_sae_inputs(model: Any, cfg: Config) -> int:
+    """What the SAE side needs of the LM, checked before any work: the text fits it, the hook exists, `sae.d_in`
+    (if set, for every SAE of a sweep) is the hook's width. Returns that width."""
+    check_lm_fits(model, cfg)
+    hook = cfg.buffer.hook_name
+    check_hook_names(model, [hook])
+    d_in = hook_dim(model, hook, cfg.data.context_len)
+    for c in [cfg, *(m for _, m in cfg.sweep_members())]:
+        if c.sae.d_in is not None and c.sae.d_in != d_in:
+            raise UserError(f"sae.d_in={c.sae.d_in} does not match hook {hook!r} (width {d_in}): "
+                            f"set --sae.d_in={d_in} or leave it null")
+    return d_in
 
 
 def check_lm_fits(model: Any, cfg: Config) -> None:
@@ -457,10 +474,14 @@ def run(config: str | None, overrides: list[str], lm: str | None = None, out: st
         elif "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
             raise UserError("under torchrun pass --lm PATH: train the LM first (`sae-stream lm train`, one process)")
         else:
+            # the SAE side is checked on the untrained LM first: a bad hook must not wait for (or cost) a trained LM
+            check_sae_inputs(_untrained_lm(cfg), cfg)
+            save_config(cfg, run_dir / "config.yaml")  # a run directory from here on (--overwrite can replace it)
             lm_dir = run_dir / LM_DIR
             _train_lm(cfg, lm_dir, started=staged.commit)
             lm_path = str(lm_dir.resolve())
-        cfg = load_config(config, [*overrides, f"--lm.path={lm_path}"])
+        # (not read again from `config`: it may be a file in the directory that --overwrite moved aside)
+        cfg = dataclasses.replace(cfg, lm=dataclasses.replace(cfg.lm, path=lm_path))
         session = Session(cfg, run_dir)
         session.save_configs()
         staged.commit()

@@ -66,6 +66,7 @@ def fresh_out_dir(out: str | Path | None, command: str, overwrite: bool) -> Iter
             raise UserError("under torchrun pass --out RUN_DIR: every rank must name the same run directory")
         yield OutDir(path)  # rank 0 prepares it (the others write their checkpoint parts into it: check_shared)
         return
+    path = path.resolve()  # `.`, a symlink or the working directory: the real directory, named absolutely
     old = None
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         if not overwrite:
@@ -76,17 +77,43 @@ def fresh_out_dir(out: str | Path | None, command: str, overwrite: bool) -> Iter
         if not (path / "config.yaml").is_file():
             raise UserError(f"refusing to --overwrite {str(path)!r}: it is not a run directory (no config.yaml); "
                             "remove it yourself or choose another --out")
-        old = path.with_name(f".{path.name}.replaced-{os.getpid()}")
-        os.replace(path, old)
-    created = not path.exists()
-    path.mkdir(parents=True, exist_ok=True)
-    staged = OutDir(path, old, created)
+        old = path.with_name(f".{path.name}.replaced-{os.getpid()}-{secrets.token_hex(4)}")
+    with _term_raises():  # a SIGTERM before the commit must roll back too, not kill the process where it stands
+        if old is not None:
+            os.replace(path, old)
+        created = not path.exists()
+        path.mkdir(parents=True, exist_ok=True)
+        staged = OutDir(path, old, created)
+        try:
+            yield staged
+        except BaseException:
+            staged.rollback()
+            raise
+        staged.commit()
+
+
+class Terminated(SystemExit):
+    """SIGTERM while a new run starts up (exit status 143, as the signal would give)."""
+
+
+@contextmanager
+def _term_raises() -> Iterator[None]:
+    """SIGTERM raises `Terminated` inside the block (main thread only; the training loop installs its own)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def raise_terminated(signum: int, frame: Any) -> None:
+        raise Terminated(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
     try:
-        yield staged
-    except BaseException:
-        staged.rollback()
-        raise
-    staged.commit()
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def inside(path: str | Path, directory: str | Path) -> bool:

@@ -143,9 +143,10 @@ def test_cli__bad_inputs_name_the_fix(tiny_run: Path, tmp_path: Path, capsys: py
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "no text" in bad.stderr
 
 
-def test_cli__guards_keep_runs_and_name_the_fix(tiny_run: Path, tmp_path: Path,
-                                                capsys: pytest.CaptureFixture) -> None:
+def test_cli__guards_keep_runs_and_name_the_fix(tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
     import shutil
+    import signal
 
     lm = str(tiny_run / "lm")
     copy = tmp_path / "copy"
@@ -161,6 +162,22 @@ def test_cli__guards_keep_runs_and_name_the_fix(tiny_run: Path, tmp_path: Path,
     fails(["run", "--out", str(copy), "--overwrite", "--lm", str(copy / "lm"), *TINY], "lies inside --out")
     fails(["train", "--lm", lm, "--out", str(copy), "--overwrite", *TINY, "--buffer.hook_name=blocks.7.nope"],
           "blocks.0")
+    # `run` checks the SAE side on the untrained LM before training one; `--out .` names the directory itself
+    fails(["run", "--out", str(copy), "--overwrite", *TINY, "--buffer.hook_name=blocks.7.nope"], "blocks.0")
+    monkeypatch.chdir(copy)
+    fails(["train", "--lm", lm, "--out", ".", "--overwrite", *TINY, "--sae.d_in=7"], "sae.d_in")
+    monkeypatch.chdir(tmp_path)
+    # SIGTERM while the new run starts up: the old run is put back, exit status 143
+    from sae_stream import pipeline
+
+    def terminated(*args, **kwargs):
+        signal.raise_signal(signal.SIGTERM)
+
+    with monkeypatch.context() as m:
+        m.setattr(pipeline.Session, "__init__", terminated)
+        with pytest.raises(SystemExit) as stopped:
+            main(["train", "--lm", lm, "--out", str(copy), "--overwrite", *TINY])
+    assert stopped.value.code == 143 and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     assert sorted(str(p.relative_to(copy)) for p in copy.rglob("*")) == listing
     assert not list(tmp_path.glob(".copy.replaced-*"))
     stranger = tmp_path / "not_a_run"
