@@ -21,6 +21,7 @@ Pruning stops at the step just written: a newer one a crash left is pruned once 
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import copy
 import hashlib
@@ -286,7 +287,7 @@ class CheckpointWriter:
         Ctrl-C), the writes not yet finished stay pending for a later wait or drain."""
         while self._inflight:
             step, path, future = self._inflight[0]
-            err = future.exception()  # blocks until that write ends
+            err = _exception_of(future)  # blocks until that write ends
             self._inflight.pop(0)
             if err is not None:
                 self._errors.append((path, err))
@@ -305,6 +306,17 @@ class CheckpointWriter:
             self.wait()
         except Exception as e:  # noqa: BLE001 — the error being raised already is the one to report
             print(f"sae-stream: warning: a checkpoint write failed too: {e}", file=sys.stderr)
+
+
+def _exception_of(future: Any) -> BaseException | None:
+    """future.exception(), waking every 0.2 s: a Ctrl-C the kernel hands to another thread than the main one only
+    runs its handler (KeyboardInterrupt) once the main thread wakes, which a plain wait would put off until the
+    write ends."""
+    while True:
+        try:
+            return future.exception(timeout=0.2)
+        except concurrent.futures.TimeoutError:
+            continue
 
 
 def list_checkpoints(ckpt_dir: str | Path) -> list[Path]:

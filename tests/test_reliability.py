@@ -522,11 +522,13 @@ def test_checkpoint_writer__interrupted_wait_keeps_pending_and_drain_reports(tmp
     writer.save(tmp_path / "a", 1, {})
     writer.save(tmp_path / "b", 1, {})
     fail_a.set()
-    # process-directed (Linux hands it to the main thread, blocked in the wait), as a terminal's Ctrl-C is
-    threading.Timer(0.2, os.kill, args=(os.getpid(), signal.SIGINT)).start()
+    # a terminal's Ctrl-C is process-directed: the kernel may hand it to any thread. Here it goes to the Timer's
+    # thread; the main thread, blocked in the wait, must still wake up and raise (a plain wait slept on to the end)
+    threading.Timer(0.2, lambda: signal.pthread_kill(threading.get_ident(), signal.SIGINT)).start()
     with pytest.raises(KeyboardInterrupt):
         writer.wait()
     assert writer.pending == 2  # a's failure, b in flight
+    assert not writer._inflight[-1][2].done()  # the Ctrl-C came through while b was still being written
     release.set()
     with pytest.raises(ValueError, match="the training error"):
         try:
