@@ -524,9 +524,15 @@ def test_checkpoint_writer__interrupted_wait_keeps_pending_and_drain_reports(tmp
     fail_a.set()
     # a terminal's Ctrl-C is process-directed: the kernel may hand it to any thread. Here it goes to the Timer's
     # thread; the main thread, blocked in the wait, must still wake up and raise (a plain wait slept on to the end)
+    # (Python's own Ctrl-C handler, as in a terminal: a shell that starts pytest in the background sets SIGINT to
+    # "ignore", which Python then keeps)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     threading.Timer(0.2, lambda: signal.pthread_kill(threading.get_ident(), signal.SIGINT)).start()
-    with pytest.raises(KeyboardInterrupt):
-        writer.wait()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            writer.wait()
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert writer.pending == 2  # a's failure, b in flight
     assert not writer._inflight[-1][2].done()  # the Ctrl-C came through while b was still being written
     release.set()
