@@ -19,6 +19,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from lm.model import GPT
 from sae_stream.data import hub_unreachable_reason
+from sae_stream.rundir import first_line
 
 
 def hooked_config(gpt: GPT, device: str | torch.device = "cpu") -> HookedTransformerConfig:
@@ -114,8 +115,7 @@ def _from_pretrained(name: str, device: str | torch.device) -> HookedTransformer
             warnings.filterwarnings("ignore", message="HookedTransformer is deprecated", category=DeprecationWarning)
             return HookedTransformer.from_pretrained(name, device=str(device))
     except Exception as e:  # noqa: BLE001 - network/hub errors come in many types; report one line
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ValueError(f"could not download model {name!r} ({first}); {hint}") from None
+        raise ValueError(f"could not download model {name!r} ({first_line(e)}); {hint}") from None
 
 
 def _is_cached(repo_id: str) -> bool:

@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sae_stream.config import ConfigError, LMConfig, config_from_dict, read_yaml
+from sae_stream.rundir import first_line
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
@@ -239,5 +240,4 @@ def read_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     try:
         return load(path.read_bytes())
     except (SafetensorError, ValueError, RuntimeError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ValueError(f"{str(path)!r} is corrupt or truncated ({msg}): retrain or restore it") from None
+        raise ValueError(f"{str(path)!r} is corrupt or truncated ({first_line(e)}): retrain or restore it") from None

@@ -39,6 +39,8 @@ from typing import Any, BinaryIO
 
 import torch
 
+from sae_stream.rundir import first_line
+
 
 def _fsync_dir(path: Path) -> None:
     try:
@@ -414,7 +416,7 @@ def load_own_part(ckpt: str | Path, dist: Any = None, verify: bool = True) -> di
         try:
             state, err = _load_own_part(Path(ckpt), dist, verify=True), None
         except Exception as e:  # noqa: BLE001 - any failure must reach the collective, or the others wait on it
-            state, err = None, (str(e).splitlines() or [""])[0] or type(e).__name__
+            state, err = None, first_line(e)
         by_error: dict[str, list[int]] = {}
         for r, e in enumerate(dist.all_gather_objects(err)):
             if e is not None:

@@ -30,6 +30,7 @@ import torch
 
 from sae_stream.config import DataConfig
 from sae_stream.corpus import embedded_corpus, heldout_key
+from sae_stream.rundir import first_line
 from sae_stream.tokenizer import Tokenizer, get_tokenizer
 
 SPLITS = ("train", "heldout")
@@ -107,23 +108,14 @@ class _StreamSource:
     def _records(self, seed: int, skip: int = 0) -> Iterator[dict[str, Any]]:
         """The shuffled records after the first `skip`; a reader's error (a malformed .jsonl line, a bad parquet
         file) names the source."""
-        it = iter(self.dataset.shuffle(seed=seed, buffer_size=self.shuffle_buffer))
-        try:
-            for _ in range(skip):
-                next(it)
-        except StopIteration:
-            return
-        except Exception as e:  # noqa: BLE001 - as below
-            first = (str(e).splitlines() or [type(e).__name__])[0]
-            raise ValueError(f"cannot read {self.where}: {first}") from e
+        records = itertools.islice(self.dataset.shuffle(seed=seed, buffer_size=self.shuffle_buffer), skip, None)
         while True:
             try:
-                record = next(it)
+                record = next(records)  # (the first call reads the `skip` records past)
             except StopIteration:
                 return
             except Exception as e:  # noqa: BLE001 - pyarrow / json / datasets errors come in many types
-                first = (str(e).splitlines() or [type(e).__name__])[0]
-                raise ValueError(f"cannot read {self.where}: {first}") from e
+                raise ValueError(f"cannot read {self.where}: {first_line(e)}") from e
             yield record
 
     def _encode(self, texts: list[str]) -> torch.Tensor:
@@ -194,9 +186,8 @@ def _open_hf(cfg: DataConfig, heldout: bool, tok: Tokenizer) -> _StreamSource:
     try:
         dataset = datasets.load_dataset(cfg.source, cfg.hf_subset, split=split, streaming=True)
     except Exception as e:  # datasets raises many types; the user needs one line naming the source
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ValueError(f"could not open HF dataset {cfg.source!r} (subset {cfg.hf_subset!r}, split {split!r}): "
-                         f"{first}") from e
+                         f"{first_line(e)}") from e
     where = f"HF dataset {cfg.source!r} (split {split!r}{', held-out by hash' if keep and heldout else ''})"
     return _StreamSource(dataset, cfg.text_field, keep, tok, cfg.shuffle_buffer, where)
 

@@ -59,7 +59,7 @@ from sae_stream.analysis.hooks import (
 from sae_stream.analysis.plots import plot_density_histogram
 from sae_stream.checkpoint import atomic_write_bytes, atomic_write_json
 from sae_stream.config import EvalConfig, TrainConfig
-from sae_stream.metrics import resolves
+from sae_stream.metrics import density_counts
 
 EVAL_JSON = "eval.json"
 DENSITY_FILE = "feature_density.safetensors"
@@ -177,18 +177,6 @@ def _eval_chunk(model: HookedTransformer, sae: SAELike, hook_name: str, tokens_B
             losses.kl += F.kl_div(logp, logp_clean, log_target=True, reduction="sum").double()
         del logp
     losses.n += logp_clean.shape[0] * logp_clean.shape[1]
-
-
-def density_counts(density_F: Tensor, train_cfg: TrainConfig, tokens: int | None = None) -> dict[str, Any]:
-    """Dead / ultra-low / dense counts; ultralow is None when densities over `tokens` cannot resolve the threshold
-    (every alive feature then has density >= 1 / tokens, so a count would read 0 whatever the SAE)."""
-    dead = density_F <= train_cfg.dead_threshold
-    ultralow = int((~dead & (density_F < train_cfg.ultralow_threshold)).sum())
-    return {"d_sae": density_F.numel(), "dead": int(dead.sum()),
-            "ultralow": ultralow if tokens is None or resolves(tokens, train_cfg.ultralow_threshold) else None,
-            "dense": int((density_F > train_cfg.dense_threshold).sum()),
-            "thresholds": {"dead": train_cfg.dead_threshold, "ultralow": train_cfg.ultralow_threshold,
-                           "dense": train_cfg.dense_threshold}}
 
 
 @contextmanager

@@ -30,6 +30,18 @@ def resolves(tokens: int, threshold: float) -> bool:
     return threshold <= 0 or tokens * threshold > 1
 
 
+def density_counts(density_F: Tensor, t: TrainConfig, tokens: int | None = None) -> dict[str, Any]:
+    """Dead / ultra-low / dense counts (training's and eval's alike); ultralow is None when densities over `tokens`
+    cannot resolve the threshold (every alive feature then has density >= 1 / tokens, so a count would read 0
+    whatever the SAE)."""
+    dead = density_F <= t.dead_threshold
+    ultralow = int((~dead & (density_F < t.ultralow_threshold)).sum())
+    return {"d_sae": density_F.numel(), "dead": int(dead.sum()),
+            "ultralow": ultralow if tokens is None or resolves(tokens, t.ultralow_threshold) else None,
+            "dense": int((density_F > t.dense_threshold).sum()),
+            "thresholds": {"dead": t.dead_threshold, "ultralow": t.ultralow_threshold, "dense": t.dense_threshold}}
+
+
 class RunningMetrics:
     """Per-interval sums (on device) and a per-feature firing count over the density window."""
 
@@ -117,17 +129,12 @@ class RunningMetrics:
         return self.fire_counts_F.double() / max(self.window_tokens, 1)
 
     def _density_metrics(self, d_F: np.ndarray, tokens: int) -> dict[str, Any]:
-        """Counts over a window of `tokens`; ultralow is None when that window cannot resolve its threshold."""
-        dead = d_F <= self.t.dead_threshold
+        """Counts over a window of `tokens` (`density_counts`) and the log10 density histogram."""
+        c = density_counts(torch.from_numpy(d_F), self.t, tokens)
         log_d = np.log10(np.maximum(d_F, 10.0 ** HIST_LOG10_MIN))
         counts, edges = np.histogram(log_d, bins=self.bins, range=(HIST_LOG10_MIN, 0.0))
-        return {
-            "dead": int(dead.sum()),
-            "ultralow": (int(((d_F < self.t.ultralow_threshold) & ~dead).sum())
-                         if resolves(tokens, self.t.ultralow_threshold) else None),
-            "dense": int((d_F > self.t.dense_threshold).sum()),
-            "density_log10_histogram": {"counts": counts.tolist(), "edges": edges.tolist()},
-        }
+        return {"dead": c["dead"], "ultralow": c["ultralow"], "dense": c["dense"],
+                "density_log10_histogram": {"counts": counts.tolist(), "edges": edges.tolist()}}
 
     def state_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ("sums", "steps", "tokens", "fire_counts_F", "window_tokens",

@@ -322,7 +322,7 @@ def _report_training(metrics: dict[str, Any], run_dir: Path) -> None:
     keys = ("mse", "fvu", "l0", "dead", "tokens_per_s")
     shown = ", ".join(f"{k} {metrics[k]:.4g}" for k in keys if isinstance(metrics.get(k), (int, float)))
     print(f"SAE trained: {shown} -> {run_dir / SAE_DIR}")
-    if (run_dir / "eval.json").is_file() and not _eval_is_current(run_dir):
+    if (run_dir / "eval.json").is_file() and _current_eval(run_dir) is None:
         print(f"note: {run_dir / 'eval.json'} describes the SAE before this training: run `sae-stream eval "
               f"{run_dir}` (and `analyze`) again")
 
@@ -332,12 +332,13 @@ def _sae_digest(run_dir: Path) -> str | None:
     return sha256_file(weights) if weights.is_file() else None
 
 
-def _eval_is_current(run_dir: Path) -> bool:
-    """eval.json exists and describes the exported SAE (an eval.json from before the digest was kept: assumed)."""
+def _current_eval(run_dir: Path) -> dict[str, Any] | None:
+    """eval.json if it describes the exported SAE (one from before the digest was kept: assumed to), else None."""
     if not (run_dir / "eval.json").is_file():
-        return False
-    saved = read_eval(run_dir).get("sae_weights_sha256")
-    return saved is None or saved == _sae_digest(run_dir)
+        return None
+    ev = read_eval(run_dir)
+    saved = ev.get("sae_weights_sha256")
+    return ev if saved is None or saved == _sae_digest(run_dir) else None
 
 
 # ---------------------------------------------------------------------------------------------- eval, analyze
@@ -438,12 +439,12 @@ def analyze_run(run_dir: str | Path, overrides: list[str] | None = None, loaded:
     if loaded is None and _sweep_dirs(run_dir):
         return next(iter(_each_member(run_dir, overrides, analyze_run).values()), run_dir)
     cfg, model, sae = loaded or _load_trained(run_dir, overrides or [])
-    evaluated = _eval_is_current(run_dir)
-    if (run_dir / "eval.json").is_file() and not evaluated:
+    ev = _current_eval(run_dir)
+    if ev is None and (run_dir / "eval.json").is_file():
         warnings.warn(f"{run_dir / 'eval.json'} predates the SAE in {SAE_DIR}/ (trained further since): the "
                       "dashboard uses its own scan's densities; `sae-stream eval` refreshes eval.json", stacklevel=2)
-    densities = load_feature_density(run_dir) if evaluated else None
-    density_tokens = read_eval(run_dir).get("activation_tokens") if evaluated else None
+    densities = load_feature_density(run_dir) if ev is not None else None
+    density_tokens = ev.get("activation_tokens") if ev is not None else None
     batches = heldout_batches(cfg.data, cfg.eval.batch_contexts, cfg.analysis.tokens,
                               what="analysis.tokens")
     path = build_dashboard(model, sae, cfg.buffer.hook_name, batches, get_tokenizer(cfg.data.tokenizer), cfg.analysis,

@@ -18,6 +18,12 @@ class UserError(RuntimeError):
     """A problem with what the user asked for; reported as one line, exit code 2."""
 
 
+def first_line(e: BaseException) -> str:
+    """An exception's message as one line for a one-line error: its first non-blank line, else its type's name
+    (libraries such as datasets, pyarrow and torch raise multi-line messages)."""
+    return next((line for line in str(e).strip().splitlines() if line.strip()), type(e).__name__)
+
+
 def is_main_process() -> bool:
     """Rank 0 under torchrun (read before the process group exists), or a plain process."""
     return int(os.environ.get("RANK", "0")) == 0
@@ -118,8 +124,8 @@ def _term_raises() -> Iterator[None]:
 
 def inside(path: str | Path, directory: str | Path) -> bool:
     """Whether `path` lies in `directory` (both resolved)."""
-    return Path(directory).resolve() in Path(path).resolve().parents or Path(path).resolve() == Path(
-        directory).resolve()
+    p, d = Path(path).resolve(), Path(directory).resolve()
+    return p == d or d in p.parents
 
 
 def require_run_dir(run_dir: str | Path) -> Path:
