@@ -93,7 +93,7 @@ def _host_loop(seconds: float | None = None, until: object = None) -> tuple[int,
 
 
 def run_stall(variant: str, rows: int, d_in: int, directory: str) -> dict:
-    from sae_stream.checkpoint import CheckpointWriter
+    from sae_stream.checkpoint_writer import CheckpointWriter
 
     torch.set_num_threads(1)
     acts = torch.randn(rows, d_in, dtype=torch.bfloat16)
@@ -195,7 +195,8 @@ def _dp_save_worker(rank: int, world: int, port: int, variant: str, rows: int, d
                     results: str) -> None:
     import torch.distributed as tdist
 
-    from sae_stream.checkpoint import CheckpointWriter, rank_dir, rank_state
+    from sae_stream.checkpoint import rank_dir, rank_state
+    from sae_stream.checkpoint_writer import CheckpointWriter
     from sae_stream.distributed import Distributed
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

@@ -31,15 +31,12 @@ import argparse
 import contextlib
 import itertools
 import json
-import resource
 import subprocess
 import sys
 import tempfile
 import time
-import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -48,6 +45,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from buffer_throughput import HOOK, token_batches  # noqa: E402
+from recorder import Recorder  # noqa: E402
 
 from lm.capture import GPTCapture  # noqa: E402
 from lm.hooked import to_hooked  # noqa: E402
@@ -116,6 +114,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=8192)
     p.add_argument("--context-len", type=int, default=1024, help="LM context for the loop (paper: 1024)")
     p.add_argument("--capacity", type=int, default=2**21, help="ring vectors (2M x 512 fp32 = 4.3 GB)")
+    p.add_argument("--lm-tokens", type=int, default=65536, help="tokens per LM forward (contexts x context_len)")
     p.add_argument("--seconds", type=float, default=3.0, help="target length of each timed window")
     p.add_argument("--disk-tokens", type=int, default=4_000_000, help="vectors written for the disk baseline")
     p.add_argument("--skip", default="", help="comma list of parts to skip: steps,lm,loop,pinned,disk")
@@ -133,59 +132,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.skip = set(filter(None, args.skip.split(",")))
     args.saelens_d_saes = [int(d) for d in args.saelens_d_sae.split(",")] if args.saelens_d_sae else args.d_saes
     return args
-
-
-# ---------------------------------------------------------------------------------------------- recording
-
-
-class Recorder:
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.args, self.rows = args, []
-        cuda = args.device == "cuda"
-        self.common = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
-                       "card": torch.cuda.get_device_name() if cuda else "cpu", "batch": args.batch}
-
-    def start(self) -> None:
-        if self.args.device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-
-    def emit(self, variant: str, d_sae: int | None, tokens_per_s: float | None, **extra: Any) -> dict:
-        peak_gpu = torch.cuda.max_memory_allocated() / 1e9 if self.args.device == "cuda" else 0.0
-        peak_host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
-        row = {"variant": variant, "d_sae": d_sae,
-               "tokens_per_s": round(tokens_per_s) if tokens_per_s is not None else None,
-               "peak_gpu_gb": round(peak_gpu, 3), "peak_host_gb": round(peak_host, 3)} | extra
-        row = self.common | row
-        self.rows.append(row)
-        line = json.dumps(row)
-        print(line, flush=True)
-        if self.args.out:
-            with open(self.args.out, "a") as f:
-                f.write(line + "\n")
-        return row
-
-    def guarded(self, variant: str, d_sae: int | None, fn: Callable[[], tuple[float, dict]]) -> float | None:
-        self.start()
-        try:
-            rate, extra = fn()
-        except Exception as exc:  # noqa: BLE001 — one broken variant must not lose the others' numbers
-            traceback.print_exc()
-            self.emit(variant, d_sae, None, error=f"{type(exc).__name__}: {str(exc)[:300]}")
-            return None
-        self.emit(variant, d_sae, rate, **extra)
-        return rate
-
-    def table(self) -> str:
-        lines = ["| variant | d_sae | tokens/s | peak GPU GB | notes |", "|---|---:|---:|---:|---|"]
-        for r in self.rows:
-            rate = f"{r['tokens_per_s']:,}" if r["tokens_per_s"] is not None else "failed" if "error" in r else "-"
-            notes = ", ".join(f"{k}={v}" for k, v in r.items() if k not in (*self.common, "variant", "d_sae",
-                                                                             "tokens_per_s", "peak_gpu_gb",
-                                                                             "peak_host_gb"))
-            lines.append(f"| {r['variant']} | {r['d_sae'] or ''} | {rate} | {r['peak_gpu_gb']} | {notes} |")
-        return "\n".join(lines)
 
 
 def sync(device: str) -> None:
@@ -252,7 +198,7 @@ def measure_lm(args: argparse.Namespace, rec: Recorder, context_len: int, native
 
     def fn() -> tuple[float, dict]:
         gpt, hooked = build_lm(context_len, args.device)
-        lm_batch = max(1, 65536 // context_len)
+        lm_batch = max(1, args.lm_tokens // context_len)
         tokens = torch.randint(0, 50304, (lm_batch, context_len), device=args.device)
         cap = GPTCapture(gpt, [HOOK], kernels=kernels) if native else HookCapture(hooked, HOOK)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.device == "cuda")
@@ -279,7 +225,7 @@ def measure_lm(args: argparse.Namespace, rec: Recorder, context_len: int, native
 
 def buffer_cfg(args: argparse.Namespace, storage: str, context_len: int, dtype: str = "auto") -> BufferConfig:
     return BufferConfig(hook_name=HOOK, capacity=args.capacity, refill_fraction=0.5, storage=storage,
-                        lm_batch_size=max(1, 65536 // context_len), dtype=dtype)
+                        lm_batch_size=max(1, args.lm_tokens // context_len), dtype=dtype)
 
 
 # the loop as session 3 measured it: an fp32 ring, the LM in torch's ops (same run, for the ratio)

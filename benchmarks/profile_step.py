@@ -36,6 +36,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=8192)
     p.add_argument("--context-len", type=int, default=1024)
     p.add_argument("--capacity", type=int, default=2**21)
+    p.add_argument("--lm-tokens", type=int, default=65536, help="tokens per LM forward (contexts x context_len)")
     p.add_argument("--steps", type=int, default=200, help="timed steps (after 20 warm-up steps)")
     p.add_argument("--profiled", type=int, default=20, help="steps under the profiler")
     p.add_argument("--rows", type=int, default=30, help="kernels listed per table")

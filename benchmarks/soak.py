@@ -26,7 +26,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from sae_stream.activations import ActivationStream
 from sae_stream.buffer import ShuffleBuffer
-from sae_stream.checkpoint import CheckpointWriter
+from sae_stream.checkpoint_writer import CheckpointWriter
 from sae_stream.config import config_from_dict
 from sae_stream.sae import build_sae
 from sae_stream.tracking import NullTracker

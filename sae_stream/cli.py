@@ -20,11 +20,11 @@ import traceback
 import warnings
 from collections.abc import Sequence
 
-from sae_stream import pipeline
+from sae_stream import lm_bridge, pipeline, report
 from sae_stream.checkpoint import CheckpointError
 from sae_stream.config import ConfigError, help_text
 from sae_stream.process import TrainingInterrupted
-from sae_stream.rundir import is_main_process, resume_command
+from sae_stream.rundir import UserError, is_main_process, resume_command
 
 EXIT_USAGE = 2
 
@@ -89,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     formatwarning, warnings.formatwarning = warnings.formatwarning, _one_line_warning
     try:
         return _dispatch(args, overrides)
-    except (ConfigError, ValueError, FileNotFoundError, FileExistsError, pipeline.UserError, CheckpointError) as e:
+    except (ConfigError, ValueError, FileNotFoundError, FileExistsError, UserError, CheckpointError) as e:
         return _fail(str(e), args.debug)
     except BrokenPipeError:  # output piped into `head` (before OSError, its base class)
         return 0
@@ -155,7 +155,7 @@ def _dispatch(args: argparse.Namespace, overrides: list[str]) -> int:
         print(help_text(markdown=args.markdown))
         return 0
     if args.command == "hooks":
-        print("\n".join(pipeline.list_hooks(args.lm)))
+        print("\n".join(lm_bridge.list_hooks(args.lm)))
         return 0
     if args.command == "lm":
         pipeline.lm_train(args.config, overrides, args.out, resume=args.resume, overwrite=args.overwrite)
@@ -163,20 +163,20 @@ def _dispatch(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.command == "train":
         if args.resume:
             if args.config or overrides:
-                raise pipeline.UserError("--resume RUN_DIR takes no config or overrides: the run's config.yaml is used")
+                raise UserError("--resume RUN_DIR takes no config or overrides: the run's config.yaml is used")
             ignored = [f for f, v in (("--out", args.out), ("--lm", args.lm), ("--overwrite", args.overwrite)) if v]
             if ignored:
-                raise pipeline.UserError(f"--resume RUN_DIR continues that run in place with its own LM: drop "
+                raise UserError(f"--resume RUN_DIR continues that run in place with its own LM: drop "
                                          f"{', '.join(ignored)}")
             pipeline.train_resume(args.resume)
         else:
             pipeline.train(args.config, overrides, lm=args.lm, out=args.out, overwrite=args.overwrite)
         return 0
     if args.command == "eval":
-        pipeline.evaluate_run(args.run_dir, overrides)
+        report.evaluate_run(args.run_dir, overrides)
         return 0
     if args.command == "analyze":
-        pipeline.analyze_run(args.run_dir, overrides)
+        report.analyze_run(args.run_dir, overrides)
         return 0
     if args.command == "run":
         pipeline.run(args.config, overrides, lm=args.lm, out=args.out, overwrite=args.overwrite,

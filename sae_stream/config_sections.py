@@ -176,8 +176,9 @@ class SAEConfig:
     """Dead latents used by AuxK; None = d_in // 2."""
     dead_tokens_auxk: int = 10_000_000
     """A latent is dead for AuxK after this many tokens without firing."""
-    init_b_dec: str = "geometric_median"
-    """'geometric_median' of a buffer sample (paper), 'mean', or 'zeros'."""
+    init_b_dec: str = "auto"
+    """'geometric_median' of a buffer sample (2023 paper), 'mean', 'zeros', or 'auto': zeros for april (the
+    update starts both biases at 0), the geometric median for the others."""
     topk_kernels: str = "auto"
     """topk/batchtopk: 'sparse' (touch only the selected entries), 'dense', or 'auto' (sparse on CPU, dense on CUDA)."""
 
@@ -191,8 +192,8 @@ class SAEConfig:
             raise ConfigError(f"sae.k ({self.k}) must be <= sae.d_sae ({self.d_sae})")
         if self.l1_coeff < 0:
             raise ConfigError("sae.l1_coeff must be >= 0")
-        if self.init_b_dec not in ("geometric_median", "mean", "zeros"):
-            raise ConfigError("sae.init_b_dec must be geometric_median, mean or zeros")
+        if self.init_b_dec not in ("auto", "geometric_median", "mean", "zeros"):
+            raise ConfigError(f"sae.init_b_dec must be auto, geometric_median, mean or zeros, got {self.init_b_dec!r}")
         if self.topk_kernels not in ("auto", "sparse", "dense"):
             raise ConfigError(f"sae.topk_kernels must be auto, sparse or dense, got {self.topk_kernels!r}")
 

@@ -1,7 +1,8 @@
-"""What each command does, wired from the parts: the composition root behind `cli.py`.
+"""What `lm train`, `train` and `run` do, wired from the parts: the composition root behind `cli.py`
+(`eval` and `analyze` are report.py's).
 
-This is the one module of `sae_stream` that imports `lm` (to train or load the LM); the buffer, trainer,
-SAE and evaluation never do, so each can be swapped or tested alone.
+Our LM is reached only through lm_bridge.py; the buffer, trainer, SAE and evaluation never import `lm`, so each
+can be swapped or tested alone.
 
 Run directory of `train` / `run`:
     config.yaml  metrics.jsonl  checkpoints/  sae/ (SAELens format)  eval.json  density_histogram.png
@@ -17,7 +18,6 @@ import dataclasses
 import math
 import os
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,13 +26,15 @@ import torch
 
 from sae_stream.activations import ActivationStream, check_hook_names, hook_dim
 from sae_stream.buffer import ShuffleBuffer
-from sae_stream.checkpoint import CheckpointWriter, drop_newer, load_own_part, own_dir, rank_state, sha256_file
+from sae_stream.checkpoint import drop_newer, load_own_part, own_dir, rank_state
+from sae_stream.checkpoint_writer import CheckpointWriter
 from sae_stream.config import Config, ConfigError, load_config, save_config, to_dict
-from sae_stream.data import ContextBatches, TokenContexts, heldout_batches
+from sae_stream.data import ContextBatches, TokenContexts
 from sae_stream.distributed import Distributed, shard_size
-from sae_stream.evaluate import evaluate, load_feature_density, read_eval, write_eval
 from sae_stream.export import export_saelens, load_saelens
+from sae_stream.lm_bridge import load_lm, native_capture, train_lm, untrained_lm
 from sae_stream.process import resolve_device
+from sae_stream.report import SAE_DIR, analyze_run, check_lm_fits, current_eval, evaluate_run, sweep_dirs
 from sae_stream.rundir import (
     UserError,
     check_shared,
@@ -43,33 +45,11 @@ from sae_stream.rundir import (
     resume_command,
 )
 from sae_stream.sae import build_sae
-from sae_stream.step import resolve_kernels
 from sae_stream.sweep import SharedPool, common_resume_step, fit_together
 from sae_stream.tracking import NullTracker, Tracker
 from sae_stream.trainer import Trainer
 
-SAE_DIR, LM_DIR, DASHBOARD_DIR = "sae", "lm", "dashboard"
-
-
-def load_lm(path_or_name: str, device: torch.device) -> Any:
-    from lm.hooked import load_hooked  # the CLI's composition root is the one place that imports lm
-
-    return load_hooked(path_or_name, device=device)
-
-
-def native_capture(cfg: Config, device: torch.device) -> Any:
-    """lm.capture.GPTCapture when buffer.lm_native holds, the LM is an `lm train` run dir and the hook is a block
-    point it computes; else None (the stream then reads transformer-lens hooks)."""
-    path = Path(str(cfg.lm.path)).expanduser()
-    if not cfg.buffer.lm_native or not path.is_dir():
-        return None
-    from lm.capture import GPTCapture, supported
-    from lm.model import GPT
-
-    gpt = GPT.from_run_dir(path, device=device)
-    if not supported(gpt, [cfg.buffer.hook_name]):
-        return None
-    return GPTCapture(gpt, [cfg.buffer.hook_name], kernels=resolve_kernels(cfg.train.kernels, device))
+LM_DIR = "lm"
 
 
 def batch_dtype(ring: torch.dtype, trainers: list[Trainer]) -> torch.dtype:
@@ -78,10 +58,18 @@ def batch_dtype(ring: torch.dtype, trainers: list[Trainer]) -> torch.dtype:
     return ring if all(t.input_dtype(ring) == ring for t in trainers) else torch.float32
 
 
-def list_hooks(lm_path: str) -> list[str]:
-    from lm.hooked import hook_names
-
-    return hook_names(load_lm(lm_path, torch.device("cpu")))
+def check_sae_inputs(model: Any, cfg: Config) -> int:
+    """What the SAE side needs of the LM, checked before any work: the text fits it, the hook exists, `sae.d_in`
+    (if set, for every SAE of a sweep) is the hook's width. Returns that width."""
+    check_lm_fits(model, cfg)
+    hook = cfg.buffer.hook_name
+    check_hook_names(model, [hook])
+    d_in = hook_dim(model, hook, cfg.data.context_len)
+    for c in [cfg, *(m for _, m in cfg.sweep_members())]:
+        if c.sae.d_in is not None and c.sae.d_in != d_in:
+            raise UserError(f"sae.d_in={c.sae.d_in} does not match hook {hook!r} (width {d_in}): "
+                            f"set --sae.d_in={d_in} or leave it null")
+    return d_in
 
 
 # ---------------------------------------------------------------------------------------------- LM
@@ -104,8 +92,6 @@ def lm_train(config: str | None, overrides: list[str], out: str | None, resume: 
 
 
 def _train_lm(cfg: Config, out_dir: Path, resume: bool = False, started: Any = None) -> None:
-    from lm.train import train_lm  # the composition root is the one place that imports lm
-
     result = train_lm(cfg, out_dir, resume=resume, started=started)
     print(f"LM: held-out loss {result.get('heldout_loss', float('nan')):.4f} "
           f"(unigram baseline {result.get('unigram_loss', float('nan')):.4f}) -> {out_dir}")
@@ -279,14 +265,6 @@ def train(config: str | None, overrides: list[str], lm: str | None = None, out: 
     return staged.path
 
 
-def _untrained_lm(cfg: Config) -> Any:
-    """The GPT `lm train` would train, at its initialisation, as transformer-lens sees it (for input checks)."""
-    from lm.hooked import to_hooked
-    from lm.model import GPT
-
-    return to_hooked(GPT(cfg.lm))
-
-
 def _lm_outside(lm: str | None, out: str | None, overwrite: bool) -> None:
     """--overwrite replaces --out: an LM inside it would be gone before it is loaded."""
     if overwrite and lm and out and Path(lm).exists() and inside(lm, out):
@@ -298,7 +276,7 @@ def train_resume(run_dir: str | Path) -> Path:
     run_dir = require_run_dir(run_dir)
     parent = run_dir.resolve().parent
     try:
-        members = [d.resolve() for d in _sweep_dirs(parent)] if (parent / "config.yaml").is_file() else []
+        members = [d.resolve() for d in sweep_dirs(parent)] if (parent / "config.yaml").is_file() else []
     except (ConfigError, ValueError):
         members = []  # the directory above is no run of ours
     if run_dir.resolve() in members:
@@ -322,137 +300,9 @@ def _report_training(metrics: dict[str, Any], run_dir: Path) -> None:
     keys = ("mse", "fvu", "l0", "dead", "tokens_per_s")
     shown = ", ".join(f"{k} {metrics[k]:.4g}" for k in keys if isinstance(metrics.get(k), (int, float)))
     print(f"SAE trained: {shown} -> {run_dir / SAE_DIR}")
-    if (run_dir / "eval.json").is_file() and _current_eval(run_dir) is None:
+    if (run_dir / "eval.json").is_file() and current_eval(run_dir) is None:
         print(f"note: {run_dir / 'eval.json'} describes the SAE before this training: run `sae-stream eval "
               f"{run_dir}` (and `analyze`) again")
-
-
-def _sae_digest(run_dir: Path) -> str | None:
-    weights = run_dir / SAE_DIR / "sae_weights.safetensors"
-    return sha256_file(weights) if weights.is_file() else None
-
-
-def _current_eval(run_dir: Path) -> dict[str, Any] | None:
-    """eval.json if it describes the exported SAE (one from before the digest was kept: assumed to), else None."""
-    if not (run_dir / "eval.json").is_file():
-        return None
-    ev = read_eval(run_dir)
-    saved = ev.get("sae_weights_sha256")
-    return ev if saved is None or saved == _sae_digest(run_dir) else None
-
-
-# ---------------------------------------------------------------------------------------------- eval, analyze
-
-
-def _load_trained(run_dir: Path, overrides: list[str], model: Any = None) -> tuple[Config, Any, Any]:
-    cfg = load_config(run_dir / "config.yaml", overrides)
-    if not (run_dir / SAE_DIR / "cfg.json").is_file():
-        raise UserError(f"{run_dir} has no trained SAE in {SAE_DIR}/: run or resume `sae-stream train` first")
-    device = resolve_device(cfg.train.device)
-    model = model if model is not None else load_lm(cfg.lm.path, device)
-    check_lm_fits(model, cfg)
-    sae = load_saelens(run_dir / SAE_DIR, device=device)
-    return cfg, model, sae
-
-
-def check_sae_inputs(model: Any, cfg: Config) -> int:
-    """What the SAE side needs of the LM, checked before any work: the text fits it, the hook exists, `sae.d_in`
-    (if set, for every SAE of a sweep) is the hook's width. Returns that width."""
-    check_lm_fits(model, cfg)
-    hook = cfg.buffer.hook_name
-    check_hook_names(model, [hook])
-    d_in = hook_dim(model, hook, cfg.data.context_len)
-    for c in [cfg, *(m for _, m in cfg.sweep_members())]:
-        if c.sae.d_in is not None and c.sae.d_in != d_in:
-            raise UserError(f"sae.d_in={c.sae.d_in} does not match hook {hook!r} (width {d_in}): "
-                            f"set --sae.d_in={d_in} or leave it null")
-    return d_in
-
-
-def check_lm_fits(model: Any, cfg: Config) -> None:
-    """The text settings must suit the LM: contexts no longer than its position embeddings, token ids inside its
-    vocabulary (else a shape error or an index error deep in the forward)."""
-    from sae_stream.tokenizer import get_tokenizer
-
-    if cfg.data.context_len > model.cfg.n_ctx:
-        raise UserError(f"data.context_len ({cfg.data.context_len}) exceeds the LM's context of {model.cfg.n_ctx} "
-                        f"tokens: set --data.context_len={model.cfg.n_ctx} or less")
-    n_vocab = get_tokenizer(cfg.data.tokenizer).n_vocab
-    if n_vocab > model.cfg.d_vocab:
-        raise UserError(f"data.tokenizer {cfg.data.tokenizer!r} gives {n_vocab} token ids but the LM knows "
-                        f"{model.cfg.d_vocab}: use the tokenizer the LM was trained with (its config.yaml's "
-                        "data.tokenizer)")
-
-
-def _sweep_dirs(run_dir: Path) -> list[Path]:
-    """The per-SAE directories of a sweep run (empty for a single run)."""
-    return [run_dir / entry["name"] for entry in load_config(run_dir / "config.yaml").sweep.saes]
-
-
-def _each_member(run_dir: Path, overrides: list[str] | None, fn: Any) -> dict[str, Any]:
-    """fn(member_dir, loaded) for every SAE of a sweep, loading the LM once."""
-    out, model = {}, None
-    for member in _sweep_dirs(run_dir):
-        loaded = _load_trained(require_run_dir(member), overrides or [], model)
-        model = loaded[1]
-        out[member.name] = fn(member, loaded=loaded)
-    return out
-
-
-def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, loaded: tuple | None = None) -> dict:
-    """eval.json for a run (for each SAE of a sweep, in RUN_DIR/<name>/: then {name: result})."""
-    run_dir = require_run_dir(run_dir)
-    if loaded is None and _sweep_dirs(run_dir):
-        return _each_member(run_dir, overrides, evaluate_run)
-    cfg, model, sae = loaded or _load_trained(run_dir, overrides or [])
-    batches = heldout_batches(cfg.data, cfg.eval.batch_contexts, cfg.eval.tokens, what="eval.tokens")
-    result = evaluate(model, sae, cfg.buffer.hook_name, batches, cfg.eval, cfg.train,
-                      skip_first_position=cfg.buffer.skip_first_position)
-    result["sae_weights_sha256"] = _sae_digest(run_dir)  # which SAE this describes (a later train may replace it)
-    path = write_eval(run_dir, result, cfg.eval.histogram_bins)
-    _print_eval(result, path)
-    return result
-
-
-def _print_eval(r: dict[str, Any], path: Path) -> None:
-    def fmt(v: Any) -> str:
-        return f"{v:.4f}" if isinstance(v, float) else str(v)
-
-    ce, rec = r["ce_loss"], r["ce_loss_recovered"]
-    print(f"eval: {r['tokens']} tokens, L0 {fmt(r['l0'])}, FVU {fmt(r['fvu'])}, CE clean {fmt(ce['clean'])} / "
-          f"SAE {fmt(ce['sae'])} / zero-abl {fmt(ce['zero_ablation'])} / mean-abl {fmt(ce['mean_ablation'])}, "
-          f"loss recovered {fmt(rec['zero'])} (vs zero) {fmt(rec['mean'])} (vs mean), KL {fmt(r['kl_clean_sae'])}")
-    d = r.get("density", {})
-    ultralow = d.get("ultralow")
-    if ultralow is None and "thresholds" in d:  # too few tokens to see a density below the threshold
-        need = math.ceil(1 / d["thresholds"]["ultralow"])
-        ultralow = f"n/a (below {d['thresholds']['ultralow']:g} needs > {need:,} positions: raise eval.tokens)"
-    print(f"eval: dead {d.get('dead')}, ultra-low {ultralow}, dense {d.get('dense')} of {d.get('d_sae')} "
-          f"features -> {path}")
-
-
-def analyze_run(run_dir: str | Path, overrides: list[str] | None = None, loaded: tuple | None = None) -> Path:
-    from sae_stream.analysis.dashboard import build_dashboard
-    from sae_stream.tokenizer import get_tokenizer
-
-    run_dir = require_run_dir(run_dir)
-    if loaded is None and _sweep_dirs(run_dir):
-        return next(iter(_each_member(run_dir, overrides, analyze_run).values()), run_dir)
-    cfg, model, sae = loaded or _load_trained(run_dir, overrides or [])
-    ev = _current_eval(run_dir)
-    if ev is None and (run_dir / "eval.json").is_file():
-        warnings.warn(f"{run_dir / 'eval.json'} predates the SAE in {SAE_DIR}/ (trained further since): the "
-                      "dashboard uses its own scan's densities; `sae-stream eval` refreshes eval.json", stacklevel=2)
-    densities = load_feature_density(run_dir) if ev is not None else None
-    density_tokens = ev.get("activation_tokens") if ev is not None else None
-    batches = heldout_batches(cfg.data, cfg.eval.batch_contexts, cfg.analysis.tokens,
-                              what="analysis.tokens")
-    path = build_dashboard(model, sae, cfg.buffer.hook_name, batches, get_tokenizer(cfg.data.tokenizer), cfg.analysis,
-                           run_dir / DASHBOARD_DIR, densities, ultralow_threshold=cfg.train.ultralow_threshold,
-                           dead_threshold=cfg.train.dead_threshold, density_tokens=density_tokens,
-                           skip_first_position=cfg.buffer.skip_first_position)
-    print(f"dashboard: {path}")
-    return path
 
 
 # ---------------------------------------------------------------------------------------------- the main job
@@ -476,7 +326,7 @@ def run(config: str | None, overrides: list[str], lm: str | None = None, out: st
             raise UserError("under torchrun pass --lm PATH: train the LM first (`sae-stream lm train`, one process)")
         else:
             # the SAE side is checked on the untrained LM first: a bad hook must not wait for (or cost) a trained LM
-            check_sae_inputs(_untrained_lm(cfg), cfg)
+            check_sae_inputs(untrained_lm(cfg), cfg)
             save_config(cfg, run_dir / "config.yaml")  # a run directory from here on (--overwrite can replace it)
             lm_dir = run_dir / LM_DIR
             _train_lm(cfg, lm_dir, started=staged.commit)

@@ -93,7 +93,8 @@ class SAE(nn.Module):
 
     @torch.no_grad()
     def init_from_sample_(self, x_ND: Tensor) -> None:
-        """Set b_dec (cfg.init_b_dec: geometric median / mean / zeros) and april's input scale from a sample."""
+        """Set b_dec (cfg.init_b_dec: geometric median / mean / zeros; auto: zeros for april) and april's input scale
+        from a sample."""
         x_ND = x_ND.detach().to(self.b_dec_D.device, torch.float32)
         x_ND = x_ND[torch.isfinite(x_ND).all(dim=1)]
         if x_ND.shape[0] == 0:
@@ -101,9 +102,12 @@ class SAE(nn.Module):
         if self.scales_input:
             self.input_scale.fill_(math.sqrt(self.d_in) / x_ND.norm(dim=1).mean().clamp_min(1e-12).item())
             x_ND = x_ND * self.input_scale
-        if self.cfg.init_b_dec == "geometric_median":
+        init = self.cfg.init_b_dec
+        if init == "auto":
+            init = "zeros" if self.cfg.architecture == "april" else "geometric_median"
+        if init == "geometric_median":
             self.b_dec_D.copy_(geometric_median(x_ND))
-        elif self.cfg.init_b_dec == "mean":
+        elif init == "mean":
             self.b_dec_D.copy_(x_ND.mean(0))
         else:
             self.b_dec_D.zero_()
@@ -174,7 +178,7 @@ class AnthropicSAE(SAE):
 
 class AprilSAE(SAE):
     """April-2024 update: f = ReLU(W_e x + b_e) (no b_d subtraction); loss = MSE + λ·Σ_f f_f·‖W_d,f‖; no norm
-    constraint; inputs scaled so E‖x‖ = √d_in; W_e starts as W_dᵀ, b_e = 0 (λ warm-up and the lr tail live in
+    constraint; inputs scaled so E‖x‖ = √d_in; W_e starts as W_dᵀ, b_e = b_d = 0 (λ warm-up and the lr tail live in
     TrainConfig)."""
 
     unit_norm_decoder = False

@@ -11,7 +11,7 @@ gradients are averaged right after backward (`grad_sync`), firing state, metrics
 identical across ranks at log / resample / checkpoint steps (never per step); rank 0 logs, and each rank writes
 its own part of every checkpoint (checkpoint.py).
 
-Checkpoints go through `writer` (checkpoint.CheckpointWriter): written before save() returns by default; with a
+Checkpoints go through `writer` (checkpoint_writer.CheckpointWriter): written before save() returns by default; with a
 background writer (what `sae-stream train` passes) training goes on while they are written, so `extra_state` must
 then return copies (ShuffleBuffer.state_dict does), and a stop or the end waits for the write.
 
@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from sae_stream.checkpoint import CheckpointWriter
+from sae_stream.checkpoint_writer import CheckpointWriter
 from sae_stream.config import Config, ConfigError
 from sae_stream.fused_ops import FLOATS, firing_counts
 from sae_stream.metrics import RunningMetrics
@@ -184,12 +184,13 @@ class Trainer(TrainerState):
     def finish(self) -> None:
         """The final log record and checkpoint (unless this step already has them). Resumed at a step whose record
         is already logged (a finished run resumed), the final metrics are that record."""
-        t = self.cfg.train
-        if self.metrics.steps > 0:  # steps since the last record (restored with the metrics on a resume)
+        logged = self.metrics.steps > 0  # steps since the last record (restored with the metrics on a resume)
+        if logged:
             self._log(self._bar)
         elif not self.last_metrics and hasattr(self.tracker, "last_record"):
             self.last_metrics = self.tracker.last_record()
-        if self.step % t.checkpoint_every != 0:
+        # a checkpoint of this step written before the log (the stream ended early) would log it again on resume
+        if logged or self._saved_step != self.step:
             self.save()
         self.writer.wait()
 

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sae_stream.checkpoint import host_copy, load_own_part, newest_common_step, own_dir, rank_state
+from sae_stream.checkpoint import load_own_part, newest_common_step, own_dir, rank_state
+from sae_stream.checkpoint_writer import host_copy
 
 
 class TrainerState:
@@ -117,6 +118,7 @@ class TrainerState:
         self._load_internal_state(state["trainer"])
         self.step = int(state["step"])
         self.writer.written = self.step  # on disk in every part: the next checkpoint's pruning keeps it
+        self._saved_step = self.step  # (a finished run resumed need not write its last checkpoint again)
         torch.set_rng_state(state["rng"]["torch"])
         if state["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])

@@ -328,3 +328,18 @@ def test_session__native_lm_capture_streams_the_hooked_values(tiny_run: Path, tm
     hooked, acts_hooked = first_chunk(False)
     assert isinstance(native, GPTCapture) and isinstance(hooked, HookCapture)
     torch.testing.assert_close(acts_native, acts_hooked, rtol=1e-4, atol=1e-5)
+
+
+def test_sae_stream__reaches_lm_only_through_lm_bridge() -> None:
+    """The buffer, trainer, SAE and evaluation must work on any HookedTransformer: only lm_bridge.py may import lm."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1] / "sae_stream"
+    importers = set()
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+            if any(n == "lm" or n.startswith("lm.") for n in names):
+                importers.add(path.relative_to(root).as_posix())
+    assert importers == {"lm_bridge.py"}

@@ -363,11 +363,11 @@ def test_background_checkpoints__hold_the_step_they_were_taken_at(tmp_path: Path
     step's reductions need not repeat bit for bit; 2 more Adam steps are ~1e-4 away.)"""
     import threading
 
-    from sae_stream import checkpoint
+    from sae_stream import checkpoint, checkpoint_writer
 
-    reference = _trainer_with(tmp_path / "sync", checkpoint.CheckpointWriter())
+    reference = _trainer_with(tmp_path / "sync", checkpoint_writer.CheckpointWriter())
     reference.fit(_batches(device=device))
-    trainer = _trainer_with(tmp_path / "bg", checkpoint.CheckpointWriter(background=True))
+    trainer = _trainer_with(tmp_path / "bg", checkpoint_writer.CheckpointWriter(background=True))
     write, threads = checkpoint.save_checkpoint, set()
 
     def held_back(ckpt_dir: Path, step: int, state: dict, keep: int, protect: int | None) -> Path:
@@ -378,7 +378,7 @@ def test_background_checkpoints__hold_the_step_they_were_taken_at(tmp_path: Path
         threads.add(threading.current_thread().name)
         return write(ckpt_dir, step, state, keep, protect)
 
-    monkeypatch.setattr(checkpoint, "save_checkpoint", held_back)
+    monkeypatch.setattr(checkpoint_writer, "save_checkpoint", held_back)
     trainer.fit(_batches(device=device))
     assert _steps(tmp_path / "bg") == _steps(tmp_path / "sync") == [5, 10, 15, 20, 22]
     assert threads and all(name.startswith("sae-stream-checkpoint") for name in threads)
@@ -397,7 +397,7 @@ def test_background_checkpoints__a_failed_write_stops_training(tmp_path: Path,
     earlier checkpoint stays and no staging directory is left."""
     import errno
 
-    from sae_stream import checkpoint
+    from sae_stream import checkpoint, checkpoint_writer
 
     save = checkpoint.atomic_torch_save
 
@@ -409,7 +409,7 @@ def test_background_checkpoints__a_failed_write_stops_training(tmp_path: Path,
     monkeypatch.setattr(checkpoint, "atomic_torch_save", fails_at_10)
     for disk_full in (True, False):
         run = tmp_path / str(disk_full)
-        trainer = _trainer_with(run, checkpoint.CheckpointWriter(background=True))
+        trainer = _trainer_with(run, checkpoint_writer.CheckpointWriter(background=True))
         if disk_full:
             with pytest.raises(OSError, match="No space left") as info:
                 trainer.fit(_batches())
@@ -428,7 +428,7 @@ def test_checkpoint_writer__one_step_in_flight_written_in_order(tmp_path: Path,
     written (so a sweep's members and stream always share a step on disk)."""
     import threading
 
-    from sae_stream import checkpoint
+    from sae_stream import checkpoint_writer
 
     release, written = threading.Event(), []
 
@@ -437,8 +437,8 @@ def test_checkpoint_writer__one_step_in_flight_written_in_order(tmp_path: Path,
         written.append(Path(ckpt_dir).name)
         return Path(ckpt_dir)
 
-    monkeypatch.setattr(checkpoint, "save_checkpoint", slow)
-    writer = checkpoint.CheckpointWriter(background=True)
+    monkeypatch.setattr(checkpoint_writer, "save_checkpoint", slow)
+    writer = checkpoint_writer.CheckpointWriter(background=True)
     writer.save(tmp_path / "a", 1, {})
     writer.save(tmp_path / "b", 1, {})  # same step: queued, returns at once
     assert written == []
@@ -453,7 +453,7 @@ def test_background_checkpoints__a_stop_waits_for_its_checkpoint(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """SIGTERM with a background writer whose writes are slow: when TrainingInterrupted reaches the caller, the
     stop's checkpoint is on disk and valid."""
-    from sae_stream import checkpoint
+    from sae_stream import checkpoint, checkpoint_writer
 
     write = checkpoint.save_checkpoint
 
@@ -461,8 +461,8 @@ def test_background_checkpoints__a_stop_waits_for_its_checkpoint(tmp_path: Path,
         time.sleep(0.3)
         return write(ckpt_dir, step, state, keep, protect)
 
-    monkeypatch.setattr(checkpoint, "save_checkpoint", slow)
-    trainer = _trainer_with(tmp_path, checkpoint.CheckpointWriter(background=True))
+    monkeypatch.setattr(checkpoint_writer, "save_checkpoint", slow)
+    trainer = _trainer_with(tmp_path, checkpoint_writer.CheckpointWriter(background=True))
     with pytest.raises(TrainingInterrupted) as info:
         trainer.fit(_batches_raising(signal.SIGTERM, at=7))
     assert info.value.step == 8 and trainer.writer.pending == 0
@@ -474,10 +474,10 @@ def test_background_checkpoints__next_snapshot_waits_for_the_previous_write(tmp_
                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """A write still going when the next checkpoint is due is finished before the next snapshot is built (one
     step's snapshots in memory): the step-5 write is held until training reaches step 10."""
-    from sae_stream import checkpoint
+    from sae_stream import checkpoint, checkpoint_writer
 
     write, pending_at_snapshot = checkpoint.save_checkpoint, []
-    writer = checkpoint.CheckpointWriter(background=True)
+    writer = checkpoint_writer.CheckpointWriter(background=True)
 
     def held_back(ckpt_dir: Path, step: int, state: dict, keep: int, protect: int | None) -> Path:
         deadline = time.monotonic() + 60
@@ -490,7 +490,7 @@ def test_background_checkpoints__next_snapshot_waits_for_the_previous_write(tmp_
         pending_at_snapshot.append(writer.pending)
         return {}
 
-    monkeypatch.setattr(checkpoint, "save_checkpoint", held_back)
+    monkeypatch.setattr(checkpoint_writer, "save_checkpoint", held_back)
     trainer = _trainer_with(tmp_path, writer, total_steps=15)
     trainer.extra_state = extra_state
     trainer.fit(_batches())
@@ -506,7 +506,7 @@ def test_checkpoint_writer__interrupted_wait_keeps_pending_and_drain_reports(tmp
     import errno
     import threading
 
-    from sae_stream import checkpoint
+    from sae_stream import checkpoint_writer
 
     fail_a, release = threading.Event(), threading.Event()
 
@@ -517,8 +517,8 @@ def test_checkpoint_writer__interrupted_wait_keeps_pending_and_drain_reports(tmp
         assert release.wait(60)
         return Path(ckpt_dir)
 
-    monkeypatch.setattr(checkpoint, "save_checkpoint", first_fails_second_slow)
-    writer = checkpoint.CheckpointWriter(background=True)
+    monkeypatch.setattr(checkpoint_writer, "save_checkpoint", first_fails_second_slow)
+    writer = checkpoint_writer.CheckpointWriter(background=True)
     writer.save(tmp_path / "a", 1, {})
     writer.save(tmp_path / "b", 1, {})
     fail_a.set()
@@ -548,7 +548,7 @@ def test_checkpoint_writer__interrupted_wait_keeps_pending_and_drain_reports(tmp
 def test_host_copy__keeps_container_types_and_copies_every_tensor() -> None:
     from collections import OrderedDict, defaultdict
 
-    from sae_stream.checkpoint import host_copy
+    from sae_stream.checkpoint_writer import host_copy
 
     sd = torch.nn.Linear(3, 2).state_dict()
     tree = {"sd": sd, "dd": defaultdict(list, a=[torch.ones(2)]), "t": (torch.zeros(1), 3), "s": "x"}
@@ -569,8 +569,9 @@ def test_checkpoint_writer__a_crash_mid_step_always_leaves_a_common_step(tmp_pat
     after the first directory's write leaves the previous step in both. After a resume (the writer told the resumed
     step, as Trainer.resume does), a newer step a crash had left in one directory neither displaces the steps now
     written nor outlives the run passing it."""
-    from sae_stream import checkpoint
-    from sae_stream.checkpoint import CheckpointWriter, list_checkpoints, newest_common_step
+    from sae_stream import checkpoint, checkpoint_writer
+    from sae_stream.checkpoint import list_checkpoints, newest_common_step
+    from sae_stream.checkpoint_writer import CheckpointWriter
 
     write, crash_at = checkpoint.save_checkpoint, {}
 
@@ -579,7 +580,7 @@ def test_checkpoint_writer__a_crash_mid_step_always_leaves_a_common_step(tmp_pat
             raise OSError(f"killed before writing {ckpt_dir}")
         return write(ckpt_dir, step, state, keep, protect)
 
-    monkeypatch.setattr(checkpoint, "save_checkpoint", crashing)
+    monkeypatch.setattr(checkpoint_writer, "save_checkpoint", crashing)
     sae, stream = tmp_path / "sae", tmp_path / "stream"
 
     def checkpoint_at(writer: CheckpointWriter, step: int) -> None:
@@ -630,7 +631,8 @@ class _Group:
 def test_checkpoint_writer__agrees_on_the_step_to_keep_once_per_step(tmp_path: Path) -> None:
     """Data parallel: at each new step (not at each write of it) the writer offers its newest finished step and
     keeps the group's minimum, here a step another rank still needs (1) though this rank has written 2."""
-    from sae_stream.checkpoint import CheckpointWriter, list_checkpoints
+    from sae_stream.checkpoint import list_checkpoints
+    from sae_stream.checkpoint_writer import CheckpointWriter
 
     group = _Group(others=1)
     writer = CheckpointWriter(dist=group)

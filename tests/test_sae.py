@@ -67,6 +67,18 @@ def test_init_from_sample__april_scale_gives_sqrt_d_norm_and_b_dec_median():
     torch.testing.assert_close(anth.b_dec_D, geometric_median(x))
 
 
+def test_init_from_sample__auto_b_dec_is_zero_for_april_and_the_median_otherwise():
+    """init_b_dec=auto (the default): the April update starts b_d at 0; the 2023 recipe at the geometric median."""
+    torch.manual_seed(0)
+    x = torch.randn(512, 16) * 7 + 3
+    for arch in ("april", "anthropic", "topk"):
+        sae = build_sae(SAEConfig(architecture=arch, d_sae=32), d_in=16)
+        assert sae.cfg.init_b_dec == "auto"
+        sae.init_from_sample_(x)
+        want = torch.zeros(16) if arch == "april" else geometric_median(x)
+        torch.testing.assert_close(sae.b_dec_D, want)
+
+
 def test_geometric_median__is_robust_and_minimises_distance_sum():
     pts = torch.tensor([[0.0, 0.0], [1.0, 0.0], [2.0, 0.0], [3.0, 0.0], [100.0, 0.0]])
     torch.testing.assert_close(geometric_median(pts), torch.tensor([2.0, 0.0]), atol=1e-3, rtol=0)

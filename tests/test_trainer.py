@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 from collections.abc import Iterator
 
@@ -210,6 +211,33 @@ def test_trainer__resuming_a_finished_run_logs_nothing_new_and_returns_its_final
     tracker.close()
     assert (tmp_path / "metrics.jsonl").read_text() == before  # no empty record of zero steps appended
     assert again["mse"] == final["mse"] and again["l0"] == final["l0"] and again["step"] == steps
+
+
+def test_trainer__resuming_a_run_whose_stream_ended_at_a_checkpoint_step_logs_nothing_again(tmp_path):
+    """The stream ends at step 8, a checkpoint step (written before the final log) but not a log step: the final
+    record must reach the checkpoint too, or a resume would log step 8 a second time."""
+    import itertools
+
+    from sae_stream.tracking import Tracker
+
+    atoms = _atoms()
+    cfg = _cfg(steps=20, train__log_every=5, train__checkpoint_every=4)
+    tracker = Tracker(tmp_path)
+    with pytest.warns(UserWarning, match="stream ended at step 8"):
+        final = Trainer(build_sae(cfg.sae, D_IN), cfg, tmp_path, tracker).fit(
+            itertools.islice(sparse_batches(atoms), 8))
+    tracker.close()
+    before = (tmp_path / "metrics.jsonl").read_text()
+    assert [json.loads(line)["step"] for line in before.splitlines()] == [5, 8]
+    tracker = Tracker(tmp_path)
+    trainer = Trainer(build_sae(cfg.sae, D_IN), cfg, tmp_path, tracker)
+    trainer.resume(tmp_path)
+    tracker.drop_after(trainer.step)
+    with pytest.warns(UserWarning, match="stream ended at step 8"):
+        again = trainer.fit(iter([]))
+    tracker.close()
+    assert (tmp_path / "metrics.jsonl").read_text() == before
+    assert again["mse"] == final["mse"] and again["step"] == 8
 
 
 def test_trainer__ultralow_count_only_where_the_density_window_resolves_its_threshold():

@@ -1,0 +1,135 @@
+"""`eval` and `analyze` of a trained run directory (one SAE, or each SAE of a sweep), and what they need.
+
+Run directory: see pipeline.py. `eval` writes eval.json (with the sha256 of the SAE it describes), the density
+histogram and feature_density.safetensors; `analyze` writes dashboard/ and reuses eval.json's densities only while
+they still describe the exported SAE.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+from sae_stream.checkpoint import sha256_file
+from sae_stream.config import Config, load_config
+from sae_stream.data import heldout_batches
+from sae_stream.evaluate import evaluate, load_feature_density, read_eval, write_eval
+from sae_stream.export import load_saelens
+from sae_stream.lm_bridge import load_lm
+from sae_stream.process import resolve_device
+from sae_stream.rundir import UserError, require_run_dir
+
+SAE_DIR, DASHBOARD_DIR = "sae", "dashboard"
+
+
+def sae_digest(run_dir: Path) -> str | None:
+    weights = run_dir / SAE_DIR / "sae_weights.safetensors"
+    return sha256_file(weights) if weights.is_file() else None
+
+
+def current_eval(run_dir: Path) -> dict[str, Any] | None:
+    """eval.json if it describes the exported SAE (one from before the digest was kept: assumed to), else None."""
+    if not (run_dir / "eval.json").is_file():
+        return None
+    ev = read_eval(run_dir)
+    saved = ev.get("sae_weights_sha256")
+    return ev if saved is None or saved == sae_digest(run_dir) else None
+
+
+def load_trained(run_dir: Path, overrides: list[str], model: Any = None) -> tuple[Config, Any, Any]:
+    cfg = load_config(run_dir / "config.yaml", overrides)
+    if not (run_dir / SAE_DIR / "cfg.json").is_file():
+        raise UserError(f"{run_dir} has no trained SAE in {SAE_DIR}/: run or resume `sae-stream train` first")
+    device = resolve_device(cfg.train.device)
+    model = model if model is not None else load_lm(cfg.lm.path, device)
+    check_lm_fits(model, cfg)
+    sae = load_saelens(run_dir / SAE_DIR, device=device)
+    return cfg, model, sae
+
+
+def check_lm_fits(model: Any, cfg: Config) -> None:
+    """The text settings must suit the LM: contexts no longer than its position embeddings, token ids inside its
+    vocabulary (else a shape error or an index error deep in the forward)."""
+    from sae_stream.tokenizer import get_tokenizer
+
+    if cfg.data.context_len > model.cfg.n_ctx:
+        raise UserError(f"data.context_len ({cfg.data.context_len}) exceeds the LM's context of {model.cfg.n_ctx} "
+                        f"tokens: set --data.context_len={model.cfg.n_ctx} or less")
+    n_vocab = get_tokenizer(cfg.data.tokenizer).n_vocab
+    if n_vocab > model.cfg.d_vocab:
+        raise UserError(f"data.tokenizer {cfg.data.tokenizer!r} gives {n_vocab} token ids but the LM knows "
+                        f"{model.cfg.d_vocab}: use the tokenizer the LM was trained with (its config.yaml's "
+                        "data.tokenizer)")
+
+
+def sweep_dirs(run_dir: Path) -> list[Path]:
+    """The per-SAE directories of a sweep run (empty for a single run)."""
+    return [run_dir / entry["name"] for entry in load_config(run_dir / "config.yaml").sweep.saes]
+
+
+def _each_member(run_dir: Path, overrides: list[str] | None, fn: Any) -> dict[str, Any]:
+    """fn(member_dir, loaded) for every SAE of a sweep, loading the LM once."""
+    out, model = {}, None
+    for member in sweep_dirs(run_dir):
+        loaded = load_trained(require_run_dir(member), overrides or [], model)
+        model = loaded[1]
+        out[member.name] = fn(member, loaded=loaded)
+    return out
+
+
+def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, loaded: tuple | None = None) -> dict:
+    """eval.json for a run (for each SAE of a sweep, in RUN_DIR/<name>/: then {name: result})."""
+    run_dir = require_run_dir(run_dir)
+    if loaded is None and sweep_dirs(run_dir):
+        return _each_member(run_dir, overrides, evaluate_run)
+    cfg, model, sae = loaded or load_trained(run_dir, overrides or [])
+    batches = heldout_batches(cfg.data, cfg.eval.batch_contexts, cfg.eval.tokens, what="eval.tokens")
+    result = evaluate(model, sae, cfg.buffer.hook_name, batches, cfg.eval, cfg.train,
+                      skip_first_position=cfg.buffer.skip_first_position)
+    result["sae_weights_sha256"] = sae_digest(run_dir)  # which SAE this describes (a later train may replace it)
+    path = write_eval(run_dir, result, cfg.eval.histogram_bins)
+    _print_eval(result, path)
+    return result
+
+
+def _print_eval(r: dict[str, Any], path: Path) -> None:
+    def fmt(v: Any) -> str:
+        return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    ce, rec = r["ce_loss"], r["ce_loss_recovered"]
+    print(f"eval: {r['tokens']} tokens, L0 {fmt(r['l0'])}, FVU {fmt(r['fvu'])}, CE clean {fmt(ce['clean'])} / "
+          f"SAE {fmt(ce['sae'])} / zero-abl {fmt(ce['zero_ablation'])} / mean-abl {fmt(ce['mean_ablation'])}, "
+          f"loss recovered {fmt(rec['zero'])} (vs zero) {fmt(rec['mean'])} (vs mean), KL {fmt(r['kl_clean_sae'])}")
+    d = r.get("density", {})
+    ultralow = d.get("ultralow")
+    if ultralow is None and "thresholds" in d:  # too few tokens to see a density below the threshold
+        need = math.ceil(1 / d["thresholds"]["ultralow"])
+        ultralow = f"n/a (below {d['thresholds']['ultralow']:g} needs > {need:,} positions: raise eval.tokens)"
+    print(f"eval: dead {d.get('dead')}, ultra-low {ultralow}, dense {d.get('dense')} of {d.get('d_sae')} "
+          f"features -> {path}")
+
+
+def analyze_run(run_dir: str | Path, overrides: list[str] | None = None, loaded: tuple | None = None) -> Path:
+    from sae_stream.analysis.dashboard import build_dashboard
+    from sae_stream.tokenizer import get_tokenizer
+
+    run_dir = require_run_dir(run_dir)
+    if loaded is None and sweep_dirs(run_dir):
+        return next(iter(_each_member(run_dir, overrides, analyze_run).values()), run_dir)
+    cfg, model, sae = loaded or load_trained(run_dir, overrides or [])
+    ev = current_eval(run_dir)
+    if ev is None and (run_dir / "eval.json").is_file():
+        warnings.warn(f"{run_dir / 'eval.json'} predates the SAE in {SAE_DIR}/ (trained further since): the "
+                      "dashboard uses its own scan's densities; `sae-stream eval` refreshes eval.json", stacklevel=2)
+    densities = load_feature_density(run_dir) if ev is not None else None
+    density_tokens = ev.get("activation_tokens") if ev is not None else None
+    batches = heldout_batches(cfg.data, cfg.eval.batch_contexts, cfg.analysis.tokens,
+                              what="analysis.tokens")
+    path = build_dashboard(model, sae, cfg.buffer.hook_name, batches, get_tokenizer(cfg.data.tokenizer), cfg.analysis,
+                           run_dir / DASHBOARD_DIR, densities, ultralow_threshold=cfg.train.ultralow_threshold,
+                           dead_threshold=cfg.train.dead_threshold, density_tokens=density_tokens,
+                           skip_first_position=cfg.buffer.skip_first_position)
+    print(f"dashboard: {path}")
+    return path

@@ -1,0 +1,111 @@
+"""The side-by-side GPU benchmark keeps its contract on CPU (CI has no GPU; a lent GPU runs it once, unattended):
+every variant it declares is measured without error, every JSON line carries the fields issue 6 asks for, and the
+derived figures (loop/step ratio, A/1 projection, SAELens rows) follow from the measured ones."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FIELDS = {"date", "card", "torch", "variant", "d_sae", "batch", "tokens_per_s", "peak_gpu_gb", "peak_host_gb"}
+
+# stands in for peer-bench's bench_saelens.py: its 'training' line, echoing the size and --fast it was asked for
+FAKE_SAELENS = textwrap.dedent("""
+    import json, sys
+    a = sys.argv
+    assert a[a.index("--batch-tokens") + 1] == "256", "not the benchmark's batch"  # (an error row if not)
+    print("some log line")
+    print(json.dumps({"bench": "training", "d_sae": int(a[a.index("--d-sae") + 1]), "fast": "--fast" in a,
+                      "end_to_end_tokens_per_s_median": 1234.4,
+                      "peak_rss_mib": 100, "training_tokens": int(a[a.index("--train-tokens") + 1])}))
+""")
+
+
+@pytest.fixture(scope="module")
+def gpu_compare_cpu(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], list[dict]]:
+    tmp = tmp_path_factory.mktemp("gpu_compare")
+    (tmp / "bench_saelens.py").write_text(FAKE_SAELENS)
+    out = tmp / "gpu.jsonl"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_compare.py"), "--device", "cpu", "--d-sae", "256,512",
+           "--batch", "256", "--context-len", "32", "--lm-tokens", "2048", "--seconds", "0.05", "--disk-tokens",
+           "4096", "--capacity", "16384", "--saelens", str(tmp / "bench_saelens.py"), "--saelens-tokens",
+           "2000000", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    printed = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    return printed, written
+
+
+def _declared() -> tuple[dict, tuple, str]:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_compare
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return gpu_compare.STEP_VARIANTS, gpu_compare.LARGE_STEP_VARIANTS, gpu_compare.BEST
+
+
+def test_gpu_compare__every_variant_measured_with_the_issue_fields(gpu_compare_cpu) -> None:
+    printed, written = gpu_compare_cpu
+    assert printed == written  # --out gets exactly the lines printed
+    errors = [(r["variant"], r["error"]) for r in printed if "error" in r]
+    assert not errors
+    for r in printed:
+        assert FIELDS <= r.keys(), r["variant"]
+        assert r["card"] == "cpu" and r["batch"] == 256
+    steps, large, _ = _declared()
+    got = {(r["variant"], r["d_sae"]) for r in printed}
+    want = {(v, 256) for v in steps} | {(v, 512) for v in large}
+    want |= {(f"lm_{kind}_ctx{ctx}", None) for kind in ("native", "tl") for ctx in (32, 128)}
+    want |= {(f"loop_cpu_ctx32{s}", 256) for s in ("", "_fp32_ring_torch_ops", "_tl")}
+    want |= {("loop_cpu_ctx128", 256), ("loop_cpu_ctx32", 512), ("disk_write", None), ("disk_read_train", 256),
+             ("projection_paper_a1", 256), ("saelens_trainer_fast", 256), ("saelens_trainer", 512)}
+    assert got == want
+    assert all(r["tokens_per_s"] > 0 for r in printed if r["variant"] != "projection_paper_a1")
+
+
+def test_gpu_compare__ratios_and_projection_follow_from_the_measured_rates(gpu_compare_cpu) -> None:
+    from sae_stream.config import load_config
+
+    rows = {(r["variant"], r["d_sae"]): r for r in gpu_compare_cpu[0]}
+    _, _, best = _declared()
+    for d_sae in (256, 512):
+        loop, step = rows[("loop_cpu_ctx32", d_sae)], rows[(best, d_sae)]
+        assert loop["ratio_to_step"] == pytest.approx(loop["tokens_per_s"] / step["tokens_per_s"], abs=2e-3)
+    tokens = load_config(ROOT / "configs" / "paper_a1.yaml").train.total_tokens
+    minutes = tokens / rows[("loop_cpu_ctx32", 256)]["tokens_per_s"] / 60
+    assert rows[("projection_paper_a1", 256)]["minutes"] == pytest.approx(minutes, rel=1e-3, abs=0.06)
+
+
+def test_gpu_compare__saelens_rows_carry_its_script_figures_and_request(gpu_compare_cpu) -> None:
+    """The SAELens script is asked for the same size and batch, --fast at the first size only, and the training
+    tokens halved at each larger size; its rate and host peak are reported as it measured them."""
+    rows = {r["variant"]: r for r in gpu_compare_cpu[0] if r["variant"].startswith("saelens")}
+    fast, plain = rows["saelens_trainer_fast"], rows["saelens_trainer"]
+    assert (fast["d_sae"], plain["d_sae"]) == (256, 512)
+    assert fast["tokens_per_s"] == plain["tokens_per_s"] == 1234
+    assert (fast["training_tokens"], plain["training_tokens"]) == (2_000_000, 1_000_000)
+    assert fast["peak_host_gb"] == pytest.approx(100 * 2**20 / 1e9, abs=1e-3) and fast["peak_gpu_gb"] is None
+
+
+def test_profile_step__profiles_the_step_and_the_loop_at_the_rate_it_reports(tmp_path: Path) -> None:
+    """gpu_session.sh's kernel tables (profile_step.py reuses gpu_compare's helpers): both runs profiled, each
+    header's tokens/s the batch over its wall time per step."""
+    import re
+
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "profile_step.py"), "--device", "cpu", "--d-sae", "256",
+           "--batch", "256", "--context-len", "32", "--lm-tokens", "2048", "--capacity", "16384", "--steps", "10",
+           "--profiled", "3", "--rows", "5"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    heads = re.findall(r"^== (step|loop) .*?: wall (\d+) us/step \(([\d.]+)M tokens/s\)", proc.stdout, re.M)
+    assert [h[0] for h in heads] == ["step", "loop"]
+    for _, wall_us, rate_m in heads:
+        assert float(rate_m) == pytest.approx(256 / (int(wall_us) * 1e-6) / 1e6, abs=0.006)
