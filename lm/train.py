@@ -7,7 +7,8 @@ embedding included (nanoGPT's block_size + 1).
     python -m lm.train --out runs/lm [--config configs/default.yaml] [--resume] [--lm_train.tokens=500000 ...]
 
 Writes to the output dir: config.yaml, metrics.jsonl, checkpoints/step_*/ (model, optimizer, step, RNG, data
-position), and at the end model.safetensors and lm_result.json (final held-out loss against a unigram baseline).
+position), and at the end model.safetensors, lm_result.json (final held-out loss against a unigram baseline) and
+training_curves.png.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 from lm.model import GPT
+from sae_stream.analysis.curves import LM_PANELS, plot_training_curves, read_records
 from sae_stream.checkpoint import (
     atomic_write_json,
     atomic_write_text,
@@ -237,6 +239,8 @@ def train_lm(cfg: Config, out_dir: str | Path, resume: bool = False, tracker: An
     finally:
         if own_tracker:
             tracker.close()
+    plot_training_curves(read_records(out_dir / "metrics.jsonl"), out_dir / "training_curves.png", LM_PANELS,
+                         x_key="step", title=f"LM training: {cfg.lm.n_layers} layer(s), d_model {cfg.lm.d_model}")
     return result
 
 

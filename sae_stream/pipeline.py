@@ -5,8 +5,8 @@ Our LM is reached only through lm_bridge.py; the buffer, trainer, SAE and evalua
 can be swapped or tested alone.
 
 Run directory of `train` / `run`:
-    config.yaml  metrics.jsonl  checkpoints/  sae/ (SAELens format)  eval.json  density_histogram.png
-    feature_density.safetensors  dashboard/index.html  [lm/ when `run` trained the LM]
+    config.yaml  metrics.jsonl  training_curves.png  checkpoints/  sae/ (SAELens format)  eval.json
+    density_histogram.png  feature_density.safetensors  dashboard/index.html  [lm/ when `run` trained the LM]
 A sweep (`sweep.saes`, sweep.py) keeps the shared config.yaml and the stream's checkpoints/ at the top and one
 such directory per SAE, `RUN_DIR/<name>/`. Under torchrun (distributed.py) every rank streams its own shard and
 trains its share of each batch; rank 0 alone logs and evaluates; each rank checkpoints its own part (checkpoint.py).
@@ -34,7 +34,16 @@ from sae_stream.distributed import Distributed, shard_size
 from sae_stream.export import export_saelens, load_saelens
 from sae_stream.lm_bridge import load_lm, native_capture, train_lm, untrained_lm
 from sae_stream.process import resolve_device
-from sae_stream.report import SAE_DIR, analyze_run, check_lm_fits, current_eval, evaluate_run, sweep_dirs
+from sae_stream.report import (
+    SAE_DIR,
+    analyze_run,
+    check_lm_fits,
+    current_eval,
+    evaluate_run,
+    plot_sae_curves,
+    summarize_sweep,
+    sweep_dirs,
+)
 from sae_stream.rundir import (
     UserError,
     check_shared,
@@ -234,6 +243,7 @@ class Session:
                                           # the positions trained on (SAELens's slice of each context)
                                           "seqpos_slice": [1, None] if self.cfg.buffer.skip_first_position
                                           else [None]})
+                plot_sae_curves(m.run_dir, m.cfg)
         return metrics
 
     def close(self) -> None:
@@ -339,12 +349,16 @@ def run(config: str | None, overrides: list[str], lm: str | None = None, out: st
         _train_session(session)
     if not session.is_main:
         return run_dir  # evaluation and the dashboard run on rank 0 alone
-    model, device, members = session.model, session.device, [(m.cfg, m.run_dir) for m in session.members]
+    model, device, sweep = session.model, session.device, session.sweep
+    members = [(m.name, m.cfg, m.run_dir) for m in session.members]
     del session
-    for member_cfg, member_dir in members:
+    results = {}
+    for name, member_cfg, member_dir in members:
         loaded = (member_cfg, model, load_saelens(member_dir / SAE_DIR, device=device))
-        evaluate_run(member_dir, loaded=loaded)
+        results[name] = evaluate_run(member_dir, loaded=loaded)
         if analyze:
             analyze_run(member_dir, loaded=loaded)
+    if sweep:
+        summarize_sweep(run_dir, results)
     print(f"done in {time.perf_counter() - t0:.0f}s: run directory {run_dir.resolve()}")
     return run_dir

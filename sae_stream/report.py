@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from sae_stream.checkpoint import sha256_file
+from sae_stream.checkpoint import atomic_write_json, sha256_file
 from sae_stream.config import Config, load_config
 from sae_stream.data import heldout_batches
 from sae_stream.evaluate import evaluate, load_feature_density, read_eval, write_eval
@@ -21,7 +21,15 @@ from sae_stream.lm_bridge import load_lm
 from sae_stream.process import resolve_device
 from sae_stream.rundir import UserError, require_run_dir
 
-SAE_DIR, DASHBOARD_DIR = "sae", "dashboard"
+SAE_DIR, DASHBOARD_DIR, CURVES_PNG = "sae", "dashboard", "training_curves.png"
+
+
+def plot_sae_curves(run_dir: Path, cfg: Config) -> Path | None:
+    """training_curves.png from the run's metrics.jsonl (None if it has no records)."""
+    from sae_stream.analysis.curves import plot_training_curves, read_records
+
+    title = f"SAE training: {cfg.sae.architecture}, d_sae {cfg.sae.d_sae}, {cfg.buffer.hook_name}"
+    return plot_training_curves(read_records(run_dir / "metrics.jsonl"), run_dir / CURVES_PNG, title=title)
 
 
 def sae_digest(run_dir: Path) -> str | None:
@@ -80,10 +88,12 @@ def _each_member(run_dir: Path, overrides: list[str] | None, fn: Any) -> dict[st
 
 
 def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, loaded: tuple | None = None) -> dict:
-    """eval.json for a run (for each SAE of a sweep, in RUN_DIR/<name>/: then {name: result})."""
+    """eval.json for a run (for each SAE of a sweep, in RUN_DIR/<name>/, then the sweep's summary: {name: result})."""
     run_dir = require_run_dir(run_dir)
     if loaded is None and sweep_dirs(run_dir):
-        return _each_member(run_dir, overrides, evaluate_run)
+        results = _each_member(run_dir, overrides, evaluate_run)
+        summarize_sweep(run_dir, results)
+        return results
     cfg, model, sae = loaded or load_trained(run_dir, overrides or [])
     batches = heldout_batches(cfg.data, cfg.eval.batch_contexts, cfg.eval.tokens, what="eval.tokens")
     result = evaluate(model, sae, cfg.buffer.hook_name, batches, cfg.eval, cfg.train,
@@ -95,13 +105,10 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, loaded
 
 
 def _print_eval(r: dict[str, Any], path: Path) -> None:
-    def fmt(v: Any) -> str:
-        return f"{v:.4f}" if isinstance(v, float) else str(v)
-
     ce, rec = r["ce_loss"], r["ce_loss_recovered"]
-    print(f"eval: {r['tokens']} tokens, L0 {fmt(r['l0'])}, FVU {fmt(r['fvu'])}, CE clean {fmt(ce['clean'])} / "
-          f"SAE {fmt(ce['sae'])} / zero-abl {fmt(ce['zero_ablation'])} / mean-abl {fmt(ce['mean_ablation'])}, "
-          f"loss recovered {fmt(rec['zero'])} (vs zero) {fmt(rec['mean'])} (vs mean), KL {fmt(r['kl_clean_sae'])}")
+    print(f"eval: {r['tokens']} tokens, L0 {_fmt(r['l0'])}, FVU {_fmt(r['fvu'])}, CE clean {_fmt(ce['clean'])} / "
+          f"SAE {_fmt(ce['sae'])} / zero-abl {_fmt(ce['zero_ablation'])} / mean-abl {_fmt(ce['mean_ablation'])}, "
+          f"loss recovered {_fmt(rec['zero'])} (vs zero) {_fmt(rec['mean'])} (vs mean), KL {_fmt(r['kl_clean_sae'])}")
     d = r.get("density", {})
     ultralow = d.get("ultralow")
     if ultralow is None and "thresholds" in d:  # too few tokens to see a density below the threshold
@@ -131,5 +138,43 @@ def analyze_run(run_dir: str | Path, overrides: list[str] | None = None, loaded:
                            run_dir / DASHBOARD_DIR, densities, ultralow_threshold=cfg.train.ultralow_threshold,
                            dead_threshold=cfg.train.dead_threshold, density_tokens=density_tokens,
                            skip_first_position=cfg.buffer.skip_first_position)
-    print(f"dashboard: {path}")
+    curves = plot_sae_curves(run_dir, cfg)  # (also for runs trained before the curves were drawn)
+    print(f"dashboard: {path}" + (f"; training curves: {curves}" if curves else ""))
     return path
+
+
+SWEEP_JSON, SWEEP_PNG = "sweep_summary.json", "sweep_frontier.png"
+
+
+def summarize_sweep(run_dir: Path, results: dict[str, dict[str, Any]]) -> Path:
+    """One row per SAE of a sweep (its settings and eval figures) -> sweep_summary.json, sweep_frontier.png (FVU
+    and the CE loss gap against L0) and a table on stdout; returns the JSON's path."""
+    from sae_stream.analysis.plots import plot_sweep_frontier
+
+    rows = []
+    for name, r in results.items():
+        cfg = load_config(run_dir / name / "config.yaml")
+        rec = r["ce_loss_recovered"]
+        rows.append({"name": name, "architecture": cfg.sae.architecture, "d_sae": cfg.sae.d_sae,
+                     "l1_coeff": cfg.sae.l1_coeff, "k": cfg.sae.k, "lr": cfg.train.lr, "l0": r["l0"],
+                     "fvu": r["fvu"], "ce_loss_recovered_zero": rec["zero"], "ce_loss_recovered_mean": rec["mean"],
+                     "ce_gap_zero": _gap(rec["zero"]), "ce_gap_mean": _gap(rec["mean"]),
+                     "kl": r["kl_clean_sae"], "dead": r["density"]["dead"], "dense": r["density"]["dense"]})
+    path = run_dir / SWEEP_JSON
+    atomic_write_json(path, rows)
+    png = plot_sweep_frontier(rows, run_dir / SWEEP_PNG, title=f"sweep {run_dir.name}: {len(rows)} SAEs")
+    print("sweep: name | d_sae | l1_coeff / k | L0 | FVU | recovered vs zero / mean | dead")
+    for r in rows:
+        sparsity = r["k"] if r["architecture"] in ("topk", "batchtopk") else r["l1_coeff"]
+        print(f"sweep: {r['name']} | {r['d_sae']} | {sparsity:g} | {_fmt(r['l0'], 2)} | {_fmt(r['fvu'])} | "
+              f"{_fmt(r['ce_loss_recovered_zero'])} / {_fmt(r['ce_loss_recovered_mean'])} | {r['dead']}")
+    print(f"sweep: -> {path}, {png}")
+    return path
+
+
+def _gap(recovered: float | None) -> float | None:
+    return None if recovered is None else 1.0 - recovered
+
+
+def _fmt(v: Any, digits: int = 4) -> str:
+    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)

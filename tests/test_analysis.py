@@ -302,3 +302,41 @@ def test_streaming_topk__cuda_matches_cpu():
         cpu.update(values_NF[ids], ids)
         gpu.update(values_NF[ids].cuda(), ids.cuda())
     assert torch.equal(gpu.result().ids_FK.cpu(), cpu.result().ids_FK)
+
+
+def test_curve_panels__series_follow_the_records_and_mark_each_resampling() -> None:
+    from sae_stream.analysis.curves import LM_PANELS, SAE_PANELS, curve_panels
+
+    records = [
+        {"step": 10, "tokens": 100, "fvu": 0.5, "l0": 30.0, "loss": 1.0, "mse": 0.4, "dead": 0, "dense": 3,
+         "lr": 0.0, "l1_coeff": 1e-3, "resampled": 0},
+        {"step": 20, "tokens": 200, "fvu": 0.3, "l0": 20.0, "loss": 0.8, "mse": 0.3, "dead": 5, "dense": 2,
+         "lr": 1e-3, "l1_coeff": 1e-3, "resampled": 7},                       # resampled between 100 and 200
+        {"step": 25, "fvu": 0.1},                                             # no x: left out
+        {"step": 30, "tokens": 300, "fvu": None, "l0": 15.0, "loss": 0.7, "mse": 0.2, "dead": 1, "dense": 2,
+         "lr": 1e-3, "l1_coeff": 1e-3, "resampled": 7},                       # (fvu null: a gap, not a zero)
+        {"step": 40, "tokens": 400, "fvu": 0.2, "l0": 12.0, "loss": 0.6, "mse": 0.1, "dead": 0, "dense": 2,
+         "lr": 1e-3, "l1_coeff": 1e-3, "resampled": 9},
+    ]
+    curves = curve_panels(records, SAE_PANELS, "tokens")
+    panels = {p.title.split(" ")[0]: p for p in curves.panels}
+    assert set(panels) == {"reconstruction", "L0", "loss", "features", "schedule"}  # no tokens_per_s anywhere
+    assert panels["reconstruction"].series == {"fvu": ([100.0, 200.0, 400.0], [0.5, 0.3, 0.2])}
+    assert panels["features"].series["dead"] == ([100.0, 200.0, 300.0, 400.0], [0.0, 5.0, 1.0, 0.0])
+    assert panels["L0"].log and not panels["schedule"].log  # lr 0 at the first record: no log axis
+    assert curves.resampled_at == [200.0, 400.0]
+    lm = curve_panels([{"step": 0, "lm/heldout_loss": 10.8}, {"step": 5, "lm/loss": 9.0, "lm/lr": 1e-3}],
+                      LM_PANELS, "step")
+    assert lm.panels[0].series == {"lm/loss": ([5.0], [9.0]), "lm/heldout_loss": ([0.0], [10.8])}
+    assert curve_panels([{"step": 1}], SAE_PANELS, "tokens").panels == []
+
+
+def test_plot_training_curves__writes_a_png_only_when_there_is_data(tmp_path) -> None:
+    from sae_stream.analysis.curves import plot_training_curves, read_records
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "tokens": 10, "fvu": 0.5}\n{"step": 2, "tok')  # the last line torn by a kill
+    assert read_records(path) == [{"step": 1, "tokens": 10, "fvu": 0.5}]
+    out = plot_training_curves(read_records(path), tmp_path / "c.png")
+    assert out == tmp_path / "c.png" and out.read_bytes()[:4] == b"\x89PNG"
+    assert plot_training_curves([], tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()

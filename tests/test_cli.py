@@ -32,8 +32,10 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_run__writes_the_run_directory(tiny_run: Path) -> None:
     for name in ("config.yaml", "metrics.jsonl", "eval.json", "density_histogram.png", "sae/cfg.json",
                  "sae/sae_weights.safetensors", "sae/sparsity.safetensors", "dashboard/index.html",
-                 "lm/model.safetensors"):
+                 "lm/model.safetensors", "training_curves.png", "lm/training_curves.png"):
         assert (tiny_run / name).is_file(), name
+    for png in ("density_histogram.png", "training_curves.png", "lm/training_curves.png"):
+        assert (tiny_run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
     assert any((tiny_run / "checkpoints").iterdir())
     cfg = yaml.safe_load((tiny_run / "config.yaml").read_text())
     assert Path(cfg["lm"]["path"]).is_absolute()  # resumable from any working directory

@@ -115,9 +115,19 @@ def test_cli__sweep_run_dir_resume_and_eval(tiny_run: Path, tmp_path: Path, one_
             assert torch.equal(_weights(cut / name)[key], value), (name, key)
 
     assert main(["eval", str(ref)]) == 0
+    rows = {r["name"]: r for r in json.loads((ref / "sweep_summary.json").read_text())}
+    assert set(rows) == {"low", "high"}
     for name in ("low", "high"):
         ev = json.loads((ref / name / "eval.json").read_text())
         assert 0 < ev["fvu"] < 1
+        row = rows[name]  # the summary holds each member's own eval figures and settings
+        assert (row["l0"], row["fvu"], row["dead"]) == (ev["l0"], ev["fvu"], ev["density"]["dead"])
+        assert row["ce_gap_zero"] == pytest.approx(1 - ev["ce_loss_recovered"]["zero"])
+    assert (rows["low"]["l1_coeff"], rows["high"]["l1_coeff"], rows["high"]["lr"]) == (0.0001, 0.001, 0.002)
+    assert rows["low"]["l0"] > rows["high"]["l0"]  # 10x the L1 penalty: sparser
+    assert (ref / "sweep_frontier.png").read_bytes()[:4] == b"\x89PNG"
+    for name in ("low", "high"):
+        assert (ref / name / "training_curves.png").is_file()
     assert main(["eval", str(ref / "low")]) == 0  # a member directory is a run directory of its own
     capsys.readouterr()
     # ...but not a run of its own to resume: its SAE trains on the sweep's stream

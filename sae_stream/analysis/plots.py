@@ -1,4 +1,5 @@
-"""The feature-density histogram (log10 of the fraction of tokens each feature fires on).
+"""The feature-density histogram (log10 of the fraction of tokens each feature fires on), and a sweep's
+sparsity / fidelity frontier.
 
 In Anthropic's paper this histogram is bimodal: a high-density cluster of interpretable features and an
 ultra-low-density cluster (~1e-6 and below). Dead features (density 0, log10 = -inf) have no place on a log
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import torch
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter, ScalarFormatter
 from torch import Tensor
 
 from sae_stream.checkpoint import atomic_write_bytes
@@ -43,6 +45,38 @@ def plot_density_histogram(log10_density: Tensor, path: str | Path, ultralow_thr
     ax.set_ylabel("features")
     ax.set_title(title)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
+
+
+def plot_sweep_frontier(rows: list[dict], path: str | Path, title: str = "sweep") -> Path:
+    """The sparsity / fidelity frontier of a sweep's SAEs: FVU and 1 − CE loss recovered (vs zero- and
+    mean-ablation) against L0, one labelled point per SAE; written to the PNG `path` atomically."""
+    fig = Figure(figsize=(10, 4), dpi=110)
+    panels = (("fvu", "FVU (lower is better)"), ("ce_gap", "1 − CE loss recovered (lower is better)"))
+    for i, (key, label) in enumerate(panels):
+        ax = fig.add_subplot(1, 2, i + 1)
+        for r in rows:
+            ys = [(r["fvu"], None)] if key == "fvu" else [(r["ce_gap_zero"], "vs zero"), (r["ce_gap_mean"], "vs mean")]
+            for (y, kind), marker in zip(ys, ("o", "s")):
+                if y is None:
+                    continue
+                ax.scatter([r["l0"]], [y], marker=marker, color="#3b6fb6" if marker == "o" else "#e67e22",
+                           label=kind if r is rows[0] else None)
+                ax.annotate(r["name"], (r["l0"], y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel("L0 (features active per token)")
+        ax.set_ylabel(label, fontsize=8)
+        if all(r["l0"] > 0 for r in rows):
+            ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(ScalarFormatter())  # L0 as plain numbers, minor ticks unlabelled
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.margins(0.15)  # room for the labels of the outermost points
+        if key == "ce_gap":
+            ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
