@@ -31,7 +31,8 @@ class DataConfig:
     heldout_split: str | None = None
     """HF split used for held-out data; None holds out documents by hash from `split`."""
     shuffle_buffer: int = 1000
-    """Documents in the streaming shuffle buffer (HF streaming shuffle / local shuffle)."""
+    """Documents in the shuffle buffer of a streamed source (local files, HF dataset), read after its files in a
+    seeded order; a checkpoint holds the buffer's texts."""
     loop: bool = True
     """When the source is exhausted: True starts another epoch (reshuffled), False stops the stream."""
     seed: int = 0

@@ -30,6 +30,7 @@ import torch
 
 from sae_stream.config import DataConfig
 from sae_stream.corpus import embedded_corpus, heldout_key
+from sae_stream.records import ShuffledTexts
 from sae_stream.rundir import first_line
 from sae_stream.tokenizer import Tokenizer, get_tokenizer
 
@@ -55,35 +56,31 @@ class _EmbeddedSource:
         if len(self.docs_K) == 0:
             raise ValueError(f"no text in {self.where}: data.heldout_fraction={cfg.heldout_fraction} selects none")
 
-    def token_chunks(self, seed: int, skip_records: int = 0) -> Iterator[tuple[torch.Tensor, int]]:
-        """The epoch as one chunk (in memory: replaying it is cheap), and 0 records before it."""
+    def token_chunks(self, seed: int, start: Any = None) -> Iterator[tuple[torch.Tensor, Any]]:
+        """The epoch as one chunk (in memory: replaying it is cheap), with no reader state before it."""
         order_K = self.docs_K[torch.randperm(len(self.docs_K), generator=torch.Generator().manual_seed(seed))]
         starts, lens = self.starts_D[order_K].tolist(), self.corpus.doc_lens_D[order_K].tolist()
-        yield torch.cat([self.corpus.tokens_N[s:s + n] for s, n in zip(starts, lens)]).long(), 0
+        yield torch.cat([self.corpus.tokens_N[s:s + n] for s, n in zip(starts, lens)]).long(), None
 
 
 class _StreamSource:
-    """A `datasets.IterableDataset` of records: shuffled per epoch with a buffer, filtered, tokenized in batches."""
+    """A `datasets.IterableDataset` of records: shuffled per epoch (records.py), filtered, tokenized in batches."""
 
     def __init__(self, dataset: Any, text_field: str, keep: Callable[[str], bool] | None, tok: Tokenizer,
                  shuffle_buffer: int, where: str) -> None:
         self.dataset, self.text_field, self.keep, self.tok = dataset, text_field, keep, tok
         self.shuffle_buffer, self.where = shuffle_buffer, where
 
-    def token_chunks(self, seed: int, skip_records: int = 0) -> Iterator[tuple[torch.Tensor, int]]:
-        """Token chunks of the epoch's documents (`_ENCODE_DOCS` per tokenizer call), each with the number of
-        records read before its first one. `skip_records`: start after that many records of the shuffled order,
-        read but neither filtered nor tokenized (a resume replays to its position this way)."""
+    def token_chunks(self, seed: int, start: dict[str, Any] | None = None) -> Iterator[tuple[torch.Tensor, Any]]:
+        """Token chunks of the epoch's documents (`_ENCODE_DOCS` per tokenizer call), each with the reader's
+        snapshot before its first record. `start`: such a snapshot to go on from (a resume: records.py reads
+        again only the part of one shard before it, and tokenizes nothing before it)."""
+        texts = ShuffledTexts(self.dataset, self.text_field, seed, self.shuffle_buffer, self.where, start)
         batch: list[str] = []
         n_docs = n_other_split = 0
-        read = before = skip_records
-        for record in self._records(seed, skip_records):
-            read += 1
-            if self.text_field not in record:
-                raise ValueError(f"{self.where} has no column {self.text_field!r} (columns: "
-                                 f"{', '.join(record)}): set data.text_field")
-            text = record[self.text_field]
-            if not isinstance(text, str) or not text.strip():
+        before = texts.snapshot()
+        for text in texts:
+            if text is None or not text.strip():
                 continue
             if self.keep is not None and not self.keep(text):
                 n_other_split += 1
@@ -92,11 +89,11 @@ class _StreamSource:
             n_docs += 1
             if len(batch) == _ENCODE_DOCS:
                 yield self._encode(batch), before
-                batch, before = [], read
+                batch, before = [], texts.snapshot()
         if batch:
             yield self._encode(batch), before
-        if skip_records:
-            return  # a replay's rest of the epoch may be empty; the epoch itself had text
+        if start is not None:
+            return  # a resume's rest of the epoch may be empty; the epoch itself had text
         if n_docs == 0 and n_other_split:
             raise ValueError(f"no text in {self.where}: each of its {n_other_split} document(s) fell in the other "
                              "split (data.heldout_fraction picks documents by a hash of their text; a single .txt "
@@ -104,19 +101,6 @@ class _StreamSource:
                              "between them or a .jsonl record each, or change data.heldout_fraction")
         if n_docs == 0:
             raise ValueError(f"no text in {self.where}")
-
-    def _records(self, seed: int, skip: int = 0) -> Iterator[dict[str, Any]]:
-        """The shuffled records after the first `skip`; a reader's error (a malformed .jsonl line, a bad parquet
-        file) names the source."""
-        records = itertools.islice(self.dataset.shuffle(seed=seed, buffer_size=self.shuffle_buffer), skip, None)
-        while True:
-            try:
-                record = next(records)  # (the first call reads the `skip` records past)
-            except StopIteration:
-                return
-            except Exception as e:  # noqa: BLE001 - pyarrow / json / datasets errors come in many types
-                raise ValueError(f"cannot read {self.where}: {first_line(e)}") from e
-            yield record
 
     def _encode(self, texts: list[str]) -> torch.Tensor:
         ids = self.tok.encode_batch(texts)
@@ -236,12 +220,12 @@ def hub_unreachable_reason(timeout_s: float = 3.0,
 
 @dataclasses.dataclass
 class _Replay:
-    """Where to replay an epoch from to reach a position: after `records` records of the shuffled order, with
-    `index` contexts cut, `mine` of them this rank's, `carry` tokens left over and this rank's `pending` context of
-    an unfinished group. Taken at the start of each token chunk, so a resume tokenizes one chunk again, not the
-    epoch up to its position."""
+    """Where to replay an epoch from to reach a position: the record reader's `source` snapshot (records.py; None
+    for the embedded corpus or an epoch's start), with `index` contexts cut, `mine` of them this rank's, `carry`
+    tokens left over and this rank's `pending` context of an unfinished group. Taken at the start of each token
+    chunk, so a resume tokenizes one chunk again, not the epoch up to its position."""
 
-    records: int = 0
+    source: dict[str, Any] | None = None
     index: int = 0
     mine: int = 0
     carry: torch.Tensor = dataclasses.field(default_factory=lambda: torch.empty(0, dtype=torch.long))
@@ -294,8 +278,8 @@ class TokenContexts:
         start, self._resume_from = self._resume_from or _Replay(), None
         L, W, skip = self.cfg.context_len, self.world_size, self.yielded
         i, mine, carry, pending = start.index, start.mine, start.carry, start.pending
-        for chunk, records_before in self._source.token_chunks(seed, start.records):
-            self._replay = _Replay(records_before, i, mine, carry, None if pending is None else pending.clone())
+        for chunk, source_before in self._source.token_chunks(seed, start.source):
+            self._replay = _Replay(source_before, i, mine, carry, None if pending is None else pending.clone())
             tokens = torch.cat([carry, chunk]) if len(carry) else chunk
             n = len(tokens) // L
             for context_T in tokens[: n * L].view(n, L):
@@ -326,7 +310,7 @@ class TokenContexts:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Set the position; the next iteration replays the epoch up to it (from the start of the token chunk it is
-        in: the records before it are read again, not tokenized), so its first context is the next one."""
+        in, whose reader snapshot the state holds), so its first context is the next one."""
         for key, value in self._identity().items():
             if state.get(key) != value:
                 raise ValueError(f"data state was saved with {key}={state.get(key)!r} but this stream has "
@@ -335,6 +319,12 @@ class TokenContexts:
         if replay is None and self.split == "train" and self.cfg.seed != 0:
             raise ValueError("data state was saved by an sae-stream from before session 7, whose epoch shuffles for "
                              f"data.seed={self.cfg.seed} differ from this one's: resume with that version")
+        if replay is not None and "records" in replay:  # before the record reader of records.py
+            if not isinstance(self._source, _EmbeddedSource):
+                raise ValueError(f"data state was saved by an sae-stream from before session 8, whose record order "
+                                 f"for {self.cfg.source!r} differs from this one's: resume with that version, or "
+                                 "start a new run")
+            replay = {k: v for k, v in replay.items() if k != "records"}  # (always 0: the corpus is one chunk)
         self.epoch, self.yielded = int(state["epoch"]), int(state["contexts"])
         self._resume_from = _Replay(**replay) if replay is not None else None
         self._replay = self._resume_from or _Replay()  # what state_dict saves until iteration moves on

@@ -115,8 +115,11 @@ def test_token_contexts__epochs_reshuffle_and_loop_flag(txt_dir) -> None:
     two_epochs = take(looping, 2 * len(finite))
     assert len(two_epochs) == 2 * len(finite) and looping.epoch == 1
     assert all(torch.equal(x, y) for x, y in zip(finite, two_epochs))
-    assert sorted(documents_in(two_epochs[len(finite):])) == sorted(documents_in(finite))
-    assert documents_in(two_epochs[len(finite):]) != documents_in(finite)  # a new order, same documents
+    every = {p.read_text() for p in txt_dir.rglob("*.txt")}
+    for epoch in (finite, two_epochs[len(finite):]):  # each epoch: every document once, but the one cut at its end
+        docs = documents_in(epoch)
+        assert len(set(docs)) == len(docs) >= len(every) - 1 and set(docs) <= every
+    assert documents_in(two_epochs[len(finite):]) != documents_in(finite)  # a new order
     # another seed is another sequence of orders, not this one shifted by an epoch
     seed_1 = list(TokenContexts(byte_cfg(source=str(txt_dir), heldout_fraction=0.0, context_len=16, seed=1)))
     assert documents_in(seed_1) != documents_in(two_epochs[len(finite):])
@@ -148,13 +151,16 @@ def test_token_contexts__state_dict_replays_across_epochs(txt_dir) -> None:
     assert all(torch.equal(x, y) for x, y in zip(take(resumed, 63), reference[137:]))
 
 
-def test_token_contexts__resume_replays_one_chunk_not_the_epoch_and_is_exact(tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize("files", [1, 5])
+def test_token_contexts__resume_replays_one_chunk_not_the_epoch_and_is_exact(tmp_path, monkeypatch, files) -> None:
     import sae_stream.data as data
 
     monkeypatch.setattr(data, "_ENCODE_DOCS", 4)  # many chunks per epoch
     docs = [("" if i % 17 == 0 else f"doc {i}: " + "word " * (i % 13)) for i in range(240)]  # some empty records
-    path = tmp_path / "docs.jsonl"
-    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    for f in range(files):  # (several files: several shards, read in a seeded order)
+        part = docs[f * len(docs) // files:(f + 1) * len(docs) // files]
+        (tmp_path / f"docs{f}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in part))
+    path = tmp_path / ("docs0.jsonl" if files == 1 else "*.jsonl")
     cfg = byte_cfg(source=str(path), context_len=24, loop=True, seed=3, heldout_fraction=0.2)
     for rank in range(3):
         reference = take(TokenContexts(cfg, rank=rank, world_size=3), 400)  # > 2 epochs of this shard
@@ -174,6 +180,88 @@ def test_token_contexts__resume_replays_one_chunk_not_the_epoch_and_is_exact(tmp
             assert torch.equal(got, reference[at]), (rank, at)
             assert sum(encoded) <= 3 * 4  # a chunk or three, not every document up to the position
             assert all(torch.equal(x, y) for x, y in zip(take(resumed, 30), reference[at + 1:]))
+
+
+class CountingDataset:
+    """Wraps a streamed dataset (or a list of record lists, one per shard) and logs every record read from it,
+    the ones a skip passes over included."""
+
+    def __init__(self, inner, log: list | None = None) -> None:
+        self.inner, self.log = inner, ([] if log is None else log)
+        self.n_shards = len(inner) if isinstance(inner, list) else inner.n_shards
+
+    def shard(self, num_shards: int, index: int) -> CountingDataset:
+        assert num_shards == self.n_shards
+        part = [self.inner[index]] if isinstance(self.inner, list) else self.inner.shard(num_shards, index)
+        return CountingDataset(part, self.log)
+
+    def skip(self, n: int):
+        return itertools.islice(self, n, None)
+
+    def __iter__(self):
+        for record in itertools.chain.from_iterable(self.inner) if isinstance(self.inner, list) else self.inner:
+            self.log.append(record["text"])
+            yield record
+
+
+def test_token_contexts__resume_reads_only_the_shard_it_stopped_in(tmp_path, monkeypatch) -> None:
+    """8 files of 30 records: a resume late in the epoch reads part of one file again (and on into the next for
+    its chunk), never the files before it; its contexts are those of the uninterrupted stream."""
+    import sae_stream.data as data
+
+    monkeypatch.setattr(data, "_ENCODE_DOCS", 4)
+    for f in range(8):
+        (tmp_path / f"part{f}.jsonl").write_text("".join(json.dumps({"text": f"file {f} doc {i}: " + "w " * i}) + "\n"
+                                                         for i in range(30)))
+    cfg = byte_cfg(source=str(tmp_path / "*.jsonl"), context_len=32, seed=1, heldout_fraction=0.0)
+    reference = list(TokenContexts(cfg))
+    at = len(reference) * 6 // 7
+    first = TokenContexts(cfg)
+    take(first, at)
+    state = first.state_dict()
+    assert state["replay"]["source"]["shard_pos"] >= 5  # the position lies in one of the last files
+    resumed = TokenContexts(cfg)
+    resumed.load_state_dict(state)
+    resumed._source.dataset = CountingDataset(resumed._source.dataset)
+    assert all(torch.equal(x, y) for x, y in zip(take(resumed, 3), reference[at:]))
+    read = resumed._source.dataset.log
+    assert 0 < len(read) <= 2 * 30  # a replay from the start would read ~6 files (180 records)
+    assert len({r.split(" doc")[0] for r in read}) <= 2
+
+
+def test_shuffled_texts__an_epoch_is_a_permutation_resumable_between_any_two_texts() -> None:
+    from sae_stream.records import ShuffledTexts
+
+    shards = [[{"text": f"{s}-{i}"} for i in range(n)] for s, n in enumerate([7, 0, 12, 3, 9])]
+    every = sorted(r["text"] for shard in shards for r in shard)
+    for size in (1, 4, 31, 100):  # (larger than the whole epoch: one buffer fill, then a drain)
+        whole = list(ShuffledTexts(CountingDataset(shards), "text", seed=5, buffer_size=size, where="test"))
+        assert sorted(whole) == every and (whole != every or size == 1)
+        other = list(ShuffledTexts(CountingDataset(shards), "text", seed=6, buffer_size=size, where="test"))
+        assert other != whole
+        for at in range(len(whole) + 1):
+            texts = ShuffledTexts(CountingDataset(shards), "text", seed=5, buffer_size=size, where="test")
+            it = iter(texts)
+            assert list(itertools.islice(it, at)) == whole[:at]
+            state = texts.snapshot()
+            again = ShuffledTexts(CountingDataset(shards), "text", seed=5, buffer_size=size, where="test", state=state)
+            assert list(again) == whole[at:], (size, at)
+    with pytest.raises(ValueError, match="saved for 5 shard.*has 4 and data.shuffle_buffer=4: resume with the same"):
+        ShuffledTexts(CountingDataset(shards[:4]), "text", 5, 4, "test", state=state)
+
+
+def test_token_contexts__stream_state_from_the_old_reader_refused(tmp_path) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"text": f"doc {i} " * 9}) + "\n" for i in range(50)))
+    cfg = byte_cfg(source=str(path), context_len=16, loop=True)
+    state = TokenContexts(cfg).state_dict()
+    old = {**state, "replay": {**{k: v for k, v in state["replay"].items() if k != "source"}, "records": 12}}
+    with pytest.raises(ValueError, match="before session 8, whose record order .* differs"):
+        TokenContexts(cfg).load_state_dict(old)
+    embedded = TokenContexts(byte_cfg(loop=True))  # the embedded corpus's order did not change: still loads
+    state = embedded.state_dict()
+    embedded.load_state_dict({**state, "replay": {**{k: v for k, v in state["replay"].items() if k != "source"},
+                                                  "records": 0}})
 
 
 def test_token_contexts__loaded_state_is_saved_again_as_loaded_and_old_seeded_states_refused(txt_dir) -> None:

@@ -1,0 +1,89 @@
+"""The shuffled texts of a streamed `datasets.IterableDataset`, resumable without re-reading what came before.
+
+    texts = ShuffledTexts(dataset, "text", seed, buffer_size=1000, where="HF dataset ...")
+    for text in texts: ...            # str, or None for a record whose field is not a string
+    state = texts.snapshot()          # between two texts: resume with ShuffledTexts(..., state=state)
+
+The epoch's order: the dataset's shards (its files) in a seeded random order, then a shuffle buffer over their
+records, both drawn from the seed. A snapshot is where that order stands: the shard being read, how many of its
+records were read, the buffer's texts and the generator's state. A resume opens that one shard and skips its
+records read already, so a Hub stream downloads one shard again, not every record of the epoch up to the position
+(what `datasets`' own resumable shuffle would avoid too, but it drops the buffer's records: the order changes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from sae_stream.rundir import first_line
+
+
+class ShuffledTexts:
+    """One epoch of `dataset[text_field]`, shuffled by `seed`; `records_read` counts the records pulled from it."""
+
+    def __init__(self, dataset: Any, text_field: str, seed: int, buffer_size: int, where: str,
+                 state: dict[str, Any] | None = None) -> None:
+        self.dataset, self.text_field, self.size, self.where = dataset, text_field, buffer_size, where
+        self.n_shards = max(1, int(getattr(dataset, "n_shards", 1) or 1))
+        self.order = np.random.default_rng([seed, 0]).permutation(self.n_shards).tolist()
+        self.rng = np.random.default_rng([seed, 1])
+        self.shard_pos, self.in_shard, self.buffer = 0, 0, []
+        self.records_read = 0
+        if state is not None:
+            self._restore(state)
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        if state["n_shards"] != self.n_shards or state["buffer_size"] != self.size:
+            raise ValueError(f"data state was saved for {state['n_shards']} shard(s) and a shuffle buffer of "
+                             f"{state['buffer_size']} but {self.where} has {self.n_shards} and data.shuffle_buffer="
+                             f"{self.size}: resume with the same files and settings")
+        self.shard_pos, self.in_shard = int(state["shard_pos"]), int(state["in_shard"])
+        self.buffer = list(state["buffer"])
+        self.rng.bit_generator.state = state["rng"]
+
+    def snapshot(self) -> dict[str, Any]:
+        """Where the order stands (taken between two texts): what `state=` resumes from."""
+        return {"n_shards": self.n_shards, "buffer_size": self.size, "shard_pos": self.shard_pos,
+                "in_shard": self.in_shard, "buffer": list(self.buffer), "rng": self.rng.bit_generator.state}
+
+    def __iter__(self) -> Iterator[str | None]:
+        while self.shard_pos < self.n_shards:
+            for record in self._shard_records(self.order[self.shard_pos], self.in_shard):
+                self.in_shard += 1
+                text = self._text(record)
+                if len(self.buffer) < self.size:
+                    self.buffer.append(text)
+                    continue
+                j = int(self.rng.integers(self.size))
+                out, self.buffer[j] = self.buffer[j], text
+                yield out
+            self.shard_pos, self.in_shard = self.shard_pos + 1, 0
+        while self.buffer:  # the shards are read: the buffer's texts, in random order
+            j = int(self.rng.integers(len(self.buffer)))
+            self.buffer[j], self.buffer[-1] = self.buffer[-1], self.buffer[j]
+            yield self.buffer.pop()
+
+    def _shard_records(self, shard: int, skip: int) -> Iterator[dict[str, Any]]:
+        """Shard `shard`'s records after its first `skip`; a reader's error (a malformed .jsonl line, a bad
+        parquet file) names the source."""
+        ds = self.dataset if self.n_shards == 1 else self.dataset.shard(num_shards=self.n_shards, index=shard)
+        records = iter(ds.skip(skip) if skip else ds)
+        while True:
+            try:
+                record = next(records)
+            except StopIteration:
+                return
+            except Exception as e:  # noqa: BLE001 - pyarrow / json / datasets errors come in many types
+                raise ValueError(f"cannot read {self.where}: {first_line(e)}") from e
+            self.records_read += 1
+            yield record
+
+    def _text(self, record: dict[str, Any]) -> str | None:
+        if self.text_field not in record:
+            raise ValueError(f"{self.where} has no column {self.text_field!r} (columns: {', '.join(record)}): "
+                             "set data.text_field")
+        text = record[self.text_field]
+        return text if isinstance(text, str) else None
