@@ -53,13 +53,18 @@ class OutDir:
         self.done = True
 
     def rollback(self) -> None:
+        """Put the old run back, with Ctrl-C / SIGTERM held off until it is done (a second Ctrl-C must not strand
+        it under its temporary name). Before any heavy work (commit comes first), so the new directory is small."""
         if self.done:
             return
-        if self.created:
-            shutil.rmtree(self.path, ignore_errors=True)
-        if self.old is not None:
-            os.replace(self.old, self.path)
-        self.done = True
+        with _signals_deferred():
+            if self.created and self.path.exists():
+                trash = self.path.with_name(f".{self.path.name}.discarded-{secrets.token_hex(4)}")
+                os.replace(self.path, trash)  # (a rename: the old run's name is free at once)
+                shutil.rmtree(trash, ignore_errors=True)
+            if self.old is not None:
+                os.replace(self.old, self.path)
+            self.done = True
 
 
 @contextmanager
@@ -73,6 +78,7 @@ def fresh_out_dir(out: str | Path | None, command: str, overwrite: bool) -> Iter
         yield OutDir(path)  # rank 0 prepares it (the others write their checkpoint parts into it: check_shared)
         return
     path = path.resolve()  # `.`, a symlink or the working directory: the real directory, named absolutely
+    _recover_replaced(path)
     old = None
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         if not overwrite:
@@ -96,6 +102,58 @@ def fresh_out_dir(out: str | Path | None, command: str, overwrite: bool) -> Iter
             staged.rollback()
             raise
         staged.commit()
+
+
+def _recover_replaced(path: Path) -> None:
+    """A run an earlier --overwrite moved aside (`.NAME.replaced-*`) and never put back (that process was killed
+    mid-way): with `path` gone it is renamed back; beside a `path` it is named in a warning (the new run started,
+    so its removal was cut short)."""
+    import warnings
+
+    stranded = sorted(p for p in path.parent.glob(f".{path.name}.replaced-*") if p.is_dir()
+                      and not _alive(p.name.split(".replaced-")[-1].split("-")[0]))
+    if not stranded:
+        return
+    if not path.exists() and len(stranded) == 1 and (stranded[0] / "config.yaml").is_file():
+        os.replace(stranded[0], path)
+        warnings.warn(f"{str(path)!r} was moved aside by an --overwrite that was killed before it put it back: "
+                      "restored", stacklevel=3)
+        return
+    warnings.warn(f"{', '.join(repr(str(p)) for p in stranded)} left by an interrupted --overwrite of "
+                  f"{str(path)!r} (the run it replaced, perhaps partly removed): remove it, or rename it back",
+                  stacklevel=3)
+
+
+def _alive(pid: str) -> bool:
+    """Whether process `pid` still runs (then its --overwrite may be in progress: leave its directory alone)."""
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Ctrl-C and SIGTERM arriving inside the block take effect when it ends (main thread; elsewhere a no-op)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: got.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+    if got:
+        signal.raise_signal(got[0])  # now, with the handlers it would have met
 
 
 class Terminated(SystemExit):

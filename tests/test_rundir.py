@@ -1,0 +1,74 @@
+"""Run directories under --overwrite: the replaced run survives a second Ctrl-C in the rollback, and one stranded
+by a killed process is put back (or named) by the next command."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sae_stream import rundir
+from sae_stream.rundir import UserError, fresh_out_dir
+
+
+def _old_run(path: Path) -> Path:
+    path.mkdir()
+    (path / "config.yaml").write_text("old: true\n")
+    (path / "metrics.jsonl").write_text("{}\n")
+    return path
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_rollback__a_ctrl_c_between_its_renames_still_puts_the_old_run_back(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    run = _old_run(tmp_path / "run")
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # (a background shell may ignore it)
+    replace, calls = os.replace, []
+
+    def ctrl_c_mid_rollback(src, dst):
+        calls.append(Path(src).name)
+        if ".discarded-" in Path(dst).name:  # the rollback's first rename: a second Ctrl-C lands here
+            signal.raise_signal(signal.SIGINT)
+        replace(src, dst)
+
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with fresh_out_dir(run, "train", overwrite=True) as staged:
+                (staged.path / "half_made").write_text("new")
+                monkeypatch.setattr(rundir.os, "replace", ctrl_c_mid_rollback)
+                raise ValueError("bad input found after the move")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert len(calls) == 2  # both renames ran before the Ctrl-C took effect
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "metrics.jsonl"]
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]  # nothing stranded, the discarded new dir removed
+
+
+def test_fresh_out_dir__a_stranded_replaced_run_is_put_back(tmp_path: Path) -> None:
+    """A process killed between moving the old run aside and putting it back: the next command restores it (then
+    reports it exists, as for any existing run)."""
+    stranded = _old_run(tmp_path / f".run.replaced-{_dead_pid()}-abcd1234")
+    with pytest.warns(UserWarning, match="moved aside by an --overwrite that was killed.*restored"):
+        with pytest.raises(UserError, match="exists: pass --overwrite"):
+            with fresh_out_dir(tmp_path / "run", "train", overwrite=False):
+                pass
+    assert not stranded.exists() and (tmp_path / "run" / "config.yaml").read_text() == "old: true\n"
+
+
+def test_fresh_out_dir__a_stranded_run_beside_a_new_one_is_named_not_moved(tmp_path: Path) -> None:
+    _old_run(tmp_path / "run")
+    stranded = _old_run(tmp_path / f".run.replaced-{_dead_pid()}-abcd1234")
+    live = _old_run(tmp_path / f".run.replaced-{os.getpid()}-00000000")  # a running --overwrite's: not ours to touch
+    with pytest.warns(UserWarning, match=r"\.run\.replaced-\d+-abcd1234' left by an interrupted --overwrite"):
+        with fresh_out_dir(tmp_path / "run", "train", overwrite=True) as staged:
+            staged.commit()
+    assert stranded.is_dir() and live.is_dir()
