@@ -345,3 +345,36 @@ def test_sae_stream__reaches_lm_only_through_lm_bridge() -> None:
             if any(n == "lm" or n.startswith("lm.") for n in names):
                 importers.add(path.relative_to(root).as_posix())
     assert importers == {"lm_bridge.py"}
+
+
+def test_load_run__features_and_losses_of_any_text_match_the_parts(tiny_run: Path) -> None:
+    """The notebook API: features are the SAE's encoding of the hook's activations at the text's tokens (after the
+    end-of-text that starts every document), top_features their largest, loss the model's own CE and the spliced
+    one."""
+    import torch
+
+    from sae_stream import load_run
+    from sae_stream.analysis.hooks import hook_activations
+    from sae_stream.rundir import UserError
+
+    run = load_run(tiny_run, device="cpu")
+    text = "the cat sat on a mat"  # (20 bytes: the tiny LM reads 32)
+    tokens_1T = run.tokens(text)
+    assert tokens_1T[0, 0] == run.tokenizer.eot and tokens_1T.shape[1] == len(run.tokenizer.encode(text)) + 1
+    feats_TF = run.features(text)
+    want = run.sae.encode(hook_activations(run.model, run.hook_name, tokens_1T)[0, 1:])
+    torch.testing.assert_close(feats_TF, want.float())
+    assert feats_TF.shape == (tokens_1T.shape[1] - 1, run.sae.d_sae) and (feats_TF > 0).any()
+    top = run.top_features(text, k=3)
+    assert [name for name, _ in top] == run.tokenizer.decode_tokens(tokens_1T[0, 1:].tolist())
+    for (_, pairs), row_F in zip(top, feats_TF):
+        assert [f for f, _ in pairs] == row_F.topk(3).indices[: len(pairs)].tolist()
+        assert len(pairs) == min(3, int((row_F > 0).sum())) and all(v > 0 for _, v in pairs)
+    loss = run.loss(text)
+    with torch.no_grad():
+        assert loss["clean"] == pytest.approx(float(run.model(tokens_1T, return_type="loss")), rel=1e-5)
+    assert loss["sae"] != loss["clean"] and loss["sae"] < 2 * loss["clean"]
+    with pytest.warns(UserWarning, match="first 31 of its 38 tokens"):
+        assert run.features("the cat sat on a mat, and then the dog").shape[0] == 31  # cut to the LM's context
+    with pytest.raises(UserError, match="not a run directory"):
+        load_run(tiny_run / "sae")
