@@ -19,6 +19,7 @@ All must give the same next context (checked). The corpus is synthetic English-l
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import itertools
 import json
@@ -31,7 +32,7 @@ from pathlib import Path
 import torch
 
 from sae_stream.config import DataConfig
-from sae_stream.data import TokenContexts
+from sae_stream.data import TokenContexts, _Replay
 
 WORDS = ("the of and to in is was that for on as with by it at from this be are an or which have not had one "
          "their were all been there when more would who some into time than only other new could also about "
@@ -69,7 +70,7 @@ def resume_rows(args: argparse.Namespace, root: Path, files: int) -> list[dict]:
     saved = state.state_dict()
     variants = {"replay_chunk": saved}
     if files == 1:
-        variants["replay_epoch"] = {k: v for k, v in saved.items() if k != "replay"}
+        variants["replay_epoch"] = {**saved, "replay": dataclasses.asdict(_Replay())}  # from the epoch's start
     rows = []
     for rep in range(args.repeats):
         for name, st in variants.items():

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import hashlib
 import itertools
 import os
 import socket
@@ -245,6 +246,7 @@ class TokenContexts:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         self.cfg, self.split, self.rank, self.world_size = cfg, split, rank, world_size
         self.tokenizer = get_tokenizer(cfg.tokenizer)
+        self._files_sha: str | None = None  # local sources: which files, so a resume on changed files is refused
         self._source = self._open_source()
         self.epoch, self.yielded = 0, 0
         self._replay = _Replay()  # the current chunk's start: what state_dict saves
@@ -256,6 +258,8 @@ class TokenContexts:
             return _EmbeddedSource(self.cfg, heldout)
         files = local_files(self.cfg.source)
         if files is not None:
+            listing = "".join(f"{f.name}\t{f.stat().st_size}\n" for f in files)
+            self._files_sha = hashlib.sha256(listing.encode()).hexdigest()[:16]
             return _open_local(self.cfg, files, heldout, self.tokenizer)
         return _open_hf(self.cfg, heldout, self.tokenizer)
 
@@ -306,11 +310,14 @@ class TokenContexts:
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "contexts": self.yielded, "replay": dataclasses.asdict(self._replay),
-                **self._identity()}
+                "files_sha": self._files_sha, **self._identity()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Set the position; the next iteration replays the epoch up to it (from the start of the token chunk it is
         in, whose reader snapshot the state holds), so its first context is the next one."""
+        if self._files_sha is not None and state.get("files_sha", self._files_sha) != self._files_sha:
+            raise ValueError(f"the files of data.source {self.cfg.source!r} changed (names or sizes) since this data "
+                             "state was saved: resume with the same files")
         for key, value in self._identity().items():
             if state.get(key) != value:
                 raise ValueError(f"data state was saved with {key}={state.get(key)!r} but this stream has "
@@ -319,12 +326,13 @@ class TokenContexts:
         if replay is None and self.split == "train" and self.cfg.seed != 0:
             raise ValueError("data state was saved by an sae-stream from before session 7, whose epoch shuffles for "
                              f"data.seed={self.cfg.seed} differ from this one's: resume with that version")
-        if replay is not None and "records" in replay:  # before the record reader of records.py
+        if replay is None or "records" in replay:  # before the record reader of records.py
             if not isinstance(self._source, _EmbeddedSource):
                 raise ValueError(f"data state was saved by an sae-stream from before session 8, whose record order "
                                  f"for {self.cfg.source!r} differs from this one's: resume with that version, or "
                                  "start a new run")
-            replay = {k: v for k, v in replay.items() if k != "records"}  # (always 0: the corpus is one chunk)
+            if replay is not None:
+                replay = {k: v for k, v in replay.items() if k != "records"}  # (always 0: the corpus is one chunk)
         self.epoch, self.yielded = int(state["epoch"]), int(state["contexts"])
         self._resume_from = _Replay(**replay) if replay is not None else None
         self._replay = self._resume_from or _Replay()  # what state_dict saves until iteration moves on

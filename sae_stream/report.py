@@ -15,7 +15,7 @@ from typing import Any
 from sae_stream.checkpoint import atomic_write_json, sha256_file
 from sae_stream.config import Config, load_config
 from sae_stream.data import heldout_batches
-from sae_stream.evaluate import evaluate, load_feature_density, read_eval, write_eval
+from sae_stream.evaluate import DENSITY_PNG, evaluate, load_feature_density, read_eval, write_eval
 from sae_stream.export import load_saelens
 from sae_stream.lm_bridge import load_lm
 from sae_stream.process import resolve_device
@@ -134,11 +134,14 @@ def analyze_run(run_dir: str | Path, overrides: list[str] | None = None, loaded:
     density_tokens = ev.get("activation_tokens") if ev is not None else None
     batches = heldout_batches(cfg.data, cfg.eval.batch_contexts, cfg.analysis.tokens,
                               what="analysis.tokens")
+    curves = plot_sae_curves(run_dir, cfg)  # (also for runs trained before the curves were drawn)
+    links = [(label, f"../{name}") for label, name in (("training curves", CURVES_PNG),
+                                                       ("density histogram", DENSITY_PNG), ("eval.json", "eval.json"))
+             if (run_dir / name).is_file()]
     path = build_dashboard(model, sae, cfg.buffer.hook_name, batches, get_tokenizer(cfg.data.tokenizer), cfg.analysis,
                            run_dir / DASHBOARD_DIR, densities, ultralow_threshold=cfg.train.ultralow_threshold,
                            dead_threshold=cfg.train.dead_threshold, density_tokens=density_tokens,
-                           skip_first_position=cfg.buffer.skip_first_position)
-    curves = plot_sae_curves(run_dir, cfg)  # (also for runs trained before the curves were drawn)
+                           skip_first_position=cfg.buffer.skip_first_position, links=links)
     print(f"dashboard: {path}" + (f"; training curves: {curves}" if curves else ""))
     return path
 

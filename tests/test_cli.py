@@ -34,6 +34,9 @@ def test_run__writes_the_run_directory(tiny_run: Path) -> None:
                  "sae/sae_weights.safetensors", "sae/sparsity.safetensors", "dashboard/index.html",
                  "lm/model.safetensors", "training_curves.png", "lm/training_curves.png"):
         assert (tiny_run / name).is_file(), name
+    page = (tiny_run / "dashboard/index.html").read_text()  # the run's plots linked from the dashboard
+    for name in ("training_curves.png", "density_histogram.png", "eval.json"):
+        assert f'href="../{name}"' in page
     for png in ("density_histogram.png", "training_curves.png", "lm/training_curves.png"):
         assert (tiny_run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
     assert any((tiny_run / "checkpoints").iterdir())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 import re
 import socket
 import time
@@ -191,9 +192,13 @@ class CountingDataset:
         self.n_shards = len(inner) if isinstance(inner, list) else inner.n_shards
 
     def shard(self, num_shards: int, index: int) -> CountingDataset:
-        assert num_shards == self.n_shards
-        part = [self.inner[index]] if isinstance(self.inner, list) else self.inner.shard(num_shards, index)
-        return CountingDataset(part, self.log)
+        """Contiguous groups, the first n % k one shard longer (as `datasets` splits); logs the O(n) work of it."""
+        self.log.append(("shard", self.n_shards))
+        if not isinstance(self.inner, list):
+            return CountingDataset(self.inner.shard(num_shards, index), self.log)
+        n, k = len(self.inner), num_shards
+        start = index * (n // k) + min(index, n % k)
+        return CountingDataset(self.inner[start:start + n // k + (index < n % k)], self.log)
 
     def skip(self, n: int):
         return itertools.islice(self, n, None)
@@ -202,6 +207,9 @@ class CountingDataset:
         for record in itertools.chain.from_iterable(self.inner) if isinstance(self.inner, list) else self.inner:
             self.log.append(record["text"])
             yield record
+
+    def texts(self) -> list[str]:
+        return [r for r in self.log if isinstance(r, str)]
 
 
 def test_token_contexts__resume_reads_only_the_shard_it_stopped_in(tmp_path, monkeypatch) -> None:
@@ -224,7 +232,7 @@ def test_token_contexts__resume_reads_only_the_shard_it_stopped_in(tmp_path, mon
     resumed.load_state_dict(state)
     resumed._source.dataset = CountingDataset(resumed._source.dataset)
     assert all(torch.equal(x, y) for x, y in zip(take(resumed, 3), reference[at:]))
-    read = resumed._source.dataset.log
+    read = resumed._source.dataset.texts()
     assert 0 < len(read) <= 2 * 30  # a replay from the start would read ~6 files (180 records)
     assert len({r.split(" doc")[0] for r in read}) <= 2
 
@@ -250,7 +258,24 @@ def test_shuffled_texts__an_epoch_is_a_permutation_resumable_between_any_two_tex
         ShuffledTexts(CountingDataset(shards[:4]), "text", 5, 4, "test", state=state)
 
 
-def test_token_contexts__stream_state_from_the_old_reader_refused(tmp_path) -> None:
+def test_shard_tree__leaves_are_each_shard_once_for_n_log_n_work() -> None:
+    """dataset.shard(n, i) costs O(n) in `datasets`: the tree's leaves must cover every shard exactly once, the
+    same in every process, for O(n log n) splitting work in all (a flat split of 4096 shards: 16.8M)."""
+    from sae_stream.records import ShardTree
+
+    for n in (*range(1, 20), 64, 65, 100, 4096):
+        shards = [[{"text": str(i)}] for i in range(n)]
+        counted = CountingDataset(shards)
+        tree = ShardTree(counted, n)
+        leaves = [[r["text"] for r in tree.leaf(i)] for i in range(n)]
+        assert leaves == [[str(i)] for i in range(n)]
+        assert [[r["text"] for r in ShardTree(CountingDataset(shards), n).leaf(i)] for i in (n - 1, 0)] == \
+            [[str(n - 1)], ["0"]]  # another process, another order of requests: the same leaves
+        work = sum(size for kind, size in (e for e in counted.log if isinstance(e, tuple)))
+        assert work <= ShardTree.FANOUT * n * max(1, math.ceil(math.log(n, ShardTree.FANOUT))), (n, work)
+
+
+def test_token_contexts__stream_state_from_the_old_reader_or_other_files_refused(tmp_path) -> None:
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps({"text": f"doc {i} " * 9}) + "\n" for i in range(50)))
     cfg = byte_cfg(source=str(path), context_len=16, loop=True)
@@ -258,10 +283,15 @@ def test_token_contexts__stream_state_from_the_old_reader_refused(tmp_path) -> N
     old = {**state, "replay": {**{k: v for k, v in state["replay"].items() if k != "source"}, "records": 12}}
     with pytest.raises(ValueError, match="before session 8, whose record order .* differs"):
         TokenContexts(cfg).load_state_dict(old)
+    with path.open("a") as f:  # the files changed since the state was saved: its positions mean nothing now
+        f.write(json.dumps({"text": "one more"}) + "\n")
+    with pytest.raises(ValueError, match="files of data.source .* changed .*: resume with the same files"):
+        TokenContexts(cfg).load_state_dict(state)
     embedded = TokenContexts(byte_cfg(loop=True))  # the embedded corpus's order did not change: still loads
     state = embedded.state_dict()
     embedded.load_state_dict({**state, "replay": {**{k: v for k, v in state["replay"].items() if k != "source"},
                                                   "records": 0}})
+    embedded.load_state_dict({k: v for k, v in state.items() if k != "replay"})  # (before session 7, seed 0)
 
 
 def test_token_contexts__loaded_state_is_saved_again_as_loaded_and_old_seeded_states_refused(txt_dir) -> None:
@@ -277,7 +307,8 @@ def test_token_contexts__loaded_state_is_saved_again_as_loaded_and_old_seeded_st
     old = {k: v for k, v in early.state_dict().items() if k != "replay"}  # written before session 7
     with pytest.raises(ValueError, match="data.seed=5 differ.*resume with that version"):
         TokenContexts(cfg).load_state_dict(old)
-    TokenContexts(dataclasses.replace(cfg, seed=0)).load_state_dict({**old, "seed": 0})  # seed 0: same orders
+    with pytest.raises(ValueError, match="before session 8, whose record order"):  # seed 0: the reader changed
+        TokenContexts(dataclasses.replace(cfg, seed=0)).load_state_dict({**old, "seed": 0})
 
 
 def test_token_contexts__state_from_other_layout_rejected() -> None:

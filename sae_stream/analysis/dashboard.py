@@ -25,7 +25,7 @@ from transformer_lens import HookedTransformer
 
 from sae_stream.analysis.ablation import ablate_feature
 from sae_stream.analysis.hooks import SAELike
-from sae_stream.analysis.html import ContextView, FeaturePanel, render_page, svg_bars
+from sae_stream.analysis.html import ContextView, FeaturePanel, esc, render_page, svg_bars
 from sae_stream.analysis.logits import logit_effects
 from sae_stream.analysis.scan import FeatureScan, scan_features
 from sae_stream.checkpoint import atomic_write_text
@@ -130,12 +130,13 @@ def build_dashboard(model: HookedTransformer, sae: SAELike, hook_name: str, toke
                     tokenizer: Any, cfg: AnalysisConfig, out_dir: str | Path, densities: Tensor | None = None, *,
                     features: Sequence[int] | None = None, ultralow_threshold: float = 1e-6,
                     dead_threshold: float = 0.0, density_tokens: int | None = None,
-                    skip_first_position: bool = True) -> Path:
+                    skip_first_position: bool = True, links: Sequence[tuple[str, str]] = ()) -> Path:
     """Scan `cfg.tokens` held-out tokens and write `out_dir/index.html`; returns its path.
 
     `densities` [d_sae] (e.g. from eval, measured over `density_tokens`) choose and label the features; None uses
     the scan's own counts. Ultra-low: alive (density > `dead_threshold`) and below `ultralow_threshold`.
-    `features` overrides the selection.
+    `features` overrides the selection. `links`: (label, href relative to out_dir) shown in the header, e.g. the
+    run's plots.
     """
     scan = scan_features(model, sae, hook_name, token_batches, cfg, skip_first_position)
     density_F = (densities if densities is not None else scan.density_F).double().cpu()
@@ -169,8 +170,11 @@ def build_dashboard(model: HookedTransformer, sae: SAELike, hook_name: str, toke
                 f"densities over {tokens:,} tokens cannot go below 1/{tokens:,} = {1 / max(tokens, 1):.1e} "
                 f"without being 0: finding densities below {ultralow_threshold:g} needs more than "
                 f"{math.ceil(1 / ultralow_threshold):,} tokens (eval.tokens)")
-    page = render_page(panels, f"SAE features · {hook_name}",
-                       _summary_html(scan, density_F, hook_name, source, dead_threshold), logit_note, low_note)
+    summary = _summary_html(scan, density_F, hook_name, source, dead_threshold)
+    if links:
+        summary += '<div class="summary">' + " · ".join(f'<a href="{esc(href)}">{esc(label)}</a>'
+                                                        for label, href in links) + "</div>"
+    page = render_page(panels, f"SAE features · {hook_name}", summary, logit_note, low_note)
     path = Path(out_dir) / "index.html"
     atomic_write_text(path, page)
     return path
