@@ -17,7 +17,6 @@ import argparse
 import contextlib
 import dataclasses
 import itertools
-import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -29,10 +28,8 @@ import torch
 from tqdm import tqdm
 
 from lm.model import GPT
-from sae_stream.analysis.curves import LM_PANELS, plot_training_curves, read_records
 from sae_stream.checkpoint import (
     atomic_write_json,
-    atomic_write_text,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
@@ -41,7 +38,7 @@ from sae_stream.checkpoint import (
 from sae_stream.config import Config, LMTrainConfig, save_config, to_dict
 from sae_stream.data import TokenContexts, context_batches, heldout_batches
 from sae_stream.process import resolve_device, tune_cpu_allocator
-from sae_stream.tracking import Tracker
+from sae_stream.tracking import Tracker, keep_records_through, read_records
 
 RESULT_FILE = "lm_result.json"
 CKPT_DIR = "checkpoints"
@@ -163,20 +160,6 @@ def _resume(out_dir: Path, cfg: Config, model: GPT, opt: torch.optim.Optimizer, 
     return _State(ckpt["step"], ckpt["unigram_counts"], ckpt["elapsed_s"], ckpt.get("last_heldout"))
 
 
-def _trim_metrics(path: Path, step: int) -> None:
-    """Drop records past the resumed step, which the crashed run logged and the resumed one logs again."""
-    if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text().splitlines(keepends=True):
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                keep.append(line if line.endswith("\n") else line + "\n")
-        except ValueError:  # a line cut short by the crash
-            continue
-    atomic_write_text(path, "".join(keep))
-
-
 def _check(cfg: Config, contexts: TokenContexts) -> int:
     """Total steps; rejects a tokenizer larger than the LM's vocabulary and a budget below one step."""
     tc = cfg.lm_train
@@ -222,7 +205,7 @@ def train_lm(cfg: Config, out_dir: str | Path, resume: bool = False, tracker: An
         started()
     own_tracker = tracker is None
     if own_tracker and resume:
-        _trim_metrics(out_dir / "metrics.jsonl", state.step)
+        keep_records_through(out_dir / "metrics.jsonl", state.step)  # the crashed run logged past it
     tracker = Tracker(out_dir, cfg.wandb, to_dict(cfg)) if own_tracker else tracker
     try:
         _loop(cfg, out_dir, model, opt, state, contexts, heldout, total_steps, device, dtype, tracker)
@@ -239,6 +222,8 @@ def train_lm(cfg: Config, out_dir: str | Path, resume: bool = False, tracker: An
     finally:
         if own_tracker:
             tracker.close()
+    from sae_stream.analysis.curves import LM_PANELS, plot_training_curves  # (matplotlib: imported when drawing)
+
     plot_training_curves(read_records(out_dir / "metrics.jsonl"), out_dir / "training_curves.png", LM_PANELS,
                          x_key="step", title=f"LM training: {cfg.lm.n_layers} layer(s), d_model {cfg.lm.d_model}")
     return result

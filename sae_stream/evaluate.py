@@ -28,7 +28,6 @@ before mean ablation) is a first pass over the same contexts.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -60,6 +59,7 @@ from sae_stream.analysis.plots import plot_density_histogram
 from sae_stream.checkpoint import atomic_write_bytes, atomic_write_json
 from sae_stream.config import EvalConfig, TrainConfig
 from sae_stream.metrics import density_counts
+from sae_stream.tracking import json_safe
 
 EVAL_JSON = "eval.json"
 DENSITY_FILE = "feature_density.safetensors"
@@ -248,7 +248,7 @@ def write_eval(run_dir: str | Path, result: dict[str, Any], histogram_bins: int 
     atomic_write_bytes(run_dir / DENSITY_FILE, save_safetensors({"density_F": density_F}))
     plot_density_histogram(log10_density(density_F), run_dir / DENSITY_PNG,
                            ultralow_threshold=result["density"]["thresholds"]["ultralow"], bins=histogram_bins)
-    atomic_write_json(run_dir / EVAL_JSON, _finite(summary))
+    atomic_write_json(run_dir / EVAL_JSON, json_safe(summary))  # NaN/inf -> null: strict JSON
     return run_dir / EVAL_JSON
 
 
@@ -262,14 +262,3 @@ def load_feature_density(run_dir: str | Path) -> Tensor:
 
 def read_eval(run_dir: str | Path) -> dict[str, Any]:
     return json.loads((Path(run_dir) / EVAL_JSON).read_text())
-
-
-def _finite(obj: Any) -> Any:
-    """NaN/inf become None: strict JSON has no such numbers."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_finite(v) for v in obj]
-    return obj

@@ -200,7 +200,7 @@ class Session:
             self.buffer.load_state_dict(stream["extra"]["buffer"])
         drop_newer(dirs, step, self.dist)
         for m in self.members:  # records logged after the checkpoint (before a kill) are logged again from here
-            m.tracker.drop_after(step)
+            m.tracker.drop_after(m.trainer.records_kept_through())
         return step
 
     def _buffer_state(self) -> dict[str, Any]:

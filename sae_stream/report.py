@@ -20,16 +20,21 @@ from sae_stream.export import load_saelens
 from sae_stream.lm_bridge import load_lm
 from sae_stream.process import resolve_device
 from sae_stream.rundir import UserError, require_run_dir
+from sae_stream.tracking import json_safe
 
 SAE_DIR, DASHBOARD_DIR, CURVES_PNG = "sae", "dashboard", "training_curves.png"
+SWEEP_JSON, SWEEP_PNG = "sweep_summary.json", "sweep_frontier.png"
 
 
 def plot_sae_curves(run_dir: Path, cfg: Config) -> Path | None:
     """training_curves.png from the run's metrics.jsonl (None if it has no records)."""
-    from sae_stream.analysis.curves import plot_training_curves, read_records
+    from sae_stream.analysis.curves import SAE_PANELS, plot_training_curves
+    from sae_stream.tracking import read_records
 
     title = f"SAE training: {cfg.sae.architecture}, d_sae {cfg.sae.d_sae}, {cfg.buffer.hook_name}"
-    return plot_training_curves(read_records(run_dir / "metrics.jsonl"), run_dir / CURVES_PNG, title=title)
+    penalised = cfg.sae.architecture in ("anthropic", "april")  # (topk's λ is logged but unused)
+    panels = tuple(p for p in SAE_PANELS if penalised or "l1_coeff" not in p[1])
+    return plot_training_curves(read_records(run_dir / "metrics.jsonl"), run_dir / CURVES_PNG, panels, title=title)
 
 
 def sae_digest(run_dir: Path) -> str | None:
@@ -146,9 +151,6 @@ def analyze_run(run_dir: str | Path, overrides: list[str] | None = None, loaded:
     return path
 
 
-SWEEP_JSON, SWEEP_PNG = "sweep_summary.json", "sweep_frontier.png"
-
-
 def summarize_sweep(run_dir: Path, results: dict[str, dict[str, Any]]) -> Path:
     """One row per SAE of a sweep (its settings and eval figures) -> sweep_summary.json, sweep_frontier.png (FVU
     and the CE loss gap against L0) and a table on stdout; returns the JSON's path."""
@@ -164,7 +166,7 @@ def summarize_sweep(run_dir: Path, results: dict[str, dict[str, Any]]) -> Path:
                      "ce_gap_zero": _gap(rec["zero"]), "ce_gap_mean": _gap(rec["mean"]),
                      "kl": r["kl_clean_sae"], "dead": r["density"]["dead"], "dense": r["density"]["dense"]})
     path = run_dir / SWEEP_JSON
-    atomic_write_json(path, rows)
+    atomic_write_json(path, json_safe(rows))  # (NaN of a diverged SAE -> null: strict JSON, as eval.json)
     png = plot_sweep_frontier(rows, run_dir / SWEEP_PNG, title=f"sweep {run_dir.name}: {len(rows)} SAEs")
     print("sweep: name | d_sae | l1_coeff / k | L0 | FVU | recovered vs zero / mean | dead")
     for r in rows:

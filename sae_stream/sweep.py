@@ -55,7 +55,8 @@ def fit_together(trainers: Sequence[Trainer], batches: Iterator[Tensor], save_st
     All members share the stream settings (config.SWEEP_SHARED_TRAIN), so they step and checkpoint in lockstep.
     """
     lead, t = trainers[0], trainers[0].cfg.train
-    saved = {"step": -1}
+    saved = {"step": lead.saved_step}  # resumed: the stream has that step's checkpoint too (a finished sweep
+    # resumed writes nothing)
 
     def checkpoint_stream() -> None:
         if saved["step"] != lead.step:

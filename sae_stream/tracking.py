@@ -19,17 +19,42 @@ from sae_stream.checkpoint import atomic_write_text
 from sae_stream.config import WandbConfig
 
 
-def _plain(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """JSON-able value: tensors/arrays to numbers or lists, non-finite floats to None."""
     if hasattr(value, "tolist"):
         value = value.tolist()
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
+
+
+def _complete_lines(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(line, record) for each complete record of a metrics.jsonl (one torn by a kill mid-write is skipped)."""
+    out = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            out.append((line, record))
+    return out
+
+
+def read_records(path: str | Path) -> list[dict[str, Any]]:
+    """The complete records of a metrics.jsonl, in order; [] if there is none."""
+    return [record for _, record in _complete_lines(Path(path))]
+
+
+def keep_records_through(path: str | Path, step: int) -> None:
+    """Drop the records after `step` (and torn lines) from a metrics.jsonl: an atomic rewrite."""
+    path = Path(path)
+    if path.is_file():
+        atomic_write_text(path, "".join(line + "\n" for line, r in _complete_lines(path) if r.get("step", 0) <= step))
 
 
 class NullTracker:
@@ -63,7 +88,7 @@ class Tracker(NullTracker):
             self._wandb = _init_wandb(wandb_cfg, config, run_dir)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
-        record = {"step": step, "time": round(time.time(), 3), **_plain(metrics)}
+        record = {"step": step, "time": round(time.time(), 3), **json_safe(metrics)}
         if self._file is not None:
             self._file.write(json.dumps(record) + "\n")
         if self._wandb is not None:
@@ -74,27 +99,13 @@ class Tracker(NullTracker):
         if self._file is None or self._path is None:
             return
         self._file.close()
-        kept = []
-        for line in self._path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue  # a record torn by a kill in mid-write
-            if record.get("step", 0) <= step:
-                kept.append(line + "\n")
-        atomic_write_text(self._path, "".join(kept))
+        keep_records_through(self._path, step)
         self._file = open(self._path, "a", buffering=1)
 
     def last_record(self) -> dict[str, Any]:
         """The newest complete record in metrics.jsonl ({} if none)."""
-        if self._path is None or not self._path.is_file():
-            return {}
-        for line in reversed(self._path.read_text().splitlines()):
-            try:
-                return json.loads(line)
-            except ValueError:
-                continue
-        return {}
+        records = read_records(self._path) if self._path is not None else []
+        return records[-1] if records else {}
 
     def close(self) -> None:
         if self._file is not None:
@@ -111,7 +122,7 @@ def _wandb_payload(metrics: dict[str, Any]) -> dict[str, Any]:
     out = {}
     for k, v in metrics.items():
         if k.endswith("_histogram") and isinstance(v, dict) and "counts" in v and "edges" in v:
-            out[k] = wandb.Histogram(np_histogram=(_plain(v["counts"]), _plain(v["edges"])))
+            out[k] = wandb.Histogram(np_histogram=(json_safe(v["counts"]), json_safe(v["edges"])))
         elif isinstance(v, (int, float)) or hasattr(v, "item"):
             out[k] = v
     return out

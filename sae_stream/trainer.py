@@ -184,15 +184,24 @@ class Trainer(TrainerState):
     def finish(self) -> None:
         """The final log record and checkpoint (unless this step already has them). Resumed at a step whose record
         is already logged (a finished run resumed), the final metrics are that record."""
-        logged = self.metrics.steps > 0  # steps since the last record (restored with the metrics on a resume)
-        if logged:
+        if self.metrics.steps > 0:  # steps since the last record (restored with the metrics on a resume)
             self._log(self._bar)
         elif not self.last_metrics and hasattr(self.tracker, "last_record"):
             self.last_metrics = self.tracker.last_record()
-        # a checkpoint of this step written before the log (the stream ended early) would log it again on resume
-        if logged or self._saved_step != self.step:
+        if self._saved_step != self.step:  # (a stream that ended at a checkpoint step: see records_kept_through)
             self.save()
         self.writer.wait()
+
+    @property
+    def saved_step(self) -> int:
+        """The step of the newest checkpoint written or resumed from (-1: none)."""
+        return self._saved_step
+
+    def records_kept_through(self) -> int:
+        """After a resume: the last step whose metrics.jsonl record this checkpoint accounts for; later records are
+        logged again and must go (Tracker.drop_after). A checkpoint holding unlogged steps came before any record
+        of its own step (the stream ended there, or a stop), so that record goes too."""
+        return self.step - 1 if self.metrics.steps > 0 else self.step
 
     def close(self) -> None:
         self._bar.close()

@@ -320,10 +320,10 @@ def test_curve_panels__series_follow_the_records_and_mark_each_resampling() -> N
     ]
     curves = curve_panels(records, SAE_PANELS, "tokens")
     panels = {p.title.split(" ")[0]: p for p in curves.panels}
-    assert set(panels) == {"reconstruction", "L0", "loss", "features", "schedule"}  # no tokens_per_s anywhere
+    assert set(panels) == {"reconstruction", "L0", "loss", "features", "learning", "sparsity"}  # no tokens_per_s
     assert panels["reconstruction"].series == {"fvu": ([100.0, 200.0, 400.0], [0.5, 0.3, 0.2])}
     assert panels["features"].series["dead"] == ([100.0, 200.0, 300.0, 400.0], [0.0, 5.0, 1.0, 0.0])
-    assert panels["L0"].log and not panels["schedule"].log  # lr 0 at the first record: no log axis
+    assert panels["L0"].log and panels["sparsity"].log and not panels["learning"].log  # lr 0 once: linear
     assert curves.resampled_at == [200.0, 400.0]
     lm = curve_panels([{"step": 0, "lm/heldout_loss": 10.8}, {"step": 5, "lm/loss": 9.0, "lm/lr": 1e-3}],
                       LM_PANELS, "step")
@@ -332,7 +332,8 @@ def test_curve_panels__series_follow_the_records_and_mark_each_resampling() -> N
 
 
 def test_plot_training_curves__writes_a_png_only_when_there_is_data(tmp_path) -> None:
-    from sae_stream.analysis.curves import plot_training_curves, read_records
+    from sae_stream.analysis.curves import plot_training_curves
+    from sae_stream.tracking import read_records
 
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "tokens": 10, "fvu": 0.5}\n{"step": 2, "tok')  # the last line torn by a kill

@@ -113,6 +113,10 @@ def test_cli__sweep_run_dir_resume_and_eval(tiny_run: Path, tmp_path: Path, one_
     for name in ("low", "high"):
         for key, value in _weights(ref / name).items():
             assert torch.equal(_weights(cut / name)[key], value), (name, key)
+    # the finished sweep resumed again: no checkpoint (the stream's ring least of all) is written again
+    written = {p: p.stat().st_mtime_ns for p in cut.rglob("state.pt")}
+    assert main(["train", "--resume", str(cut)]) == 0
+    assert {p: p.stat().st_mtime_ns for p in cut.rglob("state.pt")} == written
 
     assert main(["eval", str(ref)]) == 0
     rows = {r["name"]: r for r in json.loads((ref / "sweep_summary.json").read_text())}

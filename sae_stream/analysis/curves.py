@@ -1,6 +1,6 @@
 """Training curves as one PNG: what a researcher without wandb would otherwise read off metrics.jsonl.
 
-    plot_training_curves(read_records(run_dir / "metrics.jsonl"), run_dir / "training_curves.png")
+    plot_training_curves(read_records(run_dir / "metrics.jsonl"), run_dir / "training_curves.png")   # tracking's
 
 `curve_panels` turns the records into the series drawn (pure data, tested); `plot_training_curves` draws them.
 SAE runs are drawn against tokens trained, with a dotted line where neuron resampling happened; `lm train` runs
@@ -9,8 +9,6 @@ against steps.
 
 from __future__ import annotations
 
-import io
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,15 +16,16 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from sae_stream.checkpoint import atomic_write_bytes
+from sae_stream.analysis.plots import save_png
 
 # (title, metric keys, log y-axis if every value is > 0)
 SAE_PANELS = (
     ("reconstruction (FVU)", ("fvu",), True),
     ("L0 (features active per token)", ("l0",), True),
     ("loss", ("loss", "mse"), True),
-    ("features (dead: none in the window; dense: > 10%)", ("dead", "dense"), False),
-    ("schedule", ("lr", "l1_coeff"), True),
+    ("features (dead; dense)", ("dead", "dense"), False),
+    ("learning rate", ("lr",), True),
+    ("sparsity coefficient λ", ("l1_coeff",), True),
     ("throughput (tokens/s)", ("tokens_per_s",), False),
 )
 LM_PANELS = (
@@ -48,22 +47,6 @@ class Curves:
     x_label: str
     panels: list[Panel]
     resampled_at: list[float] = field(default_factory=list)  # x of the first record after each resampling
-
-
-def read_records(path: str | Path) -> list[dict[str, Any]]:
-    """The complete records of a metrics.jsonl (a line torn by a kill is skipped); [] if there is none."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
 
 
 def _number(v: Any) -> float | None:
@@ -118,7 +101,4 @@ def plot_training_curves(records: list[dict[str, Any]], path: str | Path, panels
     note = " (dotted: neuron resampling)" if curves.resampled_at else ""
     fig.suptitle(title + note, fontsize=10)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    atomic_write_bytes(path, buf.getvalue())
-    return Path(path)
+    return save_png(fig, path)

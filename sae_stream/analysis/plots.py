@@ -20,6 +20,14 @@ from torch import Tensor
 from sae_stream.checkpoint import atomic_write_bytes
 
 
+def save_png(fig: Figure, path: str | Path) -> Path:
+    """Render `fig` (a pyplot-free Figure: no global backend state) and write it to the PNG `path` atomically."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
+
+
 def plot_density_histogram(log10_density: Tensor, path: str | Path, ultralow_threshold: float = 1e-6,
                            bins: int = 60, title: str = "SAE feature density") -> Path:
     """Write a PNG histogram of `log10_density` [F] (entries of -inf are dead features) to `path` atomically."""
@@ -46,10 +54,7 @@ def plot_density_histogram(log10_density: Tensor, path: str | Path, ultralow_thr
     ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    atomic_write_bytes(path, buf.getvalue())
-    return Path(path)
+    return save_png(fig, path)
 
 
 def plot_sweep_frontier(rows: list[dict], path: str | Path, title: str = "sweep") -> Path:
@@ -59,13 +64,15 @@ def plot_sweep_frontier(rows: list[dict], path: str | Path, title: str = "sweep"
     panels = (("fvu", "FVU (lower is better)"), ("ce_gap", "1 − CE loss recovered (lower is better)"))
     for i, (key, label) in enumerate(panels):
         ax = fig.add_subplot(1, 2, i + 1)
+        labelled: set[str] = set()  # each series in the legend once, from whichever SAE has it first
         for r in rows:
             ys = [(r["fvu"], None)] if key == "fvu" else [(r["ce_gap_zero"], "vs zero"), (r["ce_gap_mean"], "vs mean")]
             for (y, kind), marker in zip(ys, ("o", "s")):
                 if y is None:
                     continue
                 ax.scatter([r["l0"]], [y], marker=marker, color="#3b6fb6" if marker == "o" else "#e67e22",
-                           label=kind if r is rows[0] else None)
+                           label=kind if kind and kind not in labelled else None)
+                labelled.add(kind or "")
                 ax.annotate(r["name"], (r["l0"], y), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set_xlabel("L0 (features active per token)")
         ax.set_ylabel(label, fontsize=8)
@@ -78,7 +85,4 @@ def plot_sweep_frontier(rows: list[dict], path: str | Path, title: str = "sweep"
             ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    atomic_write_bytes(path, buf.getvalue())
-    return Path(path)
+    return save_png(fig, path)
