@@ -28,21 +28,23 @@ from sae_stream.activations import ActivationStream, check_hook_names, hook_dim
 from sae_stream.buffer import ShuffleBuffer
 from sae_stream.checkpoint import drop_newer, load_own_part, own_dir, rank_state
 from sae_stream.checkpoint_writer import CheckpointWriter
-from sae_stream.config import Config, ConfigError, load_config, save_config, to_dict
+from sae_stream.config import Config, load_config, save_config, to_dict
 from sae_stream.data import ContextBatches, TokenContexts
 from sae_stream.distributed import Distributed, shard_size
 from sae_stream.export import export_saelens, load_saelens
 from sae_stream.lm_bridge import load_lm, native_capture, train_lm, untrained_lm
 from sae_stream.process import resolve_device
 from sae_stream.report import (
+    LM_DIR,
     SAE_DIR,
     analyze_run,
     check_lm_fits,
     current_eval,
     evaluate_run,
+    own_lm,
     plot_sae_curves,
     summarize_sweep,
-    sweep_dirs,
+    sweep_of,
 )
 from sae_stream.rundir import (
     UserError,
@@ -57,8 +59,6 @@ from sae_stream.sae import build_sae
 from sae_stream.sweep import SharedPool, common_resume_step, fit_together
 from sae_stream.tracking import NullTracker, Tracker
 from sae_stream.trainer import Trainer
-
-LM_DIR = "lm"
 
 
 def batch_dtype(ring: torch.dtype, trainers: list[Trainer]) -> torch.dtype:
@@ -284,15 +284,11 @@ def _lm_outside(lm: str | None, out: str | None, overwrite: bool) -> None:
 
 def train_resume(run_dir: str | Path) -> Path:
     run_dir = require_run_dir(run_dir)
-    parent = run_dir.resolve().parent
-    try:
-        members = [d.resolve() for d in sweep_dirs(parent)] if (parent / "config.yaml").is_file() else []
-    except (ConfigError, ValueError):
-        members = []  # the directory above is no run of ours
-    if run_dir.resolve() in members:
+    parent = sweep_of(run_dir)
+    if parent is not None:
         raise UserError(f"{str(run_dir)!r} is one SAE of the sweep in {str(parent)!r}: its SAEs share one stream "
                         f"and resume together, `{resume_command(parent)}`")
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = own_lm(run_dir, load_config(run_dir / "config.yaml"))  # (a moved run: its own lm/, not the old place)
     session = Session(cfg, run_dir)
     step = session.resume()
     if session.is_main:

@@ -7,13 +7,14 @@ they still describe the exported SAE.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from pathlib import Path
 from typing import Any
 
 from sae_stream.checkpoint import atomic_write_json, sha256_file
-from sae_stream.config import Config, load_config
+from sae_stream.config import Config, ConfigError, load_config
 from sae_stream.data import heldout_batches
 from sae_stream.evaluate import DENSITY_PNG, evaluate, load_feature_density, read_eval, write_eval
 from sae_stream.export import load_saelens
@@ -22,7 +23,7 @@ from sae_stream.process import resolve_device
 from sae_stream.rundir import UserError, require_run_dir
 from sae_stream.tracking import json_safe
 
-SAE_DIR, DASHBOARD_DIR, CURVES_PNG = "sae", "dashboard", "training_curves.png"
+SAE_DIR, DASHBOARD_DIR, CURVES_PNG, LM_DIR = "sae", "dashboard", "training_curves.png", "lm"
 SWEEP_JSON, SWEEP_PNG = "sweep_summary.json", "sweep_frontier.png"
 
 
@@ -51,9 +52,43 @@ def current_eval(run_dir: Path) -> dict[str, Any] | None:
     return ev if saved is None or saved == sae_digest(run_dir) else None
 
 
+def own_lm(run_dir: Path, cfg: Config, overrides: list[str] = ()) -> Config:
+    """cfg with lm.path at the LM `run` trained for this run (RUN_DIR/lm, or a sweep's, one level up) when there
+    is one: it travels with a copied or moved run, where the absolute lm.path still names the original place.
+    An --lm.path override wins."""
+    if any(o.startswith("--lm.path") for o in overrides):
+        return cfg
+    homes = [run_dir]
+    parent = sweep_of(run_dir)
+    if parent is not None:
+        homes.append(parent)
+    for home in homes:
+        if (home / LM_DIR / "model.safetensors").is_file():
+            return dataclasses.replace(cfg, lm=dataclasses.replace(cfg.lm, path=str((home / LM_DIR).resolve())))
+    return cfg
+
+
+def _sweep_members(run_dir: Path) -> list[Path]:
+    if not (run_dir / "config.yaml").is_file():
+        return []
+    try:
+        return sweep_dirs(run_dir)
+    except (ConfigError, ValueError, OSError):
+        return []  # no run of ours
+
+
+def sweep_of(run_dir: Path) -> Path | None:
+    """The sweep run directory `run_dir` is one SAE of (its parent), or None."""
+    parent = run_dir.resolve().parent
+    return parent if run_dir.resolve() in [d.resolve() for d in _sweep_members(parent)] else None
+
+
 def load_trained(run_dir: Path, overrides: list[str], model: Any = None) -> tuple[Config, Any, Any]:
-    cfg = load_config(run_dir / "config.yaml", overrides)
+    cfg = own_lm(run_dir, load_config(run_dir / "config.yaml", overrides), overrides)
     if not (run_dir / SAE_DIR / "cfg.json").is_file():
+        members = [d.name for d in _sweep_members(run_dir)]
+        if members:
+            raise UserError(f"{run_dir} is a sweep: each SAE is in RUN_DIR/<name> ({', '.join(members)})")
         raise UserError(f"{run_dir} has no trained SAE in {SAE_DIR}/: run or resume `sae-stream train` first")
     device = resolve_device(cfg.train.device)
     model = model if model is not None else load_lm(cfg.lm.path, device)
@@ -140,9 +175,9 @@ def analyze_run(run_dir: str | Path, overrides: list[str] | None = None, loaded:
     batches = heldout_batches(cfg.data, cfg.eval.batch_contexts, cfg.analysis.tokens,
                               what="analysis.tokens")
     curves = plot_sae_curves(run_dir, cfg)  # (also for runs trained before the curves were drawn)
-    links = [(label, f"../{name}") for label, name in (("training curves", CURVES_PNG),
-                                                       ("density histogram", DENSITY_PNG), ("eval.json", "eval.json"))
-             if (run_dir / name).is_file()]
+    plots = [("training curves", CURVES_PNG)] + ([("density histogram", DENSITY_PNG), ("eval.json", "eval.json")]
+                                                 if ev is not None else [])  # (not an eval of an older SAE)
+    links = [(label, f"../{name}") for label, name in plots if (run_dir / name).is_file()]
     path = build_dashboard(model, sae, cfg.buffer.hook_name, batches, get_tokenizer(cfg.data.tokenizer), cfg.analysis,
                            run_dir / DASHBOARD_DIR, densities, ultralow_threshold=cfg.train.ultralow_threshold,
                            dead_threshold=cfg.train.dead_threshold, density_tokens=density_tokens,

@@ -54,17 +54,21 @@ class OutDir:
 
     def rollback(self) -> None:
         """Put the old run back, with Ctrl-C / SIGTERM held off until it is done (a second Ctrl-C must not strand
-        it under its temporary name). Before any heavy work (commit comes first), so the new directory is small."""
+        it under its temporary name): the new directory renamed aside, the old one back, then the new one removed
+        (the name is never missing while it is; a kill -9 then leaves `.NAME.discarded-*`, which the next command
+        removes)."""
         if self.done:
             return
+        trash = None
         with _signals_deferred():
             if self.created and self.path.exists():
                 trash = self.path.with_name(f".{self.path.name}.discarded-{secrets.token_hex(4)}")
                 os.replace(self.path, trash)  # (a rename: the old run's name is free at once)
-                shutil.rmtree(trash, ignore_errors=True)
             if self.old is not None:
                 os.replace(self.old, self.path)
             self.done = True
+            if trash is not None:  # (the new directory is small: commit comes before any heavy work)
+                shutil.rmtree(trash, ignore_errors=True)
 
 
 @contextmanager
@@ -105,13 +109,20 @@ def fresh_out_dir(out: str | Path | None, command: str, overwrite: bool) -> Iter
 
 
 def _recover_replaced(path: Path) -> None:
-    """A run an earlier --overwrite moved aside (`.NAME.replaced-*`) and never put back (that process was killed
-    mid-way): with `path` gone it is renamed back; beside a `path` it is named in a warning (the new run started,
-    so its removal was cut short)."""
+    """A run an earlier --overwrite moved aside (`.NAME.replaced-PID-HEX`) and never put back (that process was
+    killed mid-way): with `path` gone it is renamed back; beside a `path` it is named in a warning (the new run
+    started, so its removal was cut short). A discarded new directory (`.NAME.discarded-HEX`) is removed."""
+    import re
     import warnings
 
-    stranded = sorted(p for p in path.parent.glob(f".{path.name}.replaced-*") if p.is_dir()
-                      and not _alive(p.name.split(".replaced-")[-1].split("-")[0]))
+    name = re.escape(path.name)
+    stranded = []
+    for p in sorted(path.parent.iterdir()) if path.parent.is_dir() else []:
+        if re.fullmatch(rf"\.{name}\.discarded-[0-9a-f]{{8}}", p.name) and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        m = re.fullmatch(rf"\.{name}\.replaced-(\d+)-[0-9a-f]{{8}}", p.name)
+        if m and p.is_dir() and not _alive(int(m.group(1))):
+            stranded.append(p)
     if not stranded:
         return
     if not path.exists() and len(stranded) == 1 and (stranded[0] / "config.yaml").is_file():
@@ -124,11 +135,11 @@ def _recover_replaced(path: Path) -> None:
                   stacklevel=3)
 
 
-def _alive(pid: str) -> bool:
+def _alive(pid: int) -> bool:
     """Whether process `pid` still runs (then its --overwrite may be in progress: leave its directory alone)."""
     try:
-        os.kill(int(pid), 0)
-    except (ValueError, ProcessLookupError):
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
         return False
     except PermissionError:
         return True
@@ -152,8 +163,8 @@ def _signals_deferred() -> Iterator[None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-    if got:
-        signal.raise_signal(got[0])  # now, with the handlers it would have met
+        if got:  # now, with the handlers it would have met (also over an error raised in the block)
+            signal.raise_signal(got[0])
 
 
 class Terminated(SystemExit):

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sae_stream.analysis.hooks import hook_activations, sae_decode, sae_features, spliced_logits
-from sae_stream.config import Config
+from sae_stream.config import Config, ConfigError
 from sae_stream.report import load_trained
 from sae_stream.rundir import require_run_dir
 from sae_stream.tokenizer import Tokenizer, get_tokenizer
@@ -45,26 +45,32 @@ class TrainedRun:
     def tokens(self, text: str) -> Tensor:
         """LongTensor[1, T]: end-of-text, then the text's tokens (cut to the LM's context)."""
         ids = [self.tokenizer.eot, *self.tokenizer.encode(text)]
-        n_ctx = self.model.cfg.n_ctx
+        n_ctx, trained = self.model.cfg.n_ctx, self.cfg.data.context_len
         if len(ids) > n_ctx:
             warnings.warn(f"the LM reads {n_ctx} tokens: using the text's first {n_ctx - 1} of its {len(ids) - 1} "
-                          "tokens", stacklevel=2)
+                          "tokens", stacklevel=3)
             ids = ids[:n_ctx]
+        if len(ids) > trained:
+            warnings.warn(f"the SAE was trained on positions < data.context_len={trained}: the text's tokens past "
+                          f"its first {trained - 1} sit where it never looked", stacklevel=3)
         if len(ids) < 2:
             raise ValueError("the text has no tokens: pass some text")
         return torch.tensor([ids], device=self.model.W_U.device)
 
-    @torch.no_grad()
     def features(self, text: str) -> Tensor:
         """The SAE's feature activations at each of the text's tokens, [T, d_sae] (float32, on the CPU)."""
-        tokens_1T = self.tokens(text)
+        return self._features(self.tokens(text))
+
+    @torch.no_grad()
+    def _features(self, tokens_1T: Tensor) -> Tensor:
         x_1TD = hook_activations(self.model, self.hook_name, tokens_1T)
         return sae_features(self.sae, x_1TD)[0, 1:].float().cpu()
 
     def top_features(self, text: str, k: int = 5) -> list[tuple[str, list[tuple[int, float]]]]:
         """For each of the text's tokens, its `k` most active features (active ones only), strongest first."""
-        feats_TF = self.features(text)
-        names = self.tokenizer.decode_tokens(self.tokens(text)[0, 1:].tolist())
+        tokens_1T = self.tokens(text)
+        feats_TF = self._features(tokens_1T)
+        names = self.tokenizer.decode_tokens(tokens_1T[0, 1:].tolist())
         values_TK, index_TK = feats_TF.topk(min(k, feats_TF.shape[1]), dim=1)
         return [(name, [(int(f), float(v)) for v, f in zip(vals, idx) if v > 0])
                 for name, vals, idx in zip(names, values_TK, index_TK)]
@@ -93,5 +99,8 @@ def load_run(run_dir: str | Path, device: str | None = None) -> TrainedRun:
     train.device, i.e. the GPU when there is one)."""
     path = require_run_dir(run_dir)
     overrides = [f"--train.device={device}"] if device else []
-    cfg, model, sae = load_trained(path, overrides)
+    try:
+        cfg, model, sae = load_trained(path, overrides)
+    except ConfigError as e:
+        raise ConfigError(str(e).replace("--train.device=", "device=")) from None  # (the CLI's spelling)
     return TrainedRun(cfg, model, sae.eval(), get_tokenizer(cfg.data.tokenizer), path)

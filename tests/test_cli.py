@@ -381,3 +381,26 @@ def test_load_run__features_and_losses_of_any_text_match_the_parts(tiny_run: Pat
         assert run.features("the cat sat on a mat, and then the dog").shape[0] == 31  # cut to the LM's context
     with pytest.raises(UserError, match="not a run directory"):
         load_run(tiny_run / "sae")
+
+
+def test_moved_run__eval_and_load_run_use_its_own_lm(tiny_run: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    """config.yaml names the LM `run` trained by its absolute path; a copied run (the original gone) uses the lm/
+    that travelled with it."""
+    import shutil
+
+    from sae_stream import load_run
+    from sae_stream.config import load_config
+    from sae_stream.report import own_lm
+
+    original = tmp_path / "original"
+    shutil.copytree(tiny_run, original)
+    cfg = yaml.safe_load((original / "config.yaml").read_text())
+    cfg["lm"]["path"] = str(original / "lm")  # as `run` wrote it for this directory
+    (original / "config.yaml").write_text(yaml.safe_dump(cfg))
+    moved = tmp_path / "moved"
+    shutil.move(original, moved)
+    assert own_lm(moved, load_config(moved / "config.yaml")).lm.path == str((moved / "lm").resolve())
+    assert main(["eval", str(moved)]) == 0
+    assert load_run(moved, device="cpu").features("a cat").shape[0] == 5
+    assert own_lm(moved, load_config(moved / "config.yaml"), ["--lm.path=elsewhere"]).lm.path == str(original / "lm")

@@ -64,6 +64,18 @@ def test_fresh_out_dir__a_stranded_replaced_run_is_put_back(tmp_path: Path) -> N
     assert not stranded.exists() and (tmp_path / "run" / "config.yaml").read_text() == "old: true\n"
 
 
+def test_fresh_out_dir__only_its_own_stranded_names_count(tmp_path: Path) -> None:
+    """`run[1]` is a name, not a pattern: run1's stranded directory is not its, nor one not named as we name
+    them; a discarded new directory of this name is removed; a pid out of range is no process."""
+    other = _old_run(tmp_path / f".run1.replaced-{_dead_pid()}-abcd1234")
+    odd = _old_run(tmp_path / f".run[1].replaced-{_dead_pid()}-not-hex!")
+    discarded = _old_run(tmp_path / ".run[1].discarded-0123abcd")
+    with fresh_out_dir(tmp_path / "run[1]", "train", overwrite=False) as staged:
+        assert not any(staged.path.iterdir())  # a fresh directory: nothing was moved into it
+    assert other.is_dir() and odd.is_dir() and not discarded.exists()
+    assert not rundir._alive(10**20)  # (os.kill raises OverflowError for it)
+
+
 def test_fresh_out_dir__a_stranded_run_beside_a_new_one_is_named_not_moved(tmp_path: Path) -> None:
     _old_run(tmp_path / "run")
     stranded = _old_run(tmp_path / f".run.replaced-{_dead_pid()}-abcd1234")
@@ -72,3 +84,15 @@ def test_fresh_out_dir__a_stranded_run_beside_a_new_one_is_named_not_moved(tmp_p
         with fresh_out_dir(tmp_path / "run", "train", overwrite=True) as staged:
             staged.commit()
     assert stranded.is_dir() and live.is_dir()
+
+
+def test_signals_deferred__an_error_in_the_block_does_not_swallow_the_ctrl_c() -> None:
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt) as info:
+            with rundir._signals_deferred():
+                signal.raise_signal(signal.SIGINT)
+                raise FileNotFoundError("a rename failed")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert isinstance(info.value.__context__, FileNotFoundError)  # (the error is kept as its context)

@@ -133,6 +133,11 @@ def test_cli__sweep_run_dir_resume_and_eval(tiny_run: Path, tmp_path: Path, one_
     for name in ("low", "high"):
         assert (ref / name / "training_curves.png").is_file()
     assert main(["eval", str(ref / "low")]) == 0  # a member directory is a run directory of its own
+    from sae_stream import load_run
+    from sae_stream.rundir import UserError
+
+    with pytest.raises(UserError, match=r"is a sweep: each SAE is in RUN_DIR/<name> \(low, high\)"):
+        load_run(ref, device="cpu")
     capsys.readouterr()
     # ...but not a run of its own to resume: its SAE trains on the sweep's stream
     before = sorted(p.name for p in (ref / "low" / "checkpoints").iterdir())
