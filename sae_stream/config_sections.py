@@ -33,6 +33,9 @@ class DataConfig:
     shuffle_buffer: int = 1000
     """Documents in the shuffle buffer of a streamed source (local files, HF dataset), read after its files in a
     seeded order; a checkpoint holds the buffer's texts."""
+    stream_retries: int = 5
+    """HF datasets: times a read that fails with a network error (OSError) is retried, from the record it reached,
+    waiting 2, 4, 8, ... s (at most 60); 0 stops at the first. Local files are never retried."""
     loop: bool = True
     """When the source is exhausted: True starts another epoch (reshuffled), False stops the stream."""
     seed: int = 0
@@ -42,6 +45,8 @@ class DataConfig:
         _positive(self, "data", "context_len", "shuffle_buffer")
         if not 0.0 <= self.heldout_fraction < 1.0:
             raise ConfigError("data.heldout_fraction must be in [0, 1)")
+        if self.stream_retries < 0:
+            raise ConfigError(f"data.stream_retries must be >= 0, got {self.stream_retries}")
         if self.tokenizer not in ("gpt2", "byte"):
             raise ConfigError(f"data.tokenizer must be 'gpt2' or 'byte', got {self.tokenizer!r}")
 

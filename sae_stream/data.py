@@ -68,15 +68,16 @@ class _StreamSource:
     """A `datasets.IterableDataset` of records: shuffled per epoch (records.py), filtered, tokenized in batches."""
 
     def __init__(self, dataset: Any, text_field: str, keep: Callable[[str], bool] | None, tok: Tokenizer,
-                 shuffle_buffer: int, where: str) -> None:
+                 shuffle_buffer: int, where: str, retries: int = 0) -> None:
         self.dataset, self.text_field, self.keep, self.tok = dataset, text_field, keep, tok
-        self.shuffle_buffer, self.where = shuffle_buffer, where
+        self.shuffle_buffer, self.where, self.retries = shuffle_buffer, where, retries
 
     def token_chunks(self, seed: int, start: dict[str, Any] | None = None) -> Iterator[tuple[torch.Tensor, Any]]:
         """Token chunks of the epoch's documents (`_ENCODE_DOCS` per tokenizer call), each with the reader's
         snapshot before its first record. `start`: such a snapshot to go on from (a resume: records.py reads
         again only the part of one shard before it, and tokenizes nothing before it)."""
-        texts = ShuffledTexts(self.dataset, self.text_field, seed, self.shuffle_buffer, self.where, start)
+        texts = ShuffledTexts(self.dataset, self.text_field, seed, self.shuffle_buffer, self.where, start,
+                              retries=self.retries)
         batch: list[str] = []
         n_docs = n_other_split = 0
         before = texts.snapshot()
@@ -174,7 +175,7 @@ def _open_hf(cfg: DataConfig, heldout: bool, tok: Tokenizer) -> _StreamSource:
         raise ValueError(f"could not open HF dataset {cfg.source!r} (subset {cfg.hf_subset!r}, split {split!r}): "
                          f"{first_line(e)}") from e
     where = f"HF dataset {cfg.source!r} (split {split!r}{', held-out by hash' if keep and heldout else ''})"
-    return _StreamSource(dataset, cfg.text_field, keep, tok, cfg.shuffle_buffer, where)
+    return _StreamSource(dataset, cfg.text_field, keep, tok, cfg.shuffle_buffer, where, cfg.stream_retries)
 
 
 def _no_proxy(host: str) -> bool:

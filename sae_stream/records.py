@@ -13,6 +13,8 @@ records read already, so a Hub stream downloads one shard again, not every recor
 
 from __future__ import annotations
 
+import time
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,17 +24,17 @@ from sae_stream.rundir import first_line
 
 
 class ShuffledTexts:
-    """One epoch of `dataset[text_field]`, shuffled by `seed`; `records_read` counts the records pulled from it."""
+    """One epoch of `dataset[text_field]`, shuffled by `seed`."""
 
     def __init__(self, dataset: Any, text_field: str, seed: int, buffer_size: int, where: str,
-                 state: dict[str, Any] | None = None) -> None:
+                 state: dict[str, Any] | None = None, retries: int = 0) -> None:
         self.dataset, self.text_field, self.size, self.where = dataset, text_field, buffer_size, where
+        self.retries = retries  # network errors survived per shard (a Hub stream over hours meets some)
         self.n_shards = max(1, int(getattr(dataset, "n_shards", 1) or 1))
         self.order = np.random.default_rng([seed, 0]).permutation(self.n_shards).tolist()
         self.rng = np.random.default_rng([seed, 1])
         self.shards = ShardTree(dataset, self.n_shards)
         self.shard_pos, self.in_shard, self.buffer = 0, 0, []
-        self.records_read = 0
         if state is not None:
             self._restore(state)
 
@@ -68,19 +70,30 @@ class ShuffledTexts:
             yield self.buffer.pop()
 
     def _shard_records(self, shard: int, skip: int) -> Iterator[dict[str, Any]]:
-        """Shard `shard`'s records after its first `skip`; a reader's error (a malformed .jsonl line, a bad
-        parquet file) names the source."""
-        ds = self.shards.leaf(shard)
-        records = iter(ds.skip(skip) if skip else ds)
+        """Shard `shard`'s records after its first `skip`. A network error (OSError) is retried `self.retries`
+        times, the shard opened again at the record reached; any other reader error (a malformed .jsonl line, a
+        bad parquet file), or the last retry's, is raised naming the source."""
+        failures = 0
         while True:
-            try:
-                record = next(records)
-            except StopIteration:
-                return
-            except Exception as e:  # noqa: BLE001 - pyarrow / json / datasets errors come in many types
-                raise ValueError(f"cannot read {self.where}: {first_line(e)}") from e
-            self.records_read += 1
-            yield record
+            ds = self.shards.leaf(shard)
+            records = iter(ds.skip(skip) if skip else ds)
+            while True:
+                try:
+                    record = next(records)
+                except StopIteration:
+                    return
+                except Exception as e:  # noqa: BLE001 - pyarrow / json / datasets errors come in many types
+                    if not isinstance(e, OSError) or failures >= self.retries:
+                        again = f" (after {failures} retries)" if failures else ""
+                        raise ValueError(f"cannot read {self.where}{again}: {first_line(e)}") from e
+                    failures += 1
+                    wait = min(60.0, 2.0 ** failures)
+                    warnings.warn(f"reading {self.where} failed ({first_line(e)}): retry {failures} of "
+                                  f"{self.retries} in {wait:g} s, from record {skip} of its shard", stacklevel=2)
+                    time.sleep(wait)
+                    break
+                skip, failures = skip + 1, 0  # (retries count failures in a row: progress resets them)
+                yield record
 
     def _text(self, record: dict[str, Any]) -> str | None:
         if self.text_field not in record:

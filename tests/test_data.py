@@ -275,6 +275,50 @@ def test_shard_tree__leaves_are_each_shard_once_for_n_log_n_work() -> None:
         assert work <= ShardTree.FANOUT * n * max(1, math.ceil(math.log(n, ShardTree.FANOUT))), (n, work)
 
 
+class FlakyShards(CountingDataset):
+    """Raises `error` where record `at["text"]` would be read, `at["times"]` times in all (a network fault)."""
+
+    def __init__(self, inner, error: Exception, at: dict[str, int], log: list | None = None) -> None:
+        super().__init__(inner, log)
+        self.error, self.at = error, at  # (shared by every view of it)
+
+    def shard(self, num_shards: int, index: int) -> FlakyShards:
+        view = super().shard(num_shards, index)
+        return FlakyShards(view.inner, self.error, self.at, self.log)
+
+    def __iter__(self):
+        for record in super().__iter__():
+            if record["text"] == self.at["text"] and self.at["times"] > 0:
+                self.at["times"] -= 1
+                raise self.error
+            yield record
+
+
+def test_shuffled_texts__network_errors_are_retried_from_the_record_reached(monkeypatch) -> None:
+    from sae_stream import records
+    from sae_stream.records import ShuffledTexts
+
+    waits: list[float] = []
+    monkeypatch.setattr(records.time, "sleep", waits.append)
+    shards = [[{"text": f"{s}-{i}"} for i in range(10)] for s in range(3)]
+    whole = list(ShuffledTexts(CountingDataset(shards), "text", seed=2, buffer_size=4, where="test"))
+
+    def read(error: Exception, times: int, retries: int) -> tuple[list[str], list[str]]:
+        flaky = FlakyShards(shards, error, {"text": "1-6", "times": times})
+        return list(ShuffledTexts(flaky, "text", seed=2, buffer_size=4, where="test", retries=retries)), flaky.texts()
+
+    with pytest.warns(UserWarning, match=r"test failed \(connection reset\): retry 1 of 3 in 2 s, from record 6"):
+        got, read_log = read(ConnectionResetError("connection reset"), times=2, retries=3)
+    assert got == whole and waits == [2.0, 4.0]
+    others = [t for t in read_log if not t.startswith("1-")]  # reopened where it was: only that shard read again
+    assert sorted(others) == sorted(t for t in whole if not t.startswith("1-"))
+    with pytest.raises(ValueError, match=r"cannot read test \(after 2 retries\): connection reset"), \
+            pytest.warns(UserWarning):
+        read(ConnectionResetError("connection reset"), times=3, retries=2)
+    with pytest.raises(ValueError, match="cannot read test: bad json"):  # a malformed record is no network fault
+        read(ValueError("bad json"), times=1, retries=5)
+
+
 def test_token_contexts__stream_state_from_the_old_reader_or_other_files_refused(tmp_path) -> None:
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps({"text": f"doc {i} " * 9}) + "\n" for i in range(50)))
