@@ -34,8 +34,8 @@ class DataConfig:
     """Documents in the shuffle buffer of a streamed source (local files, HF dataset), read after its files in a
     seeded order; a checkpoint holds the buffer's texts."""
     stream_retries: int = 5
-    """HF datasets: times a read that fails with a network error (OSError) is retried, from the record it reached,
-    waiting 2, 4, 8, ... s (at most 60); 0 stops at the first. Local files are never retried."""
+    """HF datasets: times a read that fails with a network error is retried (after `datasets`' own), from the record
+    reached, waiting 2, 4, 8, ... s (at most 60); 0 stops at the first. Local files are never retried."""
     loop: bool = True
     """When the source is exhausted: True starts another epoch (reshuffled), False stops the stream."""
     seed: int = 0

@@ -70,7 +70,7 @@ class ShuffledTexts:
             yield self.buffer.pop()
 
     def _shard_records(self, shard: int, skip: int) -> Iterator[dict[str, Any]]:
-        """Shard `shard`'s records after its first `skip`. A network error (OSError) is retried `self.retries`
+        """Shard `shard`'s records after its first `skip`. A network error (_network_error) is retried `self.retries`
         times, the shard opened again at the record reached; any other reader error (a malformed .jsonl line, a
         bad parquet file), or the last retry's, is raised naming the source."""
         failures = 0
@@ -83,7 +83,7 @@ class ShuffledTexts:
                 except StopIteration:
                     return
                 except Exception as e:  # noqa: BLE001 - pyarrow / json / datasets errors come in many types
-                    if not isinstance(e, OSError) or failures >= self.retries:
+                    if not _network_error(e) or failures >= self.retries:
                         again = f" (after {failures} retries)" if failures else ""
                         raise ValueError(f"cannot read {self.where}{again}: {first_line(e)}") from e
                     failures += 1
@@ -101,6 +101,18 @@ class ShuffledTexts:
                              "set data.text_field")
         text = record[self.text_field]
         return text if isinstance(text, str) else None
+
+
+def _network_error(e: BaseException) -> bool:
+    """A fault worth reading again for: an OSError (ConnectionError, a timeout, datasets' own "Server Disconnected"
+    once its retries are spent, huggingface_hub's HTTP errors) or an httpx request error (not OSErrors)."""
+    if isinstance(e, OSError):
+        return True
+    try:
+        import httpx
+    except ImportError:
+        return False
+    return isinstance(e, httpx.RequestError)
 
 
 class ShardTree:
