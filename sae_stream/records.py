@@ -13,6 +13,7 @@ records read already, so a Hub stream downloads one shard again, not every recor
 
 from __future__ import annotations
 
+import functools
 import time
 import warnings
 from collections.abc import Iterator
@@ -105,14 +106,29 @@ class ShuffledTexts:
 
 def _network_error(e: BaseException) -> bool:
     """A fault worth reading again for: an OSError (ConnectionError, a timeout, datasets' own "Server Disconnected"
-    once its retries are spent, huggingface_hub's HTTP errors) or an httpx request error (not OSErrors)."""
+    once its retries are spent, huggingface_hub's HTTP errors) or a request error of the HTTP client the Hub
+    libraries use (httpx, or the httpx2 that huggingface_hub 2.x names `huggingface_hub.utils.httpx`)."""
     if isinstance(e, OSError):
         return True
+    return isinstance(e, _http_request_errors())
+
+
+@functools.cache
+def _http_request_errors() -> tuple[type[BaseException], ...]:
+    errors = []
+    try:
+        from huggingface_hub.utils import httpx as hub_httpx
+
+        errors.append(hub_httpx.RequestError)
+    except (ImportError, AttributeError):
+        pass
     try:
         import httpx
+
+        errors.append(httpx.RequestError)
     except ImportError:
-        return False
-    return isinstance(e, httpx.RequestError)
+        pass
+    return tuple(errors)
 
 
 class ShardTree:

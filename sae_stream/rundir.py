@@ -136,7 +136,10 @@ def _recover_replaced(path: Path) -> None:
 
 
 def _alive(pid: int) -> bool:
-    """Whether process `pid` still runs (then its --overwrite may be in progress: leave its directory alone)."""
+    """Whether process `pid` still runs (then its --overwrite may be in progress: leave its directory alone). Our
+    own pid is not: in a container a restarted process gets the same small pid as the one that was killed."""
+    if pid == os.getpid():
+        return False
     try:
         os.kill(pid, 0)
     except (ProcessLookupError, OverflowError):

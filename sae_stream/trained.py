@@ -44,6 +44,10 @@ class TrainedRun:
 
     def tokens(self, text: str) -> Tensor:
         """LongTensor[1, T]: end-of-text, then the text's tokens (cut to the LM's context)."""
+        return self._tokens(text)
+
+    def _tokens(self, text: str) -> Tensor:
+        """tokens(), called by a public method: its warnings point at the line that called that method."""
         ids = [self.tokenizer.eot, *self.tokenizer.encode(text)]
         n_ctx, trained = self.model.cfg.n_ctx, self.cfg.data.context_len
         if len(ids) > n_ctx:
@@ -59,7 +63,7 @@ class TrainedRun:
 
     def features(self, text: str) -> Tensor:
         """The SAE's feature activations at each of the text's tokens, [T, d_sae] (float32, on the CPU)."""
-        return self._features(self.tokens(text))
+        return self._features(self._tokens(text))
 
     @torch.no_grad()
     def _features(self, tokens_1T: Tensor) -> Tensor:
@@ -68,25 +72,25 @@ class TrainedRun:
 
     def top_features(self, text: str, k: int = 5) -> list[tuple[str, list[tuple[int, float]]]]:
         """For each of the text's tokens, its `k` most active features (active ones only), strongest first."""
-        tokens_1T = self.tokens(text)
+        tokens_1T = self._tokens(text)
         feats_TF = self._features(tokens_1T)
         names = self.tokenizer.decode_tokens(tokens_1T[0, 1:].tolist())
         values_TK, index_TK = feats_TF.topk(min(k, feats_TF.shape[1]), dim=1)
         return [(name, [(int(f), float(v)) for v, f in zip(vals, idx) if v > 0])
                 for name, vals, idx in zip(names, values_TK, index_TK)]
 
-    @torch.no_grad()
     def loss(self, text: str) -> dict[str, float]:
         """Mean next-token cross-entropy over the text's tokens, clean and with the SAE's reconstruction spliced in
         at the hook (positions past the first, as in eval)."""
-        tokens_1T = self.tokens(text)
+        tokens_1T = self._tokens(text)
 
         def through_sae(x_BTD: Tensor) -> Tensor:
             return sae_decode(self.sae, sae_features(self.sae, x_BTD), x_BTD)
 
-        clean = self.model(tokens_1T)
-        spliced = spliced_logits(self.model, self.hook_name, tokens_1T, through_sae,
-                                 skip_first_position=self.cfg.buffer.skip_first_position)
+        with torch.no_grad():  # (not a decorator: the warnings above would point into torch)
+            clean = self.model(tokens_1T)
+            spliced = spliced_logits(self.model, self.hook_name, tokens_1T, through_sae,
+                                     skip_first_position=self.cfg.buffer.skip_first_position)
         return {"clean": _next_token_ce(clean, tokens_1T), "sae": _next_token_ce(spliced, tokens_1T)}
 
 
@@ -102,5 +106,5 @@ def load_run(run_dir: str | Path, device: str | None = None) -> TrainedRun:
     try:
         cfg, model, sae = load_trained(path, overrides)
     except ConfigError as e:
-        raise ConfigError(str(e).replace("--train.device=", "device=")) from None  # (the CLI's spelling)
+        raise ConfigError(str(e).replace("--train.device=", "device=").replace("train.device", "device")) from None
     return TrainedRun(cfg, model, sae.eval(), get_tokenizer(cfg.data.tokenizer), path)

@@ -379,6 +379,12 @@ def test_load_run__features_and_losses_of_any_text_match_the_parts(tiny_run: Pat
     assert loss["sae"] != loss["clean"] and loss["sae"] < 2 * loss["clean"]
     with pytest.warns(UserWarning, match="first 31 of its 38 tokens"):
         assert run.features("the cat sat on a mat, and then the dog").shape[0] == 31  # cut to the LM's context
+    for method in (run.tokens, run.features, run.top_features, run.loss):
+        with pytest.warns(UserWarning) as caught:
+            method("the cat sat on a mat, and then the dog")
+        assert {Path(w.filename).name for w in caught} == {"test_cli.py"}, method  # (the line that called it)
+    with pytest.raises(ConfigError, match="device must be auto, cuda or cpu, got 'gpu'"):
+        load_run(tiny_run, device="gpu")
     with pytest.raises(UserError, match="not a run directory"):
         load_run(tiny_run / "sae")
 

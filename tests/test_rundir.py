@@ -76,10 +76,19 @@ def test_fresh_out_dir__only_its_own_stranded_names_count(tmp_path: Path) -> Non
     assert not rundir._alive(10**20)  # (os.kill raises OverflowError for it)
 
 
+def test_fresh_out_dir__a_run_stranded_under_our_own_pid_is_put_back(tmp_path: Path) -> None:
+    """In a container a restarted process gets the pid of the one that was killed: its directory is no live one."""
+    _old_run(tmp_path / f".run.replaced-{os.getpid()}-abcd1234")
+    with pytest.warns(UserWarning, match="restored"), pytest.raises(UserError, match="exists"):
+        with fresh_out_dir(tmp_path / "run", "train", overwrite=False):
+            pass
+    assert (tmp_path / "run" / "config.yaml").is_file()
+
+
 def test_fresh_out_dir__a_stranded_run_beside_a_new_one_is_named_not_moved(tmp_path: Path) -> None:
     _old_run(tmp_path / "run")
     stranded = _old_run(tmp_path / f".run.replaced-{_dead_pid()}-abcd1234")
-    live = _old_run(tmp_path / f".run.replaced-{os.getpid()}-00000000")  # a running --overwrite's: not ours to touch
+    live = _old_run(tmp_path / f".run.replaced-{os.getppid()}-00000000")  # a running --overwrite's: not ours to touch
     with pytest.warns(UserWarning, match=r"\.run\.replaced-\d+-abcd1234' left by an interrupted --overwrite"):
         with fresh_out_dir(tmp_path / "run", "train", overwrite=True) as staged:
             staged.commit()
