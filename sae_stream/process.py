@@ -55,12 +55,14 @@ class TrainingInterrupted(Exception):
 
 
 @contextlib.contextmanager
-def signals_to(on_signal: Callable[[int], None]) -> Iterator[None]:
-    """Route SIGTERM/SIGINT to `on_signal` inside the block; main thread only (where Python runs handlers)."""
+def signals_to(on_signal: Callable[[int], None],
+               signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> Iterator[None]:
+    """Route `signals` (SIGTERM/SIGINT) to `on_signal` inside the block, then restore the handlers they had; main
+    thread only (where Python runs handlers: elsewhere the block runs with the handlers as they are)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {s: signal.signal(s, lambda signum, _frame: on_signal(signum)) for s in (signal.SIGTERM, signal.SIGINT)}
+    previous = {s: signal.signal(s, lambda signum, _frame: on_signal(signum)) for s in signals}
     try:
         yield
     finally:

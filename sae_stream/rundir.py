@@ -7,11 +7,14 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import signal
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from sae_stream.process import signals_to
 
 
 class UserError(RuntimeError):
@@ -152,20 +155,11 @@ def _alive(pid: int) -> bool:
 @contextmanager
 def _signals_deferred() -> Iterator[None]:
     """Ctrl-C and SIGTERM arriving inside the block take effect when it ends (main thread; elsewhere a no-op)."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
     got: list[int] = []
-    previous = {sig: signal.signal(sig, lambda signum, frame: got.append(signum))
-                for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield
+        with signals_to(got.append):
+            yield
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
         if got:  # now, with the handlers it would have met (also over an error raised in the block)
             signal.raise_signal(got[0])
 
@@ -177,21 +171,11 @@ class Terminated(SystemExit):
 @contextmanager
 def _term_raises() -> Iterator[None]:
     """SIGTERM raises `Terminated` inside the block (main thread only; the training loop installs its own)."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def raise_terminated(signum: int, frame: Any) -> None:
+    def raise_terminated(signum: int) -> None:
         raise Terminated(128 + signum)
 
-    previous = signal.signal(signal.SIGTERM, raise_terminated)
-    try:
+    with signals_to(raise_terminated, (signal.SIGTERM,)):
         yield
-    finally:
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def inside(path: str | Path, directory: str | Path) -> bool:
