@@ -35,7 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +45,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from buffer_throughput import HOOK, token_batches  # noqa: E402
+from data_throughput import write_corpus  # noqa: E402
 from recorder import Recorder  # noqa: E402
 
 from lm.capture import GPTCapture  # noqa: E402
@@ -52,8 +53,10 @@ from lm.hooked import to_hooked  # noqa: E402
 from lm.model import GPT  # noqa: E402
 from sae_stream.activations import ActivationStream, HookCapture  # noqa: E402
 from sae_stream.buffer import ShuffleBuffer  # noqa: E402
-from sae_stream.config import BufferConfig, LMConfig, config_from_dict, load_config  # noqa: E402
+from sae_stream.config import BufferConfig, DataConfig, LMConfig, config_from_dict, load_config  # noqa: E402
+from sae_stream.data import ContextBatches  # noqa: E402
 from sae_stream.fused_ops import tuned_configs  # noqa: E402
+from sae_stream.prefetch import PrefetchedBatches, training_batches  # noqa: E402
 from sae_stream.sae import build_sae  # noqa: E402
 from sae_stream.step import resolve_kernels  # noqa: E402
 from sae_stream.trainer import Trainer  # noqa: E402
@@ -91,10 +94,25 @@ def build_lm(context_len: int, device: str) -> tuple[GPT, object]:
 
 
 def make_stream(context_len: int, device: str, bcfg: BufferConfig, out_device: str, native: bool,
-                kernels: str = "torch") -> ActivationStream:
+                kernels: str = "torch", tokens: Iterable[Tensor] | None = None) -> ActivationStream:
+    """The LM's activation stream over `tokens` (default: random token batches made on the host)."""
     gpt, hooked = build_lm(context_len, device)
-    return ActivationStream(hooked, HOOK, token_batches(bcfg.lm_batch_size, context_len, "cpu"), bcfg, out_device,
+    tokens = tokens if tokens is not None else token_batches(bcfg.lm_batch_size, context_len, "cpu")
+    return ActivationStream(hooked, HOOK, tokens, bcfg, out_device,
                             capture=GPTCapture(gpt, [HOOK], kernels=kernels) if native else None)
+
+
+def text_batches(args: argparse.Namespace, context_len: int, lm_batch: int,
+                 prefetch: int) -> ContextBatches | PrefetchedBatches:
+    """Token batches of real text as `sae-stream train` reads them (data.prefetch batches ahead in a child
+    process, or inline with 0): --text-mb of the embedded corpus's documents as a .jsonl, GPT-2 BPE, looped."""
+    path = Path(args.text_dir) / "docs.jsonl"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_corpus(path, n_bytes=int(args.text_mb * 1e6))
+    cfg = DataConfig(source=str(path), tokenizer="gpt2", context_len=context_len, heldout_fraction=0.0,
+                     prefetch=prefetch)
+    return training_batches(cfg, lm_batch, torch.device(args.device))
 
 
 def lm_kernels(args: argparse.Namespace) -> str:
@@ -117,7 +135,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--lm-tokens", type=int, default=65536, help="tokens per LM forward (contexts x context_len)")
     p.add_argument("--seconds", type=float, default=3.0, help="target length of each timed window")
     p.add_argument("--disk-tokens", type=int, default=4_000_000, help="vectors written for the disk baseline")
-    p.add_argument("--skip", default="", help="comma list of parts to skip: steps,lm,loop,pinned,disk")
+    p.add_argument("--skip", default="", help="comma list of parts to skip: steps,lm,loop,text,pinned,disk")
+    p.add_argument("--text-dir", default=str(Path(tempfile.gettempdir()) / "gpu_compare_text"),
+                   help="where the loop_*_text variants' .jsonl is written (kept for the next run)")
+    p.add_argument("--text-mb", type=float, default=20.0, help="size of that .jsonl (looped over)")
     p.add_argument("--saelens", default=None, help="path of peer-bench's bench_saelens.py: also run SAELens")
     p.add_argument("--kernels", default="auto", help="train.kernels for every variant that does not set it "
                    "(auto: Triton on CUDA; torch: the plain PyTorch ops)")
@@ -233,13 +254,20 @@ LOOP_BEFORE = {"dtype": "float32", "kernels": "torch"}
 
 
 def measure_loop(args: argparse.Namespace, rec: Recorder, d_sae: int, storage: str, context_len: int,
-                 step_rate: float | None, native: bool = True, before: bool = False) -> float | None:
+                 step_rate: float | None, native: bool = True, before: bool = False,
+                 text_prefetch: int | None = None) -> float | None:
     """LM -> ring -> batches -> the best step, configured as `sae-stream train` (buffer.dtype auto: the dtype the
-    LM gives; the LM's LayerNorms by --kernels), or with `before` as LOOP_BEFORE."""
+    LM gives; the LM's LayerNorms by --kernels), or with `before` as LOOP_BEFORE; fed random tokens, or with
+    `text_prefetch` real text read as data.prefetch=text_prefetch does."""
     def fn() -> tuple[float, dict]:
         bcfg = buffer_cfg(args, storage, context_len, LOOP_BEFORE["dtype"] if before else "auto")
         kernels = LOOP_BEFORE["kernels"] if before else lm_kernels(args)
-        stream = make_stream(context_len, args.device, bcfg, args.device, native, kernels)
+        text = None if text_prefetch is None else text_batches(args, context_len, bcfg.lm_batch_size, text_prefetch)
+        with contextlib.closing(text) if text is not None else contextlib.nullcontext():
+            return run_loop(bcfg, kernels, text)
+
+    def run_loop(bcfg: BufferConfig, kernels: str, text: Iterable[Tensor] | None) -> tuple[float, dict]:
+        stream = make_stream(context_len, args.device, bcfg, args.device, native, kernels, text)
         buffer = ShuffleBuffer(stream, bcfg, args.device, d_in=512)
         trainer = make_trainer(args, d_sae, STEP_VARIANTS[BEST])
         dtype = trainer.input_dtype(buffer.dtype)
@@ -251,7 +279,8 @@ def measure_loop(args: argparse.Namespace, rec: Recorder, d_sae: int, storage: s
         if step_rate:
             extra["ratio_to_step"] = round(rate / step_rate, 3)
         return rate, extra
-    suffix = ("" if native else "_tl") + ("_fp32_ring_torch_ops" if before else "")
+    suffix = ("" if native else "_tl") + ("_fp32_ring_torch_ops" if before else "") + \
+        ("" if text_prefetch is None else "_text" + ("_prefetched" if text_prefetch else "_inline"))
     return rec.guarded(f"loop_{storage}_ctx{context_len}{suffix}", d_sae, fn)
 
 
@@ -340,10 +369,17 @@ def main(argv: Sequence[str] | None = None) -> None:
             rate = measure_loop(args, rec, d_sae, storage, args.context_len, best)
             if d_sae == args.d_saes[0]:
                 measure_loop(args, rec, d_sae, storage, args.context_len, best, before=True)
+                tokens = load_config(PAPER_A1).train.total_tokens
                 if rate:
-                    tokens = load_config(PAPER_A1).train.total_tokens
                     rec.emit("projection_paper_a1", d_sae, None, minutes=round(tokens / rate / 60, 1),
                              note=f"{tokens:,} tokens ({PAPER_A1.name}) at loop_{storage}_ctx{args.context_len}'s rate")
+                if "text" not in args.skip:  # real text, read ahead by a child process as on CUDA, and inline
+                    text_rate = measure_loop(args, rec, d_sae, storage, args.context_len, best, text_prefetch=32)
+                    if text_rate:
+                        rec.emit("projection_paper_a1_text", d_sae, None, minutes=round(tokens / text_rate / 60, 1),
+                                 note=f"{tokens:,} tokens at loop_{storage}_ctx{args.context_len}_text_prefetched's "
+                                      "rate")
+                    measure_loop(args, rec, d_sae, storage, args.context_len, best, text_prefetch=0)
                 measure_loop(args, rec, d_sae, storage, args.context_len, best, native=False)
                 if args.context_len != 128:
                     measure_loop(args, rec, d_sae, storage, 128, best)

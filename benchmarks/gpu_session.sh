@@ -12,7 +12,8 @@
 #
 # WHEELS: a folder of wheels to install first (--target /tmp/site; e.g. sae-lens and what the machine lacks, from
 # shared/peer-bench/fetch_wheels.sh). Results: $OUT/gpu.jsonl (append it to benchmarks/results/gpu.jsonl),
-# $OUT/checkpoint.jsonl (to benchmarks/results/checkpoint.jsonl), the logs,
+# $OUT/checkpoint.jsonl (to benchmarks/results/checkpoint.jsonl), $OUT/data_throughput.jsonl (to
+# benchmarks/results/data_throughput.jsonl), the logs,
 # and a summary on stdout. If the kernel tests fail, the benchmark runs with --kernels torch.
 set -o pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled TQDM_DISABLE=1
@@ -39,20 +40,26 @@ SAE_STREAM_TRITON_AUTOTUNE=0 timeout 150 python3 -m pytest -q -p no:cacheprovide
 rc=$?; echo "kernel tests rc=$rc at $((SECONDS - T0)) s"; grep -E "passed|failed|Error" "$OUT/tests_kernels.log" | head -12
 KERNELS=auto; if [ $rc -ne 0 ]; then KERNELS=torch; echo "kernel tests failed: benchmarking with --kernels torch"; fi
 
-# 2. the benchmark (one SAELens size: its trainer is slow), leaving 210 s for the rest
+# 2. the benchmark (one SAELens size: its trainer is slow), leaving 250 s for the rest
 SAELENS_ARGS=(); if [ -n "$SAELENS" ]; then SAELENS_ARGS=(--saelens "$SAELENS" --saelens-d-sae 4096); fi
-timeout $(budget 210) python3 benchmarks/gpu_compare.py --seconds 1 --kernels $KERNELS "${SAELENS_ARGS[@]}" \
+timeout $(budget 250) python3 benchmarks/gpu_compare.py --seconds 1 --kernels $KERNELS "${SAELENS_ARGS[@]}" \
   --out "$OUT/gpu.jsonl" > "$OUT/gpu_compare.log" 2>&1
 echo "gpu_compare rc=$? at $((SECONDS - T0)) s"; grep -v '^{' "$OUT/gpu_compare.log" | grep -v "^\s*$" | tail -40
 
 # 3. where the step's and the loop's device time goes (kernel tables), at most 60 s
-timeout $(budget 150 60) python3 benchmarks/profile_step.py > "$OUT/profile.txt" 2>&1
+timeout $(budget 190 60) python3 benchmarks/profile_step.py > "$OUT/profile.txt" 2>&1
 echo "profile rc=$? at $((SECONDS - T0)) s"; grep "^==" "$OUT/profile.txt"
 
 # 4. the main job end to end on the GPU (embedded data: LM, SAE, eval, dashboard), at most 150 s
-timeout $(budget 60 150) python3 -m sae_stream run --out /tmp/gpu_session_run \
+timeout $(budget 110 150) python3 -m sae_stream run --out /tmp/gpu_session_run \
   --overwrite > "$OUT/e2e.log" 2>&1
 echo "e2e rc=$? at $((SECONDS - T0)) s"; grep -E "^(LM|SAE|eval|dashboard)|Error" "$OUT/e2e.log" | head -8
+
+# 4b. text -> token batches on this node's cores (CPU only: does reading and tokenizing keep up with the loop?)
+timeout $(budget 60 45) python3 benchmarks/data_throughput.py --repeats 1 --out "$OUT/data_throughput.jsonl" \
+  > "$OUT/data_throughput.log" 2>&1
+echo "data throughput rc=$? at $((SECONDS - T0)) s"; grep '^{' "$OUT/data_throughput.log" | \
+  python3 -c "import json,sys; [print(r['variant'], r['tokens_per_s']) for r in map(json.loads, sys.stdin)]"
 
 # 5. the other CUDA tests (pytest has been seen to hang at exit on these machines after its summary: bounded)
 timeout $(budget 25) python3 -m pytest -q -p no:cacheprovider tests/ -k "cuda or gpu" \

@@ -35,9 +35,11 @@ from sae_stream.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from sae_stream.config import Config, LMTrainConfig, save_config, to_dict
-from sae_stream.data import TokenContexts, context_batches, heldout_batches
+from sae_stream.config import Config, DataConfig, LMTrainConfig, save_config, to_dict
+from sae_stream.data import ContextBatches, heldout_batches
+from sae_stream.prefetch import PrefetchedBatches, training_batches
 from sae_stream.process import resolve_device, tune_cpu_allocator
+from sae_stream.tokenizer import Tokenizer, get_tokenizer
 from sae_stream.tracking import Tracker, keep_records_through, read_records
 
 RESULT_FILE = "lm_result.json"
@@ -121,18 +123,18 @@ class _State:
 
 
 def _checkpoint(out_dir: Path, cfg: Config, model: GPT, opt: torch.optim.Optimizer, state: _State,
-                contexts: TokenContexts, elapsed_s: float) -> None:
+                batches: ContextBatches | PrefetchedBatches, elapsed_s: float) -> None:
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     save_checkpoint(out_dir / CKPT_DIR, state.step, {
         "model": model.state_dict(), "optimizer": opt.state_dict(), "step": state.step, "rng": rng,
-        "data": contexts.state_dict(), "unigram_counts": state.counts_V, "elapsed_s": elapsed_s,
+        "data": batches.state_dict(), "unigram_counts": state.counts_V, "elapsed_s": elapsed_s,
         "last_heldout": state.last_heldout, "config": to_dict(cfg), "window": cfg.data.context_len + 1})
 
 
-def _resume(out_dir: Path, cfg: Config, model: GPT, opt: torch.optim.Optimizer, contexts: TokenContexts,
-            device: torch.device) -> _State:
+def _resume(out_dir: Path, cfg: Config, model: GPT, opt: torch.optim.Optimizer,
+            batches: ContextBatches | PrefetchedBatches, device: torch.device) -> _State:
     if not list_checkpoints(out_dir / CKPT_DIR):
         raise ValueError(f"no checkpoint to resume in {str(out_dir / CKPT_DIR)!r}: run without resume to start")
     path = latest_checkpoint(out_dir / CKPT_DIR)
@@ -153,19 +155,19 @@ def _resume(out_dir: Path, cfg: Config, model: GPT, opt: torch.optim.Optimizer, 
         raise ValueError(f"cannot resume {str(out_dir)!r}: lm_train.batch_size changed; use the run's config.yaml")
     model.load_weights_(ckpt["model"])
     opt.load_state_dict(ckpt["optimizer"])
-    contexts.load_state_dict(ckpt["data"])
+    batches.load_state_dict(ckpt["data"])
     torch.set_rng_state(ckpt["rng"]["torch"])
     if device.type == "cuda" and "cuda" in ckpt["rng"]:
         torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
     return _State(ckpt["step"], ckpt["unigram_counts"], ckpt["elapsed_s"], ckpt.get("last_heldout"))
 
 
-def _check(cfg: Config, contexts: TokenContexts) -> int:
+def _check(cfg: Config, tokenizer: Tokenizer) -> int:
     """Total steps; rejects a tokenizer larger than the LM's vocabulary and a budget below one step."""
     tc = cfg.lm_train
-    if contexts.tokenizer.n_vocab > cfg.lm.vocab_size:
+    if tokenizer.n_vocab > cfg.lm.vocab_size:
         raise ValueError(f"lm.vocab_size ({cfg.lm.vocab_size}) < the {cfg.data.tokenizer} tokenizer's "
-                         f"{contexts.tokenizer.n_vocab} ids: raise lm.vocab_size")
+                         f"{tokenizer.n_vocab} ids: raise lm.vocab_size")
     if cfg.data.context_len < 2:
         raise ValueError("data.context_len must be >= 2 to train a next-token predictor")
     steps = tc.tokens // (tc.batch_size * cfg.data.context_len)
@@ -191,14 +193,30 @@ def train_lm(cfg: Config, out_dir: str | Path, resume: bool = False, tracker: An
         tune_cpu_allocator()  # chunked logits and grads would page-fault in again every step
     torch.manual_seed(cfg.train.seed)
     windows = dataclasses.replace(cfg.data, context_len=cfg.data.context_len + 1)  # inputs + the next token
-    contexts = TokenContexts(windows, "train")
-    total_steps = _check(cfg, contexts)
+    batches = training_batches(windows, cfg.lm_train.batch_size, device)
+    try:
+        result = _train(cfg, out_dir, resume, tracker, started, windows, batches, device, dtype)
+    finally:
+        batches.close()
+    from sae_stream.analysis.curves import LM_PANELS, plot_training_curves  # (matplotlib: imported when drawing)
+
+    plot_training_curves(read_records(out_dir / "metrics.jsonl"), out_dir / "training_curves.png", LM_PANELS,
+                         x_key="step", title=f"LM training: {cfg.lm.n_layers} layer(s), d_model {cfg.lm.d_model}")
+    return result
+
+
+def _train(cfg: Config, out_dir: Path, resume: bool, tracker: Any, started: Callable[[], None] | None,
+           windows: DataConfig, batches: ContextBatches | PrefetchedBatches, device: torch.device,
+           dtype: torch.dtype | None) -> dict[str, Any]:
+    """train_lm's run once its training batches exist: checks, held-out set, model, loop, result."""
+    tokenizer = get_tokenizer(cfg.data.tokenizer)
+    total_steps = _check(cfg, tokenizer)
     # read before anything is written: a data error leaves --out as it was, so the fixed command can reuse it
     heldout = list(heldout_batches(windows, cfg.lm_train.batch_size, cfg.lm_train.eval_tokens,
                                    what="lm_train.eval_tokens"))
     model = GPT(cfg.lm).to(device)
     opt = make_optimizer(model, cfg.lm_train, device)
-    state = (_resume(out_dir, cfg, model, opt, contexts, device) if resume
+    state = (_resume(out_dir, cfg, model, opt, batches, device) if resume
              else _State(0, torch.zeros(cfg.lm.vocab_size, dtype=torch.int64), 0.0))
     save_config(cfg, out_dir / "config.yaml")
     if started is not None:
@@ -208,11 +226,11 @@ def train_lm(cfg: Config, out_dir: str | Path, resume: bool = False, tracker: An
         keep_records_through(out_dir / "metrics.jsonl", state.step)  # the crashed run logged past it
     tracker = Tracker(out_dir, cfg.wandb, to_dict(cfg)) if own_tracker else tracker
     try:
-        _loop(cfg, out_dir, model, opt, state, contexts, heldout, total_steps, device, dtype, tracker)
+        _loop(cfg, out_dir, model, opt, state, batches, heldout, total_steps, device, dtype, tracker)
         model.save(out_dir)
         tokens = state.step * cfg.lm_train.batch_size * cfg.data.context_len
         result = {"heldout_loss": state.last_heldout,
-                  "unigram_loss": unigram_loss(state.counts_V, heldout, contexts.tokenizer.n_vocab),
+                  "unigram_loss": unigram_loss(state.counts_V, heldout, tokenizer.n_vocab),
                   "heldout_tokens": sum(x_BT[:, 1:].numel() for x_BT in heldout), "steps": state.step,
                   "tokens_trained": tokens, "wall_time_s": round(state.elapsed_s, 2),
                   "tokens_per_s": round(tokens / max(state.elapsed_s, 1e-9), 1), "device": str(device),
@@ -222,10 +240,6 @@ def train_lm(cfg: Config, out_dir: str | Path, resume: bool = False, tracker: An
     finally:
         if own_tracker:
             tracker.close()
-    from sae_stream.analysis.curves import LM_PANELS, plot_training_curves  # (matplotlib: imported when drawing)
-
-    plot_training_curves(read_records(out_dir / "metrics.jsonl"), out_dir / "training_curves.png", LM_PANELS,
-                         x_key="step", title=f"LM training: {cfg.lm.n_layers} layer(s), d_model {cfg.lm.d_model}")
     return result
 
 
@@ -257,7 +271,8 @@ def _step(fwd: torch.nn.Module, model: GPT, opt: torch.optim.Optimizer, x_BT: to
 
 
 def _loop(cfg: Config, out_dir: Path, model: GPT, opt: torch.optim.Optimizer, state: _State,
-          contexts: TokenContexts, heldout: list[torch.Tensor], total_steps: int, device: torch.device,
+          batches: ContextBatches | PrefetchedBatches, heldout: list[torch.Tensor], total_steps: int,
+          device: torch.device,
           dtype: torch.dtype | None, tracker: Any) -> None:
     """The training steps from state.step to total_steps, with held-out evals, logging and checkpoints."""
     tc = cfg.lm_train
@@ -270,7 +285,7 @@ def _loop(cfg: Config, out_dir: Path, model: GPT, opt: torch.optim.Optimizer, st
         speed = _Throughput()
     bar = tqdm(total=total_steps, initial=state.step, desc="lm train", unit="step", disable=None)
     model.train()
-    for x_BT in itertools.islice(context_batches(contexts, tc.batch_size), total_steps - state.step):
+    for x_BT in itertools.islice(batches, total_steps - state.step):
         state.counts_V += torch.bincount(x_BT.flatten(), minlength=cfg.lm.vocab_size)
         lr = lr_at(state.step, total_steps, tc)
         loss, grad_norm = _step(fwd, model, opt, x_BT.to(device, non_blocking=True), lr, tc, dtype, chunked)
@@ -288,7 +303,7 @@ def _loop(cfg: Config, out_dir: Path, model: GPT, opt: torch.optim.Optimizer, st
             speed.paused += time.perf_counter() - e0
             tracker.log(state.step, {"lm/heldout_loss": state.last_heldout})
         if state.step % tc.checkpoint_every == 0 or done:
-            _checkpoint(out_dir, cfg, model, opt, state, contexts, state.elapsed_s + time.perf_counter() - t0)
+            _checkpoint(out_dir, cfg, model, opt, state, batches, state.elapsed_s + time.perf_counter() - t0)
         bar.update(1)
     bar.close()
     if state.step < total_steps:

@@ -40,6 +40,13 @@ class DataConfig:
     """When the source is exhausted: True starts another epoch (reshuffled), False stops the stream."""
     seed: int = 0
     """Seed for document order."""
+    tokenizer_threads: int | None = None
+    """Threads tokenizing a streamed source's documents in parallel (tiktoken releases the GIL); None: the cores this
+    process may use, at most 16. Any count gives the same tokens."""
+    prefetch: int | None = None
+    """Training: token batches (of buffer.lm_batch_size / lm_train.batch_size contexts) a background process reads
+    and tokenizes ahead, so text never stalls a GPU loop; 0 reads them inline. None: 32 when training on CUDA, else
+    0. The same batches in the same order either way."""
 
     def __post_init__(self) -> None:
         _positive(self, "data", "context_len", "shuffle_buffer")
@@ -47,6 +54,12 @@ class DataConfig:
             raise ConfigError("data.heldout_fraction must be in [0, 1)")
         if self.stream_retries < 0:
             raise ConfigError(f"data.stream_retries must be >= 0, got {self.stream_retries}")
+        if self.tokenizer_threads is not None and self.tokenizer_threads < 1:
+            raise ConfigError(f"data.tokenizer_threads must be >= 1 (or null for the cores available), got "
+                              f"{self.tokenizer_threads}")
+        if self.prefetch is not None and self.prefetch < 0:
+            raise ConfigError(f"data.prefetch must be >= 0 (0 reads inline; null: 32 on CUDA, else 0), got "
+                              f"{self.prefetch}")
         if self.tokenizer not in ("gpt2", "byte"):
             raise ConfigError(f"data.tokenizer must be 'gpt2' or 'byte', got {self.tokenizer!r}")
 
@@ -245,7 +258,8 @@ class TrainConfig:
     dense_threshold: float = 0.1
     """Density above this is 'dense'."""
     density_window_tokens: int = 1_000_000
-    """Tokens over which feature densities are accumulated for metrics."""
+    """Tokens over which feature densities are accumulated for metrics and the export (at most a quarter of
+    total_tokens, so the last window describes the end of training); started again after a resampling."""
     nan_policy: str = "stop"
     """Non-finite activations: 'stop' (error with the step) or 'skip' (drop and count those rows)."""
     step_impl: str = "auto"

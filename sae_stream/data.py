@@ -31,7 +31,7 @@ import torch
 
 from sae_stream.config import DataConfig
 from sae_stream.corpus import embedded_corpus, heldout_key
-from sae_stream.records import ShuffledTexts
+from sae_stream.records import StreamSource
 from sae_stream.rundir import first_line
 from sae_stream.tokenizer import Tokenizer, get_tokenizer
 
@@ -39,7 +39,6 @@ SPLITS = ("train", "heldout")
 LOCAL_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 HELDOUT_SEED = 0
 """Held-out order ignores data.seed, so evaluations of runs with different seeds see the same tokens."""
-_ENCODE_DOCS = 64  # documents tokenized per batch call on streamed sources
 
 
 # ---------------------------------------------------------------------------------------------- document sources
@@ -64,50 +63,12 @@ class _EmbeddedSource:
         yield torch.cat([self.corpus.tokens_N[s:s + n] for s, n in zip(starts, lens)]).long(), None
 
 
-class _StreamSource:
-    """A `datasets.IterableDataset` of records: shuffled per epoch (records.py), filtered, tokenized in batches."""
-
-    def __init__(self, dataset: Any, text_field: str, keep: Callable[[str], bool] | None, tok: Tokenizer,
-                 shuffle_buffer: int, where: str, retries: int = 0) -> None:
-        self.dataset, self.text_field, self.keep, self.tok = dataset, text_field, keep, tok
-        self.shuffle_buffer, self.where, self.retries = shuffle_buffer, where, retries
-
-    def token_chunks(self, seed: int, start: dict[str, Any] | None = None) -> Iterator[tuple[torch.Tensor, Any]]:
-        """Token chunks of the epoch's documents (`_ENCODE_DOCS` per tokenizer call), each with the reader's
-        snapshot before its first record. `start`: such a snapshot to go on from (a resume: records.py reads
-        again only the part of one shard before it, and tokenizes nothing before it)."""
-        texts = ShuffledTexts(self.dataset, self.text_field, seed, self.shuffle_buffer, self.where, start,
-                              retries=self.retries)
-        batch: list[str] = []
-        n_docs = n_other_split = 0
-        before = texts.snapshot()
-        for text in texts:
-            if text is None or not text.strip():
-                continue
-            if self.keep is not None and not self.keep(text):
-                n_other_split += 1
-                continue
-            batch.append(text)
-            n_docs += 1
-            if len(batch) == _ENCODE_DOCS:
-                yield self._encode(batch), before
-                batch, before = [], texts.snapshot()
-        if batch:
-            yield self._encode(batch), before
-        if start is not None:
-            return  # a resume's rest of the epoch may be empty; the epoch itself had text
-        if n_docs == 0 and n_other_split:
-            raise ValueError(f"no text in {self.where}: each of its {n_other_split} document(s) fell in the other "
-                             "split (data.heldout_fraction picks documents by a hash of their text; a single .txt "
-                             "file is split into documents at blank lines): give more documents, e.g. blank lines "
-                             "between them or a .jsonl record each, or change data.heldout_fraction")
-        if n_docs == 0:
-            raise ValueError(f"no text in {self.where}")
-
-    def _encode(self, texts: list[str]) -> torch.Tensor:
-        ids = self.tok.encode_batch(texts)
-        eot = [self.tok.eot]
-        return torch.tensor(list(itertools.chain.from_iterable(d + eot for d in ids)), dtype=torch.long)
+def tokenizer_threads(cfg: DataConfig) -> int:
+    """data.tokenizer_threads, or the cores this process may use (at most 16)."""
+    if cfg.tokenizer_threads is not None:
+        return cfg.tokenizer_threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(16, cores))
 
 
 def _hash_filter(fraction: float, heldout: bool) -> Callable[[str], bool] | None:
@@ -134,7 +95,7 @@ def local_files(source: str) -> list[Path] | None:
     return files
 
 
-def _open_local(cfg: DataConfig, files: list[Path], heldout: bool, tok: Tokenizer) -> _StreamSource:
+def _open_local(cfg: DataConfig, files: list[Path], heldout: bool, tok: Tokenizer) -> StreamSource:
     where = f"data.source {cfg.source!r} ({'heldout' if heldout else 'train'} split)"
     suffixes = sorted({f.suffix for f in files})
     builders = {LOCAL_BUILDERS.get(s) for s in suffixes}
@@ -154,10 +115,11 @@ def _open_local(cfg: DataConfig, files: list[Path], heldout: bool, tok: Tokenize
     dataset = datasets.load_dataset(builder, data_files=[glob.escape(str(f)) for f in files], split="train",
                                     streaming=True, **kwargs)
     field = "text" if builder == "text" else cfg.text_field
-    return _StreamSource(dataset, field, _hash_filter(cfg.heldout_fraction, heldout), tok, cfg.shuffle_buffer, where)
+    return StreamSource(dataset, field, _hash_filter(cfg.heldout_fraction, heldout), tok, cfg.shuffle_buffer, where,
+                         threads=tokenizer_threads(cfg))
 
 
-def _open_hf(cfg: DataConfig, heldout: bool, tok: Tokenizer) -> _StreamSource:
+def _open_hf(cfg: DataConfig, heldout: bool, tok: Tokenizer) -> StreamSource:
     reason = hub_unreachable_reason()
     if reason is not None:
         raise ValueError(f"could not reach the Hugging Face Hub for dataset {cfg.source!r} ({reason}): use "
@@ -175,7 +137,8 @@ def _open_hf(cfg: DataConfig, heldout: bool, tok: Tokenizer) -> _StreamSource:
         raise ValueError(f"could not open HF dataset {cfg.source!r} (subset {cfg.hf_subset!r}, split {split!r}): "
                          f"{first_line(e)}") from e
     where = f"HF dataset {cfg.source!r} (split {split!r}{', held-out by hash' if keep and heldout else ''})"
-    return _StreamSource(dataset, cfg.text_field, keep, tok, cfg.shuffle_buffer, where, cfg.stream_retries)
+    return StreamSource(dataset, cfg.text_field, keep, tok, cfg.shuffle_buffer, where, cfg.stream_retries,
+                         tokenizer_threads(cfg))
 
 
 def _no_proxy(host: str) -> bool:
@@ -253,7 +216,7 @@ class TokenContexts:
         self._replay = _Replay()  # the current chunk's start: what state_dict saves
         self._resume_from: _Replay | None = None  # set by load_state_dict for the next epoch pass
 
-    def _open_source(self) -> _EmbeddedSource | _StreamSource:
+    def _open_source(self) -> _EmbeddedSource | StreamSource:
         heldout = self.split == "heldout"
         if self.cfg.source == "embedded":
             return _EmbeddedSource(self.cfg, heldout)
@@ -309,8 +272,14 @@ class TokenContexts:
         return {"source": self.cfg.source, "split": self.split, "seed": self.cfg.seed, "rank": self.rank,
                 "world_size": self.world_size, "context_len": self.cfg.context_len, "tokenizer": self.cfg.tokenizer}
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "contexts": self.yielded, "replay": dataclasses.asdict(self._replay),
+    def position(self) -> tuple[int, int, _Replay]:
+        """The current position as it stands, without copying (the replay of a chunk is never changed once taken):
+        what a reader running ahead (prefetch.py) notes per batch, for `state_dict(position)` when asked."""
+        return self.epoch, self.yielded, self._replay
+
+    def state_dict(self, position: tuple[int, int, _Replay] | None = None) -> dict[str, Any]:
+        epoch, yielded, replay = position if position is not None else self.position()
+        return {"epoch": epoch, "contexts": yielded, "replay": dataclasses.asdict(replay),
                 "files_sha": self._files_sha, **self._identity()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -382,3 +351,6 @@ class ContextBatches:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.contexts.load_state_dict(state)
+
+    def close(self) -> None:
+        """Nothing to stop (prefetch.PrefetchedBatches, read by a child process, has one)."""

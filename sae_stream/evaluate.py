@@ -247,7 +247,8 @@ def write_eval(run_dir: str | Path, result: dict[str, Any], histogram_bins: int 
     summary["feature_density_file"] = DENSITY_FILE
     atomic_write_bytes(run_dir / DENSITY_FILE, save_safetensors({"density_F": density_F}))
     plot_density_histogram(log10_density(density_F), run_dir / DENSITY_PNG,
-                           ultralow_threshold=result["density"]["thresholds"]["ultralow"], bins=histogram_bins)
+                           ultralow_threshold=result["density"]["thresholds"]["ultralow"], bins=histogram_bins,
+                           dead_threshold=result["density"]["thresholds"]["dead"])
     atomic_write_json(run_dir / EVAL_JSON, json_safe(summary))  # NaN/inf -> null: strict JSON
     return run_dir / EVAL_JSON
 

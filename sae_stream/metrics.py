@@ -42,11 +42,18 @@ def density_counts(density_F: Tensor, t: TrainConfig, tokens: int | None = None)
             "thresholds": {"dead": t.dead_threshold, "ultralow": t.ultralow_threshold, "dense": t.dense_threshold}}
 
 
+def density_window(t: TrainConfig) -> int:
+    """Tokens per density window: train.density_window_tokens, at most a quarter of the run (at least a batch), so
+    windows complete and the last one describes the end of training, not the untrained SAE of step 0."""
+    return min(t.density_window_tokens, max(t.batch_size, t.total_tokens // 4))
+
+
 class RunningMetrics:
-    """Per-interval sums (on device) and a per-feature firing count over the density window."""
+    """Per-interval sums (on device) and a per-feature firing count over the density window (`density_window`
+    tokens; started again after resampling, which changes the features)."""
 
     def __init__(self, d_sae: int, device: torch.device, t: TrainConfig, bins: int) -> None:
-        self.t, self.bins = t, bins
+        self.t, self.bins, self.window = t, bins, density_window(t)
         self.sums = torch.zeros(len(_SUMS), dtype=torch.float64, device=device)
         self.steps = 0
         self.tokens = 0
@@ -55,6 +62,7 @@ class RunningMetrics:
         self.density_F: Tensor | None = None  # last completed window
         self.density_tokens = 0  # the tokens of that window
         self.reduced_density_F: Tensor | None = None  # data parallel: all ranks' density at the last log
+        self.stale = False  # the last completed window predates a restart: logs still show it, exports do not
 
     @torch.no_grad()
     def accumulate_(self, out: Any, x_BD: Tensor, counts_F: Tensor, input_scale: Tensor,
@@ -65,8 +73,9 @@ class RunningMetrics:
         n, d = x_BD.shape
         if var_sq is None:
             var_sq = centred_sq_sum(x_BD)
-        err_sq = out.mse.float() * (n * d) / input_scale.square()  # back to the original space
-        stacked = torch.stack([out.loss.float(), out.mse.float(), out.l1.float(), out.aux.float(),
+        mse = out.mse.float() / input_scale.square()  # back to the original space (april scales its inputs)
+        err_sq = mse * (n * d)
+        stacked = torch.stack([out.loss.float(), mse, out.l1.float(), out.aux.float(),
                                counts_F.sum() / n, err_sq])  # _SUMS order, var_sq apart (fp64 already)
         self.sums[:-1] += stacked
         self.sums[-1] += var_sq
@@ -85,10 +94,10 @@ class RunningMetrics:
         k = max(self.steps, 1)
         out: dict[str, Any] = {name: s[name] / k for name in ("loss", "mse", "l1", "aux", "l0")}
         out["fvu"] = s["err_sq"] / s["var_sq"] if s["var_sq"] > 0 else float("nan")
-        if self.window_tokens >= self.t.density_window_tokens or self.density_F is None:
+        if self.window_tokens >= self.window or self.density_F is None:
             density_F, tokens = self.fire_counts_F.double() / max(self.window_tokens, 1), self.window_tokens
-            if self.window_tokens >= self.t.density_window_tokens:
-                self.density_F, self.density_tokens = density_F, tokens
+            if self.window_tokens >= self.window:
+                self.density_F, self.density_tokens, self.stale = density_F, tokens, False
                 self.fire_counts_F.zero_()
                 self.window_tokens = 0
         else:
@@ -111,20 +120,26 @@ class RunningMetrics:
         g.sums[:5] /= world  # loss, mse, l1, aux, l0 are per-step means: average them; err_sq, var_sq add up
         g.fire_counts_F = total[n_sums:-2].round().long()
         g.tokens, g.window_tokens = (int(v) for v in total[-2:].round().tolist())
-        used_F = g.density_F if g.density_F is not None else g.fire_counts_F.double() / max(g.window_tokens, 1)
         out = g.summary()
-        self.reduced_density_F = g.density_F if g.density_F is not None else used_F  # what export reports
+        self.reduced_density_F = g.current_density()  # what export reports
         self.sums.zero_()
         self.steps = 0
         if g.window_tokens == 0:  # the global window completed
             self.fire_counts_F.zero_()
             self.window_tokens = 0
-        self.density_F, self.density_tokens = g.density_F, g.density_tokens
+        self.density_F, self.density_tokens, self.stale = g.density_F, g.density_tokens, g.stale
         return out, g.tokens
 
+    def restart_window(self) -> None:
+        """A new density window from here (after resampling): current_density() no longer reports the older one."""
+        self.fire_counts_F.zero_()
+        self.window_tokens = 0
+        self.stale = self.density_F is not None
+
     def current_density(self) -> Tensor:
-        """Per-feature firing density: the last completed window, else the window in progress."""
-        if self.density_F is not None:
+        """Per-feature firing density (what the export writes): the last completed window, else (none yet, or only
+        one from before a restart) the window in progress."""
+        if self.density_F is not None and not self.stale:
             return self.density_F
         return self.fire_counts_F.double() / max(self.window_tokens, 1)
 
@@ -138,11 +153,11 @@ class RunningMetrics:
 
     def state_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ("sums", "steps", "tokens", "fire_counts_F", "window_tokens",
-                                               "density_F", "density_tokens")}
+                                               "density_F", "density_tokens", "stale")}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         device = self.sums.device
         for k, v in state.items():
             setattr(self, k, v.to(device) if isinstance(v, Tensor) else v)
         if "density_tokens" not in state and self.density_F is not None:  # a checkpoint from before it was kept
-            self.density_tokens = self.t.density_window_tokens  # (a completed window has at least that many)
+            self.density_tokens = self.window  # (a completed window has at least that many)

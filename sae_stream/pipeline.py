@@ -29,10 +29,10 @@ from sae_stream.buffer import ShuffleBuffer
 from sae_stream.checkpoint import drop_newer, load_own_part, own_dir, rank_state
 from sae_stream.checkpoint_writer import CheckpointWriter
 from sae_stream.config import Config, load_config, save_config, to_dict
-from sae_stream.data import ContextBatches, TokenContexts
 from sae_stream.distributed import Distributed, shard_size
 from sae_stream.export import export_saelens, load_saelens
 from sae_stream.lm_bridge import load_lm, native_capture, train_lm, untrained_lm
+from sae_stream.prefetch import training_batches
 from sae_stream.process import resolve_device
 from sae_stream.report import (
     LM_DIR,
@@ -73,6 +73,10 @@ def check_sae_inputs(model: Any, cfg: Config) -> int:
     check_lm_fits(model, cfg)
     hook = cfg.buffer.hook_name
     check_hook_names(model, [hook])
+    if hook.endswith(("hook_pattern", "hook_attn_scores")):  # [batch, head, query, key]: no vector per position
+        raise UserError(f"buffer.hook_name={hook!r} holds attention patterns or scores, which eval, analyze and "
+                        "load_run cannot read as one vector per position: train on attn.hook_z or another "
+                        "[batch, pos, ...] hook")
     d_in = hook_dim(model, hook, cfg.data.context_len)
     for c in [cfg, *(m for _, m in cfg.sweep_members())]:
         if c.sae.d_in is not None and c.sae.d_in != d_in:
@@ -142,10 +146,9 @@ class Session:
         self.model = load_lm(cfg.lm.path, self.device)
         hook = cfg.buffer.hook_name
         self.d_in = check_sae_inputs(self.model, cfg)
-        self.contexts = TokenContexts(cfg.data, "train", rank, world)
-        tokens = ContextBatches(self.contexts, cfg.buffer.lm_batch_size)
+        self.tokens = training_batches(cfg.data, cfg.buffer.lm_batch_size, self.device, rank, world)
         seed = cfg.train.seed + rank
-        self.stream = ActivationStream(self.model, [hook], tokens, cfg.buffer, self.device, seed=seed,
+        self.stream = ActivationStream(self.model, [hook], self.tokens, cfg.buffer, self.device, seed=seed,
                                        context_len=cfg.data.context_len, capture=native_capture(cfg, self.device))
         self.buffer = ShuffleBuffer(self.stream, cfg.buffer, self.device, d_in=self.d_in, seed=seed)
         # one writer (per rank) for every SAE and the stream: checkpoints land in the order written
@@ -247,6 +250,7 @@ class Session:
         return metrics
 
     def close(self) -> None:
+        self.tokens.close()
         if self.dist is not None:
             self.dist.close()
 

@@ -16,12 +16,18 @@ from __future__ import annotations
 import functools
 import time
 import warnings
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+import torch
 
 from sae_stream.rundir import first_line
+from sae_stream.tokenizer import Tokenizer
+
+ENCODE_DOCS = 64  # documents per token chunk of a StreamSource (its snapshots are taken between chunks)
 
 
 class ShuffledTexts:
@@ -102,6 +108,70 @@ class ShuffledTexts:
                              "set data.text_field")
         text = record[self.text_field]
         return text if isinstance(text, str) else None
+
+
+class StreamSource:
+    """A `datasets.IterableDataset` of records: shuffled per epoch (ShuffledTexts), filtered, tokenized in batches by a
+    pool of `threads` (each document on its own, joined in order: the same tokens for any count)."""
+
+    def __init__(self, dataset: Any, text_field: str, keep: Callable[[str], bool] | None, tok: Tokenizer,
+                 shuffle_buffer: int, where: str, retries: int = 0, threads: int = 1) -> None:
+        self.dataset, self.text_field, self.keep, self.tok = dataset, text_field, keep, tok
+        self.shuffle_buffer, self.where, self.retries, self.threads = shuffle_buffer, where, retries, threads
+        self._pool: ThreadPoolExecutor | None = None
+
+    def token_chunks(self, seed: int, start: dict[str, Any] | None = None) -> Iterator[tuple[torch.Tensor, Any]]:
+        """Token chunks of the epoch's documents (`ENCODE_DOCS` per chunk), each with the reader's snapshot before
+        its first record. `start`: such a snapshot to go on from (a resume: records.py reads again only the part of
+        one shard before it, and tokenizes nothing before it). With threads, up to `threads` chunks are being
+        encoded while the reader goes on."""
+        texts = ShuffledTexts(self.dataset, self.text_field, seed, self.shuffle_buffer, self.where, start,
+                              retries=self.retries)
+        batch: list[str] = []
+        in_flight: deque[tuple[list[Any], Any]] = deque()
+        n_docs = n_other_split = 0
+        before = texts.snapshot()
+        for text in texts:
+            if text is None or not text.strip():
+                continue
+            if self.keep is not None and not self.keep(text):
+                n_other_split += 1
+                continue
+            batch.append(text)
+            n_docs += 1
+            if len(batch) == ENCODE_DOCS:
+                in_flight.append((self._submit(batch), before))
+                batch, before = [], texts.snapshot()
+                if len(in_flight) > self.threads - 1:
+                    yield self._join(*in_flight.popleft())
+        if batch:
+            in_flight.append((self._submit(batch), before))
+        while in_flight:
+            yield self._join(*in_flight.popleft())
+        if start is not None:
+            return  # a resume's rest of the epoch may be empty; the epoch itself had text
+        if n_docs == 0 and n_other_split:
+            raise ValueError(f"no text in {self.where}: each of its {n_other_split} document(s) fell in the other "
+                             "split (data.heldout_fraction picks documents by a hash of their text; a single .txt "
+                             "file is split into documents at blank lines): give more documents, e.g. blank lines "
+                             "between them or a .jsonl record each, or change data.heldout_fraction")
+        if n_docs == 0:
+            raise ValueError(f"no text in {self.where}")
+
+    def _submit(self, texts: list[str]) -> list[Any]:
+        """Each text's token array, or with threads a future of it."""
+        if self.threads == 1:
+            return [self.tok.encode_array(t) for t in texts]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="tokenize")
+        return [self._pool.submit(self.tok.encode_array, t) for t in texts]
+
+    def _join(self, parts: list[Any], before: Any) -> tuple[torch.Tensor, Any]:
+        """The chunk's documents, each followed by end-of-text, as one LongTensor (and the snapshot before it)."""
+        eot = np.array([self.tok.eot], dtype=np.int64)
+        arrays = [p.result() if isinstance(p, Future) else p for p in parts]
+        flat = np.concatenate([a for doc in arrays for a in (doc, eot)])
+        return torch.from_numpy(flat.astype(np.int64, copy=False)), before
 
 
 def _network_error(e: BaseException) -> bool:

@@ -8,6 +8,7 @@ they still describe the exported SAE.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import warnings
 from pathlib import Path
@@ -90,6 +91,10 @@ def load_trained(run_dir: Path, overrides: list[str], model: Any = None) -> tupl
         if members:
             raise UserError(f"{run_dir} is a sweep: each SAE is in RUN_DIR/<name> ({', '.join(members)})")
         raise UserError(f"{run_dir} has no trained SAE in {SAE_DIR}/: run or resume `sae-stream train` first")
+    trained_on = json.loads((run_dir / SAE_DIR / "cfg.json").read_text()).get("hook_name")
+    if trained_on is not None and trained_on != cfg.buffer.hook_name:
+        raise UserError(f"the SAE in {run_dir / SAE_DIR} was trained on hook {trained_on!r} ({SAE_DIR}/cfg.json), not "
+                        f"buffer.hook_name={cfg.buffer.hook_name!r}: drop that override")
     device = resolve_device(cfg.train.device)
     model = model if model is not None else load_lm(cfg.lm.path, device)
     check_lm_fits(model, cfg)
@@ -154,7 +159,10 @@ def _print_eval(r: dict[str, Any], path: Path) -> None:
     if ultralow is None and "thresholds" in d:  # too few tokens to see a density below the threshold
         need = math.ceil(1 / d["thresholds"]["ultralow"])
         ultralow = f"n/a (below {d['thresholds']['ultralow']:g} needs > {need:,} positions: raise eval.tokens)"
-    print(f"eval: dead {d.get('dead')}, ultra-low {ultralow}, dense {d.get('dense')} of {d.get('d_sae')} "
+    dead = d.get("dead")
+    if "resolution" in d:  # a feature rarer than one in the positions evaluated reads dead here too
+        dead = f"{dead} (none fired in {round(1 / d['resolution']):,} positions)"
+    print(f"eval: dead {dead}, ultra-low {ultralow}, dense {d.get('dense')} of {d.get('d_sae')} "
           f"features -> {path}")
 
 

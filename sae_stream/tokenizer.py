@@ -19,6 +19,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import tiktoken
 
 GPT2_RANKS_PATH = Path(__file__).parent / "assets" / "gpt2.tiktoken"
@@ -47,6 +48,10 @@ class Tokenizer(ABC):
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [self.encode(t) for t in texts]
 
+    def encode_array(self, text: str) -> np.ndarray:
+        """`encode` as a 1-D integer array: what streams join, with no Python int per token on the way."""
+        return np.asarray(self.encode(text), dtype=np.int64)
+
     def decode_tokens(self, ids: Ids) -> list[str]:
         """Each id decoded on its own (for showing tokens one by one; split UTF-8 shows as U+FFFD)."""
         return [self.decode([i]) for i in _as_list(ids)]
@@ -67,6 +72,11 @@ class BPETokenizer(Tokenizer):
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         # tiktoken releases the GIL, so its thread pool uses every core.
         return self.encoding.encode_ordinary_batch(list(texts))
+
+    def encode_array(self, text: str) -> np.ndarray:
+        # tiktoken's buffer straight into numpy (uint32), GIL released while it encodes; disallowed_special=()
+        # skips the special-token check, so '<|endoftext|>' in a text is plain text as in encode_ordinary
+        return self.encoding.encode_to_numpy(text, disallowed_special=())
 
     def decode(self, ids: Ids) -> str:
         return self.encoding.decode(_as_list(ids))

@@ -338,6 +338,8 @@ class Trainer(TrainerState):
             self.dist.broadcast_training_state_(self.sae, self.optimizer)  # rank 0's draw, bit-identical ranks
         self.resampled += n
         self.firing.last_resample_step = self.step
+        if n:
+            self.metrics.restart_window()  # densities of the resampled SAE, not of the one before
 
     def _sync_replicas(self) -> None:
         """Data parallel, at log / resample / checkpoint steps: last-fired steps to their max over ranks (what

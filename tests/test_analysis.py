@@ -341,3 +341,18 @@ def test_plot_training_curves__writes_a_png_only_when_there_is_data(tmp_path) ->
     out = plot_training_curves(read_records(path), tmp_path / "c.png")
     assert out == tmp_path / "c.png" and out.read_bytes()[:4] == b"\x89PNG"
     assert plot_training_curves([], tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
+
+
+def test_token_text__partial_utf8_tokens_show_their_bytes_so_ids_differ() -> None:
+    from sae_stream.analysis.dashboard import TokenText
+    from sae_stream.tokenizer import get_tokenizer
+
+    gpt2 = get_tokenizer("gpt2")
+    text = TokenText(gpt2)
+    ids = gpt2.encode("“quote” 日本")  # curly quotes and CJK: tokens holding parts of a character
+    shown = [text(i) for i in ids]
+    partial = [i for i in ids if "\ufffd" in gpt2.decode([i])]
+    assert len(partial) >= 3 and len({text(i) for i in partial}) == len(set(partial))
+    assert all("\ufffd" not in s for s in shown) and "quote" in shown
+    assert text(partial[0]) == gpt2.encoding.decode_single_token_bytes(partial[0]).decode("utf-8", "backslashreplace")
+    assert [TokenText(get_tokenizer("byte"))(b) for b in "é".encode()] == ["\\xc3", "\\xa9"]

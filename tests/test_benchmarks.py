@@ -35,7 +35,7 @@ def gpu_compare_cpu(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict
     cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_compare.py"), "--device", "cpu", "--d-sae", "256,512",
            "--batch", "256", "--context-len", "32", "--lm-tokens", "2048", "--seconds", "0.05", "--disk-tokens",
            "4096", "--capacity", "16384", "--saelens", str(tmp / "bench_saelens.py"), "--saelens-tokens",
-           "2000000", "--out", str(out)]
+           "2000000", "--text-dir", str(tmp / "text"), "--text-mb", "0.3", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     printed = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -64,11 +64,13 @@ def test_gpu_compare__every_variant_measured_with_the_issue_fields(gpu_compare_c
     got = {(r["variant"], r["d_sae"]) for r in printed}
     want = {(v, 256) for v in steps} | {(v, 512) for v in large}
     want |= {(f"lm_{kind}_ctx{ctx}", None) for kind in ("native", "tl") for ctx in (32, 128)}
-    want |= {(f"loop_cpu_ctx32{s}", 256) for s in ("", "_fp32_ring_torch_ops", "_tl")}
+    want |= {(f"loop_cpu_ctx32{s}", 256) for s in ("", "_fp32_ring_torch_ops", "_tl", "_text_prefetched",
+                                                    "_text_inline")}
     want |= {("loop_cpu_ctx128", 256), ("loop_cpu_ctx32", 512), ("disk_write", None), ("disk_read_train", 256),
-             ("projection_paper_a1", 256), ("saelens_trainer_fast", 256), ("saelens_trainer", 512)}
+             ("projection_paper_a1", 256), ("projection_paper_a1_text", 256), ("saelens_trainer_fast", 256),
+             ("saelens_trainer", 512)}
     assert got == want
-    assert all(r["tokens_per_s"] > 0 for r in printed if r["variant"] != "projection_paper_a1")
+    assert all(r["tokens_per_s"] > 0 for r in printed if not r["variant"].startswith("projection"))
 
 
 def test_gpu_compare__ratios_and_projection_follow_from_the_measured_rates(gpu_compare_cpu) -> None:
@@ -80,8 +82,10 @@ def test_gpu_compare__ratios_and_projection_follow_from_the_measured_rates(gpu_c
         loop, step = rows[("loop_cpu_ctx32", d_sae)], rows[(best, d_sae)]
         assert loop["ratio_to_step"] == pytest.approx(loop["tokens_per_s"] / step["tokens_per_s"], abs=2e-3)
     tokens = load_config(ROOT / "configs" / "paper_a1.yaml").train.total_tokens
-    minutes = tokens / rows[("loop_cpu_ctx32", 256)]["tokens_per_s"] / 60
-    assert rows[("projection_paper_a1", 256)]["minutes"] == pytest.approx(minutes, rel=1e-3, abs=0.06)
+    for suffix in ("", "_text"):  # (the second: the loop fed real text, read ahead by a child process)
+        loop = rows[("loop_cpu_ctx32" + ("_text_prefetched" if suffix else ""), 256)]
+        minutes = tokens / loop["tokens_per_s"] / 60
+        assert rows[("projection_paper_a1" + suffix, 256)]["minutes"] == pytest.approx(minutes, rel=1e-3, abs=0.06)
 
 
 def test_gpu_compare__saelens_rows_carry_its_script_figures_and_request(gpu_compare_cpu) -> None:
@@ -109,3 +113,21 @@ def test_profile_step__profiles_the_step_and_the_loop_at_the_rate_it_reports(tmp
     assert [h[0] for h in heads] == ["step", "loop"]
     for _, wall_us, rate_m in heads:
         assert float(rate_m) == pytest.approx(256 / (int(wall_us) * 1e-6) / 1e6, abs=0.006)
+
+
+def test_data_throughput__every_variant_measured_and_ratios_follow(tmp_path: Path) -> None:
+    """gpu_session.sh's text -> token batches figures: each reader variant measured at 1 and 2 tokenizer threads,
+    and the ratios taken against inline_1 of the same run."""
+    out = tmp_path / "data.jsonl"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "data_throughput.py"), "--tokens", "60000", "--context-len",
+           "256", "--batch", "4", "--threads", "1", "2", "--repeats", "1", "--dir", str(tmp_path), "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {r["variant"]: r for r in map(json.loads, out.read_text().splitlines())}
+    kinds = ("tokenize_array_{}", "inline_{}", "prefetched_{}", "prefetched_{}_busy")
+    assert rows.keys() == {"records", "tokenize_session8"} | {k.format(t) for k in kinds for t in (1, 2)}
+    base = rows["inline_1"]["tokens_per_s"]
+    for name, r in rows.items():
+        assert r["rounds"] == [r["tokens_per_s"]], name
+        assert r["tokens_per_s"] > 0 and r["ratio_to_inline_1"] == pytest.approx(r["tokens_per_s"] / base, abs=0.01)
+        assert r["context_len"] == 256 and r["batch"] == 4 and "cores" in r["machine"]

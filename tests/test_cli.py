@@ -125,6 +125,10 @@ def test_cli__bad_inputs_name_the_fix(tiny_run: Path, tmp_path: Path, capsys: py
         (["lm", "train", str(default_config_path()), "--out", str(tmp_path / "f"), "--data.tokenizer=gpt3"],
          "data.tokenizer"),
         (["train", "--lm", str(corrupt), "--out", str(tmp_path / "g"), *TINY], "model.safetensors"),
+        (["train", "--lm", lm, "--out", str(tmp_path / "p"), *TINY, "--buffer.hook_name=blocks.0.attn.hook_pattern"],
+         "attn.hook_z"),  # (trainable, but nothing after training could read it)
+        (["eval", str(tiny_run), "--buffer.hook_name=blocks.0.hook_resid_pre"], "drop that override"),
+        (["analyze", str(tiny_run), "--buffer.hook_name=blocks.0.mlp.hook_pre"], "blocks.0.mlp.hook_post"),
     ]
     for argv, needle in cases:
         assert main(argv) == 2, argv

@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from sae_stream import corpus, data
+from sae_stream import corpus, data, records
 from sae_stream.config import DataConfig
 from sae_stream.corpus import heldout_key
 from sae_stream.data import TokenContexts, context_batches, heldout_batches
@@ -154,9 +154,8 @@ def test_token_contexts__state_dict_replays_across_epochs(txt_dir) -> None:
 
 @pytest.mark.parametrize("files", [1, 5])
 def test_token_contexts__resume_replays_one_chunk_not_the_epoch_and_is_exact(tmp_path, monkeypatch, files) -> None:
-    import sae_stream.data as data
 
-    monkeypatch.setattr(data, "_ENCODE_DOCS", 4)  # many chunks per epoch
+    monkeypatch.setattr(records, "ENCODE_DOCS", 4)  # many chunks per epoch
     docs = [("" if i % 17 == 0 else f"doc {i}: " + "word " * (i % 13)) for i in range(240)]  # some empty records
     for f in range(files):  # (several files: several shards, read in a seeded order)
         part = docs[f * len(docs) // files:(f + 1) * len(docs) // files]
@@ -215,9 +214,8 @@ class CountingDataset:
 def test_token_contexts__resume_reads_only_the_shard_it_stopped_in(tmp_path, monkeypatch) -> None:
     """8 files of 30 records: a resume late in the epoch reads part of one file again (and on into the next for
     its chunk), never the files before it; its contexts are those of the uninterrupted stream."""
-    import sae_stream.data as data
 
-    monkeypatch.setattr(data, "_ENCODE_DOCS", 4)
+    monkeypatch.setattr(records, "ENCODE_DOCS", 4)
     for f in range(8):
         (tmp_path / f"part{f}.jsonl").write_text("".join(json.dumps({"text": f"file {f} doc {i}: " + "w " * i}) + "\n"
                                                          for i in range(30)))

@@ -288,3 +288,16 @@ def test_fp32_matmuls__tf32_off_inside_and_restored() -> None:
         assert torch.backends.cuda.matmul.allow_tf32 is True
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def test_split_dead__the_histogram_counts_dead_as_eval_does():
+    from sae_stream.analysis.plots import split_dead
+    from sae_stream.config import TrainConfig
+    from sae_stream.metrics import density_counts
+
+    density_F = torch.tensor([0.0, 1e-5, 9e-5, 1e-4, 2e-4, 0.3], dtype=torch.float64)
+    for threshold in (0.0, 1e-4):
+        alive, n_dead = split_dead(torch.log10(density_F), threshold)
+        want = density_counts(density_F, TrainConfig(dead_threshold=threshold))["dead"]
+        assert n_dead == want and len(alive) == 6 - want
+    assert split_dead(torch.log10(density_F), 1e-4)[1] == 4  # 0, 1e-5, 9e-5 and 1e-4 itself (<=)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import shutil
 from collections.abc import Iterator
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -248,11 +250,11 @@ def test_trainer__resuming_a_run_whose_stream_ended_at_a_checkpoint_step_logs_it
 def test_trainer__ultralow_count_only_where_the_density_window_resolves_its_threshold():
     atoms = _atoms()
     # windows of 2 batches: one batch cannot tell a density below 0.75 / BATCH from 0, two can
-    cfg = _cfg(steps=3, train__log_every=1, train__density_window_tokens=2 * BATCH,
-               train__ultralow_threshold=0.75 / BATCH)
+    cfg = _cfg(steps=8, train__log_every=1, train__density_window_tokens=2 * BATCH,
+               train__ultralow_threshold=0.75 / BATCH)  # (8 steps: a quarter of the run is the 2 batches asked)
     log = ListLogger()
     trainer = Trainer(build_sae(cfg.sae, D_IN), cfg, None, log)
-    trainer.fit(sparse_batches(atoms))
+    trainer.fit(itertools.islice(sparse_batches(atoms), 3))
     assert [m["ultralow"] is None for _, m in log.rows] == [True, False, False]
     density = trainer.metrics.density_F  # the completed window of steps 1-2, which step 3 still reports
     assert trainer.metrics.density_tokens == 2 * BATCH
@@ -351,3 +353,65 @@ def test_trainer__moves_to_the_batch_device_and_trains_on_cuda():
     sae = build_sae(cfg.sae, D_IN)
     m = Trainer(sae, cfg, None, ListLogger()).fit(x.cuda() for x in sparse_batches(_atoms()))
     assert sae.W_dec_FD.device.type == "cuda" and m["fvu"] < 1.0
+
+
+def test_running_metrics__window_at_most_a_quarter_run_and_restarted_for_exports():
+    """A run shorter than train.density_window_tokens still completes windows (a quarter of it each), so the
+    exported densities describe the end of training; after a restart (resampling) the export reads the new
+    window in progress, while the logs keep the last completed one until a new one completes."""
+    from sae_stream.metrics import RunningMetrics
+
+    t = _cfg(steps=8, train__density_window_tokens=100 * BATCH).train
+    m = RunningMetrics(4, torch.device("cpu"), t, bins=10)
+    assert m.window == 2 * BATCH
+    out = SimpleNamespace(loss=torch.tensor(0.0), mse=torch.tensor(0.0), l1=torch.tensor(0.0), aux=torch.tensor(0.0))
+    x = torch.ones(BATCH, D_IN)
+
+    def step(counts: list[int]) -> None:
+        m.accumulate_(out, x, torch.tensor(counts), torch.tensor(1.0))
+        m.count_(BATCH)
+
+    step([BATCH, 0, 0, 0])
+    step([BATCH, BATCH, 0, 0])
+    m.summary()  # the window of steps 1-2 completes
+    assert m.current_density().tolist() == [1.0, 0.5, 0.0, 0.0]
+    m.restart_window()
+    step([0, 0, BATCH, 0])
+    assert m.current_density().tolist() == [0.0, 0.0, 1.0, 0.0]  # the SAE since the restart
+    assert m.summary()["dead"] == 2  # logs: still the completed window (features 2 and 3 dead in it)
+    restored = RunningMetrics(4, torch.device("cpu"), t, bins=10)
+    restored.load_state_dict(m.state_dict())
+    assert restored.current_density().tolist() == [0.0, 0.0, 1.0, 0.0]  # (a resume keeps it stale)
+    step([0, 0, BATCH, BATCH])
+    m.summary()
+    assert m.current_density().tolist() == [0.0, 0.0, 1.0, 0.5] and not m.stale
+
+
+def test_trainer__resampling_restarts_the_density_window():
+    atoms = _atoms()
+    cfg = _cfg(steps=12, train__log_every=4, train__density_window_tokens=100 * BATCH, resample__enabled=True,
+               resample__at_steps=[6], resample__dead_window=2)
+    sae = build_sae(cfg.sae, D_IN)
+    with torch.no_grad():
+        sae.b_enc_F[:8] = -1e3  # 8 features that never fire: resampled at step 6
+    trainer = Trainer(sae, cfg, None, ListLogger(), pool_fn=_pool(atoms))
+    trainer.fit(sparse_batches(atoms))
+    assert trainer.resampled >= 8 and trainer.metrics.window == 3 * BATCH
+    # windows of >= 3 steps, completed at logs (every 4): steps 1-4 at step 4; the resampling at step 6 restarts
+    # the count, so the log of step 8 has 2 steps (too few), and steps 7-12 complete at the log of step 12
+    assert trainer.metrics.density_tokens == 6 * BATCH and not trainer.metrics.stale
+
+
+def test_trainer__april_logs_mse_in_the_activations_own_units():
+    """april trains on inputs scaled by input_scale; the logged MSE (as FVU, eval and the other architectures) is in
+    the activations' own units, so that mse * n * d / Σ‖x − x̄‖² is the logged FVU."""
+    atoms = _atoms()
+    cfg = _cfg("april", steps=1, train__log_every=1)
+    x = next(sparse_batches(atoms)) * 7.0  # far from the scaled norm, so input_scale != 1
+    log = ListLogger()
+    trainer = Trainer(build_sae(cfg.sae, D_IN), cfg, None, log)
+    trainer.fit(iter([x]))
+    assert abs(float(trainer.sae.input_scale) - 1) > 0.5
+    m = log.rows[0][1]
+    var = (x.double() - x.double().mean(0)).pow(2).sum().item()
+    assert m["mse"] * x.numel() / var == pytest.approx(m["fvu"], rel=1e-4)

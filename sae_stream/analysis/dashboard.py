@@ -44,10 +44,28 @@ class TokenText:
     def __call__(self, token_id: int) -> str:
         if token_id not in self.cache:
             try:
-                self.cache[token_id] = self.tokenizer.decode([token_id])
+                text = self.tokenizer.decode([token_id])
+                if "\ufffd" in text:  # part of a UTF-8 character: its bytes, so different ids look different
+                    text = _token_bytes(self.tokenizer, token_id) or text
+                self.cache[token_id] = text
             except (ValueError, KeyError, IndexError, OverflowError):
                 self.cache[token_id] = f"<{token_id}>"
         return self.cache[token_id]
+
+
+def _token_bytes(tokenizer: Any, token_id: int) -> str | None:
+    """A token's bytes shown as text with the non-UTF-8 ones escaped (b'\\xe2\\x80' -> '\\xe2\\x80'), or None when
+    the tokenizer cannot say (tiktoken's encoding, the byte tokenizer, or an HF tokenizer's own token string)."""
+    encoding = getattr(tokenizer, "encoding", None)
+    if encoding is not None and hasattr(encoding, "decode_single_token_bytes"):
+        raw = encoding.decode_single_token_bytes(token_id)
+    elif getattr(tokenizer, "name", None) == "byte" and 0 <= token_id < 256:
+        raw = bytes([token_id])
+    elif hasattr(tokenizer, "convert_ids_to_tokens"):
+        return tokenizer.convert_ids_to_tokens(token_id)
+    else:
+        return None
+    return raw.decode("utf-8", errors="backslashreplace")
 
 
 def select_features(density_F: Tensor, n: int, dead_threshold: float = 0.0) -> list[int]:

@@ -90,7 +90,7 @@ def _context_html(ctx: ContextView) -> str:
 def _token_list(title: str, items: list[tuple[str, float]] | None) -> str:
     if items is None:
         return ""
-    rows = "".join(f'<li><span class="t">{visible(t)}</span> <span class="num">{v:+.3f}</span></li>'
+    rows = "".join(f'<li><span class="t">{visible(t)}</span> <span class="num">{v:+.3g}</span></li>'
                    for t, v in items)
     return f'<div class="tl"><h4>{esc(title)}</h4><ol>{rows}</ol></div>'
 

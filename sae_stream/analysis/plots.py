@@ -12,7 +12,6 @@ import io
 import math
 from pathlib import Path
 
-import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter, ScalarFormatter
 from torch import Tensor
@@ -28,14 +27,20 @@ def save_png(fig: Figure, path: str | Path) -> Path:
     return Path(path)
 
 
+def split_dead(log10_density: Tensor, dead_threshold: float = 0.0) -> tuple[Tensor, int]:
+    """(log10 densities of the alive features, the dead count): dead is density <= dead_threshold, as eval counts."""
+    values = log10_density.detach().double().cpu()
+    dead = values <= (math.log10(dead_threshold) if dead_threshold > 0 else -math.inf)
+    return values[~dead], int(dead.sum())
+
+
 def plot_density_histogram(log10_density: Tensor, path: str | Path, ultralow_threshold: float = 1e-6,
-                           bins: int = 60, title: str = "SAE feature density") -> Path:
-    """Write a PNG histogram of `log10_density` [F] (entries of -inf are dead features) to `path` atomically."""
+                           bins: int = 60, title: str = "SAE feature density", dead_threshold: float = 0.0) -> Path:
+    """Write a PNG histogram of `log10_density` [F] to `path` atomically: features of density <= `dead_threshold`
+    (train.dead_threshold, as eval counts them; -inf entries never fired) in the dead bar, the others as alive."""
     if log10_density.dim() != 1 or log10_density.numel() == 0:
         raise ValueError("log10_density must be a non-empty 1-D tensor [d_sae]")
-    values = log10_density.detach().double().cpu()
-    finite = values[torch.isfinite(values)]
-    n_dead = int((values == -math.inf).sum())
+    finite, n_dead = split_dead(log10_density, dead_threshold)
     line_x = math.log10(ultralow_threshold)
     lo = min(float(finite.min()) if finite.numel() else line_x, line_x) - 0.25
     hi = max(float(finite.max()) if finite.numel() else 0.0, line_x) + 0.25
