@@ -7,7 +7,7 @@
     batches.close()                         # (also done at exit)
 
 Why a process: on a GPU the SAE step takes ~0.5 ms per 8192 tokens, and reading, filtering and tokenizing text in
-the training thread gave 1-4M tokens/s per core (benchmarks/data_throughput.py) against a loop that takes over
+the training thread gave about 3M tokens/s per core (benchmarks/data_throughput.py) against a loop that takes over
 10M; a thread would also hold the GIL that the loop's launches need. The child runs TokenContexts (its tokenizer
 threads encode documents in parallel) and sends each batch as an int32 array through a queue of `depth` batches.
 A batch's data state stays in the child (a stream's holds its shuffle buffer's texts) and crosses only when asked

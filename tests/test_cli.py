@@ -199,7 +199,7 @@ def test_cli__guards_keep_runs_and_name_the_fix(tiny_run: Path, tmp_path: Path, 
     fails(["train", "--lm", lm, "--out", str(tmp_path / "x"), "--data.context_len=32"], "data.tokenizer 'gpt2'")
     assert not (tmp_path / "x").exists()
     # analyze with a hook the SAE was not trained on; overrides written with a space; flags --resume ignores
-    fails(["analyze", str(copy), "--buffer.hook_name=blocks.0.attn.hook_z"], "does not match hook")
+    fails(["analyze", str(copy), "--buffer.hook_name=blocks.0.attn.hook_z"], "drop that override")  # (not its hook)
     fails(["train", "--lm", lm, "--train.lr", "--out", str(tmp_path / "y")], "--train.lr needs a value")
     fails(["train", "--resume", str(copy), "--out", str(tmp_path / "z")], "drop --out")
     fails(["train", "--lm", lm, "--out", str(copy), *TINY, "--train.lr", "abc"], "train.lr")
