@@ -33,14 +33,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from sae_stream.config import DataConfig
 from sae_stream.corpus import embedded_documents
 from sae_stream.data import ContextBatches, TokenContexts, tokenizer_threads
 from sae_stream.prefetch import PrefetchedBatches
-from sae_stream.records import ENCODE_DOCS, ShuffledTexts
+from sae_stream.records import ENCODE_DOCS, ShuffledTexts, StreamSource
 from sae_stream.tokenizer import get_tokenizer
 
 DEPTH = 32  # batches the child reads ahead (data.prefetch's default on CUDA)
@@ -110,18 +109,13 @@ def tokenize_session8(docs: list[str]) -> float:
 
 
 def tokenize_array(docs: list[str], threads: int) -> float:
-    from concurrent.futures import ThreadPoolExecutor
-
-    tok = get_tokenizer("gpt2")
-    eot = np.array([tok.eot], dtype=np.int64)
-    with ThreadPoolExecutor(threads) as pool:
-        t0, n = time.perf_counter(), 0
-        for i in range(0, len(docs), ENCODE_DOCS):
-            parts = list(pool.map(tok.encode_array, docs[i:i + ENCODE_DOCS])) if threads > 1 else \
-                [tok.encode_array(d) for d in docs[i:i + ENCODE_DOCS]]
-            flat = np.concatenate([a for p in parts for a in (p, eot)])
-            n += len(torch.from_numpy(flat.astype(np.int64, copy=False)))
-        return n / (time.perf_counter() - t0)
+    """records.StreamSource's tokenizing itself (its pool of `threads`, numpy arrays joined with end-of-text)."""
+    source = StreamSource(None, "text", None, get_tokenizer("gpt2"), 1, "bench", threads=threads)
+    t0, n = time.perf_counter(), 0
+    for i in range(0, len(docs), ENCODE_DOCS):
+        tokens, _ = source._join(source._submit(docs[i:i + ENCODE_DOCS]), None)
+        n += len(tokens)
+    return n / (time.perf_counter() - t0)
 
 
 def main() -> None:

@@ -272,8 +272,7 @@ def _step(fwd: torch.nn.Module, model: GPT, opt: torch.optim.Optimizer, x_BT: to
 
 def _loop(cfg: Config, out_dir: Path, model: GPT, opt: torch.optim.Optimizer, state: _State,
           batches: ContextBatches | PrefetchedBatches, heldout: list[torch.Tensor], total_steps: int,
-          device: torch.device,
-          dtype: torch.dtype | None, tracker: Any) -> None:
+          device: torch.device, dtype: torch.dtype | None, tracker: Any) -> None:
     """The training steps from state.step to total_steps, with held-out evals, logging and checkpoints."""
     tc = cfg.lm_train
     fwd = torch.compile(model) if tc.compile else model
