@@ -52,7 +52,11 @@ class OutDir:
 
     def commit(self) -> None:
         if not self.done and self.old is not None:
-            shutil.rmtree(self.old, ignore_errors=True)
+            # renamed first, so a `.NAME.replaced-*` left behind is always whole (a kill mid-removal leaves a
+            # `.NAME.discarded-*`, which the next command removes): _recover_replaced may put it back
+            trash = self.path.with_name(f".{self.path.name}.discarded-{secrets.token_hex(4)}")
+            os.replace(self.old, trash)
+            shutil.rmtree(trash, ignore_errors=True)
         self.done = True
 
     def rollback(self) -> None:
@@ -128,7 +132,11 @@ def _recover_replaced(path: Path) -> None:
             stranded.append(p)
     if not stranded:
         return
-    if not path.exists() and len(stranded) == 1 and (stranded[0] / "config.yaml").is_file():
+    if len(stranded) == 1 and (stranded[0] / "config.yaml").is_file() and _nothing_trained(path):
+        if path.exists():  # the killed process's new run, which never got past its start-up: nothing is lost
+            trash = path.with_name(f".{path.name}.discarded-{secrets.token_hex(4)}")
+            os.replace(path, trash)
+            shutil.rmtree(trash, ignore_errors=True)
         os.replace(stranded[0], path)
         warnings.warn(f"{str(path)!r} was moved aside by an --overwrite that was killed before it put it back: "
                       "restored", stacklevel=3)
@@ -136,6 +144,12 @@ def _recover_replaced(path: Path) -> None:
     warnings.warn(f"{', '.join(repr(str(p)) for p in stranded)} left by an interrupted --overwrite of "
                   f"{str(path)!r} (the run it replaced, perhaps partly removed): remove it, or rename it back",
                   stacklevel=3)
+
+
+def _nothing_trained(path: Path) -> bool:
+    """`path` is missing, or holds no file but the config.yaml files a run writes before its start-up ends."""
+    return not path.exists() or (path.is_dir() and all(f.name == "config.yaml" for f in path.rglob("*")
+                                                       if not f.is_dir()))
 
 
 def _alive(pid: int) -> bool:
@@ -185,8 +199,11 @@ def inside(path: str | Path, directory: str | Path) -> bool:
 
 
 def require_run_dir(run_dir: str | Path) -> Path:
-    """An existing run directory (one with the config.yaml a run writes)."""
+    """An existing run directory (one with the config.yaml a run writes), put back first if a killed --overwrite
+    left it aside (a single process: under torchrun the ranks would race for it)."""
     path = Path(run_dir)
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 and path.parent.is_dir():
+        _recover_replaced(path.resolve())
     if not (path / "config.yaml").is_file():
         shared = (" (under torchrun every process must see it: on several machines, a shared filesystem)"
                   if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "")

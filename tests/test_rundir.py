@@ -95,6 +95,42 @@ def test_fresh_out_dir__a_stranded_run_beside_a_new_one_is_named_not_moved(tmp_p
     assert stranded.is_dir() and live.is_dir()
 
 
+def test_fresh_out_dir__a_stranded_run_beside_a_new_run_that_never_started_is_put_back(tmp_path: Path) -> None:
+    """Killed during the new run's start-up (after its directory and config.yaml files were made, before its
+    commit): that directory holds nothing trained, so the old run takes its place again."""
+    new = tmp_path / "run"
+    (new / "member").mkdir(parents=True)
+    (new / "config.yaml").write_text("new: true\n")
+    (new / "member" / "config.yaml").write_text("new: true\n")
+    stranded = _old_run(tmp_path / f".run.replaced-{_dead_pid()}-abcd1234")
+    with pytest.warns(UserWarning, match="restored"), pytest.raises(UserError, match="exists"):
+        with fresh_out_dir(new, "train", overwrite=False):
+            pass
+    assert not stranded.exists() and (new / "config.yaml").read_text() == "old: true\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"] and not (new / "member").exists()
+
+
+def test_require_run_dir__puts_a_stranded_run_back_before_looking(tmp_path: Path) -> None:
+    """`train --resume RUN` / `eval RUN` after a killed --overwrite: the old run, not "not a run directory"."""
+    (tmp_path / "run").mkdir()
+    _old_run(tmp_path / f".run.replaced-{_dead_pid()}-abcd1234")
+    with pytest.warns(UserWarning, match="restored"):
+        assert (rundir.require_run_dir(tmp_path / "run") / "config.yaml").read_text() == "old: true\n"
+
+
+def test_commit__removes_the_replaced_run_under_a_discarded_name(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The commit renames the old run before removing it: a kill mid-removal leaves `.run.discarded-*` (removed by
+    the next command), never a partly removed `.run.replaced-*` that could be put back."""
+    _old_run(tmp_path / "run")
+    removed = []
+    monkeypatch.setattr(rundir.shutil, "rmtree", lambda p, **kw: removed.append(Path(p).name))
+    with fresh_out_dir(tmp_path / "run", "train", overwrite=True) as staged:
+        staged.commit()
+    assert len(removed) == 1 and removed[0].startswith(".run.discarded-")
+    assert not list(tmp_path.glob(".run.replaced-*"))
+
+
 def test_signals_deferred__an_error_in_the_block_does_not_swallow_the_ctrl_c() -> None:
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
