@@ -38,7 +38,7 @@ from sae_stream.checkpoint import (
 from sae_stream.config import Config, DataConfig, LMTrainConfig, save_config, to_dict
 from sae_stream.data import ContextBatches, heldout_batches
 from sae_stream.prefetch import PrefetchedBatches, training_batches
-from sae_stream.process import resolve_device, tune_cpu_allocator
+from sae_stream.process import TrainingInterrupted, resolve_device, signals_to, tune_cpu_allocator
 from sae_stream.tokenizer import Tokenizer, get_tokenizer
 from sae_stream.tracking import Tracker, keep_records_through, read_records
 
@@ -284,6 +284,28 @@ def _loop(cfg: Config, out_dir: Path, model: GPT, opt: torch.optim.Optimizer, st
         speed = _Throughput()
     bar = tqdm(total=total_steps, initial=state.step, desc="lm train", unit="step", disable=None)
     model.train()
+    stop: list[int] = []  # SIGTERM/SIGINT: finish the step, checkpoint it, stop; a second one stops at once
+    with signals_to(lambda signum: stop.append(signum) if not stop else _interrupt_now()):
+        _steps(cfg, out_dir, model, fwd, opt, state, batches, heldout, total_steps, device, dtype, tracker, chunked,
+               bar, stop, t0, speed)
+    bar.close()
+    if state.step < total_steps:
+        tqdm.write(f"lm train: data.source ran out after {state.step}/{total_steps} steps (data.loop is false)")
+        state.last_heldout = heldout_loss(model, heldout, device, dtype)
+    state.elapsed_s += time.perf_counter() - t0
+
+
+def _interrupt_now() -> None:
+    raise KeyboardInterrupt
+
+
+def _steps(cfg: Config, out_dir: Path, model: GPT, fwd: torch.nn.Module, opt: torch.optim.Optimizer, state: _State,
+           batches: ContextBatches | PrefetchedBatches, heldout: list[torch.Tensor], total_steps: int,
+           device: torch.device, dtype: torch.dtype | None, tracker: Any, chunked: bool, bar: Any, stop: list[int],
+           t0: float, speed: _Throughput) -> None:
+    """_loop's steps: log, evaluate and checkpoint on their schedules; after a stop signal, checkpoint the step
+    and raise TrainingInterrupted naming the command that continues."""
+    tc = cfg.lm_train
     for x_BT in itertools.islice(batches, total_steps - state.step):
         state.counts_V += torch.bincount(x_BT.flatten(), minlength=cfg.lm.vocab_size)
         lr = lr_at(state.step, total_steps, tc)
@@ -301,14 +323,13 @@ def _loop(cfg: Config, out_dir: Path, model: GPT, opt: torch.optim.Optimizer, st
             state.last_heldout = heldout_loss(model, heldout, device, dtype)
             speed.paused += time.perf_counter() - e0
             tracker.log(state.step, {"lm/heldout_loss": state.last_heldout})
-        if state.step % tc.checkpoint_every == 0 or done:
+        if state.step % tc.checkpoint_every == 0 or done or stop:
             _checkpoint(out_dir, cfg, model, opt, state, batches, state.elapsed_s + time.perf_counter() - t0)
         bar.update(1)
-    bar.close()
-    if state.step < total_steps:
-        tqdm.write(f"lm train: data.source ran out after {state.step}/{total_steps} steps (data.loop is false)")
-        state.last_heldout = heldout_loss(model, heldout, device, dtype)
-    state.elapsed_s += time.perf_counter() - t0
+        if stop and not done:
+            bar.close()
+            raise TrainingInterrupted(stop[0], state.step, out_dir, command=f"sae-stream lm train "
+                                      f"{out_dir / 'config.yaml'} --out {out_dir} --resume")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

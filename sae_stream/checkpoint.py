@@ -205,6 +205,12 @@ def list_checkpoints(ckpt_dir: str | Path) -> list[Path]:
     return sorted((p for p in ckpt_dir.iterdir() if p.is_dir() and re.fullmatch(r"step_\d{8,}", p.name)), key=step_of)
 
 
+def any_checkpoint(run_dir: str | Path, outside: str) -> bool:
+    """Whether a `step_*` checkpoint directory exists anywhere in `run_dir` except under its subdirectory `outside`."""
+    run_dir = Path(run_dir)
+    return any(p.is_dir() for p in run_dir.rglob("step_*") if p.relative_to(run_dir).parts[0] != outside)
+
+
 def verify_checkpoint(path: str | Path) -> None:
     path = Path(path)
     manifest = path / "MANIFEST.json"

@@ -105,7 +105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainingInterrupted as e:  # the step in flight finished and was checkpointed (on every rank: told once)
         if is_main_process():
             where = e.run_dir if e.run_dir is not None else "RUN_DIR"
-            print(f"sae-stream: {e}, checkpoint saved; continue with: {resume_command(where)}", file=sys.stderr)
+            print(f"sae-stream: {e}, checkpoint saved; continue with: {e.command or resume_command(where)}",
+                  file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("sae-stream: interrupted", file=sys.stderr)

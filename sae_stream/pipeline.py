@@ -26,14 +26,14 @@ import torch
 
 from sae_stream.activations import ActivationStream, check_hook_names, hook_dim
 from sae_stream.buffer import ShuffleBuffer
-from sae_stream.checkpoint import drop_newer, load_own_part, own_dir, rank_state
+from sae_stream.checkpoint import any_checkpoint, drop_newer, list_checkpoints, load_own_part, own_dir, rank_state
 from sae_stream.checkpoint_writer import CheckpointWriter
 from sae_stream.config import Config, load_config, save_config, to_dict
 from sae_stream.distributed import Distributed, shard_size
 from sae_stream.export import export_saelens, load_saelens
 from sae_stream.lm_bridge import load_lm, native_capture, train_lm, untrained_lm
 from sae_stream.prefetch import training_batches
-from sae_stream.process import resolve_device
+from sae_stream.process import continued_by, resolve_device
 from sae_stream.report import (
     LM_DIR,
     SAE_DIR,
@@ -52,6 +52,7 @@ from sae_stream.rundir import (
     fresh_out_dir,
     inside,
     is_main_process,
+    lock_run,
     require_run_dir,
     resume_command,
 )
@@ -139,6 +140,7 @@ class Session:
         self.device = self.dist.device if self.dist else self.device
         check_shared(run_dir, self.dist)
         self.is_main = rank == 0
+        self._lock = lock_run(run_dir) if self.is_main else None  # one process trains a run directory at a time
         self.batch_size = shard_size(cfg.train.batch_size, world)
         if self.dist is not None and cfg.train.nan_policy == "skip":
             raise UserError("train.nan_policy=skip is not supported under torchrun (ranks would drop different "
@@ -251,6 +253,8 @@ class Session:
 
     def close(self) -> None:
         self.tokens.close()
+        if self._lock is not None:  # (the lock goes with it)
+            self._lock.close()
         if self.dist is not None:
             self.dist.close()
 
@@ -287,17 +291,32 @@ def _lm_outside(lm: str | None, out: str | None, overwrite: bool) -> None:
 
 
 def train_resume(run_dir: str | Path) -> Path:
+    """Continue a run where it stopped: the LM stage of `sae-stream run` if it had not finished, the SAE from its
+    newest checkpoint (from step 0 if it had written none), then, for a run `run` made, eval and the dashboard."""
+    t0 = time.perf_counter()
     run_dir = require_run_dir(run_dir)
     parent = sweep_of(run_dir)
     if parent is not None:
         raise UserError(f"{str(run_dir)!r} is one SAE of the sweep in {str(parent)!r}: its SAEs share one stream "
                         f"and resume together, `{resume_command(parent)}`")
     cfg = own_lm(run_dir, load_config(run_dir / "config.yaml"))  # (a moved run: its own lm/, not the old place)
+    lm_unfinished = cfg.lm.path is None  # (only `run` saves a config before its LM exists)
+    own = lm_unfinished or (run_dir / LM_DIR).is_dir()  # made by `run`, which trains its LM there
+    if lm_unfinished and is_main_process():  # stopped in `run`'s LM stage: finish it first
+        lm_dir = run_dir / LM_DIR
+        with continued_by(resume_command(run_dir)), lock_run(run_dir):
+            _train_lm(cfg, lm_dir, resume=bool(list_checkpoints(lm_dir / "checkpoints")))
+        cfg = dataclasses.replace(cfg, lm=dataclasses.replace(cfg.lm, path=str(lm_dir.resolve())))
     session = Session(cfg, run_dir)
-    step = session.resume()
-    if session.is_main:
-        print(f"resuming {run_dir} at step {step}")
+    if any_checkpoint(run_dir, outside=LM_DIR):  # the SAE's own, a sweep member's or the stream's
+        step = session.resume()
+        if session.is_main:
+            print(f"resuming {run_dir} at step {step}")
+    else:  # stopped before the SAE's first checkpoint: it starts from step 0
+        session.save_configs()
     _train_session(session)
+    if own:
+        _evaluate_session(session, run_dir, analyze=True, t0=t0)
     return run_dir
 
 
@@ -339,7 +358,8 @@ def run(config: str | None, overrides: list[str], lm: str | None = None, out: st
             check_sae_inputs(untrained_lm(cfg), cfg)
             save_config(cfg, run_dir / "config.yaml")  # a run directory from here on (--overwrite can replace it)
             lm_dir = run_dir / LM_DIR
-            _train_lm(cfg, lm_dir, started=staged.commit)
+            with continued_by(resume_command(run_dir)):  # (`train --resume` finishes the LM, then the rest)
+                _train_lm(cfg, lm_dir, started=staged.commit)
             lm_path = str(lm_dir.resolve())
         # (not read again from `config`: it may be a file in the directory that --overwrite moved aside)
         cfg = dataclasses.replace(cfg, lm=dataclasses.replace(cfg.lm, path=lm_path))
@@ -347,8 +367,14 @@ def run(config: str | None, overrides: list[str], lm: str | None = None, out: st
         session.save_configs()
         staged.commit()
         _train_session(session)
+    _evaluate_session(session, run_dir, analyze, t0)
+    return run_dir
+
+
+def _evaluate_session(session: Session, run_dir: Path, analyze: bool, t0: float) -> None:
+    """`run`'s last stage: eval (and the dashboard) of each trained SAE, with the LM already loaded; rank 0 only."""
     if not session.is_main:
-        return run_dir  # evaluation and the dashboard run on rank 0 alone
+        return
     model, device, sweep = session.model, session.device, session.sweep
     members = [(m.name, m.cfg, m.run_dir) for m in session.members]
     del session
@@ -361,4 +387,3 @@ def run(config: str | None, overrides: list[str], lm: str | None = None, out: st
     if sweep:
         summarize_sweep(run_dir, results)
     print(f"done in {time.perf_counter() - t0:.0f}s: run directory {run_dir.resolve()}")
-    return run_dir

@@ -46,10 +46,11 @@ def tune_cpu_allocator() -> bool:
 
 
 class TrainingInterrupted(Exception):
-    """SIGTERM/SIGINT stopped fit() after the step in flight, with a checkpoint at that step; exit code 128+signum."""
+    """SIGTERM/SIGINT stopped training after the step in flight, with a checkpoint at that step; exit code
+    128+signum. `command` continues it (None: `sae-stream train --resume RUN_DIR`, as resume_command gives)."""
 
-    def __init__(self, signum: int, step: int, run_dir: Path | None) -> None:
-        self.signum, self.step, self.run_dir = signum, step, run_dir
+    def __init__(self, signum: int, step: int, run_dir: Path | None, command: str | None = None) -> None:
+        self.signum, self.step, self.run_dir, self.command = signum, step, run_dir, command
         self.exit_code = 128 + signum
         super().__init__(f"{signal.Signals(signum).name} at step {step}")
 
@@ -68,3 +69,14 @@ def signals_to(on_signal: Callable[[int], None],
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def continued_by(command: str) -> Iterator[None]:
+    """A TrainingInterrupted raised in the block names `command` as the way to continue (a stage of a larger job:
+    `run`'s LM is continued by `train --resume RUN_DIR`, which finishes it and then the rest)."""
+    try:
+        yield
+    except TrainingInterrupted as e:
+        e.command = command
+        raise

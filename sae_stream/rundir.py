@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from sae_stream.process import signals_to
 
@@ -100,6 +100,8 @@ def fresh_out_dir(out: str | Path | None, command: str, overwrite: bool) -> Iter
         if not (path / "config.yaml").is_file():
             raise UserError(f"refusing to --overwrite {str(path)!r}: it is not a run directory (no config.yaml); "
                             "remove it yourself or choose another --out")
+        if locked(path):
+            raise UserError(f"refusing to --overwrite {str(path)!r}: a process is training it; stop it first")
         old = path.with_name(f".{path.name}.replaced-{os.getpid()}-{secrets.token_hex(4)}")
     with _term_raises():  # a SIGTERM before the commit must roll back too, not kill the process where it stands
         if old is not None:
@@ -147,9 +149,47 @@ def _recover_replaced(path: Path) -> None:
 
 
 def _nothing_trained(path: Path) -> bool:
-    """`path` is missing, or holds no file but the config.yaml files a run writes before its start-up ends."""
-    return not path.exists() or (path.is_dir() and all(f.name == "config.yaml" for f in path.rglob("*")
+    """`path` is missing, or holds no file but the config.yaml files (and lock) a run writes before its start-up
+    ends."""
+    return not path.exists() or (path.is_dir() and all(f.name in ("config.yaml", LOCK_FILE) for f in path.rglob("*")
                                                        if not f.is_dir()))
+
+
+LOCK_FILE = ".lock"
+
+
+def lock_run(run_dir: Path) -> IO[str]:
+    """Hold RUN_DIR/.lock while this process trains the run: a second process (a requeued job beside a manual
+    resume) is refused instead of writing the same checkpoints and metrics. The kernel drops the lock when the
+    process ends, killed too; keep the returned file open (closing it releases the lock)."""
+    import fcntl
+
+    run_dir.mkdir(parents=True, exist_ok=True)  # (a Session may be the first to write into it)
+    f = open(run_dir / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise UserError(f"{str(run_dir)!r} is being trained by {holder}: wait for it to end or stop it, "
+                        "then run the command again") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"sae-stream pid {os.getpid()}")
+    f.flush()
+    return f
+
+
+def locked(run_dir: Path) -> bool:
+    """Whether a live process holds RUN_DIR/.lock (lock_run)."""
+    try:
+        f = lock_run(run_dir) if (run_dir / LOCK_FILE).is_file() else None
+    except UserError:
+        return True
+    if f is not None:
+        f.close()
+    return False
 
 
 def _alive(pid: int) -> bool:

@@ -643,3 +643,55 @@ def test_checkpoint_writer__agrees_on_the_step_to_keep_once_per_step(tmp_path: P
             writer.save(tmp_path / d, step, {"step": step}, keep=1)
     assert group.seen == [-1, 1, 2]
     assert [p.name for p in list_checkpoints(tmp_path / "sae")] == ["step_00000001", "step_00000003"]
+
+
+def _ctrl_c_in_lm_step(monkeypatch: pytest.MonkeyPatch, at: int) -> None:
+    import lm.train as lm_train
+
+    step, calls = lm_train._step, []
+
+    def ctrl_c(*args, **kwargs):
+        calls.append(None)
+        if len(calls) == at:
+            signal.raise_signal(signal.SIGINT)  # Ctrl-C while the LM trains
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(lm_train, "_step", ctrl_c)
+
+
+def test_lm_train__sigint_checkpoints_the_step_and_names_its_resume(tmp_path: Path, one_thread: None,
+                                                                   monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "lm"
+    _ctrl_c_in_lm_step(monkeypatch, at=7)
+    assert main(["lm", "train", str(default_config_path()), "--out", str(out), *LM_ARGS]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "SIGINT at step 7" in err[-1], err
+    assert f"sae-stream lm train {out / 'config.yaml'} --out {out} --resume" in err[-1]
+    assert _steps(out) == [7] and not (out / "model.safetensors").exists()
+
+
+def test_run__lm_stage_sigint_then_train_resume_finishes_the_whole_run(tmp_path: Path, one_thread: None,
+                                                                       monkeypatch: pytest.MonkeyPatch,
+                                                                       capsys: pytest.CaptureFixture) -> None:
+    """`run` stopped while its LM trains: `train --resume RUN` finishes the LM (the same weights as one
+    uninterrupted `lm train`), trains the SAE from step 0, then evaluates and builds the dashboard as `run` would."""
+    out = tmp_path / "run"
+    _ctrl_c_in_lm_step(monkeypatch, at=10)
+    args = ["run", "--out", str(out), *LM_ARGS, *SAE_ARGS, "--eval.tokens=1024", "--analysis.tokens=1024",
+            "--analysis.features=4"]
+    assert main(args) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "SIGINT at step 10" in err[-1] and f"sae-stream train --resume {out}" in err[-1], err
+    assert _steps(out / "lm") == [10] and not (out / "checkpoints").exists()
+    monkeypatch.undo()
+    assert main(["train", "--resume", str(out)]) == 0
+    ref = tmp_path / "lm_ref"  # one uninterrupted `lm train`, on as many threads as this run
+    assert main(["lm", "train", str(default_config_path()), "--out", str(ref), *LM_ARGS]) == 0
+    got, want = load_file(out / "lm" / "model.safetensors"), load_file(ref / "model.safetensors")
+    assert got.keys() == want.keys()
+    for k in want:  # (as test_lm's resume test: equal up to fp32 rounding)
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-6, msg=k)
+    assert _steps(out)[-1] == TOTAL_STEPS
+    for name in ("sae/sae_weights.safetensors", "eval.json", "dashboard/index.html"):
+        assert (out / name).is_file(), name

@@ -141,3 +141,38 @@ def test_signals_deferred__an_error_in_the_block_does_not_swallow_the_ctrl_c() -
     finally:
         signal.signal(signal.SIGINT, previous)
     assert isinstance(info.value.__context__, FileNotFoundError)  # (the error is kept as its context)
+
+
+HOLD = """
+import sys, time
+from pathlib import Path
+from sae_stream.rundir import lock_run
+f = lock_run(Path(sys.argv[1]))
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
+def test_lock_run__one_process_trains_a_run_dir_and_a_killed_holder_frees_it(tmp_path: Path) -> None:
+    """A second trainer of the same run (a requeued job beside a manual resume) and an --overwrite of a run being
+    trained are refused, naming the holder; the kernel frees the lock when the holder dies, even by SIGKILL."""
+    run = _old_run(tmp_path / "run")
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(UserError, match=rf"is being trained by sae-stream pid {holder.pid}"):
+            rundir.lock_run(run)
+        assert rundir.locked(run)
+        with pytest.raises(UserError, match="a process is training it"):
+            with fresh_out_dir(run, "train", overwrite=True):
+                pass
+        assert (run / "metrics.jsonl").is_file()  # untouched
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not rundir.locked(run)
+    mine = rundir.lock_run(run)
+    with pytest.raises(UserError, match=f"pid {os.getpid()}"):  # (a second open of it, even in one process)
+        rundir.lock_run(run)
+    mine.close()
+    rundir.lock_run(run).close()
