@@ -13,7 +13,8 @@ model): 6.3M vs 3.9M tokens/s at context 1024; equal (launch-bound) at context 1
 Several hook names give one vector per position: their activations concatenated in the order given.
 A hook with several trailing dims (`blocks.0.attn.hook_z` [B, T, H, d_head]) is flattened to one vector per position;
 attention patterns/scores [B, H, Tq, Tk] give per query position a vector of H * Tk (so their width depends on the
-context length).
+context length; `sae-stream train` refuses them, since eval, analyze and load_run read one vector per position of
+[B, T, ...] hooks only).
 
 Every vector carries its provenance (context index in the stream, position): 12 bytes next to 1-2 KB of
 activations. `expected_distinct` and `shuffle_metrics` at the end turn a batch's provenance into shuffle metrics.

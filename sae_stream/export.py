@@ -59,10 +59,19 @@ def saelens_tensors(sae: SAE) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().cpu().contiguous() for k, v in out.items()}
 
 
-def saelens_cfg(sae: SAE, hook_name: str, model_name: str, extra_cfg: dict[str, Any] | None = None) -> dict:
+def hook_layer(hook_name: str, n_layers: int | None = None) -> int:
+    """The block a hook belongs to (older SAELens runs the model to `hook_layer + 1`): blocks.N.* -> N; after the
+    last block (ln_final.*, unembed.*) the last block, given n_layers; embeddings (and unknown: no n_layers) 0."""
+    block = re.match(r"blocks\.(\d+)\.", hook_name)
+    if block:
+        return int(block.group(1))
+    return n_layers - 1 if n_layers and hook_name.startswith(("ln_final.", "unembed.")) else 0
+
+
+def saelens_cfg(sae: SAE, hook_name: str, model_name: str, extra_cfg: dict[str, Any] | None = None,
+                n_layers: int | None = None) -> dict:
     """cfg.json contents (both SAELens >= 6 and older field names)."""
     arch = SAELENS_ARCH[sae.cfg.architecture]
-    layer = re.match(r"blocks\.(\d+)\.", hook_name)
     cfg: dict[str, Any] = {
         "architecture": arch,
         "d_in": sae.d_in,
@@ -76,7 +85,7 @@ def saelens_cfg(sae: SAE, hook_name: str, model_name: str, extra_cfg: dict[str, 
         "model_name": model_name,
         "hook_name": hook_name,
         "hook_point": hook_name,
-        "hook_layer": int(layer.group(1)) if layer else 0,
+        "hook_layer": hook_layer(hook_name, n_layers),
         "hook_head_index": None,
         "hook_point_head_index": None,
         "activation_fn_str": "topk" if arch == "topk" else "relu",
@@ -98,9 +107,11 @@ def saelens_cfg(sae: SAE, hook_name: str, model_name: str, extra_cfg: dict[str, 
 
 
 def export_saelens(sae: SAE, out_dir: Path | str, hook_name: str, log10_density: torch.Tensor | None = None,
-                   model_name: str = "unknown", extra_cfg: dict[str, Any] | None = None) -> Path:
+                   model_name: str = "unknown", extra_cfg: dict[str, Any] | None = None,
+                   n_layers: int | None = None) -> Path:
     """Write `sae` as a SAELens SAE directory; extra_cfg adds/overrides cfg.json keys (context_size,
-    dataset_path, prepend_bos, ...). Returns the directory."""
+    dataset_path, prepend_bos, ...); n_layers (the model's) places hooks after the last block. Returns the
+    directory."""
     out = Path(out_dir)
     if log10_density is not None and tuple(log10_density.shape) != (sae.d_sae,):
         raise ValueError(f"log10_density has shape {tuple(log10_density.shape)}; expected ({sae.d_sae},)")
@@ -110,7 +121,7 @@ def export_saelens(sae: SAE, out_dir: Path | str, hook_name: str, log10_density:
         atomic_write_bytes(out / "sparsity.safetensors", save(sparsity))
     else:  # an earlier export's densities would no longer describe these weights
         (out / "sparsity.safetensors").unlink(missing_ok=True)
-    atomic_write_json(out / "cfg.json", saelens_cfg(sae, hook_name, model_name, extra_cfg))
+    atomic_write_json(out / "cfg.json", saelens_cfg(sae, hook_name, model_name, extra_cfg, n_layers))
     return out
 
 

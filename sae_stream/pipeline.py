@@ -247,7 +247,7 @@ class Session:
                                           "dataset_path": self.cfg.data.source,
                                           # the positions trained on (SAELens's slice of each context)
                                           "seqpos_slice": [1, None] if self.cfg.buffer.skip_first_position
-                                          else [None]})
+                                          else [None]}, n_layers=self.model.cfg.n_layers)
                 plot_sae_curves(m.run_dir, m.cfg)
         return metrics
 

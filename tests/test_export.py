@@ -120,3 +120,13 @@ def test_load_saelens__foreign_standard_dir_maps_to_anthropic(tmp_path):
     back = load_saelens(tmp_path)
     assert back.cfg.architecture == "anthropic"
     assert torch.equal(back.encode(x), sae.encode(x))
+
+
+def test_hook_layer__blocks_their_index_hooks_after_them_the_last_block():
+    """cfg.json's hook_layer (older SAELens stops the model after block hook_layer): ln_final / unembed hooks sit
+    after the last block, so a 2-layer model's is 1, not 0."""
+    from sae_stream.export import hook_layer
+
+    assert hook_layer("blocks.3.mlp.hook_post", 4) == 3 and hook_layer("blocks.0.attn.hook_z") == 0
+    assert hook_layer("ln_final.hook_normalized", 2) == 1 and hook_layer("unembed.hook_out", 6) == 5
+    assert hook_layer("hook_embed", 2) == hook_layer("hook_pos_embed", 2) == 0
