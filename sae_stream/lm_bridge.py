@@ -7,6 +7,7 @@ functions, so `sae_stream` works the same on a model `lm/` knows nothing about.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +25,13 @@ def load_lm(path_or_name: str, device: torch.device) -> Any:
 
 
 def list_hooks(lm_path: str) -> list[str]:
-    from lm.hooked import hook_names
-
-    return hook_names(load_lm(lm_path, torch.device("cpu")))
+    """'NAME<tab>WIDTH' for each hook a forward of the LM runs and an SAE can train on (one vector of WIDTH per
+    position), in module order: hooks that never fire (hook_result, hook_q_input, ... unless enabled) and attention
+    patterns / scores are left out."""
+    model = load_lm(lm_path, torch.device("cpu"))
+    _, cache = model.run_with_cache(torch.zeros(1, 2, dtype=torch.long))
+    return [f"{name}\t{math.prod(cache[name].shape[2:])}" for name in model.hook_dict
+            if name in cache and not name.endswith(("hook_pattern", "hook_attn_scores"))]
 
 
 def native_capture(cfg: Config, device: torch.device) -> Any:

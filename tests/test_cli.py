@@ -219,8 +219,19 @@ def test_config__yaml_roundtrip_and_defaults(tiny_run: Path) -> None:
 
 def test_cli__hooks_lists_model_hooks(tiny_run: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["hooks", "--lm", str(tiny_run / "lm")]) == 0
-    hooks = capsys.readouterr().out.split()
-    assert "blocks.0.mlp.hook_post" in hooks and "blocks.0.hook_resid_pre" in hooks
+    hooks = dict(line.split("\t") for line in capsys.readouterr().out.splitlines())
+    assert hooks["blocks.0.mlp.hook_post"] == str(_hook_width(tiny_run, "blocks.0.mlp.hook_post"))
+    assert hooks["blocks.0.hook_resid_pre"] == str(_hook_width(tiny_run, "blocks.0.hook_resid_pre"))
+    assert hooks["blocks.0.attn.hook_z"] == str(_hook_width(tiny_run, "blocks.0.attn.hook_z"))  # heads x d_head
+    # never fire without use_attn_result & co., or give no vector per position: not offered
+    assert not any(h.endswith(("hook_result", "hook_q_input", "hook_pattern", "hook_attn_scores")) for h in hooks)
+
+
+def _hook_width(run: Path, hook: str) -> int:
+    from sae_stream.activations import hook_dim
+    from sae_stream.lm_bridge import load_lm
+
+    return hook_dim(load_lm(str(run / "lm"), "cpu"), hook)
 
 
 def test_module__python_m_entry_point() -> None:
