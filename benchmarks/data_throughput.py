@@ -11,6 +11,8 @@ over --repeats rounds, each timed over --tokens tokens of [--batch, --context-le
 - `prefetched_T`: the same batches from a child process (prefetch.PrefetchedBatches, depth 32), consumed at once
 - `prefetched_T_busy`: ditto while the consuming thread keeps its core busy --busy-ms per batch (as a GPU loop's
   launching thread does), so the child has the other cores only
+- `reader_ceiling`: the whole reader inline with the BPE replaced by a lookup of the documents' tokens: what one
+  reader process can deliver at most however many tokenizer threads it has (its serial part)
 
 T runs over 1 and the cores this process may use (--threads to choose). The corpus: documents of ~4.5 KB (about
 OpenWebText's mean) joined from the embedded corpus (Python's docs: prose with code), written to --dir.
@@ -33,6 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from sae_stream.config import DataConfig
@@ -118,6 +121,24 @@ def tokenize_array(docs: list[str], threads: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def reader_ceiling(cfg: DataConfig, docs: list[str], batch: int, n_batches: int) -> float:
+    tok = get_tokenizer("gpt2")
+    tokens = {d: tok.encode_array(d) for d in docs}
+    contexts = TokenContexts(cfg)
+    contexts._source.tok = _Lookup(tok, tokens)  # (the reader's own tokenizer, swapped for this variant only)
+    return timed_batches(ContextBatches(contexts, batch), n_batches)
+
+
+class _Lookup:
+    """A tokenizer whose encode_array looks the document up (the tokens computed beforehand)."""
+
+    def __init__(self, tok: object, tokens: dict[str, np.ndarray]) -> None:
+        self.eot, self.tokens = tok.eot, tokens
+
+    def encode_array(self, text: str) -> np.ndarray:
+        return self.tokens[text]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=3_000_000, help="tokens per timed variant")
@@ -143,7 +164,9 @@ def main() -> None:
     cfg = DataConfig(source=str(path), tokenizer="gpt2", context_len=args.context_len, heldout_fraction=0.0)
     n_batches = max(1, n_tokens // (args.batch * args.context_len))
     variants = {"records": lambda: records_rate(cfg, tokens_per_char, n_tokens),
-                "tokenize_session8": lambda: tokenize_session8(docs)}
+                "tokenize_session8": lambda: tokenize_session8(docs),
+                "reader_ceiling": lambda: reader_ceiling(DataConfig(**{**cfg.__dict__, "tokenizer_threads": 1}),
+                                                         docs, args.batch, n_batches)}
     for t in threads:
         tcfg = DataConfig(**{**cfg.__dict__, "tokenizer_threads": t})
         variants[f"tokenize_array_{t}"] = lambda t=t: tokenize_array(docs, t)

@@ -125,7 +125,8 @@ def test_data_throughput__every_variant_measured_and_ratios_follow(tmp_path: Pat
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = {r["variant"]: r for r in map(json.loads, out.read_text().splitlines())}
     kinds = ("tokenize_array_{}", "inline_{}", "prefetched_{}", "prefetched_{}_busy")
-    assert rows.keys() == {"records", "tokenize_session8"} | {k.format(t) for k in kinds for t in (1, 2)}
+    assert rows.keys() == {"records", "tokenize_session8", "reader_ceiling"} | {k.format(t) for k in kinds
+                                                                              for t in (1, 2)}
     base = rows["inline_1"]["tokens_per_s"]
     for name, r in rows.items():
         assert r["rounds"] == [r["tokens_per_s"]], name
