@@ -62,6 +62,7 @@ class PrefetchedBatches:
                                        self._commands, self._replies))
         self._proc.start()
         self._stopper = weakref.finalize(self, _stop, self._proc, self._commands)
+        _live.difference_update([f for f in _live if not f.alive])  # (readers collected since: their queues go)
         _live.add(self._stopper)
         self._consumed, self._going = 0, False
         self._ask(None, "starting")
