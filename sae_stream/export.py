@@ -19,6 +19,7 @@ Architecture mapping:
 - topk -> 'topk' with k (rescale_acts_by_decoder_norm false).
 - batchtopk -> 'jumprelu' with threshold θ (the running threshold used at inference) for every feature — what
   SAELens itself saves BatchTopK SAEs as; its jumprelu keeps pre·[pre > θ], which is our inference rule.
+  Its sparsity.safetensors counts training-time firing (batch top-k), as SAELens's does, not the θ rule.
 All files are written atomically; cfg.json goes last, so a directory with a cfg.json is complete.
 """
 

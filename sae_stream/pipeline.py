@@ -7,6 +7,7 @@ can be swapped or tested alone.
 Run directory of `train` / `run`:
     config.yaml  metrics.jsonl  training_curves.png  checkpoints/  sae/ (SAELens format)  eval.json
     density_histogram.png  feature_density.safetensors  dashboard/index.html  [lm/ when `run` trained the LM]
+    [job.json: `run`'s]
 A sweep (`sweep.saes`, sweep.py) keeps the shared config.yaml and the stream's checkpoints/ at the top and one
 such directory per SAE, `RUN_DIR/<name>/`. Under torchrun (distributed.py) every rank streams its own shard and
 trains its share of each batch; rank 0 alone logs and evaluates; each rank checkpoints its own part (checkpoint.py).
@@ -53,6 +54,8 @@ from sae_stream.rundir import (
     inside,
     is_main_process,
     lock_run,
+    mark_job,
+    read_job,
     require_run_dir,
     resume_command,
 )
@@ -98,9 +101,10 @@ def lm_train(config: str | None, overrides: list[str], out: str | None, resume: 
         out_dir = Path(out)
         if not (out_dir / "checkpoints").is_dir():
             raise UserError(f"{out!r} has no checkpoints/ to resume from")
-        _train_lm(cfg, out_dir, resume=True)
+        with lock_run(out_dir):  # (one process trains a directory at a time, as for `train`)
+            _train_lm(cfg, out_dir, resume=True)
         return out_dir
-    with fresh_out_dir(out, "lm", overwrite) as staged:
+    with fresh_out_dir(out, "lm", overwrite) as staged, lock_run(staged.path):
         _train_lm(cfg, staged.path, started=staged.commit)
     return staged.path
 
@@ -301,7 +305,7 @@ def train_resume(run_dir: str | Path) -> Path:
                         f"and resume together, `{resume_command(parent)}`")
     cfg = own_lm(run_dir, load_config(run_dir / "config.yaml"))  # (a moved run: its own lm/, not the old place)
     lm_unfinished = cfg.lm.path is None  # (only `run` saves a config before its LM exists)
-    own = lm_unfinished or (run_dir / LM_DIR).is_dir()  # made by `run`, which trains its LM there
+    job = read_job(run_dir) or {"job": "run" if lm_unfinished or (run_dir / LM_DIR).is_dir() else "train"}
     if lm_unfinished and is_main_process():  # stopped in `run`'s LM stage: finish it first
         lm_dir = run_dir / LM_DIR
         with continued_by(resume_command(run_dir)), lock_run(run_dir):
@@ -315,8 +319,8 @@ def train_resume(run_dir: str | Path) -> Path:
     else:  # stopped before the SAE's first checkpoint: it starts from step 0
         session.save_configs()
     _train_session(session)
-    if own:
-        _evaluate_session(session, run_dir, analyze=True, t0=t0)
+    if job.get("job") == "run":  # (a run from before job.json: `run` if it trained its own LM)
+        _evaluate_session(session, run_dir, analyze=bool(job.get("analyze", True)), t0=t0)
     return run_dir
 
 
@@ -357,14 +361,17 @@ def run(config: str | None, overrides: list[str], lm: str | None = None, out: st
             # the SAE side is checked on the untrained LM first: a bad hook must not wait for (or cost) a trained LM
             check_sae_inputs(untrained_lm(cfg), cfg)
             save_config(cfg, run_dir / "config.yaml")  # a run directory from here on (--overwrite can replace it)
+            mark_job(run_dir, "run", analyze=analyze)
             lm_dir = run_dir / LM_DIR
-            with continued_by(resume_command(run_dir)):  # (`train --resume` finishes the LM, then the rest)
+            # a stop names `train --resume`, which finishes the LM, then the rest; the lock as in the SAE stage
+            with continued_by(resume_command(run_dir)), lock_run(run_dir):
                 _train_lm(cfg, lm_dir, started=staged.commit)
             lm_path = str(lm_dir.resolve())
         # (not read again from `config`: it may be a file in the directory that --overwrite moved aside)
         cfg = dataclasses.replace(cfg, lm=dataclasses.replace(cfg.lm, path=lm_path))
         session = Session(cfg, run_dir)
         session.save_configs()
+        mark_job(run_dir, "run", analyze=analyze)
         staged.commit()
         _train_session(session)
     _evaluate_session(session, run_dir, analyze, t0)

@@ -151,8 +151,33 @@ def _recover_replaced(path: Path) -> None:
 def _nothing_trained(path: Path) -> bool:
     """`path` is missing, or holds no file but the config.yaml files (and lock) a run writes before its start-up
     ends."""
-    return not path.exists() or (path.is_dir() and all(f.name in ("config.yaml", LOCK_FILE) for f in path.rglob("*")
-                                                       if not f.is_dir()))
+    return not path.exists() or (path.is_dir() and all(f.name in ("config.yaml", LOCK_FILE, JOB_FILE)
+                                                       for f in path.rglob("*") if not f.is_dir()))
+
+
+JOB_FILE = "job.json"
+
+
+def mark_job(run_dir: Path, job: str, **options: Any) -> None:
+    """RUN_DIR/job.json: which command made the run and with what, so `train --resume` finishes it the same way
+    (a `run` goes on to eval and the dashboard, whether or not it trained its own LM). Rank 0 writes it."""
+    import json
+
+    if is_main_process():
+        tmp = run_dir / f".{JOB_FILE}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps({"job": job, **options}) + "\n")
+        os.replace(tmp, run_dir / JOB_FILE)
+
+
+def read_job(run_dir: Path) -> dict[str, Any] | None:
+    """The job.json `mark_job` wrote, or None (a run made before it existed, or unreadable)."""
+    import json
+
+    try:
+        job = json.loads((run_dir / JOB_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return job if isinstance(job, dict) else None
 
 
 LOCK_FILE = ".lock"

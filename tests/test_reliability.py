@@ -154,6 +154,7 @@ def test_train__interrupted_runs_resume_bit_identical(lm_dir: Path, tmp_path: Pa
 
     assert main(["train", "--resume", str(term_run)]) == 0
     _assert_same_sae(term_run, ref)
+    assert not (term_run / "eval.json").exists()  # a `train` run: its resume trains, as `train` did, no more
     assert main(["train", "--resume", str(kill_run)]) == 0
     _assert_same_sae(kill_run, ref)
 
@@ -274,6 +275,8 @@ def test_run__sae_stage_sigint_exits_130_and_resumes(lm_dir: Path, tmp_path: Pat
     monkeypatch.setattr(Trainer, "_train_step", step)
     assert main(["train", "--resume", str(out)]) == 0
     assert _steps(out)[-1] == TOTAL_STEPS and (out / "sae" / "sae_weights.safetensors").is_file()
+    # `run` made it (job.json), with an LM of its own or not: the resume goes on to eval and the dashboard
+    assert (out / "eval.json").is_file() and (out / "dashboard" / "index.html").is_file()
 
 
 class _Unsaveable:

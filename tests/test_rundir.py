@@ -176,3 +176,31 @@ def test_lock_run__one_process_trains_a_run_dir_and_a_killed_holder_frees_it(tmp
         rundir.lock_run(run)
     mine.close()
     rundir.lock_run(run).close()
+
+
+def test_lm_train__holds_the_lock_of_the_directory_it_trains(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`lm train` (fresh and --resume) and `run`'s LM stage train under the run lock, as `train` does: a second
+    process on the same directory is refused instead of writing the same checkpoints."""
+    from sae_stream import pipeline
+
+    held: list[tuple[str, bool]] = []
+
+    class Stop(Exception):
+        pass
+
+    def record(cfg: object, out_dir: Path, resume: bool = False, started: object = None) -> dict:
+        held.append((Path(out_dir).name, rundir.locked(Path(out_dir)), rundir.locked(Path(out_dir).parent)))
+        raise Stop
+
+    monkeypatch.setattr(pipeline, "train_lm", record)
+    lm = tmp_path / "lm"
+    with pytest.raises(Stop):
+        pipeline.lm_train(None, [], str(lm))
+    (lm / "checkpoints").mkdir(parents=True)
+    with pytest.raises(Stop):
+        pipeline.lm_train(None, [], str(lm), resume=True)
+    with pytest.raises(Stop):
+        pipeline.run(None, [], out=str(tmp_path / "run"))
+    assert [(name, mine) for name, mine, _ in held] == [("lm", True), ("lm", True), ("lm", False)]
+    assert held[2][2]  # `run` trains RUN_DIR/lm holding RUN_DIR's lock
+    assert not rundir.locked(lm)  # released with the process's work
