@@ -18,6 +18,9 @@ class DataConfig:
     """'embedded' (Python's own docs, offline), a local file/dir/glob (.txt/.jsonl/.parquet), or a HF dataset name."""
     hf_subset: str | None = None
     """HF dataset configuration name (e.g. 'en' for allenai/c4); None for the default."""
+    hf_revision: str | None = None
+    """HF dataset revision (a commit sha, branch or tag) to stream: a sha pins the data a run (and its resume) reads;
+    None: the default branch as it is at each read."""
     split: str = "train"
     """HF split to stream for training."""
     text_field: str = "text"

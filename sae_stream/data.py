@@ -132,10 +132,12 @@ def _open_hf(cfg: DataConfig, heldout: bool, tok: Tokenizer) -> StreamSource:
     import datasets
 
     try:
-        dataset = datasets.load_dataset(cfg.source, cfg.hf_subset, split=split, streaming=True)
+        dataset = datasets.load_dataset(cfg.source, cfg.hf_subset, split=split, streaming=True,
+                                        revision=cfg.hf_revision)
     except Exception as e:  # datasets raises many types; the user needs one line naming the source
-        raise ValueError(f"could not open HF dataset {cfg.source!r} (subset {cfg.hf_subset!r}, split {split!r}): "
-                         f"{first_line(e)}") from e
+        revision = f", revision {cfg.hf_revision!r}" if cfg.hf_revision else ""
+        raise ValueError(f"could not open HF dataset {cfg.source!r} (subset {cfg.hf_subset!r}, split {split!r}"
+                         f"{revision}): {first_line(e)}") from e
     where = f"HF dataset {cfg.source!r} (split {split!r}{', held-out by hash' if keep and heldout else ''})"
     return StreamSource(dataset, cfg.text_field, keep, tok, cfg.shuffle_buffer, where, cfg.stream_retries,
                          tokenizer_threads(cfg))

@@ -497,3 +497,29 @@ def test_hub_unreachable_reason__bounded_when_connect_hangs(monkeypatch) -> None
     assert data.hub_unreachable_reason(timeout_s=0.2) is None and tried[-1] == ("proxy.corp", 3128)
     monkeypatch.setenv("NO_PROXY", "localhost,.huggingface.co")
     assert data.hub_unreachable_reason(timeout_s=0.2) is None and tried[-1] == ("huggingface.co", 443)
+
+
+def test_hf_source__streams_the_revision_asked_for_and_names_it_when_it_fails(tmp_path, monkeypatch) -> None:
+    """data.hf_revision reaches `datasets.load_dataset` (a sha pins what a run and its resume read); a revision the
+    Hub cannot open is named in the one-line error. The Hub is stood in for by a local jsonl of the same records."""
+    import datasets
+
+    path = tmp_path / "shard.jsonl"
+    path.write_text("".join(json.dumps({"text": f"record {i} " * 20}) + "\n" for i in range(40)))
+    asked, real = [], datasets.load_dataset
+
+    def load_dataset(name, subset=None, *, split, streaming, revision=None):
+        asked.append((name, subset, split, revision))
+        if revision == "no-such-tag":
+            raise FileNotFoundError(f"Revision '{revision}' doesn't exist for dataset '{name}'\nmore detail")
+        return real("json", data_files=str(path), split="train", streaming=True)
+
+    monkeypatch.setattr(data, "hub_unreachable_reason", lambda *a, **k: None)
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    cfg = byte_cfg(source="someone/corpus", hf_subset="en", hf_revision="0123abcd", heldout_fraction=0.0)
+    got = take(TokenContexts(cfg), 3)
+    assert len(got) == 3 and asked == [("someone/corpus", "en", "train", "0123abcd")]
+    assert re.match(rb"(record \d+ )+", bytes(got[0].tolist()))  # the stood-in Hub's records, tokenized
+    with pytest.raises(ValueError, match=r"^could not open HF dataset 'someone/corpus' \(subset 'en', split "
+                                         r"'train', revision 'no-such-tag'\): Revision 'no-such-tag' doesn't exist"):
+        next(iter(TokenContexts(dataclasses.replace(cfg, hf_revision="no-such-tag"))))
