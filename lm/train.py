@@ -226,7 +226,7 @@ def _train(cfg: Config, out_dir: Path, resume: bool, tracker: Any, started: Call
         keep_records_through(out_dir / "metrics.jsonl", state.step)  # the crashed run logged past it
     tracker = Tracker(out_dir, cfg.wandb, to_dict(cfg)) if own_tracker else tracker
     try:
-        _loop(cfg, out_dir, model, opt, state, batches, heldout, total_steps, device, dtype, tracker)
+        _loop(_Run(cfg, out_dir, model, opt, batches, heldout, total_steps, device, dtype, tracker), state)
         model.save(out_dir)
         tokens = state.step * cfg.lm_train.batch_size * cfg.data.context_len
         result = {"heldout_loss": state.last_heldout,
@@ -270,28 +270,40 @@ def _step(fwd: torch.nn.Module, model: GPT, opt: torch.optim.Optimizer, x_BT: to
     return loss.detach(), grad_norm
 
 
-def _loop(cfg: Config, out_dir: Path, model: GPT, opt: torch.optim.Optimizer, state: _State,
-          batches: ContextBatches | PrefetchedBatches, heldout: list[torch.Tensor], total_steps: int,
-          device: torch.device, dtype: torch.dtype | None, tracker: Any) -> None:
+@dataclass
+class _Run:
+    """What the training loop works with and does not change: config, output, model, optimizer, data, tracker."""
+
+    cfg: Config
+    out_dir: Path
+    model: GPT
+    opt: torch.optim.Optimizer
+    batches: ContextBatches | PrefetchedBatches
+    heldout: list[torch.Tensor]
+    total_steps: int
+    device: torch.device
+    dtype: torch.dtype | None
+    tracker: Any
+
+    def heldout_loss(self) -> float:
+        return heldout_loss(self.model, self.heldout, self.device, self.dtype)
+
+
+def _loop(run: _Run, state: _State) -> None:
     """The training steps from state.step to total_steps, with held-out evals, logging and checkpoints."""
-    tc = cfg.lm_train
-    fwd = torch.compile(model) if tc.compile else model
-    # on CPU the [B, T, 50304] logits cost more than the unembedding matmul: compute the loss chunk by chunk
-    chunked = device.type == "cpu" and not tc.compile
     t0, speed = time.perf_counter(), _Throughput()
     if state.step == 0:  # the untrained loss anchors the curve (~ln vocab_size)
-        tracker.log(0, {"lm/heldout_loss": heldout_loss(model, heldout, device, dtype)})
+        run.tracker.log(0, {"lm/heldout_loss": run.heldout_loss()})
         speed = _Throughput()
-    bar = tqdm(total=total_steps, initial=state.step, desc="lm train", unit="step", disable=None)
-    model.train()
+    bar = tqdm(total=run.total_steps, initial=state.step, desc="lm train", unit="step", disable=None)
+    run.model.train()
     stop: list[int] = []  # SIGTERM/SIGINT: finish the step, checkpoint it, stop; a second one stops at once
     with signals_to(lambda signum: stop.append(signum) if not stop else _interrupt_now()):
-        _steps(cfg, out_dir, model, fwd, opt, state, batches, heldout, total_steps, device, dtype, tracker, chunked,
-               bar, stop, t0, speed)
+        _steps(run, state, bar, stop, t0, speed)
     bar.close()
-    if state.step < total_steps:
-        tqdm.write(f"lm train: data.source ran out after {state.step}/{total_steps} steps (data.loop is false)")
-        state.last_heldout = heldout_loss(model, heldout, device, dtype)
+    if state.step < run.total_steps:
+        tqdm.write(f"lm train: data.source ran out after {state.step}/{run.total_steps} steps (data.loop is false)")
+        state.last_heldout = run.heldout_loss()
     state.elapsed_s += time.perf_counter() - t0
 
 
@@ -299,37 +311,39 @@ def _interrupt_now() -> None:
     raise KeyboardInterrupt
 
 
-def _steps(cfg: Config, out_dir: Path, model: GPT, fwd: torch.nn.Module, opt: torch.optim.Optimizer, state: _State,
-           batches: ContextBatches | PrefetchedBatches, heldout: list[torch.Tensor], total_steps: int,
-           device: torch.device, dtype: torch.dtype | None, tracker: Any, chunked: bool, bar: Any, stop: list[int],
-           t0: float, speed: _Throughput) -> None:
+def _steps(run: _Run, state: _State, bar: Any, stop: list[int], t0: float, speed: _Throughput) -> None:
     """_loop's steps: log, evaluate and checkpoint on their schedules; after a stop signal, checkpoint the step
     and raise TrainingInterrupted naming the command that continues."""
-    tc = cfg.lm_train
-    for x_BT in itertools.islice(batches, total_steps - state.step):
-        state.counts_V += torch.bincount(x_BT.flatten(), minlength=cfg.lm.vocab_size)
+    tc, device, total_steps = run.cfg.lm_train, run.device, run.total_steps
+    fwd = torch.compile(run.model) if tc.compile else run.model
+    # on CPU the [B, T, 50304] logits cost more than the unembedding matmul: compute the loss chunk by chunk
+    chunked = device.type == "cpu" and not tc.compile
+    for x_BT in itertools.islice(run.batches, total_steps - state.step):
+        state.counts_V += torch.bincount(x_BT.flatten(), minlength=run.cfg.lm.vocab_size)
         lr = lr_at(state.step, total_steps, tc)
-        loss, grad_norm = _step(fwd, model, opt, x_BT.to(device, non_blocking=True), lr, tc, dtype, chunked)
+        loss, grad_norm = _step(fwd, run.model, run.opt, x_BT.to(device, non_blocking=True), lr, tc, run.dtype,
+                                chunked)
         state.step += 1
         speed.tokens += x_BT.numel()
         done = state.step == total_steps
         if state.step % tc.log_every == 0 or done:
             tok_s = speed.read()
             bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tok_s:,.0f}")
-            tracker.log(state.step, {"lm/loss": loss.item(), "lm/lr": lr, "lm/grad_norm": float(grad_norm),
-                                     "lm/tokens_per_s": tok_s})
+            run.tracker.log(state.step, {"lm/loss": loss.item(), "lm/lr": lr, "lm/grad_norm": float(grad_norm),
+                                         "lm/tokens_per_s": tok_s})
         if state.step % tc.eval_every == 0 or done:
             e0 = time.perf_counter()
-            state.last_heldout = heldout_loss(model, heldout, device, dtype)
+            state.last_heldout = run.heldout_loss()
             speed.paused += time.perf_counter() - e0
-            tracker.log(state.step, {"lm/heldout_loss": state.last_heldout})
+            run.tracker.log(state.step, {"lm/heldout_loss": state.last_heldout})
         if state.step % tc.checkpoint_every == 0 or done or stop:
-            _checkpoint(out_dir, cfg, model, opt, state, batches, state.elapsed_s + time.perf_counter() - t0)
+            _checkpoint(run.out_dir, run.cfg, run.model, run.opt, state, run.batches,
+                        state.elapsed_s + time.perf_counter() - t0)
         bar.update(1)
         if stop and not done:
             bar.close()
-            raise TrainingInterrupted(stop[0], state.step, out_dir, command=f"sae-stream lm train "
-                                      f"{out_dir / 'config.yaml'} --out {out_dir} --resume")
+            raise TrainingInterrupted(stop[0], state.step, run.out_dir, command=f"sae-stream lm train "
+                                      f"{run.out_dir / 'config.yaml'} --out {run.out_dir} --resume")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
