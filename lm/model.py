@@ -236,6 +236,8 @@ def read_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
     path = run_dir / WEIGHTS_FILE
     if not path.is_file():
+        if (run_dir / "lm" / WEIGHTS_FILE).is_file():  # the directory of a `sae-stream run`, which holds its LM in lm/
+            raise ValueError(f"{str(run_dir)!r} is a run directory, not an LM: its LM is {str(run_dir / 'lm')!r}")
         raise ValueError(f"{str(path)!r} not found: train the LM first (`lm train`) or pass another run dir")
     try:
         return load(path.read_bytes())

@@ -1,14 +1,15 @@
 """`sae-stream` command line: the composition root, the only place that wires LM, buffer, trainer and eval.
 
     sae-stream run [CONFIG] [--out RUN_DIR]                 text -> LM -> streamed SAE -> eval -> dashboard
-    sae-stream lm train CONFIG --out DIR [--resume]         train the one-layer GPT
+    sae-stream lm train [CONFIG] --out DIR [--resume]       train the one-layer GPT
     sae-stream train CONFIG --lm PATH_OR_NAME [--out RUN_DIR]
     sae-stream train --resume RUN_DIR
     sae-stream eval RUN_DIR          sae-stream analyze RUN_DIR
     sae-stream hooks --lm PATH_OR_NAME                      list hook points
     sae-stream config                                       every config field with its help
 
-Every command accepts `--section.field=value` overrides. Bad input exits 2 with one line (`--debug`: traceback).
+Every command accepts `--section.field=value` overrides. Bad input exits 2 with one line (`--debug`, anywhere on
+the line: with the traceback).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     lm = sub.add_parser("lm", help="language-model commands")
     lm_sub = lm.add_subparsers(dest="lm_command", required=True)
     lm_train = lm_sub.add_parser("train", help="train the one-layer GPT")
-    lm_train.add_argument("config", help="YAML config, e.g. configs/default.yaml")
+    lm_train.add_argument("config", nargs="?", help="YAML config (default: the embedded default, configs/default.yaml)")
     _add_out(lm_train)
     lm_train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
 
@@ -77,15 +78,17 @@ def _one_line_warning(message: Warning | str, category: type[Warning], *args: ob
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # (taken anywhere: before the command, as argparse wants, or after it)
+    argv = [a for a in argv if a != "--debug"]
     try:
         argv = _join_override_values(argv)
     except ConfigError as e:
-        return _fail(str(e), "--debug" in argv)
+        return _fail(str(e), debug)
     # `--section.field=value` overrides bypass argparse, which takes any argument with a space for a positional
     # (`--sweep.saes=[{name: a, sae: {l1_coeff: 1e-4}}]`)
     given = [a for a in argv if a.startswith("--") and "=" in a and "." in a.split("=", 1)[0]]
     args, overrides = _parser().parse_known_args([a for a in argv if a not in given])
-    overrides = [*given, *overrides]
+    args.debug, overrides = debug, [*given, *overrides]
     formatwarning, warnings.formatwarning = warnings.formatwarning, _one_line_warning
     try:
         return _dispatch(args, overrides)
@@ -152,6 +155,9 @@ def _fail(message: str, debug: bool) -> int:
 
 
 def _dispatch(args: argparse.Namespace, overrides: list[str]) -> int:
+    if args.command in ("config", "hooks") and overrides:  # (they read no config: an override would do nothing)
+        raise UserError(f"`sae-stream {args.command}` takes no config overrides ({overrides[0]}): pass them to "
+                        "run, train, eval or analyze")
     if args.command == "config":
         print(help_text(markdown=args.markdown))
         return 0

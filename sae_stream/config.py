@@ -263,11 +263,15 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} not found: pass a YAML file such as configs/default.yaml")
+        raise ConfigError(f"config file {str(path)!r} not found: pass an existing YAML file, or none for the packaged "
+                          f"default ({default_config_path()})")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+        mark = getattr(e, "problem_mark", None)  # where the parser stopped (0-based in PyYAML)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML{where}: "
+                          f"{getattr(e, 'problem', None) or str(e).splitlines()[0]}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
     return raw

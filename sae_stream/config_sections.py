@@ -262,7 +262,8 @@ class TrainConfig:
     """Density above this is 'dense'."""
     density_window_tokens: int = 1_000_000
     """Tokens over which feature densities are accumulated for metrics and the export (at most a quarter of
-    total_tokens, so the last window describes the end of training); started again after a resampling."""
+    total_tokens, so the last window describes the end of training; a window closes at the first log step past
+    it); started again after a resampling."""
     nan_policy: str = "stop"
     """Non-finite activations: 'stop' (error with the step) or 'skip' (drop and count those rows)."""
     step_impl: str = "auto"

@@ -122,8 +122,9 @@ def _open_local(cfg: DataConfig, files: list[Path], heldout: bool, tok: Tokenize
 def _open_hf(cfg: DataConfig, heldout: bool, tok: Tokenizer) -> StreamSource:
     reason = hub_unreachable_reason()
     if reason is not None:
-        raise ValueError(f"could not reach the Hugging Face Hub for dataset {cfg.source!r} ({reason}): use "
-                         f"--data.source=embedded or a local .txt/.jsonl/.parquet file or directory")
+        raise ValueError(f"could not reach the Hugging Face Hub for dataset {cfg.source!r} ({reason}; no local path "
+                         f"of that name exists either): use --data.source=embedded or an existing local "
+                         ".txt/.jsonl/.parquet file or directory")
     split, keep = cfg.split, _hash_filter(cfg.heldout_fraction, heldout)
     if heldout and cfg.heldout_split is not None:
         split, keep = cfg.heldout_split, None

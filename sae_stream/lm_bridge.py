@@ -24,14 +24,26 @@ def load_lm(path_or_name: str, device: torch.device) -> Any:
     return load_hooked(path_or_name, device=device)
 
 
+def lm_run_config(path_or_name: str | None) -> Config | None:
+    """The config an `lm train` run directory was trained with (its config.yaml); None for a transformer-lens name
+    (or no LM)."""
+    from sae_stream.config import load_config
+
+    run_dir = Path(str(path_or_name)).expanduser() if path_or_name else None
+    if run_dir is None or not (run_dir / "model.safetensors").is_file():  # (no LM there: loading it says so)
+        return None
+    return load_config(run_dir / "config.yaml")
+
+
 def list_hooks(lm_path: str) -> list[str]:
-    """'NAME<tab>WIDTH' for each hook a forward of the LM runs and an SAE can train on (one vector of WIDTH per
-    position), in module order: hooks that never fire (hook_result, hook_q_input, ... unless enabled) and attention
-    patterns / scores are left out."""
+    """'NAME<tab>WIDTH' for each hook the stream's forward runs and an SAE can train on (a vector of WIDTH per
+    position), in module order. Left out: hooks that never fire (hook_result, hook_q_input, ... unless enabled;
+    the unembedding's: the stream stops before the logits), attention patterns / scores, one-number hook_scale."""
     model = load_lm(lm_path, torch.device("cpu"))
-    _, cache = model.run_with_cache(torch.zeros(1, 2, dtype=torch.long))
-    return [f"{name}\t{math.prod(cache[name].shape[2:])}" for name in model.hook_dict
-            if name in cache and not name.endswith(("hook_pattern", "hook_attn_scores"))]
+    _, cache = model.run_with_cache(torch.zeros(1, 2, dtype=torch.long), return_type=None)
+    widths = {name: math.prod(cache[name].shape[2:]) for name in model.hook_dict if name in cache}
+    return [f"{name}\t{w}" for name, w in widths.items()
+            if w > 1 and not name.endswith(("hook_pattern", "hook_attn_scores"))]
 
 
 def native_capture(cfg: Config, device: torch.device) -> Any:

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from sae_stream.activations import ActivationStream, check_hook_names, hook_dim
+from sae_stream.activations import ActivationStream
 from sae_stream.buffer import ShuffleBuffer
 from sae_stream.checkpoint import any_checkpoint, drop_newer, list_checkpoints, load_own_part, own_dir, rank_state
 from sae_stream.checkpoint_writer import CheckpointWriter
@@ -39,8 +39,9 @@ from sae_stream.report import (
     LM_DIR,
     SAE_DIR,
     analyze_run,
-    check_lm_fits,
+    check_sae_inputs,
     current_eval,
+    described_by_lm,
     evaluate_run,
     own_lm,
     plot_sae_curves,
@@ -69,24 +70,6 @@ def batch_dtype(ring: torch.dtype, trainers: list[Trainer]) -> torch.dtype:
     """The dtype batches are drawn in: the ring's when every SAE's step reads it (a bf16 ring: no cast, half the
     traffic), else fp32."""
     return ring if all(t.input_dtype(ring) == ring for t in trainers) else torch.float32
-
-
-def check_sae_inputs(model: Any, cfg: Config) -> int:
-    """What the SAE side needs of the LM, checked before any work: the text fits it, the hook exists, `sae.d_in`
-    (if set, for every SAE of a sweep) is the hook's width. Returns that width."""
-    check_lm_fits(model, cfg)
-    hook = cfg.buffer.hook_name
-    check_hook_names(model, [hook])
-    if hook.endswith(("hook_pattern", "hook_attn_scores")):  # [batch, head, query, key]: no vector per position
-        raise UserError(f"buffer.hook_name={hook!r} holds attention patterns or scores, which eval, analyze and "
-                        "load_run cannot read as one vector per position: train on attn.hook_z or another "
-                        "[batch, pos, ...] hook")
-    d_in = hook_dim(model, hook, cfg.data.context_len)
-    for c in [cfg, *(m for _, m in cfg.sweep_members())]:
-        if c.sae.d_in is not None and c.sae.d_in != d_in:
-            raise UserError(f"sae.d_in={c.sae.d_in} does not match hook {hook!r} (width {d_in}): "
-                            f"set --sae.d_in={d_in} or leave it null")
-    return d_in
 
 
 # ---------------------------------------------------------------------------------------------- LM
@@ -277,7 +260,7 @@ def train(config: str | None, overrides: list[str], lm: str | None = None, out: 
           overwrite: bool = False) -> Path:
     if lm:
         overrides = [*overrides, f"--lm.path={_abs_lm(lm)}"]
-    cfg = load_config(config, overrides)
+    cfg = described_by_lm(load_config(config, overrides), overrides)
     _lm_outside(cfg.lm.path, out, overwrite)
     with fresh_out_dir(out, "train", overwrite) as staged:
         session = Session(cfg, staged.path)
@@ -332,7 +315,7 @@ def _abs_lm(lm: str) -> str:
 def _report_training(metrics: dict[str, Any], run_dir: Path) -> None:
     keys = ("mse", "fvu", "l0", "dead", "tokens_per_s")
     shown = ", ".join(f"{k} {metrics[k]:.4g}" for k in keys if isinstance(metrics.get(k), (int, float)))
-    print(f"SAE trained: {shown} -> {run_dir / SAE_DIR}")
+    print(f"SAE trained (its last log interval; eval: the final SAE): {shown} -> {run_dir / SAE_DIR}")
     if (run_dir / "eval.json").is_file() and current_eval(run_dir) is None:
         print(f"note: {run_dir / 'eval.json'} describes the SAE before this training: run `sae-stream eval "
               f"{run_dir}` (and `analyze`) again")
@@ -368,7 +351,7 @@ def run(config: str | None, overrides: list[str], lm: str | None = None, out: st
                 _train_lm(cfg, lm_dir, started=staged.commit)
             lm_path = str(lm_dir.resolve())
         # (not read again from `config`: it may be a file in the directory that --overwrite moved aside)
-        cfg = dataclasses.replace(cfg, lm=dataclasses.replace(cfg.lm, path=lm_path))
+        cfg = described_by_lm(dataclasses.replace(cfg, lm=dataclasses.replace(cfg.lm, path=lm_path)), overrides)
         session = Session(cfg, run_dir)
         session.save_configs()
         mark_job(run_dir, "run", analyze=analyze)

@@ -92,7 +92,9 @@ class ShuffledTexts:
                 except Exception as e:  # noqa: BLE001 - pyarrow / json / datasets errors come in many types
                     if not _network_error(e) or failures >= self.retries:
                         again = f" (after {failures} retries)" if failures else ""
-                        raise ValueError(f"cannot read {self.where}{again}: {first_line(e)}") from e
+                        fix = (": the text must be UTF-8 (convert it, e.g. `iconv -f latin1 -t utf-8`)"
+                               if isinstance(e, UnicodeDecodeError) else "")
+                        raise ValueError(f"cannot read {self.where}{again}: {first_line(e)}{fix}") from e
                     failures += 1
                     wait = min(60.0, 2.0 ** failures)
                     warnings.warn(f"reading {self.where} failed ({first_line(e)}): retry {failures} of "

@@ -14,12 +14,13 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from sae_stream.activations import check_hook_names, hook_dim
 from sae_stream.checkpoint import atomic_write_json, sha256_file
 from sae_stream.config import Config, ConfigError, load_config
 from sae_stream.data import heldout_batches
 from sae_stream.evaluate import DENSITY_PNG, evaluate, load_feature_density, read_eval, write_eval
 from sae_stream.export import load_saelens
-from sae_stream.lm_bridge import load_lm
+from sae_stream.lm_bridge import lm_run_config, load_lm
 from sae_stream.process import resolve_device
 from sae_stream.rundir import UserError, require_run_dir
 from sae_stream.tracking import json_safe
@@ -103,18 +104,67 @@ def load_trained(run_dir: Path, overrides: list[str], model: Any = None) -> tupl
 
 
 def check_lm_fits(model: Any, cfg: Config) -> None:
-    """The text settings must suit the LM: contexts no longer than its position embeddings, token ids inside its
-    vocabulary (else a shape error or an index error deep in the forward)."""
+    """The text settings must suit the LM: its own tokenizer (an `lm train` dir's config.yaml says which), contexts
+    no longer than its position embeddings, token ids inside its vocabulary (else a shape error or an index error
+    deep in the forward, or, for a smaller tokenizer, numbers from text the LM never saw)."""
     from sae_stream.tokenizer import get_tokenizer
 
-    if cfg.data.context_len > model.cfg.n_ctx:
-        raise UserError(f"data.context_len ({cfg.data.context_len}) exceeds the LM's context of {model.cfg.n_ctx} "
-                        f"tokens: set --data.context_len={model.cfg.n_ctx} or less")
+    _check_text(cfg, lm_run_config(cfg.lm.path), model.cfg.n_ctx)
     n_vocab = get_tokenizer(cfg.data.tokenizer).n_vocab
     if n_vocab > model.cfg.d_vocab:
         raise UserError(f"data.tokenizer {cfg.data.tokenizer!r} gives {n_vocab} token ids but the LM knows "
                         f"{model.cfg.d_vocab}: use the tokenizer the LM was trained with (its config.yaml's "
                         "data.tokenizer)")
+
+
+def _check_text(cfg: Config, trained: Config | None, n_ctx: int) -> None:
+    """data.tokenizer is the one the LM was trained with (`trained`: an `lm train` dir's config, if any) and
+    contexts fit its n_ctx positions."""
+    if trained is not None and trained.data.tokenizer != cfg.data.tokenizer:
+        raise UserError(f"data.tokenizer={cfg.data.tokenizer!r} but the LM in {cfg.lm.path} was trained with "
+                        f"{trained.data.tokenizer!r} (its config.yaml): set --data.tokenizer={trained.data.tokenizer}")
+    if cfg.data.context_len > n_ctx:
+        raise UserError(f"data.context_len ({cfg.data.context_len}) exceeds the LM's context of {n_ctx} "
+                        f"tokens: set --data.context_len={n_ctx} or less")
+
+
+def check_sae_inputs(model: Any, cfg: Config) -> int:
+    """What the SAE side needs of the LM, checked before any work: the text fits it, the hook exists and gives a
+    vector per position, `sae.d_in` (if set, for every SAE of a sweep) is the hook's width. Returns that width."""
+    check_lm_fits(model, cfg)
+    hook = cfg.buffer.hook_name
+    check_hook_names(model, [hook])
+    if hook.endswith(("hook_pattern", "hook_attn_scores")):  # [batch, head, query, key]: no vector per position
+        raise UserError(f"buffer.hook_name={hook!r} holds attention patterns or scores, which eval, analyze and "
+                        "load_run cannot read as one vector per position: train on attn.hook_z or another "
+                        "[batch, pos, ...] hook")
+    if hook.startswith("unembed."):  # the stream's forward stops before the logits (return_type None)
+        raise UserError(f"buffer.hook_name={hook!r}: the stream does not run the unembedding; its input is "
+                        "ln_final.hook_normalized (the same values): train on that")
+    d_in = hook_dim(model, hook, cfg.data.context_len)
+    if d_in < 2:
+        raise UserError(f"buffer.hook_name={hook!r} gives one number per position (a LayerNorm scale): an SAE needs "
+                        "a vector; choose another hook (`sae-stream hooks --lm ...` lists them)")
+    for c in [cfg, *(m for _, m in cfg.sweep_members())]:
+        if c.sae.d_in is not None and c.sae.d_in != d_in:
+            raise UserError(f"sae.d_in={c.sae.d_in} does not match hook {hook!r} (width {d_in}): "
+                            f"set --sae.d_in={d_in} or leave it null")
+    return d_in
+
+
+def described_by_lm(cfg: Config, overrides: list[str]) -> Config:
+    """cfg with its lm section (but lm.path) taken from the `lm train` dir lm.path names, so a run's config.yaml
+    describes the LM it used; an explicit --lm.FIELD override that differs from that LM is refused."""
+    trained = lm_run_config(cfg.lm.path)
+    if trained is None:  # a transformer-lens name: the lm section is not ours to fill
+        return cfg
+    _check_text(cfg, trained, trained.lm.n_ctx)
+    for field in dataclasses.fields(trained.lm):
+        mine, theirs = getattr(cfg.lm, field.name), getattr(trained.lm, field.name)
+        if field.name != "path" and mine != theirs and any(o.startswith(f"--lm.{field.name}=") for o in overrides):
+            raise UserError(f"--lm.{field.name}={mine}: the LM in {cfg.lm.path} has {field.name} {theirs} (its "
+                            "config.yaml), and the lm section describes that LM: drop the override")
+    return dataclasses.replace(cfg, lm=dataclasses.replace(trained.lm, path=cfg.lm.path))
 
 
 def sweep_dirs(run_dir: Path) -> list[Path]:
@@ -146,6 +196,12 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, loaded
     result["sae_weights_sha256"] = sae_digest(run_dir)  # which SAE this describes (a later train may replace it)
     path = write_eval(run_dir, result, cfg.eval.histogram_bins)
     _print_eval(result, path)
+    if result["tokens"] + cfg.data.context_len <= cfg.eval.tokens:  # fewer whole contexts than asked for
+        print(f"eval: the held-out split ended after {result['tokens']:,} tokens, short of eval.tokens="
+              f"{cfg.eval.tokens:,} (more held-out text: data.heldout_fraction or a larger data.source)")
+    parent = sweep_of(run_dir) if loaded is None else None  # (a sweep's own eval summarizes once, at its end)
+    if parent is not None:  # one SAE of a sweep evaluated again: its row of the sweep's summary is now out of date
+        summarize_sweep(parent)
     return result
 
 
@@ -188,29 +244,34 @@ def analyze_run(run_dir: str | Path, overrides: list[str] | None = None, loaded:
     links = [(label, f"../{name}") for label, name in plots if (run_dir / name).is_file()]
     path = build_dashboard(model, sae, cfg.buffer.hook_name, batches, get_tokenizer(cfg.data.tokenizer), cfg.analysis,
                            run_dir / DASHBOARD_DIR, densities, ultralow_threshold=cfg.train.ultralow_threshold,
-                           dead_threshold=cfg.train.dead_threshold, density_tokens=density_tokens,
+                           dead_threshold=cfg.train.dead_threshold, dense_threshold=cfg.train.dense_threshold,
+                           density_tokens=density_tokens,
                            skip_first_position=cfg.buffer.skip_first_position, links=links)
     print(f"dashboard: {path}" + (f"; training curves: {curves}" if curves else ""))
     return path
 
 
-def summarize_sweep(run_dir: Path, results: dict[str, dict[str, Any]]) -> Path:
+def summarize_sweep(run_dir: Path, results: dict[str, dict[str, Any]] | None = None) -> Path:
     """One row per SAE of a sweep (its settings and eval figures) -> sweep_summary.json, sweep_frontier.png (FVU
-    and the CE loss gap against L0) and a table on stdout; returns the JSON's path."""
+    and the CE loss gap against L0) and a table on stdout; returns the JSON's path. `results` {name: eval result};
+    None reads each member's eval.json (those describing its current SAE)."""
     from sae_stream.analysis.plots import plot_sweep_frontier
 
     rows = []
-    for name, r in results.items():
+    for name, r in (results if results is not None else _member_evals(run_dir)).items():
         cfg = load_config(run_dir / name / "config.yaml")
         rec = r["ce_loss_recovered"]
+        topk = cfg.sae.architecture in ("topk", "batchtopk")  # (k, else λ: the one its sparsity follows)
+        sparsity = {"k": cfg.sae.k} if topk else {"l1_coeff": cfg.sae.l1_coeff}
         rows.append({"name": name, "architecture": cfg.sae.architecture, "d_sae": cfg.sae.d_sae,
-                     "l1_coeff": cfg.sae.l1_coeff, "k": cfg.sae.k, "lr": cfg.train.lr, "l0": r["l0"],
+                     **sparsity, "lr": cfg.train.lr, "l0": r["l0"],
                      "fvu": r["fvu"], "ce_loss_recovered_zero": rec["zero"], "ce_loss_recovered_mean": rec["mean"],
                      "ce_gap_zero": _gap(rec["zero"]), "ce_gap_mean": _gap(rec["mean"]),
                      "kl": r["kl_clean_sae"], "dead": r["density"]["dead"], "dense": r["density"]["dense"]})
     path = run_dir / SWEEP_JSON
     atomic_write_json(path, json_safe(rows))  # (NaN of a diverged SAE -> null: strict JSON, as eval.json)
-    png = plot_sweep_frontier(rows, run_dir / SWEEP_PNG, title=f"sweep {run_dir.name}: {len(rows)} SAEs")
+    plotted = [{**r, "l0": math.nan if r["l0"] is None else r["l0"]} for r in rows]  # (eval.json's null L0)
+    png = plot_sweep_frontier(plotted, run_dir / SWEEP_PNG, title=f"sweep {run_dir.name}: {len(rows)} SAEs")
     print("sweep: name | d_sae | l1_coeff / k | L0 | FVU | recovered vs zero / mean | dead")
     for r in rows:
         sparsity = r["k"] if r["architecture"] in ("topk", "batchtopk") else r["l1_coeff"]
@@ -218,6 +279,16 @@ def summarize_sweep(run_dir: Path, results: dict[str, dict[str, Any]]) -> Path:
               f"{_fmt(r['ce_loss_recovered_zero'])} / {_fmt(r['ce_loss_recovered_mean'])} | {r['dead']}")
     print(f"sweep: -> {path}, {png}")
     return path
+
+
+def _member_evals(run_dir: Path) -> dict[str, dict[str, Any]]:
+    """{name: eval.json} of the sweep's members whose eval.json describes their current SAE; the others are named."""
+    evals = {member.name: current_eval(member) for member in sweep_dirs(run_dir)}
+    for name, ev in evals.items():
+        if ev is None:
+            print(f"sweep: {name} left out of the summary: no eval.json of its current SAE "
+                  f"(sae-stream eval {run_dir / name})")
+    return {name: ev for name, ev in evals.items() if ev is not None}
 
 
 def _gap(recovered: float | None) -> float | None:

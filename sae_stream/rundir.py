@@ -91,7 +91,9 @@ def fresh_out_dir(out: str | Path | None, command: str, overwrite: bool) -> Iter
     path = path.resolve()  # `.`, a symlink or the working directory: the real directory, named absolutely
     _recover_replaced(path)
     old = None
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--out {str(path)!r} is a file, not a directory: choose another --out")
+    if path.exists() and any(path.iterdir()):
         if not overwrite:
             resume = ("`sae-stream lm train CONFIG --out DIR --resume` continues it" if command == "lm" else
                       "`sae-stream train --resume DIR` continues an interrupted run")
@@ -107,7 +109,12 @@ def fresh_out_dir(out: str | Path | None, command: str, overwrite: bool) -> Iter
         if old is not None:
             os.replace(path, old)
         created = not path.exists()
-        path.mkdir(parents=True, exist_ok=True)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            if old is not None:
+                os.replace(old, path)
+            raise UserError(f"cannot create --out {str(path)!r}: {e.strerror or e}; choose a writable place") from e
         staged = OutDir(path, old, created)
         try:
             yield staged

@@ -356,3 +356,41 @@ def test_token_text__partial_utf8_tokens_show_their_bytes_so_ids_differ() -> Non
     assert all("\ufffd" not in s for s in shown) and "quote" in shown
     assert text(partial[0]) == gpt2.encoding.decode_single_token_bytes(partial[0]).decode("utf-8", "backslashreplace")
     assert [TokenText(get_tokenizer("byte"))(b) for b in "é".encode()] == ["\\xc3", "\\xa9"]
+
+
+class MaskedSAE(LinearReLUSAE):
+    """Zeroes non-firing units by a mask multiply, as batchtopk does: a negative pre-activation becomes -0.0."""
+
+    def encode(self, x_BD: torch.Tensor) -> torch.Tensor:
+        pre = (x_BD - self.b_dec_D) @ self.W_enc_DF + self.b_enc_F
+        return pre * (pre > 0)
+
+
+def test_build_dashboard__tabs_follow_the_runs_density_thresholds_and_name_their_ranges(model, batches, tmp_path):
+    sae = MaskedSAE(D_MLP, 24, bias=-0.1)
+    cfg = AnalysisConfig(features=6, top_k=4, window=3, tokens=10_000, batch_contexts=6, logit_k=3, ablation=False)
+    density_F = torch.full((24,), 0.01, dtype=torch.float64)
+    density_F[0], density_F[1], density_F[2], density_F[3] = 0.0, 1e-3, 0.5, 0.1  # 0.1 itself is not dense (>)
+
+    def tab(page: str, key: str) -> list[str]:
+        start = page.index(f'id="tab-{key}"')
+        return re.findall(r'href="#f(\d+)"', page[start: page.index("</table>", start)])
+
+    page = build_dashboard(model, sae, MLP, batches, AngleTokenizer(), cfg, tmp_path, density_F,
+                           features=[0, 1, 2, 3, 4], ultralow_threshold=2e-3, dense_threshold=0.1,
+                           density_tokens=10_000).read_text()
+    assert (tab(page, "dense"), tab(page, "mid"), tab(page, "low"), tab(page, "dead")) == (["2"], ["3", "4"], ["1"],
+                                                                                            ["0"])
+    assert "High density" not in page and 'id="tab-high"' not in page
+    for label in ("Dense (1) <small>&gt; 0.1</small>", "Mid density (2) <small>0.002 – 0.1</small>",
+                  "Ultra-low density (1) <small>&lt; 0.002</small>", "Dead (1) <small>≤ 0</small>"):
+        assert label in page
+    assert "densities from eval.json&#x27;s feature_density (over its 10,000 activation tokens)" in page
+    # batchtopk-style -0.0 activations show as 0 on hover, never "-0"
+    titles = re.findall(r'title="&#x27;[^"]*&#x27;: ([^"]*)"', page)
+    assert "0" in titles and not any(t.startswith("-0") and float(t) == 0 for t in titles)
+    # densities of the scan itself: no dead tab when none is shown, and the header says what was counted
+    page = build_dashboard(model, sae, MLP, batches, AngleTokenizer(), cfg, tmp_path, features=[1, 2],
+                           dense_threshold=0.1).read_text()
+    assert 'id="tab-dead"' not in page and 'data-tab="dead"' not in page
+    assert f"densities from this scan (over its {len(batches) * 4 * (T - 1):,} activation tokens)" in page

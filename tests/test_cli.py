@@ -195,8 +195,10 @@ def test_cli__guards_keep_runs_and_name_the_fix(tiny_run: Path, tmp_path: Path, 
     fails(["train", "--lm", lm, "--out", str(stranger), "--overwrite", *TINY], "not a run directory")
     assert (stranger / "notes.txt").read_text() == "mine"
     # text settings that do not suit the LM: one line, and no half-made run directory left behind
-    fails(["train", "--lm", lm, "--out", str(tmp_path / "x")], "data.context_len (128) exceeds the LM's context")
-    fails(["train", "--lm", lm, "--out", str(tmp_path / "x"), "--data.context_len=32"], "data.tokenizer 'gpt2'")
+    fails(["train", "--lm", lm, "--out", str(tmp_path / "x"), "--data.tokenizer=byte"],
+          "data.context_len (128) exceeds the LM's context of 32 tokens: set --data.context_len=32 or less")
+    fails(["train", "--lm", lm, "--out", str(tmp_path / "x"), "--data.context_len=32"],
+          "data.tokenizer='gpt2' but the LM in")
     assert not (tmp_path / "x").exists()
     # analyze with a hook the SAE was not trained on; overrides written with a space; flags --resume ignores
     fails(["analyze", str(copy), "--buffer.hook_name=blocks.0.attn.hook_z"], "drop that override")  # (not its hook)
@@ -225,6 +227,20 @@ def test_cli__hooks_lists_model_hooks(tiny_run: Path, capsys: pytest.CaptureFixt
     assert hooks["blocks.0.attn.hook_z"] == str(_hook_width(tiny_run, "blocks.0.attn.hook_z"))  # heads x d_head
     # never fire without use_attn_result & co., or give no vector per position: not offered
     assert not any(h.endswith(("hook_result", "hook_q_input", "hook_pattern", "hook_attn_scores")) for h in hooks)
+    # every hook offered is one the stream's forward reaches (it stops before the unembedding), at the width listed,
+    # and a vector (not LayerNorm's one-number hook_scale)
+    from sae_stream.activations import hook_dim
+    from sae_stream.lm_bridge import load_lm
+
+    model = load_lm(str(tiny_run / "lm"), "cpu")
+    assert {name: hook_dim(model, name) for name in hooks} == {name: int(w) for name, w in hooks.items()}
+    assert min(int(w) for w in hooks.values()) > 1 and "ln_final.hook_normalized" in hooks
+    for hook, why in (("unembed.hook_in", "ln_final.hook_normalized"), ("blocks.0.ln1.hook_scale", "one number")):
+        assert main(["train", "--lm", str(tiny_run / "lm"), "--out", str(tiny_run.parent / "h"), *TINY,
+                     f"--buffer.hook_name={hook}"]) == 2
+        assert why in capsys.readouterr().err and not (tiny_run.parent / "h").exists()
+    assert main(["hooks", "--lm", str(tiny_run)]) == 2  # the run's directory, not its LM: the error points there
+    assert f"its LM is {str(tiny_run / 'lm')!r}" in capsys.readouterr().err
 
 
 def _hook_width(run: Path, hook: str) -> int:
@@ -425,3 +441,51 @@ def test_moved_run__eval_and_load_run_use_its_own_lm(tiny_run: Path, tmp_path: P
     assert main(["eval", str(moved)]) == 0
     assert load_run(moved, device="cpu").features("a cat").shape[0] == 5
     assert own_lm(moved, load_config(moved / "config.yaml"), ["--lm.path=elsewhere"]).lm.path == str(original / "lm")
+
+
+def test_train__the_lm_section_is_the_given_lms_and_its_tokenizer_is_required(tiny_run: Path, tmp_path: Path,
+                                                                              capsys: pytest.CaptureFixture) -> None:
+    """With --lm an `lm train` dir, config.yaml's lm section is that LM's (the defaults said d_model 128 and
+    vocab 50304 here); an override that contradicts the LM, or another tokenizer, is refused before any work."""
+    lm, out = str(tiny_run / "lm"), tmp_path / "x"
+    for bad, says in (("--data.tokenizer=gpt2", "was trained with 'byte' (its config.yaml): set --data.tokenizer=byte"),
+                      ("--lm.d_model=64", "--lm.d_model=64: the LM in")):
+        assert main(["train", "--lm", lm, "--out", str(out), *TINY, bad]) == 2
+        assert says in capsys.readouterr().err and not out.exists()
+    sae_only = [a for a in TINY if not a.startswith("--lm.")]
+    assert main(["train", "--lm", lm, "--out", str(out), *sae_only, "--train.total_tokens=5120"]) == 0
+    saved, trained = load_config(out / "config.yaml").lm, load_config(tiny_run / "lm" / "config.yaml").lm
+    assert (saved.d_model, saved.vocab_size, saved.d_mlp) == (32, 320, 64)
+    assert {**vars(saved), "path": None} == {**vars(trained), "path": None} and saved.path == lm
+
+
+def test_cli__flags_and_overrides_where_a_researcher_puts_them(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--debug after the command works as before it; an override given to a command that reads no config is an
+    error, not silently dropped; `lm train` without a config trains the packaged default (checked up to --out);
+    a broken YAML config says where."""
+    assert main(["train", "--lm", "x", "--sae.d_sae=abc", "--debug"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err
+    assert err.strip().splitlines()[-1] == "sae-stream: error: sae.d_sae: expected an integer, got 'abc'"
+    assert main(["config", "--sae.d_sae=5"]) == 2
+    assert "takes no config overrides (--sae.d_sae=5)" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("x")
+    assert main(["lm", "train", "--out", str(tmp_path / "afile")]) == 2  # the default config loaded, then --out
+    assert "is a file, not a directory" in capsys.readouterr().err
+    (tmp_path / "bad.yaml").write_text("sae:\n  d_sae: 4\n bad: 1\n")
+    assert main(["run", str(tmp_path / "bad.yaml")]) == 2
+    assert "is not valid YAML at line 3, column 2" in capsys.readouterr().err
+
+
+def test_eval__a_held_out_split_shorter_than_eval_tokens_is_said(tiny_run: Path, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture) -> None:
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_run, copy, ignore=shutil.ignore_patterns("checkpoints", "dashboard"))
+    assert main(["eval", str(copy), "--eval.tokens=4096"]) == 0  # the split holds more: nothing said
+    assert "short of eval.tokens" not in capsys.readouterr().out
+    assert main(["eval", str(copy), "--eval.tokens=100000000"]) == 0
+    out = capsys.readouterr().out
+    read = json.loads((copy / "eval.json").read_text())["tokens"]
+    assert 4096 < read < 100_000_000 and f"ended after {read:,} tokens, short of eval.tokens=100,000,000" in out

@@ -461,6 +461,13 @@ def test_local_source__missing_path_is_an_error(tmp_path) -> None:
         TokenContexts(byte_cfg(source=str(tmp_path / "*.jsonl")))
 
 
+def test_local_source__text_that_is_not_utf8_is_named_with_the_fix(tmp_path) -> None:
+    (tmp_path / "latin1.txt").write_bytes("café au lait, olé\n\nsecond paragraph\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"^cannot read data.source .*latin1.txt.*'utf-8' codec can't decode.*"
+                                         r": the text must be UTF-8 \(convert it"):
+        next(iter(TokenContexts(byte_cfg(source=str(tmp_path / "latin1.txt"), heldout_fraction=0.0))))
+
+
 # ---------------------------------------------------------------------------------------------- Hugging Face
 
 

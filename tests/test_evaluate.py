@@ -301,3 +301,44 @@ def test_split_dead__the_histogram_counts_dead_as_eval_does():
         want = density_counts(density_F, TrainConfig(dead_threshold=threshold))["dead"]
         assert n_dead == want and len(alive) == 6 - want
     assert split_dead(torch.log10(density_F), 1e-4)[1] == 4  # 0, 1e-5, 9e-5 and 1e-4 itself (<=)
+
+
+def test_evaluate_run__a_sweep_member_evaluated_again_refreshes_the_sweep_summary(model, batches, tmp_path,
+                                                                                  monkeypatch, capsys):
+    from sae_stream import report
+    from sae_stream.config import config_from_dict, save_config
+
+    sweep = config_from_dict({"buffer": {"hook_name": MLP}, "sweep": {"saes": [
+        {"name": "a", "sae": {"d_sae": 40}}, {"name": "b", "sae": {"architecture": "topk", "k": 4, "d_sae": 40}}]}})
+    run = tmp_path / "sw"
+    members = dict(sweep.sweep_members())
+    for name, cfg in [("", sweep), *members.items()]:
+        (run / name).mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run / name / "config.yaml")
+    old_a = evaluate(model, LinearReLUSAE(D_MLP, 40, seed=1, bias=-0.6), MLP, batches, _cfg(), TrainConfig())
+    b = evaluate(model, LinearReLUSAE(D_MLP, 40, seed=2), MLP, batches, _cfg(), TrainConfig())
+    write_eval(run / "a", old_a)
+    write_eval(run / "b", b)
+    report.summarize_sweep(run)  # from the members' eval.json
+    rows = {r["name"]: r for r in json.loads((run / "sweep_summary.json").read_text())}
+    assert rows["a"]["l0"] == old_a["l0"] and rows["b"]["fvu"] == b["fvu"]
+    assert "k" not in rows["a"] and rows["b"]["k"] == 4  # k only where the architecture uses it (and λ, not k)
+    assert "l1_coeff" in rows["a"] and "l1_coeff" not in rows["b"]
+
+    # `sae-stream eval SW/a`: a's SAE evaluated again (here another one) rewrites the sweep's row for it
+    new_sae = LinearReLUSAE(D_MLP, 40, seed=3)
+    monkeypatch.setattr(report, "load_trained", lambda run_dir, overrides, model_=None: (members["a"], model, new_sae))
+    monkeypatch.setattr(report, "heldout_batches", lambda *args, **kw: iter(batches))
+    new_a = report.evaluate_run(run / "a")
+    assert new_a["l0"] != old_a["l0"]
+    rows = {r["name"]: r for r in json.loads((run / "sweep_summary.json").read_text())}
+    assert (rows["a"]["l0"], rows["a"]["fvu"], rows["a"]["kl"]) == (new_a["l0"], new_a["fvu"], new_a["kl_clean_sae"])
+    assert (rows["b"]["l0"], rows["b"]["dead"]) == (b["l0"], b["density"]["dead"])  # b's own eval, untouched
+
+    # an eval.json of an SAE since replaced does not describe the member: it is left out, and said so
+    stale = json.loads((run / "b" / "eval.json").read_text())
+    (run / "b" / "eval.json").write_text(json.dumps({**stale, "sae_weights_sha256": "0" * 64}))
+    capsys.readouterr()
+    report.summarize_sweep(run)
+    assert [r["name"] for r in json.loads((run / "sweep_summary.json").read_text())] == ["a"]
+    assert "b left out of the summary" in capsys.readouterr().out

@@ -204,3 +204,15 @@ def test_lm_train__holds_the_lock_of_the_directory_it_trains(tmp_path: Path, mon
     assert [(name, mine) for name, mine, _ in held] == [("lm", True), ("lm", True), ("lm", False)]
     assert held[2][2]  # `run` trains RUN_DIR/lm holding RUN_DIR's lock
     assert not rundir.locked(lm)  # released with the process's work
+
+
+def test_fresh_out_dir__a_file_or_an_uncreatable_out_is_named_and_left_alone(tmp_path: Path) -> None:
+    afile = tmp_path / "eval.json"
+    afile.write_text("{}")
+    with pytest.raises(UserError, match=r"^--out '.*eval.json' is a file, not a directory: choose another --out$"):
+        with fresh_out_dir(afile, "train", overwrite=True):
+            pass
+    assert afile.read_text() == "{}"
+    with pytest.raises(UserError, match=r"^cannot create --out '.*eval.json/run': .*; choose a writable place$"):
+        with fresh_out_dir(afile / "run", "train", overwrite=False):  # (under a file: no directory can be made)
+            pass

@@ -1,11 +1,14 @@
 """A static HTML dashboard of SAE features (offline, self-contained: `out_dir/index.html`).
 
     path = build_dashboard(model, sae, hook_name, token_batches, get_tokenizer("gpt2"), cfg.analysis, out_dir,
-                           densities=load_feature_density(run_dir), ultralow_threshold=cfg.train.ultralow_threshold,
+                           densities=load_feature_density(run_dir), density_tokens=eval_json["activation_tokens"],
+                           ultralow_threshold=cfg.train.ultralow_threshold, dead_threshold=cfg.train.dead_threshold,
+                           dense_threshold=cfg.train.dense_threshold,
                            skip_first_position=cfg.buffer.skip_first_position)
 
-The index splits the shown features into high-density and ultra-low-density tabs (density below
-`ultralow_threshold`) with a filter box over feature ids and top tokens. Each feature's panel has its density,
+The index splits the shown features into tabs by density, as eval counts them: dense (above `dense_threshold`),
+mid, ultra-low (alive and below `ultralow_threshold`) and, when any is shown, dead; each tab names its range, and
+a filter box searches feature ids and top tokens. Each feature's panel has its density,
 an activation histogram, direct logit effects, the ablation effect over its top contexts, and its top-k
 activating contexts (tokens shaded by activation, value on hover). A feature is flagged single-token when
 at least `cfg.single_token_fraction` of its top activations fall on one token id.
@@ -25,7 +28,7 @@ from transformer_lens import HookedTransformer
 
 from sae_stream.analysis.ablation import ablate_feature
 from sae_stream.analysis.hooks import SAELike
-from sae_stream.analysis.html import ContextView, FeaturePanel, esc, render_page, svg_bars
+from sae_stream.analysis.html import ContextView, DensityBands, FeaturePanel, esc, render_page, svg_bars
 from sae_stream.analysis.logits import logit_effects
 from sae_stream.analysis.scan import FeatureScan, scan_features
 from sae_stream.checkpoint import atomic_write_text
@@ -129,6 +132,7 @@ def _ablation(ablate: Callable[..., Any] | None, scan: FeatureScan, f: int, n_co
 
 
 def _summary_html(scan: FeatureScan, density_F: Tensor, hook_name: str, source: str, dead_threshold: float) -> str:
+    """The header line; `source` says where the densities come from (and over how many tokens)."""
     log_d = torch.log10(density_F[density_F > 0].double())
     dead = int((density_F <= dead_threshold).sum())
     counts, titles, lo, hi = [], [], "", ""
@@ -141,18 +145,29 @@ def _summary_html(scan: FeatureScan, density_F: Tensor, hook_name: str, source: 
         lo, hi = f"{lo_v:.1f}", f"{hi_v:.1f}"
     chart = svg_bars(counts, lo, hi, titles, width=300, height=40)
     return (f'<div class="summary">hook {hook_name} · d_sae {density_F.numel()} · {scan.tokens_NT.numel()} tokens '
-            f'scanned · densities from {source} · dead {dead} · log10 density histogram: {chart}</div>')
+            f'scanned · densities from {esc(source)} · dead {dead} · log10 density histogram: {chart}</div>')
+
+
+def _low_note(tokens: int | None, ultralow_threshold: float) -> str:
+    """What an empty ultra-low tab means: none among the shown features, or densities too coarse to tell."""
+    if tokens is None or resolves(tokens, ultralow_threshold):
+        return f"none below {ultralow_threshold:g} among the shown features"
+    return (f"densities over {tokens:,} tokens cannot go below 1/{tokens:,} = {1 / max(tokens, 1):.1e} without "
+            f"being 0: finding densities below {ultralow_threshold:g} needs more than "
+            f"{math.ceil(1 / ultralow_threshold):,} tokens (eval.tokens)")
 
 
 def build_dashboard(model: HookedTransformer, sae: SAELike, hook_name: str, token_batches: Iterable[Tensor],
                     tokenizer: Any, cfg: AnalysisConfig, out_dir: str | Path, densities: Tensor | None = None, *,
                     features: Sequence[int] | None = None, ultralow_threshold: float = 1e-6,
-                    dead_threshold: float = 0.0, density_tokens: int | None = None,
-                    skip_first_position: bool = True, links: Sequence[tuple[str, str]] = ()) -> Path:
+                    dead_threshold: float = 0.0, dense_threshold: float = 0.1, density_tokens: int | None = None,
+                    density_source: str = "eval.json's feature_density", skip_first_position: bool = True,
+                    links: Sequence[tuple[str, str]] = ()) -> Path:
     """Scan `cfg.tokens` held-out tokens and write `out_dir/index.html`; returns its path.
 
-    `densities` [d_sae] (e.g. from eval, measured over `density_tokens`) choose and label the features; None uses
-    the scan's own counts. Ultra-low: alive (density > `dead_threshold`) and below `ultralow_threshold`.
+    `densities` [d_sae] (from `density_source`, measured over `density_tokens`) choose and label the features;
+    None uses the scan's own counts. Ultra-low: alive (density > `dead_threshold`) and below `ultralow_threshold`;
+    dense: above `dense_threshold` (the run's train.*_threshold, so the tabs count as eval does).
     `features` overrides the selection. `links`: (label, href relative to out_dir) shown in the header, e.g. the
     run's plots.
     """
@@ -168,6 +183,7 @@ def build_dashboard(model: HookedTransformer, sae: SAELike, hook_name: str, toke
         def ablate(tokens_BT: Tensor, f: int, positions: Tensor, k: int) -> Any:
             return ablate_feature(model, sae, hook_name, tokens_BT, f, positions, k, skip_first_position,
                                   n_vocab=text.n_vocab)
+    bands = DensityBands(dead_threshold, ultralow_threshold, dense_threshold)
     panels = []
     for s, f in enumerate(shown):
         views, centre_ids = _contexts(scan, f, text)
@@ -175,24 +191,21 @@ def build_dashboard(model: HookedTransformer, sae: SAELike, hook_name: str, toke
         logits_pos, logits_neg = _top_effects(effects_SV[s], cfg.logit_k, text) if effects_SV is not None else ([], [])
         panels.append(FeaturePanel(
             feature=f, density=float(density_F[f]), contexts=views,
-            ultralow=bool(dead_threshold < density_F[f] < ultralow_threshold),
+            ultralow=bands.band(float(density_F[f])) == "low",
             hist_counts=counts, hist_width=float(scan.histogram.width_F[f]),
             top_tokens=[text(i) for i, _ in Counter(centre_ids).most_common(3)],
             single_token=_single_token(centre_ids, cfg.single_token_fraction, text),
             logits_pos=logits_pos, logits_neg=logits_neg,
             **_ablation(ablate, scan, f, cfg.ablation_contexts, cfg.logit_k, text)))
-    source = "the given densities" if densities is not None else "this scan"
     tokens = density_tokens if densities is not None else scan.n_tokens
-    low_note = (f"none below {ultralow_threshold:g} among the shown features" if tokens is None or
-                resolves(tokens, ultralow_threshold) else
-                f"densities over {tokens:,} tokens cannot go below 1/{tokens:,} = {1 / max(tokens, 1):.1e} "
-                f"without being 0: finding densities below {ultralow_threshold:g} needs more than "
-                f"{math.ceil(1 / ultralow_threshold):,} tokens (eval.tokens)")
+    source = density_source if densities is not None else "this scan"
+    source += f" (over its {tokens:,} activation tokens)" if tokens is not None else ""
     summary = _summary_html(scan, density_F, hook_name, source, dead_threshold)
     if links:
         summary += '<div class="summary">' + " · ".join(f'<a href="{esc(href)}">{esc(label)}</a>'
                                                         for label, href in links) + "</div>"
-    page = render_page(panels, f"SAE features · {hook_name}", summary, logit_note, low_note)
+    page = render_page(panels, f"SAE features · {hook_name}", summary, logit_note,
+                       _low_note(tokens, ultralow_threshold), bands)
     path = Path(out_dir) / "index.html"
     atomic_write_text(path, page)
     return path

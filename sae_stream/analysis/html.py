@@ -25,6 +25,28 @@ class ContextView:
     value: float
 
 
+@dataclass(frozen=True)
+class DensityBands:
+    """The density thresholds that split the index into tabs: train.dead_threshold, ultralow_threshold and
+    dense_threshold, counted as eval counts them (dead <= dead < ultra-low < ultralow <= mid <= dense < dense)."""
+
+    dead: float = 0.0
+    ultralow: float = 1e-6
+    dense: float = 0.1
+
+    def band(self, density: float) -> str:
+        if density <= self.dead:
+            return "dead"
+        if density < self.ultralow:
+            return "low"
+        return "dense" if density > self.dense else "mid"
+
+    def tabs(self) -> list[tuple[str, str, str]]:
+        """(band, tab name, density range) in index order."""
+        return [("dense", "Dense", f"> {self.dense:g}"), ("mid", "Mid density", f"{self.ultralow:g} – {self.dense:g}"),
+                ("low", "Ultra-low density", f"< {self.ultralow:g}"), ("dead", "Dead", f"≤ {self.dead:g}")]
+
+
 @dataclass
 class FeaturePanel:
     feature: int
@@ -81,7 +103,7 @@ def _context_html(ctx: ContextView) -> str:
     spans = []
     for i, (tok, act) in enumerate(zip(ctx.tokens, ctx.acts)):
         level = 0 if act != act or act <= 0 else max(1, round(10 * min(act / top, 1.0)))
-        shown = "n/a" if act != act else f"{act:.4g}"
+        shown = "n/a" if act != act else f"{act + 0.0:.4g}"  # (+ 0.0: a masked-out -0.0 of batchtopk prints as 0)
         cls = f"t a{level}" + (" hot" if i == ctx.center else "")
         spans.append(f'<span class="{cls}" title="{esc(repr(tok))}: {shown}">{visible(tok)}</span>')
     return f'<div class="ctx"><span class="val">{ctx.value:.3f}</span>{"".join(spans)}</div>'
@@ -137,25 +159,35 @@ def _index_rows(panels: list[FeaturePanel]) -> str:
     return "".join(rows)
 
 
-def render_page(panels: list[FeaturePanel], title: str, summary_html: str, logit_note: str,
-                empty_low_note: str = "") -> str:
-    """The whole page; `empty_low_note` fills the ultra-low tab when no shown feature is ultra-low."""
-    high = [p for p in panels if not p.ultralow]
-    low = [p for p in panels if p.ultralow]
+def _tabs_html(panels: list[FeaturePanel], bands: DensityBands, empty_low_note: str) -> tuple[str, str]:
+    """(tab buttons, one index table per tab): a tab per density band, each named with its range; the dead tab
+    only when some shown feature is dead (`features=` chosen by hand)."""
     head = "<tr><th>feature</th><th>density</th><th>top tokens</th></tr>"
+    groups = {key: [p for p in panels if bands.band(p.density) == key] for key, _, _ in bands.tabs()}
+    active = bands.band(panels[0].density) if panels else "mid"
+    buttons, tables = [], []
+    for key, name, span in bands.tabs():
+        group = groups[key]
+        if key == "dead" and not group:
+            continue
+        on = " active" if key == active else ""
+        buttons.append(f'<button data-tab="{key}" class="tab{on}" title="density {esc(span)}">{esc(name)} '
+                       f'({len(group)}) <small>{esc(span)}</small></button>')
+        empty = (empty_low_note if key == "low" else "") or f"no shown feature has density {span}"
+        body = _index_rows(group) if group else f'<tr><td colspan="3" class="note">{esc(empty)}</td></tr>'
+        tables.append(f'<table class="list{on}" id="tab-{key}"><thead>{head}</thead><tbody>{body}</tbody></table>')
+    return "".join(buttons), "".join(tables)
 
-    def rows(group: list[FeaturePanel], empty: str) -> str:
-        return _index_rows(group) if group or not empty else f'<tr><td colspan="3" class="note">{esc(empty)}</td></tr>'
 
-    tables = "".join(f'<table class="list{" active" if i == 0 else ""}" id="tab-{name}"><thead>{head}</thead>'
-                     f'<tbody>{rows(group, empty)}</tbody></table>'
-                     for i, (name, group, empty) in enumerate((("high", high, ""), ("low", low, empty_low_note))))
+def render_page(panels: list[FeaturePanel], title: str, summary_html: str, logit_note: str,
+                empty_low_note: str = "", bands: DensityBands = DensityBands()) -> str:
+    """The whole page; `empty_low_note` fills the ultra-low tab when no shown feature is ultra-low."""
+    buttons, tables = _tabs_html(panels, bands, empty_low_note)
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
             f'<script>{ERROR_TRAP}</script><style>{CSS}</style></head><body>'
             f'<header><h1>{esc(title)}</h1>{summary_html}</header><main><nav>'
             f'<input id="filter" type="search" placeholder="filter by feature id or token">'
-            f'<div class="tabs"><button data-tab="high" class="active">High density ({len(high)})</button>'
-            f'<button data-tab="low">Ultra-low density ({len(low)})</button></div>{tables}</nav>'
+            f'<div class="tabs">{buttons}</div>{tables}</nav>'
             f'<div id="panels">{"".join(panel_html(p, logit_note) for p in panels)}</div></main>'
             f'<script>{JS}</script></body></html>\n')
 
@@ -202,7 +234,8 @@ main{display:flex;align-items:flex-start}
 nav{width:400px;flex:none;height:calc(100vh - 120px);overflow:auto;border-right:1px solid #ddd;padding:8px;
  background:#fff}
 #filter{width:100%;box-sizing:border-box;padding:5px;margin-bottom:6px}
-.tabs button{border:1px solid #bbb;background:#eee;padding:4px 8px;cursor:pointer}
+.tabs button{border:1px solid #bbb;background:#eee;padding:4px 8px;cursor:pointer;margin:0 2px 2px 0}
+.tabs button small{opacity:.75}
 .tabs button.active{background:#263645;color:#fff}
 table.list{display:none;border-collapse:collapse;width:100%;margin-top:6px;font-size:12px}table.list.active{display:table}
 table.list td,table.list th{padding:2px 4px;border-bottom:1px solid #eee;text-align:left;vertical-align:top}
