@@ -18,6 +18,7 @@ import dataclasses
 import glob
 import hashlib
 import itertools
+import logging
 import os
 import socket
 import threading
@@ -111,6 +112,8 @@ def _open_local(cfg: DataConfig, files: list[Path], heldout: bool, tok: Tokenize
         kwargs["sample_by"] = "paragraph" if len(files) == 1 else "document"
     import datasets
 
+    if builder == "json":  # its reader logs a parse error before raising it, which our one-line error names
+        logging.getLogger("datasets.packaged_modules.json.json").setLevel(logging.CRITICAL)
     # data_files are patterns to `datasets`: escaped, a name such as `corpus[v2].txt` matches only itself
     dataset = datasets.load_dataset(builder, data_files=[glob.escape(str(f)) for f in files], split="train",
                                     streaming=True, **kwargs)
