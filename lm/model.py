@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sae_stream.config import ConfigError, LMConfig, config_from_dict, read_yaml
+from sae_stream.config import Config, ConfigError, LMConfig, config_from_dict, read_yaml
 from sae_stream.rundir import first_line
 
 WEIGHTS_FILE = "model.safetensors"
@@ -221,11 +221,16 @@ def chunked_cross_entropy(h_ND: torch.Tensor, W_VD: torch.Tensor, y_N: torch.Ten
 
 
 def read_lm_config(run_dir: Path) -> LMConfig:
+    return read_run_config(run_dir).lm
+
+
+def read_run_config(run_dir: Path) -> Config:
+    """The whole config an LM run dir was trained with (its tokenizer too), with errors that name the file."""
     path = run_dir / CONFIG_FILE
     if not path.is_file():
         raise ValueError(f"{str(path)!r} not found: an LM run dir needs the config.yaml written by `lm train`")
     try:
-        return config_from_dict(read_yaml(path)).lm
+        return config_from_dict(read_yaml(path))
     except ConfigError as e:
         raise ValueError(f"{str(path)!r} is not a valid config: {e}") from None
 

@@ -141,16 +141,16 @@ def _resume(out_dir: Path, cfg: Config, model: GPT, opt: torch.optim.Optimizer,
     if path is None:
         raise ValueError(f"every checkpoint in {str(out_dir / CKPT_DIR)!r} is corrupt: delete them to start over")
     ckpt = load_checkpoint(path, map_location="cpu")
-    if ckpt.get("window") != cfg.data.context_len + 1:
-        raise ValueError(f"cannot resume {str(out_dir)!r}: its checkpoints come from an sae-stream that trained on "
-                         f"windows of data.context_len tokens (now context_len + 1, so that the last position is "
-                         "trained too): resume with that version, or train again")
     saved, now = ckpt["config"], to_dict(cfg)
-    for section in ("lm", "data"):
+    for section in ("lm", "data"):  # (first: a changed context_len is a config change, not an old version)
         if saved[section] != now[section]:
             diff = next(k for k in now[section] if saved[section].get(k) != now[section][k])
             raise ValueError(f"cannot resume {str(out_dir)!r}: {section}.{diff} was {saved[section].get(diff)!r}, "
                              f"now {now[section][diff]!r}; use the run's config.yaml")
+    if ckpt.get("window") != cfg.data.context_len + 1:
+        raise ValueError(f"cannot resume {str(out_dir)!r}: its checkpoints come from an sae-stream that trained on "
+                         f"windows of data.context_len tokens (now context_len + 1, so that the last position is "
+                         "trained too): resume with that version, or train again")
     if saved["lm_train"]["batch_size"] != cfg.lm_train.batch_size:
         raise ValueError(f"cannot resume {str(out_dir)!r}: lm_train.batch_size changed; use the run's config.yaml")
     model.load_weights_(ckpt["model"])

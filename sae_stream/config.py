@@ -112,7 +112,9 @@ class Config:
             raise ConfigError(
                 f"buffer.capacity ({self.buffer.capacity}) must be >= 2 * train.batch_size ({self.train.batch_size})")
         if self.data.context_len > self.lm.n_ctx:
-            raise ConfigError(f"data.context_len ({self.data.context_len}) must be <= lm.n_ctx ({self.lm.n_ctx})")
+            raise ConfigError(f"data.context_len ({self.data.context_len}) exceeds lm.n_ctx ({self.lm.n_ctx}), the "
+                              f"LM's context: set --data.context_len={self.lm.n_ctx} or less (or, for an LM this "
+                              "run trains, a larger lm.n_ctx)")
         if self.train.step_impl == "fused" and self.sae.architecture != "anthropic":
             raise ConfigError(f"train.step_impl=fused covers sae.architecture=anthropic only, not "
                               f"{self.sae.architecture!r}: use step_impl=auto or autograd")
@@ -267,6 +269,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
                           f"default ({default_config_path()})")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text ({e.reason} at byte {e.start}): save it as "
+                          "UTF-8") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)  # where the parser stopped (0-based in PyYAML)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

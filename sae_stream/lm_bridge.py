@@ -27,12 +27,12 @@ def load_lm(path_or_name: str, device: torch.device) -> Any:
 def lm_run_config(path_or_name: str | None) -> Config | None:
     """The config an `lm train` run directory was trained with (its config.yaml); None for a transformer-lens name
     (or no LM)."""
-    from sae_stream.config import load_config
+    from lm.model import WEIGHTS_FILE, read_run_config
 
     run_dir = Path(str(path_or_name)).expanduser() if path_or_name else None
-    if run_dir is None or not (run_dir / "model.safetensors").is_file():  # (no LM there: loading it says so)
+    if run_dir is None or not (run_dir / WEIGHTS_FILE).is_file():  # (no LM there: loading it says so)
         return None
-    return load_config(run_dir / "config.yaml")
+    return read_run_config(run_dir)
 
 
 def list_hooks(lm_path: str) -> list[str]:

@@ -41,8 +41,8 @@ from sae_stream.report import (
     analyze_run,
     check_sae_inputs,
     current_eval,
-    described_by_lm,
     evaluate_run,
+    load_for_lm,
     own_lm,
     plot_sae_curves,
     summarize_sweep,
@@ -77,16 +77,20 @@ def batch_dtype(ring: torch.dtype, trainers: list[Trainer]) -> torch.dtype:
 
 def lm_train(config: str | None, overrides: list[str], out: str | None, resume: bool = False,
              overwrite: bool = False) -> Path:
-    cfg = load_config(config, overrides)
     if resume:
         if not out:
             raise UserError("--resume needs --out DIR: the LM run to continue")
         out_dir = Path(out)
         if not (out_dir / "checkpoints").is_dir():
             raise UserError(f"{out!r} has no checkpoints/ to resume from")
+        # no CONFIG: the run's own (the packaged default would change its schedule silently)
+        if config is None and not (out_dir / "config.yaml").is_file():
+            raise UserError(f"{str(out_dir / 'config.yaml')!r} is missing: pass the CONFIG the LM was trained with")
+        cfg = load_config(config if config is not None else out_dir / "config.yaml", overrides)
         with lock_run(out_dir):  # (one process trains a directory at a time, as for `train`)
             _train_lm(cfg, out_dir, resume=True)
         return out_dir
+    cfg = load_config(config, overrides)
     with fresh_out_dir(out, "lm", overwrite) as staged, lock_run(staged.path):
         _train_lm(cfg, staged.path, started=staged.commit)
     return staged.path
@@ -260,7 +264,7 @@ def train(config: str | None, overrides: list[str], lm: str | None = None, out: 
           overwrite: bool = False) -> Path:
     if lm:
         overrides = [*overrides, f"--lm.path={_abs_lm(lm)}"]
-    cfg = described_by_lm(load_config(config, overrides), overrides)
+    cfg = load_for_lm(config, overrides)
     _lm_outside(cfg.lm.path, out, overwrite)
     with fresh_out_dir(out, "train", overwrite) as staged:
         session = Session(cfg, staged.path)
@@ -328,15 +332,15 @@ def run(config: str | None, overrides: list[str], lm: str | None = None, out: st
         overwrite: bool = False, analyze: bool = True) -> Path:
     """Text -> LM (trained here unless given) -> streamed SAE -> eval -> dashboard, in one run directory."""
     t0 = time.perf_counter()
-    cfg = load_config(config, overrides)  # validate everything before touching the disk
-    if not is_main_process() and not (lm or cfg.lm.path):
+    if lm:
+        overrides = [*overrides, f"--lm.path={_abs_lm(lm)}"]
+    cfg = load_for_lm(config, overrides)  # validate everything before touching the disk
+    if not is_main_process() and not cfg.lm.path:
         raise UserError("under torchrun pass --lm PATH: train the LM first (`sae-stream lm train`, one process)")
-    _lm_outside(lm or cfg.lm.path, out, overwrite)
+    _lm_outside(cfg.lm.path, out, overwrite)
     with fresh_out_dir(out, "run", overwrite) as staged:
         run_dir = staged.path
-        if lm:
-            lm_path = _abs_lm(lm)
-        elif cfg.lm.path:
+        if cfg.lm.path:
             lm_path = _abs_lm(cfg.lm.path)
         elif "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
             raise UserError("under torchrun pass --lm PATH: train the LM first (`sae-stream lm train`, one process)")
@@ -351,7 +355,7 @@ def run(config: str | None, overrides: list[str], lm: str | None = None, out: st
                 _train_lm(cfg, lm_dir, started=staged.commit)
             lm_path = str(lm_dir.resolve())
         # (not read again from `config`: it may be a file in the directory that --overwrite moved aside)
-        cfg = described_by_lm(dataclasses.replace(cfg, lm=dataclasses.replace(cfg.lm, path=lm_path)), overrides)
+        cfg = dataclasses.replace(cfg, lm=dataclasses.replace(cfg.lm, path=lm_path))
         session = Session(cfg, run_dir)
         session.save_configs()
         mark_job(run_dir, "run", analyze=analyze)

@@ -16,7 +16,17 @@ from typing import Any
 
 from sae_stream.activations import check_hook_names, hook_dim
 from sae_stream.checkpoint import atomic_write_json, sha256_file
-from sae_stream.config import Config, ConfigError, load_config
+from sae_stream.config import (
+    Config,
+    ConfigError,
+    config_from_dict,
+    default_config_path,
+    load_config,
+    merge,
+    parse_overrides,
+    read_yaml,
+    to_dict,
+)
 from sae_stream.data import heldout_batches
 from sae_stream.evaluate import DENSITY_PNG, evaluate, load_feature_density, read_eval, write_eval
 from sae_stream.export import load_saelens
@@ -152,19 +162,26 @@ def check_sae_inputs(model: Any, cfg: Config) -> int:
     return d_in
 
 
-def described_by_lm(cfg: Config, overrides: list[str]) -> Config:
-    """cfg with its lm section (but lm.path) taken from the `lm train` dir lm.path names, so a run's config.yaml
-    describes the LM it used; an explicit --lm.FIELD override that differs from that LM is refused."""
-    trained = lm_run_config(cfg.lm.path)
-    if trained is None:  # a transformer-lens name: the lm section is not ours to fill
-        return cfg
-    _check_text(cfg, trained, trained.lm.n_ctx)
-    for field in dataclasses.fields(trained.lm):
-        mine, theirs = getattr(cfg.lm, field.name), getattr(trained.lm, field.name)
-        if field.name != "path" and mine != theirs and any(o.startswith(f"--lm.{field.name}=") for o in overrides):
-            raise UserError(f"--lm.{field.name}={mine}: the LM in {cfg.lm.path} has {field.name} {theirs} (its "
+def load_for_lm(config: str | Path | None, overrides: list[str]) -> Config:
+    """load_config, with the lm section (but lm.path) of the `lm train` dir that lm.path names in place of the
+    config's: a run's config.yaml then describes the LM it used, and checks such as context_len <= lm.n_ctx hold
+    against that LM. An --lm.FIELD override that contradicts the LM is refused; a transformer-lens name (or no
+    LM) leaves the config as it is."""
+    given = parse_overrides(overrides)
+    raw = merge(read_yaml(config if config is not None else default_config_path()), given)
+    lm_raw = raw.get("lm") if isinstance(raw.get("lm"), dict) else {}
+    trained = lm_run_config(lm_raw.get("path")) if isinstance(lm_raw.get("path"), str) else None
+    if trained is None:
+        return config_from_dict(raw)
+    theirs = to_dict(trained)["lm"]
+    for name, mine in given.get("lm", {}).items():
+        if name != "path" and name in theirs and mine != theirs[name]:
+            raise UserError(f"--lm.{name}={mine}: the LM in {lm_raw['path']} has {name} {theirs[name]} (its "
                             "config.yaml), and the lm section describes that LM: drop the override")
-    return dataclasses.replace(cfg, lm=dataclasses.replace(trained.lm, path=cfg.lm.path))
+    raw["lm"] = {**lm_raw, **theirs, "path": lm_raw["path"]}  # (a misspelt key stays, to be named as unknown)
+    cfg = config_from_dict(raw)
+    _check_text(cfg, trained, trained.lm.n_ctx)
+    return cfg
 
 
 def sweep_dirs(run_dir: Path) -> list[Path]:

@@ -4,6 +4,7 @@ eval or analyze; and the one-line error for what the user asked wrongly.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -156,8 +157,8 @@ def _recover_replaced(path: Path) -> None:
 
 
 def _nothing_trained(path: Path) -> bool:
-    """`path` is missing, or holds no file but the config.yaml files (and lock) a run writes before its start-up
-    ends."""
+    """`path` is missing, or holds no file but the config.yaml files (and lock, and `run`'s job.json) a run writes
+    before its start-up ends."""
     return not path.exists() or (path.is_dir() and all(f.name in ("config.yaml", LOCK_FILE, JOB_FILE)
                                                        for f in path.rglob("*") if not f.is_dir()))
 
@@ -167,9 +168,8 @@ JOB_FILE = "job.json"
 
 def mark_job(run_dir: Path, job: str, **options: Any) -> None:
     """RUN_DIR/job.json: which command made the run and with what, so `train --resume` finishes it the same way
-    (a `run` goes on to eval and the dashboard, whether or not it trained its own LM). Rank 0 writes it."""
-    import json
-
+    (a `run` goes on to eval and the dashboard, whether or not it trained its own LM). Rank 0 writes it, by a
+    rename (checkpoint.atomic_write_json imports this module); unsynced: a lost one only skips the eval."""
     if is_main_process():
         tmp = run_dir / f".{JOB_FILE}.{os.getpid()}.tmp"
         tmp.write_text(json.dumps({"job": job, **options}) + "\n")
@@ -178,8 +178,6 @@ def mark_job(run_dir: Path, job: str, **options: Any) -> None:
 
 def read_job(run_dir: Path) -> dict[str, Any] | None:
     """The job.json `mark_job` wrote, or None (a run made before it existed, or unreadable)."""
-    import json
-
     try:
         job = json.loads((run_dir / JOB_FILE).read_text())
     except (OSError, ValueError):

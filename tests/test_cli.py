@@ -196,7 +196,7 @@ def test_cli__guards_keep_runs_and_name_the_fix(tiny_run: Path, tmp_path: Path, 
     assert (stranger / "notes.txt").read_text() == "mine"
     # text settings that do not suit the LM: one line, and no half-made run directory left behind
     fails(["train", "--lm", lm, "--out", str(tmp_path / "x"), "--data.tokenizer=byte"],
-          "data.context_len (128) exceeds the LM's context of 32 tokens: set --data.context_len=32 or less")
+          "data.context_len (128) exceeds lm.n_ctx (32), the LM's context: set --data.context_len=32 or less")
     fails(["train", "--lm", lm, "--out", str(tmp_path / "x"), "--data.context_len=32"],
           "data.tokenizer='gpt2' but the LM in")
     assert not (tmp_path / "x").exists()

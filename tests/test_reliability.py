@@ -268,15 +268,17 @@ def test_run__sae_stage_sigint_exits_130_and_resumes(lm_dir: Path, tmp_path: Pat
 
     monkeypatch.setattr(Trainer, "_train_step", ctrl_c_before_step_16)
     out = tmp_path / "run"
-    assert main(["run", "--lm", str(lm_dir), "--out", str(out), *SAE_ARGS, "--eval.tokens=1024"]) == 130
+    assert main(["run", "--lm", str(lm_dir), "--out", str(out), *SAE_ARGS, "--eval.tokens=1024",
+                 "--skip-analyze"]) == 130
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "SIGINT at step 16" in err[0] and f"sae-stream train --resume {out}" in err[0]
     assert _steps(out) == [10, 16] and not (out / "eval.json").exists() and not (out / "sae").exists()
     monkeypatch.setattr(Trainer, "_train_step", step)
     assert main(["train", "--resume", str(out)]) == 0
     assert _steps(out)[-1] == TOTAL_STEPS and (out / "sae" / "sae_weights.safetensors").is_file()
-    # `run` made it (job.json), with an LM of its own or not: the resume goes on to eval and the dashboard
-    assert (out / "eval.json").is_file() and (out / "dashboard" / "index.html").is_file()
+    # `run` made it (job.json), with an LM of its own or not: the resume goes on to eval, and as --skip-analyze
+    # asked, no dashboard
+    assert (out / "eval.json").is_file() and not (out / "dashboard").exists()
 
 
 class _Unsaveable:
@@ -672,6 +674,11 @@ def test_lm_train__sigint_checkpoints_the_step_and_names_its_resume(tmp_path: Pa
     assert len(err) == 1 and "SIGINT at step 7" in err[-1], err
     assert f"sae-stream lm train {out / 'config.yaml'} --out {out} --resume" in err[-1]
     assert _steps(out) == [7] and not (out / "model.safetensors").exists()
+    saved = (out / "config.yaml").read_text()
+    monkeypatch.undo()
+    assert main(["lm", "train", "--out", str(out), "--resume"]) == 0  # no CONFIG: the run's own, not the default
+    assert json.loads((out / "lm_result.json").read_text())["steps"] == 20000 // (16 * 32)
+    assert (out / "config.yaml").read_text() == saved
 
 
 def test_run__lm_stage_sigint_then_train_resume_finishes_the_whole_run(tmp_path: Path, one_thread: None,

@@ -102,6 +102,8 @@ def test_fresh_out_dir__a_stranded_run_beside_a_new_run_that_never_started_is_pu
     (new / "member").mkdir(parents=True)
     (new / "config.yaml").write_text("new: true\n")
     (new / "member" / "config.yaml").write_text("new: true\n")
+    rundir.mark_job(new, "run", analyze=False)  # (`run` writes job.json during its start-up too)
+    assert rundir.read_job(new) == {"job": "run", "analyze": False}
     stranded = _old_run(tmp_path / f".run.replaced-{_dead_pid()}-abcd1234")
     with pytest.warns(UserWarning, match="restored"), pytest.raises(UserError, match="exists"):
         with fresh_out_dir(new, "train", overwrite=False):
@@ -182,8 +184,9 @@ def test_lm_train__holds_the_lock_of_the_directory_it_trains(tmp_path: Path, mon
     """`lm train` (fresh and --resume) and `run`'s LM stage train under the run lock, as `train` does: a second
     process on the same directory is refused instead of writing the same checkpoints."""
     from sae_stream import pipeline
+    from sae_stream.config import default_config_path
 
-    held: list[tuple[str, bool]] = []
+    held: list[tuple[str, bool, bool]] = []
 
     class Stop(Exception):
         pass
@@ -197,8 +200,10 @@ def test_lm_train__holds_the_lock_of_the_directory_it_trains(tmp_path: Path, mon
     with pytest.raises(Stop):
         pipeline.lm_train(None, [], str(lm))
     (lm / "checkpoints").mkdir(parents=True)
-    with pytest.raises(Stop):
+    with pytest.raises(UserError, match="config.yaml' is missing: pass the CONFIG the LM was trained with"):
         pipeline.lm_train(None, [], str(lm), resume=True)
+    with pytest.raises(Stop):
+        pipeline.lm_train(str(default_config_path()), [], str(lm), resume=True)
     with pytest.raises(Stop):
         pipeline.run(None, [], out=str(tmp_path / "run"))
     assert [(name, mine) for name, mine, _ in held] == [("lm", True), ("lm", True), ("lm", False)]
