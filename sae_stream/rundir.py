@@ -168,12 +168,11 @@ JOB_FILE = "job.json"
 
 def mark_job(run_dir: Path, job: str, **options: Any) -> None:
     """RUN_DIR/job.json: which command made the run and with what, so `train --resume` finishes it the same way
-    (a `run` goes on to eval and the dashboard, whether or not it trained its own LM). Rank 0 writes it, by a
-    rename (checkpoint.atomic_write_json imports this module); unsynced: a lost one only skips the eval."""
+    (a `run` goes on to eval and the dashboard, whether or not it trained its own LM). Rank 0 writes it."""
+    from sae_stream.checkpoint import atomic_write_json  # (checkpoint imports this module)
+
     if is_main_process():
-        tmp = run_dir / f".{JOB_FILE}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps({"job": job, **options}) + "\n")
-        os.replace(tmp, run_dir / JOB_FILE)
+        atomic_write_json(run_dir / JOB_FILE, {"job": job, **options})
 
 
 def read_job(run_dir: Path) -> dict[str, Any] | None:
