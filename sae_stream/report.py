@@ -201,7 +201,7 @@ def _each_member(run_dir: Path, overrides: list[str] | None, fn: Any) -> dict[st
 
 def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, loaded: tuple | None = None) -> dict:
     """eval.json for a run (for each SAE of a sweep, in RUN_DIR/<name>/, then the sweep's summary: {name: result})."""
-    run_dir = require_run_dir(run_dir)
+    run_dir = require_run_dir(run_dir).resolve()  # (printed paths absolute, as `run` prints them)
     if loaded is None and sweep_dirs(run_dir):
         results = _each_member(run_dir, overrides, evaluate_run)
         summarize_sweep(run_dir, results)
@@ -243,7 +243,7 @@ def analyze_run(run_dir: str | Path, overrides: list[str] | None = None, loaded:
     from sae_stream.analysis.dashboard import build_dashboard
     from sae_stream.tokenizer import get_tokenizer
 
-    run_dir = require_run_dir(run_dir)
+    run_dir = require_run_dir(run_dir).resolve()
     if loaded is None and sweep_dirs(run_dir):
         return next(iter(_each_member(run_dir, overrides, analyze_run).values()), run_dir)
     cfg, model, sae = loaded or load_trained(run_dir, overrides or [])
