@@ -284,8 +284,12 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """YAML file (or the embedded default) + `--section.field=value` overrides -> validated Config."""
-    raw = read_yaml(path) if path is not None else read_yaml(default_config_path())
-    return config_from_dict(merge(raw, parse_overrides(overrides or [])))
+    return config_from_dict(raw_config(path, overrides))
+
+
+def raw_config(path: str | Path | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """load_config's nested plain data before validation (for a caller that fills a section in first)."""
+    return merge(read_yaml(path if path is not None else default_config_path()), parse_overrides(overrides or []))
 
 
 def default_config_path() -> Path:

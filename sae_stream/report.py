@@ -16,17 +16,7 @@ from typing import Any
 
 from sae_stream.activations import check_hook_names, hook_dim
 from sae_stream.checkpoint import atomic_write_json, sha256_file
-from sae_stream.config import (
-    Config,
-    ConfigError,
-    config_from_dict,
-    default_config_path,
-    load_config,
-    merge,
-    parse_overrides,
-    read_yaml,
-    to_dict,
-)
+from sae_stream.config import Config, ConfigError, config_from_dict, load_config, parse_overrides, raw_config, to_dict
 from sae_stream.data import heldout_batches
 from sae_stream.evaluate import DENSITY_PNG, evaluate, load_feature_density, read_eval, write_eval
 from sae_stream.export import load_saelens
@@ -167,14 +157,13 @@ def load_for_lm(config: str | Path | None, overrides: list[str]) -> Config:
     config's: a run's config.yaml then describes the LM it used, and checks such as context_len <= lm.n_ctx hold
     against that LM. An --lm.FIELD override that contradicts the LM is refused; a transformer-lens name (or no
     LM) leaves the config as it is."""
-    given = parse_overrides(overrides)
-    raw = merge(read_yaml(config if config is not None else default_config_path()), given)
+    raw = raw_config(config, overrides)
     lm_raw = raw.get("lm") if isinstance(raw.get("lm"), dict) else {}
     trained = lm_run_config(lm_raw.get("path")) if isinstance(lm_raw.get("path"), str) else None
     if trained is None:
         return config_from_dict(raw)
     theirs = to_dict(trained)["lm"]
-    for name, mine in given.get("lm", {}).items():
+    for name, mine in parse_overrides(overrides).get("lm", {}).items():  # (the ones given explicitly)
         if name != "path" and name in theirs and mine != theirs[name]:
             raise UserError(f"--lm.{name}={mine}: the LM in {lm_raw['path']} has {name} {theirs[name]} (its "
                             "config.yaml), and the lm section describes that LM: drop the override")
