@@ -122,15 +122,14 @@ class _State:
     last_heldout: float | None = None
 
 
-def _checkpoint(out_dir: Path, cfg: Config, model: GPT, opt: torch.optim.Optimizer, state: _State,
-                batches: ContextBatches | PrefetchedBatches, elapsed_s: float) -> None:
+def _checkpoint(run: _Run, state: _State, elapsed_s: float) -> None:
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    save_checkpoint(out_dir / CKPT_DIR, state.step, {
-        "model": model.state_dict(), "optimizer": opt.state_dict(), "step": state.step, "rng": rng,
-        "data": batches.state_dict(), "unigram_counts": state.counts_V, "elapsed_s": elapsed_s,
-        "last_heldout": state.last_heldout, "config": to_dict(cfg), "window": cfg.data.context_len + 1})
+    save_checkpoint(run.out_dir / CKPT_DIR, state.step, {
+        "model": run.model.state_dict(), "optimizer": run.opt.state_dict(), "step": state.step, "rng": rng,
+        "data": run.batches.state_dict(), "unigram_counts": state.counts_V, "elapsed_s": elapsed_s,
+        "last_heldout": state.last_heldout, "config": to_dict(run.cfg), "window": run.cfg.data.context_len + 1})
 
 
 def _resume(out_dir: Path, cfg: Config, model: GPT, opt: torch.optim.Optimizer,
@@ -337,8 +336,7 @@ def _steps(run: _Run, state: _State, bar: Any, stop: list[int], t0: float, speed
             speed.paused += time.perf_counter() - e0
             run.tracker.log(state.step, {"lm/heldout_loss": state.last_heldout})
         if state.step % tc.checkpoint_every == 0 or done or stop:
-            _checkpoint(run.out_dir, run.cfg, run.model, run.opt, state, run.batches,
-                        state.elapsed_s + time.perf_counter() - t0)
+            _checkpoint(run, state, state.elapsed_s + time.perf_counter() - t0)
         bar.update(1)
         if stop and not done:
             bar.close()
