@@ -136,6 +136,21 @@ def hook_dim(model: HookedTransformer, hook_name: str | Sequence[str], context_l
     return HookCapture(model, hook_name)(tokens).shape[-1]
 
 
+def untrainable(hook: str, width: int | None = None) -> str | None:
+    """Why an SAE cannot train on `hook` (of `width` per position, when known), as a one-line error; None if it
+    can. One rule for `sae-stream hooks` (which lists only trainable hooks) and the checks before training."""
+    if hook.endswith(("hook_pattern", "hook_attn_scores")):  # [batch, head, query, key]: no vector per position
+        return (f"buffer.hook_name={hook!r} holds attention patterns or scores, which eval, analyze and load_run "
+                "cannot read as one vector per position: train on attn.hook_z or another [batch, pos, ...] hook")
+    if hook.startswith("unembed."):  # the stream's forward stops before the logits (return_type None)
+        return (f"buffer.hook_name={hook!r}: the stream does not run the unembedding; its input is "
+                "ln_final.hook_normalized (the same values): train on that")
+    if width is not None and width < 2:
+        return (f"buffer.hook_name={hook!r} gives one number per position (a LayerNorm scale): an SAE needs a "
+                "vector; choose another hook (`sae-stream hooks --lm ...` lists them)")
+    return None
+
+
 def _autocast(device: torch.device) -> Any:
     """The LM's precision when producing: bf16 autocast on cuda, fp32 elsewhere."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()

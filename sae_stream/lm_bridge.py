@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from sae_stream.activations import untrainable
 from sae_stream.config import Config
 from sae_stream.step import resolve_kernels
 
@@ -42,8 +43,7 @@ def list_hooks(lm_path: str) -> list[str]:
     model = load_lm(lm_path, torch.device("cpu"))
     _, cache = model.run_with_cache(torch.zeros(1, 2, dtype=torch.long), return_type=None)
     widths = {name: math.prod(cache[name].shape[2:]) for name in model.hook_dict if name in cache}
-    return [f"{name}\t{w}" for name, w in widths.items()
-            if w > 1 and not name.endswith(("hook_pattern", "hook_attn_scores"))]
+    return [f"{name}\t{w}" for name, w in widths.items() if untrainable(name, w) is None]
 
 
 def native_capture(cfg: Config, device: torch.device) -> Any:

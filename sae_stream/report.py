@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from sae_stream.activations import check_hook_names, hook_dim
+from sae_stream.activations import check_hook_names, hook_dim, untrainable
 from sae_stream.checkpoint import atomic_write_json, sha256_file
 from sae_stream.config import Config, ConfigError, config_from_dict, load_config, parse_overrides, raw_config, to_dict
 from sae_stream.data import heldout_batches
@@ -134,17 +134,13 @@ def check_sae_inputs(model: Any, cfg: Config) -> int:
     check_lm_fits(model, cfg)
     hook = cfg.buffer.hook_name
     check_hook_names(model, [hook])
-    if hook.endswith(("hook_pattern", "hook_attn_scores")):  # [batch, head, query, key]: no vector per position
-        raise UserError(f"buffer.hook_name={hook!r} holds attention patterns or scores, which eval, analyze and "
-                        "load_run cannot read as one vector per position: train on attn.hook_z or another "
-                        "[batch, pos, ...] hook")
-    if hook.startswith("unembed."):  # the stream's forward stops before the logits (return_type None)
-        raise UserError(f"buffer.hook_name={hook!r}: the stream does not run the unembedding; its input is "
-                        "ln_final.hook_normalized (the same values): train on that")
+    why = untrainable(hook)  # (first: an unembed hook never fires in the forward hook_dim runs)
+    if why is not None:
+        raise UserError(why)
     d_in = hook_dim(model, hook, cfg.data.context_len)
-    if d_in < 2:
-        raise UserError(f"buffer.hook_name={hook!r} gives one number per position (a LayerNorm scale): an SAE needs "
-                        "a vector; choose another hook (`sae-stream hooks --lm ...` lists them)")
+    why = untrainable(hook, d_in)
+    if why is not None:
+        raise UserError(why)
     for c in [cfg, *(m for _, m in cfg.sweep_members())]:
         if c.sae.d_in is not None and c.sae.d_in != d_in:
             raise UserError(f"sae.d_in={c.sae.d_in} does not match hook {hook!r} (width {d_in}): "
