@@ -20,9 +20,11 @@ Definitions (also written into eval.json under "definitions"):
   ultra-low: alive and density < train.ultralow_threshold (null when the evaluated tokens cannot resolve it);
   dense: density > train.dense_threshold.
 
-Memory is bounded by one chunk of `eval.batch_contexts` contexts: two [B, T, V] log-prob tensors and the
-chunk's [B*T, d_sae] features. Only the token ids of the held-out set are kept, so the mean activation (needed
-before mean ablation) is a first pass over the same contexts.
+Memory is bounded by one chunk of `eval.batch_contexts` contexts (its [B*T, d_sae] features and four
+[B, T, d_model] final residuals, one a run) and by LOGIT_ELEMENTS: the logits are made from those residuals
+for a slice of positions at a time, never as a whole [B, T, d_vocab] tensor (0.4 GB in fp32 for 16 contexts
+of 128 GPT-2 tokens, 3.3 GB at context 1024). Only the token ids of the held-out set are kept, so the mean
+activation (needed before mean ablation) is a first pass over the same contexts.
 """
 
 from __future__ import annotations
@@ -44,16 +46,19 @@ from transformer_lens import HookedTransformer
 from sae_stream.analysis.hooks import (
     SAELike,
     check_hook,
+    check_not_unembed,
     check_sae,
     chunks,
+    final_residual,
     first_position,
     hook_activations,
     model_device,
     sae_decode,
     sae_features,
     sae_in_eval_mode,
-    spliced_logits,
+    splice_hook,
     take_contexts,
+    unembed_rows,
 )
 from sae_stream.analysis.plots import plot_density_histogram
 from sae_stream.checkpoint import atomic_write_bytes, atomic_write_json
@@ -134,12 +139,21 @@ def _recovered(ce: dict[str, float], ablation: str) -> float | None:
     return (ce[ablation] - ce["sae"]) / gap if gap != 0 else None
 
 
-def _next_token_logprobs(logits_BTV: Tensor) -> Tensor:
-    return logits_BTV[:, :-1].float().log_softmax(-1)
+LOGIT_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 26}
+"""Logit entries made at once while evaluating, by device: LOGIT_ELEMENTS // d_vocab positions a slice (83 on the
+CPU, 1335 on a GPU for GPT-2's vocabulary; 16 MB and 256 MB in fp32), so peak memory does not grow with
+eval.batch_contexts * context_len. On 2 CPU cores 16 MB slices were also the fastest (benchmarks/eval_memory.py:
+larger ones page-fault on every allocation, smaller ones reread W_U too often); a GPU wants fewer, larger
+launches."""
 
 
-def _ce_sum(logp_BTV: Tensor, tokens_BT: Tensor) -> Tensor:
-    return -logp_BTV.gather(-1, tokens_BT[:, 1:, None]).double().sum()
+def _slice_rows(model: HookedTransformer) -> int:
+    elements = LOGIT_ELEMENTS.get(model_device(model).type, LOGIT_ELEMENTS["cpu"])
+    return max(1, elements // model.cfg.d_vocab)
+
+
+def _ce_sum(logp_NV: Tensor, targets_N: Tensor) -> Tensor:
+    return -logp_NV.gather(-1, targets_N[:, None]).double().sum()
 
 
 @torch.no_grad()
@@ -168,15 +182,30 @@ def _eval_chunk(model: HookedTransformer, sae: SAELike, hook_name: str, tokens_B
 
     replacements = {"sae": reconstruct, "zero_ablation": torch.zeros_like,
                     "mean_ablation": lambda x_BTD: mean_D.to(x_BTD).expand_as(x_BTD)}
-    logp_clean = _next_token_logprobs(model(tokens_BT))
-    losses.ce["clean"] += _ce_sum(logp_clean, tokens_BT)
+    resid = {"clean": final_residual(model, tokens_BT)}
     for run, replace in replacements.items():
-        logp = _next_token_logprobs(spliced_logits(model, hook_name, tokens_BT, replace, skip_first_position))
-        losses.ce[run] += _ce_sum(logp, tokens_BT)
-        if run == "sae":
-            losses.kl += F.kl_div(logp, logp_clean, log_target=True, reduction="sum").double()
-        del logp
-    losses.n += logp_clean.shape[0] * logp_clean.shape[1]
+        resid[run] = final_residual(model, tokens_BT,
+                                    [(hook_name, splice_hook(replace, tokens_BT, skip_first_position))])
+    # Position t predicts token t + 1: the last position predicts nothing here.
+    _add_losses(model, {run: r[:, :-1].reshape(-1, r.shape[-1]) for run, r in resid.items()},
+                tokens_BT[:, 1:].reshape(-1), losses)
+
+
+def _add_losses(model: HookedTransformer, preds_ND: dict[str, Tensor], targets_N: Tensor,
+                losses: _LossTotals) -> None:
+    """CE of every run and KL(clean || sae) from the runs' final residuals, LOGIT_ELEMENTS logits at a time."""
+    rows = _slice_rows(model)
+    for i in range(0, targets_N.numel(), rows):
+        target_n = targets_N[i : i + rows]
+        logp_clean = unembed_rows(model, preds_ND["clean"][i : i + rows]).float().log_softmax(-1)
+        losses.ce["clean"] += _ce_sum(logp_clean, target_n)
+        for run in _LossTotals.RUNS[1:]:
+            logp = unembed_rows(model, preds_ND[run][i : i + rows]).float().log_softmax(-1)
+            losses.ce[run] += _ce_sum(logp, target_n)
+            if run == "sae":
+                losses.kl += F.kl_div(logp, logp_clean, log_target=True, reduction="sum").double()
+            del logp
+    losses.n += targets_N.numel()
 
 
 @contextmanager
@@ -211,6 +240,7 @@ def _evaluate(model: HookedTransformer, sae: SAELike, hook_name: str, token_batc
     `buffer.skip_first_position`, the setting the SAE was trained with.
     """
     check_hook(model, hook_name)
+    check_not_unembed(hook_name)
     tokens_NT = take_contexts(token_batches, cfg.tokens)
     device = model_device(model)
     d_in = hook_activations(model, hook_name, tokens_NT[:1].to(device)).shape[-1]

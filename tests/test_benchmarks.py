@@ -132,3 +132,20 @@ def test_data_throughput__every_variant_measured_and_ratios_follow(tmp_path: Pat
         assert r["rounds"] == [r["tokens_per_s"]], name
         assert r["tokens_per_s"] > 0 and r["ratio_to_inline_1"] == pytest.approx(r["tokens_per_s"] / base, abs=0.01)
         assert r["context_len"] == 256 and r["batch"] == 4 and "cores" in r["machine"]
+
+
+def test_eval_memory__variants_agree_and_slices_bound_the_rows(tmp_path: Path) -> None:
+    """eval_memory.py: each variant in its own process gives the same losses; `whole` unembeds a chunk's every
+    position at once, a number of elements LOGIT_ELEMENTS // d_vocab positions."""
+    out = tmp_path / "eval.jsonl"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "eval_memory.py"), "--slices", "whole,2000000", "--context-len",
+           "32", "--contexts", "3", "--batch-contexts", "2", "--d-sae", "64", "--threads", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {r["variant"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert rows.keys() == {"slices=whole", "slices=2000000"}
+    assert rows["slices=whole"]["slice_rows"] == 2 * 32 and rows["slices=2000000"]["slice_rows"] == 2000000 // 50257
+    for r in rows.values():
+        assert r["tokens"] == 3 * 32 and r["tokens_per_s"] == pytest.approx(r["tokens"] / r["seconds"], rel=0.02)
+        assert r["peak_host_gb"] >= r["base_host_gb"] > 0 and r["max_rel_diff"] < 1e-4
+        assert r["ce_clean"] == pytest.approx(rows["slices=whole"]["ce_clean"], rel=1e-5)

@@ -14,7 +14,8 @@ import torch.nn as nn
 from safetensors.torch import load_file
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from sae_stream.analysis.hooks import spliced_logits, take_contexts
+import sae_stream.evaluate as evaluate_module
+from sae_stream.analysis.hooks import final_residual, spliced_logits, take_contexts, unembed_rows
 from sae_stream.analysis.plots import plot_density_histogram
 from sae_stream.config import EvalConfig, TrainConfig
 from sae_stream.evaluate import density_counts, evaluate, load_feature_density, read_eval, write_eval
@@ -160,6 +161,54 @@ def test_evaluate__chunking_does_not_change_results(model, batches):
     assert a["feature_density"] == b["feature_density"]
 
 
+def test_evaluate__logit_slices_do_not_change_results(model, batches, monkeypatch):
+    """The logits are made LOGIT_ELEMENTS at a time: 7 positions a slice (ragged against 4 contexts * 11
+    predictions) must give what one slice per chunk gives."""
+    sae = LinearReLUSAE(D_MLP, 40)
+    monkeypatch.setattr(evaluate_module, "LOGIT_ELEMENTS", {"cpu": 10**9})
+    whole = evaluate(model, sae, MLP, batches, _cfg(), TrainConfig())
+    rows_seen: list[int] = []
+
+    def counted(model: HookedTransformer, resid_ND: torch.Tensor) -> torch.Tensor:
+        rows_seen.append(resid_ND.shape[0])
+        return unembed_rows(model, resid_ND)
+
+    monkeypatch.setattr(evaluate_module, "LOGIT_ELEMENTS", {"cpu": 7 * VOCAB + 3})
+    monkeypatch.setattr(evaluate_module, "unembed_rows", counted)
+    sliced = evaluate(model, sae, MLP, batches, _cfg(), TrainConfig())
+    assert max(rows_seen) == 7 and sum(rows_seen) == 4 * 15 * (T - 1)  # 4 runs, every prediction once
+    for run in whole["ce_loss"]:
+        assert sliced["ce_loss"][run] == pytest.approx(whole["ce_loss"][run], rel=1e-6)
+    assert sliced["kl_clean_sae"] == pytest.approx(whole["kl_clean_sae"], rel=1e-5)
+    assert sliced["kl_clean_sae"] > 0
+
+
+@pytest.mark.parametrize("norm,cap,hook", [("LN", None, MLP), ("LN", None, "ln_final.hook_normalized"),
+                                           ("LNPre", 5.0, "ln_final.hook_scale"), ("RMS", None, MLP),
+                                           (None, 3.0, "blocks.0.hook_resid_post")])
+def test_final_residual__its_unembedded_rows_are_the_forward_logits(norm, cap, hook):
+    """final_residual + unembed_rows is the model's own tail (ln_final, unembedding, soft cap), with a hook
+    replaced anywhere before it, ln_final's own hooks included."""
+    cfg = HookedTransformerConfig(n_layers=2, d_model=16, n_ctx=T, d_head=4, n_heads=4, d_mlp=32, d_vocab=VOCAB,
+                                  act_fn="gelu", normalization_type=norm, output_logits_soft_cap=cap or -1.0,
+                                  seed=3, device="cpu")
+    m = HookedTransformer(cfg).eval()
+    tokens = torch.randint(0, VOCAB, (3, T), generator=torch.Generator().manual_seed(2))
+
+    def scale(act: torch.Tensor, hook: object) -> torch.Tensor:
+        return act * 1.7 + 0.1
+
+    with torch.no_grad():
+        want = m.run_with_hooks(tokens, fwd_hooks=[(hook, scale)])
+        unhooked = m(tokens)
+        resid_BTD = final_residual(m, tokens, [(hook, scale)])
+    got = unembed_rows(m, resid_BTD.reshape(-1, 16)).reshape(want.shape)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (want - unhooked).abs().max() > 1e-2  # the hook must change the logits for this to test anything
+    if cap:
+        assert want.abs().max() < cap
+
+
 def test_evaluate__attention_hook_z_is_flattened(model, batches):
     hook = "blocks.0.attn.hook_z"  # [B, T, H, d_head] -> D = 4 * 6
     r = evaluate(model, IdentitySAE(24), hook, batches, _cfg(), TrainConfig())
@@ -193,6 +242,8 @@ def test_evaluate__token_budget_and_bad_inputs(model, batches):
         evaluate(model, IdentitySAE(D_MLP), MLP, batches, _cfg(), TrainConfig(), mean_activation=torch.zeros(3))
     with pytest.raises(ValueError, match="no token batches"):
         evaluate(model, IdentitySAE(D_MLP), MLP, [], _cfg(), TrainConfig())
+    with pytest.raises(ValueError, match="ln_final.hook_normalized"):
+        evaluate(model, IdentitySAE(24), "unembed.hook_in", batches, _cfg(), TrainConfig())
 
 
 def test_density_counts__thresholds():

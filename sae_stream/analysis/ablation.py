@@ -15,16 +15,17 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 from transformer_lens import HookedTransformer
-from transformer_lens.utilities.activation_functions import apply_softcap
 
 from sae_stream.analysis.hooks import (
     SAELike,
     check_hook,
+    check_not_unembed,
+    final_residual,
     sae_decode,
     sae_features,
     sae_in_eval_mode,
     splice_hook,
-    stop_layer,
+    unembed_rows,
 )
 
 
@@ -43,18 +44,10 @@ class AblationResult(NamedTuple):
 @torch.no_grad()
 def _final_logprobs_at(model: HookedTransformer, hook_name: str, tokens_BT: Tensor, positions_B: Tensor,
                        hook: Callable[[Tensor, Any], Tensor]) -> Tensor:
-    """Next-token log-probs [B, V] at `positions_B` with `hook` at `hook_name`; unembeds only those positions
-    unless the hook sits after the last block."""
+    """Next-token log-probs [B, V] at `positions_B` with `hook` at `hook_name`; unembeds only those positions."""
     rows_B = torch.arange(tokens_BT.shape[0], device=tokens_BT.device)
-    if stop_layer(model, hook_name) is None:
-        logits_BV = model.run_with_hooks(tokens_BT, fwd_hooks=[(hook_name, hook)])[rows_B, positions_B]
-    else:
-        resid_BTD = model.run_with_hooks(tokens_BT, fwd_hooks=[(hook_name, hook)], stop_at_layer=model.cfg.n_layers)
-        resid_B1D = resid_BTD[rows_B, positions_B][:, None]
-        if model.cfg.normalization_type is not None:
-            resid_B1D = model.ln_final(resid_B1D)
-        logits_BV = apply_softcap(model.unembed(resid_B1D), model.cfg.output_logits_soft_cap)[:, 0]
-    return logits_BV.float().log_softmax(-1)
+    resid_BD = final_residual(model, tokens_BT, [(hook_name, hook)])[rows_B, positions_B]
+    return unembed_rows(model, resid_BD).float().log_softmax(-1)
 
 
 @sae_in_eval_mode
@@ -66,6 +59,7 @@ def ablate_feature(model: HookedTransformer, sae: SAELike, hook_name: str, token
     at `positions` (one activating position per context) with the unablated spliced run. The top-k lists leave
     out ids from `n_vocab` on (an LM's padded vocabulary: ids no tokenizer gives)."""
     check_hook(model, hook_name)
+    check_not_unembed(hook_name)
     if not 0 <= feature < sae.d_sae:
         raise ValueError(f"feature must be in [0, {sae.d_sae}), got {feature}")
     device = model.W_U.device

@@ -18,6 +18,7 @@ from typing import Any, Protocol, TypeVar
 import torch
 from torch import Tensor
 from transformer_lens import HookedTransformer
+from transformer_lens.utilities.activation_functions import apply_softcap
 
 
 class SAELike(Protocol):
@@ -106,6 +107,34 @@ def splice_hook(replace: Replace, tokens_BT: Tensor, skip_first_position: bool) 
         return new_BTD.reshape(act.shape)
 
     return hook
+
+
+@torch.no_grad()
+def final_residual(model: HookedTransformer, tokens_BT: Tensor,
+                   fwd_hooks: Iterable[tuple[str, Callable[[Tensor, Any], Tensor | None]]] = ()) -> Tensor:
+    """What the unembedding reads, [B, T, d_model]: the residual after ln_final, with `fwd_hooks` applied (any
+    hook but the unembedding's own). With `unembed_rows` it gives the logits of chosen positions, or of all
+    of them a slice at a time, without a full forward's [B, T, d_vocab] tensor."""
+    with model.hooks(fwd_hooks=list(fwd_hooks)):
+        resid_BTD = model(tokens_BT, stop_at_layer=model.cfg.n_layers)
+        if model.cfg.normalization_type is not None:
+            resid_BTD = model.ln_final(resid_BTD)
+    return resid_BTD
+
+
+@torch.no_grad()
+def unembed_rows(model: HookedTransformer, resid_ND: Tensor) -> Tensor:
+    """Logits [N, d_vocab] of rows of `final_residual`, as the model's forward makes them: the unembedding,
+    then the soft cap of models that have one. (A plain matmul: `model.unembed` would copy W_U on every call.)"""
+    logits_NV = torch.addmm(model.b_U, resid_ND, model.W_U)
+    return apply_softcap(logits_NV, model.cfg.output_logits_soft_cap)
+
+
+def check_not_unembed(hook_name: str) -> None:
+    """Spliced runs stop at the unembedding's input, so its own hooks cannot be replaced there."""
+    if hook_name.startswith("unembed."):
+        raise ValueError(f"{hook_name!r} is the unembedding's own hook: splice at ln_final.hook_normalized, which "
+                         "holds the values unembed.hook_in reads")
 
 
 @torch.no_grad()
