@@ -15,6 +15,7 @@ trains its share of each batch; rank 0 alone logs and evaluates; each rank check
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -87,7 +88,11 @@ def lm_train(config: str | None, overrides: list[str], out: str | None, resume: 
         if config is None and not (out_dir / "config.yaml").is_file():
             raise UserError(f"{str(out_dir / 'config.yaml')!r} is missing: pass the CONFIG the LM was trained with")
         cfg = load_config(config if config is not None else out_dir / "config.yaml", overrides)
-        with lock_run(out_dir):  # (one process trains a directory at a time, as for `train`)
+        with contextlib.ExitStack() as locks:  # (one process trains a directory at a time, as for `train`)
+            if out_dir.name == LM_DIR and (read_job(out_dir.parent) or {}).get("job") == "run":
+                # the LM stage of a `run`: its lock, which `train --resume RUN_DIR` takes to finish this LM too
+                locks.enter_context(lock_run(out_dir.parent))
+            locks.enter_context(lock_run(out_dir))
             _train_lm(cfg, out_dir, resume=True)
         return out_dir
     cfg = load_config(config, overrides)

@@ -209,6 +209,16 @@ def test_lm_train__holds_the_lock_of_the_directory_it_trains(tmp_path: Path, mon
     assert [(name, mine) for name, mine, _ in held] == [("lm", True), ("lm", True), ("lm", False)]
     assert held[2][2]  # `run` trains RUN_DIR/lm holding RUN_DIR's lock
     assert not rundir.locked(lm)  # released with the process's work
+    # `lm train --resume --out RUN_DIR/lm` of a `run` takes RUN_DIR's lock too, as `train --resume RUN_DIR` does
+    run_dir = tmp_path / "stopped"
+    (run_dir / "lm" / "checkpoints").mkdir(parents=True)
+    rundir.mark_job(run_dir, "run", analyze=True)
+    with pytest.raises(Stop):
+        pipeline.lm_train(str(default_config_path()), [], str(run_dir / "lm"), resume=True)
+    assert held[3] == ("lm", True, True)
+    with rundir.lock_run(run_dir), pytest.raises(UserError, match="stopped' is being trained by sae-stream pid"):
+        pipeline.lm_train(str(default_config_path()), [], str(run_dir / "lm"), resume=True)
+    assert len(held) == 4 and not rundir.locked(run_dir / "lm")
 
 
 def test_fresh_out_dir__a_file_or_an_uncreatable_out_is_named_and_left_alone(tmp_path: Path) -> None:
