@@ -176,20 +176,22 @@ class BufferConfig:
             raise ConfigError("buffer.positions_per_context must be > 0 or null")
 
 
-ARCHITECTURES = ("anthropic", "april", "topk", "batchtopk")
+ARCHITECTURES = ("anthropic", "april", "topk", "batchtopk", "jumprelu")
 
 
 @dataclass
 class SAEConfig:
     architecture: str = "anthropic"
     """'anthropic' (2023 paper), 'april' (Apr-2024 update; its schedules are train.l1_warmup_fraction,
-    train.lr_schedule=linear_tail and train.grad_clip, off unless set), 'topk' (with AuxK) or 'batchtopk'."""
+    train.lr_schedule=linear_tail and train.grad_clip, off unless set), 'topk' (with AuxK), 'batchtopk' or
+    'jumprelu' (Rajamanoharan et al. 2024: learned per-feature thresholds, L0 penalty)."""
     d_in: int | None = None
     """Input width; None takes it from the hook. Must match the hook if set."""
     d_sae: int = 4096
     """Dictionary size (features)."""
     l1_coeff: float = 1e-3
-    """λ (anthropic/april): loss = MSE (mean over elements) + λ·Σ_f|f| (april |f|·‖W_d,f‖); = λ_paper / d_in."""
+    """λ (anthropic/april): loss = MSE (mean over elements) + λ·Σ_f|f| (april |f|·‖W_d,f‖); = λ_paper / d_in.
+    jumprelu: λ of its L0 term, MSE + λ·Σ_f[f > 0] (also λ_paper / d_in)."""
     k: int = 32
     """Active features per input (topk) or on average per input (batchtopk)."""
     auxk_coeff: float = 1 / 32
@@ -201,13 +203,18 @@ class SAEConfig:
     init_b_dec: str = "auto"
     """'geometric_median' of a buffer sample (2023 paper), 'mean', 'zeros', or 'auto': zeros for april (the
     update starts both biases at 0), the geometric median for the others."""
+    jumprelu_bandwidth: float = 0.001
+    """jumprelu: ε, the width of the window around θ where pre-activations train it (in the scaled input space)."""
+    jumprelu_init_threshold: float = 0.001
+    """jumprelu: θ of every feature at the start (scaled input space); the paper's 0.001 suits ~1e5+ steps (θ moves
+    ~lr per step in log space): short runs start near where θ ends, e.g. 0.5."""
     topk_kernels: str = "auto"
     """topk/batchtopk: 'sparse' (touch only the selected entries), 'dense', or 'auto' (sparse on CPU, dense on CUDA)."""
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
             raise ConfigError(f"sae.architecture must be one of {', '.join(ARCHITECTURES)}, got {self.architecture!r}")
-        _positive(self, "sae", "d_sae", "k", "dead_tokens_auxk")
+        _positive(self, "sae", "d_sae", "k", "dead_tokens_auxk", "jumprelu_bandwidth", "jumprelu_init_threshold")
         if self.d_in is not None and self.d_in <= 0:
             raise ConfigError("sae.d_in must be > 0 or null")
         if self.architecture in ("topk", "batchtopk") and self.k > self.d_sae:

@@ -20,6 +20,9 @@ Architecture mapping:
 - batchtopk -> 'jumprelu' with threshold θ (the running threshold used at inference) for every feature — what
   SAELens itself saves BatchTopK SAEs as; its jumprelu keeps pre·[pre > θ], which is our inference rule.
   Its sparsity.safetensors counts training-time firing (batch top-k), as SAELens's does, not the θ rule.
+- jumprelu -> 'jumprelu' with its per-feature thresholds, the input scale folded in as for april.
+A SAELens 'jumprelu' SAE that we did not write loads as our jumprelu (any thresholds; an
+apply_b_dec_to_input=true one with b_dec·W_enc folded into b_enc, which gives the same pre-activations).
 All files are written atomically; cfg.json goes last, so a directory with a cfg.json is complete.
 """
 
@@ -38,7 +41,8 @@ from sae_stream.checkpoint import atomic_write_bytes, atomic_write_json
 from sae_stream.config import SAEConfig
 from sae_stream.sae import SAE, build_sae
 
-SAELENS_ARCH = {"anthropic": "standard", "april": "standard", "topk": "topk", "batchtopk": "jumprelu"}
+SAELENS_ARCH = {"anthropic": "standard", "april": "standard", "topk": "topk", "batchtopk": "jumprelu",
+                "jumprelu": "jumprelu"}
 FORMAT_VERSION = "6.0.0"  # the SAELens config layout we write (with the pre-6 keys alongside)
 # keys SAELens 6.x accepts in `metadata` (it builds a dataclass from them, so nothing else goes there)
 METADATA_KEYS = ("model_name", "hook_name", "hook_head_index", "context_size", "dataset_path", "prepend_bos",
@@ -57,6 +61,8 @@ def saelens_tensors(sae: SAE) -> dict[str, torch.Tensor]:
     }
     if sae.cfg.architecture == "batchtopk":
         out["threshold"] = torch.full_like(sae.b_enc_F, float(sae.threshold.clamp_min(0.0)))
+    if sae.cfg.architecture == "jumprelu":  # pre-activations are unchanged by the folding: θ carries over as is
+        out["threshold"] = sae.log_threshold_F.exp()
     return {k: v.detach().float().cpu().contiguous() for k, v in out.items()}
 
 
@@ -134,7 +140,7 @@ def _sae_config_from(cfg: dict[str, Any]) -> SAEConfig:
     if arch == "standard":
         ours = "anthropic" if cfg.get("apply_b_dec_to_input", True) else "april"
     elif arch in ("topk", "jumprelu"):
-        ours = {"topk": "topk", "jumprelu": "batchtopk"}[arch]
+        ours = arch
     else:
         raise ValueError(f"cannot load a SAELens {arch!r} SAE: supported are standard, topk and jumprelu")
     if cfg.get("normalize_activations", "none") not in ("none", None, False):
@@ -145,7 +151,7 @@ def _sae_config_from(cfg: dict[str, Any]) -> SAEConfig:
 
 @torch.no_grad()
 def load_saelens(path: Path | str, device: str | torch.device = "cpu") -> SAE:
-    """Load a SAELens-format directory (ours or SAELens's standard/topk/jumprelu with one threshold)."""
+    """Load a SAELens-format directory (ours, or SAELens's standard / topk / jumprelu)."""
     path = Path(path)
     if not (path / "cfg.json").is_file():
         raise ValueError(f"{str(path)!r} has no cfg.json: point at a directory written by export_saelens")
@@ -161,6 +167,11 @@ def load_saelens(path: Path | str, device: str | torch.device = "cpu") -> SAE:
     if sae_cfg.architecture == "batchtopk":
         thr = tensors["threshold"]
         if not torch.all(thr == thr[0]):
-            raise ValueError("this jumprelu SAE has per-feature thresholds; only a shared one (BatchTopK) is supported")
+            raise ValueError(f"{str(path)!r}: a BatchTopK SAE needs one threshold shared by all features")
         sae.threshold.fill_(float(thr[0]))
+    if sae_cfg.architecture == "jumprelu":
+        sae.log_threshold_F.copy_(tensors["threshold"].clamp_min(0.0).log())  # (θ 0: -inf, fires when pre > 0)
+        if "sae_stream" not in cfg and cfg.get("apply_b_dec_to_input", False):
+            # (x - b_dec)·W_enc + b_enc = x·W_enc + (b_enc - b_dec·W_enc): ours does not subtract b_dec
+            sae.b_enc_F.sub_(sae.b_dec_D @ sae.W_enc_DF)
     return sae.to(device).eval()

@@ -35,7 +35,7 @@ def plot_sae_curves(run_dir: Path, cfg: Config) -> Path | None:
     from sae_stream.tracking import read_records
 
     title = f"SAE training: {cfg.sae.architecture}, d_sae {cfg.sae.d_sae}, {cfg.buffer.hook_name}"
-    penalised = cfg.sae.architecture in ("anthropic", "april")  # (topk's λ is logged but unused)
+    penalised = cfg.sae.architecture in ("anthropic", "april", "jumprelu")  # (topk's λ is logged but unused)
     panels = tuple(p for p in SAE_PANELS if penalised or "l1_coeff" not in p[1])
     return plot_training_curves(read_records(run_dir / "metrics.jsonl"), run_dir / CURVES_PNG, panels, title=title)
 

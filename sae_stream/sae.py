@@ -1,11 +1,12 @@
-"""Sparse autoencoder architectures: Anthropic 2023, Anthropic April-2024 update, TopK (+AuxK), BatchTopK.
+"""Sparse autoencoder architectures: Anthropic 2023, Anthropic April-2024 update, TopK (+AuxK), BatchTopK, JumpReLU.
 
     sae = build_sae(cfg.sae, d_in=512)
     sae.init_from_sample_(x_ND)           # b_dec (and april's input scale) from a buffer sample
     out = sae(x_BD, l1_coeff=1e-3)        # SAEOutput(recon, feats, loss, mse, l1, aux)
 
-Every architecture has the same parameters (`W_enc_DF`, `b_enc_F`, `W_dec_FD`, `b_dec_D`) and a scalar
-buffer `input_scale`; `encode`/`decode` work in the original activation space for all of them.
+Every architecture has the same parameters (`W_enc_DF`, `b_enc_F`, `W_dec_FD`, `b_dec_D`; JumpReLU adds
+`log_threshold_F`) and a scalar buffer `input_scale`; `encode`/`decode` work in the original activation space for
+all of them.
 
 Loss normalisation (so λ can be compared with the papers): `mse` is the MEAN over batch AND d_in of the
 squared error; the sparsity term is summed over features and averaged over the batch. The Anthropic papers
@@ -26,6 +27,7 @@ from torch import Tensor, nn
 
 from sae_stream.config import SAEConfig
 from sae_stream.fused_ops import normalize_rows_, project_out_rows_
+from sae_stream.jumprelu import JumpReLU, Step
 from sae_stream.topk_kernels import GatherEncode, Selected, SparseDecode, rowwise
 
 # Running-mean rate of BatchTopK's inference threshold (an EMA with ~100-step memory, like SAELens's default):
@@ -40,7 +42,7 @@ class SAEOutput(NamedTuple):
     feats: Tensor  # [B, d_sae]
     loss: Tensor  # scalar: mse + λ·l1 + auxk_coeff·aux
     mse: Tensor  # scalar, mean over batch and d_in (april: in the scaled space it trains in)
-    l1: Tensor  # scalar, Σ_features |f| (april: |f|·‖W_d,f‖), mean over the batch; 0 for topk/batchtopk
+    l1: Tensor  # scalar, Σ_features |f| (april: |f|·‖W_d,f‖; jumprelu: L0), mean over the batch; 0 for topk/batchtopk
     aux: Tensor  # scalar AuxK loss (0 unless dead latents were passed)
 
 
@@ -322,11 +324,53 @@ class BatchTopKSAE(TopKSAE):
         self.threshold.copy_(torch.where(self.threshold > 0, self.threshold.lerp(new, BATCHTOPK_THRESHOLD_RATE), new))
 
 
+class JumpReLUSAE(SAE):
+    """Rajamanoharan et al. 2024 ("Jumping Ahead"; the architecture of Gemma Scope): f = pre·[pre > θ] with
+    pre = W_e x + b_e and a learned threshold θ_f > 0 per feature (kept as log θ, so it stays positive);
+    loss = MSE + λ·L0, the L0 and θ trained through straight-through pseudo-derivatives (jumprelu.py, bandwidth
+    cfg.jumprelu_bandwidth). Inputs are scaled so E‖x‖ = √d_in, as the paper normalises them (θ and the bandwidth
+    live in that scale; the scale is folded into the weights on export); no b_d subtraction before the encoder;
+    W_e starts as W_dᵀ and θ at cfg.jumprelu_init_threshold. Decoder rows are kept at unit norm: the L0 penalty
+    does not see decoder norms, so the constraint only removes a scale symmetry between W_e and W_d."""
+
+    subtract_b_dec = False
+    scales_input = True
+
+    def __init__(self, cfg: SAEConfig, d_in: int, generator: torch.Generator | None = None) -> None:
+        super().__init__(cfg, d_in, generator)
+        self.log_threshold_F = nn.Parameter(torch.full((cfg.d_sae,), math.log(cfg.jumprelu_init_threshold)))
+
+    @torch.no_grad()
+    def init_weights_(self, generator: torch.Generator | None = None) -> None:
+        super().init_weights_(generator)
+        self.W_enc_DF.copy_(self.W_dec_FD.T)
+
+    @property
+    def threshold_F(self) -> Tensor:
+        return self.log_threshold_F.exp()
+
+    def activate(self, pre_BF: Tensor) -> Tensor:
+        return JumpReLU.apply(pre_BF, self.threshold_F, self.cfg.jumprelu_bandwidth)
+
+    def forward(self, x_BD: Tensor, l1_coeff: float | None = None, dead_F: Tensor | None = None) -> SAEOutput:
+        """Loss on a batch; l1_coeff overrides cfg.l1_coeff, here λ of the L0 term (its warm-up)."""
+        xs_BD = self._scale_in(x_BD)
+        pre_BF = self.pre_acts(xs_BD)
+        theta_F, eps = self.threshold_F, self.cfg.jumprelu_bandwidth
+        feats_BF = JumpReLU.apply(pre_BF, theta_F, eps)
+        recon_s_BD = torch.addmm(self.b_dec_D, feats_BF, self.W_dec_FD)
+        mse = (xs_BD - recon_s_BD).pow(2).mean()
+        l0 = torch.sum(Step.apply(pre_BF, theta_F, eps), dtype=torch.float32) / pre_BF.shape[0]
+        lam = self.cfg.l1_coeff if l1_coeff is None else l1_coeff
+        return SAEOutput(self._scale_out(recon_s_BD), feats_BF, mse + lam * l0, mse, l0, mse.new_zeros(()))
+
+
 SAE_CLASSES: dict[str, type[SAE]] = {
     "anthropic": AnthropicSAE,
     "april": AprilSAE,
     "topk": TopKSAE,
     "batchtopk": BatchTopKSAE,
+    "jumprelu": JumpReLUSAE,
 }
 
 

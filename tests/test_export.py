@@ -12,7 +12,7 @@ from sae_stream.config import SAEConfig
 from sae_stream.export import export_saelens, load_saelens
 from sae_stream.sae import build_sae
 
-ARCHS = ("anthropic", "april", "topk", "batchtopk")
+ARCHS = ("anthropic", "april", "topk", "batchtopk", "jumprelu")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -30,6 +30,9 @@ def _trained_like(arch: str):
     if arch == "batchtopk":
         sae.train()
         sae(x)  # sets the inference threshold
+    if arch == "jumprelu":  # thresholds of their own, on the scale of the pre-activations
+        with torch.no_grad():
+            sae.log_threshold_F.copy_((torch.rand(48) * 3).log())
     return sae.eval(), torch.randn(64, 16) * 4 + 1
 
 
@@ -70,7 +73,7 @@ def test_load_saelens__round_trip_gives_identical_outputs(tmp_path, arch):
     back = load_saelens(tmp_path / "out")
     assert type(back) is type(sae) and back.cfg.architecture == arch
     f_ours, f_back = sae.encode(x), back.encode(x)
-    if arch == "april":  # scale folded into the weights: equal up to float rounding
+    if arch in ("april", "jumprelu"):  # scale folded into the weights: equal up to float rounding
         torch.testing.assert_close(f_back, f_ours, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(back.decode(f_back), sae.decode(f_ours), rtol=1e-5, atol=1e-5)
     else:

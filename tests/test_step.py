@@ -59,7 +59,7 @@ def test_anthropic_grads__replace_not_accumulate() -> None:
 
 def test_supports_fused__anthropic_only() -> None:
     assert supports_fused(build_sae(_cfg("anthropic").sae, 32))
-    for arch in ("april", "topk", "batchtopk"):
+    for arch in ("april", "topk", "batchtopk", "jumprelu"):
         assert not supports_fused(build_sae(_cfg(arch).sae, 32))
 
 
@@ -123,7 +123,7 @@ def test_config__fused_step_rejects_other_architectures() -> None:
 
 
 @cuda
-@pytest.mark.parametrize("arch", ["anthropic", "april", "topk", "batchtopk"])
+@pytest.mark.parametrize("arch", ["anthropic", "april", "topk", "batchtopk", "jumprelu"])
 @pytest.mark.parametrize("autocast", ["none", "bfloat16"])
 def test_cuda_graphs__equal_eager(arch: str, autocast: str) -> None:
     """40 steps (3 eager warm-ups, a capture, replays) equal eager steps, with lr and λ changing every step (so a

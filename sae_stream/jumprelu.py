@@ -1,0 +1,65 @@
+"""Straight-through pseudo-derivatives for JumpReLU SAEs (Rajamanoharan et al. 2024, "Jumping Ahead").
+
+JumpReLU_θ(z) = z·H(z − θ) has a zero derivative in θ almost everywhere, and the step H(z − θ), whose sum over
+features is the L0 norm, has none in z or θ. The paper trains the thresholds with pseudo-derivatives built from
+a kernel K of bandwidth ε, here the rectangle K(u) = 1[|u| < 1/2]:
+
+    ∂/∂θ JumpReLU_θ(z) := −(θ/ε)·K((z − θ)/ε)        ∂/∂θ H(z − θ) := −(1/ε)·K((z − θ)/ε)
+
+In z both keep their true derivatives (H(z − θ) and 0): the L0 penalty moves only the thresholds, while the
+reconstruction moves the encoder and the thresholds. Only pre-activations within ε/2 of a threshold give it a
+gradient, so ε is in the units of the pre-activations (hence the SAE's input normalisation).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def _near_threshold(pre_BF: Tensor, theta_F: Tensor, bandwidth: float) -> Tensor:
+    """K((z − θ)/ε) for the rectangle kernel: 1 where |z − θ| < ε/2."""
+    return ((pre_BF.float() - theta_F).abs() < bandwidth / 2).float()
+
+
+class JumpReLU(torch.autograd.Function):
+    """feats = pre·[pre > θ]; θ ([d_sae], > 0) gets −(θ/ε)·Σ_batch grad·K((pre − θ)/ε)."""
+
+    @staticmethod
+    def forward(ctx: Any, pre_BF: Tensor, theta_F: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(pre_BF, theta_F)
+        ctx.bandwidth = bandwidth
+        return pre_BF * (pre_BF > theta_F)
+
+    @staticmethod
+    def backward(ctx: Any, grad_BF: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        pre_BF, theta_F = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_pre = grad_BF * (pre_BF > theta_F) if ctx.needs_input_grad[0] else None
+        grad_theta = None
+        if ctx.needs_input_grad[1]:
+            near = _near_threshold(pre_BF, theta_F, eps)
+            grad_theta = (-(theta_F / eps) * (grad_BF.float() * near).sum(0)).to(theta_F.dtype)
+        return grad_pre, grad_theta, None
+
+
+class Step(torch.autograd.Function):
+    """[pre > θ] as 0/1 (summed over features: the L0 norm); θ gets −(1/ε)·Σ_batch grad·K((pre − θ)/ε), pre none."""
+
+    @staticmethod
+    def forward(ctx: Any, pre_BF: Tensor, theta_F: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(pre_BF, theta_F)
+        ctx.bandwidth = bandwidth
+        return (pre_BF > theta_F).to(pre_BF.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad_BF: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        pre_BF, theta_F = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_theta = None
+        if ctx.needs_input_grad[1]:
+            near = _near_threshold(pre_BF, theta_F, eps)
+            grad_theta = (-(1.0 / eps) * (grad_BF.float() * near).sum(0)).to(theta_F.dtype)
+        return None, grad_theta, None

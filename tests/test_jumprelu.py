@@ -1,0 +1,168 @@
+"""JumpReLU SAEs: the paper's pseudo-derivatives against hand computation, the loss, training (λ trades L0 for MSE
+and the dictionary is found), exact resume, and SAELens files with per-feature thresholds."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from sae_stream.config import ConfigError, SAEConfig
+from sae_stream.export import export_saelens, load_saelens
+from sae_stream.jumprelu import JumpReLU, Step
+from sae_stream.sae import JumpReLUSAE, build_sae
+from sae_stream.trainer import Trainer
+from tests.test_trainer import D_IN, ListLogger, _atoms, _cfg, _recovered, sparse_batches
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_jumprelu_and_step__pseudo_derivatives_are_the_papers():
+    """d/dθ JumpReLU = -(θ/ε)·K((z-θ)/ε), d/dθ H = -(1/ε)·K((z-θ)/ε), K the rectangle; in z: H(z-θ) and 0."""
+    eps = 0.2
+    theta = torch.tensor([0.5, 1.0], dtype=torch.float64, requires_grad=True)
+    # feature 0 (θ 0.5): 0.45 and 0.59 are inside the window (|z - θ| < 0.1), 0.35 and 0.7 outside
+    # feature 1 (θ 1.0): 0.95 inside (below θ: does not fire), 1.05 inside (fires), 2.0 fires outside
+    pre = torch.tensor([[0.45, 0.95], [0.59, 1.05], [0.35, 2.0], [0.7, -1.0]], dtype=torch.float64,
+                       requires_grad=True)
+    w = torch.tensor([[1.0, 2.0], [3.0, 5.0], [7.0, 11.0], [13.0, 17.0]], dtype=torch.float64)
+    fires = torch.tensor([[0, 0], [1, 1], [0, 1], [1, 0]], dtype=torch.float64)
+    near = torch.tensor([[1, 1], [1, 1], [0, 0], [0, 0]], dtype=torch.float64)
+
+    out = JumpReLU.apply(pre, theta, eps)
+    assert torch.equal(out, pre.detach() * fires)
+    (out * w).sum().backward()
+    assert torch.equal(pre.grad, w * fires)
+    want = [-(0.5 / eps) * (1.0 + 3.0), -(1.0 / eps) * (2.0 + 5.0)]
+    torch.testing.assert_close(theta.grad, torch.tensor(want, dtype=torch.float64))
+
+    pre.grad, theta.grad = None, None
+    step = Step.apply(pre, theta, eps)
+    assert torch.equal(step, fires)
+    (step * w).sum().backward()
+    assert pre.grad is None or torch.equal(pre.grad, torch.zeros_like(pre))
+    torch.testing.assert_close(theta.grad, -(1 / eps) * (w * near).sum(0))
+
+
+def test_jumprelu_sae__loss_is_mse_plus_lambda_l0_by_hand():
+    sae = build_sae(SAEConfig(architecture="jumprelu", d_sae=2, l1_coeff=0.25), d_in=2)
+    with torch.no_grad():
+        sae.W_enc_DF.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+        sae.b_enc_F.copy_(torch.tensor([0.0, -0.5]))
+        sae.W_dec_FD.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+        sae.b_dec_D.copy_(torch.tensor([0.1, 0.0]))
+        sae.log_threshold_F.copy_(torch.tensor([0.5, 0.2]).log())
+        sae.input_scale.fill_(2.0)
+    x = torch.tensor([[1.0, 0.5], [0.2, 1.0]])
+    # scaled x = (2, 1) and (0.4, 2); no b_dec subtraction: pre = (2, 0.5) and (0.4, 1.5)
+    # θ = (0.5, 0.2): row 1 keeps (2, 0.5), row 2 keeps (0, 1.5); scaled x̂ = (2.1, 0.5) and (0.1, 1.5)
+    out = sae(x)
+    torch.testing.assert_close(out.feats, torch.tensor([[2.0, 0.5], [0.0, 1.5]]))
+    torch.testing.assert_close(out.recon, torch.tensor([[1.05, 0.25], [0.05, 0.75]]))
+    mse = ((2.1 - 2) ** 2 + (0.5 - 1) ** 2 + (0.1 - 0.4) ** 2 + (1.5 - 2) ** 2) / 4
+    assert out.mse.item() == pytest.approx(mse, rel=1e-6)
+    assert out.l1.item() == 1.5  # the L0 term: 2 + 1 firing features over 2 rows
+    assert out.loss.item() == pytest.approx(mse + 0.25 * 1.5, rel=1e-6)
+    assert sae(x, l1_coeff=0.0).loss.item() == pytest.approx(mse, rel=1e-6)
+    torch.testing.assert_close(sae.decode(sae.encode(x)), out.recon)
+
+
+def _train(lam: float, steps: int = 300, **over):
+    cfg = _cfg("jumprelu", steps=steps, sae__l1_coeff=lam, sae__jumprelu_bandwidth=0.5,
+               sae__jumprelu_init_threshold=0.5, train__lr=1e-2, train__log_every=100, **over)
+    sae = build_sae(cfg.sae, d_in=D_IN, seed=0)
+    log = ListLogger()
+    Trainer(sae, cfg, None, log).fit(sparse_batches(_atoms()))
+    return sae, log.rows[-1][1]
+
+
+def test_jumprelu_sae__lambda_trades_l0_for_mse_and_the_dictionary_is_found():
+    """~3 of 64 unit atoms active per input: with λ the thresholds rise until about that many features fire, and
+    the decoder rows line up with the atoms; without λ the thresholds fall and many more features fire."""
+    free, m_free = _train(0.0)
+    sparse, m_sparse = _train(0.1)
+    assert m_sparse["l0"] < 4 < 20 < m_free["l0"]
+    assert m_free["mse"] < m_sparse["mse"]
+    assert sparse.threshold_F.mean() > 1.0 > 0.5 > free.threshold_F.mean()
+    assert _recovered(sparse, _atoms()).median() > 0.95 > 0.7 > _recovered(free, _atoms()).median()
+
+
+def test_jumprelu_sae__resume_matches_the_uninterrupted_run_bit_for_bit(tmp_path):
+    """The thresholds (a parameter with its own Adam moments) come back from a checkpoint like the weights."""
+    cfg = _cfg("jumprelu", steps=12, sae__l1_coeff=0.05, sae__jumprelu_bandwidth=0.5,
+               sae__jumprelu_init_threshold=0.5, train__log_every=4, train__checkpoint_every=6)
+    full = build_sae(cfg.sae, d_in=D_IN, seed=0)
+    Trainer(full, cfg, tmp_path / "full", ListLogger()).fit(sparse_batches(_atoms()))
+    fresh = build_sae(cfg.sae, d_in=D_IN, seed=1)  # a different init: everything must come from the checkpoint
+    ckpt = tmp_path / "full" / "checkpoints" / "step_00000006"
+    trainer = Trainer(fresh, cfg, ckpt, ListLogger())
+    trainer.resume(ckpt)
+    trainer.run_dir = tmp_path / "resumed"
+    trainer.fit(sparse_batches(_atoms(), start=6))
+    assert not torch.equal(full.log_threshold_F, torch.full_like(full.log_threshold_F, math.log(0.5)))
+    for name, p in full.state_dict().items():
+        assert torch.equal(p, fresh.state_dict()[name]), name
+
+
+def test_jumprelu_config__bad_bandwidth_or_threshold_is_one_line():
+    with pytest.raises(ConfigError, match="sae.jumprelu_bandwidth must be > 0, got 0"):
+        SAEConfig(architecture="jumprelu", jumprelu_bandwidth=0)
+    with pytest.raises(ConfigError, match="sae.jumprelu_init_threshold must be > 0"):
+        SAEConfig(architecture="jumprelu", jumprelu_init_threshold=-1.0)
+
+
+def test_load_saelens__a_foreign_jumprelu_with_per_feature_thresholds_and_b_dec_input(tmp_path):
+    """A SAELens jumprelu SAE we did not write (thresholds per feature, apply_b_dec_to_input true) loads as ours:
+    b_dec·W_enc folds into b_enc, and encode/decode give SAELens's pre·[pre > θ] and f·W_dec + b_dec."""
+    g = torch.Generator().manual_seed(0)
+    d_in, d_sae = 8, 24
+    w = {"W_enc": torch.randn(d_in, d_sae, generator=g), "b_enc": torch.randn(d_sae, generator=g) * 0.3,
+         "W_dec": torch.randn(d_sae, d_in, generator=g), "b_dec": torch.randn(d_in, generator=g),
+         "threshold": torch.rand(d_sae, generator=g) * 2}
+    w["threshold"][0] = 0.0  # a zero threshold fires on any positive pre-activation
+    save_file(w, str(tmp_path / "sae_weights.safetensors"))
+    cfg = {"architecture": "jumprelu", "d_in": d_in, "d_sae": d_sae, "apply_b_dec_to_input": True,
+           "normalize_activations": "none", "hook_name": "blocks.0.hook_resid_post"}
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    sae = load_saelens(tmp_path)
+    assert isinstance(sae, JumpReLUSAE)
+    x = torch.randn(64, d_in, generator=g) * 2
+    pre = (x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
+    want = pre * (pre > w["threshold"])
+    got = sae.encode(x)
+    assert 0.1 < (want > 0).float().mean() < 0.9
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sae.decode(got), want @ w["W_dec"] + w["b_dec"], rtol=1e-5, atol=1e-5)
+    # written back out by us: our own block, the same thresholds
+    export_saelens(sae, tmp_path / "again", hook_name=cfg["hook_name"])
+    back = load_saelens(tmp_path / "again")
+    assert torch.equal(back.encode(x), got)
+    assert math.isinf(float(back.log_threshold_F[0].detach()))
+
+
+def test_run__a_jumprelu_sae_end_to_end(tmp_path):
+    """`sae-stream run` with sae.architecture=jumprelu: trained thresholds exported as SAELens's `threshold`, the
+    logged L0 penalty equal to the logged L0 (both count pre > θ), eval and the dashboard written."""
+    from safetensors.torch import load_file
+
+    from sae_stream.cli import main
+    from sae_stream.tracking import read_records
+    from tests.test_cli import TINY
+
+    out = tmp_path / "run"
+    assert main(["run", "--out", str(out), *TINY, "--sae.architecture=jumprelu", "--sae.l1_coeff=0.003",
+                 "--sae.jumprelu_init_threshold=0.3", "--sae.jumprelu_bandwidth=0.2"]) == 0
+    cfg = json.loads((out / "sae" / "cfg.json").read_text())
+    assert cfg["architecture"] == "jumprelu" and cfg["apply_b_dec_to_input"] is False
+    weights = load_file(str(out / "sae" / "sae_weights.safetensors"))
+    sae = load_saelens(out / "sae")
+    torch.testing.assert_close(weights["threshold"], sae.log_threshold_F.exp().detach())
+    assert weights["threshold"].std() > 0  # trained per feature, no longer all at 0.3
+    records = [r for r in read_records(out / "metrics.jsonl") if "l0" in r]
+    assert records and all(r["l1"] == pytest.approx(r["l0"], rel=1e-5) for r in records)
+    result = json.loads((out / "eval.json").read_text())
+    assert 0 < result["l0"] < 128 and 0 < result["fvu"] < 1
+    assert (out / "dashboard" / "index.html").is_file()
