@@ -1,6 +1,8 @@
 """What `sae-stream eval` costs in host memory and time as the logits are made a slice of positions at a time
-(`sae_stream.evaluate.LOGIT_ELEMENTS`) against all of a chunk's positions at once (`whole`: the [B, T, d_vocab]
-tensors eval made before session 11). Each variant runs in its own process, so its peak RSS is its own.
+(`sae_stream.evaluate.LOGIT_ELEMENTS`) against all of a chunk's positions at once (`whole`: the same code with one
+slice per chunk, i.e. [B, T, d_vocab] logits as the code before session 11 made them; that code also kept one
+more such tensor, so `whole` understates what it cost). Each variant runs in its own process, so its peak RSS is
+its own.
 
 The model is a random-init LM of the paper's shape (1 layer, d_model 128, 4 heads, MLP 512 ReLU, GPT-2's vocabulary
 of 50257) with a random 512 -> --d-sae SAE at `blocks.0.mlp.hook_post`, on random tokens: memory and speed do not

@@ -182,13 +182,14 @@ def _eval_chunk(model: HookedTransformer, sae: SAELike, hook_name: str, tokens_B
 
     replacements = {"sae": reconstruct, "zero_ablation": torch.zeros_like,
                     "mean_ablation": lambda x_BTD: mean_D.to(x_BTD).expand_as(x_BTD)}
-    resid = {"clean": final_residual(model, tokens_BT)}
+    def predicting(resid_BTD: Tensor) -> Tensor:  # position t predicts token t + 1: the last one predicts nothing
+        return resid_BTD[:, :-1].reshape(-1, resid_BTD.shape[-1])
+
+    preds_ND = {"clean": predicting(final_residual(model, tokens_BT))}
     for run, replace in replacements.items():
-        resid[run] = final_residual(model, tokens_BT,
-                                    [(hook_name, splice_hook(replace, tokens_BT, skip_first_position))])
-    # Position t predicts token t + 1: the last position predicts nothing here.
-    _add_losses(model, {run: r[:, :-1].reshape(-1, r.shape[-1]) for run, r in resid.items()},
-                tokens_BT[:, 1:].reshape(-1), losses)
+        preds_ND[run] = predicting(final_residual(model, tokens_BT,
+                                                  [(hook_name, splice_hook(replace, tokens_BT, skip_first_position))]))
+    _add_losses(model, preds_ND, tokens_BT[:, 1:].reshape(-1), losses)
 
 
 def _add_losses(model: HookedTransformer, preds_ND: dict[str, Tensor], targets_N: Tensor,

@@ -21,8 +21,9 @@ Architecture mapping:
   SAELens itself saves BatchTopK SAEs as; its jumprelu keeps pre·[pre > θ], which is our inference rule.
   Its sparsity.safetensors counts training-time firing (batch top-k), as SAELens's does, not the θ rule.
 - jumprelu -> 'jumprelu' with its per-feature thresholds, the input scale folded in as for april.
-A SAELens 'jumprelu' SAE that we did not write loads as our jumprelu (any thresholds; an
-apply_b_dec_to_input=true one with b_dec·W_enc folded into b_enc, which gives the same pre-activations).
+A SAELens 'jumprelu' SAE that we did not write loads as our jumprelu (any thresholds). A file we did not write
+whose apply_b_dec_to_input (true when absent, as in SAELens) differs from our architecture's (a 'topk' one with
+false, a 'jumprelu' one with true) has b_dec·W_enc folded into b_enc: the same pre-activations either way.
 All files are written atomically; cfg.json goes last, so a directory with a cfg.json is complete.
 """
 
@@ -171,7 +172,9 @@ def load_saelens(path: Path | str, device: str | torch.device = "cpu") -> SAE:
         sae.threshold.fill_(float(thr[0]))
     if sae_cfg.architecture == "jumprelu":
         sae.log_threshold_F.copy_(tensors["threshold"].clamp_min(0.0).log())  # (θ 0: -inf, fires when pre > 0)
-        if "sae_stream" not in cfg and cfg.get("apply_b_dec_to_input", False):
-            # (x - b_dec)·W_enc + b_enc = x·W_enc + (b_enc - b_dec·W_enc): ours does not subtract b_dec
-            sae.b_enc_F.sub_(sae.b_dec_D @ sae.W_enc_DF)
+    # a file whose encoder input (SAELens's apply_b_dec_to_input, true unless it says) differs from ours:
+    # (x - b_dec)·W_enc + b_enc = x·W_enc + (b_enc - b_dec·W_enc), the same pre-activations either way
+    subtracts = bool(cfg.get("apply_b_dec_to_input", True))
+    if "sae_stream" not in cfg and subtracts != sae.subtract_b_dec:
+        sae.b_enc_F.add_((sae.b_dec_D @ sae.W_enc_DF) * (1.0 if sae.subtract_b_dec else -1.0))
     return sae.to(device).eval()

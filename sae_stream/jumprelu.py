@@ -45,21 +45,29 @@ class JumpReLU(torch.autograd.Function):
         return grad_pre, grad_theta, None
 
 
-class Step(torch.autograd.Function):
-    """[pre > θ] as 0/1 (summed over features: the L0 norm); θ gets −(1/ε)·Σ_batch grad·K((pre − θ)/ε), pre none."""
+class JumpReLUWithL0(torch.autograd.Function):
+    """(feats, L0) in one pass: feats = pre·[pre > θ] as JumpReLU, and L0 = Σ_f [pre > θ] averaged over the batch,
+    whose θ gradient is -(1/ε)·K((pre - θ)/ε) (and none in pre). Training needs both: one mask and one window
+    over [B, d_sae] serve the two."""
 
     @staticmethod
-    def forward(ctx: Any, pre_BF: Tensor, theta_F: Tensor, bandwidth: float) -> Tensor:
-        ctx.save_for_backward(pre_BF, theta_F)
+    def forward(ctx: Any, pre_BF: Tensor, theta_F: Tensor, bandwidth: float) -> tuple[Tensor, Tensor]:
+        fires_BF = pre_BF > theta_F
+        ctx.save_for_backward(pre_BF, theta_F, fires_BF)
         ctx.bandwidth = bandwidth
-        return (pre_BF > theta_F).to(pre_BF.dtype)
+        l0 = torch.sum(fires_BF, dtype=torch.float32) / pre_BF.shape[0]
+        return pre_BF * fires_BF, l0
 
     @staticmethod
-    def backward(ctx: Any, grad_BF: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
-        pre_BF, theta_F = ctx.saved_tensors
+    def backward(ctx: Any, grad_BF: Tensor, grad_l0: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        pre_BF, theta_F, fires_BF = ctx.saved_tensors
         eps = ctx.bandwidth
+        grad_pre = grad_BF * fires_BF if ctx.needs_input_grad[0] else None
         grad_theta = None
         if ctx.needs_input_grad[1]:
             near = _near_threshold(pre_BF, theta_F, eps)
-            grad_theta = (-(1.0 / eps) * (grad_BF.float() * near).sum(0)).to(theta_F.dtype)
-        return None, grad_theta, None
+            # Σ_b grad_b·K·(-θ/ε) from the features, Σ_b (grad_l0 / B)·K·(-1/ε) from the L0
+            from_feats_F = (grad_BF.float() * near).sum(0) * (-theta_F / eps)
+            from_l0_F = near.sum(0) * (-grad_l0.float() / (eps * pre_BF.shape[0]))
+            grad_theta = (from_feats_F + from_l0_F).to(theta_F.dtype)
+        return grad_pre, grad_theta, None

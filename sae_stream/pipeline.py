@@ -89,8 +89,7 @@ def lm_train(config: str | None, overrides: list[str], out: str | None, resume: 
             raise UserError(f"{str(out_dir / 'config.yaml')!r} is missing: pass the CONFIG the LM was trained with")
         cfg = load_config(config if config is not None else out_dir / "config.yaml", overrides)
         with contextlib.ExitStack() as locks:  # (one process trains a directory at a time, as for `train`)
-            if out_dir.name == LM_DIR and (read_job(out_dir.parent) or {}).get("job") == "run":
-                # the LM stage of a `run`: its lock, which `train --resume RUN_DIR` takes to finish this LM too
+            if _lm_stage_of_a_run(out_dir):  # its lock, which `train --resume RUN_DIR` takes to finish this LM too
                 locks.enter_context(lock_run(out_dir.parent))
             locks.enter_context(lock_run(out_dir))
             _train_lm(cfg, out_dir, resume=True)
@@ -99,6 +98,15 @@ def lm_train(config: str | None, overrides: list[str], out: str | None, resume: 
     with fresh_out_dir(out, "lm", overwrite) as staged, lock_run(staged.path):
         _train_lm(cfg, staged.path, started=staged.commit)
     return staged.path
+
+
+def _lm_stage_of_a_run(lm_dir: Path) -> bool:
+    """Whether `lm_dir` is RUN_DIR/lm of a `run` (job.json says so; a run from before job.json: RUN_DIR is a run
+    directory, as `train_resume` infers it)."""
+    if lm_dir.name != LM_DIR:
+        return False
+    job = read_job(lm_dir.parent)
+    return job.get("job") == "run" if job else (lm_dir.parent / "config.yaml").is_file()
 
 
 def _train_lm(cfg: Config, out_dir: Path, resume: bool = False, started: Any = None) -> None:

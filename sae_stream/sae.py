@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from sae_stream.config import SAEConfig
 from sae_stream.fused_ops import normalize_rows_, project_out_rows_
-from sae_stream.jumprelu import JumpReLU, Step
+from sae_stream.jumprelu import JumpReLU, JumpReLUWithL0
 from sae_stream.topk_kernels import GatherEncode, Selected, SparseDecode, rowwise
 
 # Running-mean rate of BatchTopK's inference threshold (an EMA with ~100-step memory, like SAELens's default):
@@ -353,14 +353,17 @@ class JumpReLUSAE(SAE):
         return JumpReLU.apply(pre_BF, self.threshold_F, self.cfg.jumprelu_bandwidth)
 
     def forward(self, x_BD: Tensor, l1_coeff: float | None = None, dead_F: Tensor | None = None) -> SAEOutput:
-        """Loss on a batch; l1_coeff overrides cfg.l1_coeff, here λ of the L0 term (its warm-up)."""
+        """Loss on a batch; l1_coeff overrides cfg.l1_coeff, here λ of the L0 term (its warm-up).
+
+        The encoder runs in fp32 even under bf16 autocast: bf16 pre-activations are spaced ~0.004 apart near
+        θ ~ 1, wider than the paper's ε = 0.001, so the window around θ would hold a rounded bucket or nothing
+        and most thresholds would get no gradient."""
         xs_BD = self._scale_in(x_BD)
-        pre_BF = self.pre_acts(xs_BD)
-        theta_F, eps = self.threshold_F, self.cfg.jumprelu_bandwidth
-        feats_BF = JumpReLU.apply(pre_BF, theta_F, eps)
+        with torch.autocast(x_BD.device.type, enabled=False):
+            pre_BF = self.pre_acts(xs_BD.float())
+        feats_BF, l0 = JumpReLUWithL0.apply(pre_BF, self.threshold_F, self.cfg.jumprelu_bandwidth)
         recon_s_BD = torch.addmm(self.b_dec_D, feats_BF, self.W_dec_FD)
         mse = (xs_BD - recon_s_BD).pow(2).mean()
-        l0 = torch.sum(Step.apply(pre_BF, theta_F, eps), dtype=torch.float32) / pre_BF.shape[0]
         lam = self.cfg.l1_coeff if l1_coeff is None else l1_coeff
         return SAEOutput(self._scale_out(recon_s_BD), feats_BF, mse + lam * l0, mse, l0, mse.new_zeros(()))
 

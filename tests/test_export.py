@@ -41,7 +41,7 @@ def saelens_reference(directory, x: torch.Tensor):
     cfg = json.loads((directory / "cfg.json").read_text())
     w = load_file(str(directory / "sae_weights.safetensors"))
     assert cfg["normalize_activations"] == "none"
-    sae_in = x - w["b_dec"] * cfg["apply_b_dec_to_input"]
+    sae_in = x - w["b_dec"] * cfg.get("apply_b_dec_to_input", True)  # (SAELens's default when absent)
     pre = sae_in @ w["W_enc"] + w["b_enc"]
     if cfg["architecture"] == "standard":
         feats = pre.relu()
@@ -133,3 +133,34 @@ def test_hook_layer__blocks_their_index_hooks_after_them_the_last_block():
     assert hook_layer("blocks.3.mlp.hook_post", 4) == 3 and hook_layer("blocks.0.attn.hook_z") == 0
     assert hook_layer("ln_final.hook_normalized", 2) == 1 and hook_layer("unembed.hook_out", 6) == 5
     assert hook_layer("hook_embed", 2) == hook_layer("hook_pos_embed", 2) == 0
+
+
+@pytest.mark.parametrize(("arch", "b_dec_input"), [("jumprelu", True), ("jumprelu", False), ("jumprelu", None),
+                                                   ("topk", False), ("topk", True), ("standard", None)])
+def test_load_saelens__files_of_other_writers_give_saelens_features(tmp_path, arch, b_dec_input):
+    """A SAELens directory we did not write (per-feature jumprelu thresholds, one of them 0; apply_b_dec_to_input
+    true, false or absent, i.e. true) loads to our SAE with SAELens's features and reconstructions: an encoder
+    input that differs from our architecture's is folded into b_enc. Written back out by us, it round-trips."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    d_in, d_sae = 8, 24
+    w = {"W_enc": torch.randn(d_in, d_sae, generator=g), "b_enc": torch.randn(d_sae, generator=g) * 0.3,
+         "W_dec": torch.randn(d_sae, d_in, generator=g), "b_dec": torch.randn(d_in, generator=g) * 2}
+    if arch == "jumprelu":
+        w["threshold"] = torch.rand(d_sae, generator=g) * 2
+        w["threshold"][0] = 0.0  # fires on any positive pre-activation
+    save_file(w, str(tmp_path / "sae_weights.safetensors"))
+    cfg = {"architecture": arch, "d_in": d_in, "d_sae": d_sae, "normalize_activations": "none", "k": 5}
+    if b_dec_input is not None:
+        cfg["apply_b_dec_to_input"] = b_dec_input
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    sae = load_saelens(tmp_path)
+    x = torch.randn(64, d_in, generator=g) * 2
+    want_f, want_x = saelens_reference(tmp_path, x)
+    got = sae.encode(x)
+    assert 0.05 < (want_f > 0).float().mean() < 0.95
+    torch.testing.assert_close(got, want_f, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sae.decode(got), want_x, rtol=1e-5, atol=1e-5)
+    export_saelens(sae, tmp_path / "again", hook_name="blocks.0.hook_resid_post")
+    torch.testing.assert_close(load_saelens(tmp_path / "again").encode(x), got, rtol=1e-6, atol=1e-6)

@@ -1,5 +1,5 @@
 """JumpReLU SAEs: the paper's pseudo-derivatives against hand computation, the loss, training (λ trades L0 for MSE
-and the dictionary is found), exact resume, and SAELens files with per-feature thresholds."""
+and the dictionary is found), exact resume, a run end to end. (SAELens files of other writers: test_export.py.)"""
 
 from __future__ import annotations
 
@@ -8,11 +8,10 @@ import math
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from sae_stream.config import ConfigError, SAEConfig
-from sae_stream.export import export_saelens, load_saelens
-from sae_stream.jumprelu import JumpReLU, Step
+from sae_stream.export import load_saelens
+from sae_stream.jumprelu import JumpReLU, JumpReLUWithL0
 from sae_stream.sae import JumpReLUSAE, build_sae
 from sae_stream.trainer import Trainer
 from tests.test_trainer import D_IN, ListLogger, _atoms, _cfg, _recovered, sparse_batches
@@ -20,7 +19,7 @@ from tests.test_trainer import D_IN, ListLogger, _atoms, _cfg, _recovered, spars
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_jumprelu_and_step__pseudo_derivatives_are_the_papers():
+def test_jumprelu__pseudo_derivatives_are_the_papers():
     """d/dθ JumpReLU = -(θ/ε)·K((z-θ)/ε), d/dθ H = -(1/ε)·K((z-θ)/ε), K the rectangle; in z: H(z-θ) and 0."""
     eps = 0.2
     theta = torch.tensor([0.5, 1.0], dtype=torch.float64, requires_grad=True)
@@ -39,12 +38,14 @@ def test_jumprelu_and_step__pseudo_derivatives_are_the_papers():
     want = [-(0.5 / eps) * (1.0 + 3.0), -(1.0 / eps) * (2.0 + 5.0)]
     torch.testing.assert_close(theta.grad, torch.tensor(want, dtype=torch.float64))
 
+    # JumpReLUWithL0: the same features, and L0 = Σ_f [pre > θ] / B whose θ gradient is -(1/ε)·K (none in pre)
     pre.grad, theta.grad = None, None
-    step = Step.apply(pre, theta, eps)
-    assert torch.equal(step, fires)
-    (step * w).sum().backward()
-    assert pre.grad is None or torch.equal(pre.grad, torch.zeros_like(pre))
-    torch.testing.assert_close(theta.grad, -(1 / eps) * (w * near).sum(0))
+    feats, l0 = JumpReLUWithL0.apply(pre, theta, eps)
+    assert torch.equal(feats, out.detach()) and l0.item() == fires.sum().item() / 4
+    c = 0.7
+    ((feats * w).sum() + c * l0).backward()
+    assert torch.equal(pre.grad, w * fires)
+    torch.testing.assert_close(theta.grad, torch.tensor(want, dtype=torch.float64) - c / (4 * eps) * near.sum(0))
 
 
 def test_jumprelu_sae__loss_is_mse_plus_lambda_l0_by_hand():
@@ -68,6 +69,24 @@ def test_jumprelu_sae__loss_is_mse_plus_lambda_l0_by_hand():
     assert out.loss.item() == pytest.approx(mse + 0.25 * 1.5, rel=1e-6)
     assert sae(x, l1_coeff=0.0).loss.item() == pytest.approx(mse, rel=1e-6)
     torch.testing.assert_close(sae.decode(sae.encode(x)), out.recon)
+
+
+def test_jumprelu_sae__bf16_autocast_keeps_the_threshold_gradients():
+    """The encoder runs in fp32 under autocast: bf16 pre-activations near θ = 0.5 are 2^-9 apart, wider than
+    ε = 0.001, and would give most thresholds no gradient (or a rounded bucket's worth)."""
+    torch.manual_seed(0)
+    cfg = SAEConfig(architecture="jumprelu", d_sae=64, l1_coeff=0.1, jumprelu_bandwidth=0.001,
+                    jumprelu_init_threshold=0.5)
+    x = torch.randn(32768, 16)
+    grads = {}
+    for autocast in (False, True):
+        sae = build_sae(cfg, d_in=16, seed=0)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            sae(x).loss.backward()
+        grads[autocast] = sae.log_threshold_F.grad
+    assert (grads[False] != 0).float().mean() > 0.9  # the windows hold samples in fp32
+    assert torch.equal(grads[True] != 0, grads[False] != 0)
+    torch.testing.assert_close(grads[True], grads[False], rtol=0.05, atol=1e-3)
 
 
 def _train(lam: float, steps: int = 300, **over):
@@ -114,35 +133,6 @@ def test_jumprelu_config__bad_bandwidth_or_threshold_is_one_line():
         SAEConfig(architecture="jumprelu", jumprelu_init_threshold=-1.0)
 
 
-def test_load_saelens__a_foreign_jumprelu_with_per_feature_thresholds_and_b_dec_input(tmp_path):
-    """A SAELens jumprelu SAE we did not write (thresholds per feature, apply_b_dec_to_input true) loads as ours:
-    b_dec·W_enc folds into b_enc, and encode/decode give SAELens's pre·[pre > θ] and f·W_dec + b_dec."""
-    g = torch.Generator().manual_seed(0)
-    d_in, d_sae = 8, 24
-    w = {"W_enc": torch.randn(d_in, d_sae, generator=g), "b_enc": torch.randn(d_sae, generator=g) * 0.3,
-         "W_dec": torch.randn(d_sae, d_in, generator=g), "b_dec": torch.randn(d_in, generator=g),
-         "threshold": torch.rand(d_sae, generator=g) * 2}
-    w["threshold"][0] = 0.0  # a zero threshold fires on any positive pre-activation
-    save_file(w, str(tmp_path / "sae_weights.safetensors"))
-    cfg = {"architecture": "jumprelu", "d_in": d_in, "d_sae": d_sae, "apply_b_dec_to_input": True,
-           "normalize_activations": "none", "hook_name": "blocks.0.hook_resid_post"}
-    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
-    sae = load_saelens(tmp_path)
-    assert isinstance(sae, JumpReLUSAE)
-    x = torch.randn(64, d_in, generator=g) * 2
-    pre = (x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
-    want = pre * (pre > w["threshold"])
-    got = sae.encode(x)
-    assert 0.1 < (want > 0).float().mean() < 0.9
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(sae.decode(got), want @ w["W_dec"] + w["b_dec"], rtol=1e-5, atol=1e-5)
-    # written back out by us: our own block, the same thresholds
-    export_saelens(sae, tmp_path / "again", hook_name=cfg["hook_name"])
-    back = load_saelens(tmp_path / "again")
-    assert torch.equal(back.encode(x), got)
-    assert math.isinf(float(back.log_threshold_F[0].detach()))
-
-
 def test_run__a_jumprelu_sae_end_to_end(tmp_path):
     """`sae-stream run` with sae.architecture=jumprelu: trained thresholds exported as SAELens's `threshold`, the
     logged L0 penalty equal to the logged L0 (both count pre > θ), eval and the dashboard written."""
@@ -159,6 +149,7 @@ def test_run__a_jumprelu_sae_end_to_end(tmp_path):
     assert cfg["architecture"] == "jumprelu" and cfg["apply_b_dec_to_input"] is False
     weights = load_file(str(out / "sae" / "sae_weights.safetensors"))
     sae = load_saelens(out / "sae")
+    assert isinstance(sae, JumpReLUSAE)
     torch.testing.assert_close(weights["threshold"], sae.log_threshold_F.exp().detach())
     assert weights["threshold"].std() > 0  # trained per feature, no longer all at 0.3
     records = [r for r in read_records(out / "metrics.jsonl") if "l0" in r]

@@ -219,6 +219,14 @@ def test_lm_train__holds_the_lock_of_the_directory_it_trains(tmp_path: Path, mon
     with rundir.lock_run(run_dir), pytest.raises(UserError, match="stopped' is being trained by sae-stream pid"):
         pipeline.lm_train(str(default_config_path()), [], str(run_dir / "lm"), resume=True)
     assert len(held) == 4 and not rundir.locked(run_dir / "lm")
+    (run_dir / "job.json").unlink()  # a run from before job.json: its config.yaml makes it one
+    (run_dir / "config.yaml").write_text("{}")
+    with rundir.lock_run(run_dir), pytest.raises(UserError, match="being trained by"):
+        pipeline.lm_train(str(default_config_path()), [], str(run_dir / "lm"), resume=True)
+    (run_dir / "config.yaml").unlink()  # an LM dir that merely sits in a folder named by the user: its own lock
+    with pytest.raises(Stop):
+        pipeline.lm_train(str(default_config_path()), [], str(run_dir / "lm"), resume=True)
+    assert held[4] == ("lm", True, False)
 
 
 def test_fresh_out_dir__a_file_or_an_uncreatable_out_is_named_and_left_alone(tmp_path: Path) -> None:
