@@ -24,31 +24,11 @@ def _near_threshold(pre_BF: Tensor, theta_F: Tensor, bandwidth: float) -> Tensor
     return ((pre_BF.float() - theta_F).abs() < bandwidth / 2).float()
 
 
-class JumpReLU(torch.autograd.Function):
-    """feats = pre·[pre > θ]; θ ([d_sae], > 0) gets −(θ/ε)·Σ_batch grad·K((pre − θ)/ε)."""
-
-    @staticmethod
-    def forward(ctx: Any, pre_BF: Tensor, theta_F: Tensor, bandwidth: float) -> Tensor:
-        ctx.save_for_backward(pre_BF, theta_F)
-        ctx.bandwidth = bandwidth
-        return pre_BF * (pre_BF > theta_F)
-
-    @staticmethod
-    def backward(ctx: Any, grad_BF: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
-        pre_BF, theta_F = ctx.saved_tensors
-        eps = ctx.bandwidth
-        grad_pre = grad_BF * (pre_BF > theta_F) if ctx.needs_input_grad[0] else None
-        grad_theta = None
-        if ctx.needs_input_grad[1]:
-            near = _near_threshold(pre_BF, theta_F, eps)
-            grad_theta = (-(theta_F / eps) * (grad_BF.float() * near).sum(0)).to(theta_F.dtype)
-        return grad_pre, grad_theta, None
-
-
 class JumpReLUWithL0(torch.autograd.Function):
-    """(feats, L0) in one pass: feats = pre·[pre > θ] as JumpReLU, and L0 = Σ_f [pre > θ] averaged over the batch,
-    whose θ gradient is -(1/ε)·K((pre - θ)/ε) (and none in pre). Training needs both: one mask and one window
-    over [B, d_sae] serve the two."""
+    """(feats, L0) in one pass: feats = JumpReLU_θ(pre) = pre·[pre > θ], whose θ gradient is -(θ/ε)·K((pre - θ)/ε)
+    and pre gradient [pre > θ]; L0 = Σ_f [pre > θ] averaged over the batch, whose θ gradient is
+    -(1/ε)·K((pre - θ)/ε) and pre gradient none. Training needs both: one mask and one window over [B, d_sae]
+    serve the two."""
 
     @staticmethod
     def forward(ctx: Any, pre_BF: Tensor, theta_F: Tensor, bandwidth: float) -> tuple[Tensor, Tensor]:

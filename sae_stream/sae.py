@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from sae_stream.config import SAEConfig
 from sae_stream.fused_ops import normalize_rows_, project_out_rows_
-from sae_stream.jumprelu import JumpReLU, JumpReLUWithL0
+from sae_stream.jumprelu import JumpReLUWithL0
 from sae_stream.topk_kernels import GatherEncode, Selected, SparseDecode, rowwise
 
 # Running-mean rate of BatchTopK's inference threshold (an EMA with ~100-step memory, like SAELens's default):
@@ -349,8 +349,8 @@ class JumpReLUSAE(SAE):
     def threshold_F(self) -> Tensor:
         return self.log_threshold_F.exp()
 
-    def activate(self, pre_BF: Tensor) -> Tensor:
-        return JumpReLU.apply(pre_BF, self.threshold_F, self.cfg.jumprelu_bandwidth)
+    def activate(self, pre_BF: Tensor) -> Tensor:  # (encode: no straight-through gradients, forward() has them)
+        return pre_BF * (pre_BF > self.threshold_F)
 
     def forward(self, x_BD: Tensor, l1_coeff: float | None = None, dead_F: Tensor | None = None) -> SAEOutput:
         """Loss on a batch; l1_coeff overrides cfg.l1_coeff, here λ of the L0 term (its warm-up).

@@ -11,7 +11,7 @@ import torch
 
 from sae_stream.config import ConfigError, SAEConfig
 from sae_stream.export import load_saelens
-from sae_stream.jumprelu import JumpReLU, JumpReLUWithL0
+from sae_stream.jumprelu import JumpReLUWithL0
 from sae_stream.sae import JumpReLUSAE, build_sae
 from sae_stream.trainer import Trainer
 from tests.test_trainer import D_IN, ListLogger, _atoms, _cfg, _recovered, sparse_batches
@@ -31,21 +31,24 @@ def test_jumprelu__pseudo_derivatives_are_the_papers():
     fires = torch.tensor([[0, 0], [1, 1], [0, 1], [1, 0]], dtype=torch.float64)
     near = torch.tensor([[1, 1], [1, 1], [0, 0], [0, 0]], dtype=torch.float64)
 
-    out = JumpReLU.apply(pre, theta, eps)
-    assert torch.equal(out, pre.detach() * fires)
-    (out * w).sum().backward()
-    assert torch.equal(pre.grad, w * fires)
-    want = [-(0.5 / eps) * (1.0 + 3.0), -(1.0 / eps) * (2.0 + 5.0)]
-    torch.testing.assert_close(theta.grad, torch.tensor(want, dtype=torch.float64))
-
-    # JumpReLUWithL0: the same features, and L0 = Σ_f [pre > θ] / B whose θ gradient is -(1/ε)·K (none in pre)
-    pre.grad, theta.grad = None, None
     feats, l0 = JumpReLUWithL0.apply(pre, theta, eps)
-    assert torch.equal(feats, out.detach()) and l0.item() == fires.sum().item() / 4
-    c = 0.7
-    ((feats * w).sum() + c * l0).backward()
+    assert torch.equal(feats, pre.detach() * fires) and l0.item() == fires.sum().item() / 4
+    (feats * w).sum().backward()  # the features alone
     assert torch.equal(pre.grad, w * fires)
-    torch.testing.assert_close(theta.grad, torch.tensor(want, dtype=torch.float64) - c / (4 * eps) * near.sum(0))
+    want = torch.tensor([-(0.5 / eps) * (1.0 + 3.0), -(1.0 / eps) * (2.0 + 5.0)], dtype=torch.float64)
+    torch.testing.assert_close(theta.grad, want)
+
+    pre.grad, theta.grad = None, None  # the L0 alone: θ gets -(1/ε)·K per row / B, pre nothing
+    feats, l0 = JumpReLUWithL0.apply(pre, theta, eps)
+    (0.7 * l0).backward()
+    assert pre.grad is None or torch.equal(pre.grad, torch.zeros_like(pre))
+    torch.testing.assert_close(theta.grad, -0.7 / (4 * eps) * near.sum(0))
+
+    pre.grad, theta.grad = None, None  # both: the sum
+    feats, l0 = JumpReLUWithL0.apply(pre, theta, eps)
+    ((feats * w).sum() + 0.7 * l0).backward()
+    assert torch.equal(pre.grad, w * fires)
+    torch.testing.assert_close(theta.grad, want - 0.7 / (4 * eps) * near.sum(0))
 
 
 def test_jumprelu_sae__loss_is_mse_plus_lambda_l0_by_hand():
