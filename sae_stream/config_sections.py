@@ -206,8 +206,7 @@ class SAEConfig:
     jumprelu_bandwidth: float = 0.001
     """jumprelu: ε, the width of the window around θ where pre-activations train it (in the scaled input space)."""
     jumprelu_init_threshold: float = 0.001
-    """jumprelu: θ of every feature at the start (scaled input space); the paper's 0.001 suits ~1e5+ steps (θ moves
-    ~lr per step in log space): short runs start near where θ ends, e.g. 0.5."""
+    """jumprelu: θ of all features at the start (scaled inputs); the paper's 0.001 suits 1e5+ steps, short runs ~0.5."""
     topk_kernels: str = "auto"
     """topk/batchtopk: 'sparse' (touch only the selected entries), 'dense', or 'auto' (sparse on CPU, dense on CUDA)."""
 
