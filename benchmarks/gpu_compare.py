@@ -76,6 +76,8 @@ STEP_VARIANTS = {  # name: train overrides
                                                                                     "topk_kernels": "dense"}},
     "topk_graph_sparse_bf16": {"cuda_graphs": True, "autocast": "bfloat16", "sae": {"architecture": "topk",
                                                                                      "topk_kernels": "sparse"}},
+    # JumpReLU (autograd; its encoder stays fp32 under autocast, see sae.JumpReLUSAE.forward)
+    "jumprelu_graph_bf16": {"cuda_graphs": True, "autocast": "bfloat16", "sae": {"architecture": "jumprelu"}},
 }
 BEST = "step_graph_fused_bf16"
 LARGE_STEP_VARIANTS = ("step_eager_autograd_tf32", "step_graph_autograd_bf16", "step_graph_fused_bf16",
