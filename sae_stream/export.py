@@ -63,7 +63,7 @@ def saelens_tensors(sae: SAE) -> dict[str, torch.Tensor]:
     if sae.cfg.architecture == "batchtopk":
         out["threshold"] = torch.full_like(sae.b_enc_F, float(sae.threshold.clamp_min(0.0)))
     if sae.cfg.architecture == "jumprelu":  # pre-activations are unchanged by the folding: θ carries over as is
-        out["threshold"] = sae.log_threshold_F.exp()
+        out["threshold"] = sae.threshold_F
     return {k: v.detach().float().cpu().contiguous() for k, v in out.items()}
 
 
