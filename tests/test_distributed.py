@@ -21,9 +21,9 @@ from sae_stream.checkpoint import RANK_KEYS, list_checkpoints, newest_common_ste
 from sae_stream.distributed import Distributed, shard_size
 from sae_stream.sae import build_sae
 from sae_stream.trainer import Trainer
-from tests.test_cli import TINY, tiny_run  # noqa: F401 - module fixture: a tiny trained LM
+from tests._tiny_run import TINY, tiny_run  # noqa: F401 - module fixture: a tiny trained LM
+from tests._trainer_helpers import D_IN, ListLogger, _atoms, _cfg, _pool, sparse_batches
 from tests.test_reliability import GATED_CLI
-from tests.test_trainer import D_IN, ListLogger, _atoms, _cfg, _pool, sparse_batches
 
 WORLD = 2
 STEPS = 40

@@ -81,7 +81,7 @@ def _interpreted_checks() -> None:
     """Run in a subprocess with TRITON_INTERPRET=1: the Triton kernels on CPU, then a trainer using them."""
     from sae_stream.sae import build_sae
     from sae_stream.trainer import Trainer
-    from tests.test_trainer import ListLogger, _atoms, _cfg, sparse_batches
+    from tests._trainer_helpers import ListLogger, _atoms, _cfg, sparse_batches
 
     torch.set_num_threads(1)
     for dtype in (torch.float32, torch.bfloat16):

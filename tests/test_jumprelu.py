@@ -14,7 +14,7 @@ from sae_stream.export import load_saelens
 from sae_stream.jumprelu import JumpReLUWithL0
 from sae_stream.sae import JumpReLUSAE, build_sae
 from sae_stream.trainer import Trainer
-from tests.test_trainer import D_IN, ListLogger, _atoms, _cfg, _recovered, sparse_batches
+from tests._trainer_helpers import D_IN, ListLogger, _atoms, _cfg, _recovered, sparse_batches
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -143,7 +143,7 @@ def test_run__a_jumprelu_sae_end_to_end(tmp_path):
 
     from sae_stream.cli import main
     from sae_stream.tracking import read_records
-    from tests.test_cli import TINY
+    from tests._tiny_run import TINY
 
     out = tmp_path / "run"
     assert main(["run", "--out", str(out), *TINY, "--sae.architecture=jumprelu", "--sae.l1_coeff=0.003",

@@ -9,7 +9,7 @@ import torch
 from sae_stream.sae import build_sae
 from sae_stream.step import anthropic_grads_, supports_fused
 from sae_stream.trainer import Trainer
-from tests.test_trainer import BATCH, ListLogger, _atoms, _cfg, sparse_batches
+from tests._trainer_helpers import BATCH, ListLogger, _atoms, _cfg, sparse_batches
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -15,8 +15,8 @@ from sae_stream.cli import main
 from sae_stream.config import ConfigError, config_from_dict
 from sae_stream.sweep import SharedPool, fit_together
 from sae_stream.trainer import Trainer
-from tests.test_cli import TINY, tiny_run  # noqa: F401 - the module fixture: a tiny trained LM
-from tests.test_trainer import D_IN, ListLogger, _atoms, _cfg, _pool, sparse_batches
+from tests._tiny_run import TINY, tiny_run  # noqa: F401 - the module fixture: a tiny trained LM
+from tests._trainer_helpers import D_IN, ListLogger, _atoms, _cfg, _pool, sparse_batches
 
 LAMBDAS = (0.01, 0.03, 0.1)
 

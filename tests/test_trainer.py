@@ -1,79 +1,20 @@
-"""Trainer: dictionary recovery, exact resume, metrics, non-finite policies, schedules, AuxK, resampling."""
+"""Trainer: dictionary recovery, exact resume, non-finite policies, schedules, AuxK, autocast, CUDA.
+(Logged metrics and density windows: test_trainer_metrics.py.)"""
 
 from __future__ import annotations
 
-import copy
-import itertools
 import json
 import shutil
-from collections.abc import Iterator
-from types import SimpleNamespace
 
 import pytest
 import torch
 
-from sae_stream.config import Config, config_from_dict
-from sae_stream.fused_ops import firing_counts
 from sae_stream.sae import build_sae
 from sae_stream.schedule import l1_coeff_at, lr_at
 from sae_stream.trainer import Trainer
-
-D_IN, N_ATOMS, BATCH = 32, 64, 512
-
+from tests._trainer_helpers import BATCH, D_IN, N_ATOMS, ListLogger, _atoms, _cfg, _pool, _recovered, sparse_batches
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class ListLogger:
-    """Stand-in for sae_stream.tracking.Tracker: keeps (step, metrics)."""
-
-    def __init__(self) -> None:
-        self.rows: list[tuple[int, dict]] = []
-
-    def log(self, step: int, metrics: dict) -> None:
-        self.rows.append((step, metrics))
-
-    def last_record(self) -> dict:
-        return {"step": self.rows[-1][0], **self.rows[-1][1]} if self.rows else {}
-
-
-def _atoms(seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    a = torch.randn(N_ATOMS, D_IN, generator=g)
-    return a / a.norm(dim=1, keepdim=True)
-
-
-def sparse_batches(atoms: torch.Tensor, start: int = 0, seed: int = 0, batch: int = BATCH) -> Iterator[torch.Tensor]:
-    """Replayable: batch i depends only on (seed, i). Codes: ~3 of 64 atoms active, uniform in [0, 2)."""
-    i = start
-    while True:
-        g = torch.Generator().manual_seed(seed * 1_000_003 + i)
-        active = torch.rand(batch, N_ATOMS, generator=g) < 3 / N_ATOMS
-        yield (active * torch.rand(batch, N_ATOMS, generator=g) * 2) @ atoms
-        i += 1
-
-
-def _cfg(arch: str = "anthropic", steps: int = 100, **over) -> Config:
-    raw = {
-        "sae": {"architecture": arch, "d_sae": N_ATOMS, "l1_coeff": 0.01, "k": 4, "dead_tokens_auxk": 50 * BATCH},
-        "train": {"total_tokens": BATCH * steps, "batch_size": BATCH, "lr": 1e-2, "log_every": 50,
-                  "checkpoint_every": 10_000, "density_window_tokens": 25 * BATCH},
-        "resample": {"enabled": False, "pool_size": 2048, "dead_window": 20},
-        "buffer": {"capacity": 4 * BATCH},
-    }
-    for key, value in over.items():
-        section, name = key.split("__")
-        raw[section][name] = value
-    return config_from_dict(raw)
-
-
-def _pool(atoms):
-    return lambda n: torch.cat([b for _, b in zip(range(-(-n // BATCH)), sparse_batches(atoms, seed=7))])[:n]
-
-
-def _recovered(sae, atoms) -> torch.Tensor:
-    w = sae.W_dec_FD.detach()
-    return (atoms @ (w / w.norm(dim=1, keepdim=True)).T).max(dim=1).values
 
 
 def test_trainer__anthropic_recovers_known_dictionary_with_unit_decoder():
@@ -165,34 +106,6 @@ def test_trainer__resume_from_run_dir_picks_latest_and_checks_shape(tmp_path):
         tr.resume(tmp_path / "nowhere")
 
 
-def test_trainer__metrics_match_a_direct_computation():
-    atoms = _atoms()
-    cfg = _cfg(steps=1, train__log_every=1, train__density_window_tokens=BATCH)
-    sae = build_sae(cfg.sae, D_IN)
-    x = next(sparse_batches(atoms))
-    ref = copy.deepcopy(sae)
-    ref.init_from_sample_(x)
-    out = ref(x)
-    log = ListLogger()
-    trainer = Trainer(sae, cfg, None, log)
-    trainer.fit(iter([x]))
-    step, m = log.rows[0]
-    assert step == 1
-    err = (out.recon - x).pow(2).sum()
-    var = (x - x.mean(0)).pow(2).sum()
-    assert m["mse"] == pytest.approx(out.mse.item(), rel=1e-5)
-    assert m["l1"] == pytest.approx(out.l1.item(), rel=1e-5)
-    assert m["fvu"] == pytest.approx((err / var).item(), rel=1e-4)
-    density = (out.feats > 0).float().mean(0)
-    assert m["l0"] == pytest.approx((out.feats > 0).sum(1).float().mean().item(), rel=1e-6)
-    assert m["dead"] == int((density == 0).sum()) and m["dense"] == int((density > 0.1).sum())
-    torch.testing.assert_close(trainer.log10_density(), torch.log10(density + 1e-10))
-    hist = m["density_log10_histogram"]
-    assert sum(hist["counts"]) == N_ATOMS and len(hist["edges"]) == len(hist["counts"]) + 1
-    assert m["lr"] == cfg.train.lr and m["l1_coeff"] == cfg.sae.l1_coeff and m["tokens"] == BATCH
-    assert m["tokens_per_s"] > 0
-
-
 # the last step: a log and checkpoint step; neither; a checkpoint step only
 @pytest.mark.parametrize(("steps", "checkpoint_every"), [(10, 5), (12, 5), (12, 4)])
 def test_trainer__resuming_a_finished_run_logs_nothing_new_and_returns_its_final_metrics(tmp_path, steps,
@@ -245,38 +158,6 @@ def test_trainer__resuming_a_run_whose_stream_ended_at_a_checkpoint_step_logs_it
         [{k: v for k, v in json.loads(line).items() if k not in volatile} for line in before.splitlines()]
     assert again["mse"] == final["mse"] and trainer.step == 8
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000004", "step_00000008"]
-
-
-def test_trainer__ultralow_count_only_where_the_density_window_resolves_its_threshold():
-    atoms = _atoms()
-    # windows of 2 batches: one batch cannot tell a density below 0.75 / BATCH from 0, two can
-    cfg = _cfg(steps=8, train__log_every=1, train__density_window_tokens=2 * BATCH,
-               train__ultralow_threshold=0.75 / BATCH)  # (8 steps: a quarter of the run is the 2 batches asked)
-    log = ListLogger()
-    trainer = Trainer(build_sae(cfg.sae, D_IN), cfg, None, log)
-    trainer.fit(itertools.islice(sparse_batches(atoms), 3))
-    assert [m["ultralow"] is None for _, m in log.rows] == [True, False, False]
-    density = trainer.metrics.density_F  # the completed window of steps 1-2, which step 3 still reports
-    assert trainer.metrics.density_tokens == 2 * BATCH
-    assert log.rows[2][1]["ultralow"] == int(((density > 0) & (density < 0.75 / BATCH)).sum())
-
-
-def test_running_metrics__state_from_before_density_tokens_keeps_ultralow_counted():
-    from sae_stream.metrics import RunningMetrics
-
-    t = _cfg(train__density_window_tokens=2 * BATCH, train__ultralow_threshold=0.75 / BATCH).train
-    old = RunningMetrics(8, torch.device("cpu"), t, bins=10).state_dict()
-    old["density_F"] = torch.full((8,), 0.5, dtype=torch.float64)  # a completed window...
-    del old["density_tokens"]  # ...saved before its token count was kept
-    m = RunningMetrics(8, torch.device("cpu"), t, bins=10)
-    m.load_state_dict(old)
-    assert m.summary()["ultralow"] == 0  # a count (the window resolves the threshold), not None
-
-
-def test_firing_counts__float_path_equals_bool_count():
-    f = torch.randn(300, 50).relu()
-    assert torch.equal(firing_counts(f), (f > 0).sum(0))
-    assert torch.equal(firing_counts(f.bfloat16()), (f > 0).sum(0))
 
 
 def test_trainer__nan_stop_names_the_step():
@@ -353,65 +234,3 @@ def test_trainer__moves_to_the_batch_device_and_trains_on_cuda():
     sae = build_sae(cfg.sae, D_IN)
     m = Trainer(sae, cfg, None, ListLogger()).fit(x.cuda() for x in sparse_batches(_atoms()))
     assert sae.W_dec_FD.device.type == "cuda" and m["fvu"] < 1.0
-
-
-def test_running_metrics__window_at_most_a_quarter_run_and_restarted_for_exports():
-    """A run shorter than train.density_window_tokens still completes windows (a quarter of it each), so the
-    exported densities describe the end of training; after a restart (resampling) the export reads the new
-    window in progress, while the logs keep the last completed one until a new one completes."""
-    from sae_stream.metrics import RunningMetrics
-
-    t = _cfg(steps=8, train__density_window_tokens=100 * BATCH).train
-    m = RunningMetrics(4, torch.device("cpu"), t, bins=10)
-    assert m.window == 2 * BATCH
-    out = SimpleNamespace(loss=torch.tensor(0.0), mse=torch.tensor(0.0), l1=torch.tensor(0.0), aux=torch.tensor(0.0))
-    x = torch.ones(BATCH, D_IN)
-
-    def step(counts: list[int]) -> None:
-        m.accumulate_(out, x, torch.tensor(counts), torch.tensor(1.0))
-        m.count_(BATCH)
-
-    step([BATCH, 0, 0, 0])
-    step([BATCH, BATCH, 0, 0])
-    m.summary()  # the window of steps 1-2 completes
-    assert m.current_density().tolist() == [1.0, 0.5, 0.0, 0.0]
-    m.restart_window()
-    step([0, 0, BATCH, 0])
-    assert m.current_density().tolist() == [0.0, 0.0, 1.0, 0.0]  # the SAE since the restart
-    assert m.summary()["dead"] == 2  # logs: still the completed window (features 2 and 3 dead in it)
-    restored = RunningMetrics(4, torch.device("cpu"), t, bins=10)
-    restored.load_state_dict(m.state_dict())
-    assert restored.current_density().tolist() == [0.0, 0.0, 1.0, 0.0]  # (a resume keeps it stale)
-    step([0, 0, BATCH, BATCH])
-    m.summary()
-    assert m.current_density().tolist() == [0.0, 0.0, 1.0, 0.5] and not m.stale
-
-
-def test_trainer__resampling_restarts_the_density_window():
-    atoms = _atoms()
-    cfg = _cfg(steps=12, train__log_every=4, train__density_window_tokens=100 * BATCH, resample__enabled=True,
-               resample__at_steps=[6], resample__dead_window=2)
-    sae = build_sae(cfg.sae, D_IN)
-    with torch.no_grad():
-        sae.b_enc_F[:8] = -1e3  # 8 features that never fire: resampled at step 6
-    trainer = Trainer(sae, cfg, None, ListLogger(), pool_fn=_pool(atoms))
-    trainer.fit(sparse_batches(atoms))
-    assert trainer.resampled >= 8 and trainer.metrics.window == 3 * BATCH
-    # windows of >= 3 steps, completed at logs (every 4): steps 1-4 at step 4; the resampling at step 6 restarts
-    # the count, so the log of step 8 has 2 steps (too few), and steps 7-12 complete at the log of step 12
-    assert trainer.metrics.density_tokens == 6 * BATCH and not trainer.metrics.stale
-
-
-def test_trainer__april_logs_mse_in_the_activations_own_units():
-    """april trains on inputs scaled by input_scale; the logged MSE (as FVU, eval and the other architectures) is in
-    the activations' own units, so that mse * n * d / Σ‖x − x̄‖² is the logged FVU."""
-    atoms = _atoms()
-    cfg = _cfg("april", steps=1, train__log_every=1)
-    x = next(sparse_batches(atoms)) * 7.0  # far from the scaled norm, so input_scale != 1
-    log = ListLogger()
-    trainer = Trainer(build_sae(cfg.sae, D_IN), cfg, None, log)
-    trainer.fit(iter([x]))
-    assert abs(float(trainer.sae.input_scale) - 1) > 0.5
-    m = log.rows[0][1]
-    var = (x.double() - x.double().mean(0)).pow(2).sum().item()
-    assert m["mse"] * x.numel() / var == pytest.approx(m["fvu"], rel=1e-4)

@@ -1,0 +1,187 @@
+"""Activation stream: equal to run_with_cache at any hook of any model, several hooks, sampled positions, dtype,
+exact resume; LM -> stream -> buffer yields exactly the LM's activations. (The shuffle buffer: test_buffer.py.)"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from sae_stream.activations import ActivationStream, HookCapture, hook_dim
+from sae_stream.buffer import ShuffleBuffer
+from sae_stream.config import BufferConfig
+from tests._buffer_helpers import _cfg
+
+CUDA = torch.cuda.is_available()
+
+
+def _tiny_model(**kw: Any) -> HookedTransformer:
+    torch.manual_seed(0)
+    base = dict(n_layers=1, d_model=32, n_heads=4, d_head=8, d_mlp=64, d_vocab=50, n_ctx=16, act_fn="relu",
+                normalization_type="LN", default_prepend_bos=False)
+    return HookedTransformer(HookedTransformerConfig(**(base | kw))).eval()
+
+
+def _token_batches(sizes: list[int], T: int = 10, vocab: int = 50) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, vocab, (b, T), generator=g) for b in sizes]
+
+
+# ---------------------------------------------------------------------------------------------- stream
+
+
+@pytest.mark.parametrize("stop", ["raise", "layer"])
+def test_activation_stream__equals_run_with_cache(stop: str) -> None:
+    model = _tiny_model(n_layers=2)
+    batches = _token_batches([3, 5, 2, 6])  # re-batched to 4 contexts per forward
+    stream = ActivationStream(model, "blocks.0.mlp.hook_post", batches, _cfg(), stop=stop)
+    chunks = list(stream)
+    assert [len(c.acts) for c in chunks] == [4 * 9] * 4
+    tokens = torch.cat(batches)
+    _, cache = model.run_with_cache(tokens, names_filter="blocks.0.mlp.hook_post")
+    ref = cache["blocks.0.mlp.hook_post"][:, 1:].reshape(-1, 64)
+    torch.testing.assert_close(torch.cat([c.acts for c in chunks]), ref)
+    assert torch.equal(torch.cat([c.context for c in chunks]), torch.arange(16).repeat_interleave(9))
+    assert torch.equal(torch.cat([c.position for c in chunks]), torch.arange(1, 10, dtype=torch.int32).repeat(16))
+
+
+@pytest.mark.parametrize("hook,width", [
+    ("hook_embed", 24), ("blocks.1.hook_resid_pre", 24), ("blocks.0.attn.hook_z", 3 * 8),
+    ("blocks.2.attn.hook_pattern", 3 * 10), ("ln_final.hook_normalized", 24), ("blocks.2.mlp.hook_pre", 40),
+])
+def test_activation_stream__any_hook_of_another_model(hook: str, width: int) -> None:
+    model = _tiny_model(n_layers=3, d_model=24, n_heads=3, d_head=8, d_mlp=40, d_vocab=30, act_fn="gelu")
+    batches = _token_batches([5], vocab=30)
+    cfg = _cfg(skip_first_position=False)
+    stream = ActivationStream(model, hook, batches, cfg, context_len=10)
+    assert stream.d_in == width == hook_dim(model, hook, context_len=10)
+    acts = torch.cat([c.acts for c in stream])
+    _, cache = model.run_with_cache(batches[0], names_filter=hook)
+    ref = cache[hook]
+    if hook.endswith("hook_pattern"):
+        ref = ref.permute(0, 2, 1, 3)
+    torch.testing.assert_close(acts, ref.reshape(50, width))
+
+
+def test_activation_stream__auto_dtype_is_what_the_hook_gives() -> None:
+    model = _tiny_model()
+    cfg = BufferConfig(hook_name="blocks.0.mlp.hook_post", lm_batch_size=2)  # dtype auto
+    stream = ActivationStream(model, cfg.hook_name, _token_batches([3]), cfg)
+    assert stream.dtype == torch.float32 and next(stream).acts.dtype == torch.float32  # CPU: fp32
+    hooks = HookCapture(model, cfg.hook_name)
+    stream = ActivationStream(model, cfg.hook_name, _token_batches([3]), cfg, capture=lambda t: hooks(t).bfloat16())
+    assert stream.dtype == torch.bfloat16 and stream.d_in == 64
+    assert next(stream).acts.dtype == torch.bfloat16
+    assert ShuffleBuffer(stream, _cfg(capacity=64), d_in=64).dtype == torch.bfloat16
+    stream = ActivationStream(model, cfg.hook_name, _token_batches([3]), BufferConfig(dtype="float16"))
+    assert stream.dtype == torch.float16 and next(stream).acts.dtype == torch.float16
+
+
+def test_activation_stream__several_hooks_concatenate() -> None:
+    model = _tiny_model()
+    names = ["blocks.0.hook_resid_pre", "blocks.0.mlp.hook_post"]
+    stream = ActivationStream(model, names, _token_batches([4]), _cfg())
+    assert stream.d_in == 32 + 64
+    acts = next(stream).acts
+    _, cache = model.run_with_cache(_token_batches([4])[0])
+    ref = torch.cat([cache[n][:, 1:] for n in names], dim=-1).reshape(-1, 96)
+    torch.testing.assert_close(acts, ref)
+
+
+def test_hook_dim__unknown_hook_is_one_line_error() -> None:
+    model = _tiny_model()
+    with pytest.raises(ValueError, match="valid hooks: hook_embed") as e:
+        hook_dim(model, "blocks.0.mlp.hook_typo")
+    assert "\n" not in str(e.value)
+
+
+def test_activation_stream__positions_per_context_sampled_and_seeded() -> None:
+    model = _tiny_model()
+    cfg = _cfg(positions_per_context=3)
+    hook = "blocks.0.mlp.hook_post"
+    runs = [list(ActivationStream(model, hook, _token_batches([8]), cfg, seed=s)) for s in (5, 5, 6)]
+    pos = [torch.cat([c.position for c in r]).view(8, 3) for r in runs]
+    assert torch.equal(pos[0], pos[1]) and not torch.equal(pos[0], pos[2])
+    assert pos[0].min() >= 1 and all(len(set(row.tolist())) == 3 for row in pos[0])
+    _, cache = model.run_with_cache(_token_batches([8])[0])
+    ref = cache["blocks.0.mlp.hook_post"][torch.arange(8)[:, None], pos[0].long()].reshape(24, 64)
+    torch.testing.assert_close(torch.cat([c.acts for c in runs[0]]), ref)
+    with pytest.raises(ValueError, match="positions_per_context"):
+        next(ActivationStream(model, "blocks.0.mlp.hook_post", _token_batches([2]), _cfg(positions_per_context=10)))
+
+
+class ReplayBatches:
+    """Token batches with a position that can be saved and restored (like TokenContexts)."""
+
+    def __init__(self, batches: list[torch.Tensor]) -> None:
+        self.batches, self.i = batches, 0
+
+    def __iter__(self) -> ReplayBatches:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        if self.i >= len(self.batches):
+            raise StopIteration
+        self.i += 1
+        return self.batches[self.i - 1]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"i": self.i}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.i = state["i"]
+
+
+def test_activation_stream__state_dict_resumes_the_same_chunks() -> None:
+    model = _tiny_model()
+    batches = _token_batches([3, 6, 2, 5, 4, 3])  # re-batched by 4: leftover token rows at every cut
+    cfg = _cfg(positions_per_context=3)
+    hook = "blocks.0.mlp.hook_post"
+    ref = list(ActivationStream(model, hook, ReplayBatches(batches), cfg, seed=2))
+    head = ActivationStream(model, hook, ReplayBatches(batches), cfg, seed=2)
+    next(head), next(head)
+    state = head.state_dict()
+    assert state["pending_tokens"] is not None and state["token_source"] == {"i": 2}
+    resumed = ActivationStream(model, hook, ReplayBatches(batches), cfg, seed=7)
+    resumed.load_state_dict(state)
+    tail = list(resumed)
+    assert len(tail) == len(ref) - 2
+    for got, want in zip(tail, ref[2:]):
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+# ---------------------------------------------------------------------------------------------- LM -> buffer
+
+
+def test_stream_into_buffer__yields_exactly_the_lm_activations() -> None:
+    model = _tiny_model()
+    batches = _token_batches([6, 6, 6, 6, 6])
+    cfg = _cfg(capacity=128, dtype="float32")
+    stream = ActivationStream(model, "blocks.0.mlp.hook_post", iter(batches), cfg)
+    buf = ShuffleBuffer(stream, cfg, "cpu", drop_last=False)
+    got = torch.cat([b.clone() for b in buf.batches(32)])
+    _, cache = model.run_with_cache(torch.cat(batches), names_filter="blocks.0.mlp.hook_post")
+    ref = cache["blocks.0.mlp.hook_post"][:, 1:].reshape(-1, 64)
+    assert got.shape == ref.shape
+    key = torch.randn(64, dtype=torch.float64)  # match rows as a multiset via a random projection
+    torch.testing.assert_close((got.double() @ key).sort().values, (ref.double() @ key).sort().values)
+    assert buf.metrics()["distinct_contexts"] > 1
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_stream_into_buffer__cuda_lm_on_producer_stream_matches_cpu() -> None:
+    model = _tiny_model().to("cuda")
+    batches = _token_batches([8] * 6)
+    cfg = _cfg(capacity=256, storage="cuda")
+    stream = ActivationStream(model, "blocks.0.mlp.hook_post", [b.cuda() for b in batches], cfg, "cuda")
+    got = torch.cat([b.clone() for b in ShuffleBuffer(stream, cfg, "cuda", drop_last=False).batches(64)]).cpu()
+    _, cache = model.cpu().run_with_cache(torch.cat(batches), names_filter="blocks.0.mlp.hook_post")
+    ref = cache["blocks.0.mlp.hook_post"][:, 1:].reshape(-1, 64)
+    key = torch.randn(64, dtype=torch.float64)
+    torch.testing.assert_close((got.double() @ key).sort().values, (ref.double() @ key).sort().values,
+                               atol=0.1, rtol=0.05)  # bf16 autocast on cuda
