@@ -5,6 +5,7 @@
     sae-stream train CONFIG --lm PATH_OR_NAME [--out RUN_DIR]
     sae-stream train --resume RUN_DIR
     sae-stream eval RUN_DIR          sae-stream analyze RUN_DIR
+    sae-stream compare A B [--out DIR]                      match two SAEs' features (decoders, activations)
     sae-stream hooks --lm PATH_OR_NAME                      list hook points
     sae-stream config                                       every config field with its help
 
@@ -21,7 +22,7 @@ import traceback
 import warnings
 from collections.abc import Sequence
 
-from sae_stream import lm_bridge, pipeline, report
+from sae_stream import compare, lm_bridge, pipeline, report
 from sae_stream.checkpoint import CheckpointError
 from sae_stream.config import ConfigError, help_text
 from sae_stream.process import TrainingInterrupted
@@ -60,6 +61,12 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("run_dir")
     an = sub.add_parser("analyze", help="build the HTML feature dashboard of a run")
     an.add_argument("run_dir")
+    cmp = sub.add_parser("compare", help="match the features of two SAEs (decoder cosine, activation correlation)")
+    cmp.add_argument("a", help="run directory (or a sweep's RUN_DIR/<name>, or a SAELens SAE directory)")
+    cmp.add_argument("b", help="the SAE to compare it with, the same kinds")
+    _add_out(cmp)
+    cmp.add_argument("--tokens", type=int, help="held-out tokens for the correlations (default: eval.tokens)")
+    cmp.add_argument("--no-correlation", action="store_true", help="decoder cosines only: no LM forward")
     hooks = sub.add_parser("hooks", help="list the hook points of an LM")
     hooks.add_argument("--lm", required=True)
     cfg = sub.add_parser("config", help="print every config field with its type, default and help")
@@ -184,6 +191,10 @@ def _dispatch(args: argparse.Namespace, overrides: list[str]) -> int:
         return 0
     if args.command == "analyze":
         report.analyze_run(args.run_dir, overrides)
+        return 0
+    if args.command == "compare":
+        compare.compare_runs(args.a, args.b, overrides, out=args.out, overwrite=args.overwrite,
+                             correlation=not args.no_correlation, tokens=args.tokens)
         return 0
     if args.command == "run":
         pipeline.run(args.config, overrides, lm=args.lm, out=args.out, overwrite=args.overwrite,

@@ -19,8 +19,8 @@ class DataConfig:
     hf_subset: str | None = None
     """HF dataset configuration name (e.g. 'en' for allenai/c4); None for the default."""
     hf_revision: str | None = None
-    """HF dataset revision (a commit sha, branch or tag) to stream: a sha pins the data a run (and its resume) reads;
-    None: the default branch as it is at each read."""
+    """HF dataset revision (a commit sha, branch or tag; None: the default branch), resolved to its commit sha when
+    a run starts and kept in its config.yaml, so the run and its resume read the same data."""
     split: str = "train"
     """HF split to stream for training."""
     text_field: str = "text"

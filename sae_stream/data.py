@@ -30,7 +30,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from sae_stream.config import DataConfig
+from sae_stream.config import Config, DataConfig
 from sae_stream.corpus import embedded_corpus, heldout_key
 from sae_stream.records import StreamSource
 from sae_stream.rundir import first_line
@@ -145,6 +145,32 @@ def _open_hf(cfg: DataConfig, heldout: bool, tok: Tokenizer) -> StreamSource:
     where = f"HF dataset {cfg.source!r} (split {split!r}{', held-out by hash' if keep and heldout else ''})"
     return StreamSource(dataset, cfg.text_field, keep, tok, cfg.shuffle_buffer, where, cfg.stream_retries,
                          tokenizer_threads(cfg))
+
+
+def pin_hf_revision(cfg: Config) -> Config:
+    """cfg with data.hf_revision at the commit the Hub serves now for a HF dataset source (None or a branch / tag
+    resolved to its sha), so the run's config.yaml, and with it a resume, name the exact data. Unchanged for the
+    embedded corpus, local files, a revision that is a sha already, or when the Hub cannot be asked (opening the
+    dataset then says why). Under torchrun every rank asks at start-up: they agree unless a commit lands between."""
+    source, rev = cfg.data.source, cfg.data.hf_revision
+    if source == "embedded" or local_files(source) is not None or (rev and _is_sha(rev)):
+        return cfg
+    if hub_unreachable_reason() is not None:
+        return cfg
+    try:
+        from huggingface_hub import HfApi
+
+        sha = HfApi().dataset_info(source, revision=rev, timeout=10).sha
+    except Exception:  # (not found, gated, a network error: load_dataset's own message is the clearer one)
+        return cfg
+    if not sha:
+        return cfg
+    print(f"data: {source!r} pinned at revision {sha} (data.hf_revision{f', was {rev!r}' if rev else ''})")
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, hf_revision=sha))
+
+
+def _is_sha(revision: str) -> bool:
+    return len(revision) == 40 and all(c in "0123456789abcdef" for c in revision)
 
 
 def _no_proxy(host: str) -> bool:

@@ -31,6 +31,7 @@ from sae_stream.buffer import ShuffleBuffer
 from sae_stream.checkpoint import any_checkpoint, drop_newer, list_checkpoints, load_own_part, own_dir, rank_state
 from sae_stream.checkpoint_writer import CheckpointWriter
 from sae_stream.config import Config, load_config, save_config, to_dict
+from sae_stream.data import pin_hf_revision
 from sae_stream.distributed import Distributed, shard_size
 from sae_stream.export import export_saelens, load_saelens
 from sae_stream.lm_bridge import load_lm, native_capture, train_lm, untrained_lm
@@ -94,7 +95,7 @@ def lm_train(config: str | None, overrides: list[str], out: str | None, resume: 
             locks.enter_context(lock_run(out_dir))
             _train_lm(cfg, out_dir, resume=True)
         return out_dir
-    cfg = load_config(config, overrides)
+    cfg = pin_hf_revision(load_config(config, overrides))
     with fresh_out_dir(out, "lm", overwrite) as staged, lock_run(staged.path):
         _train_lm(cfg, staged.path, started=staged.commit)
     return staged.path
@@ -277,7 +278,7 @@ def train(config: str | None, overrides: list[str], lm: str | None = None, out: 
           overwrite: bool = False) -> Path:
     if lm:
         overrides = [*overrides, f"--lm.path={_abs_lm(lm)}"]
-    cfg = load_for_lm(config, overrides)
+    cfg = pin_hf_revision(load_for_lm(config, overrides))
     _lm_outside(cfg.lm.path, out, overwrite)
     with fresh_out_dir(out, "train", overwrite) as staged:
         session = Session(cfg, staged.path)
@@ -347,7 +348,7 @@ def run(config: str | None, overrides: list[str], lm: str | None = None, out: st
     t0 = time.perf_counter()
     if lm:
         overrides = [*overrides, f"--lm.path={_abs_lm(lm)}"]
-    cfg = load_for_lm(config, overrides)  # validate everything before touching the disk
+    cfg = pin_hf_revision(load_for_lm(config, overrides))  # validate everything before touching the disk
     if not is_main_process() and not cfg.lm.path:
         raise UserError("under torchrun pass --lm PATH: train the LM first (`sae-stream lm train`, one process)")
     _lm_outside(cfg.lm.path, out, overwrite)

@@ -59,6 +59,41 @@ def test_train__resume_continues_from_checkpoint(tiny_run: Path, tmp_path: Path)
     assert (run / "checkpoints" / "step_00000060").is_dir()
 
 
+def test_train__a_hub_dataset_is_pinned_to_its_commit_for_the_run_and_its_resume(
+        tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A HF source without a sha is resolved once, at the start; config.yaml keeps the sha and the resume streams
+    that commit. The Hub is stood in for by a local jsonl and a dataset_info that names a commit."""
+    import datasets
+    import huggingface_hub
+
+    from sae_stream import data
+
+    sha, shard = "0123456789abcdef0123456789abcdef01234567", tmp_path / "shard.jsonl"
+    shard.write_text("".join(json.dumps({"text": f"record {i}: " + "some words " * 30}) + "\n" for i in range(400)))
+    opened, real = [], datasets.load_dataset
+
+    def load_dataset(name, subset=None, *, split, streaming, revision=None):
+        opened.append(revision)
+        return real("json", data_files=str(shard), split="train", streaming=True)
+
+    monkeypatch.setattr(data, "hub_unreachable_reason", lambda *a, **k: None)
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info",
+                        lambda self, repo_id, **kw: type("Info", (), {"sha": sha})())
+    run = tmp_path / "run"
+    short = [*TINY, "--train.total_tokens=10240", "--train.checkpoint_every=10", "--data.source=someone/corpus"]
+    assert main(["train", "--lm", str(tiny_run / "lm"), "--out", str(run), *short]) == 0
+    assert yaml.safe_load((run / "config.yaml").read_text())["data"]["hf_revision"] == sha
+    assert set(opened) == {sha}
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", lambda *a, **k: 1 / 0)  # (not asked again)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["train"]["total_tokens"] = 15360
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    opened.clear()
+    assert main(["train", "--resume", str(run)]) == 0
+    assert opened and set(opened) == {sha}
+
+
 def test_config__yaml_roundtrip_and_defaults(tiny_run: Path) -> None:
     saved = load_config(tiny_run / "config.yaml")
     assert saved.sae.d_sae == 128 and saved.data.tokenizer == "byte"

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from sae_stream import corpus, data
-from sae_stream.config import DataConfig
+from sae_stream.config import DataConfig, config_from_dict
 from sae_stream.corpus import heldout_key
 from sae_stream.data import TokenContexts, context_batches, heldout_batches
 from tests._data_helpers import byte_cfg, take
@@ -288,3 +288,32 @@ def test_hf_source__streams_the_revision_asked_for_and_names_it_when_it_fails(tm
     with pytest.raises(ValueError, match=r"^could not open HF dataset 'someone/corpus' \(subset 'en', split "
                                          r"'train', revision 'no-such-tag'\): Revision 'no-such-tag' doesn't exist"):
         next(iter(TokenContexts(dataclasses.replace(cfg, hf_revision="no-such-tag"))))
+
+
+def test_pin_hf_revision__resolves_a_hf_source_to_its_commit_and_leaves_the_rest(monkeypatch) -> None:
+    import huggingface_hub
+
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    asked = []
+
+    def dataset_info(self, repo_id, *, revision=None, timeout=None):
+        asked.append((repo_id, revision))
+        if repo_id == "gone/corpus":
+            raise FileNotFoundError("404")
+        return type("Info", (), {"sha": sha})()
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", dataset_info)
+    monkeypatch.setattr(data, "hub_unreachable_reason", lambda *a, **k: None)
+    cfg = config_from_dict({"data": {"source": "someone/corpus"}})
+    assert data.pin_hf_revision(cfg).data.hf_revision == sha and asked == [("someone/corpus", None)]
+    tagged = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, hf_revision="v1.0"))
+    assert data.pin_hf_revision(tagged).data.hf_revision == sha and asked[-1] == ("someone/corpus", "v1.0")
+    asked.clear()
+    pinned = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, hf_revision=sha))
+    for same in (pinned, config_from_dict({"data": {"source": "embedded"}})):
+        assert data.pin_hf_revision(same) is same
+    gone = config_from_dict({"data": {"source": "gone/corpus"}})
+    assert data.pin_hf_revision(gone) is gone  # (opening it names the problem)
+    assert asked == [("gone/corpus", None)]  # a sha and the embedded corpus ask nothing
+    monkeypatch.setattr(data, "hub_unreachable_reason", lambda *a, **k: "offline")
+    assert data.pin_hf_revision(cfg) is cfg

@@ -91,3 +91,44 @@ def plot_sweep_frontier(rows: list[dict], path: str | Path, title: str = "sweep"
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return save_png(fig, path)
+
+
+def plot_feature_matches(panels: list[tuple[str, Tensor, Tensor]], path: str | Path, title: str = "",
+                         density_a: Tensor | None = None) -> Path:
+    """Histograms of each feature's best match in the other SAE, one panel per measure (decoder cosine, activation
+    correlation): `panels` [(measure, A's best values [F_A], B's best values [F_B])]; NaN values (undefined) are
+    left out and counted in the legend. With `density_a` (A's densities on the text), a last panel draws A's best
+    matches against log10 density, where rare features part from common ones. Written to the PNG `path`."""
+    if not panels:
+        raise ValueError("no measure to plot")
+    n = len(panels) + (density_a is not None)
+    fig = Figure(figsize=(5 * n, 4), dpi=110)
+    for i, (measure, a_F, b_F) in enumerate(panels):
+        ax = fig.add_subplot(1, n, i + 1)
+        series = [(v.detach().double().cpu(), label, color) for v, label, color in
+                  ((a_F, "A's features, best in B", "#3b6fb6"), (b_F, "B's features, best in A", "#e67e22"))]
+        lowest = min([0.0] + [float(v.nan_to_num(nan=0.0).min()) for v, _, _ in series])
+        lo = math.floor(lowest * 10) / 10  # (best matches are rarely negative: no empty half of the axis)
+        for v, label, color in series:
+            defined = v[~v.isnan()]
+            undefined = v.numel() - defined.numel()
+            note = f" ({undefined} undefined)" if undefined else ""
+            ax.hist(defined.numpy(), bins=50, range=(lo, 1), histtype="step", linewidth=1.5, color=color,
+                    label=f"{label}: {defined.numel()}{note}")
+        ax.set_xlabel(f"best {measure}")
+        ax.set_ylabel("features")
+        ax.legend(fontsize=7, loc="upper left")
+    if density_a is not None:
+        ax = fig.add_subplot(1, n, n)
+        density = density_a.detach().double().cpu()
+        fired = density > 0
+        for (measure, a_F, _), color in zip(panels, ("#3b6fb6", "#c0392b")):
+            ax.scatter(density[fired].log10().numpy(), a_F.detach().double().cpu()[fired].numpy(), s=4, alpha=0.5,
+                       color=color, label=measure)
+        ax.set_xlabel(f"log10 density of A's features ({int((~fired).sum())} never fired: not shown)")
+        ax.set_ylabel("best match in B")
+        ax.legend(fontsize=7, loc="lower right")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return save_png(fig, path)
