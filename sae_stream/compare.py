@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ from sae_stream.analysis.matching import (
     CorrelationTotals,
     Matches,
     by_density,
+    check_correlation_size,
     decoder_matches,
     match_summary,
     partners_per_feature,
@@ -83,10 +85,12 @@ class Side:
 
 
 def lm_identity(path_or_name: str | None) -> str | None:
-    """Which LM: the sha256 of an `lm train` directory's weights (copies of one LM agree), else the name."""
-    if not path_or_name or path_or_name == "unknown":
+    """Which LM: the sha256 of an `lm train` directory's weights (copies of one LM agree), else the name; None when
+    unknown (no name, or a path that is gone: a moved run's export still names where its LM was)."""
+    path = Path(str(path_or_name)).expanduser()
+    if not path_or_name or path_or_name == "unknown" or (path.is_absolute() and not path.exists()):
         return None
-    weights = Path(str(path_or_name)).expanduser() / "model.safetensors"
+    weights = path / "model.safetensors"
     return f"sha256:{sha256_file(weights)}" if weights.is_file() else str(path_or_name)
 
 
@@ -95,17 +99,23 @@ def _load_run_side(path: Path, overrides: list[str], others: list[Side]) -> Side
     lm = lm_identity(str(cfg.lm.path))
     shared = next((s.model for s in others if s.lm == lm and s.model is not None), None)  # (loaded once)
     cfg, model, sae = load_trained(path, overrides, shared)
-    return Side(path, sae, cfg.buffer.hook_name, cfg, model, lm)
+    return Side(path, sae.to(model_device(model)), cfg.buffer.hook_name, cfg, model, lm)  # (train.device may differ)
 
 
-def _load_saelens_side(path: Path, others: list[Side]) -> Side:
+def _load_saelens_side(path: Path, overrides: list[str], others: list[Side]) -> Side:
     meta = json.loads((path / "cfg.json").read_text())
-    hook = meta.get("hook_name") or meta.get("hook_point")
+    nested = meta.get("metadata") if isinstance(meta.get("metadata"), dict) else {}  # (SAELens 6 keeps them there)
+    hook = meta.get("hook_name") or meta.get("hook_point") or nested.get("hook_name")
     if not hook:
         raise UserError(f"{path / 'cfg.json'} names no hook_name: it is not a SAELens SAE directory")
     device = model_device(others[0].model) if others else torch.device("cpu")
     sae = load_saelens(path, device=device)
-    side = Side(path, sae, str(hook), lm=lm_identity(meta.get("model_name")))
+    run = path.parent  # a run's own export: its LM is the run's, wherever the run has moved
+    if path.name == SAE_DIR and (run / "config.yaml").is_file():
+        lm = lm_identity(str(own_lm(run, load_config(run / "config.yaml", overrides), overrides).lm.path))
+    else:
+        lm = lm_identity(meta.get("model_name") or nested.get("model_name"))
+    side = Side(path, sae, str(hook), lm=lm)
     host = others[0] if others else None
     if host is not None and (side.lm is None or side.lm == host.lm):  # its LM is the run's: borrow that model
         side.model = host.model
@@ -122,9 +132,7 @@ def load_side(path: str | Path, overrides: list[str], others: list[Side] = ()) -
     if (path / "config.yaml").is_file():
         return _load_run_side(path, overrides, others)
     if (path / "cfg.json").is_file():
-        return _load_saelens_side(path, others)
-    if (path / SAE_DIR / "cfg.json").is_file():
-        return _load_saelens_side(path / SAE_DIR, others)
+        return _load_saelens_side(path, overrides, others)
     raise UserError(f"{str(path)!r} is neither a run directory (config.yaml) nor a SAELens SAE directory "
                     "(cfg.json): pass a run's --out, a sweep's RUN_DIR/<name>, or an exported sae/ directory")
 
@@ -176,11 +184,11 @@ def correlate(a: Side, b: Side, tokens: int | None = None) -> CorrelationTotals:
         check_hook(s.model, s.hook_name)
         if s.cfg is not None and s is not text:
             check_lm_fits(s.model, dataclasses.replace(s.cfg, data=text.cfg.data))
-    n_tokens = tokens or text.cfg.eval.tokens
+    n_tokens, what = (tokens, "--tokens") if tokens else (text.cfg.eval.tokens, f"eval.tokens of {text.path}")
     skip = any(s.cfg.buffer.skip_first_position for s in (a, b) if s.cfg is not None)
     start, device = first_position(skip), model_device(a.model)
     totals = CorrelationTotals(a.sae.d_sae, b.sae.d_sae, device)
-    batches = heldout_batches(text.cfg.data, text.cfg.eval.batch_contexts, n_tokens, what="--tokens")
+    batches = heldout_batches(text.cfg.data, text.cfg.eval.batch_contexts, n_tokens, what=what)
     shared = a.model is b.model and a.hook_name == b.hook_name
     with torch.no_grad():
         for tokens_BT in tqdm(batches, desc="compare", disable=None):
@@ -243,12 +251,9 @@ def compare_runs(a: str | Path, b: str | Path, overrides: list[str] | None = Non
     """`sae-stream compare`: compare A with B and write --out; returns compare.json's path."""
     if tokens is not None and tokens <= 0:
         raise UserError(f"--tokens must be positive, got {tokens}")
-    sides = load_sides(a, b, overrides or [])
-    why = same_activations(*sides)
-    if why is not None and (not correlation or _no_correlation(*sides)):
-        raise UserError(f"nothing to compare: {why}, so decoder cosines do not apply, and activation correlations "
-                        f"{'were switched off: drop --no-correlation' if not correlation else _no_correlation(*sides)}")
-    with fresh_out_dir(out, "compare", overwrite, marker=COMPARE_JSON) as staged:
+    with fresh_out_dir(out, "compare", overwrite, marker=COMPARE_JSON) as staged:  # (--out checked first)
+        sides = load_sides(a, b, overrides or [])
+        _check_comparable(*sides, correlation)
         result, tensors = compare_saes(*sides, correlation=correlation, tokens=tokens)
         atomic_write_bytes(staged.path / COMPARE_TENSORS, save_safetensors(tensors))
         title = f"A: {sides[0].path.name} ({sides[0].sae.d_sae})  vs  B: {sides[1].path.name} ({sides[1].sae.d_sae})"
@@ -259,6 +264,21 @@ def compare_runs(a: str | Path, b: str | Path, overrides: list[str] | None = Non
         atomic_write_json(staged.path / COMPARE_JSON, json_safe(result))
     _print_summary(result, staged.path)
     return staged.path / COMPARE_JSON
+
+
+def _check_comparable(a: Side, b: Side, correlation: bool) -> None:
+    """Refuse, before any work, a pair with nothing to compare or correlations too large to hold."""
+    why, no_correlation = same_activations(a, b), _no_correlation(a, b) if correlation else "were switched off"
+    if why is not None and no_correlation is not None:
+        hint = ": drop --no-correlation" if not correlation else ""
+        raise UserError(f"nothing to compare: {why}, so decoder cosines do not apply, and activation correlations "
+                        f"{no_correlation}{hint}")
+    if no_correlation is None:
+        check_correlation_size(a.sae.d_sae, b.sae.d_sae)
+    same_weights = a.sae.W_dec_FD.shape == b.sae.W_dec_FD.shape and all(
+        torch.equal(getattr(a.sae, w).cpu(), getattr(b.sae, w).cpu()) for w in ("W_enc_DF", "b_enc_F", "W_dec_FD"))
+    if why is None and same_weights:
+        warnings.warn(f"{a.path} and {b.path} hold the same SAE: every match will be exact", stacklevel=3)
 
 
 def _print_summary(result: dict[str, Any], out: Path) -> None:

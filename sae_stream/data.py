@@ -30,10 +30,10 @@ from urllib.parse import urlparse
 
 import torch
 
-from sae_stream.config import Config, DataConfig
+from sae_stream.config import Config, DataConfig, load_config
 from sae_stream.corpus import embedded_corpus, heldout_key
 from sae_stream.records import StreamSource
-from sae_stream.rundir import first_line
+from sae_stream.rundir import first_line, is_main_process
 from sae_stream.tokenizer import Tokenizer, get_tokenizer
 
 SPLITS = ("train", "heldout")
@@ -148,10 +148,9 @@ def _open_hf(cfg: DataConfig, heldout: bool, tok: Tokenizer) -> StreamSource:
 
 
 def pin_hf_revision(cfg: Config) -> Config:
-    """cfg with data.hf_revision at the commit the Hub serves now for a HF dataset source (None or a branch / tag
-    resolved to its sha), so the run's config.yaml, and with it a resume, name the exact data. Unchanged for the
-    embedded corpus, local files, a revision that is a sha already, or when the Hub cannot be asked (opening the
-    dataset then says why). Under torchrun every rank asks at start-up: they agree unless a commit lands between."""
+    """cfg with a HF dataset's data.hf_revision (None, a branch or a tag) resolved to the commit the Hub serves now,
+    so the run's config.yaml, and so its resume, name the exact data. Unchanged for local sources, a sha, or when the
+    Hub cannot be asked. Under torchrun each rank asks at start-up: they agree unless a commit lands in between."""
     source, rev = cfg.data.source, cfg.data.hf_revision
     if source == "embedded" or local_files(source) is not None or (rev and _is_sha(rev)):
         return cfg
@@ -161,12 +160,25 @@ def pin_hf_revision(cfg: Config) -> Config:
         from huggingface_hub import HfApi
 
         sha = HfApi().dataset_info(source, revision=rev, timeout=10).sha
-    except Exception:  # (not found, gated, a network error: load_dataset's own message is the clearer one)
+    except Exception as e:  # (not found, gated: opening the dataset says so; a network error: it may pass)
+        warnings.warn(f"data: could not resolve {source!r} to a commit ({first_line(e)}): the run streams "
+                      f"{rev or 'the default branch'} unpinned, and a resume may read other data", stacklevel=2)
         return cfg
     if not sha:
         return cfg
-    print(f"data: {source!r} pinned at revision {sha} (data.hf_revision{f', was {rev!r}' if rev else ''})")
+    if is_main_process():
+        print(f"data: {source!r} pinned at revision {sha} (data.hf_revision{f', was {rev!r}' if rev else ''})")
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, hf_revision=sha))
+
+
+def keep_pinned_revision(cfg: Config, saved: Path) -> Config:
+    """cfg (a resume's CONFIG, with no sha of its own) at the commit of the run's config.yaml `saved`, same source."""
+    if not saved.is_file() or (cfg.data.hf_revision and _is_sha(cfg.data.hf_revision)):
+        return cfg
+    run = load_config(saved).data
+    if run.source != cfg.data.source or not (run.hf_revision and _is_sha(run.hf_revision)):
+        return cfg
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, hf_revision=run.hf_revision))
 
 
 def _is_sha(revision: str) -> bool:

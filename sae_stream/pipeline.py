@@ -31,7 +31,7 @@ from sae_stream.buffer import ShuffleBuffer
 from sae_stream.checkpoint import any_checkpoint, drop_newer, list_checkpoints, load_own_part, own_dir, rank_state
 from sae_stream.checkpoint_writer import CheckpointWriter
 from sae_stream.config import Config, load_config, save_config, to_dict
-from sae_stream.data import pin_hf_revision
+from sae_stream.data import keep_pinned_revision, pin_hf_revision
 from sae_stream.distributed import Distributed, shard_size
 from sae_stream.export import export_saelens, load_saelens
 from sae_stream.lm_bridge import load_lm, native_capture, train_lm, untrained_lm
@@ -88,7 +88,8 @@ def lm_train(config: str | None, overrides: list[str], out: str | None, resume: 
         # no CONFIG: the run's own (the packaged default would change its schedule silently)
         if config is None and not (out_dir / "config.yaml").is_file():
             raise UserError(f"{str(out_dir / 'config.yaml')!r} is missing: pass the CONFIG the LM was trained with")
-        cfg = load_config(config if config is not None else out_dir / "config.yaml", overrides)
+        saved = out_dir / "config.yaml"  # (and its data.hf_revision: the commit the LM began on, kept with a CONFIG)
+        cfg = keep_pinned_revision(load_config(config if config is not None else saved, overrides), saved)
         with contextlib.ExitStack() as locks:  # (one process trains a directory at a time, as for `train`)
             if _lm_stage_of_a_run(out_dir):  # its lock, which `train --resume RUN_DIR` takes to finish this LM too
                 locks.enter_context(lock_run(out_dir.parent))

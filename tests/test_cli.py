@@ -59,16 +59,18 @@ def test_train__resume_continues_from_checkpoint(tiny_run: Path, tmp_path: Path)
     assert (run / "checkpoints" / "step_00000060").is_dir()
 
 
-def test_train__a_hub_dataset_is_pinned_to_its_commit_for_the_run_and_its_resume(
-        tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A HF source without a sha is resolved once, at the start; config.yaml keeps the sha and the resume streams
-    that commit. The Hub is stood in for by a local jsonl and a dataset_info that names a commit."""
+SHA = "0123456789abcdef0123456789abcdef01234567"
+
+
+def _stand_in_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list:
+    """The Hub stood in for: any dataset is a local jsonl, and resolving a revision names commit SHA. Returns the
+    list of revisions datasets were opened at."""
     import datasets
     import huggingface_hub
 
     from sae_stream import data
 
-    sha, shard = "0123456789abcdef0123456789abcdef01234567", tmp_path / "shard.jsonl"
+    shard = tmp_path / "shard.jsonl"
     shard.write_text("".join(json.dumps({"text": f"record {i}: " + "some words " * 30}) + "\n" for i in range(400)))
     opened, real = [], datasets.load_dataset
 
@@ -79,19 +81,46 @@ def test_train__a_hub_dataset_is_pinned_to_its_commit_for_the_run_and_its_resume
     monkeypatch.setattr(data, "hub_unreachable_reason", lambda *a, **k: None)
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info",
-                        lambda self, repo_id, **kw: type("Info", (), {"sha": sha})())
+                        lambda self, repo_id, **kw: type("Info", (), {"sha": SHA})())
+    return opened
+
+
+def test_train__a_hub_dataset_is_pinned_to_its_commit_for_the_run_and_its_resume(
+        tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A HF source without a sha is resolved once, at the start; config.yaml keeps the sha and the resume streams
+    that commit without asking the Hub again."""
+    import huggingface_hub
+
+    opened = _stand_in_hub(monkeypatch, tmp_path)
     run = tmp_path / "run"
     short = [*TINY, "--train.total_tokens=10240", "--train.checkpoint_every=10", "--data.source=someone/corpus"]
     assert main(["train", "--lm", str(tiny_run / "lm"), "--out", str(run), *short]) == 0
-    assert yaml.safe_load((run / "config.yaml").read_text())["data"]["hf_revision"] == sha
-    assert set(opened) == {sha}
+    assert yaml.safe_load((run / "config.yaml").read_text())["data"]["hf_revision"] == SHA
+    assert set(opened) == {SHA}
     monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", lambda *a, **k: 1 / 0)  # (not asked again)
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     cfg["train"]["total_tokens"] = 15360
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     opened.clear()
     assert main(["train", "--resume", str(run)]) == 0
-    assert opened and set(opened) == {sha}
+    assert opened and set(opened) == {SHA}
+
+
+def test_lm_train__resume_with_its_config_keeps_the_pinned_commit(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """`lm train CONFIG --out DIR --resume` with the CONFIG it began with (no sha in it) resumes at the commit the
+    LM began on, instead of refusing a changed data.hf_revision."""
+    import huggingface_hub
+
+    opened = _stand_in_hub(monkeypatch, tmp_path)
+    config, lm = str(default_config_path()), tmp_path / "lm"
+    args = [*TINY, "--data.source=someone/corpus", "--lm_train.eval_every=20", "--lm_train.checkpoint_every=20"]
+    assert main(["lm", "train", config, "--out", str(lm), *args, "--lm_train.tokens=10240"]) == 0
+    assert yaml.safe_load((lm / "config.yaml").read_text())["data"]["hf_revision"] == SHA
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", lambda *a, **k: 1 / 0)
+    opened.clear()
+    assert main(["lm", "train", config, "--out", str(lm), "--resume", *args, "--lm_train.tokens=15360"]) == 0
+    assert opened and set(opened) == {SHA}
 
 
 def test_config__yaml_roundtrip_and_defaults(tiny_run: Path) -> None:

@@ -26,13 +26,15 @@ from sae_stream.sae import build_sae
 def test_decoder_matches__equal_brute_force_in_ragged_blocks() -> None:
     g = torch.Generator().manual_seed(0)
     a_FD, b_GD = torch.randn(11, 6, generator=g), torch.randn(7, 6, generator=g)
-    b_GD[3] = 0  # a zero row: cosine 0 with everything
+    b_GD[3] = 0  # a zero row: no direction, so no match either way
     cos_FG = torch.nn.functional.normalize(a_FD, dim=1) @ torch.nn.functional.normalize(b_GD, dim=1).T
+    cos_FG[:, 3] = -2.0
     a_in_b, b_in_a = decoder_matches(a_FD * 3.0, b_GD, block_rows=4)  # (row norms do not matter)
     torch.testing.assert_close(a_in_b.value_F, cos_FG.max(1).values)
-    assert torch.equal(a_in_b.index_F, cos_FG.argmax(1))
-    torch.testing.assert_close(b_in_a.value_F, cos_FG.max(0).values)
-    assert torch.equal(b_in_a.index_F, cos_FG.argmax(0))
+    assert torch.equal(a_in_b.index_F, cos_FG.argmax(1)) and 3 not in a_in_b.index_F
+    torch.testing.assert_close(b_in_a.value_F[[0, 1, 2, 4, 5, 6]], cos_FG.max(0).values[[0, 1, 2, 4, 5, 6]])
+    assert torch.equal(b_in_a.index_F, torch.where(torch.arange(7) == 3, -1, cos_FG.argmax(0)))
+    assert torch.isnan(b_in_a.value_F[3])
 
 
 def _features(n: int, seed: int) -> torch.Tensor:
@@ -61,6 +63,10 @@ def test_correlation_totals__equal_numpy_corrcoef_over_chunks() -> None:
     a_in_b, b_in_a = totals.matches(block_rows=2)
     assert a_in_b.index_F.tolist() == [0, 1, -1, int(np.nanargmax(ref[3])), 4]
     assert torch.isnan(a_in_b.value_F[2]) and torch.isnan(b_in_a.value_F[2])
+    with np.errstate(invalid="ignore"):
+        cols = [0, 1, 3, 4]
+        np.testing.assert_allclose(b_in_a.value_F[cols].numpy(), np.nanmax(ref[:, cols], axis=0), atol=1e-6)
+        assert b_in_a.index_F[cols].tolist() == np.nanargmax(ref[:, cols], axis=0).tolist()
     density_a, _ = totals.densities()
     torch.testing.assert_close(density_a, (a_NF > 0).double().mean(0))
 
@@ -151,9 +157,33 @@ def test_compare__saelens_dirs_and_another_hook(tiny_run: Path, tmp_path: Path) 
     assert result["b"]["hook_name"] == "blocks.0.hook_resid_post" and result["b"]["d_sae"] == 16
     assert t["activation_correlation.a_value"].shape == (128,) and t["activation_correlation.b_value"].shape == (16,)
     # two SAELens directories: no LM, so decoder cosines only (the run's own sae/ against itself)
-    result, t = _compare(tiny_run / "sae", tiny_run / "sae", tmp_path / "cmp2")
+    with pytest.warns(UserWarning, match="hold the same SAE"):
+        result, t = _compare(tiny_run / "sae", tiny_run / "sae", tmp_path / "cmp2")
     assert "run directory" in result["activation_correlation"]["skipped"]
     assert torch.equal(t["decoder_cosine.a_index"], torch.arange(128))
+
+
+def test_compare__saelens_exports_borrow_the_runs_lm(tiny_run: Path, tmp_path: Path) -> None:
+    """A run's own sae/ (the same SAE: exact matches, and a warning), and a copy whose cfg.json keeps hook and model
+    only under `metadata` (SAELens 6) and names an LM path that is gone: both read the run's LM."""
+    with pytest.warns(UserWarning, match="hold the same SAE"):
+        result, t = _compare(tiny_run, tiny_run / "sae", tmp_path / "own")
+    fired = t["density.a"] > 0
+    torch.testing.assert_close(t["activation_correlation.a_value"][fired], torch.ones(int(fired.sum())))
+    assert result["same_activations"] and result["decoder_cosine"]["a_in_b"]["mean"] == pytest.approx(1.0)
+    moved = shutil.copytree(tiny_run / "sae", tmp_path / "elsewhere" / "exported")
+    cfg = json.loads((moved / "cfg.json").read_text())
+    nested = {"hook_name": cfg.pop("hook_name"), "model_name": "/gone/lm"}
+    cfg.pop("model_name")
+    cfg["metadata"] = {**cfg.get("metadata", {}), **nested}
+    (moved / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.warns(UserWarning, match="hold the same SAE"):  # (--overwrite of nothing: fine)
+        result, t = _compare(tiny_run, moved, tmp_path / "moved", "--overwrite")
+    assert result["same_activations"] and result["b"]["hook_name"] == "blocks.0.mlp.hook_post"
+    torch.testing.assert_close(t["activation_correlation.b_value"][fired], torch.ones(int(fired.sum())))
+    with pytest.warns(UserWarning, match="hold the same SAE"):  # (and replaces the one before)
+        result, _ = _compare(tiny_run, moved, tmp_path / "moved", "--overwrite", "--no-correlation")
+    assert "skipped" in result["activation_correlation"]
 
 
 def test_compare__bad_input_exits_2_and_keeps_what_is_there(tiny_run: Path, tmp_path: Path,

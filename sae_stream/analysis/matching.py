@@ -6,8 +6,8 @@
   feature of A its best partner in B. This also compares SAEs of different LMs or hooks (the paper's universality
   study), and for features that never fire it is undefined (NaN, partner -1).
 
-Both are computed in blocks of A's features, so memory beyond the [F_A, F_B] cross-moment matrix of the
-correlation (float64) stays at one [block, F_B] slice.
+Both are computed in blocks of A's features. Correlations hold a float64 [F_A, F_B] cross-moment matrix and,
+while a chunk of tokens is added, its float32 product (1.5x the matrix); the rest is one [block, F_B] slice.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 MAX_CORRELATION_PAIRS = 1 << 28
-"""Largest F_A * F_B whose correlations are accumulated (a float64 [F_A, F_B] matrix: 2 GiB at this size)."""
+"""Largest F_A * F_B whose correlations are accumulated (float64 and float32 [F_A, F_B] matrices: 3 GiB here)."""
 
 THRESHOLDS = (0.5, 0.7, 0.9)
 
@@ -52,20 +52,30 @@ def _undefined(n: int, device: torch.device) -> Matches:
 
 @torch.no_grad()
 def decoder_matches(W_dec_a_FD: Tensor, W_dec_b_GD: Tensor, block_rows: int = 1024) -> tuple[Matches, Matches]:
-    """(A's best decoder cosine in B, B's best in A). A zero decoder row has cosine 0 with everything."""
+    """(A's best decoder cosine in B, B's best in A). A zero decoder row has no direction: undefined (NaN, -1)."""
     if W_dec_a_FD.shape[1] != W_dec_b_GD.shape[1]:
         raise ValueError(f"decoders of width {W_dec_a_FD.shape[1]} and {W_dec_b_GD.shape[1]}: decoder cosines need "
                          "SAEs of the same activations")
     a_FD = F.normalize(W_dec_a_FD.float(), dim=1)
     b_GD = F.normalize(W_dec_b_GD.to(a_FD), dim=1)
+    zero_a_F, zero_b_G = a_FD.norm(dim=1) == 0, b_GD.norm(dim=1) == 0
     values, indices, best_b = [], [], _undefined(b_GD.shape[0], a_FD.device)
     for i in range(0, a_FD.shape[0], block_rows):
         sim_fG = a_FD[i : i + block_rows] @ b_GD.T
+        sim_fG[zero_a_F[i : i + block_rows]] = math.nan
+        sim_fG[:, zero_b_G] = math.nan
         value_f, index_f = _best_of_rows(sim_fG)
         values.append(value_f)
         indices.append(index_f)
         best_b = _fold_columns(best_b, sim_fG, i)
     return Matches(torch.cat(values), torch.cat(indices)), best_b
+
+
+def check_correlation_size(d_a: int, d_b: int, max_pairs: int = MAX_CORRELATION_PAIRS) -> None:
+    if d_a * d_b > max_pairs:
+        gib = d_a * d_b * 12 / 2**30
+        raise ValueError(f"activation correlations of {d_a:,} x {d_b:,} features need {gib:.0f} GiB of matrices "
+                         f"(at most {max_pairs:,} pairs): pass --no-correlation for decoder cosines only")
 
 
 class CorrelationTotals:
@@ -77,10 +87,7 @@ class CorrelationTotals:
 
     def __init__(self, d_a: int, d_b: int, device: torch.device | str = "cpu",
                  max_pairs: int = MAX_CORRELATION_PAIRS) -> None:
-        if d_a * d_b > max_pairs:
-            gib = d_a * d_b * 8 / 2**30
-            raise ValueError(f"activation correlations of {d_a:,} x {d_b:,} features need a {gib:.0f} GiB matrix "
-                             f"(at most {max_pairs:,} pairs): pass --no-correlation for decoder cosines only")
+        check_correlation_size(d_a, d_b, max_pairs)
         kw = {"dtype": torch.float64, "device": device}
         self.n = 0
         self.shift_a: Tensor | None = None
@@ -104,7 +111,7 @@ class CorrelationTotals:
         self.sq_a += a_NF.pow(2).sum(0)
         self.sum_b += b_NG.sum(0)
         self.sq_b += b_NG.pow(2).sum(0)
-        self.cross_FG += (a_NF.T @ b_NG).double()
+        self.cross_FG += a_NF.T @ b_NG  # (promoted in place: no float64 copy of the product)
         self.n += a_NF.shape[0]
 
     def _std(self, total: Tensor, sq: Tensor) -> Tensor:
