@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
 from sae_stream.analysis.matching import (
@@ -201,3 +202,16 @@ def test_compare__bad_input_exits_2_and_keeps_what_is_there(tiny_run: Path, tmp_
         err = capsys.readouterr().err.strip()
         assert needle in err and len(err.splitlines()) == 1, err
     assert sorted(p.name for p in tiny_run.iterdir()) == before
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compare__runs_saved_for_different_devices_share_the_gpu_lm(tiny_run: Path, tmp_path: Path) -> None:
+    """B's config says cpu, A's the GPU: B borrows A's LM on the GPU, and its SAE follows it there."""
+    b = _copy_run(tiny_run, tmp_path / "b")
+    cfg = yaml.safe_load((b / "config.yaml").read_text())
+    cfg["train"]["device"] = "cpu"
+    (b / "config.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.warns(UserWarning, match="hold the same SAE"):
+        result, t = _compare(tiny_run, b, tmp_path / "cmp")  # (A: train.device auto, the GPU)
+    fired = t["density.a"] > 0
+    torch.testing.assert_close(t["activation_correlation.b_value"][fired], torch.ones(int(fired.sum())))
