@@ -61,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("run_dir")
     an = sub.add_parser("analyze", help="build the HTML feature dashboard of a run")
     an.add_argument("run_dir")
+    an.add_argument("--features", help="comma-separated feature ids to show, e.g. 12,40,301 "
+                                                          "(default: analysis.features spread over the densities)")
     cmp = sub.add_parser("compare", help="match the features of two SAEs (decoder cosine, activation correlation)")
     cmp.add_argument("a", help="run directory (or a sweep's RUN_DIR/<name>, or a SAELens SAE directory)")
     cmp.add_argument("b", help="the SAE to compare it with, the same kinds")
@@ -72,6 +74,16 @@ def _parser() -> argparse.ArgumentParser:
     cfg = sub.add_parser("config", help="print every config field with its type, default and help")
     cfg.add_argument("--markdown", action="store_true", help="as markdown tables (the README's config reference)")
     return p
+
+
+def _feature_ids(text: str) -> list[int]:
+    try:
+        ids = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UserError(f"--features {text!r}: give feature ids separated by commas, e.g. 12,40,301") from None
+    if not ids:
+        raise UserError("--features names no feature: give ids separated by commas, e.g. 12,40,301")
+    return list(dict.fromkeys(ids))  # (each once, in the order given)
 
 
 def _add_out(p: argparse.ArgumentParser) -> None:
@@ -190,7 +202,8 @@ def _dispatch(args: argparse.Namespace, overrides: list[str]) -> int:
         report.evaluate_run(args.run_dir, overrides)
         return 0
     if args.command == "analyze":
-        report.analyze_run(args.run_dir, overrides)
+        features = _feature_ids(args.features) if args.features is not None else None
+        report.analyze_run(args.run_dir, overrides, features=features)
         return 0
     if args.command == "compare":
         compare.compare_runs(args.a, args.b, overrides, out=args.out, overwrite=args.overwrite,

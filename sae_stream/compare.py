@@ -43,6 +43,7 @@ from sae_stream.analysis.matching import (
     decoder_matches,
     match_summary,
     partners_per_feature,
+    top_splits,
 )
 from sae_stream.analysis.plots import plot_feature_matches
 from sae_stream.checkpoint import atomic_write_bytes, atomic_write_json, sha256_file
@@ -67,6 +68,9 @@ DEFINITIONS = {
     "a_in_b / b_in_a": "the best matches of A's features among B's, and of B's among A's",
     "partners": "how many features of one SAE are the best match of 0, 1, 2-3, 4+ features of the other: with "
                 "B larger, an A feature with several partners split into them",
+    "splits": "the A features that are the best match (>= min_value) of the most B features, with those B "
+              "features, by the last measure computed (activation correlation when there is one; then only B "
+              "features that fired on >= min_fires tokens count: rarer ones correlate highly by chance)",
 }
 
 
@@ -204,6 +208,8 @@ def correlate(a: Side, b: Side, tokens: int | None = None) -> CorrelationTotals:
 
 
 MEASURES = {"decoder_cosine": "decoder cosine", "activation_correlation": "activation correlation"}
+SPLIT_MIN = 0.5  # (a partner for `splits`: well above chance, ~0.2 for decoders of 512 dims against thousands)
+SPLIT_MIN_FIRES = 10  # (and, with correlations, a B feature that fired on at least this many tokens of the text)
 
 
 def _measure(a_in_b: Matches, b_in_a: Matches, d_a: int, d_b: int) -> dict[str, Any]:
@@ -242,6 +248,10 @@ def compare_saes(a: Side, b: Side, correlation: bool = True, tokens: int | None 
             result[key]["b_by_density"] = by_density(b_in_a, tensors["density.b"])
         tensors.update({f"{key}.a_value": a_in_b.value_F, f"{key}.a_index": a_in_b.index_F,
                         f"{key}.b_value": b_in_a.value_F, f"{key}.b_index": b_in_a.index_F})
+        eligible = tensors["density.b"] * result["activation_correlation"]["tokens"] >= SPLIT_MIN_FIRES if (
+            "density.b" in tensors) else None
+        result["splits"] = {"measure": key, "min_value": SPLIT_MIN, "min_fires": SPLIT_MIN_FIRES if eligible is not
+                            None else None, "features": top_splits(b_in_a, 10, SPLIT_MIN, eligible)}
     result["definitions"] = DEFINITIONS
     return result, {k: v.contiguous().cpu() for k, v in tensors.items()}
 
@@ -290,6 +300,12 @@ def _print_summary(result: dict[str, Any], out: Path) -> None:
         parts = [f"{side} mean {_fmt(r[side]['mean'])}, >0.7 {_fmt(r[side]['fraction_above']['0.7'])}"
                  for side in ("a_in_b", "b_in_a")]
         print(f"compare: {key.replace('_', ' ')}: {'; '.join(parts)}; A partners {r['a_partners']}")
+    splits = result.get("splits", {}).get("features", [])[:3]
+    if splits:
+        shown = "; ".join(f"{s['a']} -> {', '.join(map(str, s['b'][:6]))}{' ...' if len(s['b']) > 6 else ''}"
+                          for s in splits)
+        print(f"compare: A features with the most B partners: {shown}; to look at them: sae-stream analyze "
+              f"{result['a']['path']} --features {','.join(str(s['a']) for s in splits)}")
     print(f"compare: -> {out / COMPARE_JSON}, {out / COMPARE_PNG}")
 
 

@@ -224,14 +224,21 @@ def _print_eval(r: dict[str, Any], path: Path) -> None:
           f"features -> {path}")
 
 
-def analyze_run(run_dir: str | Path, overrides: list[str] | None = None, loaded: tuple | None = None) -> Path:
+def analyze_run(run_dir: str | Path, overrides: list[str] | None = None, loaded: tuple | None = None,
+                features: list[int] | None = None) -> Path:
+    """dashboard/ for a run (each SAE of a sweep); `features` shows those ids instead of analysis.features."""
     from sae_stream.analysis.dashboard import build_dashboard
     from sae_stream.tokenizer import get_tokenizer
 
     run_dir = require_run_dir(run_dir).resolve()
     if loaded is None and sweep_dirs(run_dir):
+        if features is not None:
+            raise UserError(f"--features names features of one SAE, and {run_dir} is a sweep: pass RUN_DIR/<name>")
         return next(iter(_each_member(run_dir, overrides, analyze_run).values()), run_dir)
     cfg, model, sae = loaded or load_trained(run_dir, overrides or [])
+    wrong = [f for f in features or [] if not 0 <= f < sae.d_sae]
+    if wrong:
+        raise UserError(f"--features {wrong[0]} is not a feature of this SAE: ids run from 0 to {sae.d_sae - 1}")
     ev = current_eval(run_dir)
     if ev is None and (run_dir / "eval.json").is_file():
         warnings.warn(f"{run_dir / 'eval.json'} predates the SAE in {SAE_DIR}/ (trained further since): the "
@@ -247,7 +254,7 @@ def analyze_run(run_dir: str | Path, overrides: list[str] | None = None, loaded:
     path = build_dashboard(model, sae, cfg.buffer.hook_name, batches, get_tokenizer(cfg.data.tokenizer), cfg.analysis,
                            run_dir / DASHBOARD_DIR, densities, ultralow_threshold=cfg.train.ultralow_threshold,
                            dead_threshold=cfg.train.dead_threshold, dense_threshold=cfg.train.dense_threshold,
-                           density_tokens=density_tokens,
+                           density_tokens=density_tokens, features=features,
                            skip_first_position=cfg.buffer.skip_first_position, links=links)
     print(f"dashboard: {path}" + (f"; training curves: {curves}" if curves else ""))
     return path

@@ -1,6 +1,7 @@
 """`sae-stream compare`: feature matching by decoder cosine and activation correlation, against references."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from sae_stream.analysis.matching import (
     by_density,
     decoder_matches,
     partners_per_feature,
+    top_splits,
 )
 from sae_stream.cli import main
 from sae_stream.compare import COMPARE_JSON, COMPARE_PNG, COMPARE_TENSORS
@@ -93,6 +95,17 @@ def test_by_density__band_means_by_hand() -> None:
     assert got["(0.0001, 0.001]"] == {"features": 0, "mean": None}
 
 
+def test_top_splits__most_partners_first_and_only_strong_eligible_ones() -> None:
+    #                        B's feature:  0    1    2    3    4    5    6    7
+    b_in_a = Matches(torch.tensor([0.9, 0.6, 0.7, 0.95, 0.8, 0.4, 0.99, float("nan")]),
+                     torch.tensor([2, 2, 2, 5, 5, 5, 1, -1]))
+    assert top_splits(b_in_a, min_value=0.5) == [{"a": 2, "b": [0, 2, 1], "values": [0.9, 0.7, 0.6]},
+                                                 {"a": 5, "b": [3, 4], "values": [0.95, 0.8]}]
+    eligible = torch.tensor([True, False, True, True, False, True, True, True])
+    assert top_splits(b_in_a, min_value=0.5, eligible_G=eligible) == [{"a": 2, "b": [0, 2], "values": [0.9, 0.7]}]
+    assert top_splits(b_in_a, n=1, min_value=0.3)[0]["a"] == 5  # (3 partners each: the higher best value first)
+
+
 def _copy_run(run: Path, to: Path) -> Path:
     shutil.copytree(run, to, ignore=shutil.ignore_patterns("checkpoints", "dashboard"))
     return to
@@ -131,6 +144,7 @@ def test_compare__recovers_a_permutation_of_the_features(tiny_run: Path, tmp_pat
     assert torch.isnan(t["activation_correlation.a_value"][~fired]).all()
     assert torch.equal(t["density.b"], t["density.a"][perm])
     assert corr["a_partners"] == {"0": int((~fired).sum()), "1": int(fired.sum()), "2-3": 0, "4+": 0}
+    assert result["splits"]["features"] == []  # (a permutation splits nothing)
     for measure in ("decoder_cosine", "activation_correlation"):  # every feature in one band
         assert sum(band["features"] for band in result[measure]["a_by_density"].values()) == 128
     assert result["activation_correlation"]["a_by_density"]["never fired"]["features"] == int((~fired).sum())
@@ -185,6 +199,19 @@ def test_compare__saelens_exports_borrow_the_runs_lm(tiny_run: Path, tmp_path: P
     with pytest.warns(UserWarning, match="hold the same SAE"):  # (and replaces the one before)
         result, _ = _compare(tiny_run, moved, tmp_path / "moved", "--overwrite", "--no-correlation")
     assert "skipped" in result["activation_correlation"]
+
+
+def test_analyze__features_shows_exactly_those(tiny_run: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture) -> None:
+    run = _copy_run(tiny_run, tmp_path / "run")
+    assert main(["analyze", str(run), "--features", "7,3,7", "--analysis.ablation=false"]) == 0
+    page = (run / "dashboard/index.html").read_text()
+    assert re.findall(r'<section class="feature" id="f(\d+)"', page) == ["7", "3"]
+    for bad, needle in (("3,128", "--features 128 is not a feature of this SAE: ids run from 0 to 127"),
+                        ("3,x", "give feature ids separated by commas")):
+        capsys.readouterr()
+        assert main(["analyze", str(run), "--features", bad]) == 2
+        assert needle in capsys.readouterr().err
 
 
 def test_compare__bad_input_exits_2_and_keeps_what_is_there(tiny_run: Path, tmp_path: Path,

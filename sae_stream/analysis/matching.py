@@ -179,3 +179,21 @@ def by_density(m: Matches, density_F: Tensor) -> dict[str, dict]:
         values = value_F[in_band & ~value_F.isnan()]
         out[name] = {"features": int(in_band.sum()), "mean": float(values.mean()) if values.numel() else None}
     return out
+
+
+def top_splits(b_in_a: Matches, n: int = 10, min_value: float = 0.5, eligible_G: Tensor | None = None) -> list[dict]:
+    """The `n` features of A that are the best match (at least `min_value`) of the most features of B, as
+    {"a": id, "b": [B's ids, best first], "values": [...]}: candidates for feature splitting, to look at side by side
+    (most partners first; ties: the higher best value). Features with fewer than 2 partners are left out; so are B's
+    features outside `eligible_G` (e.g. ones that fired too rarely for their correlation to mean much)."""
+    strong = ~torch.isnan(b_in_a.value_F) & (b_in_a.value_F >= min_value) & (b_in_a.index_F >= 0)
+    if eligible_G is not None:
+        strong &= eligible_G.to(strong.device)
+    groups: dict[int, list[tuple[float, int]]] = {}
+    for g, (a, v) in enumerate(zip(b_in_a.index_F.tolist(), b_in_a.value_F.tolist())):
+        if strong[g]:
+            groups.setdefault(a, []).append((v, g))
+    ranked = sorted((sorted(members, reverse=True), a) for a, members in groups.items() if len(members) >= 2)
+    ranked.sort(key=lambda item: (-len(item[0]), -item[0][0][0], item[1]))
+    return [{"a": a, "b": [g for _, g in members], "values": [round(v, 4) for v, _ in members]}
+            for members, a in ranked[:n]]
