@@ -13,6 +13,8 @@ over --repeats rounds, each timed over --tokens tokens of [--batch, --context-le
   launching thread does), so the child has the other cores only
 - `reader_ceiling`: the whole reader inline with the BPE replaced by a lookup of the documents' tokens: what one
   reader process can deliver at most however many tokenizer threads it has (its serial part)
+- `pretokenized_jsonl_inline` / `pretokenized_parquet_inline`: the whole reader inline on the same documents stored
+  as token ids (`data.text_field=input_ids`, each document's ids and its end-of-text): no tokenizer runs
 
 T runs over 1 and the cores this process may use (--threads to choose). The corpus: documents of ~4.5 KB (about
 OpenWebText's mean) joined from the embedded corpus (Python's docs: prose with code), written to --dir.
@@ -60,6 +62,20 @@ def write_corpus(path: Path, n_bytes: int, seed: int = 0) -> list[str]:
             current = ""
     path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     return docs
+
+
+def write_pretokenized(root: Path, docs: list[str]) -> dict[str, Path]:
+    """The documents as GPT-2 token ids, each followed by end-of-text (the tokens the text variants make), in a
+    .jsonl and a .parquet (list<int32>, as pre-tokenized Hub datasets store them)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tok = get_tokenizer("gpt2")
+    ids = [[*tok.encode(d), tok.eot] for d in docs]
+    jsonl, parquet = root / "ids.jsonl", root / "ids.parquet"
+    jsonl.write_text("".join(json.dumps({"input_ids": i}) + "\n" for i in ids))
+    pq.write_table(pa.table({"input_ids": pa.array(ids, type=pa.list_(pa.int32()))}), parquet)
+    return {"jsonl": jsonl, "parquet": parquet}
 
 
 def cpu_name() -> str:
@@ -133,7 +149,7 @@ class _Lookup:
     """A tokenizer whose encode_array looks the document up (the tokens computed beforehand)."""
 
     def __init__(self, tok: object, tokens: dict[str, np.ndarray]) -> None:
-        self.eot, self.tokens = tok.eot, tokens
+        self.eot, self.n_vocab, self.name, self.tokens = tok.eot, tok.n_vocab, tok.name, tokens
 
     def encode_array(self, text: str) -> np.ndarray:
         return self.tokens[text]
@@ -163,10 +179,18 @@ def main() -> None:
               f"({cores} usable)", "torch": torch.__version__, "context_len": args.context_len, "batch": args.batch}
     cfg = DataConfig(source=str(path), tokenizer="gpt2", context_len=args.context_len, heldout_fraction=0.0)
     n_batches = max(1, n_tokens // (args.batch * args.context_len))
+    pre = {kind: DataConfig(**{**cfg.__dict__, "source": str(f), "text_field": "input_ids"})
+           for kind, f in write_pretokenized(root, docs).items()}
+    first = [next(iter(ContextBatches(TokenContexts(c), args.batch))) for c in (cfg, *pre.values())]
+    if not all(torch.equal(first[0], b) for b in first[1:]):  # (same records, same order: the same tokens)
+        raise SystemExit("the pre-tokenized files give other batches than their text: a reader bug")
     variants = {"records": lambda: records_rate(cfg, tokens_per_char, n_tokens),
                 "tokenize_session8": lambda: tokenize_session8(docs),
                 "reader_ceiling": lambda: reader_ceiling(DataConfig(**{**cfg.__dict__, "tokenizer_threads": 1}),
                                                          docs, args.batch, n_batches)}
+    for kind, pcfg in pre.items():
+        variants[f"pretokenized_{kind}_inline"] = lambda c=pcfg: timed_batches(ContextBatches(TokenContexts(c),
+                                                                                             args.batch), n_batches)
     for t in threads:
         tcfg = DataConfig(**{**cfg.__dict__, "tokenizer_threads": t})
         variants[f"tokenize_array_{t}"] = lambda t=t: tokenize_array(docs, t)

@@ -24,7 +24,7 @@ class DataConfig:
     split: str = "train"
     """HF split to stream for training."""
     text_field: str = "text"
-    """Column holding the text in HF / jsonl / parquet records."""
+    """Column of each record's text, or of its token ids (e.g. input_ids: joined as they are, no end-of-text added)."""
     tokenizer: str = "gpt2"
     """'gpt2' (tiktoken BPE, shipped offline) or 'byte' (256 byte ids + end-of-text, for tiny tests)."""
     context_len: int = 128

@@ -105,9 +105,11 @@ def embedded_cache_path(tokenizer_name: str) -> Path:
     return Path(base).expanduser() / f"{name}-{tokenizer_name}.pt"
 
 
-def heldout_key(text: str) -> float:
-    """A stable value in [0, 1) per document text: documents with key < heldout_fraction are held out."""
-    return int.from_bytes(hashlib.sha1(text.encode("utf-8", "surrogatepass")).digest()[:8], "big") / 2.0**64
+def heldout_key(text: str | bytes) -> float:
+    """A stable value in [0, 1) per document (its text, or the bytes of its pre-tokenized ids): documents with key <
+    heldout_fraction are held out."""
+    data = text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass")
+    return int.from_bytes(hashlib.sha1(data).digest()[:8], "big") / 2.0**64
 
 
 def corpus_summary(tokenizer_name: str = "gpt2", heldout_fraction: float = 0.05) -> dict[str, Any]:

@@ -32,7 +32,7 @@ import torch
 
 from sae_stream.config import Config, DataConfig, load_config
 from sae_stream.corpus import embedded_corpus, heldout_key
-from sae_stream.records import StreamSource
+from sae_stream.records import Doc, StreamSource
 from sae_stream.rundir import first_line, is_main_process
 from sae_stream.tokenizer import Tokenizer, get_tokenizer
 
@@ -72,10 +72,10 @@ def tokenizer_threads(cfg: DataConfig) -> int:
     return max(1, min(16, cores))
 
 
-def _hash_filter(fraction: float, heldout: bool) -> Callable[[str], bool] | None:
+def _hash_filter(fraction: float, heldout: bool) -> Callable[[Doc], bool] | None:
     if fraction == 0.0 and not heldout:
         return None
-    return lambda text: (heldout_key(text) < fraction) == heldout
+    return lambda doc: (heldout_key(doc if isinstance(doc, str) else doc.astype("<i4").tobytes()) < fraction) == heldout
 
 
 def local_files(source: str) -> list[Path] | None:

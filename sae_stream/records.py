@@ -1,7 +1,7 @@
 """The shuffled texts of a streamed `datasets.IterableDataset`, resumable without re-reading what came before.
 
     texts = ShuffledTexts(dataset, "text", seed, buffer_size=1000, where="HF dataset ...")
-    for text in texts: ...            # str, or None for a record whose field is not a string
+    for text in texts: ...            # str; an int32 array for pre-tokenized ids; None for anything else
     state = texts.snapshot()          # between two texts: resume with ShuffledTexts(..., state=state)
 
 The epoch's order: the dataset's shards (its files) in a seeded random order, then a shuffle buffer over their
@@ -28,6 +28,7 @@ from sae_stream.rundir import first_line
 from sae_stream.tokenizer import Tokenizer
 
 ENCODE_DOCS = 64  # documents per token chunk of a StreamSource (its snapshots are taken between chunks)
+Doc = str | np.ndarray  # a record's text, or its pre-tokenized ids
 
 
 class ShuffledTexts:
@@ -104,19 +105,27 @@ class ShuffledTexts:
                 skip, failures = skip + 1, 0  # (retries count failures in a row: progress resets them)
                 yield record
 
-    def _text(self, record: dict[str, Any]) -> str | None:
+    def _text(self, record: dict[str, Any]) -> Doc | None:
         if self.text_field not in record:
             raise ValueError(f"{self.where} has no column {self.text_field!r} (columns: {', '.join(record)}): "
                              "set data.text_field")
-        text = record[self.text_field]
-        return text if isinstance(text, str) else None
+        value = record[self.text_field]
+        if isinstance(value, str) or value is None:
+            return value
+        ids = np.asarray(value)
+        if ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu"):
+            raise ValueError(f"column {self.text_field!r} of {self.where} holds neither text nor a list of token ids "
+                             f"(a {type(value).__name__}): set data.text_field to one that does")
+        return ids.astype(np.int32)  # (pre-tokenized: kept as ids, 4 bytes each in the shuffle buffer)
 
 
 class StreamSource:
     """A `datasets.IterableDataset` of records: shuffled per epoch (ShuffledTexts), filtered, tokenized in batches by a
-    pool of `threads` (each document on its own, joined in order: the same tokens for any count)."""
+    pool of `threads` (each document on its own, joined in order: the same tokens for any count). Text documents
+    are each followed by end-of-text; a column of pre-tokenized ids is joined as it is (such datasets carry their
+    own separators), its ids checked against the tokenizer's vocabulary."""
 
-    def __init__(self, dataset: Any, text_field: str, keep: Callable[[str], bool] | None, tok: Tokenizer,
+    def __init__(self, dataset: Any, text_field: str, keep: Callable[[Doc], bool] | None, tok: Tokenizer,
                  shuffle_buffer: int, where: str, retries: int = 0, threads: int = 1) -> None:
         self.dataset, self.text_field, self.keep, self.tok = dataset, text_field, keep, tok
         self.shuffle_buffer, self.where, self.retries, self.threads = shuffle_buffer, where, retries, threads
@@ -129,12 +138,12 @@ class StreamSource:
         encoded while the reader goes on."""
         texts = ShuffledTexts(self.dataset, self.text_field, seed, self.shuffle_buffer, self.where, start,
                               retries=self.retries)
-        batch: list[str] = []
+        batch: list[Doc] = []
         in_flight: deque[tuple[list[Any], Any]] = deque()
         n_docs = n_other_split = 0
         before = texts.snapshot()
         for text in texts:
-            if text is None or not text.strip():
+            if text is None or (not text.strip() if isinstance(text, str) else text.size == 0):
                 continue
             if self.keep is not None and not self.keep(text):
                 n_other_split += 1
@@ -160,20 +169,25 @@ class StreamSource:
         if n_docs == 0:
             raise ValueError(f"no text in {self.where}")
 
-    def _submit(self, texts: list[str]) -> list[Any]:
-        """Each text's token array, or with threads a future of it."""
-        if self.threads == 1:
-            return [self.tok.encode_array(t) for t in texts]
-        if self._pool is None:
+    def _submit(self, docs: list[Doc]) -> list[tuple[Any, bool]]:
+        """Each document's token array (with threads a future of it), and whether it was text (gets end-of-text)."""
+        if self.threads > 1 and self._pool is None:
             self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="tokenize")
-        return [self._pool.submit(self.tok.encode_array, t) for t in texts]
+        encode = self.tok.encode_array if self._pool is None else functools.partial(self._pool.submit,
+                                                                                     self.tok.encode_array)
+        return [(encode(d), True) if isinstance(d, str) else (d, False) for d in docs]
 
-    def _join(self, parts: list[Any], before: Any) -> tuple[torch.Tensor, Any]:
-        """The chunk's documents, each followed by end-of-text, as one LongTensor (and the snapshot before it)."""
+    def _join(self, parts: list[tuple[Any, bool]], before: Any) -> tuple[torch.Tensor, Any]:
+        """The chunk's documents (text ones followed by end-of-text) as one LongTensor, and the snapshot before it."""
         eot = np.array([self.tok.eot], dtype=np.int64)
-        arrays = [p.result() if isinstance(p, Future) else p for p in parts]
-        flat = np.concatenate([a for doc in arrays for a in (doc, eot)])
-        return torch.from_numpy(flat.astype(np.int64, copy=False)), before
+        arrays = [(p.result() if isinstance(p, Future) else p, text) for p, text in parts]
+        flat = np.concatenate([a for doc, text in arrays for a in ((doc, eot) if text else (doc,))]).astype(np.int64)
+        if flat.size and (flat.min() < 0 or flat.max() >= self.tok.n_vocab):
+            bad = int(flat[(flat < 0) | (flat >= self.tok.n_vocab)][0])
+            raise ValueError(f"{self.where}: token id {bad} in column {self.text_field!r} is outside the "
+                             f"{self.tok.name!r} tokenizer's {self.tok.n_vocab} ids: set data.tokenizer to the one "
+                             "the ids come from")
+        return torch.from_numpy(flat), before
 
 
 def _network_error(e: BaseException) -> bool:

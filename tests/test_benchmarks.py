@@ -117,7 +117,8 @@ def test_profile_step__profiles_the_step_and_the_loop_at_the_rate_it_reports(tmp
 
 def test_data_throughput__every_variant_measured_and_ratios_follow(tmp_path: Path) -> None:
     """gpu_session.sh's text -> token batches figures: each reader variant measured at 1 and 2 tokenizer threads,
-    and the ratios taken against inline_1 of the same run."""
+    and the ratios taken against inline_1 of the same run (the pre-tokenized files checked to give the same batches
+    as their text, or the script exits non-zero)."""
     out = tmp_path / "data.jsonl"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "data_throughput.py"), "--tokens", "60000", "--context-len",
            "256", "--batch", "4", "--threads", "1", "2", "--repeats", "1", "--dir", str(tmp_path), "--out", str(out)]
@@ -125,8 +126,8 @@ def test_data_throughput__every_variant_measured_and_ratios_follow(tmp_path: Pat
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = {r["variant"]: r for r in map(json.loads, out.read_text().splitlines())}
     kinds = ("tokenize_array_{}", "inline_{}", "prefetched_{}", "prefetched_{}_busy")
-    assert rows.keys() == {"records", "tokenize_session8", "reader_ceiling"} | {k.format(t) for k in kinds
-                                                                              for t in (1, 2)}
+    assert rows.keys() == {"records", "tokenize_session8", "reader_ceiling", "pretokenized_jsonl_inline",
+                           "pretokenized_parquet_inline"} | {k.format(t) for k in kinds for t in (1, 2)}
     base = rows["inline_1"]["tokens_per_s"]
     for name, r in rows.items():
         assert r["rounds"] == [r["tokens_per_s"]], name

@@ -202,6 +202,46 @@ def test_local_jsonl_and_parquet__read_text_field(tmp_path, monkeypatch, capfd) 
     assert "Failed to load JSON" not in capfd.readouterr().err  # (the one-line error says it; datasets' log did too)
 
 
+@pytest.mark.filterwarnings("ignore:data.*exhausted")
+def test_pretokenized_column__records_join_as_they_are_split_and_resume(tmp_path, monkeypatch) -> None:
+    """A column of token ids is used as it is: records of context_len ids stay whole, no end-of-text is added, the
+    held-out split partitions the records by hash, a resume replays exactly; ids the tokenizer lacks are refused."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0)
+    g = torch.Generator().manual_seed(0)
+    records = [torch.randint(0, 256, (16,), generator=g).tolist() for _ in range(40)]
+    jsonl = tmp_path / "ids.jsonl"
+    jsonl.write_text("".join(json.dumps({"input_ids": r, "text": "unused"}) + "\n" for r in records))
+    parquet = tmp_path / "ids.parquet"
+    pq.write_table(pa.table({"input_ids": records}), parquet)
+    whole = sorted(records)
+    for path in (jsonl, parquet):
+        cfg = byte_cfg(source=str(path), text_field="input_ids", context_len=16, heldout_fraction=0.0)
+        assert sorted(c.tolist() for c in TokenContexts(cfg)) == whole
+    cfg = byte_cfg(source=str(jsonl), text_field="input_ids", context_len=16, heldout_fraction=0.3)
+    train = [c.tolist() for c in TokenContexts(cfg)]
+    held = [c.tolist() for c in TokenContexts(cfg, split="heldout")]
+    assert sorted(train + held) == whole and 0 < len(held) < len(train)
+    contexts = TokenContexts(dataclasses.replace(cfg, shuffle_buffer=4))
+    take(contexts, 5)
+    state = contexts.state_dict()
+    again = TokenContexts(dataclasses.replace(cfg, shuffle_buffer=4))
+    again.load_state_dict(state)
+    assert [c.tolist() for c in take(again, 6)] == [c.tolist() for c in take(contexts, 6)]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"input_ids": [1, 2, 300]}) + "\n")
+    with pytest.raises(ValueError, match=r"token id 300 in column 'input_ids' is outside the 'byte' tokenizer"):
+        next(iter(TokenContexts(byte_cfg(source=str(bad), text_field="input_ids", heldout_fraction=0.0,
+                                         context_len=2))))
+    odd = tmp_path / "odd.jsonl"
+    odd.write_text(json.dumps({"input_ids": [0.5, 1.5]}) + "\n")
+    with pytest.raises(ValueError, match=r"column 'input_ids' of .* holds neither text nor a list of token ids"):
+        next(iter(TokenContexts(byte_cfg(source=str(odd), text_field="input_ids", heldout_fraction=0.0))))
+
+
 def test_local_source__empty_corpus_is_an_error(tmp_path) -> None:
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(ValueError, match="no text in"):
