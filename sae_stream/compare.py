@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from tqdm.auto import tqdm
 
@@ -63,8 +64,8 @@ DEFINITIONS = {
                               "feature of the other SAE, over the same held-out tokens; undefined (null, index -1) "
                               "for a feature that never fired there. A feature that fired on a few tokens only can "
                               "correlate highly by chance: read the rare bands of *_by_density with that in mind",
-    "a_by_density / b_by_density": "the mean best match of the features in each band of their density on the text "
-                                   "(fraction of tokens they fire on), and the count; with correlations only",
+    "a_by_density / b_by_density": "the mean best match of the features in each band of their density (fraction "
+                                   "of tokens they fire on; density_source says which tokens), and the count",
     "a_in_b / b_in_a": "the best matches of A's features among B's, and of B's among A's",
     "partners": "how many features of one SAE are the best match of 0, 1, 2-3, 4+ features of the other: with "
                 "B larger, an A feature with several partners split into them",
@@ -207,6 +208,17 @@ def correlate(a: Side, b: Side, tokens: int | None = None) -> CorrelationTotals:
     return totals
 
 
+def _training_density(side: Side) -> torch.Tensor | None:
+    """The feature densities an export recorded in training (sparsity.safetensors: log10), or None."""
+    path = (side.path / SAE_DIR if side.cfg is not None else side.path) / "sparsity.safetensors"
+    if not path.is_file():
+        return None
+    log10_F = load_safetensors(path.read_bytes()).get("sparsity")
+    if log10_F is None or log10_F.shape != (side.sae.d_sae,):
+        return None
+    return torch.pow(10.0, log10_F.double()).float()  # (-inf: never fired, density 0)
+
+
 MEASURES = {"decoder_cosine": "decoder cosine", "activation_correlation": "activation correlation"}
 SPLIT_MIN = 0.5  # (a partner for `splits`: well above chance, ~0.2 for decoders of 512 dims against thousands)
 SPLIT_MIN_FIRES = 10  # (and, with correlations, a B feature that fired on at least this many tokens of the text)
@@ -220,8 +232,8 @@ def _measure(a_in_b: Matches, b_in_a: Matches, d_a: int, d_b: int) -> dict[str, 
 def compare_saes(a: Side, b: Side, correlation: bool = True, tokens: int | None = None
                  ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(the summary, per-feature tensors) of comparing A with B: decoder cosines when they read the same
-    activations, activation correlations when `correlation` and both have an LM (with them, each measure's mean
-    per density band of the features on that text)."""
+    activations, activation correlations when `correlation` and both have an LM; each measure's mean per density
+    band, by the densities on the text (or, without correlations, the exports' training densities)."""
     result: dict[str, Any] = {"a": a.describe(), "b": b.describe()}
     matches: dict[str, tuple[Matches, Matches]] = {}
     why = same_activations(a, b)
@@ -232,24 +244,30 @@ def compare_saes(a: Side, b: Side, correlation: bool = True, tokens: int | None 
         result["decoder_cosine"] = {"skipped": f"{why}: decoder directions live in different spaces"}
     skipped = "--no-correlation" if not correlation else _no_correlation(a, b)
     tensors: dict[str, torch.Tensor] = {}
+    fires_b = None  # (how often B's features fired on the text: rare ones are left out of `splits`)
     if skipped is None:
         totals = correlate(a, b, tokens)
         matches["activation_correlation"] = totals.matches()
         density_a, density_b = totals.densities()
         tensors.update({"density.a": density_a.float(), "density.b": density_b.float()})
+        fires_b = density_b * totals.n
+        result["density_source"] = f"the held-out text ({totals.n:,} tokens)"
         result["activation_correlation"] = {"tokens": totals.n, "never_fired": {"a": int((density_a == 0).sum()),
                                                                                 "b": int((density_b == 0).sum())}}
     else:
         result["activation_correlation"] = {"skipped": skipped}
+        trained = _training_density(a), _training_density(b)
+        if trained[0] is not None and trained[1] is not None:
+            tensors.update({"density.a": trained[0], "density.b": trained[1]})
+            result["density_source"] = "training (each export's sparsity.safetensors)"
     for key, (a_in_b, b_in_a) in matches.items():
         result[key] = {**result.get(key, {}), **_measure(a_in_b, b_in_a, a.sae.d_sae, b.sae.d_sae)}
-        if tensors:
+        if "density.a" in tensors:
             result[key]["a_by_density"] = by_density(a_in_b, tensors["density.a"])
             result[key]["b_by_density"] = by_density(b_in_a, tensors["density.b"])
         tensors.update({f"{key}.a_value": a_in_b.value_F, f"{key}.a_index": a_in_b.index_F,
                         f"{key}.b_value": b_in_a.value_F, f"{key}.b_index": b_in_a.index_F})
-        eligible = tensors["density.b"] * result["activation_correlation"]["tokens"] >= SPLIT_MIN_FIRES if (
-            "density.b" in tensors) else None
+        eligible = fires_b >= SPLIT_MIN_FIRES if fires_b is not None else None
         result["splits"] = {"measure": key, "min_value": SPLIT_MIN, "min_fires": SPLIT_MIN_FIRES if eligible is not
                             None else None, "features": top_splits(b_in_a, 10, SPLIT_MIN, eligible)}
     result["definitions"] = DEFINITIONS

@@ -197,8 +197,11 @@ def test_compare__saelens_exports_borrow_the_runs_lm(tiny_run: Path, tmp_path: P
     assert result["same_activations"] and result["b"]["hook_name"] == "blocks.0.mlp.hook_post"
     torch.testing.assert_close(t["activation_correlation.b_value"][fired], torch.ones(int(fired.sum())))
     with pytest.warns(UserWarning, match="hold the same SAE"):  # (and replaces the one before)
-        result, _ = _compare(tiny_run, moved, tmp_path / "moved", "--overwrite", "--no-correlation")
+        result, t = _compare(tiny_run, moved, tmp_path / "moved", "--overwrite", "--no-correlation")
     assert "skipped" in result["activation_correlation"]
+    assert result["density_source"].startswith("training")  # (the exports' sparsity.safetensors, both the same)
+    assert sum(band["features"] for band in result["decoder_cosine"]["a_by_density"].values()) == 128
+    assert torch.equal(t["density.a"], t["density.b"]) and (t["density.a"] > 0).any()
 
 
 def test_analyze__features_shows_exactly_those(tiny_run: Path, tmp_path: Path,
