@@ -84,9 +84,17 @@ class Side:
     model: Any = None
     lm: str | None = None  # its LM: "sha256:..." of an `lm train` directory's weights, a model name; None: unknown
 
+    @property
+    def run_dir(self) -> Path | None:
+        """The run directory this SAE belongs to (itself, or the run a `sae/` export sits in), if any."""
+        if self.cfg is not None:
+            return self.path
+        return self.path.parent if self.path.name == SAE_DIR and (self.path.parent / "config.yaml").is_file() else None
+
     def describe(self) -> dict[str, Any]:
-        return {"path": str(self.path), "hook_name": self.hook_name, "d_in": self.sae.d_in,
-                "d_sae": self.sae.d_sae, "architecture": self.sae.cfg.architecture, "lm": self.lm}
+        return {"path": str(self.path), "run_dir": str(self.run_dir) if self.run_dir else None,
+                "hook_name": self.hook_name, "d_in": self.sae.d_in, "d_sae": self.sae.d_sae,
+                "architecture": self.sae.cfg.architecture, "lm": self.lm}
 
 
 def lm_identity(path_or_name: str | None) -> str | None:
@@ -250,7 +258,7 @@ def compare_saes(a: Side, b: Side, correlation: bool = True, tokens: int | None 
         matches["activation_correlation"] = totals.matches()
         density_a, density_b = totals.densities()
         tensors.update({"density.a": density_a.float(), "density.b": density_b.float()})
-        fires_b = density_b * totals.n
+        fires_b = totals.fires_b  # (counts, exact in float64)
         result["density_source"] = f"the held-out text ({totals.n:,} tokens)"
         result["activation_correlation"] = {"tokens": totals.n, "never_fired": {"a": int((density_a == 0).sum()),
                                                                                 "b": int((density_b == 0).sum())}}
@@ -322,8 +330,12 @@ def _print_summary(result: dict[str, Any], out: Path) -> None:
     if splits:
         shown = "; ".join(f"{s['a']} -> {', '.join(map(str, s['b'][:6]))}{' ...' if len(s['b']) > 6 else ''}"
                           for s in splits)
-        print(f"compare: A features with the most B partners: {shown}; to look at them: sae-stream analyze "
-              f"{result['a']['path']} --features {','.join(str(s['a']) for s in splits)}")
+        print(f"compare: A features with the most B partners: {shown}")
+        ids = {"a": [s["a"] for s in splits], "b": [b for s in splits for b in s["b"][:6]]}
+        for side in ("a", "b"):  # (analyze reads run directories: a bare SAELens export has no LM or text)
+            if result[side]["run_dir"]:
+                print(f"compare: to look at them: sae-stream analyze {result[side]['run_dir']} --features "
+                      f"{','.join(map(str, ids[side]))}")
     print(f"compare: -> {out / COMPARE_JSON}, {out / COMPARE_PNG}")
 
 

@@ -6,7 +6,8 @@
 - any Hugging Face dataset name, streamed (e.g. 'Skylion007/openwebtext', 'monology/pile-uncopyrighted').
 
 Documents are shuffled (per seed and epoch), tokenized, joined with end-of-text and cut into contexts of
-`data.context_len` tokens, as nanoGPT does. Context i of an epoch goes to rank i % world_size.
+`data.context_len` tokens, as nanoGPT does (a column of token ids is joined as it is). Context i of an epoch goes
+to rank i % world_size.
 
     contexts = TokenContexts(cfg.data, split="train")
     for tokens_BT in context_batches(contexts, batch_size=32): ...
@@ -75,7 +76,8 @@ def tokenizer_threads(cfg: DataConfig) -> int:
 def _hash_filter(fraction: float, heldout: bool) -> Callable[[Doc], bool] | None:
     if fraction == 0.0 and not heldout:
         return None
-    return lambda doc: (heldout_key(doc if isinstance(doc, str) else doc.astype("<i4").tobytes()) < fraction) == heldout
+    return lambda doc: (heldout_key(doc if isinstance(doc, str) else doc.numpy().astype("<i4", copy=False).tobytes())
+                        < fraction) == heldout
 
 
 def local_files(source: str) -> list[Path] | None:
@@ -152,9 +154,7 @@ def pin_hf_revision(cfg: Config) -> Config:
     so the run's config.yaml, and so its resume, name the exact data. Unchanged for local sources, a sha, or when the
     Hub cannot be asked. Under torchrun each rank asks at start-up: they agree unless a commit lands in between."""
     source, rev = cfg.data.source, cfg.data.hf_revision
-    if source == "embedded" or local_files(source) is not None or (rev and _is_sha(rev)):
-        return cfg
-    if hub_unreachable_reason() is not None:
+    if source == "embedded" or local_files(source) is not None or (rev and _is_sha(rev)) or hub_unreachable_reason():
         return cfg
     try:
         from huggingface_hub import HfApi

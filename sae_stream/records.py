@@ -1,7 +1,7 @@
 """The shuffled texts of a streamed `datasets.IterableDataset`, resumable without re-reading what came before.
 
     texts = ShuffledTexts(dataset, "text", seed, buffer_size=1000, where="HF dataset ...")
-    for text in texts: ...            # str; an int32 array for pre-tokenized ids; None for anything else
+    for text in texts: ...            # str; an int32 tensor for pre-tokenized ids; None for anything else
     state = texts.snapshot()          # between two texts: resume with ShuffledTexts(..., state=state)
 
 The epoch's order: the dataset's shards (its files) in a seeded random order, then a shuffle buffer over their
@@ -28,7 +28,8 @@ from sae_stream.rundir import first_line
 from sae_stream.tokenizer import Tokenizer
 
 ENCODE_DOCS = 64  # documents per token chunk of a StreamSource (its snapshots are taken between chunks)
-Doc = str | np.ndarray  # a record's text, or its pre-tokenized ids
+Doc = str | torch.Tensor  # a record's text, or its pre-tokenized ids (int32: compact in the shuffle buffer, and a
+# checkpoint of that buffer pickles tensors, which load under any numpy)
 
 
 class ShuffledTexts:
@@ -112,11 +113,18 @@ class ShuffledTexts:
         value = record[self.text_field]
         if isinstance(value, str) or value is None:
             return value
-        ids = np.asarray(value)
-        if ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu"):
+        try:
+            ids = np.asarray(value)
+        except ValueError:  # (ragged nested lists)
+            ids = None
+        if ids is None or ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu"):
             raise ValueError(f"column {self.text_field!r} of {self.where} holds neither text nor a list of token ids "
                              f"(a {type(value).__name__}): set data.text_field to one that does")
-        return ids.astype(np.int32)  # (pre-tokenized: kept as ids, 4 bytes each in the shuffle buffer)
+        if ids.size and (ids.min() < 0 or ids.max() > np.iinfo(np.int32).max):
+            bad = int(ids.min() if ids.min() < 0 else ids.max())
+            raise ValueError(f"{self.where}: token id {bad} in column {self.text_field!r} is no id of the 'gpt2' or "
+                             "'byte' tokenizer, the ones sae-stream reads")
+        return torch.from_numpy(ids.astype(np.int32))
 
 
 class StreamSource:
@@ -143,7 +151,7 @@ class StreamSource:
         n_docs = n_other_split = 0
         before = texts.snapshot()
         for text in texts:
-            if text is None or (not text.strip() if isinstance(text, str) else text.size == 0):
+            if text is None or (not text.strip() if isinstance(text, str) else text.numel() == 0):
                 continue
             if self.keep is not None and not self.keep(text):
                 n_other_split += 1
@@ -175,18 +183,19 @@ class StreamSource:
             self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="tokenize")
         encode = self.tok.encode_array if self._pool is None else functools.partial(self._pool.submit,
                                                                                      self.tok.encode_array)
-        return [(encode(d), True) if isinstance(d, str) else (d, False) for d in docs]
+        return [(encode(d), True) if isinstance(d, str) else (d.numpy(), False) for d in docs]
 
     def _join(self, parts: list[tuple[Any, bool]], before: Any) -> tuple[torch.Tensor, Any]:
         """The chunk's documents (text ones followed by end-of-text) as one LongTensor, and the snapshot before it."""
         eot = np.array([self.tok.eot], dtype=np.int64)
         arrays = [(p.result() if isinstance(p, Future) else p, text) for p, text in parts]
-        flat = np.concatenate([a for doc, text in arrays for a in ((doc, eot) if text else (doc,))]).astype(np.int64)
-        if flat.size and (flat.min() < 0 or flat.max() >= self.tok.n_vocab):
+        flat = np.concatenate([a for doc, text in arrays for a in ((doc, eot) if text else (doc,))])
+        flat = flat.astype(np.int64, copy=False)
+        if flat.size and (flat.min() < 0 or flat.max() >= self.tok.n_vocab):  # (only pre-tokenized ids can be)
             bad = int(flat[(flat < 0) | (flat >= self.tok.n_vocab)][0])
             raise ValueError(f"{self.where}: token id {bad} in column {self.text_field!r} is outside the "
-                             f"{self.tok.name!r} tokenizer's {self.tok.n_vocab} ids: set data.tokenizer to the one "
-                             "the ids come from")
+                             f"{self.tok.name!r} tokenizer's {self.tok.n_vocab} ids (data.tokenizer): the ids come "
+                             "from another tokenizer, and sae-stream reads those of 'gpt2' and 'byte' only")
         return torch.from_numpy(flat), before
 
 

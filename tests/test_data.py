@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from sae_stream import corpus, data
+from sae_stream.checkpoint import load_checkpoint, save_checkpoint
 from sae_stream.config import DataConfig, config_from_dict
 from sae_stream.corpus import heldout_key
 from sae_stream.data import TokenContexts, context_batches, heldout_batches
@@ -225,21 +226,27 @@ def test_pretokenized_column__records_join_as_they_are_split_and_resume(tmp_path
     train = [c.tolist() for c in TokenContexts(cfg)]
     held = [c.tolist() for c in TokenContexts(cfg, split="heldout")]
     assert sorted(train + held) == whole and 0 < len(held) < len(train)
+    monkeypatch.setattr("sae_stream.records.ENCODE_DOCS", 4)  # chunks of 4: a resume mid-epoch, ids in the buffer
     contexts = TokenContexts(dataclasses.replace(cfg, shuffle_buffer=4))
-    take(contexts, 5)
-    state = contexts.state_dict()
+    take(contexts, 9)
+    buffer = contexts.state_dict()["replay"]["source"]["buffer"]
+    assert len(buffer) == 4 and all(isinstance(b, torch.Tensor) and b.dtype == torch.int32 for b in buffer)
+    saved = save_checkpoint(tmp_path / "ckpt", 1, {"data": contexts.state_dict()})  # (and back, memory-mapped)
     again = TokenContexts(dataclasses.replace(cfg, shuffle_buffer=4))
-    again.load_state_dict(state)
+    again.load_state_dict(load_checkpoint(saved)["data"])
     assert [c.tolist() for c in take(again, 6)] == [c.tolist() for c in take(contexts, 6)]
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"input_ids": [1, 2, 300]}) + "\n")
     with pytest.raises(ValueError, match=r"token id 300 in column 'input_ids' is outside the 'byte' tokenizer"):
         next(iter(TokenContexts(byte_cfg(source=str(bad), text_field="input_ids", heldout_fraction=0.0,
                                          context_len=2))))
-    odd = tmp_path / "odd.jsonl"
-    odd.write_text(json.dumps({"input_ids": [0.5, 1.5]}) + "\n")
-    with pytest.raises(ValueError, match=r"column 'input_ids' of .* holds neither text nor a list of token ids"):
-        next(iter(TokenContexts(byte_cfg(source=str(odd), text_field="input_ids", heldout_fraction=0.0))))
+    for i, (ids, needle) in enumerate((([0.5, 1.5], "holds neither text nor a list of token ids"),
+                                       ([[1, 2], [3]], "holds neither text nor a list of token ids"),
+                                       ([2**32 + 5], r"token id 4294967301 in column 'input_ids' is no id"))):
+        odd = tmp_path / f"odd{i}.jsonl"
+        odd.write_text(json.dumps({"input_ids": ids}) + "\n")
+        with pytest.raises(ValueError, match=needle):
+            next(iter(TokenContexts(byte_cfg(source=str(odd), text_field="input_ids", heldout_fraction=0.0))))
 
 
 def test_local_source__empty_corpus_is_an_error(tmp_path) -> None:

@@ -190,8 +190,8 @@ def top_splits(b_in_a: Matches, n: int = 10, min_value: float = 0.5, eligible_G:
     if eligible_G is not None:
         strong &= eligible_G.to(strong.device)
     groups: dict[int, list[tuple[float, int]]] = {}
-    for g, (a, v) in enumerate(zip(b_in_a.index_F.tolist(), b_in_a.value_F.tolist())):
-        if strong[g]:
+    for g, (a, v, keep) in enumerate(zip(b_in_a.index_F.tolist(), b_in_a.value_F.tolist(), strong.tolist())):
+        if keep:  # (lists: one transfer from a GPU, not one per feature)
             groups.setdefault(a, []).append((v, g))
     ranked = sorted((sorted(members, reverse=True), a) for a, members in groups.items() if len(members) >= 2)
     ranked.sort(key=lambda item: (-len(item[0]), -item[0][0][0], item[1]))
