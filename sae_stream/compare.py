@@ -122,13 +122,13 @@ def _load_saelens_side(path: Path, overrides: list[str], others: list[Side]) -> 
     if not hook:
         raise UserError(f"{path / 'cfg.json'} names no hook_name: it is not a SAELens SAE directory")
     device = model_device(others[0].model) if others else torch.device("cpu")
-    sae = load_saelens(path, device=device)
-    run = path.parent  # a run's own export: its LM is the run's, wherever the run has moved
-    if path.name == SAE_DIR and (run / "config.yaml").is_file():
-        lm = lm_identity(str(own_lm(run, load_config(run / "config.yaml", overrides), overrides).lm.path))
+    side = Side(path, load_saelens(path, device=device), str(hook))
+    run = side.run_dir
+    if run is not None:  # a run's own export: its LM is the run's, wherever the run has moved
+        named = str(own_lm(run, load_config(run / "config.yaml", overrides), overrides).lm.path)
     else:
-        lm = lm_identity(meta.get("model_name") or nested.get("model_name"))
-    side = Side(path, sae, str(hook), lm=lm)
+        named = meta.get("model_name") or nested.get("model_name")
+    side.lm = lm_identity(named)
     host = others[0] if others else None
     if host is not None and (side.lm is None or side.lm == host.lm):  # its LM is the run's: borrow that model
         side.model = host.model
@@ -207,8 +207,8 @@ def correlate(a: Side, b: Side, tokens: int | None = None) -> CorrelationTotals:
         for tokens_BT in tqdm(batches, desc="compare", disable=None):
             tokens_BT = tokens_BT.to(device)
             x_a = hook_activations(a.model, a.hook_name, tokens_BT)[:, start:]
-            x_b = x_a if shared else hook_activations(b.model, b.hook_name, tokens_BT.to(model_device(b.model)))
-            x_b = x_b if shared else x_b[:, start:]
+            x_b = x_a if shared else hook_activations(b.model, b.hook_name,
+                                                      tokens_BT.to(model_device(b.model)))[:, start:]
             check_sae(a.sae, x_a.shape[-1], a.hook_name)
             check_sae(b.sae, x_b.shape[-1], b.hook_name)
             totals.update(sae_features(a.sae, x_a).flatten(0, 1),

@@ -88,8 +88,10 @@ def lm_train(config: str | None, overrides: list[str], out: str | None, resume: 
         # no CONFIG: the run's own (the packaged default would change its schedule silently)
         if config is None and not (out_dir / "config.yaml").is_file():
             raise UserError(f"{str(out_dir / 'config.yaml')!r} is missing: pass the CONFIG the LM was trained with")
-        saved = out_dir / "config.yaml"  # (and its data.hf_revision: the commit the LM began on, kept with a CONFIG)
-        cfg = keep_pinned_revision(load_config(config if config is not None else saved, overrides), saved)
+        saved = out_dir / "config.yaml"
+        cfg = load_config(config if config is not None else saved, overrides)
+        if config is not None:  # (the commit the LM began on, from its config.yaml; that file has it already)
+            cfg = keep_pinned_revision(cfg, saved)
         with contextlib.ExitStack() as locks:  # (one process trains a directory at a time, as for `train`)
             if _lm_stage_of_a_run(out_dir):  # its lock, which `train --resume RUN_DIR` takes to finish this LM too
                 locks.enter_context(lock_run(out_dir.parent))

@@ -13,6 +13,7 @@ while a chunk of tokens is added, its float32 product (1.5x the matrix); the res
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -50,6 +51,20 @@ def _undefined(n: int, device: torch.device) -> Matches:
     return Matches(torch.full((n,), math.nan, device=device), torch.full((n,), -1, dtype=torch.long, device=device))
 
 
+def _matches_in_blocks(d_a: int, d_b: int, block_rows: int, device: torch.device,
+                       similarity: Callable[[int, int], Tensor]) -> tuple[Matches, Matches]:
+    """(A's best match in B, B's best in A) from `similarity(start, stop)`, A's rows start:stop against all of B
+    ([stop - start, d_b], NaN where undefined), one block of rows at a time."""
+    values, indices, best_b = [], [], _undefined(d_b, device)
+    for i in range(0, d_a, block_rows):
+        sim_fG = similarity(i, min(i + block_rows, d_a))
+        value_f, index_f = _best_of_rows(sim_fG)
+        values.append(value_f)
+        indices.append(index_f)
+        best_b = _fold_columns(best_b, sim_fG, i)
+    return Matches(torch.cat(values), torch.cat(indices)), best_b
+
+
 @torch.no_grad()
 def decoder_matches(W_dec_a_FD: Tensor, W_dec_b_GD: Tensor, block_rows: int = 1024) -> tuple[Matches, Matches]:
     """(A's best decoder cosine in B, B's best in A). A zero decoder row has no direction: undefined (NaN, -1)."""
@@ -59,16 +74,14 @@ def decoder_matches(W_dec_a_FD: Tensor, W_dec_b_GD: Tensor, block_rows: int = 10
     a_FD = F.normalize(W_dec_a_FD.float(), dim=1)
     b_GD = F.normalize(W_dec_b_GD.to(a_FD), dim=1)
     zero_a_F, zero_b_G = a_FD.norm(dim=1) == 0, b_GD.norm(dim=1) == 0
-    values, indices, best_b = [], [], _undefined(b_GD.shape[0], a_FD.device)
-    for i in range(0, a_FD.shape[0], block_rows):
-        sim_fG = a_FD[i : i + block_rows] @ b_GD.T
-        sim_fG[zero_a_F[i : i + block_rows]] = math.nan
+
+    def cosines(start: int, stop: int) -> Tensor:
+        sim_fG = a_FD[start:stop] @ b_GD.T
+        sim_fG[zero_a_F[start:stop]] = math.nan
         sim_fG[:, zero_b_G] = math.nan
-        value_f, index_f = _best_of_rows(sim_fG)
-        values.append(value_f)
-        indices.append(index_f)
-        best_b = _fold_columns(best_b, sim_fG, i)
-    return Matches(torch.cat(values), torch.cat(indices)), best_b
+        return sim_fG
+
+    return _matches_in_blocks(a_FD.shape[0], b_GD.shape[0], block_rows, a_FD.device, cosines)
 
 
 def check_correlation_size(d_a: int, d_b: int, max_pairs: int = MAX_CORRELATION_PAIRS) -> None:
@@ -119,26 +132,26 @@ class CorrelationTotals:
         var = (sq / self.n - (total / self.n).pow(2)).clamp_min(0)
         return var.sqrt().masked_fill(var <= 1e-12 * (sq / self.n).clamp_min(1e-30), math.nan)
 
-    def correlation_rows(self, start: int, stop: int) -> Tensor:
-        """Correlations of A's features start:stop with all of B's, [stop - start, F_B] float64 (NaN: undefined)."""
+    def correlation_rows(self, start: int, stop: int, std_a: Tensor | None = None,
+                         std_b: Tensor | None = None) -> Tensor:
+        """Correlations of A's features start:stop with all of B's, [stop - start, F_B] float64 (NaN: undefined).
+        `std_a` / `std_b`: the features' standard deviations (`_std`), when the caller has them already."""
         if self.n == 0:
             raise ValueError("no tokens were added: nothing to correlate")
+        std_a = std_a if std_a is not None else self._std(self.sum_a, self.sq_a)
+        std_b = std_b if std_b is not None else self._std(self.sum_b, self.sq_b)
         mean_a, mean_b = self.sum_a[start:stop] / self.n, self.sum_b / self.n
         cov_fG = self.cross_FG[start:stop] / self.n - mean_a[:, None] * mean_b[None, :]
-        std_a, std_b = self._std(self.sum_a, self.sq_a)[start:stop], self._std(self.sum_b, self.sq_b)
-        return (cov_fG / (std_a[:, None] * std_b[None, :])).clamp(-1, 1)
+        return (cov_fG / (std_a[start:stop, None] * std_b[None, :])).clamp(-1, 1)
 
     def matches(self, block_rows: int = 1024) -> tuple[Matches, Matches]:
         """(A's best-correlated feature in B, B's in A)."""
-        values, indices = [], []
-        best_b = _undefined(self.cross_FG.shape[1], self.cross_FG.device)
-        for i in range(0, self.cross_FG.shape[0], block_rows):
-            corr_fG = self.correlation_rows(i, i + block_rows).float()
-            value_f, index_f = _best_of_rows(corr_fG)
-            values.append(value_f)
-            indices.append(index_f)
-            best_b = _fold_columns(best_b, corr_fG, i)
-        return Matches(torch.cat(values), torch.cat(indices)), best_b
+        if self.n == 0:
+            raise ValueError("no tokens were added: nothing to correlate")
+        std_a, std_b = self._std(self.sum_a, self.sq_a), self._std(self.sum_b, self.sq_b)  # (once, not per block)
+        d_a, d_b = self.cross_FG.shape
+        return _matches_in_blocks(d_a, d_b, block_rows, self.cross_FG.device,
+                                  lambda start, stop: self.correlation_rows(start, stop, std_a, std_b).float())
 
     def densities(self) -> tuple[Tensor, Tensor]:
         """Fraction of the tokens each feature of A and of B fired on."""
