@@ -55,14 +55,11 @@ class DataConfig:
         _positive(self, "data", "context_len", "shuffle_buffer")
         if not 0.0 <= self.heldout_fraction < 1.0:
             raise ConfigError("data.heldout_fraction must be in [0, 1)")
-        if self.stream_retries < 0:
-            raise ConfigError(f"data.stream_retries must be >= 0, got {self.stream_retries}")
+        _positive(self, "data", "stream_retries", zero_ok=True)
         if self.tokenizer_threads is not None and self.tokenizer_threads < 1:
-            raise ConfigError(f"data.tokenizer_threads must be >= 1 (or null for the cores available), got "
-                              f"{self.tokenizer_threads}")
+            raise ConfigError(f"data.tokenizer_threads must be >= 1 (null: all cores), got {self.tokenizer_threads}")
         if self.prefetch is not None and self.prefetch < 0:
-            raise ConfigError(f"data.prefetch must be >= 0 (0 reads inline; null: 32 on CUDA, else 0), got "
-                              f"{self.prefetch}")
+            raise ConfigError(f"data.prefetch must be >= 0 (0: inline; null: 32 on CUDA, else 0), got {self.prefetch}")
         if self.tokenizer not in ("gpt2", "byte"):
             raise ConfigError(f"data.tokenizer must be 'gpt2' or 'byte', got {self.tokenizer!r}")
 
@@ -207,6 +204,8 @@ class SAEConfig:
     """jumprelu: ε, the width of the window around θ where pre-activations train it (in the scaled input space)."""
     jumprelu_init_threshold: float = 0.001
     """jumprelu: θ of all features at the start (scaled inputs); the paper's 0.001 suits 1e5+ steps, short runs ~0.5."""
+    jumprelu_pre_act_coeff: float = 0.0
+    """jumprelu: λ_P of the pre-act loss λ_P·Σ_f ReLU(θ_f − pre_f) (Jan-2025 update): revives dead features; 0 = off."""
     topk_kernels: str = "auto"
     """topk/batchtopk: 'sparse' (touch only the selected entries), 'dense', or 'auto' (sparse on CPU, dense on CUDA)."""
 
@@ -218,8 +217,7 @@ class SAEConfig:
             raise ConfigError("sae.d_in must be > 0 or null")
         if self.architecture in ("topk", "batchtopk") and self.k > self.d_sae:
             raise ConfigError(f"sae.k ({self.k}) must be <= sae.d_sae ({self.d_sae})")
-        if self.l1_coeff < 0:
-            raise ConfigError("sae.l1_coeff must be >= 0")
+        _positive(self, "sae", "l1_coeff", "jumprelu_pre_act_coeff", zero_ok=True)
         if self.init_b_dec not in ("auto", "geometric_median", "mean", "zeros"):
             raise ConfigError(f"sae.init_b_dec must be auto, geometric_median, mean or zeros, got {self.init_b_dec!r}")
         if self.topk_kernels not in ("auto", "sparse", "dense"):
@@ -372,8 +370,7 @@ class AnalysisConfig:
     def __post_init__(self) -> None:
         _positive(self, "analysis", "features", "top_k", "tokens", "batch_contexts", "logit_k", "histogram_bins",
                   "ablation_contexts")
-        if self.window < 0:
-            raise ConfigError("analysis.window must be >= 0")
+        _positive(self, "analysis", "window", zero_ok=True)
         if self.histogram_bins & (self.histogram_bins - 1):
             raise ConfigError(f"analysis.histogram_bins must be a power of two, got {self.histogram_bins}")
         if not 0.0 < self.single_token_fraction <= 1.0:
@@ -394,7 +391,8 @@ class WandbConfig:
     """Seconds to wait for wandb.init before falling back to offline mode."""
 
 
-def _positive(obj: Any, section: str, *names: str) -> None:
+def _positive(obj: Any, section: str, *names: str, zero_ok: bool = False) -> None:
     for name in names:
-        if getattr(obj, name) <= 0:
-            raise ConfigError(f"{section}.{name} must be > 0, got {getattr(obj, name)}")
+        value = getattr(obj, name)
+        if value < 0 or (value == 0 and not zero_ok):
+            raise ConfigError(f"{section}.{name} must be {'>=' if zero_ok else '>'} 0, got {value}")

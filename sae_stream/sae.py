@@ -43,7 +43,7 @@ class SAEOutput(NamedTuple):
     loss: Tensor  # scalar: mse + λ·l1 + auxk_coeff·aux
     mse: Tensor  # scalar, mean over batch and d_in (april: in the scaled space it trains in)
     l1: Tensor  # scalar, Σ_features |f| (april: |f|·‖W_d,f‖; jumprelu: L0), mean over the batch; 0 for topk/batchtopk
-    aux: Tensor  # scalar AuxK loss (0 unless dead latents were passed)
+    aux: Tensor  # scalar AuxK loss (0 unless dead latents were passed); jumprelu: its pre-act loss (0 if off)
 
 
 def geometric_median(x_ND: Tensor, iters: int = 100, tol: float = 1e-6) -> Tensor:
@@ -331,7 +331,13 @@ class JumpReLUSAE(SAE):
     cfg.jumprelu_bandwidth). Inputs are scaled so E‖x‖ = √d_in, as the paper normalises them (θ and the bandwidth
     live in that scale; the scale is folded into the weights on export); no b_d subtraction before the encoder;
     W_e starts as W_dᵀ and θ at cfg.jumprelu_init_threshold. Decoder rows are kept at unit norm: the L0 penalty
-    does not see decoder norms, so the constraint only removes a scale symmetry between W_e and W_d."""
+    does not see decoder norms, so the constraint only removes a scale symmetry between W_e and W_d.
+
+    Dead features: a feature that never fires gets no gradient from either term. With cfg.jumprelu_pre_act_coeff
+    = λ_P > 0 the loss adds λ_P·Σ_f ReLU(θ_f − pre_f)·‖W_d,f‖ (mean over the batch; ‖W_d,f‖ = 1 here), the
+    "pre-act loss" of Anthropic's January 2025 update: every position where a feature stays below its threshold
+    pulls its pre-activation up and θ down, by an amount that alive features' other gradients swamp. `aux` logs
+    the unweighted sum."""
 
     subtract_b_dec = False
     scales_input = True
@@ -365,7 +371,11 @@ class JumpReLUSAE(SAE):
         recon_s_BD = torch.addmm(self.b_dec_D, feats_BF, self.W_dec_FD)
         mse = (xs_BD - recon_s_BD).pow(2).mean()
         lam = self.cfg.l1_coeff if l1_coeff is None else l1_coeff
-        return SAEOutput(self._scale_out(recon_s_BD), feats_BF, mse + lam * l0, mse, l0, mse.new_zeros(()))
+        loss, pre_act = mse + lam * l0, mse.new_zeros(())
+        if self.cfg.jumprelu_pre_act_coeff > 0:
+            pre_act = (self.threshold_F - pre_BF).relu().sum(-1).mean()
+            loss = loss + self.cfg.jumprelu_pre_act_coeff * pre_act
+        return SAEOutput(self._scale_out(recon_s_BD), feats_BF, loss, mse, l0, pre_act)
 
 
 SAE_CLASSES: dict[str, type[SAE]] = {

@@ -74,6 +74,61 @@ def test_jumprelu_sae__loss_is_mse_plus_lambda_l0_by_hand():
     torch.testing.assert_close(sae.decode(sae.encode(x)), out.recon)
 
 
+def test_jumprelu_sae__pre_act_loss_by_hand():
+    """λ_P·mean_b Σ_f ReLU(θ_f − pre_bf) joins the loss (aux logs the sum); its gradient lifts the pre-activations
+    below θ (−λ_P/B each) and lowers θ (+λ_P/B per such position); off (0) it is not computed."""
+    cfg = SAEConfig(architecture="jumprelu", d_sae=2, l1_coeff=0.0, jumprelu_pre_act_coeff=0.5)
+    grads = {}
+    for coeff in (0.0, 0.5):
+        cfg.jumprelu_pre_act_coeff = coeff
+        sae = build_sae(cfg, d_in=2)
+        with torch.no_grad():
+            for p, v in ((sae.W_enc_DF, [[1.0, 0.0], [0.0, 1.0]]), (sae.b_enc_F, [0.0, -0.5]),
+                         (sae.W_dec_FD, [[1.0, 0.0], [0.0, 1.0]]), (sae.b_dec_D, [0.1, 0.0])):
+                p.copy_(torch.tensor(v))
+            sae.log_threshold_F.copy_(torch.tensor([0.5, 2.0]).log())
+            sae.input_scale.fill_(2.0)
+        # pre = (2, 0.5) and (0.4, 1.5); θ = (0.5, 2): below θ are (row 1, f 1) by 1.5, (row 2, f 0) by 0.1 and
+        # (row 2, f 1) by 0.5
+        out = sae(torch.tensor([[1.0, 0.5], [0.2, 1.0]]))
+        out.loss.backward()
+        grads[coeff] = (sae.b_enc_F.grad.clone(), sae.log_threshold_F.grad.clone(), out)
+    (b0, t0, off), (b1, t1, on) = grads[0.0], grads[0.5]
+    assert off.aux.item() == 0.0 and on.aux.item() == pytest.approx((1.5 + 0.1 + 0.5) / 2, rel=1e-6)
+    assert on.loss.item() == pytest.approx(on.mse.item() + 0.5 * on.aux.item(), rel=1e-6)
+    torch.testing.assert_close(b1 - b0, torch.tensor([-0.5 * 1 / 2, -0.5 * 2 / 2]))
+    theta = torch.tensor([0.5, 2.0])  # d/d log θ = θ·d/dθ
+    torch.testing.assert_close(t1 - t0, theta * torch.tensor([0.5 * 1 / 2, 0.5 * 2 / 2]))
+
+
+def test_jumprelu_sae__pre_act_loss_revives_dead_features():
+    """16 of 64 features start dead (b_e = −20: no position reaches θ). Without the pre-act loss nothing reaches
+    them and they stay dead, untouched; with it (λ_P = 1e-3) they fire again, while the dictionary is still
+    found and L0 stays near the data's ~3."""
+    results = {}
+    for coeff in (0.0, 1e-3):
+        cfg = _cfg("jumprelu", steps=300, sae__l1_coeff=0.1, sae__jumprelu_bandwidth=0.5,
+                   sae__jumprelu_init_threshold=0.5, sae__jumprelu_pre_act_coeff=coeff, train__lr=1e-2,
+                   train__log_every=100)
+        sae = build_sae(cfg.sae, d_in=D_IN, seed=0)
+        with torch.no_grad():
+            sae.b_enc_F[:16] = -20.0
+        start = sae.W_enc_DF[:, :16].clone()
+        Trainer(sae, cfg, None, ListLogger()).fit(sparse_batches(_atoms()))
+        sae.eval()
+        x = torch.cat([b for _, b in zip(range(8), sparse_batches(_atoms(), seed=5))])
+        with torch.no_grad():
+            fired_F = (sae.encode(x) > 0).any(0)
+        results[coeff] = (sae, fired_F, start)
+    sae, fired, start = results[0.0]
+    assert not fired[:16].any() and torch.equal(sae.W_enc_DF[:, :16], start)
+    sae, fired, _ = results[1e-3]
+    assert fired[:16].sum() >= 14
+    assert _recovered(sae, _atoms()).median() > 0.95
+    with torch.no_grad():
+        assert (sae.encode(x) > 0).float().sum(-1).mean() < 5
+
+
 def test_jumprelu_sae__bf16_autocast_keeps_the_threshold_gradients():
     """The encoder runs in fp32 under autocast: bf16 pre-activations near θ = 0.5 are 2^-9 apart, wider than
     ε = 0.001, and would give most thresholds no gradient (or a rounded bucket's worth)."""
@@ -134,6 +189,8 @@ def test_jumprelu_config__bad_bandwidth_or_threshold_is_one_line():
         SAEConfig(architecture="jumprelu", jumprelu_bandwidth=0)
     with pytest.raises(ConfigError, match="sae.jumprelu_init_threshold must be > 0"):
         SAEConfig(architecture="jumprelu", jumprelu_init_threshold=-1.0)
+    with pytest.raises(ConfigError, match="sae.jumprelu_pre_act_coeff must be >= 0, got -0.1"):
+        SAEConfig(architecture="jumprelu", jumprelu_pre_act_coeff=-0.1)
 
 
 def test_run__a_jumprelu_sae_end_to_end(tmp_path):
