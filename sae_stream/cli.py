@@ -6,6 +6,7 @@
     sae-stream train --resume RUN_DIR
     sae-stream eval RUN_DIR          sae-stream analyze RUN_DIR
     sae-stream compare A B [--out DIR]                      match two SAEs' features (decoders, activations)
+    sae-stream steer RUN_DIR --feature N [--value 5x]       sample with a feature pinned (feature steering)
     sae-stream hooks --lm PATH_OR_NAME                      list hook points
     sae-stream config                                       every config field with its help
 
@@ -69,6 +70,16 @@ def _parser() -> argparse.ArgumentParser:
     _add_out(cmp)
     cmp.add_argument("--tokens", type=int, help="held-out tokens for the correlations (default: eval.tokens)")
     cmp.add_argument("--no-correlation", action="store_true", help="decoder cosines only: no LM forward")
+    st = sub.add_parser("steer", help="sample from the LM with one SAE feature pinned (feature steering)")
+    st.add_argument("run_dir")
+    st.add_argument("--feature", type=int, required=True, help="the feature id")
+    st.add_argument("--value", default="5x", help="its pinned activation: a number, or Nx for N times its largest "
+                    "activation on held-out text (default 5x); 0 ablates it")
+    st.add_argument("--prompt", default="", help="text to continue (default: none, a document's start)")
+    st.add_argument("--tokens", type=int, default=40, help="tokens sampled per sample (default 40)")
+    st.add_argument("--samples", type=int, default=3, help="samples, clean and pinned each (default 3)")
+    st.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0: greedy (default 1)")
+    st.add_argument("--seed", type=int, default=0, help="sampling seed, the same for clean and pinned (default 0)")
     hooks = sub.add_parser("hooks", help="list the hook points of an LM")
     hooks.add_argument("--lm", required=True)
     cfg = sub.add_parser("config", help="print every config field with its type, default and help")
@@ -208,6 +219,12 @@ def _dispatch(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.command == "compare":
         compare.compare_runs(args.a, args.b, overrides, out=args.out, overwrite=args.overwrite,
                              correlation=not args.no_correlation, tokens=args.tokens)
+        return 0
+    if args.command == "steer":
+        from sae_stream.trained import print_steering
+
+        print_steering(args.run_dir, overrides, args.feature, args.value, args.prompt, args.tokens, args.samples,
+                       args.temperature, args.seed)
         return 0
     if args.command == "run":
         pipeline.run(args.config, overrides, lm=args.lm, out=args.out, overwrite=args.overwrite,

@@ -6,6 +6,7 @@
     for token, top in run.top_features("The cat sat on the mat.", k=5):
         print(repr(token), top)                            # [(feature, activation), ...], strongest first
     run.loss("The cat sat on the mat.")                    # {"clean": ..., "sae": ...} next-token CE, nats
+    run.steer(161, "5x", prompt="The")                     # samples, clean and with feature 161 pinned
 
 Text is tokenized as in training (documents follow an end-of-text token), so the text's first token sits at
 position 1: with `buffer.skip_first_position` (the default) the SAE never saw position 0, which holds the
@@ -14,6 +15,7 @@ end-of-text token here and is left out of what these return.
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +26,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sae_stream.analysis.hooks import hook_activations, sae_decode, sae_features, spliced_logits
+from sae_stream.analysis.steering import max_activation, steer
 from sae_stream.config import Config, ConfigError
+from sae_stream.data import heldout_batches
 from sae_stream.report import load_trained
 from sae_stream.rundir import require_run_dir
 from sae_stream.tokenizer import Tokenizer, get_tokenizer
+
+STEER_SCAN_TOKENS = 65_536  # held-out tokens scanned for a feature's largest activation ("Nx" pin values)
+DEFAULT_PIN = "5x"
 
 
 @dataclass
@@ -94,6 +101,55 @@ class TrainedRun:
         return {"clean": _next_token_ce(clean, tokens_1T), "sae": _next_token_ce(spliced, tokens_1T)}
 
 
+    def steer(self, feature: int, value: float | str = DEFAULT_PIN, prompt: str = "", n_tokens: int = 40,
+              samples: int = 3, temperature: float = 1.0, seed: int = 0) -> dict[str, Any]:
+        """Samples after `prompt` from the clean LM and with `feature` pinned at `value` (analysis/steering.py):
+        a number, or "Nx" for N times the feature's largest activation on up to STEER_SCAN_TOKENS held-out tokens.
+        Returns the texts, the value used and, for "Nx", that largest activation and the tokens scanned."""
+        if not 0 <= feature < self.sae.d_sae:
+            raise ValueError(f"feature {feature} is not a feature of this SAE: ids run from 0 to {self.sae.d_sae - 1}")
+        if n_tokens < 1 or samples < 1 or not temperature >= 0:
+            raise ValueError(f"steer needs n_tokens >= 1, samples >= 1 and temperature >= 0 (got {n_tokens}, "
+                             f"{samples}, {temperature})")
+        number, multiple = pin_value(value)
+        tokens_1T = self._tokens(prompt) if prompt else self.tokens_eot()
+        result: dict[str, Any] = {"feature": feature, "prompt": prompt}
+        if multiple:
+            batches = heldout_batches(self.cfg.data, self.cfg.eval.batch_contexts, STEER_SCAN_TOKENS,
+                                      what="the steering scan")
+            top, seen = max_activation(self.model, self.sae, self.hook_name, batches, feature, STEER_SCAN_TOKENS,
+                                       self.cfg.eval.batch_contexts, self.cfg.buffer.skip_first_position)
+            if top <= 0:
+                raise ValueError(f"feature {feature} did not fire on {seen:,} held-out tokens, so {value!r} of its "
+                                 "largest activation is 0: give the value as a number")
+            number *= top
+            result.update(max_activation=top, scanned_tokens=seen)
+        out = steer(self.model, self.sae, self.hook_name, tokens_1T, feature, number, self.tokenizer.n_vocab,
+                    n_tokens, samples, temperature, seed, self.cfg.buffer.skip_first_position)
+        text = self.tokenizer.decode
+        return {**result, "value": out.value, "temperature": temperature, "seed": seed,
+                "clean": [text(row.tolist()) for row in out.clean_SN],
+                "pinned": [text(row.tolist()) for row in out.pinned_SN]}
+
+    def tokens_eot(self) -> Tensor:
+        """LongTensor[1, 1]: the end-of-text token alone (a document's start: the empty prompt)."""
+        return torch.tensor([[self.tokenizer.eot]], device=self.model.W_U.device)
+
+
+def pin_value(value: float | str) -> tuple[float, bool]:
+    """(the number, whether it is a multiple of the largest activation) of a pin value: 8.5, "8.5" or "5x"."""
+    text = str(value).strip()
+    multiple = text.endswith("x")
+    try:
+        number = float(text[:-1] if multiple else text)
+    except ValueError:
+        raise ValueError(f"pin value {value!r}: give a number (the activation) or Nx (N times the feature's largest "
+                         "held-out activation), e.g. 8.5 or 5x") from None
+    if not math.isfinite(number) or (multiple and number < 0):
+        raise ValueError(f"pin value {value!r}: give a finite number, or Nx with N >= 0")
+    return number, multiple
+
+
 def _next_token_ce(logits_1TV: Tensor, tokens_1T: Tensor) -> float:
     return float(F.cross_entropy(logits_1TV[0, :-1].float(), tokens_1T[0, 1:]))
 
@@ -108,3 +164,27 @@ def load_run(run_dir: str | Path, device: str | None = None) -> TrainedRun:
     except ConfigError as e:
         raise ConfigError(str(e).replace("--train.device=", "device=").replace("train.device", "device")) from None
     return TrainedRun(cfg, model, sae.eval(), get_tokenizer(cfg.data.tokenizer), path)
+
+
+def print_steering(run_dir: str | Path, overrides: list[str], feature: int, value: str = DEFAULT_PIN,
+                   prompt: str = "", n_tokens: int = 40, samples: int = 3, temperature: float = 1.0,
+                   seed: int = 0) -> dict[str, Any]:
+    """`sae-stream steer`: TrainedRun.steer on a run directory, printed one sample a line."""
+    from sae_stream.report import sweep_dirs
+    from sae_stream.rundir import UserError
+
+    path = require_run_dir(run_dir)
+    if sweep_dirs(path):
+        names = ", ".join(p.name for p in sweep_dirs(path))
+        raise UserError(f"{path} is a sweep: steer one of its SAEs, RUN_DIR/<name> ({names})")
+    cfg, model, sae = load_trained(path, overrides)
+    run = TrainedRun(cfg, model, sae.eval(), get_tokenizer(cfg.data.tokenizer), path)
+    r = run.steer(feature, value, prompt, n_tokens, samples, temperature, seed)
+    how = (f" ({value} its largest activation, {r['max_activation']:.4g}, on {r['scanned_tokens']:,} held-out "
+           "tokens)") if "max_activation" in r else ""
+    print(f"feature {feature} pinned at {r['value']:.4g}{how}; {samples} samples of {n_tokens} tokens, temperature "
+          f"{temperature:g}, seed {seed}, after the prompt {prompt!r}")
+    for label in ("clean", "pinned"):
+        for i, text in enumerate(r[label], 1):
+            print(f"{label:>6} {i}: {text!r}")
+    return r

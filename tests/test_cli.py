@@ -264,6 +264,37 @@ def test_load_run__features_and_losses_of_any_text_match_the_parts(tiny_run: Pat
         load_run(tiny_run / "sae")
 
 
+def test_steer__prints_clean_and_pinned_samples_at_a_multiple_of_the_largest_activation(
+        tiny_run: Path, capsys: pytest.CaptureFixture) -> None:
+    """`sae-stream steer`: "Nx" is N times the feature's largest held-out activation (the scan's own figure), the
+    samples are the tokenizer's text, and bad input is a one-line exit 2."""
+    import re
+
+    from sae_stream import load_run
+    from sae_stream.evaluate import load_feature_density
+
+    density = load_feature_density(tiny_run)
+    alive = int(density.argmax())
+    assert main(["steer", str(tiny_run), "--feature", str(alive), "--value", "3x", "--tokens", "6", "--samples",
+                 "2", "--prompt", "the ", "--train.device=cpu"]) == 0
+    out = capsys.readouterr().out
+    head = re.match(r"feature (\d+) pinned at ([\d.e+-]+) \(3x its largest activation, ([\d.e+-]+), on ([\d,]+) "
+                    r"held-out tokens\); 2 samples of 6 tokens, temperature 1, seed 0, after the prompt 'the '", out)
+    assert head and int(head[1]) == alive and float(head[2]) == pytest.approx(3 * float(head[3]), rel=1e-3)
+    assert [line.split(":")[0].strip() for line in out.splitlines()[1:]] == ["clean 1", "clean 2", "pinned 1",
+                                                                             "pinned 2"]
+    run = load_run(tiny_run, device="cpu")
+    r = run.steer(alive, "3x", prompt="the ", n_tokens=6, samples=2)
+    assert f"pinned 2: {r['pinned'][1]!r}" in out  # (the command prints what the API returns)
+    assert len(r["clean"]) == len(r["pinned"]) == 2 and r["value"] == pytest.approx(3 * r["max_activation"])
+    for args, message in ((["--feature", "100000"], "feature 100000 is not a feature of this SAE"),
+                          (["--feature", "0", "--value", "lots"], "pin value 'lots': give a number"),
+                          (["--feature", "0", "--tokens", "40"], "exceed the LM's context of 32"),
+                          (["--feature", "0", "--samples", "0"], "steer needs n_tokens >= 1, samples >= 1")):
+        assert main(["steer", str(tiny_run), *args]) == 2, args
+        assert message in capsys.readouterr().err
+
+
 def test_moved_run__eval_and_load_run_use_its_own_lm(tiny_run: Path, tmp_path: Path,
                                                     capsys: pytest.CaptureFixture) -> None:
     """config.yaml names the LM `run` trained by its absolute path; a copied run (the original gone) uses the lm/

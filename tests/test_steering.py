@@ -1,0 +1,133 @@
+"""Feature steering (sae_stream/analysis/steering.py): the pinned activation against reconstructions spliced by
+hand, sampling against full forwards, the clean and pinned runs' shared randomness, the largest-activation scan,
+pin values. (The `steer` command on a trained run: test_cli.py.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from sae_stream.analysis.steering import feature_direction, max_activation, pin_feature, sample, steer
+from sae_stream.config import SAEConfig
+from sae_stream.sae import build_sae
+from sae_stream.trained import pin_value
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+HOOK, N_VOCAB = "blocks.0.mlp.hook_post", 40
+
+
+def _model() -> HookedTransformer:
+    torch.manual_seed(0)
+    # two layers: the second's attention reads what the first MLP wrote at every earlier position (in one layer,
+    # position 0's MLP output would reach no later prediction)
+    cfg = HookedTransformerConfig(n_layers=2, d_model=16, n_heads=2, d_head=8, d_mlp=32, n_ctx=24,
+                                  d_vocab=48, act_fn="relu", normalization_type="LN", seed=0)
+    model = HookedTransformer(cfg).eval()
+    with torch.no_grad():
+        model.W_U.mul_(20.0)  # peaked next-token distributions: a feature's push shows in the samples
+        model.b_U[N_VOCAB:] = 100.0  # padding ids past the tokenizer's: the likeliest, never to be sampled
+    return model
+
+
+def _sae(arch: str = "anthropic", seed: int = 0):
+    sae = build_sae(SAEConfig(architecture=arch, d_sae=24), d_in=32, seed=seed).eval()
+    with torch.no_grad():
+        sae.b_dec_D.normal_(0, 0.1, generator=torch.Generator().manual_seed(seed))
+        sae.input_scale.fill_(2.5 if arch == "april" else 1.0)
+    return sae
+
+
+@pytest.mark.parametrize("arch", ["anthropic", "april"])
+def test_pin_feature__equals_the_reconstruction_with_that_feature_set_plus_the_error(arch):
+    """x' = decode(f with f_i := v) + (x − decode(f)): the other features and the SAE's error kept."""
+    sae = _sae(arch)
+    x_BTD = torch.randn(3, 5, 32, generator=torch.Generator().manual_seed(1)).relu()
+    feats = sae.encode(x_BTD.reshape(-1, 32)).detach()
+    pinned = feats.clone()
+    pinned[:, 7] = 4.0
+    want = sae.decode(pinned) + (x_BTD.reshape(-1, 32) - sae.decode(feats))
+    torch.testing.assert_close(pin_feature(sae, 7, 4.0)(x_BTD).reshape(-1, 32), want.detach(), rtol=1e-5, atol=1e-5)
+    # the direction is the decoder row, divided by the input scale where the SAE scales its input
+    torch.testing.assert_close(feature_direction(sae, 7, torch.float32, torch.device("cpu")),
+                               sae.W_dec_FD[7].detach() / sae.input_scale, rtol=1e-6, atol=1e-6)
+
+
+def test_sample__greedy_takes_each_full_forwards_argmax_among_the_tokenizers_ids():
+    model = _model()
+    prompt = torch.tensor([[1, 5, 9]])
+    out = sample(model, prompt, n_tokens=6, samples=2, temperature=0.0, seed=0, n_vocab=N_VOCAB)
+    assert out.shape == (2, 6) and torch.equal(out[0], out[1])  # greedy: every sample the same
+    tokens = torch.cat([prompt, out[:1]], dim=1)
+    with torch.no_grad():
+        logits = model(tokens)[0, :, :N_VOCAB]
+    assert torch.equal(out[0], logits[2:-1].argmax(-1))  # position t's argmax is token t + 1
+    sampled = sample(model, prompt, n_tokens=20, samples=8, temperature=1.0, seed=0, n_vocab=N_VOCAB)
+    assert sampled.max() < N_VOCAB  # the padding ids' +100 logits never win
+
+
+def test_sample__seeded():
+    model, prompt = _model(), torch.tensor([[1, 2]])
+    a, b, c = (sample(model, prompt, 8, 4, 1.0, seed, N_VOCAB) for seed in (3, 3, 4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_steer__pinned_run_splices_the_pin_at_every_position_but_the_first():
+    """Against a hook written here: each position past the first gets (v − f_i(x))·W_dec[i] added."""
+    model, sae = _model(), _sae()
+    prompt, value = torch.tensor([[0, 3, 4]]), 6.0
+    with torch.no_grad():
+        _, cache = model.run_with_cache(prompt)
+    feature = int(sae.encode(cache[HOOK][0]).detach().amax(0).argmax())  # one that fires: f_i(x) matters
+    result = steer(model, sae, HOOK, prompt, feature, value, N_VOCAB, n_tokens=8, samples=3, seed=2)
+
+    def by_hand(act, hook):
+        f = sae.encode(act.reshape(-1, 32)).detach().reshape(*act.shape[:2], -1)[..., feature]
+        add = (value - f)[..., None] * sae.W_dec_FD[feature].detach()
+        add[:, 0] = 0.0
+        return act + add
+
+    want = sample(model, prompt, 8, 3, 1.0, 2, N_VOCAB, hooks=lambda tokens: [(HOOK, by_hand)])
+    assert torch.equal(result.pinned_SN, want)
+    assert torch.equal(result.clean_SN, sample(model, prompt, 8, 3, 1.0, 2, N_VOCAB))
+    assert not torch.equal(result.pinned_SN, result.clean_SN)  # a pin of 6 moves the samples
+
+
+def test_steer__a_feature_with_no_direction_changes_nothing():
+    """Clean and pinned runs draw from generators with the same seed: with a zero decoder row the pin adds
+    nothing, so the samples are the same token for token."""
+    model, sae = _model(), _sae()
+    with torch.no_grad():
+        sae.W_dec_FD[5] = 0.0
+    result = steer(model, sae, HOOK, torch.tensor([[0]]), 5, 50.0, N_VOCAB, n_tokens=10, samples=4)
+    assert torch.equal(result.pinned_SN, result.clean_SN)
+
+
+def test_steer__bad_feature_or_too_many_tokens_is_one_line():
+    model, sae = _model(), _sae()
+    with pytest.raises(ValueError, match="feature 24 is not a feature of this SAE: ids run from 0 to 23"):
+        steer(model, sae, HOOK, torch.tensor([[0]]), 24, 1.0, N_VOCAB)
+    with pytest.raises(ValueError, match="exceed the LM's context of 24: ask for fewer tokens"):
+        steer(model, sae, HOOK, torch.tensor([[0, 1, 2]]), 3, 1.0, N_VOCAB, n_tokens=22)
+
+
+def test_max_activation__is_the_largest_over_the_positions_the_sae_reads():
+    model, sae = _model(), _sae()
+    tokens = torch.randint(0, N_VOCAB, (10, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens)
+    feats = sae.encode(cache[HOOK].reshape(-1, 32)).detach().reshape(10, 12, -1)
+    feature = int(feats[:, 1:].amax((0, 1)).argmax())  # the feature firing hardest past position 0
+    top, seen = max_activation(model, sae, HOOK, [tokens[:4], tokens[4:]], feature, max_tokens=10 * 12,
+                               batch_contexts=3)
+    assert seen == 10 * 11 and top == pytest.approx(float(feats[:, 1:, feature].max()), rel=1e-5)
+    top0, seen0 = max_activation(model, sae, HOOK, [tokens], feature, 120, skip_first_position=False)
+    assert seen0 == 120 and top0 == pytest.approx(float(feats[..., feature].max()), rel=1e-5)
+
+
+def test_pin_value__numbers_and_multiples():
+    assert pin_value("5x") == (5.0, True) and pin_value(8.5) == (8.5, False) and pin_value("0") == (0.0, False)
+    for bad in ("five", "x", "-2x", "nan"):
+        with pytest.raises(ValueError, match="pin value"):
+            pin_value(bad)
