@@ -52,14 +52,10 @@ class DataConfig:
     0. The same batches in the same order either way."""
 
     def __post_init__(self) -> None:
-        _positive(self, "data", "context_len", "shuffle_buffer")
+        _positive(self, "data", "context_len", "shuffle_buffer", "tokenizer_threads")
         if not 0.0 <= self.heldout_fraction < 1.0:
             raise ConfigError("data.heldout_fraction must be in [0, 1)")
-        _positive(self, "data", "stream_retries", zero_ok=True)
-        if self.tokenizer_threads is not None and self.tokenizer_threads < 1:
-            raise ConfigError(f"data.tokenizer_threads must be >= 1 (null: all cores), got {self.tokenizer_threads}")
-        if self.prefetch is not None and self.prefetch < 0:
-            raise ConfigError(f"data.prefetch must be >= 0 (0: inline; null: 32 on CUDA, else 0), got {self.prefetch}")
+        _positive(self, "data", "stream_retries", "prefetch", zero_ok=True)
         if self.tokenizer not in ("gpt2", "byte"):
             raise ConfigError(f"data.tokenizer must be 'gpt2' or 'byte', got {self.tokenizer!r}")
 
@@ -160,17 +156,14 @@ class BufferConfig:
     """Refuse a ring larger than this (GB); None checks against free device/host memory."""
 
     def __post_init__(self) -> None:
-        _positive(self, "buffer", "capacity", "lm_batch_size", "reuse")
-        if self.merge_lag is not None and self.merge_lag < 0:
-            raise ConfigError("buffer.merge_lag must be >= 0")
+        _positive(self, "buffer", "capacity", "lm_batch_size", "reuse", "positions_per_context")
+        _positive(self, "buffer", "merge_lag", zero_ok=True)
         if not 0.0 < self.refill_fraction <= 1.0:
             raise ConfigError("buffer.refill_fraction must be in (0, 1]")
         if self.storage not in ("auto", "cuda", "pinned", "cpu"):
             raise ConfigError(f"buffer.storage must be auto, cuda, pinned or cpu, got {self.storage!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"buffer.dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
-        if self.positions_per_context is not None and self.positions_per_context <= 0:
-            raise ConfigError("buffer.positions_per_context must be > 0 or null")
 
 
 ARCHITECTURES = ("anthropic", "april", "topk", "batchtopk", "jumprelu")
@@ -212,12 +205,14 @@ class SAEConfig:
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
             raise ConfigError(f"sae.architecture must be one of {', '.join(ARCHITECTURES)}, got {self.architecture!r}")
-        _positive(self, "sae", "d_sae", "k", "dead_tokens_auxk", "jumprelu_bandwidth", "jumprelu_init_threshold")
-        if self.d_in is not None and self.d_in <= 0:
-            raise ConfigError("sae.d_in must be > 0 or null")
+        _positive(self, "sae", "d_in", "d_sae", "k", "dead_tokens_auxk", "jumprelu_bandwidth")
+        _positive(self, "sae", "jumprelu_init_threshold")
         if self.architecture in ("topk", "batchtopk") and self.k > self.d_sae:
             raise ConfigError(f"sae.k ({self.k}) must be <= sae.d_sae ({self.d_sae})")
         _positive(self, "sae", "l1_coeff", "jumprelu_pre_act_coeff", zero_ok=True)
+        if self.jumprelu_pre_act_coeff and self.architecture != "jumprelu":
+            raise ConfigError(f"sae.jumprelu_pre_act_coeff is for sae.architecture=jumprelu, not {self.architecture}: "
+                              "set it to 0")
         if self.init_b_dec not in ("auto", "geometric_median", "mean", "zeros"):
             raise ConfigError(f"sae.init_b_dec must be auto, geometric_median, mean or zeros, got {self.init_b_dec!r}")
         if self.topk_kernels not in ("auto", "sparse", "dense"):
@@ -392,7 +387,10 @@ class WandbConfig:
 
 
 def _positive(obj: Any, section: str, *names: str, zero_ok: bool = False) -> None:
+    """Each field > 0 (>= 0 with zero_ok) or None (where None means "not set": the field's default)."""
     for name in names:
         value = getattr(obj, name)
+        if value is None:
+            continue
         if value < 0 or (value == 0 and not zero_ok):
             raise ConfigError(f"{section}.{name} must be {'>=' if zero_ok else '>'} 0, got {value}")

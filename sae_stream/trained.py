@@ -15,7 +15,6 @@ end-of-text token here and is left out of what these return.
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sae_stream.analysis.hooks import hook_activations, sae_decode, sae_features, spliced_logits
-from sae_stream.analysis.steering import max_activation, steer
+from sae_stream.analysis.steering import check_steer, max_activation, pin_value, steer
 from sae_stream.config import Config, ConfigError
 from sae_stream.data import heldout_batches
 from sae_stream.report import load_trained
@@ -106,18 +105,14 @@ class TrainedRun:
         """Samples after `prompt` from the clean LM and with `feature` pinned at `value` (analysis/steering.py):
         a number, or "Nx" for N times the feature's largest activation on up to STEER_SCAN_TOKENS held-out tokens.
         Returns the texts, the value used and, for "Nx", that largest activation and the tokens scanned."""
-        if not 0 <= feature < self.sae.d_sae:
-            raise ValueError(f"feature {feature} is not a feature of this SAE: ids run from 0 to {self.sae.d_sae - 1}")
-        if n_tokens < 1 or samples < 1 or not temperature >= 0:
-            raise ValueError(f"steer needs n_tokens >= 1, samples >= 1 and temperature >= 0 (got {n_tokens}, "
-                             f"{samples}, {temperature})")
         number, multiple = pin_value(value)
         tokens_1T = self._tokens(prompt) if prompt else self.tokens_eot()
+        check_steer(self.model, self.sae, self.hook_name, tokens_1T.shape[1], feature, n_tokens, samples, temperature)
         result: dict[str, Any] = {"feature": feature, "prompt": prompt}
         if multiple:
-            batches = heldout_batches(self.cfg.data, self.cfg.eval.batch_contexts, STEER_SCAN_TOKENS,
-                                      what="the steering scan")
-            top, seen = max_activation(self.model, self.sae, self.hook_name, batches, feature, STEER_SCAN_TOKENS,
+            scan = max(STEER_SCAN_TOKENS, self.cfg.data.context_len)  # (at least one context)
+            batches = heldout_batches(self.cfg.data, self.cfg.eval.batch_contexts, scan, what="the steering scan")
+            top, seen = max_activation(self.model, self.sae, self.hook_name, batches, feature, scan,
                                        self.cfg.eval.batch_contexts, self.cfg.buffer.skip_first_position)
             if top <= 0:
                 raise ValueError(f"feature {feature} did not fire on {seen:,} held-out tokens, so {value!r} of its "
@@ -134,20 +129,6 @@ class TrainedRun:
     def tokens_eot(self) -> Tensor:
         """LongTensor[1, 1]: the end-of-text token alone (a document's start: the empty prompt)."""
         return torch.tensor([[self.tokenizer.eot]], device=self.model.W_U.device)
-
-
-def pin_value(value: float | str) -> tuple[float, bool]:
-    """(the number, whether it is a multiple of the largest activation) of a pin value: 8.5, "8.5" or "5x"."""
-    text = str(value).strip()
-    multiple = text.endswith("x")
-    try:
-        number = float(text[:-1] if multiple else text)
-    except ValueError:
-        raise ValueError(f"pin value {value!r}: give a number (the activation) or Nx (N times the feature's largest "
-                         "held-out activation), e.g. 8.5 or 5x") from None
-    if not math.isfinite(number) or (multiple and number < 0):
-        raise ValueError(f"pin value {value!r}: give a finite number, or Nx with N >= 0")
-    return number, multiple
 
 
 def _next_token_ce(logits_1TV: Tensor, tokens_1T: Tensor) -> float:
@@ -170,13 +151,7 @@ def print_steering(run_dir: str | Path, overrides: list[str], feature: int, valu
                    prompt: str = "", n_tokens: int = 40, samples: int = 3, temperature: float = 1.0,
                    seed: int = 0) -> dict[str, Any]:
     """`sae-stream steer`: TrainedRun.steer on a run directory, printed one sample a line."""
-    from sae_stream.report import sweep_dirs
-    from sae_stream.rundir import UserError
-
     path = require_run_dir(run_dir)
-    if sweep_dirs(path):
-        names = ", ".join(p.name for p in sweep_dirs(path))
-        raise UserError(f"{path} is a sweep: steer one of its SAEs, RUN_DIR/<name> ({names})")
     cfg, model, sae = load_trained(path, overrides)
     run = TrainedRun(cfg, model, sae.eval(), get_tokenizer(cfg.data.tokenizer), path)
     r = run.steer(feature, value, prompt, n_tokens, samples, temperature, seed)

@@ -290,7 +290,7 @@ def test_steer__prints_clean_and_pinned_samples_at_a_multiple_of_the_largest_act
     for args, message in ((["--feature", "100000"], "feature 100000 is not a feature of this SAE"),
                           (["--feature", "0", "--value", "lots"], "pin value 'lots': give a number"),
                           (["--feature", "0", "--tokens", "40"], "exceed the LM's context of 32"),
-                          (["--feature", "0", "--samples", "0"], "steer needs n_tokens >= 1, samples >= 1")):
+                          (["--feature", "0", "--samples", "0"], "steering needs tokens >= 1, samples >= 1")):
         assert main(["steer", str(tiny_run), *args]) == 2, args
         assert message in capsys.readouterr().err
 

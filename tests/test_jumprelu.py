@@ -191,6 +191,9 @@ def test_jumprelu_config__bad_bandwidth_or_threshold_is_one_line():
         SAEConfig(architecture="jumprelu", jumprelu_init_threshold=-1.0)
     with pytest.raises(ConfigError, match="sae.jumprelu_pre_act_coeff must be >= 0, got -0.1"):
         SAEConfig(architecture="jumprelu", jumprelu_pre_act_coeff=-0.1)
+    with pytest.raises(ConfigError, match="sae.jumprelu_pre_act_coeff is for sae.architecture=jumprelu, not topk: "
+                                          "set it to 0"):
+        SAEConfig(architecture="topk", jumprelu_pre_act_coeff=1e-6)
 
 
 def test_run__a_jumprelu_sae_end_to_end(tmp_path):

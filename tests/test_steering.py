@@ -8,10 +8,9 @@ import pytest
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from sae_stream.analysis.steering import feature_direction, max_activation, pin_feature, sample, steer
+from sae_stream.analysis.steering import feature_direction, max_activation, pin_feature, pin_value, sample, steer
 from sae_stream.config import SAEConfig
 from sae_stream.sae import build_sae
-from sae_stream.trained import pin_value
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -31,15 +30,18 @@ def _model() -> HookedTransformer:
     return model
 
 
-def _sae(arch: str = "anthropic", seed: int = 0):
-    sae = build_sae(SAEConfig(architecture=arch, d_sae=24), d_in=32, seed=seed).eval()
+def _sae(arch: str = "anthropic", seed: int = 0, d_in: int = 32):
+    cfg = SAEConfig(architecture=arch, d_sae=24, k=4, jumprelu_init_threshold=0.05)
+    sae = build_sae(cfg, d_in=d_in, seed=seed).eval()
     with torch.no_grad():
         sae.b_dec_D.normal_(0, 0.1, generator=torch.Generator().manual_seed(seed))
-        sae.input_scale.fill_(2.5 if arch == "april" else 1.0)
+        sae.input_scale.fill_(2.5 if sae.scales_input else 1.0)
+        if arch == "batchtopk":
+            sae.threshold.fill_(0.05)
     return sae
 
 
-@pytest.mark.parametrize("arch", ["anthropic", "april"])
+@pytest.mark.parametrize("arch", ["anthropic", "april", "topk", "batchtopk", "jumprelu"])
 def test_pin_feature__equals_the_reconstruction_with_that_feature_set_plus_the_error(arch):
     """x' = decode(f with f_i := v) + (x − decode(f)): the other features and the SAE's error kept."""
     sae = _sae(arch)
@@ -94,6 +96,26 @@ def test_steer__pinned_run_splices_the_pin_at_every_position_but_the_first():
     assert not torch.equal(result.pinned_SN, result.clean_SN)  # a pin of 6 moves the samples
 
 
+def test_steer__an_attention_hook_is_flattened_for_the_sae_and_reshaped_back():
+    """hook_z is [B, T, heads, d_head]: the SAE reads heads·d_head = 16 per position. A train-mode BatchTopK SAE
+    is steered in eval mode (its threshold, not the batch's top-k) and handed back in train mode."""
+    model, sae, hook = _model(), _sae("batchtopk", d_in=16), "blocks.0.attn.hook_z"
+    sae.train()
+
+    def by_hand(act, hook):
+        x = act.reshape(*act.shape[:2], 16)
+        f = ((x - sae.b_dec_D) @ sae.W_enc_DF + sae.b_enc_F).detach()
+        f = f * (f > sae.threshold)
+        add = (3.0 - f[..., 2])[..., None] * sae.W_dec_FD[2].detach()
+        add[:, 0] = 0.0
+        return (x + add).reshape(act.shape)
+
+    result = steer(model, sae, hook, torch.tensor([[0, 7]]), 2, 3.0, N_VOCAB, n_tokens=6, samples=2)
+    assert sae.training
+    assert torch.equal(result.pinned_SN, sample(model, torch.tensor([[0, 7]]), 6, 2, 1.0, 0, N_VOCAB,
+                                                hooks=lambda tokens: [(hook, by_hand)]))
+
+
 def test_steer__a_feature_with_no_direction_changes_nothing():
     """Clean and pinned runs draw from generators with the same seed: with a zero decoder row the pin adds
     nothing, so the samples are the same token for token."""
@@ -104,12 +126,29 @@ def test_steer__a_feature_with_no_direction_changes_nothing():
     assert torch.equal(result.pinned_SN, result.clean_SN)
 
 
-def test_steer__bad_feature_or_too_many_tokens_is_one_line():
+def test_steer__bad_input_is_one_line():
     model, sae = _model(), _sae()
-    with pytest.raises(ValueError, match="feature 24 is not a feature of this SAE: ids run from 0 to 23"):
-        steer(model, sae, HOOK, torch.tensor([[0]]), 24, 1.0, N_VOCAB)
-    with pytest.raises(ValueError, match="exceed the LM's context of 24: ask for fewer tokens"):
-        steer(model, sae, HOOK, torch.tensor([[0, 1, 2]]), 3, 1.0, N_VOCAB, n_tokens=22)
+    for kwargs, message in (
+            ({"feature": 24}, "feature 24 is not a feature of this SAE: ids run from 0 to 23"),
+            ({"n_tokens": 22}, "the prompt (3 tokens with the leading end-of-text) and 22 new tokens exceed the LM's "
+                               "context of 24: ask for fewer tokens"),
+            ({"samples": 0}, "steering needs tokens >= 1, samples >= 1 and temperature >= 0"),
+            ({"temperature": -1.0}, "steering needs tokens >= 1"),
+            ({"prompt": torch.zeros(1, 0, dtype=torch.long)}, "the prompt has no tokens"),
+            ({"hook_name": "unembed.hook_in"}, "is the unembedding's own hook")):
+        args = {"model": model, "sae": sae, "hook_name": HOOK, "tokens_1T": torch.tensor([[0, 1, 2]]), "feature": 3,
+                "value": 1.0, "n_vocab": N_VOCAB}
+        if "prompt" in kwargs:
+            args["tokens_1T"] = kwargs.pop("prompt")
+        with pytest.raises(ValueError) as caught:
+            steer(**{**args, **kwargs})
+        assert message in str(caught.value) and "\n" not in str(caught.value), kwargs
+
+
+def test_sample__a_tiny_temperature_is_the_argmax():
+    model, prompt = _model(), torch.tensor([[1, 2]])
+    torch.testing.assert_close(sample(model, prompt, 5, 2, 1e-30, 0, N_VOCAB),
+                               sample(model, prompt, 5, 2, 0.0, 0, N_VOCAB), rtol=0, atol=0)
 
 
 def test_max_activation__is_the_largest_over_the_positions_the_sae_reads():

@@ -15,6 +15,7 @@ one seeded generator each, the same seed: with a zero direction the two are iden
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
@@ -25,6 +26,7 @@ from transformer_lens import HookedTransformer
 from sae_stream.analysis.hooks import (
     SAELike,
     check_hook,
+    check_not_unembed,
     chunks,
     final_residual,
     first_position,
@@ -48,6 +50,37 @@ class SteerResult(NamedTuple):
     """The same with the feature pinned at `value`, same seed."""
 
 
+def check_steer(model: HookedTransformer, sae: SAELike, hook_name: str, prompt_tokens: int, feature: int,
+                n_tokens: int, samples: int, temperature: float) -> None:
+    """One-line errors for what `steer` cannot do, before any work."""
+    check_hook(model, hook_name)
+    check_not_unembed(hook_name)  # (the samples' forward stops before the unembedding: its hook would never run)
+    if not 0 <= feature < sae.d_sae:
+        raise ValueError(f"feature {feature} is not a feature of this SAE: ids run from 0 to {sae.d_sae - 1}")
+    if n_tokens < 1 or samples < 1 or not temperature >= 0:
+        raise ValueError(f"steering needs tokens >= 1, samples >= 1 and temperature >= 0 (got {n_tokens}, {samples}, "
+                         f"{temperature})")
+    if prompt_tokens < 1:
+        raise ValueError("the prompt has no tokens: start it with the end-of-text token, as documents are")
+    if prompt_tokens + n_tokens > model.cfg.n_ctx:
+        raise ValueError(f"the prompt ({prompt_tokens} tokens with the leading end-of-text) and {n_tokens} new tokens "
+                         f"exceed the LM's context of {model.cfg.n_ctx}: ask for fewer tokens or a shorter prompt")
+
+
+def pin_value(value: float | str) -> tuple[float, bool]:
+    """(the number, whether it is a multiple of the largest activation) of a pin value: 8.5, "8.5" or "5x"."""
+    text = str(value).strip()
+    multiple = text.endswith("x")
+    try:
+        number = float(text[:-1] if multiple else text)
+    except ValueError:
+        raise ValueError(f"pin value {value!r}: give a number (the activation) or Nx (N times the feature's largest "
+                         "held-out activation), e.g. 8.5 or 5x") from None
+    if not math.isfinite(number) or (multiple and number < 0):
+        raise ValueError(f"pin value {value!r}: give a finite number, or Nx with N >= 0")
+    return number, multiple
+
+
 @torch.no_grad()
 def feature_direction(sae: SAELike, feature: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     """decode(e_feature) − decode(0), [d_in]: what one unit of the feature adds to the reconstruction."""
@@ -63,9 +96,9 @@ def pin_feature(sae: SAELike, feature: int, value: float) -> Callable[[Tensor], 
     def replace(x_BTD: Tensor) -> Tensor:
         if x_BTD.numel() == 0:  # (the first step of an empty prompt: only the end-of-text, which keeps its value)
             return x_BTD
-        f_BT = sae_features(sae, x_BTD)[..., feature].to(x_BTD.dtype)
-        d_D = feature_direction(sae, feature, x_BTD.dtype, x_BTD.device)
-        return x_BTD + (value - f_BT)[..., None] * d_D
+        f_BT = sae_features(sae, x_BTD)[..., feature].float()  # (in fp32: a bf16 LM's x keeps its error exactly
+        d_D = feature_direction(sae, feature, torch.float32, x_BTD.device)  # but for the one rounding at the end)
+        return (x_BTD.float() + (value - f_BT)[..., None] * d_D).to(x_BTD.dtype)
 
     return replace
 
@@ -76,6 +109,7 @@ def sample(model: HookedTransformer, tokens_1T: Tensor, n_tokens: int, samples: 
     """`samples` continuations of `n_tokens` tokens, [samples, n_tokens]: softmax(logits / temperature) over the
     tokenizer's `n_vocab` ids (not the LM's padding) at each step, the argmax at temperature 0, with the forward
     hooks `hooks(tokens_BT)` gives for the tokens so far."""
+    tokens_1T = tokens_1T.to(model_device(model))
     generator = torch.Generator(device=tokens_1T.device).manual_seed(seed)
     tokens_BT = tokens_1T.expand(samples, -1)
     for _ in range(n_tokens):
@@ -83,7 +117,8 @@ def sample(model: HookedTransformer, tokens_1T: Tensor, n_tokens: int, samples: 
         logits_BV = unembed_rows(model, resid_BD).float()[:, :n_vocab]
         if temperature == 0:
             next_B = logits_BV.argmax(-1)
-        else:
+        else:  # (the max subtracted first: a tiny temperature would make inf - inf of the logits otherwise)
+            logits_BV = logits_BV - logits_BV.max(-1, keepdim=True).values
             probs_BV = torch.softmax(logits_BV / temperature, dim=-1)
             next_B = torch.multinomial(probs_BV, 1, generator=generator)[:, 0]
         tokens_BT = torch.cat([tokens_BT, next_B[:, None]], dim=1)
@@ -95,13 +130,7 @@ def steer(model: HookedTransformer, sae: SAELike, hook_name: str, tokens_1T: Ten
           n_vocab: int, n_tokens: int = 40, samples: int = 3, temperature: float = 1.0, seed: int = 0,
           skip_first_position: bool = True) -> SteerResult:
     """Clean and feature-pinned samples after the prompt `tokens_1T` (ids below `n_vocab`), same seed."""
-    check_hook(model, hook_name)
-    if not 0 <= feature < sae.d_sae:
-        raise ValueError(f"feature {feature} is not a feature of this SAE: ids run from 0 to {sae.d_sae - 1}")
-    if tokens_1T.shape[1] + n_tokens > model.cfg.n_ctx:
-        raise ValueError(f"the prompt ({tokens_1T.shape[1]} tokens with the leading end-of-text) and {n_tokens} new "
-                         f"tokens exceed the LM's context of {model.cfg.n_ctx}: ask for fewer tokens or a shorter "
-                         "prompt")
+    check_steer(model, sae, hook_name, tokens_1T.shape[1], feature, n_tokens, samples, temperature)
     replace = pin_feature(sae, feature, value)
 
     def pinned(tokens_BT: Tensor) -> list[tuple[str, Any]]:
