@@ -361,11 +361,13 @@ class AnalysisConfig:
     """Show each feature's ablation effect (next-token log-prob change over its top contexts)."""
     ablation_contexts: int = 8
     """Top contexts per feature used for the ablation (each costs one forward and an SAE pass over the context)."""
+    steer_tokens: int = 16
+    """Tokens of each feature's pinned sample (the feature at 5× its top activation; `sae-stream steer`); 0: none."""
 
     def __post_init__(self) -> None:
         _positive(self, "analysis", "features", "top_k", "tokens", "batch_contexts", "logit_k", "histogram_bins",
                   "ablation_contexts")
-        _positive(self, "analysis", "window", zero_ok=True)
+        _positive(self, "analysis", "window", "steer_tokens", zero_ok=True)
         if self.histogram_bins & (self.histogram_bins - 1):
             raise ConfigError(f"analysis.histogram_bins must be a power of two, got {self.histogram_bins}")
         if not 0.0 < self.single_token_fraction <= 1.0:

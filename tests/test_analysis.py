@@ -238,6 +238,47 @@ def test_build_dashboard__one_escaped_panel_per_feature(model, batches, tmp_path
     assert "http://" not in page and "https://" not in page  # self-contained
 
 
+class EotTokenizer(AngleTokenizer):
+    """AngleTokenizer with an end-of-text id, so the dashboard can sample; decodes a sequence id by id."""
+
+    eot, n_vocab = 39, 39
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(super(EotTokenizer, self).decode([i]) for i in ids)
+
+
+def test_build_dashboard__pinned_samples_hold_each_feature_at_five_times_its_top_activation(model, batches, tmp_path):
+    """Each panel's pinned sample is `sample` after an end-of-text with the feature pinned at 5x its largest
+    scanned activation (found here by brute force), one seed for all and the clean sample in the header; none
+    for a feature that never fired, and none at all with steer_tokens=0."""
+    from sae_stream.analysis.hooks import hook_activations
+    from sae_stream.analysis.steering import pinned_hooks, sample
+
+    sae = LinearReLUSAE(D_MLP, 24, bias=-0.1)
+    with torch.no_grad():
+        sae.b_enc_F[5] = -1e3  # never fires
+    cfg = AnalysisConfig(features=6, top_k=4, window=3, tokens=10_000, batch_contexts=6, logit_k=3, steer_tokens=7)
+    tok = EotTokenizer()
+    page = build_dashboard(model, sae, MLP, batches, tok, cfg, tmp_path, features=[1, 2, 5]).read_text()
+    tops = sae.encode(hook_activations(model, MLP, torch.cat(batches))[:, 1:].reshape(-1, D_MLP)).amax(0).detach()
+    start = torch.tensor([[tok.eot]])
+    clean = tok.decode(sample(model, start, 7, 1, 1.0, 0, tok.n_vocab)[0].tolist())
+    assert f'<span class="sample">{visible(clean)}</span>' in page
+    texts = []
+    for f in (1, 2):
+        value = 5 * float(tops[f])
+        texts.append(tok.decode(sample(model, start, 7, 1, 1.0, 0, tok.n_vocab,
+                                       pinned_hooks(sae, MLP, f, value))[0].tolist()))
+        section = page.split(f'id="f{f}"')[1].split("</section>")[0]
+        assert f"feature held at {value:.4g}" in section
+        assert f'<div class="sample">{visible(texts[-1])}</div>' in section
+    assert any(text != clean for text in texts)  # (a pin that moved nothing would pass the lines above)
+    assert "Pinned sample" not in page.split('id="f5"')[1].split("</section>")[0]
+    assert page.count("Pinned sample") == 2
+    cfg.steer_tokens = 0
+    assert "Pinned sample" not in build_dashboard(model, sae, MLP, batches, tok, cfg, tmp_path).read_text()
+
+
 class PaddedVocabTokenizer(AngleTokenizer):
     """A tokenizer of 30 ids for the 40-logit model: ids 30..39 are padding (as GPT-2's 50257 in a 50304 LM)."""
 

@@ -9,8 +9,9 @@
 The index splits the shown features into tabs by density, as eval counts them: dense (above `dense_threshold`),
 mid, ultra-low (alive and below `ultralow_threshold`) and, when any is shown, dead; each tab names its range, and
 a filter box searches feature ids and top tokens. Each feature's panel has its density,
-an activation histogram, direct logit effects, the ablation effect over its top contexts, and its top-k
-activating contexts (tokens shaded by activation, value on hover). A feature is flagged single-token when
+an activation histogram, direct logit effects, the ablation effect over its top contexts, a sample with the
+feature pinned high (beside the page's clean sample of the same seed), and its top-k activating contexts (tokens
+shaded by activation, value on hover). A feature is flagged single-token when
 at least `cfg.single_token_fraction` of its top activations fall on one token id.
 """
 
@@ -27,10 +28,11 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from sae_stream.analysis.ablation import ablate_feature
-from sae_stream.analysis.hooks import SAELike
-from sae_stream.analysis.html import ContextView, DensityBands, FeaturePanel, esc, render_page, svg_bars
+from sae_stream.analysis.hooks import SAELike, model_device, sae_in_eval_mode
+from sae_stream.analysis.html import ContextView, DensityBands, FeaturePanel, esc, render_page, svg_bars, visible
 from sae_stream.analysis.logits import logit_effects
 from sae_stream.analysis.scan import FeatureScan, scan_features
+from sae_stream.analysis.steering import pinned_hooks, sample
 from sae_stream.checkpoint import atomic_write_text
 from sae_stream.config import AnalysisConfig
 from sae_stream.metrics import resolves
@@ -157,6 +159,35 @@ def _low_note(tokens: int | None, ultralow_threshold: float) -> str:
             f"{math.ceil(1 / ultralow_threshold):,} tokens (eval.tokens)")
 
 
+PIN_MULTIPLE = 5  # the dashboard's pinned samples hold a feature at this many times its top scanned activation
+
+
+@sae_in_eval_mode
+def pinned_samples(model: HookedTransformer, sae: SAELike, hook_name: str, scan: FeatureScan, shown: Sequence[int],
+                   tokenizer: Any, n_tokens: int, skip_first_position: bool = True
+                   ) -> tuple[str | None, dict[int, tuple[float, str]]]:
+    """(the clean sample, {feature: (pinned value, its sample)}): `n_tokens` after an end-of-text, temperature 1,
+    one seed for all (steering.py), each feature at PIN_MULTIPLE times its top activation in the scan (features
+    that never fired there have none). Nothing without n_tokens or a tokenizer with an end-of-text."""
+    eot, n_tokens = getattr(tokenizer, "eot", None), min(n_tokens, model.cfg.n_ctx - 1)
+    if eot is None or n_tokens < 1:
+        return None, {}
+    n_vocab = getattr(tokenizer, "n_vocab", None) or model.cfg.d_vocab_out
+    start_11 = torch.tensor([[eot]], device=model_device(model))
+
+    def text(hooks: Any = None) -> str:
+        ids = sample(model, start_11, n_tokens, 1, 1.0, 0, n_vocab, *([hooks] if hooks else []))
+        return tokenizer.decode(ids[0].tolist())
+
+    pinned = {}
+    for f in shown:
+        top = float(scan.top.values_FK[f, 0])
+        if top > 0:
+            value = PIN_MULTIPLE * top
+            pinned[f] = (value, text(pinned_hooks(sae, hook_name, f, value, skip_first_position)))
+    return text(), pinned
+
+
 def build_dashboard(model: HookedTransformer, sae: SAELike, hook_name: str, token_batches: Iterable[Tensor],
                     tokenizer: Any, cfg: AnalysisConfig, out_dir: str | Path, densities: Tensor | None = None, *,
                     features: Sequence[int] | None = None, ultralow_threshold: float = 1e-6,
@@ -183,6 +214,8 @@ def build_dashboard(model: HookedTransformer, sae: SAELike, hook_name: str, toke
         def ablate(tokens_BT: Tensor, f: int, positions: Tensor, k: int) -> Any:
             return ablate_feature(model, sae, hook_name, tokens_BT, f, positions, k, skip_first_position,
                                   n_vocab=text.n_vocab)
+    clean, pinned = pinned_samples(model, sae, hook_name, scan, shown, tokenizer, cfg.steer_tokens,
+                                   skip_first_position)
     bands = DensityBands(dead_threshold, ultralow_threshold, dense_threshold)
     panels = []
     for s, f in enumerate(shown):
@@ -195,12 +228,15 @@ def build_dashboard(model: HookedTransformer, sae: SAELike, hook_name: str, toke
             hist_counts=counts, hist_width=float(scan.histogram.width_F[f]),
             top_tokens=[text(i) for i, _ in Counter(centre_ids).most_common(3)],
             single_token=_single_token(centre_ids, cfg.single_token_fraction, text),
-            logits_pos=logits_pos, logits_neg=logits_neg,
+            logits_pos=logits_pos, logits_neg=logits_neg, pinned=pinned.get(f),
             **_ablation(ablate, scan, f, cfg.ablation_contexts, cfg.logit_k, text)))
     tokens = density_tokens if densities is not None else scan.n_tokens
     source = density_source if densities is not None else "this scan"
     source += f" (over its {tokens:,} activation tokens)" if tokens is not None else ""
     summary = _summary_html(scan, density_F, hook_name, source, dead_threshold)
+    if clean is not None:
+        summary += ('<div class="summary">clean sample (after an end-of-text, seed 0; each feature\'s pinned sample '
+                    f'draws the same): <span class="sample">{visible(clean)}</span></div>')
     if links:
         summary += '<div class="summary">' + " · ".join(f'<a href="{esc(href)}">{esc(label)}</a>'
                                                         for label, href in links) + "</div>"

@@ -62,6 +62,8 @@ class FeaturePanel:
     logits_neg: list[tuple[str, float]] = field(default_factory=list)
     ablation_raised: list[tuple[str, float]] | None = None
     ablation_lowered: list[tuple[str, float]] | None = None
+    pinned: tuple[float, str] | None = None
+    """(value, text) of a sample with the feature pinned at value (dashboard.pinned_samples)."""
 
 
 def esc(text: str) -> str:
@@ -137,10 +139,14 @@ def panel_html(p: FeaturePanel, logit_note: str) -> str:
                     f'{_token_list("raised", p.ablation_raised)}{_token_list("lowered", p.ablation_lowered)}</div>')
     logits = (f'<div class="cols">{_token_list("promoted", p.logits_pos)}{_token_list("suppressed", p.logits_neg)}'
               f'</div>' if p.logits_pos or p.logits_neg else "")
+    pinned = ""
+    if p.pinned is not None:
+        pinned = (f'<h3>Pinned sample</h3><p class="note">feature held at {p.pinned[0]:.4g} at every position: '
+                  f'compare the clean sample at the top</p><div class="sample">{visible(p.pinned[1])}</div>')
     return (f'<section class="feature" id="f{p.feature}"><h2>Feature {p.feature} {"".join(badges)}</h2>'
             f'<p>density {p.density:.3g} (log10 {_log10(p.density)})</p>'
             f'<h3>Activation histogram</h3>{_histogram_html(p)}'
-            f'<h3>Logit effects</h3><p class="note">{esc(logit_note)}</p>{logits}{ablation}'
+            f'<h3>Logit effects</h3><p class="note">{esc(logit_note)}</p>{logits}{ablation}{pinned}'
             f'<h3>Top activations</h3>{contexts}</section>')
 
 
@@ -256,5 +262,6 @@ h2{font-size:18px;margin:6px 0}h3{font-size:14px;margin:12px 0 4px}h4{margin:2px
 .a6{background:rgba(255,106,0,.6)}.a7{background:rgba(255,106,0,.7)}.a8{background:rgba(255,106,0,.8)}
 .a9{background:rgba(255,106,0,.9)}.a10{background:rgba(255,106,0,1)}
 svg.hist rect{fill:#3b6fb6}svg.hist text{font-size:10px;fill:#555}
+.sample{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12.5px;white-space:pre-wrap}
 .cols{display:flex;gap:32px}.tl ol{margin:0;padding-left:22px;font-size:12px}
 """

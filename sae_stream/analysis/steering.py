@@ -103,6 +103,13 @@ def pin_feature(sae: SAELike, feature: int, value: float) -> Callable[[Tensor], 
     return replace
 
 
+def pinned_hooks(sae: SAELike, hook_name: str, feature: int, value: float,
+                 skip_first_position: bool = True) -> Callable[[Tensor], list[tuple[str, Any]]]:
+    """`sample`'s hooks for a feature pinned at `value`."""
+    replace = pin_feature(sae, feature, value)
+    return lambda tokens_BT: [(hook_name, splice_hook(replace, tokens_BT, skip_first_position))]
+
+
 @torch.no_grad()
 def sample(model: HookedTransformer, tokens_1T: Tensor, n_tokens: int, samples: int, temperature: float,
            seed: int, n_vocab: int, hooks: Callable[[Tensor], list[tuple[str, Any]]] = lambda tokens_BT: []) -> Tensor:
@@ -131,12 +138,8 @@ def steer(model: HookedTransformer, sae: SAELike, hook_name: str, tokens_1T: Ten
           skip_first_position: bool = True) -> SteerResult:
     """Clean and feature-pinned samples after the prompt `tokens_1T` (ids below `n_vocab`), same seed."""
     check_steer(model, sae, hook_name, tokens_1T.shape[1], feature, n_tokens, samples, temperature)
-    replace = pin_feature(sae, feature, value)
-
-    def pinned(tokens_BT: Tensor) -> list[tuple[str, Any]]:
-        return [(hook_name, splice_hook(replace, tokens_BT, skip_first_position))]
-
     clean = sample(model, tokens_1T, n_tokens, samples, temperature, seed, n_vocab)
+    pinned = pinned_hooks(sae, hook_name, feature, value, skip_first_position)
     steered = sample(model, tokens_1T, n_tokens, samples, temperature, seed, n_vocab, pinned)
     return SteerResult(feature, float(value), clean, steered)
 
