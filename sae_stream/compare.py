@@ -66,7 +66,8 @@ DEFINITIONS = {
                               "correlate highly by chance: read the rare bands of *_by_density with that in mind",
     "a_by_density / b_by_density": "the mean best match of the features in each band of their density (fraction "
                                    "of tokens they fire on; density_source says which tokens), and the count",
-    "a_in_b / b_in_a": "the best matches of A's features among B's, and of B's among A's",
+    "a_in_b / b_in_a": "the best matches of A's features among B's, and of B's among A's; *_fired_10: the same "
+                       "over the features that fired on at least 10 tokens of the text (activation correlation)",
     "partners": "how many features of one SAE are the best match of 0, 1, 2-3, 4+ features of the other: with "
                 "B larger, an A feature with several partners split into them",
     "splits": "the A features that are the best match (>= min_value) of the most B features, with those B "
@@ -252,13 +253,13 @@ def compare_saes(a: Side, b: Side, correlation: bool = True, tokens: int | None 
         result["decoder_cosine"] = {"skipped": f"{why}: decoder directions live in different spaces"}
     skipped = "--no-correlation" if not correlation else _no_correlation(a, b)
     tensors: dict[str, torch.Tensor] = {}
-    fires_b = None  # (how often B's features fired on the text: rare ones are left out of `splits`)
+    fires_a = fires_b = None  # (how often the features fired on the text: rare ones correlate by chance)
     if skipped is None:
         totals = correlate(a, b, tokens)
         matches["activation_correlation"] = totals.matches()
         density_a, density_b = totals.densities()
         tensors.update({"density.a": density_a.float(), "density.b": density_b.float()})
-        fires_b = totals.fires_b  # (counts, exact in float64)
+        fires_a, fires_b = totals.fires_a, totals.fires_b  # (counts, exact in float64)
         result["density_source"] = f"the held-out text ({totals.n:,} tokens)"
         result["activation_correlation"] = {"tokens": totals.n, "never_fired": {"a": int((density_a == 0).sum()),
                                                                                 "b": int((density_b == 0).sum())}}
@@ -276,6 +277,11 @@ def compare_saes(a: Side, b: Side, correlation: bool = True, tokens: int | None 
         tensors.update({f"{key}.a_value": a_in_b.value_F, f"{key}.a_index": a_in_b.index_F,
                         f"{key}.b_value": b_in_a.value_F, f"{key}.b_index": b_in_a.index_F})
         eligible = fires_b >= SPLIT_MIN_FIRES if fires_b is not None else None
+        if key == "activation_correlation" and fires_a is not None:
+            for side, m, fires in (("a_in_b", a_in_b, fires_a), ("b_in_a", b_in_a, fires_b)):
+                often = fires.to(m.value_F.device) >= SPLIT_MIN_FIRES
+                result[key][f"{side}_fired_{SPLIT_MIN_FIRES}"] = match_summary(
+                    m._replace(value_F=m.value_F.masked_fill(~often, float("nan"))))
         result["splits"] = {"measure": key, "min_value": SPLIT_MIN, "min_fires": SPLIT_MIN_FIRES if eligible is not
                             None else None, "features": top_splits(b_in_a, 10, SPLIT_MIN, eligible)}
     result["definitions"] = DEFINITIONS
@@ -324,7 +330,8 @@ def _print_summary(result: dict[str, Any], out: Path) -> None:
             print(f"compare: {key.replace('_', ' ')} skipped: {r['skipped']}")
             continue
         parts = [f"{side} mean {_fmt(r[side]['mean'])}, >0.7 {_fmt(r[side]['fraction_above']['0.7'])}"
-                 for side in ("a_in_b", "b_in_a")]
+                 + (f" (fired >= {SPLIT_MIN_FIRES}: {_fmt(r[fired]['mean'])})" if fired in r else "")
+                 for side in ("a_in_b", "b_in_a") for fired in [f"{side}_fired_{SPLIT_MIN_FIRES}"]]
         print(f"compare: {key.replace('_', ' ')}: {'; '.join(parts)}; A partners {r['a_partners']}")
     splits = result.get("splits", {}).get("features", [])[:3]
     if splits:

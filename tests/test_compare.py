@@ -143,6 +143,14 @@ def test_compare__recovers_a_permutation_of_the_features(tiny_run: Path, tmp_pat
     torch.testing.assert_close(t["activation_correlation.a_value"][fired], torch.ones(int(fired.sum())))
     assert torch.isnan(t["activation_correlation.a_value"][~fired]).all()
     assert torch.equal(t["density.b"], t["density.a"][perm])
+    # on one context some features fire on fewer than 10 tokens: the *_fired_10 summaries leave them out
+    short, ts = _compare(tiny_run, b, tmp_path / "short", "--tokens", "32")
+    corr_s = short["activation_correlation"]
+    fires = (ts["density.a"].double() * corr_s["tokens"]).round()
+    assert 0 < int((fires >= 10).sum()) < int((fires > 0).sum())  # (both kinds)
+    assert corr_s["a_in_b"]["defined"] == int((fires > 0).sum())
+    assert corr_s["a_in_b_fired_10"]["defined"] == corr_s["b_in_a_fired_10"]["defined"] == int((fires >= 10).sum())
+    assert corr_s["a_in_b_fired_10"]["mean"] == pytest.approx(1.0, abs=1e-6)
     assert corr["a_partners"] == {"0": int((~fired).sum()), "1": int(fired.sum()), "2-3": 0, "4+": 0}
     assert result["splits"]["features"] == []  # (a permutation splits nothing)
     for measure in ("decoder_cosine", "activation_correlation"):  # every feature in one band
