@@ -15,6 +15,7 @@ Definitions (also written into eval.json under "definitions"):
   loss-recovered differences and only scales them equally).
 - loss recovered (ablation A in {zero, mean}) = (L_A - L_sae) / (L_A - L_clean): 1 = the SAE loses nothing,
   0 = as bad as ablating the hook. The seed logged its complement (L_sae - L_clean) / (L_A - L_clean).
+- its 95% interval: percentiles over BOOTSTRAP_SAMPLES resamples of the contexts (with replacement, seeded).
 - KL = KL(p_clean || p_sae) summed over the vocabulary, averaged over the same predictions as the CE.
 - density of a feature = fraction of evaluated tokens where it fires (> 0); dead: density <= train.dead_threshold;
   ultra-low: alive and density < train.ultralow_threshold (null when the evaluated tokens cannot resolve it);
@@ -74,6 +75,8 @@ DEFINITIONS = {
     "l0": "mean number of features with activation > 0 per token",
     "mse": "mean over tokens and input dims of (x - x_hat)^2",
     "fvu": "sum ||x - x_hat||^2 / sum ||x - mean_x||^2, mean_x = mean activation over the evaluated positions",
+    "ce_loss_recovered_ci95": "2.5% and 97.5% points of loss recovered over 1000 bootstrap resamples of the "
+                              "contexts (null with one context)",
     "ce_loss_recovered": "(L_ablated - L_sae) / (L_ablated - L_clean) for ablated = zero and mean; "
                          "1 = no loss from splicing the SAE in, 0 = as bad as the ablation (the seed logged 1 - this)",
     "kl_clean_sae": "KL(p_clean || p_sae) in nats, averaged over next-token predictions",
@@ -119,19 +122,42 @@ class _ActivationTotals:
                 "density_F": (self.fire_F / self.n).float().cpu()}
 
 
+BOOTSTRAP_SAMPLES = 1000  # resamples of the contexts for loss recovered's 95% interval (seeded: reproducible)
+
+
 class _LossTotals:
     RUNS = ("clean", "sae", "zero_ablation", "mean_ablation")
 
     def __init__(self) -> None:
-        self.ce = dict.fromkeys(self.RUNS, 0.0)
+        self.ce_C: dict[str, list[Tensor]] = {run: [] for run in self.RUNS}  # per context: its CE summed (float64)
         self.kl = 0.0
         self.n = 0
 
     def summary(self) -> dict[str, Any]:
-        ce = {k: float(v) / self.n for k, v in self.ce.items()}
+        sums_RC = torch.stack([torch.cat(self.ce_C[run]).cpu() for run in self.RUNS])
+        ce = {run: float(row.sum()) / self.n for run, row in zip(self.RUNS, sums_RC)}
         return {"ce_loss": ce,
                 "ce_loss_recovered": {"zero": _recovered(ce, "zero_ablation"), "mean": _recovered(ce, "mean_ablation")},
+                "ce_loss_recovered_ci95": _bootstrap_recovered(sums_RC),
                 "kl_clean_sae": float(self.kl) / self.n, "predictions": self.n}
+
+
+def _bootstrap_recovered(sums_RC: Tensor, samples: int = BOOTSTRAP_SAMPLES) -> dict[str, list[float] | None]:
+    """95% percentile intervals of loss recovered, contexts drawn with replacement (every context predicts as many
+    tokens, so a resample's CE means are its sums' ratios: the 1/n cancels)."""
+    n_ctx = sums_RC.shape[1]
+    picks_SC = torch.randint(0, n_ctx, (samples, n_ctx), generator=torch.Generator().manual_seed(0))
+    totals_RS = sums_RC[:, picks_SC].sum(-1)  # [runs, samples]
+    clean, sae = totals_RS[0], totals_RS[1]
+    out: dict[str, list[float] | None] = {}
+    for name, ablated in (("zero", totals_RS[2]), ("mean", totals_RS[3])):
+        gap = ablated - clean
+        if n_ctx < 2 or bool((gap == 0).any()):
+            out[name] = None
+            continue
+        q = torch.quantile((ablated - sae) / gap, torch.tensor([0.025, 0.975], dtype=torch.float64))
+        out[name] = [float(q[0]), float(q[1])]
+    return out
 
 
 def _recovered(ce: dict[str, float], ablation: str) -> float | None:
@@ -152,8 +178,8 @@ def _slice_rows(model: HookedTransformer) -> int:
     return max(1, elements // model.cfg.d_vocab)
 
 
-def _ce_sum(logp_NV: Tensor, targets_N: Tensor) -> Tensor:
-    return -logp_NV.gather(-1, targets_N[:, None]).double().sum()
+def _ce_rows(logp_NV: Tensor, targets_N: Tensor) -> Tensor:
+    return -logp_NV.gather(-1, targets_N[:, None])[:, 0].double()
 
 
 @torch.no_grad()
@@ -189,23 +215,27 @@ def _eval_chunk(model: HookedTransformer, sae: SAELike, hook_name: str, tokens_B
     for run, replace in replacements.items():
         preds_ND[run] = predicting(final_residual(model, tokens_BT,
                                                   [(hook_name, splice_hook(replace, tokens_BT, skip_first_position))]))
-    _add_losses(model, preds_ND, tokens_BT[:, 1:].reshape(-1), losses)
+    _add_losses(model, preds_ND, tokens_BT[:, 1:], losses)
 
 
-def _add_losses(model: HookedTransformer, preds_ND: dict[str, Tensor], targets_N: Tensor,
+def _add_losses(model: HookedTransformer, preds_ND: dict[str, Tensor], targets_BT: Tensor,
                 losses: _LossTotals) -> None:
-    """CE of every run and KL(clean || sae) from the runs' final residuals, LOGIT_ELEMENTS logits at a time."""
-    rows = _slice_rows(model)
+    """CE of every run (summed per context) and KL(clean || sae) from the runs' final residuals, [B·T, d_model]
+    context by context, LOGIT_ELEMENTS logits at a time."""
+    rows, targets_N = _slice_rows(model), targets_BT.reshape(-1)
+    ce_RN = torch.empty(len(_LossTotals.RUNS), targets_N.numel(), dtype=torch.float64, device=targets_N.device)
     for i in range(0, targets_N.numel(), rows):
         target_n = targets_N[i : i + rows]
         logp_clean = unembed_rows(model, preds_ND["clean"][i : i + rows]).float().log_softmax(-1)
-        losses.ce["clean"] += _ce_sum(logp_clean, target_n)
-        for run in _LossTotals.RUNS[1:]:
+        ce_RN[0, i : i + rows] = _ce_rows(logp_clean, target_n)
+        for r, run in enumerate(_LossTotals.RUNS[1:], 1):
             logp = unembed_rows(model, preds_ND[run][i : i + rows]).float().log_softmax(-1)
-            losses.ce[run] += _ce_sum(logp, target_n)
+            ce_RN[r, i : i + rows] = _ce_rows(logp, target_n)
             if run == "sae":
                 losses.kl += F.kl_div(logp, logp_clean, log_target=True, reduction="sum").double()
             del logp
+    for run, ce_BT in zip(_LossTotals.RUNS, ce_RN.view(len(_LossTotals.RUNS), *targets_BT.shape)):
+        losses.ce_C[run].append(ce_BT.sum(-1))
     losses.n += targets_N.numel()
 
 

@@ -211,7 +211,8 @@ def _print_eval(r: dict[str, Any], path: Path) -> None:
     ce, rec = r["ce_loss"], r["ce_loss_recovered"]
     print(f"eval: {r['tokens']} tokens, L0 {_fmt(r['l0'])}, FVU {_fmt(r['fvu'])}, CE clean {_fmt(ce['clean'])} / "
           f"SAE {_fmt(ce['sae'])} / zero-abl {_fmt(ce['zero_ablation'])} / mean-abl {_fmt(ce['mean_ablation'])}, "
-          f"loss recovered {_fmt(rec['zero'])} (vs zero) {_fmt(rec['mean'])} (vs mean), KL {_fmt(r['kl_clean_sae'])}")
+          f"loss recovered {_fmt(rec['zero'])}{_ci(r, 'zero')} (vs zero) {_fmt(rec['mean'])}{_ci(r, 'mean')} "
+          f"(vs mean), KL {_fmt(r['kl_clean_sae'])}")
     d = r.get("density", {})
     ultralow = d.get("ultralow")
     if ultralow is None and "thresholds" in d:  # too few tokens to see a density below the threshold
@@ -302,6 +303,12 @@ def _member_evals(run_dir: Path) -> dict[str, dict[str, Any]]:
 
 def _gap(recovered: float | None) -> float | None:
     return None if recovered is None else 1.0 - recovered
+
+
+def _ci(r: dict[str, Any], ablation: str) -> str:
+    """' [lo, hi]', loss recovered's 95% interval, or nothing (an eval.json from before it, or one context)."""
+    ci = (r.get("ce_loss_recovered_ci95") or {}).get(ablation)
+    return f" [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else ""
 
 
 def _fmt(v: Any, digits: int = 4) -> str:

@@ -150,6 +150,35 @@ def test_evaluate__statistics_match_brute_force(model, batches):
     assert r["kl_clean_sae"] > 0
 
 
+def test_evaluate__loss_recovered_interval_is_a_bootstrap_over_the_contexts(model, batches):
+    """Each context's CE sums (brute force, full forwards) resampled as documented give the interval; chunking
+    does not move it (every prediction is credited to its own context), and it holds the estimate."""
+    sae = LinearReLUSAE(D_MLP, 40)
+    r = evaluate(model, sae, MLP, batches, _cfg(batch_contexts=3), TrainConfig())
+    tokens_NT = torch.cat(batches)
+    mean_D = _acts(model, MLP, tokens_NT)[:, 1:].reshape(-1, D_MLP).double().mean(0).float()
+    with torch.no_grad():
+        logits = {"clean": model(tokens_NT)}
+        for run, replace in (("sae", lambda x: sae.decode(sae.encode(x))), ("zero", torch.zeros_like),
+                             ("mean", lambda x: mean_D.expand_as(x))):
+            logits[run] = spliced_logits(model, MLP, tokens_NT, replace, True)
+    sums = {run: -(lg[:, :-1].log_softmax(-1).gather(-1, tokens_NT[:, 1:, None])[..., 0]).double().sum(1)
+            for run, lg in logits.items()}
+    picks = torch.randint(0, len(tokens_NT), (1000, len(tokens_NT)), generator=torch.Generator().manual_seed(0))
+    for ablation in ("zero", "mean"):
+        a, s_, c = (sums[run][picks].sum(1) for run in (ablation, "sae", "clean"))
+        want = torch.quantile((a - s_) / (a - c), torch.tensor([0.025, 0.975], dtype=torch.float64))
+        lo, hi = r["ce_loss_recovered_ci95"][ablation]
+        assert (lo, hi) == pytest.approx(want.tolist(), rel=1e-5)  # (float32 logits, summed in another order)
+        assert lo < r["ce_loss_recovered"][ablation] < hi
+    other = evaluate(model, sae, MLP, batches, _cfg(batch_contexts=7), TrainConfig())
+    for ablation in ("zero", "mean"):
+        assert other["ce_loss_recovered_ci95"][ablation] == pytest.approx(r["ce_loss_recovered_ci95"][ablation],
+                                                                          rel=1e-5)
+    exact = evaluate(model, IdentitySAE(D_MLP), MLP, batches, _cfg(), TrainConfig())
+    assert exact["ce_loss_recovered_ci95"] == {"zero": [1.0, 1.0], "mean": [1.0, 1.0]}
+
+
 def test_evaluate__chunking_does_not_change_results(model, batches):
     sae = LinearReLUSAE(D_MLP, 40)
     a = evaluate(model, sae, MLP, batches, _cfg(batch_contexts=2), TrainConfig())
