@@ -277,6 +277,7 @@ def summarize_sweep(run_dir: Path, results: dict[str, dict[str, Any]] | None = N
                      **sparsity, "lr": cfg.train.lr, "l0": r["l0"],
                      "fvu": r["fvu"], "ce_loss_recovered_zero": rec["zero"], "ce_loss_recovered_mean": rec["mean"],
                      "ce_gap_zero": _gap(rec["zero"]), "ce_gap_mean": _gap(rec["mean"]),
+                     **{f"ce_gap_{a}_ci95": _gap_ci(r, a) for a in ("zero", "mean")},
                      "kl": r["kl_clean_sae"], "dead": r["density"]["dead"], "dense": r["density"]["dense"]})
     path = run_dir / SWEEP_JSON
     atomic_write_json(path, json_safe(rows))  # (NaN of a diverged SAE -> null: strict JSON, as eval.json)
@@ -303,6 +304,12 @@ def _member_evals(run_dir: Path) -> dict[str, dict[str, Any]]:
 
 def _gap(recovered: float | None) -> float | None:
     return None if recovered is None else 1.0 - recovered
+
+
+def _gap_ci(r: dict[str, Any], ablation: str) -> list[float] | None:
+    """1 − loss recovered's 95% interval, [low, high], or None (an eval.json from before it, or one context)."""
+    ci = (r.get("ce_loss_recovered_ci95") or {}).get(ablation)
+    return [1 - ci[1], 1 - ci[0]] if ci else None
 
 
 def _ci(r: dict[str, Any], ablation: str) -> str:

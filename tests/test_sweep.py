@@ -127,6 +127,8 @@ def test_cli__sweep_run_dir_resume_and_eval(tiny_run: Path, tmp_path: Path, one_
         row = rows[name]  # the summary holds each member's own eval figures and settings
         assert (row["l0"], row["fvu"], row["dead"]) == (ev["l0"], ev["fvu"], ev["density"]["dead"])
         assert row["ce_gap_zero"] == pytest.approx(1 - ev["ce_loss_recovered"]["zero"])
+        lo, hi = ev["ce_loss_recovered_ci95"]["mean"]  # (the frontier's error bars)
+        assert row["ce_gap_mean_ci95"] == pytest.approx([1 - hi, 1 - lo]) and 1 - hi <= row["ce_gap_mean"] <= 1 - lo
     assert (rows["low"]["l1_coeff"], rows["high"]["l1_coeff"], rows["high"]["lr"]) == (0.0001, 0.001, 0.002)
     assert rows["low"]["l0"] > rows["high"]["l0"]  # 10x the L1 penalty: sparser
     assert (ref / "sweep_frontier.png").read_bytes()[:4] == b"\x89PNG"

@@ -64,18 +64,22 @@ def plot_density_histogram(log10_density: Tensor, path: str | Path, ultralow_thr
 
 def plot_sweep_frontier(rows: list[dict], path: str | Path, title: str = "sweep") -> Path:
     """The sparsity / fidelity frontier of a sweep's SAEs: FVU and 1 − CE loss recovered (vs zero- and
-    mean-ablation) against L0, one labelled point per SAE; written to the PNG `path` atomically."""
+    mean-ablation; error bars: its 95% interval, rows' `ce_gap_*_ci95`, where given) against L0, one labelled
+    point per SAE; written to the PNG `path` atomically."""
     fig = Figure(figsize=(10, 4), dpi=110)
     panels = (("fvu", "FVU (lower is better)"), ("ce_gap", "1 − CE loss recovered (lower is better)"))
     for i, (key, label) in enumerate(panels):
         ax = fig.add_subplot(1, 2, i + 1)
         labelled: set[str] = set()  # each series in the legend once, from whichever SAE has it first
         for r in rows:
-            ys = [(r["fvu"], None)] if key == "fvu" else [(r["ce_gap_zero"], "vs zero"), (r["ce_gap_mean"], "vs mean")]
-            for (y, kind), marker in zip(ys, ("o", "s")):
+            ys = [("fvu", None)] if key == "fvu" else [("ce_gap_zero", "vs zero"), ("ce_gap_mean", "vs mean")]
+            for (field, kind), marker in zip(ys, ("o", "s")):
+                y, ci, color = r[field], r.get(f"{field}_ci95"), "#3b6fb6" if marker == "o" else "#e67e22"
                 if y is None:
                     continue
-                ax.scatter([r["l0"]], [y], marker=marker, color="#3b6fb6" if marker == "o" else "#e67e22",
+                if ci:
+                    ax.errorbar([r["l0"]], [y], yerr=[[y - ci[0]], [ci[1] - y]], fmt="none", ecolor=color, capsize=2)
+                ax.scatter([r["l0"]], [y], marker=marker, color=color,
                            label=kind if kind and kind not in labelled else None)
                 labelled.add(kind or "")
                 ax.annotate(r["name"], (r["l0"], y), fontsize=7, xytext=(3, 3), textcoords="offset points")
