@@ -330,8 +330,7 @@ def _print_summary(result: dict[str, Any], out: Path) -> None:
             print(f"compare: {key.replace('_', ' ')} skipped: {r['skipped']}")
             continue
         parts = [f"{side} mean {_fmt(r[side]['mean'])}, >0.7 {_fmt(r[side]['fraction_above']['0.7'])}"
-                 + (f" (fired >= {SPLIT_MIN_FIRES}: {_fmt(r[fired]['mean'])})" if fired in r else "")
-                 for side in ("a_in_b", "b_in_a") for fired in [f"{side}_fired_{SPLIT_MIN_FIRES}"]]
+                 f"{_fired_mean(r, side)}" for side in ("a_in_b", "b_in_a")]
         print(f"compare: {key.replace('_', ' ')}: {'; '.join(parts)}; A partners {r['a_partners']}")
     splits = result.get("splits", {}).get("features", [])[:3]
     if splits:
@@ -344,6 +343,12 @@ def _print_summary(result: dict[str, Any], out: Path) -> None:
                 print(f"compare: to look at them: sae-stream analyze {result[side]['run_dir']} --features "
                       f"{','.join(map(str, ids[side]))}")
     print(f"compare: -> {out / COMPARE_JSON}, {out / COMPARE_PNG}")
+
+
+def _fired_mean(r: dict[str, Any], side: str) -> str:
+    """' (fired >= 10: mean)' where the measure has the summary over the often-fired features, else nothing."""
+    fired = r.get(f"{side}_fired_{SPLIT_MIN_FIRES}")
+    return f" (fired >= {SPLIT_MIN_FIRES}: {_fmt(fired['mean'])})" if fired else ""
 
 
 def _fmt(v: float | None) -> str:

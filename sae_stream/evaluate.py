@@ -15,7 +15,8 @@ Definitions (also written into eval.json under "definitions"):
   loss-recovered differences and only scales them equally).
 - loss recovered (ablation A in {zero, mean}) = (L_A - L_sae) / (L_A - L_clean): 1 = the SAE loses nothing,
   0 = as bad as ablating the hook. The seed logged its complement (L_sae - L_clean) / (L_A - L_clean).
-- its 95% interval: percentiles over BOOTSTRAP_SAMPLES resamples of the contexts (with replacement, seeded).
+- its 95% interval: percentiles over BOOTSTRAP_SAMPLES resamples (with replacement, seeded) of blocks of
+  consecutive contexts, BOOTSTRAP_BLOCK_TOKENS tokens each (`_bootstrap_recovered`).
 - KL = KL(p_clean || p_sae) summed over the vocabulary, averaged over the same predictions as the CE.
 - density of a feature = fraction of evaluated tokens where it fires (> 0); dead: density <= train.dead_threshold;
   ultra-low: alive and density < train.ultralow_threshold (null when the evaluated tokens cannot resolve it);
@@ -71,12 +72,18 @@ EVAL_JSON = "eval.json"
 DENSITY_FILE = "feature_density.safetensors"
 DENSITY_PNG = "density_histogram.png"
 
+BOOTSTRAP_SAMPLES = 1000  # resamples for loss recovered's 95% interval (seeded: the same interval every time)
+BOOTSTRAP_BLOCK_TOKENS = 1024  # consecutive contexts resampled as one block: those cut from one document go together
+BOOTSTRAP_CHUNK = 50  # resamples drawn at a time: 4 x 50 x blocks float64 of memory, whatever eval.tokens
+
 DEFINITIONS = {
     "l0": "mean number of features with activation > 0 per token",
     "mse": "mean over tokens and input dims of (x - x_hat)^2",
     "fvu": "sum ||x - x_hat||^2 / sum ||x - mean_x||^2, mean_x = mean activation over the evaluated positions",
-    "ce_loss_recovered_ci95": "2.5% and 97.5% points of loss recovered over 1000 bootstrap resamples of the "
-                              "contexts (null with one context)",
+    "ce_loss_recovered_ci95": f"2.5% and 97.5% points of loss recovered over {BOOTSTRAP_SAMPLES} bootstrap "
+                              f"resamples of blocks of {BOOTSTRAP_BLOCK_TOKENS} consecutive tokens' contexts: the "
+                              "noise of this text's sample, approximate (documents longer than a block still tie "
+                              "blocks together); null with one block, or where a resample's ablation gap is 0",
     "ce_loss_recovered": "(L_ablated - L_sae) / (L_ablated - L_clean) for ablated = zero and mean; "
                          "1 = no loss from splicing the SAE in, 0 = as bad as the ablation (the seed logged 1 - this)",
     "kl_clean_sae": "KL(p_clean || p_sae) in nats, averaged over next-token predictions",
@@ -122,9 +129,6 @@ class _ActivationTotals:
                 "density_F": (self.fire_F / self.n).float().cpu()}
 
 
-BOOTSTRAP_SAMPLES = 1000  # resamples of the contexts for loss recovered's 95% interval (seeded: reproducible)
-
-
 class _LossTotals:
     RUNS = ("clean", "sae", "zero_ablation", "mean_ablation")
 
@@ -132,27 +136,39 @@ class _LossTotals:
         self.ce_C: dict[str, list[Tensor]] = {run: [] for run in self.RUNS}  # per context: its CE summed (float64)
         self.kl = 0.0
         self.n = 0
+        self.context_len = 1
 
     def summary(self) -> dict[str, Any]:
         sums_RC = torch.stack([torch.cat(self.ce_C[run]).cpu() for run in self.RUNS])
         ce = {run: float(row.sum()) / self.n for run, row in zip(self.RUNS, sums_RC)}
         return {"ce_loss": ce,
                 "ce_loss_recovered": {"zero": _recovered(ce, "zero_ablation"), "mean": _recovered(ce, "mean_ablation")},
-                "ce_loss_recovered_ci95": _bootstrap_recovered(sums_RC),
+                "ce_loss_recovered_ci95": _bootstrap_recovered(sums_RC, self.context_len),
                 "kl_clean_sae": float(self.kl) / self.n, "predictions": self.n}
 
 
-def _bootstrap_recovered(sums_RC: Tensor, samples: int = BOOTSTRAP_SAMPLES) -> dict[str, list[float] | None]:
-    """95% percentile intervals of loss recovered, contexts drawn with replacement (every context predicts as many
-    tokens, so a resample's CE means are its sums' ratios: the 1/n cancels)."""
-    n_ctx = sums_RC.shape[1]
-    picks_SC = torch.randint(0, n_ctx, (samples, n_ctx), generator=torch.Generator().manual_seed(0))
-    totals_RS = sums_RC[:, picks_SC].sum(-1)  # [runs, samples]
+def _bootstrap_recovered(sums_RC: Tensor, context_len: int) -> dict[str, list[float] | None]:
+    """95% percentile intervals of loss recovered from BOOTSTRAP_SAMPLES resamples, with replacement, of blocks of
+    consecutive contexts (BOOTSTRAP_BLOCK_TOKENS tokens, at least one context; the held-out text is cut into
+    contexts in order, so one document's contexts mostly share a block). Loss recovered is a ratio of differences
+    of CE sums over the same predictions, so blocks of unequal size need no weights. None with fewer than two
+    blocks, or where some resample's ablation gap is exactly 0."""
+    per_block = max(1, BOOTSTRAP_BLOCK_TOKENS // context_len)
+    block_C = torch.arange(sums_RC.shape[1]) // per_block
+    n_blocks = int(block_C[-1]) + 1
+    sums_RK = torch.zeros(sums_RC.shape[0], n_blocks, dtype=torch.float64).index_add_(1, block_C, sums_RC)
+    generator = torch.Generator().manual_seed(0)
+    totals = []
+    for start in range(0, BOOTSTRAP_SAMPLES, BOOTSTRAP_CHUNK):
+        picks_SK = torch.randint(0, n_blocks, (min(BOOTSTRAP_CHUNK, BOOTSTRAP_SAMPLES - start), n_blocks),
+                                 generator=generator)
+        totals.append(sums_RK[:, picks_SK].sum(-1))
+    totals_RS = torch.cat(totals, dim=1)  # [runs, samples]
     clean, sae = totals_RS[0], totals_RS[1]
     out: dict[str, list[float] | None] = {}
     for name, ablated in (("zero", totals_RS[2]), ("mean", totals_RS[3])):
         gap = ablated - clean
-        if n_ctx < 2 or bool((gap == 0).any()):
+        if n_blocks < 2 or bool((gap == 0).any()):
             out[name] = None
             continue
         q = torch.quantile((ablated - sae) / gap, torch.tensor([0.025, 0.975], dtype=torch.float64))
@@ -220,8 +236,8 @@ def _eval_chunk(model: HookedTransformer, sae: SAELike, hook_name: str, tokens_B
 
 def _add_losses(model: HookedTransformer, preds_ND: dict[str, Tensor], targets_BT: Tensor,
                 losses: _LossTotals) -> None:
-    """CE of every run (summed per context) and KL(clean || sae) from the runs' final residuals, [B·T, d_model]
-    context by context, LOGIT_ELEMENTS logits at a time."""
+    """CE of every run (summed per context) and KL(clean || sae) from the runs' final residuals, [B·(T−1),
+    d_model] context by context, LOGIT_ELEMENTS logits at a time."""
     rows, targets_N = _slice_rows(model), targets_BT.reshape(-1)
     ce_RN = torch.empty(len(_LossTotals.RUNS), targets_N.numel(), dtype=torch.float64, device=targets_N.device)
     for i in range(0, targets_N.numel(), rows):
@@ -237,6 +253,7 @@ def _add_losses(model: HookedTransformer, preds_ND: dict[str, Tensor], targets_B
     for run, ce_BT in zip(_LossTotals.RUNS, ce_RN.view(len(_LossTotals.RUNS), *targets_BT.shape)):
         losses.ce_C[run].append(ce_BT.sum(-1))
     losses.n += targets_N.numel()
+    losses.context_len = targets_BT.shape[1] + 1
 
 
 @contextmanager

@@ -39,6 +39,8 @@ def test_run__eval_is_sane(tiny_run: Path) -> None:
     assert ce["clean"] < ce["zero_ablation"]  # the MLP matters to this LM
     recovered = (ce["zero_ablation"] - ce["sae"]) / (ce["zero_ablation"] - ce["clean"])
     assert ev["ce_loss_recovered"]["zero"] == pytest.approx(recovered)
+    lo, hi = ev["ce_loss_recovered_ci95"]["zero"]  # (64 contexts of 32 tokens: two blocks of 1024 tokens)
+    assert lo <= recovered <= hi
     steps = [json.loads(line)["step"] for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
     assert steps[-1] == 40960 // 512
 

@@ -179,6 +179,10 @@ def test_compare__saelens_dirs_and_another_hook(tiny_run: Path, tmp_path: Path) 
     assert "different hooks" in result["decoder_cosine"]["skipped"]
     assert result["b"]["hook_name"] == "blocks.0.hook_resid_post" and result["b"]["d_sae"] == 16
     assert t["activation_correlation.a_value"].shape == (128,) and t["activation_correlation.b_value"].shape == (16,)
+    corr = result["activation_correlation"]
+    for side, density in (("a_in_b", t["density.a"]), ("b_in_a", t["density.b"])):  # each side its own fire counts
+        often = int(((density.double() * corr["tokens"]).round() >= 10).sum())
+        assert corr[f"{side}_fired_10"]["defined"] == often
     # two SAELens directories: no LM, so decoder cosines only (the run's own sae/ against itself)
     with pytest.warns(UserWarning, match="hold the same SAE"):
         result, t = _compare(tiny_run / "sae", tiny_run / "sae", tmp_path / "cmp2")

@@ -150,11 +150,11 @@ def test_evaluate__statistics_match_brute_force(model, batches):
     assert r["kl_clean_sae"] > 0
 
 
-def test_evaluate__loss_recovered_interval_is_a_bootstrap_over_the_contexts(model, batches):
-    """Each context's CE sums (brute force, full forwards) resampled as documented give the interval; chunking
-    does not move it (every prediction is credited to its own context), and it holds the estimate."""
+def test_evaluate__each_contexts_ce_is_credited_to_it_whatever_the_chunks_and_logit_slices(model, batches,
+                                                                                           monkeypatch):
+    """The interval resamples per-context CE sums: they equal each context's sums from full forwards, with chunks
+    of 3 or 7 contexts and logit slices of 5 rows that cross contexts."""
     sae = LinearReLUSAE(D_MLP, 40)
-    r = evaluate(model, sae, MLP, batches, _cfg(batch_contexts=3), TrainConfig())
     tokens_NT = torch.cat(batches)
     mean_D = _acts(model, MLP, tokens_NT)[:, 1:].reshape(-1, D_MLP).double().mean(0).float()
     with torch.no_grad():
@@ -162,21 +162,57 @@ def test_evaluate__loss_recovered_interval_is_a_bootstrap_over_the_contexts(mode
         for run, replace in (("sae", lambda x: sae.decode(sae.encode(x))), ("zero", torch.zeros_like),
                              ("mean", lambda x: mean_D.expand_as(x))):
             logits[run] = spliced_logits(model, MLP, tokens_NT, replace, True)
-    sums = {run: -(lg[:, :-1].log_softmax(-1).gather(-1, tokens_NT[:, 1:, None])[..., 0]).double().sum(1)
-            for run, lg in logits.items()}
-    picks = torch.randint(0, len(tokens_NT), (1000, len(tokens_NT)), generator=torch.Generator().manual_seed(0))
-    for ablation in ("zero", "mean"):
-        a, s_, c = (sums[run][picks].sum(1) for run in (ablation, "sae", "clean"))
-        want = torch.quantile((a - s_) / (a - c), torch.tensor([0.025, 0.975], dtype=torch.float64))
-        lo, hi = r["ce_loss_recovered_ci95"][ablation]
-        assert (lo, hi) == pytest.approx(want.tolist(), rel=1e-5)  # (float32 logits, summed in another order)
-        assert lo < r["ce_loss_recovered"][ablation] < hi
-    other = evaluate(model, sae, MLP, batches, _cfg(batch_contexts=7), TrainConfig())
-    for ablation in ("zero", "mean"):
-        assert other["ce_loss_recovered_ci95"][ablation] == pytest.approx(r["ce_loss_recovered_ci95"][ablation],
-                                                                          rel=1e-5)
-    exact = evaluate(model, IdentitySAE(D_MLP), MLP, batches, _cfg(), TrainConfig())
-    assert exact["ce_loss_recovered_ci95"] == {"zero": [1.0, 1.0], "mean": [1.0, 1.0]}
+    want_RC = torch.stack([-(lg[:, :-1].log_softmax(-1).gather(-1, tokens_NT[:, 1:, None])[..., 0]).double().sum(1)
+                           for lg in logits.values()])
+    seen = []
+    real = evaluate_module._bootstrap_recovered
+    monkeypatch.setattr(evaluate_module, "_bootstrap_recovered",
+                        lambda sums_RC, context_len: seen.append((sums_RC, context_len)) or real(sums_RC, context_len))
+    evaluate(model, sae, MLP, batches, _cfg(batch_contexts=3), TrainConfig())
+    monkeypatch.setattr(evaluate_module, "LOGIT_ELEMENTS", {"cpu": 5 * VOCAB})
+    evaluate(model, sae, MLP, batches, _cfg(batch_contexts=7), TrainConfig())
+    for sums_RC, context_len in seen:
+        assert context_len == T
+        torch.testing.assert_close(sums_RC, want_RC, rtol=1e-5, atol=1e-6)
+
+
+def test_bootstrap_recovered__resamples_blocks_of_consecutive_contexts(monkeypatch):
+    """40 contexts of 256 tokens in blocks of 1024 tokens: 10 blocks of 4, resampled 1000 times in draws of 50 from
+    one seeded generator, the interval the 2.5% and 97.5% points of the resampled ratio."""
+    g = torch.Generator().manual_seed(5)
+    clean = 100 + 10 * torch.rand(40, generator=g, dtype=torch.float64)
+    sums_RC = torch.stack([clean, clean + 2 + torch.rand(40, generator=g, dtype=torch.float64),
+                           clean + 50 + 5 * torch.rand(40, generator=g, dtype=torch.float64), clean + 20])
+    got = evaluate_module._bootstrap_recovered(sums_RC, context_len=256)
+    blocks_RK = sums_RC.view(4, 10, 4).sum(-1)
+    draw = torch.Generator().manual_seed(0)
+    picks = torch.cat([torch.randint(0, 10, (50, 10), generator=draw) for _ in range(20)])
+    t = blocks_RK[:, picks].sum(-1)
+    for name, ablated in (("zero", t[2]), ("mean", t[3])):
+        want = torch.quantile((ablated - t[1]) / (ablated - t[0]), torch.tensor([0.025, 0.975], dtype=torch.float64))
+        assert got[name] == pytest.approx(want.tolist(), rel=1e-12)
+        estimate = float((sums_RC[2 if name == "zero" else 3] - sums_RC[1]).sum()
+                         / (sums_RC[2 if name == "zero" else 3] - sums_RC[0]).sum())
+        assert got[name][0] < estimate < got[name][1] and got[name][1] - got[name][0] < 0.05
+    # identical blocks: every resample is the estimate; one block (or a zero gap): no interval
+    same = sums_RC[:, :4].repeat(1, 10)
+    ratio = float((same[2] - same[1]).sum() / (same[2] - same[0]).sum())
+    assert evaluate_module._bootstrap_recovered(same, 256)["zero"] == pytest.approx([ratio, ratio], rel=1e-12)
+    assert evaluate_module._bootstrap_recovered(sums_RC[:, :4], 256) == {"zero": None, "mean": None}
+    flat = sums_RC.clone()
+    flat[3] = flat[0]
+    assert evaluate_module._bootstrap_recovered(flat, 256)["mean"] is None
+
+
+def test_print_eval__shows_the_interval_in_brackets(capsys):
+    from sae_stream.report import _print_eval
+
+    r = {"tokens": 100, "l0": 3.0, "fvu": 0.1, "kl_clean_sae": 0.01, "density": {},
+         "ce_loss": {"clean": 1.0, "sae": 1.1, "zero_ablation": 3.0, "mean_ablation": 2.0},
+         "ce_loss_recovered": {"zero": 0.95, "mean": 0.9}, "ce_loss_recovered_ci95": {"zero": [0.94, 0.96],
+                                                                                   "mean": None}}
+    _print_eval(r, "eval.json")
+    assert "loss recovered 0.9500 [0.9400, 0.9600] (vs zero) 0.9000 (vs mean)" in capsys.readouterr().out
 
 
 def test_evaluate__chunking_does_not_change_results(model, batches):

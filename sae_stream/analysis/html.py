@@ -141,8 +141,8 @@ def panel_html(p: FeaturePanel, logit_note: str) -> str:
               f'</div>' if p.logits_pos or p.logits_neg else "")
     pinned = ""
     if p.pinned is not None:
-        pinned = (f'<h3>Pinned sample</h3><p class="note">feature held at {p.pinned[0]:.4g} at every position: '
-                  f'compare the clean sample at the top</p><div class="sample">{visible(p.pinned[1])}</div>')
+        pinned = (f'<h3>Pinned sample</h3><p class="note">feature held at {p.pinned[0]:.4g} at every position the '
+                  f'SAE reads: compare the clean sample at the top</p><div class="sample">{visible(p.pinned[1])}</div>')
     return (f'<section class="feature" id="f{p.feature}"><h2>Feature {p.feature} {"".join(badges)}</h2>'
             f'<p>density {p.density:.3g} (log10 {_log10(p.density)})</p>'
             f'<h3>Activation histogram</h3>{_histogram_html(p)}'
