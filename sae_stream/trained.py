@@ -99,7 +99,6 @@ class TrainedRun:
                                      skip_first_position=self.cfg.buffer.skip_first_position)
         return {"clean": _next_token_ce(clean, tokens_1T), "sae": _next_token_ce(spliced, tokens_1T)}
 
-
     def steer(self, feature: int, value: float | str = DEFAULT_PIN, prompt: str = "", n_tokens: int = 40,
               samples: int = 3, temperature: float = 1.0, seed: int = 0) -> dict[str, Any]:
         """Samples after `prompt` from the clean LM and with `feature` pinned at `value` (analysis/steering.py):
