@@ -306,15 +306,20 @@ def _gap(recovered: float | None) -> float | None:
     return None if recovered is None else 1.0 - recovered
 
 
+def _recovered_ci(r: dict[str, Any], ablation: str) -> list[float] | None:
+    """Loss recovered's 95% interval in an eval result, or None (an eval.json from before it, or one block)."""
+    return (r.get("ce_loss_recovered_ci95") or {}).get(ablation)
+
+
 def _gap_ci(r: dict[str, Any], ablation: str) -> list[float] | None:
-    """1 − loss recovered's 95% interval, [low, high], or None (an eval.json from before it, or one context)."""
-    ci = (r.get("ce_loss_recovered_ci95") or {}).get(ablation)
+    """1 − loss recovered's 95% interval, [low, high], or None."""
+    ci = _recovered_ci(r, ablation)
     return [1 - ci[1], 1 - ci[0]] if ci else None
 
 
 def _ci(r: dict[str, Any], ablation: str) -> str:
-    """' [lo, hi]', loss recovered's 95% interval, or nothing (an eval.json from before it, or one context)."""
-    ci = (r.get("ce_loss_recovered_ci95") or {}).get(ablation)
+    """' [lo, hi]', loss recovered's 95% interval as printed, or nothing."""
+    ci = _recovered_ci(r, ablation)
     return f" [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else ""
 
 
