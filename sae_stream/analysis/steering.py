@@ -1,5 +1,5 @@
-"""Feature steering: sample from the LM with one SAE feature pinned to a value ("Towards Monosemanticity" pins a
-feature high and samples, and the text turns to what the feature stands for).
+"""Feature steering: sample from the LM with one SAE feature pinned to a value (Anthropic's dictionary-learning
+papers hold a feature high while the model samples, to show what it does).
 
 At every position the hook writes (past the first with `skip_first_position`, which the SAE never saw)
 
