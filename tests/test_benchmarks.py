@@ -150,3 +150,23 @@ def test_eval_memory__variants_agree_and_slices_bound_the_rows(tmp_path: Path) -
         assert r["tokens"] == 3 * 32 and r["tokens_per_s"] == pytest.approx(r["tokens"] / r["seconds"], rel=0.02)
         assert r["peak_host_gb"] >= r["base_host_gb"] > 0 and r["max_rel_diff"] < 1e-4
         assert r["ce_clean"] == pytest.approx(rows["slices=whole"]["ce_clean"], rel=1e-5)
+
+
+def test_analysis_cost__each_variant_measured_and_the_ratio_follows(tmp_path: Path) -> None:
+    """analysis_cost.py: the dashboard with and without pinned samples in one run (the ratio taken against the
+    run's own steer_tokens=0), and the interval at each context count."""
+    out = tmp_path / "analysis.jsonl"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "analysis_cost.py"), "--features", "3", "--tokens", "1024",
+           "--d-sae", "64", "--bootstrap-contexts", "10,40", "--repeats", "2", "--threads", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {r["variant"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert rows.keys() == {"dashboard_steer_0", "dashboard_steer_16", "bootstrap_10", "bootstrap_40"}
+    base = rows["dashboard_steer_0"]["seconds"]
+    for r in rows.values():
+        assert len(r["rounds"]) == 2 and r["seconds"] > 0 and "cores" in r["machine"]
+    for steer in (0, 16):
+        r = rows[f"dashboard_steer_{steer}"]
+        assert r["steer_tokens"] == steer and r["features"] == 3 and r["tokens"] == 1024
+        assert r["ratio_to_steer_0"] == pytest.approx(r["seconds"] / base, abs=0.01)
+    assert rows["bootstrap_40"]["contexts"] == 40 and rows["bootstrap_40"]["peak_host_gb"] > 0

@@ -167,25 +167,22 @@ def pinned_samples(model: HookedTransformer, sae: SAELike, hook_name: str, scan:
                    tokenizer: Any, n_tokens: int, skip_first_position: bool = True
                    ) -> tuple[str | None, dict[int, tuple[float, str]]]:
     """(the clean sample, {feature: (pinned value, its sample)}): `n_tokens` after an end-of-text, temperature 1,
-    one seed for all (steering.py), each feature at PIN_MULTIPLE times its top activation in the scan (features
-    that never fired there have none). Nothing without n_tokens or a tokenizer with an end-of-text."""
+    all in one batch reading the same noise (steering.sample), each feature at PIN_MULTIPLE times its top
+    activation in the scan (features that never fired there have none). Nothing without n_tokens or a tokenizer
+    with an end-of-text."""
     eot, n_tokens = getattr(tokenizer, "eot", None), min(n_tokens, model.cfg.n_ctx - 1)
     if eot is None or n_tokens < 1:
         return None, {}
     n_vocab = getattr(tokenizer, "n_vocab", None) or model.cfg.d_vocab_out
+    fired = [(f, PIN_MULTIPLE * float(scan.top.values_FK[f, 0])) for f in shown if scan.top.values_FK[f, 0] > 0]
+    # one batch: row 0 clean (a NaN pin changes nothing), then one row per feature; all read the same noise
+    features = torch.tensor([fired[0][0] if fired else 0] + [f for f, _ in fired])
+    values = torch.tensor([math.nan] + [v for _, v in fired], dtype=torch.float64)
+    hooks = pinned_hooks(sae, hook_name, features, values, skip_first_position)
     start_11 = torch.tensor([[eot]], device=model_device(model))
-
-    def text(hooks: Any = None) -> str:
-        ids = sample(model, start_11, n_tokens, 1, 1.0, 0, n_vocab, *([hooks] if hooks else []))
-        return tokenizer.decode(ids[0].tolist())
-
-    pinned = {}
-    for f in shown:
-        top = float(scan.top.values_FK[f, 0])
-        if top > 0:
-            value = PIN_MULTIPLE * top
-            pinned[f] = (value, text(pinned_hooks(sae, hook_name, f, value, skip_first_position)))
-    return text(), pinned
+    ids = sample(model, start_11, n_tokens, 1, 1.0, 0, n_vocab, hooks, copies=len(features))
+    texts = [tokenizer.decode(row.tolist()) for row in ids]
+    return texts[0], {f: (v, text) for (f, v), text in zip(fired, texts[1:])}
 
 
 def build_dashboard(model: HookedTransformer, sae: SAELike, hook_name: str, token_batches: Iterable[Tensor],

@@ -6,8 +6,8 @@ At every position the hook writes (past the first with `skip_first_position`, wh
     x' = x + (v − f_i(x))·d_i          d_i = decode(e_i) − decode(0): feature i's direction in activation space
 
 so the reconstruction's feature i reads v, and everything else in x (the other features and the SAE's error)
-is left as it is. v = 0 ablates the feature wherever it fires. Both the clean and the pinned samples draw from
-one seeded generator each, the same seed: with a zero direction the two are identical.
+is left as it is. v = 0 ablates the feature wherever it fires. The clean and the pinned samples run in one batch
+and read the same seeded noise (`sample`): with a zero direction the two are identical.
 
     result = steer(model, sae, hook_name, tokens_1T, feature=12, value=8.0, n_vocab=50257, n_tokens=40)
     result.clean_SN, result.pinned_SN    # LongTensor[samples, n_tokens]: the tokens after the prompt
@@ -82,52 +82,80 @@ def pin_value(value: float | str) -> tuple[float, bool]:
 
 
 @torch.no_grad()
+def feature_directions(sae: SAELike, features_R: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """decode(e_f) − decode(0) for each feature f of `features_R`, [R, d_in]: what one unit of it adds to the
+    reconstruction (its decoder row, in activation space)."""
+    basis_RF = torch.zeros(len(features_R) + 1, sae.d_sae, dtype=sae_dtype(sae, dtype), device=features_R.device)
+    basis_RF[torch.arange(len(features_R), device=features_R.device), features_R] = 1.0
+    recon_RD = sae.decode(basis_RF)
+    return (recon_RD[:-1] - recon_RD[-1]).to(dtype)
+
+
 def feature_direction(sae: SAELike, feature: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """decode(e_feature) − decode(0), [d_in]: what one unit of the feature adds to the reconstruction."""
-    basis_2F = torch.zeros(2, sae.d_sae, dtype=sae_dtype(sae, dtype), device=device)
-    basis_2F[0, feature] = 1.0
-    recon_2D = sae.decode(basis_2F)
-    return (recon_2D[0] - recon_2D[1]).to(dtype)
+    """feature_directions of one feature, [d_in]."""
+    return feature_directions(sae, torch.tensor([feature], device=device), dtype)[0]
 
 
-def pin_feature(sae: SAELike, feature: int, value: float) -> Callable[[Tensor], Tensor]:
-    """The replacement x -> x + (value − f_feature(x))·d_feature, for `splice_hook`."""
+def pin_features(sae: SAELike, features_R: Tensor, values_R: Tensor) -> Callable[[Tensor], Tensor]:
+    """The replacement for `splice_hook` that splits a batch into R equal groups of consecutive rows (`sample`'s
+    copies) and pins, in group r, feature features_R[r] at values_R[r]: x -> x + (v − f(x))·d. A NaN value leaves
+    its group as it is (clean rows beside pinned ones)."""
+    cache: dict[Any, Tensor] = {}
 
     def replace(x_BTD: Tensor) -> Tensor:
         if x_BTD.numel() == 0:  # (the first step of an empty prompt: only the end-of-text, which keeps its value)
             return x_BTD
-        f_BT = sae_features(sae, x_BTD)[..., feature].float()  # (in fp32: a bf16 LM's x keeps its error exactly
-        d_D = feature_direction(sae, feature, torch.float32, x_BTD.device)  # but for the one rounding at the end)
-        return (x_BTD.float() + (value - f_BT)[..., None] * d_D).to(x_BTD.dtype)
+        key = x_BTD.device
+        if key not in cache:
+            cache[key] = feature_directions(sae, features_R.to(key))
+        rows = torch.arange(x_BTD.shape[0], device=key) // (x_BTD.shape[0] // len(features_R))
+        feature_B, value_B = features_R.to(key)[rows], values_R.to(key, torch.float32)[rows]
+        # (in fp32: a bf16 LM's x keeps its error exactly but for the one rounding at the end)
+        f_BT = sae_features(sae, x_BTD).float().gather(-1, feature_B[:, None, None].expand(-1, x_BTD.shape[1], 1))
+        shift_BT = torch.nan_to_num((value_B[:, None, None] - f_BT), nan=0.0)
+        return (x_BTD.float() + shift_BT * cache[key][rows][:, None, :]).to(x_BTD.dtype)
 
     return replace
 
 
-def pinned_hooks(sae: SAELike, hook_name: str, feature: int, value: float,
+def pin_feature(sae: SAELike, feature: int, value: float) -> Callable[[Tensor], Tensor]:
+    """The replacement x -> x + (value − f_feature(x))·d_feature, for `splice_hook`, in every row."""
+    return pin_features(sae, torch.tensor([feature]), torch.tensor([float(value)]))
+
+
+def pinned_hooks(sae: SAELike, hook_name: str, feature: int | Tensor, value: float | Tensor,
                  skip_first_position: bool = True) -> Callable[[Tensor], list[tuple[str, Any]]]:
-    """`sample`'s hooks for a feature pinned at `value`."""
-    replace = pin_feature(sae, feature, value)
+    """`sample`'s hooks for a feature pinned at `value` in every row (or, given tensors, feature[r] at value[r]
+    in copy r: `pin_features`)."""
+    if isinstance(feature, Tensor):
+        replace = pin_features(sae, feature, torch.as_tensor(value))
+    else:
+        replace = pin_feature(sae, feature, float(value))
     return lambda tokens_BT: [(hook_name, splice_hook(replace, tokens_BT, skip_first_position))]
 
 
 @torch.no_grad()
 def sample(model: HookedTransformer, tokens_1T: Tensor, n_tokens: int, samples: int, temperature: float,
-           seed: int, n_vocab: int, hooks: Callable[[Tensor], list[tuple[str, Any]]] = lambda tokens_BT: []) -> Tensor:
-    """`samples` continuations of `n_tokens` tokens, [samples, n_tokens]: softmax(logits / temperature) over the
-    tokenizer's `n_vocab` ids (not the LM's padding) at each step, the argmax at temperature 0, with the forward
-    hooks `hooks(tokens_BT)` gives for the tokens so far."""
+           seed: int, n_vocab: int, hooks: Callable[[Tensor], list[tuple[str, Any]]] = lambda tokens_BT: [],
+           copies: int = 1) -> Tensor:
+    """`samples` continuations of `n_tokens` tokens, [copies · samples, n_tokens] (row c·samples + s: copy c of
+    sample s): at each step the argmax of logits / temperature + Gumbel noise over the tokenizer's `n_vocab` ids
+    (not the LM's padding), which draws from softmax(logits / temperature); the argmax of the logits at temperature
+    0. Sample s's noise comes from `seed` alone and every copy of it reads the same noise, so copies whose forward
+    hooks (`hooks(tokens_BT)`, for the tokens so far) change nothing make the same tokens, and a pin's effect is
+    not hidden by different draws; copies of one sample differ only where their distributions do."""
     tokens_1T = tokens_1T.to(model_device(model))
     generator = torch.Generator(device=tokens_1T.device).manual_seed(seed)
-    tokens_BT = tokens_1T.expand(samples, -1)
+    tokens_BT = tokens_1T.expand(copies * samples, -1)
     for _ in range(n_tokens):
         resid_BD = final_residual(model, tokens_BT, hooks(tokens_BT))[:, -1]
         logits_BV = unembed_rows(model, resid_BD).float()[:, :n_vocab]
         if temperature == 0:
             next_B = logits_BV.argmax(-1)
         else:  # (the max subtracted first: a tiny temperature would make inf - inf of the logits otherwise)
-            logits_BV = logits_BV - logits_BV.max(-1, keepdim=True).values
-            probs_BV = torch.softmax(logits_BV / temperature, dim=-1)
-            next_B = torch.multinomial(probs_BV, 1, generator=generator)[:, 0]
+            u_SV = torch.rand(samples, logits_BV.shape[1], generator=generator, device=logits_BV.device)
+            gumbel_BV = (-torch.log(-torch.log(u_SV))).repeat(copies, 1)
+            next_B = ((logits_BV - logits_BV.max(-1, keepdim=True).values) / temperature + gumbel_BV).argmax(-1)
         tokens_BT = torch.cat([tokens_BT, next_B[:, None]], dim=1)
     return tokens_BT[:, tokens_1T.shape[1]:].cpu()
 
@@ -138,10 +166,11 @@ def steer(model: HookedTransformer, sae: SAELike, hook_name: str, tokens_1T: Ten
           skip_first_position: bool = True) -> SteerResult:
     """Clean and feature-pinned samples after the prompt `tokens_1T` (ids below `n_vocab`), same seed."""
     check_steer(model, sae, hook_name, tokens_1T.shape[1], feature, n_tokens, samples, temperature)
-    clean = sample(model, tokens_1T, n_tokens, samples, temperature, seed, n_vocab)
-    pinned = pinned_hooks(sae, hook_name, feature, value, skip_first_position)
-    steered = sample(model, tokens_1T, n_tokens, samples, temperature, seed, n_vocab, pinned)
-    return SteerResult(feature, float(value), clean, steered)
+    # one batch: copy 0 clean (a NaN pin changes nothing), copy 1 pinned; the same noise for both
+    both = pinned_hooks(sae, hook_name, torch.tensor([feature, feature]), torch.tensor([math.nan, float(value)]),
+                        skip_first_position)
+    out = sample(model, tokens_1T, n_tokens, samples, temperature, seed, n_vocab, lambda t: both(t), copies=2)
+    return SteerResult(feature, float(value), out[:samples], out[samples:])
 
 
 @sae_in_eval_mode
