@@ -19,10 +19,6 @@ variant's settings (features, steer_tokens, tokens; contexts, base_host_gb, peak
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import resource
 import statistics
 import sys
 import tempfile
@@ -32,18 +28,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-def _machine() -> str:
-    try:
-        names = [ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")]
-    except OSError:
-        names = []
-    return f"{names[0] if names else platform.machine()}, {os.cpu_count()} cores"
-
-
-def _rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from recorder import append_line, machine, peak_rss_gb, random_paper_model  # noqa: E402
 
 
 def _timed(fn, repeats: int) -> list[float]:
@@ -69,34 +55,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="also append the JSON lines to this file")
     args = p.parse_args(argv)
 
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
     import sae_stream.evaluate as ev
     from sae_stream.analysis.dashboard import build_dashboard
-    from sae_stream.config import AnalysisConfig, SAEConfig
-    from sae_stream.sae import build_sae
+    from sae_stream.config import AnalysisConfig
     from sae_stream.tokenizer import get_tokenizer
 
-    torch.manual_seed(0)
-    torch.set_num_threads(args.threads)
-    cfg = HookedTransformerConfig(n_layers=1, d_model=128, n_heads=4, d_head=32, d_mlp=512, d_vocab=50257,
-                                  n_ctx=args.context_len, act_fn="relu", normalization_type="LN", device="cpu")
-    model = HookedTransformer(cfg).eval()
-    sae = build_sae(SAEConfig(d_sae=args.d_sae), 512).eval()
+    model, sae = random_paper_model(args.context_len, args.d_sae, args.threads)
     n_ctx = max(1, args.tokens // args.context_len)
     tokens_NT = torch.randint(0, 50257, (n_ctx, args.context_len), generator=torch.Generator().manual_seed(1))
     tokenizer = get_tokenizer("gpt2")
-    common = {"date": time.strftime("%Y-%m-%d"), "machine": _machine(), "torch": torch.__version__}
+    common = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "torch": torch.__version__}
     rows = []
 
     def emit(row: dict) -> None:
-        row = common | row
-        rows.append(row)
-        line = json.dumps(row)
-        print(line, flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(line + "\n")
+        rows.append(common | row)
+        append_line(rows[-1], args.out)
 
     base = None
     with tempfile.TemporaryDirectory() as tmp:
@@ -112,11 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     for contexts in (int(c) for c in args.bootstrap_contexts.split(",")):
         sums_RC = 100 + torch.rand(4, contexts, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
         sums_RC[2:] += 50  # (ablated runs: a gap well away from 0)
-        before = _rss_gb()
+        before = peak_rss_gb()
         rounds = _timed(lambda sums_RC=sums_RC: ev._bootstrap_recovered(sums_RC, args.context_len), args.repeats)
         emit({"variant": f"bootstrap_{contexts}", "seconds": round(statistics.median(rounds), 4),
               "rounds": [round(r, 4) for r in rounds], "contexts": contexts, "base_host_gb": round(before, 3),
-              "peak_host_gb": round(_rss_gb(), 3)})
+              "peak_host_gb": round(peak_rss_gb(), 3)})
     return 0
 
 

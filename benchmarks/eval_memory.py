@@ -21,53 +21,34 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
 import subprocess
 import sys
 import time
 
 import torch
 
-
-def _machine() -> str:
-    try:
-        names = [ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")]
-    except OSError:
-        names = []
-    return f"{names[0] if names else platform.machine()}, {os.cpu_count()} cores"
-
-
-def _rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from recorder import append_line, machine, peak_rss_gb, random_paper_model  # noqa: E402
 
 
 def child(args: argparse.Namespace) -> dict:
     """One variant in this process: build, then evaluate once; the figures as a dict."""
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
     import sae_stream.evaluate as ev
-    from sae_stream.config import EvalConfig, SAEConfig, TrainConfig
-    from sae_stream.sae import build_sae
+    from sae_stream.config import EvalConfig, TrainConfig
 
-    torch.manual_seed(0)
-    torch.set_num_threads(args.threads)
-    cfg = HookedTransformerConfig(n_layers=1, d_model=128, n_heads=4, d_head=32, d_mlp=512, d_vocab=50257,
-                                  n_ctx=args.context_len, act_fn="relu", normalization_type="LN", device="cpu")
-    model = HookedTransformer(cfg).eval()
-    sae = build_sae(SAEConfig(d_sae=args.d_sae), 512).eval()
+    model, sae = random_paper_model(args.context_len, args.d_sae, args.threads)
     g = torch.Generator().manual_seed(1)
     tokens_NT = torch.randint(0, 50257, (args.contexts, args.context_len), generator=g)
     slices = args.slice
     whole = 50257 * args.batch_contexts * args.context_len  # one slice holds a whole chunk's positions
     ev.LOGIT_ELEMENTS = {"cpu": whole if slices == "whole" else int(slices)}
-    base = _rss_gb()
+    base = peak_rss_gb()
     t0 = time.perf_counter()
     r = ev.evaluate(model, sae, "blocks.0.mlp.hook_post", [tokens_NT],
                     EvalConfig(tokens=tokens_NT.numel(), batch_contexts=args.batch_contexts), TrainConfig())
     seconds = time.perf_counter() - t0
     return {"slice_rows": ev.LOGIT_ELEMENTS["cpu"] // 50257, "tokens": tokens_NT.numel(), "seconds": round(seconds, 3),
-            "tokens_per_s": round(tokens_NT.numel() / seconds), "peak_host_gb": round(_rss_gb(), 3),
+            "tokens_per_s": round(tokens_NT.numel() / seconds), "peak_host_gb": round(peak_rss_gb(), 3),
             "base_host_gb": round(base, 3), "ce_clean": r["ce_loss"]["clean"], "ce_sae": r["ce_loss"]["sae"],
             "kl_clean_sae": r["kl_clean_sae"]}
 
@@ -88,7 +69,7 @@ def main() -> None:
         args.context_len = int(args.context_len)
         print(json.dumps(child(args)))
         return
-    common = {"date": time.strftime("%Y-%m-%d"), "machine": _machine(), "torch": torch.__version__}
+    common = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "torch": torch.__version__}
     for context_len in args.context_len.split(","):
         rows = []
         for slices in args.slices.split(","):
@@ -102,11 +83,7 @@ def main() -> None:
                                                                                          "kl_clean_sae"))
         for r in rows:
             r["max_rel_diff"] = float(f"{spread:.2e}")
-            line = json.dumps(r)
-            print(line, flush=True)
-            if args.out:
-                with open(args.out, "a") as f:
-                    f.write(line + "\n")
+            append_line(r, args.out)
         assert spread < 1e-4, f"variants disagree (max relative difference {spread:.2e}): a bug"
 
 

@@ -13,7 +13,6 @@ of K separate runs, of the sweep, and their ratio (sweep / separate: 1/K would m
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -24,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from buffer_throughput import build_lm, device_and_batch, token_batches  # noqa: E402
+from recorder import append_line  # noqa: E402
 from transformer_lens import HookedTransformer, HookedTransformerConfig  # noqa: E402
 
 from sae_stream.activations import ActivationStream, hook_dim  # noqa: E402
@@ -146,11 +146,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     for d_sae in args.d_sae:
         row = measure(args, model, d_sae)
         rows.append(row)
-        line = json.dumps(row)
-        print(line, flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(line + "\n")
+        append_line(row, args.out)
     print("\n| d_sae | 1 run (s) | K separate (s) | sweep of K (s) | sweep / separate |\n|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['d_sae']} | {r['one_run_s']} | {r['separate_s']} | {r['sweep_s']} | "
