@@ -137,12 +137,16 @@ def _next_token_ce(logits_1TV: Tensor, tokens_1T: Tensor) -> float:
 def load_run(run_dir: str | Path, device: str | None = None) -> TrainedRun:
     """The LM, SAE and tokenizer of a trained run (`sae-stream run` / `train`), on `device` (default: the run's
     train.device, i.e. the GPU when there is one)."""
-    path = require_run_dir(run_dir)
     overrides = [f"--train.device={device}"] if device else []
     try:
-        cfg, model, sae = load_trained(path, overrides)
+        return _trained_run(run_dir, overrides)
     except ConfigError as e:
         raise ConfigError(str(e).replace("--train.device=", "device=").replace("train.device", "device")) from None
+
+
+def _trained_run(run_dir: str | Path, overrides: list[str]) -> TrainedRun:
+    path = require_run_dir(run_dir)
+    cfg, model, sae = load_trained(path, overrides)
     return TrainedRun(cfg, model, sae.eval(), get_tokenizer(cfg.data.tokenizer), path)
 
 
@@ -150,10 +154,7 @@ def print_steering(run_dir: str | Path, overrides: list[str], feature: int, valu
                    prompt: str = "", n_tokens: int = 40, samples: int = 3, temperature: float = 1.0,
                    seed: int = 0) -> dict[str, Any]:
     """`sae-stream steer`: TrainedRun.steer on a run directory, printed one sample a line."""
-    path = require_run_dir(run_dir)
-    cfg, model, sae = load_trained(path, overrides)
-    run = TrainedRun(cfg, model, sae.eval(), get_tokenizer(cfg.data.tokenizer), path)
-    r = run.steer(feature, value, prompt, n_tokens, samples, temperature, seed)
+    r = _trained_run(run_dir, overrides).steer(feature, value, prompt, n_tokens, samples, temperature, seed)
     how = (f" ({value} its largest activation, {r['max_activation']:.4g}, on {r['scanned_tokens']:,} held-out "
            "tokens)") if "max_activation" in r else ""
     print(f"feature {feature} pinned at {r['value']:.4g}{how}; {samples} samples of {n_tokens} tokens, temperature "

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from sae_stream.analysis.steering import feature_direction, max_activation, pin_feature, pin_value, sample, steer
+from sae_stream.analysis.steering import feature_directions, max_activation, pin_feature, pin_value, sample, steer
 from sae_stream.config import SAEConfig
 from sae_stream.sae import build_sae
 
@@ -52,7 +52,7 @@ def test_pin_feature__equals_the_reconstruction_with_that_feature_set_plus_the_e
     want = sae.decode(pinned) + (x_BTD.reshape(-1, 32) - sae.decode(feats))
     torch.testing.assert_close(pin_feature(sae, 7, 4.0)(x_BTD).reshape(-1, 32), want.detach(), rtol=1e-5, atol=1e-5)
     # the direction is the decoder row, divided by the input scale where the SAE scales its input
-    torch.testing.assert_close(feature_direction(sae, 7, torch.float32, torch.device("cpu")),
+    torch.testing.assert_close(feature_directions(sae, torch.tensor([7]))[0],
                                sae.W_dec_FD[7].detach() / sae.input_scale, rtol=1e-6, atol=1e-6)
 
 

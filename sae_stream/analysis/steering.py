@@ -91,11 +91,6 @@ def feature_directions(sae: SAELike, features_R: Tensor, dtype: torch.dtype = to
     return (recon_RD[:-1] - recon_RD[-1]).to(dtype)
 
 
-def feature_direction(sae: SAELike, feature: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """feature_directions of one feature, [d_in]."""
-    return feature_directions(sae, torch.tensor([feature], device=device), dtype)[0]
-
-
 def pin_features(sae: SAELike, features_R: Tensor, values_R: Tensor) -> Callable[[Tensor], Tensor]:
     """The replacement for `splice_hook` that splits a batch into R equal groups of consecutive rows (`sample`'s
     copies) and pins, in group r, feature features_R[r] at values_R[r]: x -> x + (v − f(x))·d. A NaN value leaves
@@ -169,7 +164,7 @@ def steer(model: HookedTransformer, sae: SAELike, hook_name: str, tokens_1T: Ten
     # one batch: copy 0 clean (a NaN pin changes nothing), copy 1 pinned; the same noise for both
     both = pinned_hooks(sae, hook_name, torch.tensor([feature, feature]), torch.tensor([math.nan, float(value)]),
                         skip_first_position)
-    out = sample(model, tokens_1T, n_tokens, samples, temperature, seed, n_vocab, lambda t: both(t), copies=2)
+    out = sample(model, tokens_1T, n_tokens, samples, temperature, seed, n_vocab, both, copies=2)
     return SteerResult(feature, float(value), out[:samples], out[samples:])
 
 
