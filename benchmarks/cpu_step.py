@@ -7,7 +7,8 @@ with each on PYTHONPATH, alternating (one process per tree and round; best of 3 
         --out benchmarks/results/cpu_step.jsonl; done; done
 
 `--architectures anthropic,april,topk,batchtopk,jumprelu` measures each architecture (its defaults, λ 1e-3, k 32)
-in the same process, one line each, so their costs compare within one run.
+in the same process, one line each, so their costs compare within one run; `batchtopk+matryoshka` (or topk+...)
+adds Matryoshka levels [d_sae / 16, d_sae / 4].
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ class NullLog:
 
 
 def tokens_per_s(d_sae: int, batch: int, steps: int, architecture: str = "anthropic") -> float:
-    cfg = config_from_dict({"sae": {"architecture": architecture, "d_sae": d_sae, "l1_coeff": 1e-3},
+    architecture, _, variant = architecture.partition("+")
+    levels = {"matryoshka": [d_sae // 16, d_sae // 4]} if variant == "matryoshka" else {}
+    cfg = config_from_dict({"sae": {"architecture": architecture, "d_sae": d_sae, "l1_coeff": 1e-3, **levels},
                             "train": {"total_tokens": batch * 10**6, "batch_size": batch, "log_every": 50,
                                       "checkpoint_every": 10**9, "device": "cpu"},
                             "resample": {"enabled": False}})

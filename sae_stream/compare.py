@@ -51,6 +51,7 @@ from sae_stream.checkpoint import atomic_write_bytes, atomic_write_json, sha256_
 from sae_stream.config import Config, load_config
 from sae_stream.data import heldout_batches
 from sae_stream.export import load_saelens
+from sae_stream.paired import paired_loss_recovered
 from sae_stream.report import SAE_DIR, check_lm_fits, load_trained, own_lm
 from sae_stream.rundir import UserError, fresh_out_dir
 from sae_stream.tracking import json_safe
@@ -73,6 +74,9 @@ DEFINITIONS = {
     "splits": "the A features that are the best match (>= min_value) of the most B features, with those B "
               "features, by the last measure computed (activation correlation when there is one; then only B "
               "features that fired on >= min_fires tokens count: rarer ones correlate highly by chance)",
+    "loss_recovered": "from the two runs' evals when they read the same held-out contexts through the same LM: "
+                      "each SAE's loss recovered, B - A, its 95% interval from resampling the same blocks of "
+                      "contexts for both (paired), and the fraction of resamples where B recovers more",
 }
 
 
@@ -284,6 +288,7 @@ def compare_saes(a: Side, b: Side, correlation: bool = True, tokens: int | None 
                     m._replace(value_F=m.value_F.masked_fill(~often, float("nan"))))
         result["splits"] = {"measure": key, "min_value": SPLIT_MIN, "min_fires": SPLIT_MIN_FIRES if eligible is not
                             None else None, "features": top_splits(b_in_a, 10, SPLIT_MIN, eligible)}
+    result["loss_recovered"] = paired_loss_recovered(a.run_dir, b.run_dir)  # (from the two evals: no model run)
     result["definitions"] = DEFINITIONS
     return result, {k: v.contiguous().cpu() for k, v in tensors.items()}
 
@@ -332,6 +337,13 @@ def _print_summary(result: dict[str, Any], out: Path) -> None:
         parts = [f"{side} mean {_fmt(r[side]['mean'])}, >0.7 {_fmt(r[side]['fraction_above']['0.7'])}"
                  f"{_fired_mean(r, side)}" for side in ("a_in_b", "b_in_a")]
         print(f"compare: {key.replace('_', ' ')}: {'; '.join(parts)}; A partners {r['a_partners']}")
+    paired = result.get("loss_recovered", {})
+    if "skipped" in paired:
+        print(f"compare: loss recovered, paired: skipped: {paired['skipped']}")
+    elif paired:
+        print("compare: loss recovered on the same " + f"{paired['tokens']:,} held-out tokens: " + "; ".join(
+            f"A {_fmt(paired['a'][k], 4)}, B {_fmt(paired['b'][k], 4)}, B - A {_signed(paired['b_minus_a'][k])} "
+            f"{_interval(paired['b_minus_a_ci95'][k])} (vs {k})" for k in ("zero", "mean")))
     splits = result.get("splits", {}).get("features", [])[:3]
     if splits:
         shown = "; ".join(f"{s['a']} -> {', '.join(map(str, s['b'][:6]))}{' ...' if len(s['b']) > 6 else ''}"
@@ -351,5 +363,13 @@ def _fired_mean(r: dict[str, Any], side: str) -> str:
     return f" (fired >= {SPLIT_MIN_FIRES}: {_fmt(fired['mean'])})" if fired else ""
 
 
-def _fmt(v: float | None) -> str:
-    return "n/a" if v is None else f"{v:.3f}"
+def _fmt(v: float | None, digits: int = 3) -> str:
+    return "n/a" if v is None else f"{v:.{digits}f}"
+
+
+def _signed(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:+.5f}"
+
+
+def _interval(ci: list[float] | None) -> str:
+    return "" if ci is None else f"[{ci[0]:+.5f}, {ci[1]:+.5f}]"

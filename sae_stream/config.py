@@ -1,4 +1,4 @@
-"""One typed config tree for every command: its sections (config_sections.py), the sweep, and their loading.
+"""One typed config tree for every command: its sections (config_sections.py; sae: config_sae.py), the sweep, loading.
 
 Loaded from YAML (``configs/*.yaml``), then overridden on the command line with
 ``--section.field=value``. Each field's docstring (the string literal right below it)
@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from sae_stream.config_sae import SAEConfig
 from sae_stream.config_sections import (
     AnalysisConfig,
     BufferConfig,
@@ -30,7 +31,6 @@ from sae_stream.config_sections import (
     LMConfig,
     LMTrainConfig,
     ResampleConfig,
-    SAEConfig,
     TrainConfig,
     WandbConfig,
 )

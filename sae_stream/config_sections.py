@@ -52,10 +52,10 @@ class DataConfig:
     0. The same batches in the same order either way."""
 
     def __post_init__(self) -> None:
-        _positive(self, "data", "context_len", "shuffle_buffer", "tokenizer_threads")
+        check_positive(self, "data", "context_len", "shuffle_buffer", "tokenizer_threads")
         if not 0.0 <= self.heldout_fraction < 1.0:
             raise ConfigError("data.heldout_fraction must be in [0, 1)")
-        _positive(self, "data", "stream_retries", "prefetch", zero_ok=True)
+        check_positive(self, "data", "stream_retries", "prefetch", zero_ok=True)
         if self.tokenizer not in ("gpt2", "byte"):
             raise ConfigError(f"data.tokenizer must be 'gpt2' or 'byte', got {self.tokenizer!r}")
 
@@ -82,7 +82,7 @@ class LMConfig:
     """Dropout during LM training."""
 
     def __post_init__(self) -> None:
-        _positive(self, "lm", "n_layers", "d_model", "n_heads", "d_mlp", "n_ctx", "vocab_size")
+        check_positive(self, "lm", "n_layers", "d_model", "n_heads", "d_mlp", "n_ctx", "vocab_size")
         if self.act_fn not in ("relu", "gelu"):
             raise ConfigError(f"lm.act_fn must be 'relu' or 'gelu', got {self.act_fn!r}")
         if self.d_model % self.n_heads:
@@ -121,7 +121,7 @@ class LMTrainConfig:
     """Steps between training-loss records in metrics.jsonl."""
 
     def __post_init__(self) -> None:
-        _positive(self, "lm_train", "tokens", "batch_size", "eval_every", "eval_tokens", "checkpoint_every",
+        check_positive(self, "lm_train", "tokens", "batch_size", "eval_every", "eval_tokens", "checkpoint_every",
                   "log_every")
         if self.autocast not in ("auto", "bfloat16", "none"):
             raise ConfigError(f"lm_train.autocast must be auto, bfloat16 or none, got {self.autocast!r}")
@@ -156,67 +156,14 @@ class BufferConfig:
     """Refuse a ring larger than this (GB); None checks against free device/host memory."""
 
     def __post_init__(self) -> None:
-        _positive(self, "buffer", "capacity", "lm_batch_size", "reuse", "positions_per_context")
-        _positive(self, "buffer", "merge_lag", zero_ok=True)
+        check_positive(self, "buffer", "capacity", "lm_batch_size", "reuse", "positions_per_context")
+        check_positive(self, "buffer", "merge_lag", zero_ok=True)
         if not 0.0 < self.refill_fraction <= 1.0:
             raise ConfigError("buffer.refill_fraction must be in (0, 1]")
         if self.storage not in ("auto", "cuda", "pinned", "cpu"):
             raise ConfigError(f"buffer.storage must be auto, cuda, pinned or cpu, got {self.storage!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"buffer.dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
-
-
-ARCHITECTURES = ("anthropic", "april", "topk", "batchtopk", "jumprelu")
-
-
-@dataclass
-class SAEConfig:
-    architecture: str = "anthropic"
-    """'anthropic' (2023 paper), 'april' (Apr-2024 update; its schedules are train.l1_warmup_fraction,
-    train.lr_schedule=linear_tail and train.grad_clip, off unless set), 'topk' (with AuxK), 'batchtopk' or
-    'jumprelu' (Rajamanoharan et al. 2024: learned per-feature thresholds, L0 penalty)."""
-    d_in: int | None = None
-    """Input width; None takes it from the hook. Must match the hook if set."""
-    d_sae: int = 4096
-    """Dictionary size (features)."""
-    l1_coeff: float = 1e-3
-    """λ (anthropic/april): loss = MSE (mean over elements) + λ·Σ_f|f| (april |f|·‖W_d,f‖); = λ_paper / d_in.
-    jumprelu: λ of its L0 term, MSE + λ·Σ_f[f > 0] (also λ_paper / d_in)."""
-    k: int = 32
-    """Active features per input (topk) or on average per input (batchtopk)."""
-    auxk_coeff: float = 1 / 32
-    """AuxK loss coefficient (topk/batchtopk)."""
-    auxk_k: int | None = None
-    """Dead latents used by AuxK; None = d_in // 2."""
-    dead_tokens_auxk: int = 10_000_000
-    """A latent is dead for AuxK after this many tokens without firing."""
-    init_b_dec: str = "auto"
-    """'geometric_median' of a buffer sample (2023 paper), 'mean', 'zeros', or 'auto': zeros for april (the
-    update starts both biases at 0), the geometric median for the others."""
-    jumprelu_bandwidth: float = 0.001
-    """jumprelu: ε, the width of the window around θ where pre-activations train it (in the scaled input space)."""
-    jumprelu_init_threshold: float = 0.001
-    """jumprelu: θ of all features at the start (scaled inputs); the paper's 0.001 suits 1e5+ steps, short runs ~0.5."""
-    jumprelu_pre_act_coeff: float = 0.0
-    """jumprelu: λ_P of the pre-act loss λ_P·Σ_f ReLU(θ_f − pre_f) (Jan-2025 update): revives dead features; 0 = off."""
-    topk_kernels: str = "auto"
-    """topk/batchtopk: 'sparse' (touch only the selected entries), 'dense', or 'auto' (sparse on CPU, dense on CUDA)."""
-
-    def __post_init__(self) -> None:
-        if self.architecture not in ARCHITECTURES:
-            raise ConfigError(f"sae.architecture must be one of {', '.join(ARCHITECTURES)}, got {self.architecture!r}")
-        _positive(self, "sae", "d_in", "d_sae", "k", "dead_tokens_auxk", "jumprelu_bandwidth")
-        _positive(self, "sae", "jumprelu_init_threshold")
-        if self.architecture in ("topk", "batchtopk") and self.k > self.d_sae:
-            raise ConfigError(f"sae.k ({self.k}) must be <= sae.d_sae ({self.d_sae})")
-        _positive(self, "sae", "l1_coeff", "jumprelu_pre_act_coeff", zero_ok=True)
-        if self.jumprelu_pre_act_coeff and self.architecture != "jumprelu":
-            raise ConfigError(f"sae.jumprelu_pre_act_coeff is for sae.architecture=jumprelu, not {self.architecture}: "
-                              "set it to 0")
-        if self.init_b_dec not in ("auto", "geometric_median", "mean", "zeros"):
-            raise ConfigError(f"sae.init_b_dec must be auto, geometric_median, mean or zeros, got {self.init_b_dec!r}")
-        if self.topk_kernels not in ("auto", "sparse", "dense"):
-            raise ConfigError(f"sae.topk_kernels must be auto, sparse or dense, got {self.topk_kernels!r}")
 
 
 @dataclass
@@ -282,7 +229,7 @@ class TrainConfig:
         return max(1, self.total_tokens // self.batch_size)
 
     def __post_init__(self) -> None:
-        _positive(self, "train", "total_tokens", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints",
+        check_positive(self, "train", "total_tokens", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints",
                   "density_window_tokens")
         if self.lr <= 0:
             raise ConfigError("train.lr must be > 0")
@@ -321,7 +268,7 @@ class ResampleConfig:
     """New encoder rows = input direction x this x mean alive encoder norm."""
 
     def __post_init__(self) -> None:
-        _positive(self, "resample", "dead_window", "pool_size")
+        check_positive(self, "resample", "dead_window", "pool_size")
         if any(not 0.0 < f < 1.0 for f in self.at_fractions):
             raise ConfigError("resample.at_fractions must all be in (0, 1)")
 
@@ -336,7 +283,7 @@ class EvalConfig:
     """Bins of the log10 density histogram."""
 
     def __post_init__(self) -> None:
-        _positive(self, "eval", "tokens", "batch_contexts", "histogram_bins")
+        check_positive(self, "eval", "tokens", "batch_contexts", "histogram_bins")
 
 
 @dataclass
@@ -365,9 +312,9 @@ class AnalysisConfig:
     """Tokens of each feature's pinned sample (the feature at 5× its top activation; `sae-stream steer`); 0: none."""
 
     def __post_init__(self) -> None:
-        _positive(self, "analysis", "features", "top_k", "tokens", "batch_contexts", "logit_k", "histogram_bins",
+        check_positive(self, "analysis", "features", "top_k", "tokens", "batch_contexts", "logit_k", "histogram_bins",
                   "ablation_contexts")
-        _positive(self, "analysis", "window", "steer_tokens", zero_ok=True)
+        check_positive(self, "analysis", "window", "steer_tokens", zero_ok=True)
         if self.histogram_bins & (self.histogram_bins - 1):
             raise ConfigError(f"analysis.histogram_bins must be a power of two, got {self.histogram_bins}")
         if not 0.0 < self.single_token_fraction <= 1.0:
@@ -388,7 +335,7 @@ class WandbConfig:
     """Seconds to wait for wandb.init before falling back to offline mode."""
 
 
-def _positive(obj: Any, section: str, *names: str, zero_ok: bool = False) -> None:
+def check_positive(obj: Any, section: str, *names: str, zero_ok: bool = False) -> None:
     """Each field > 0 (>= 0 with zero_ok) or None (where None means "not set": the field's default)."""
     for name in names:
         value = getattr(obj, name)

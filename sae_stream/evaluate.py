@@ -2,7 +2,7 @@
 
     result = evaluate(model, sae, "blocks.0.mlp.hook_post", token_batches, cfg.eval, cfg.train,
                       skip_first_position=cfg.buffer.skip_first_position)
-    write_eval(run_dir, result)   # eval.json, feature_density.safetensors, density_histogram.png
+    write_eval(run_dir, result)   # eval.json, feature_density.safetensors, eval_ce.safetensors, density_histogram.png
 
 Definitions (also written into eval.json under "definitions"):
 - activation statistics (L0, MSE, FVU, densities) count every evaluated position except position 0 when
@@ -16,7 +16,9 @@ Definitions (also written into eval.json under "definitions"):
 - loss recovered (ablation A in {zero, mean}) = (L_A - L_sae) / (L_A - L_clean): 1 = the SAE loses nothing,
   0 = as bad as ablating the hook. The seed logged its complement (L_sae - L_clean) / (L_A - L_clean).
 - its 95% interval: percentiles over BOOTSTRAP_SAMPLES resamples (with replacement, seeded) of blocks of
-  consecutive contexts, BOOTSTRAP_BLOCK_TOKENS tokens each (`_bootstrap_recovered`).
+  consecutive contexts, BOOTSTRAP_BLOCK_TOKENS tokens each (`_bootstrap_recovered`); each context's CE sums are
+  kept (eval_ce.safetensors), so two evals on the same contexts compare paired (paired.py).
+- matryoshka (Matryoshka SAEs only): FVU of each nested dictionary's reconstruction alone, and its share of L0.
 - KL = KL(p_clean || p_sae) summed over the vocabulary, averaged over the same predictions as the CE.
 - density of a feature = fraction of evaluated tokens where it fires (> 0); dead: density <= train.dead_threshold;
   ultra-low: alive and density < train.ultralow_threshold (null when the evaluated tokens cannot resolve it);
@@ -70,6 +72,7 @@ from sae_stream.tracking import json_safe
 
 EVAL_JSON = "eval.json"
 DENSITY_FILE = "feature_density.safetensors"
+CE_FILE = "eval_ce.safetensors"
 DENSITY_PNG = "density_histogram.png"
 
 BOOTSTRAP_SAMPLES = 1000  # resamples for loss recovered's 95% interval (seeded: the same interval every time)
@@ -86,6 +89,8 @@ DEFINITIONS = {
                               "blocks together); null with one block, or where a resample's ablation gap is 0",
     "ce_loss_recovered": "(L_ablated - L_sae) / (L_ablated - L_clean) for ablated = zero and mean; "
                          "1 = no loss from splicing the SAE in, 0 = as bad as the ablation (the seed logged 1 - this)",
+    "matryoshka": "per nested dictionary of a Matryoshka SAE (features 0..m-1): FVU of its reconstruction with the "
+                  "other features zeroed, and its share of L0",
     "kl_clean_sae": "KL(p_clean || p_sae) in nats, averaged over next-token predictions",
     "ce_positions": "CE and KL average all T-1 next-token predictions of each context",
     "activation_positions": "L0/MSE/FVU/density use every position except position 0 when skip_first_position; "
@@ -101,19 +106,22 @@ DEFINITIONS = {
 class _ActivationTotals:
     """Running sums over evaluated tokens, in float64 so a million tokens add up without drift."""
 
-    def __init__(self) -> None:
+    def __init__(self, prefixes: tuple[int, ...] = ()) -> None:
         self.n = 0
         self.fire_F: Tensor | None = None
         self.sq_err = self.sum_sq = 0.0
         self.sum_D: Tensor | None = None
+        self.prefixes, self.prefix_sq_err = prefixes, [0.0] * len(prefixes)  # (Matryoshka's nested dictionaries)
 
-    def update(self, x_ND: Tensor, feats_NF: Tensor, recon_ND: Tensor) -> None:
+    def update(self, x_ND: Tensor, feats_NF: Tensor, recon_ND: Tensor, prefix_recons: Iterable[Tensor] = ()) -> None:
         x_ND = x_ND.double()
         if self.fire_F is None or self.sum_D is None:
             self.fire_F = torch.zeros(feats_NF.shape[1], dtype=torch.float64, device=x_ND.device)
             self.sum_D = torch.zeros(x_ND.shape[1], dtype=torch.float64, device=x_ND.device)
         self.fire_F += (feats_NF > 0).sum(0)
         self.sq_err = self.sq_err + (x_ND - recon_ND.double()).pow(2).sum()
+        for i, prefix_ND in enumerate(prefix_recons):
+            self.prefix_sq_err[i] = self.prefix_sq_err[i] + (x_ND - prefix_ND.double()).pow(2).sum()
         self.sum_sq = self.sum_sq + x_ND.pow(2).sum()
         self.sum_D += x_ND.sum(0)
         self.n += x_ND.shape[0]
@@ -123,9 +131,12 @@ class _ActivationTotals:
             raise ValueError("no activation positions evaluated: contexts need >= 2 tokens with skip_first_position")
         total_var = float(self.sum_sq) - float(self.sum_D.pow(2).sum()) / self.n
         sq_err = float(self.sq_err)
+        nested = {"matryoshka": [{"features": m, "fvu": float(e) / total_var if total_var > 0 else None,
+                                  "l0": float(self.fire_F[:m].sum()) / self.n}
+                                 for m, e in zip(self.prefixes, self.prefix_sq_err)]} if self.prefixes else {}
         return {"activation_tokens": self.n, "l0": float(self.fire_F.sum()) / self.n,
                 "mse": sq_err / (self.n * self.sum_D.numel()),
-                "fvu": sq_err / total_var if total_var > 0 else None,
+                "fvu": sq_err / total_var if total_var > 0 else None, **nested,
                 "density_F": (self.fire_F / self.n).float().cpu()}
 
 
@@ -144,35 +155,43 @@ class _LossTotals:
         return {"ce_loss": ce,
                 "ce_loss_recovered": {"zero": _recovered(ce, "zero_ablation"), "mean": _recovered(ce, "mean_ablation")},
                 "ce_loss_recovered_ci95": _bootstrap_recovered(sums_RC, self.context_len),
-                "kl_clean_sae": float(self.kl) / self.n, "predictions": self.n}
+                "kl_clean_sae": float(self.kl) / self.n, "predictions": self.n,
+                "ce_per_context": {run: row.tolist() for run, row in zip(self.RUNS, sums_RC)}}
 
 
-def _bootstrap_recovered(sums_RC: Tensor, context_len: int) -> dict[str, list[float] | None]:
-    """95% percentile intervals of loss recovered from BOOTSTRAP_SAMPLES resamples, with replacement, of blocks of
-    consecutive contexts (BOOTSTRAP_BLOCK_TOKENS tokens, at least one context; the held-out text is cut into
-    contexts in order, so one document's contexts mostly share a block). Loss recovered is a ratio of differences
-    of CE sums over the same predictions, so blocks of unequal size need no weights. None with fewer than two
-    blocks, or where some resample's ablation gap is exactly 0."""
+def block_bootstrap(sums_RC: Tensor, context_len: int) -> tuple[Tensor, int]:
+    """([R, BOOTSTRAP_SAMPLES] totals of per-context sums_RC over resamples, the number of blocks): each resample
+    draws, with replacement, as many blocks of consecutive contexts (BOOTSTRAP_BLOCK_TOKENS tokens, at least one
+    context) as there are; the held-out text is cut into contexts in order, so one document's contexts mostly
+    share a block. Seeded: the same resamples every time, for every caller with as many contexts."""
     per_block = max(1, BOOTSTRAP_BLOCK_TOKENS // context_len)
     block_C = torch.arange(sums_RC.shape[1]) // per_block
     n_blocks = int(block_C[-1]) + 1
-    sums_RK = torch.zeros(sums_RC.shape[0], n_blocks, dtype=torch.float64).index_add_(1, block_C, sums_RC)
+    sums_RK = torch.zeros(sums_RC.shape[0], n_blocks, dtype=torch.float64).index_add_(1, block_C, sums_RC.double())
     generator = torch.Generator().manual_seed(0)
     totals = []
     for start in range(0, BOOTSTRAP_SAMPLES, BOOTSTRAP_CHUNK):
         picks_SK = torch.randint(0, n_blocks, (min(BOOTSTRAP_CHUNK, BOOTSTRAP_SAMPLES - start), n_blocks),
                                  generator=generator)
         totals.append(sums_RK[:, picks_SK].sum(-1))
-    totals_RS = torch.cat(totals, dim=1)  # [runs, samples]
+    return torch.cat(totals, dim=1), n_blocks
+
+
+def ci95(samples_S: Tensor) -> list[float]:
+    q = torch.quantile(samples_S.double(), torch.tensor([0.025, 0.975], dtype=torch.float64))
+    return [float(q[0]), float(q[1])]
+
+
+def _bootstrap_recovered(sums_RC: Tensor, context_len: int) -> dict[str, list[float] | None]:
+    """95% percentile intervals of loss recovered over block_bootstrap's resamples. Loss recovered is a ratio of
+    differences of CE sums over the same predictions, so blocks of unequal size need no weights. None with fewer
+    than two blocks, or where some resample's ablation gap is exactly 0."""
+    totals_RS, n_blocks = block_bootstrap(sums_RC, context_len)
     clean, sae = totals_RS[0], totals_RS[1]
     out: dict[str, list[float] | None] = {}
     for name, ablated in (("zero", totals_RS[2]), ("mean", totals_RS[3])):
         gap = ablated - clean
-        if n_blocks < 2 or bool((gap == 0).any()):
-            out[name] = None
-            continue
-        q = torch.quantile((ablated - sae) / gap, torch.tensor([0.025, 0.975], dtype=torch.float64))
-        out[name] = [float(q[0]), float(q[1])]
+        out[name] = None if n_blocks < 2 or bool((gap == 0).any()) else ci95((ablated - sae) / gap)
     return out
 
 
@@ -218,8 +237,10 @@ def _eval_chunk(model: HookedTransformer, sae: SAELike, hook_name: str, tokens_B
     def reconstruct(x_BTD: Tensor) -> Tensor:
         feats_BTF = sae_features(sae, x_BTD)
         recon_BTD = sae_decode(sae, feats_BTF, x_BTD)
-        d = x_BTD.shape[-1]
-        acts.update(x_BTD.reshape(-1, d), feats_BTF.reshape(-1, feats_BTF.shape[-1]), recon_BTD.reshape(-1, d))
+        d, f_F = x_BTD.shape[-1], torch.arange(feats_BTF.shape[-1], device=feats_BTF.device)
+        prefixes = (sae_decode(sae, feats_BTF * (f_F < m), x_BTD).reshape(-1, d) for m in acts.prefixes)
+        acts.update(x_BTD.reshape(-1, d), feats_BTF.reshape(-1, feats_BTF.shape[-1]), recon_BTD.reshape(-1, d),
+                    prefixes)
         return recon_BTD
 
     replacements = {"sae": reconstruct, "zero_ablation": torch.zeros_like,
@@ -298,7 +319,7 @@ def _evaluate(model: HookedTransformer, sae: SAELike, hook_name: str, token_batc
     if mean_activation.shape != (d_in,):
         raise ValueError(f"mean_activation has shape {tuple(mean_activation.shape)}, expected [{d_in}] for {hook_name}")
     mean_D = mean_activation.to(device)
-    acts, losses = _ActivationTotals(), _LossTotals()
+    acts, losses = _ActivationTotals(tuple(getattr(getattr(sae, "cfg", None), "matryoshka", None) or ())), _LossTotals()
     n_chunks = -(-tokens_NT.shape[0] // cfg.batch_contexts)
     for tokens_BT in tqdm(chunks(tokens_NT, cfg.batch_contexts, device), total=n_chunks, desc="eval", disable=None):
         _eval_chunk(model, sae, hook_name, tokens_BT, mean_D, skip_first_position, acts, losses)
@@ -318,12 +339,17 @@ def log10_density(density_F: Tensor) -> Tensor:
 
 
 def write_eval(run_dir: str | Path, result: dict[str, Any], histogram_bins: int = 60) -> Path:
-    """Write eval.json (without the per-feature list), feature_density.safetensors and density_histogram.png."""
+    """Write eval.json (without the per-feature and per-context lists), feature_density.safetensors,
+    eval_ce.safetensors (each context's CE sums, float64: `ce_<run>_C`) and density_histogram.png."""
     run_dir = Path(run_dir)
-    summary = {k: v for k, v in result.items() if k != "feature_density"}
+    summary = {k: v for k, v in result.items() if k not in ("feature_density", "ce_per_context")}
     density_F = torch.tensor(result["feature_density"], dtype=torch.float32)
     summary["feature_density_file"] = DENSITY_FILE
     atomic_write_bytes(run_dir / DENSITY_FILE, save_safetensors({"density_F": density_F}))
+    if "ce_per_context" in result:
+        summary["ce_per_context_file"] = CE_FILE
+        atomic_write_bytes(run_dir / CE_FILE, save_safetensors(
+            {f"ce_{run}_C": torch.tensor(v, dtype=torch.float64) for run, v in result["ce_per_context"].items()}))
     plot_density_histogram(log10_density(density_F), run_dir / DENSITY_PNG,
                            ultralow_threshold=result["density"]["thresholds"]["ultralow"], bins=histogram_bins,
                            dead_threshold=result["density"]["thresholds"]["dead"])
@@ -341,3 +367,9 @@ def load_feature_density(run_dir: str | Path) -> Tensor:
 
 def read_eval(run_dir: str | Path) -> dict[str, Any]:
     return json.loads((Path(run_dir) / EVAL_JSON).read_text())
+
+
+def load_eval_ce(run_dir: str | Path) -> Tensor:
+    """[runs (_LossTotals.RUNS), contexts] CE sums per context written by `write_eval` (float64)."""
+    sums = load_safetensors((Path(run_dir) / CE_FILE).read_bytes())
+    return torch.stack([sums[f"ce_{run}_C"] for run in _LossTotals.RUNS])

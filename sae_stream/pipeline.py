@@ -5,7 +5,7 @@ Our LM is reached only through lm_bridge.py; the buffer, trainer, SAE and evalua
 can be swapped or tested alone.
 
 Run directory of `train` / `run`:
-    config.yaml  metrics.jsonl  training_curves.png  checkpoints/  sae/ (SAELens format)  eval.json
+    config.yaml  metrics.jsonl  training_curves.png  checkpoints/  sae/ (SAELens format)  eval.json  eval_ce.safetensors
     density_histogram.png  feature_density.safetensors  dashboard/index.html  [lm/ when `run` trained the LM]
     [job.json: `run`'s]
 A sweep (`sweep.saes`, sweep.py) keeps the shared config.yaml and the stream's checkpoints/ at the top and one

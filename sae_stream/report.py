@@ -213,6 +213,9 @@ def _print_eval(r: dict[str, Any], path: Path) -> None:
           f"SAE {_fmt(ce['sae'])} / zero-abl {_fmt(ce['zero_ablation'])} / mean-abl {_fmt(ce['mean_ablation'])}, "
           f"loss recovered {_fmt(rec['zero'])}{_ci(r, 'zero')} (vs zero) {_fmt(rec['mean'])}{_ci(r, 'mean')} "
           f"(vs mean), KL {_fmt(r['kl_clean_sae'])}")
+    if r.get("matryoshka"):
+        print("eval: nested dictionaries alone: " + ", ".join(f"features < {p['features']}: FVU {_fmt(p['fvu'])} "
+                                                              f"L0 {_fmt(p['l0'])}" for p in r["matryoshka"]))
     d = r.get("density", {})
     ultralow = d.get("ultralow")
     if ultralow is None and "thresholds" in d:  # too few tokens to see a density below the threshold

@@ -1,4 +1,5 @@
-"""Sparse autoencoder architectures: Anthropic 2023, Anthropic April-2024 update, TopK (+AuxK), BatchTopK, JumpReLU.
+"""Sparse autoencoder architectures: Anthropic 2023, Anthropic April-2024 update, TopK (+AuxK), BatchTopK, JumpReLU;
+Matryoshka (nested-prefix) losses for the TopK two.
 
     sae = build_sae(cfg.sae, d_in=512)
     sae.init_from_sample_(x_ND)           # b_dec (and april's input scale) from a buffer sample
@@ -27,6 +28,7 @@ from torch import Tensor, nn
 
 from sae_stream.config import SAEConfig
 from sae_stream.fused_ops import normalize_rows_, project_out_rows_
+from sae_stream.geometric_median import geometric_median
 from sae_stream.jumprelu import JumpReLUWithL0
 from sae_stream.topk_kernels import GatherEncode, Selected, SparseDecode, rowwise
 
@@ -44,21 +46,6 @@ class SAEOutput(NamedTuple):
     mse: Tensor  # scalar, mean over batch and d_in (april: in the scaled space it trains in)
     l1: Tensor  # scalar, Σ_features |f| (april: |f|·‖W_d,f‖; jumprelu: L0), mean over the batch; 0 for topk/batchtopk
     aux: Tensor  # scalar AuxK loss (0 unless dead latents were passed); jumprelu: its pre-act loss (0 if off)
-
-
-def geometric_median(x_ND: Tensor, iters: int = 100, tol: float = 1e-6) -> Tensor:
-    """Weiszfeld iterations: the point minimising Σ_n ‖x_n − y‖ (robust to the heavy tails of activations)."""
-    x_ND = x_ND.double()
-    y_D = x_ND.mean(0)
-    for _ in range(iters):
-        # 1/distance weights; the clamp avoids dividing by zero when y lands on a sample
-        w_N = 1.0 / (x_ND - y_D).norm(dim=1).clamp_min(1e-12)
-        y_new_D = (w_N[:, None] * x_ND).sum(0) / w_N.sum()
-        shift = (y_new_D - y_D).norm() / y_D.norm().clamp_min(1e-12)
-        y_D = y_new_D
-        if shift < tol:
-            break
-    return y_D.float()
 
 
 class SAE(nn.Module):
@@ -209,7 +196,8 @@ class TopKSAE(SAE):
     [B, d_sae]: the encoder matmul runs without autograd and the selected entries get sparse forward/backward
     kernels (topk_kernels.py) — ~2x faster steps on CPU. On CUDA the default decodes the selection densely
     (tensor-core matmuls); `topk_kernels=sparse` there uses the gather / index_add backward, which a CUDA graph can
-    capture. `encode`/`decode` are the plain dense versions (same values).
+    capture. `encode`/`decode` are the plain dense versions (same values). With cfg.matryoshka (m_1 < ... < d_sae)
+    the loss adds the MSE of each prefix's reconstruction b_d + Σ_{f < m_i} f·W_d,f (Bussmann et al. 2025).
     """
 
     sparse_kernels: bool | None = None
@@ -244,24 +232,29 @@ class TopKSAE(SAE):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not sparse):
             pre_BF = torch.addmm(bias_F, x_BD, self.W_enc_DF)
         sel, pre_N = self.select(pre_BF.detach())
-        feats_BF, dec_BD = self._decode_selected(x_BD, bias_F, pre_BF, sel, pre_N, sparse, via)
-        recon_BD = dec_BD + self.b_dec_D
+        feats_BF, parts = self._decode_selected(x_BD, bias_F, pre_BF, sel, pre_N, sparse, via, groups=True)
+        recon_BD, prefix_mse = self.b_dec_D, []
+        for part_BD in parts[:-1]:  # Matryoshka: each prefix's reconstruction is scored too
+            recon_BD = recon_BD + part_BD
+            prefix_mse.append((x_BD - recon_BD).pow(2).mean())
+        recon_BD = recon_BD + parts[-1]
         resid_BD = x_BD - recon_BD
         mse = resid_BD.pow(2).mean()
-        zero = mse.new_zeros(())
-        aux = zero
+        aux = zero = mse.new_zeros(())
         if dead_F is not None:
             # alive latents get -inf so the top auxk_k are dead ones; when fewer are dead, the mask zeroes the rest
             top = pre_BF.detach().masked_fill(~dead_F, float("-inf")).topk(self.auxk_k, dim=-1, sorted=False)
             aux_sel, order_BK = rowwise(top.indices, self.d_sae)
             aux_pre_N = top.values.gather(-1, order_BK).flatten()
-            _, aux_dec_BD = self._decode_selected(x_BD, bias_F, pre_BF, aux_sel, aux_pre_N, sparse, via, dead_F)
+            _, (aux_dec_BD,) = self._decode_selected(x_BD, bias_F, pre_BF, aux_sel, aux_pre_N, sparse, via, dead_F)
             aux = (aux_dec_BD - resid_BD.detach()).pow(2).mean()
-        return SAEOutput(recon_BD, feats_BF, mse + self.cfg.auxk_coeff * aux, mse, zero, aux)
+        return SAEOutput(recon_BD, feats_BF, mse + sum(prefix_mse) + self.cfg.auxk_coeff * aux, mse, zero, aux)
 
     def _decode_selected(self, x_BD: Tensor, bias_F: Tensor, pre_BF: Tensor, sel: Selected, pre_N: Tensor,
-                         sparse: bool, via: str, keep_F: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """(feats, feats·W_dec without bias) for the selected entries: sparse kernels, or dense autograd."""
+                         sparse: bool, via: str, keep_F: Tensor | None = None, groups: bool = False
+                         ) -> tuple[Tensor, list[Tensor]]:
+        """(feats, [feats·W_dec without bias]) for the selected entries: sparse kernels, or dense autograd; with
+        `groups`, one decode per Matryoshka group of features (bounds), summing to the whole."""
         if sparse:
             vals_N = GatherEncode.apply(pre_N, x_BD, self.W_enc_DF, bias_F, sel, via).relu()
         else:
@@ -269,13 +262,22 @@ class TopKSAE(SAE):
         if keep_F is not None:
             vals_N = vals_N * keep_F[sel.cols_N]
         feats_BF = torch.zeros_like(pre_BF).index_put((sel.rows_N, sel.cols_N), vals_N)
-        if sparse:
-            return feats_BF, SparseDecode.apply(vals_N, self.W_dec_FD, sel, via)
-        return feats_BF, feats_BF @ self.W_dec_FD
+        bounds = self.bounds if groups else (0, self.d_sae)
+        if sparse:  # (each group's entries alone; one group: all of them, unmasked)
+            groups_N = [vals_N] if len(bounds) == 2 else [
+                vals_N * ((sel.cols_N >= a) & (sel.cols_N < b)) for a, b in zip(bounds, bounds[1:])]
+            return feats_BF, [SparseDecode.apply(v_N, self.W_dec_FD, sel, via) for v_N in groups_N]
+        sizes = [b - a for a, b in zip(bounds, bounds[1:])]
+        return feats_BF, [f_BG @ w_GD for f_BG, w_GD in zip(feats_BF.split(sizes, 1), self.W_dec_FD.split(sizes))]
 
     @property
     def auxk_k(self) -> int:
         return min(self.cfg.auxk_k or self.d_in // 2, self.d_sae)
+
+    @property
+    def bounds(self) -> tuple[int, ...]:
+        """(0, m_1, ..., d_sae): where the Matryoshka groups of features start and end ((0, d_sae) without)."""
+        return (0, *(self.cfg.matryoshka or ()), self.d_sae)
 
 
 class BatchTopKSAE(TopKSAE):

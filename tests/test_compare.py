@@ -156,6 +156,27 @@ def test_compare__recovers_a_permutation_of_the_features(tiny_run: Path, tmp_pat
     for measure in ("decoder_cosine", "activation_correlation"):  # every feature in one band
         assert sum(band["features"] for band in result[measure]["a_by_density"].values()) == 128
     assert result["activation_correlation"]["a_by_density"]["never fired"]["features"] == int((~fired).sum())
+    # loss recovered, paired: B's eval.json (copied from A) describes A's SAE, not B's permuted one
+    assert "describes an earlier SAE: run `sae-stream eval" in result["loss_recovered"]["skipped"]
+
+
+def test_compare__paired_loss_recovered_from_the_two_evals(tiny_run: Path, tmp_path: Path) -> None:
+    b = _copy_run(tiny_run, tmp_path / "b")
+    sae = load_saelens(tiny_run / "sae")
+    perm = torch.randperm(sae.d_sae, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():  # the same SAE, its features in another order: the same reconstructions up to rounding
+        sae.W_enc_DF.copy_(sae.W_enc_DF[:, perm])
+        sae.b_enc_F.copy_(sae.b_enc_F[perm])
+        sae.W_dec_FD.copy_(sae.W_dec_FD[perm])
+    export_saelens(sae, b / "sae", "blocks.0.mlp.hook_post", model_name=str(tiny_run / "lm"))
+    assert main(["eval", str(b)]) == 0
+    paired = _compare(tiny_run, b, tmp_path / "paired", "--no-correlation")[0]["loss_recovered"]
+    own = json.loads((tiny_run / "eval.json").read_text())["ce_loss_recovered"]
+    for name in ("zero", "mean"):
+        assert paired["a"][name] == pytest.approx(own[name], rel=1e-12)
+        assert abs(paired["b_minus_a"][name]) < 1e-6
+        lo, hi = paired["b_minus_a_ci95"][name]
+        assert lo <= paired["b_minus_a"][name] <= hi and hi - lo < 1e-5
 
 
 def test_compare__another_lm_skips_decoders_and_runs_both_lms(tiny_run: Path, tmp_path: Path) -> None:

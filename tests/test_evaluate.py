@@ -356,6 +356,30 @@ def test_evaluate__batchtopk_sae_left_in_train_mode_is_evaluated_with_its_thresh
                        .delta_logprob_V)
 
 
+def test_evaluate__matryoshka_sae_gets_each_nested_dictionary_alone(model, batches):
+    from sae_stream.config import SAEConfig
+    from sae_stream.sae import build_sae
+
+    torch.manual_seed(0)
+    sae = build_sae(SAEConfig(architecture="batchtopk", d_sae=32, k=4, matryoshka=[3, 10]), d_in=D_MLP)
+    with torch.no_grad():
+        sae.b_enc_F.fill_(0.05)
+        sae.threshold.fill_(0.01)
+    r = evaluate(model, sae.eval(), MLP, batches, _cfg(), TrainConfig())
+    x_ND = _acts(model, MLP, torch.cat(batches))[:, 1:].reshape(-1, D_MLP)
+    with torch.no_grad():
+        feats_NF = sae.encode(x_ND)
+        total = (x_ND - x_ND.mean(0)).pow(2).sum()
+        for got, m in zip(r["matryoshka"], [3, 10]):
+            recon_ND = sae.decode(feats_NF * (torch.arange(32) < m))
+            assert got["features"] == m
+            assert got["fvu"] == pytest.approx(float((x_ND - recon_ND).pow(2).sum() / total), rel=1e-5)
+            assert got["l0"] == pytest.approx(float((feats_NF[:, :m] > 0).sum(1).double().mean()), rel=1e-9)
+    assert 0 < r["matryoshka"][0]["l0"] < r["matryoshka"][1]["l0"] < r["l0"]
+    plain = build_sae(SAEConfig(architecture="batchtopk", d_sae=32, k=4), d_in=D_MLP)
+    assert "matryoshka" not in evaluate(model, plain.eval(), MLP, batches, _cfg(), TrainConfig())
+
+
 def test_write_eval__writes_json_densities_and_png(model, batches, tmp_path):
     r = evaluate(model, LinearReLUSAE(D_MLP, 40, bias=-0.6), MLP, batches, _cfg(), TrainConfig())
     path = write_eval(tmp_path, r)

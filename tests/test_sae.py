@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from sae_stream.config import SAEConfig
-from sae_stream.sae import AnthropicSAE, BatchTopKSAE, TopKSAE, build_sae, geometric_median
+from sae_stream.geometric_median import geometric_median
+from sae_stream.sae import AnthropicSAE, BatchTopKSAE, TopKSAE, build_sae
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

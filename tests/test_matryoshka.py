@@ -1,0 +1,103 @@
+"""Matryoshka losses (sae.matryoshka) on TopK / BatchTopK SAEs: the loss and its gradients against a reference
+written here, what training with them does to the nested dictionaries, export, the config (eval's per-level
+figures: test_evaluate.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sae_stream.config import ConfigError, SAEConfig, config_from_dict
+from sae_stream.export import export_saelens, load_saelens
+from sae_stream.sae import build_sae
+from sae_stream.trainer import Trainer
+from tests._trainer_helpers import D_IN, ListLogger, _atoms, _cfg, sparse_batches
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.parametrize("kernels", ["spmm", "index", "dense"])
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_matryoshka_loss__sums_each_prefix_reconstruction_error_with_matching_gradients(arch, kernels):
+    torch.manual_seed(0)
+    sizes = [5, 20]
+    sae = build_sae(SAEConfig(architecture=arch, d_sae=64, k=6, auxk_k=6, auxk_coeff=0.5, matryoshka=sizes), d_in=16)
+    sae.sparse_kernels = kernels != "dense"
+    sae.sparse_backward = kernels if kernels != "dense" else None
+    with torch.no_grad():
+        sae.b_enc_F.normal_(0.0, 0.5)
+        sae.b_dec_D.normal_()
+    x = torch.randn(24, 16, requires_grad=True)
+    dead = torch.rand(64) < 0.3
+    out = sae(x, dead_F=dead)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in sae.named_parameters()}
+    grads["x"], x.grad = x.grad.clone(), None
+    sae.zero_grad()
+    # reference: the selected features through autograd, each prefix decoded by slicing, AuxK as a dense top-k
+    pre = sae.pre_acts(x)
+    feats = torch.relu(pre) * (out.feats > 0)
+    prefix_mse = [(x - feats[:, :m] @ sae.W_dec_FD[:m] - sae.b_dec_D).pow(2).mean() for m in sizes]
+    recon = feats @ sae.W_dec_FD + sae.b_dec_D
+    top = pre.masked_fill(~dead, float("-inf")).topk(6, dim=-1)
+    aux_feats = torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
+    aux = (aux_feats @ sae.W_dec_FD - (x - recon).detach()).pow(2).mean()
+    mse = (x - recon).pow(2).mean()
+    loss = mse + sum(prefix_mse) + 0.5 * aux
+    loss.backward()
+    assert all((p - mse).abs() > 1e-4 for p in prefix_mse)  # (the test can tell a prefix term from the whole)
+    torch.testing.assert_close(out.recon, recon)
+    torch.testing.assert_close(out.mse, mse)  # the logged MSE stays the whole dictionary's
+    torch.testing.assert_close(out.loss, loss)
+    for n, p in [*sae.named_parameters(), ("x", x)]:
+        torch.testing.assert_close(grads[n], p.grad, msg=n)
+
+
+def _fvu(sae, x, m: int | None = None) -> float:
+    sae.eval()
+    with torch.no_grad():
+        f = sae.encode(x)
+        if m is not None:
+            f = f * (torch.arange(f.shape[1]) < m)
+        r = sae.decode(f)
+    return float((x - r).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+
+
+def test_matryoshka_training__the_first_features_learn_to_reconstruct_alone():
+    """Sparse codes over 64 known atoms: a plain BatchTopK SAE spreads them over all its features, so its first 8 or
+    24 alone explain little; with Matryoshka levels [8, 24] those prefixes were trained to reconstruct alone."""
+    atoms = _atoms()
+    x = next(sparse_batches(atoms, seed=99, batch=4096))
+    fvu = {}
+    for name, over in (("plain", {}), ("matryoshka", {"sae__matryoshka": [8, 24]})):
+        cfg = _cfg("batchtopk", steps=300, train__log_every=100, **over)
+        sae = build_sae(cfg.sae, D_IN)
+        Trainer(sae, cfg, None, ListLogger()).fit(sparse_batches(atoms))
+        fvu[name] = (_fvu(sae, x, 8), _fvu(sae, x, 24), _fvu(sae, x))
+    (plain8, plain24, plain_all), (mat8, mat24, mat_all) = fvu["plain"], fvu["matryoshka"]
+    assert mat8 < plain8 - 0.1 and mat24 < plain24 - 0.15, fvu
+    assert mat_all < 0.3 and plain_all < 0.2, fvu  # the whole dictionary still reconstructs (a little worse)
+
+
+def test_matryoshka__export_keeps_the_levels(tmp_path):
+    sae = build_sae(SAEConfig(architecture="batchtopk", d_sae=32, k=4, matryoshka=[4, 16]), d_in=8)
+    export_saelens(sae, tmp_path / "sae", hook_name="blocks.0.mlp.hook_post")
+    assert load_saelens(tmp_path / "sae").cfg.matryoshka == [4, 16]
+
+
+@pytest.mark.parametrize(("over", "message"), [
+    ({"architecture": "anthropic", "matryoshka": [8]}, "is for sae.architecture=topk or batchtopk, not anthropic"),
+    ({"architecture": "batchtopk", "matryoshka": [64, 16]}, "must be increasing sizes between 1 and sae.d_sae (128)"),
+    ({"architecture": "topk", "matryoshka": [0, 16]}, "must be increasing sizes"),
+    ({"architecture": "topk", "matryoshka": [128]}, "must be increasing sizes"),
+    ({"architecture": "topk", "matryoshka": [8, 200]}, "must be increasing sizes"),
+])
+def test_matryoshka_config__bad_levels_are_one_line_errors(over, message):
+    with pytest.raises(ConfigError, match="^sae.matryoshka ") as e:
+        config_from_dict({"sae": {"d_sae": 128, **over}})
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_matryoshka_config__d_sae_may_close_the_list():
+    assert config_from_dict({"sae": {"architecture": "topk", "d_sae": 128,
+                                     "matryoshka": [8, 32, 128]}}).sae.matryoshka == [8, 32]

@@ -1,0 +1,83 @@
+"""The paired loss-recovered comparison of two evals (sae_stream/paired.py), on per-context losses made here."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from sae_stream.evaluate import _bootstrap_recovered
+from sae_stream.paired import paired_loss_recovered
+
+CONTEXT_LEN, CONTEXTS = 128, 400
+
+
+def _shared(seed: int = 0) -> dict[str, torch.Tensor]:
+    """Clean and ablated CE sums per context, and how hard each context is for any SAE (`hard`, not a file's):
+    all vary from context to context, as text does."""
+    g = torch.Generator().manual_seed(seed)
+    clean = (3.0 + 2.0 * torch.rand(CONTEXTS, generator=g, dtype=torch.float64)) * (CONTEXT_LEN - 1)
+    hard = torch.empty(CONTEXTS, dtype=torch.float64).exponential_(generator=g)
+    return {"clean": clean, "zero_ablation": clean * 2.2, "mean_ablation": clean * 1.5, "hard": hard}
+
+
+def _run(path: Path, shared: dict[str, torch.Tensor], sae_C: torch.Tensor) -> Path:
+    path.mkdir(parents=True)
+    save_file({f"ce_{k}_C": v for k, v in {**shared, "sae": sae_C}.items() if k != "hard"},
+              path / "eval_ce.safetensors")
+    (path / "eval.json").write_text(json.dumps({"tokens": CONTEXTS * CONTEXT_LEN, "contexts": CONTEXTS}))
+    return path
+
+
+def _sae_sums(shared: dict[str, torch.Tensor], share: float, noise: float, seed: int) -> torch.Tensor:
+    """An SAE losing about `share` of the zero-ablation gap, more on the hard contexts, with noise of its own."""
+    g = torch.Generator().manual_seed(seed)
+    gap = shared["zero_ablation"] - shared["clean"]
+    own = noise * torch.randn(CONTEXTS, generator=g, dtype=torch.float64)
+    return shared["clean"] + gap * share * (shared["hard"] + own)
+
+
+def test_paired__difference_by_hand_and_narrower_than_the_separate_intervals(tmp_path: Path) -> None:
+    shared = _shared()
+    # B loses a tenth less of the gap than A on every context, plus a little noise of each own
+    a_C, b_C = _sae_sums(shared, 0.010, 0.05, 1), _sae_sums(shared, 0.009, 0.05, 2)
+    a, b = _run(tmp_path / "a", shared, a_C), _run(tmp_path / "b", shared, b_C)
+    r = paired_loss_recovered(a, b)
+    for name, ablated in (("zero", shared["zero_ablation"]), ("mean", shared["mean_ablation"])):
+        gap = float((ablated - shared["clean"]).sum())
+        assert r["a"][name] == pytest.approx(float((ablated - a_C).sum()) / gap, rel=1e-12)
+        assert r["b"][name] == pytest.approx(float((ablated - b_C).sum()) / gap, rel=1e-12)
+        assert r["b_minus_a"][name] == pytest.approx(r["b"][name] - r["a"][name], abs=1e-12)
+        lo, hi = r["b_minus_a_ci95"][name]
+        assert 0 < lo < r["b_minus_a"][name] < hi  # B is better, and the interval says so
+        # unpaired, each SAE's own interval is wide: which contexts the resample holds swamps the difference
+        sums = [torch.stack([shared["clean"], c, shared["zero_ablation"], shared["mean_ablation"]]) for c in (a_C, b_C)]
+        own = [_bootstrap_recovered(s, CONTEXT_LEN)[name] for s in sums]
+        assert own[0][1] > own[1][0]  # (the two separate intervals overlap)
+        assert hi - lo < 0.5 * min(own[0][1] - own[0][0], own[1][1] - own[1][0])
+    assert r["resamples_b_better"]["zero"] == 1.0
+    # swapped: the same resamples, so the difference and its interval change sign exactly
+    swapped = paired_loss_recovered(b, a)
+    assert swapped["b_minus_a"]["zero"] == pytest.approx(-r["b_minus_a"]["zero"], abs=1e-15)
+    assert swapped["b_minus_a_ci95"]["zero"] == pytest.approx([-hi for hi in r["b_minus_a_ci95"]["zero"][::-1]])
+
+
+def test_paired__the_same_sae_differs_by_nothing(tmp_path: Path) -> None:
+    shared = _shared()
+    sae_C = _sae_sums(shared, 0.01, 0.05, 1)
+    r = paired_loss_recovered(_run(tmp_path / "a", shared, sae_C), _run(tmp_path / "b", shared, sae_C))
+    assert r["b_minus_a"] == {"zero": 0.0, "mean": 0.0}
+    assert r["b_minus_a_ci95"]["zero"] == [0.0, 0.0] and r["resamples_b_better"]["zero"] == 0.0
+
+
+def test_paired__other_contexts_or_missing_evals_are_skipped_with_the_reason(tmp_path: Path) -> None:
+    shared, other = _shared(0), _shared(1)
+    a = _run(tmp_path / "a", shared, _sae_sums(shared, 0.01, 0.05, 1))
+    b = _run(tmp_path / "b", other, _sae_sums(other, 0.01, 0.05, 1))
+    assert "read different held-out contexts or LMs" in paired_loss_recovered(a, b)["skipped"]
+    (tmp_path / "c").mkdir()
+    assert paired_loss_recovered(a, tmp_path / "c")["skipped"] == f"B has no eval: run `sae-stream eval {tmp_path}/c`"
+    assert "A is not a run directory" in paired_loss_recovered(None, b)["skipped"]
+    (b / "eval_ce.safetensors").unlink()
+    assert "predates per-context losses" in paired_loss_recovered(a, b)["skipped"]
