@@ -15,7 +15,7 @@ from sae_stream.analysis.ablation import ablate_feature
 from sae_stream.analysis.dashboard import build_dashboard, select_features
 from sae_stream.analysis.histogram import StreamingHistogram
 from sae_stream.analysis.hooks import spliced_logits
-from sae_stream.analysis.html import visible
+from sae_stream.analysis.html import FeaturePanel, matryoshka_level, panel_html, visible
 from sae_stream.analysis.logits import decoder_directions, logit_effects
 from sae_stream.analysis.scan import scan_features, window_activations
 from sae_stream.analysis.topk import StreamingTopK
@@ -435,3 +435,15 @@ def test_build_dashboard__tabs_follow_the_runs_density_thresholds_and_name_their
                            dense_threshold=0.1).read_text()
     assert 'id="tab-dead"' not in page and 'data-tab="dead"' not in page
     assert f"densities from this scan (over its {len(batches) * 4 * (T - 1):,} activation tokens)" in page
+
+
+def test_matryoshka_level__the_smallest_nested_dictionary_holding_the_feature() -> None:
+    where = {f: matryoshka_level(f, [64, 256], 1024) for f in (0, 63, 64, 255, 256, 1023)}
+    assert where[0] == where[63] == "nested dictionary 1 of 3 (features 0-63)"
+    assert where[64] == where[255] == "nested dictionary 2 of 3 (features 64-255)"
+    assert where[256] == where[1023] == "nested dictionary 3 of 3 (features 256-1023)"
+    assert matryoshka_level(5, None, 1024) is None and matryoshka_level(5, [], 1024) is None
+    panel = FeaturePanel(feature=70, density=0.01, ultralow=False, contexts=[], hist_counts=[1], hist_width=1.0,
+                         top_tokens=[], level=where[64])
+    assert "density 0.01 (log10 -2.00); nested dictionary 2 of 3 (features 64-255)</p>" in panel_html(panel, "")
+    assert "nested dictionary" not in panel_html(FeaturePanel(70, 0.01, False, [], [1], 1.0, []), "")

@@ -123,13 +123,16 @@ def test_config__fused_step_rejects_other_architectures() -> None:
 
 
 @cuda
-@pytest.mark.parametrize("arch", ["anthropic", "april", "topk", "batchtopk", "jumprelu"])
+@pytest.mark.parametrize("arch", ["anthropic", "april", "topk", "batchtopk", "jumprelu", "batchtopk+matryoshka"])
 @pytest.mark.parametrize("autocast", ["none", "bfloat16"])
 def test_cuda_graphs__equal_eager(arch: str, autocast: str) -> None:
     """40 steps (3 eager warm-ups, a capture, replays) equal eager steps, with lr and λ changing every step (so a
     graph that froze a scalar at capture would drift) and, for topk, AuxK switching on and off (a second graph)."""
     over = {"train__autocast": autocast, "train__log_every": 5, "sae__dead_tokens_auxk": 2 * BATCH,
             "train__lr_schedule": "linear_tail", "train__warmup_steps": 5, "train__l1_warmup_fraction": 0.3}
+    arch, _, levels = arch.partition("+")
+    if levels:
+        over["sae__matryoshka"] = [8, 24]
     runs = {}
     for graphs in (True, False):
         cfg = _cfg(arch, steps=40, train__cuda_graphs=graphs, **over)
@@ -209,12 +212,14 @@ def test_anthropic_grads__cuda_equals_cpu(dtype: torch.dtype, kernels: str) -> N
 
 
 @cuda
-@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "batchtopk+matryoshka"])
 def test_cuda_graphs__sparse_topk_kernels_equal_dense(arch: str) -> None:
     """sae.topk_kernels=sparse on CUDA (gather / index_add backward) is capturable and trains as the dense path."""
     runs = {}
+    arch, _, levels = arch.partition("+")
+    over = {"sae__matryoshka": [8, 24]} if levels else {}
     for kernels in ("sparse", "dense"):
-        cfg = _cfg(arch, steps=30, sae__topk_kernels=kernels, train__log_every=10, train__tf32=False)
+        cfg = _cfg(arch, steps=30, sae__topk_kernels=kernels, train__log_every=10, train__tf32=False, **over)
         sae = build_sae(cfg.sae, d_in=32, seed=0).cuda()
         trainer = Trainer(sae, cfg, None, ListLogger())
         trainer.fit(x.cuda() for x in sparse_batches(_atoms()))

@@ -64,6 +64,8 @@ class FeaturePanel:
     ablation_lowered: list[tuple[str, float]] | None = None
     pinned: tuple[float, str] | None = None
     """(value, text) of a sample with the feature pinned at value (dashboard.pinned_samples)."""
+    level: str | None = None
+    """A Matryoshka SAE's nested dictionary holding the feature (matryoshka_level), else None."""
 
 
 def esc(text: str) -> str:
@@ -144,10 +146,20 @@ def panel_html(p: FeaturePanel, logit_note: str) -> str:
         pinned = (f'<h3>Pinned sample</h3><p class="note">feature held at {p.pinned[0]:.4g} at every position the '
                   f'SAE reads: compare the clean sample at the top</p><div class="sample">{visible(p.pinned[1])}</div>')
     return (f'<section class="feature" id="f{p.feature}"><h2>Feature {p.feature} {"".join(badges)}</h2>'
-            f'<p>density {p.density:.3g} (log10 {_log10(p.density)})</p>'
+            f'<p>density {p.density:.3g} (log10 {_log10(p.density)}){"; " + esc(p.level) if p.level else ""}</p>'
             f'<h3>Activation histogram</h3>{_histogram_html(p)}'
             f'<h3>Logit effects</h3><p class="note">{esc(logit_note)}</p>{logits}{ablation}{pinned}'
             f'<h3>Top activations</h3>{contexts}</section>')
+
+
+def matryoshka_level(feature: int, sizes: list[int] | None, d_sae: int) -> str | None:
+    """'nested dictionary 2 of 3 (features 64-255)': the first of a Matryoshka SAE's nested dictionaries that holds
+    `feature` (the smallest prefix it belongs to); None without levels."""
+    if not sizes:
+        return None
+    bounds = [0, *sizes, d_sae]
+    i = next(i for i in range(1, len(bounds)) if feature < bounds[i])
+    return f"nested dictionary {i} of {len(bounds) - 1} (features {bounds[i - 1]}-{bounds[i] - 1})"
 
 
 def _log10(x: float) -> str:
