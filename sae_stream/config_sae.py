@@ -43,9 +43,9 @@ class SAEConfig:
     topk_kernels: str = "auto"
     """topk/batchtopk: 'sparse' (touch only the selected entries), 'dense', or 'auto' (sparse on CPU, dense on CUDA)."""
     matryoshka: list[int] | None = None
-    """topk/batchtopk: nested dictionary sizes m_1 < m_2 < ... (< d_sae; d_sae is the last), e.g. [64, 256]: the loss
-    sums the MSE of each prefix's reconstruction (features 0..m_i - 1 alone) and the full one's, as Matryoshka SAEs
-    (Bussmann et al. 2025), so the first features learn to reconstruct alone. None: off."""
+    """topk/batchtopk: nested dictionary sizes m_1 < m_2 < ... (d_sae, the last, may be listed), e.g. [64, 256]: the
+    loss sums the MSE of each prefix's reconstruction (features 0..m_i - 1 alone) and the full one's, as Matryoshka
+    SAEs (Bussmann et al. 2025), so the first features learn to reconstruct alone. None: off."""
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
@@ -66,13 +66,21 @@ class SAEConfig:
             raise ConfigError(f"sae.topk_kernels must be auto, sparse or dense, got {self.topk_kernels!r}")
 
     def _check_matryoshka(self) -> None:
+        """Sizes increasing, from 1 up to d_sae (which may close the list, as written: a sweep member that changes
+        d_sae then still sees every level), at least one below d_sae."""
         sizes = list(self.matryoshka)
         if self.architecture not in ("topk", "batchtopk"):
             raise ConfigError(f"sae.matryoshka is for sae.architecture=topk or batchtopk, not {self.architecture}: "
                               "set it to null")
-        if sizes and sizes[-1] == self.d_sae:
-            sizes.pop()  # (d_sae may be listed: it is the last level anyway)
-        if not sizes or sizes[0] < 1 or any(b <= a for a, b in zip(sizes, sizes[1:])) or sizes[-1] >= self.d_sae:
+        example = f"e.g. [{max(1, self.d_sae // 16)}, {max(2, self.d_sae // 4)}]"
+        if not [m for m in sizes if m < self.d_sae]:
+            raise ConfigError(f"sae.matryoshka needs a size below sae.d_sae ({self.d_sae}), {example}, got "
+                              f"{self.matryoshka} (null turns the levels off)")
+        if sizes[0] < 1 or any(b <= a for a, b in zip(sizes, sizes[1:])) or sizes[-1] > self.d_sae:
             raise ConfigError(f"sae.matryoshka must be increasing sizes between 1 and sae.d_sae ({self.d_sae}), "
-                              f"e.g. [{max(1, self.d_sae // 16)}, {max(2, self.d_sae // 4)}], got {self.matryoshka}")
-        self.matryoshka = sizes
+                              f"{example}, got {self.matryoshka}")
+
+    @property
+    def matryoshka_sizes(self) -> list[int]:
+        """The nested dictionaries' sizes below d_sae ([] without levels): the whole dictionary is the last level."""
+        return [m for m in self.matryoshka or () if m < self.d_sae]

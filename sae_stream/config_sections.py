@@ -122,7 +122,7 @@ class LMTrainConfig:
 
     def __post_init__(self) -> None:
         check_positive(self, "lm_train", "tokens", "batch_size", "eval_every", "eval_tokens", "checkpoint_every",
-                  "log_every")
+                       "log_every")
         if self.autocast not in ("auto", "bfloat16", "none"):
             raise ConfigError(f"lm_train.autocast must be auto, bfloat16 or none, got {self.autocast!r}")
 
@@ -230,7 +230,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_positive(self, "train", "total_tokens", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints",
-                  "density_window_tokens")
+                       "density_window_tokens")
         if self.lr <= 0:
             raise ConfigError("train.lr must be > 0")
         if self.lr_schedule not in ("constant", "warmup", "linear_tail"):
@@ -313,7 +313,7 @@ class AnalysisConfig:
 
     def __post_init__(self) -> None:
         check_positive(self, "analysis", "features", "top_k", "tokens", "batch_contexts", "logit_k", "histogram_bins",
-                  "ablation_contexts")
+                       "ablation_contexts")
         check_positive(self, "analysis", "window", "steer_tokens", zero_ok=True)
         if self.histogram_bins & (self.histogram_bins - 1):
             raise ConfigError(f"analysis.histogram_bins must be a power of two, got {self.histogram_bins}")

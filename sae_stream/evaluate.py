@@ -18,17 +18,18 @@ Definitions (also written into eval.json under "definitions"):
 - its 95% interval: percentiles over BOOTSTRAP_SAMPLES resamples (with replacement, seeded) of blocks of
   consecutive contexts, BOOTSTRAP_BLOCK_TOKENS tokens each (`_bootstrap_recovered`); each context's CE sums are
   kept (eval_ce.safetensors), so two evals on the same contexts compare paired (paired.py).
-- matryoshka (Matryoshka SAEs only): FVU of each nested dictionary's reconstruction alone, and its share of L0.
+- matryoshka (Matryoshka SAEs only): FVU of each nested dictionary's reconstruction alone, and the L0 of its features.
 - KL = KL(p_clean || p_sae) summed over the vocabulary, averaged over the same predictions as the CE.
 - density of a feature = fraction of evaluated tokens where it fires (> 0); dead: density <= train.dead_threshold;
   ultra-low: alive and density < train.ultralow_threshold (null when the evaluated tokens cannot resolve it);
   dense: density > train.dense_threshold.
 
-Memory is bounded by one chunk of `eval.batch_contexts` contexts (its [B*T, d_sae] features and four
-[B, T, d_model] final residuals, one a run) and by LOGIT_ELEMENTS: the logits are made from those residuals
-for a slice of positions at a time, never as a whole [B, T, d_vocab] tensor (0.4 GB in fp32 for 16 contexts
-of 128 GPT-2 tokens, 3.3 GB at context 1024). Only the token ids of the held-out set are kept, so the mean
-activation (needed before mean ablation) is a first pass over the same contexts.
+Memory is bounded by one chunk of `eval.batch_contexts` contexts (its [B*T, d_sae] features, for a Matryoshka
+SAE also one masked copy of them at a time, and four [B, T, d_model] final residuals, one a run) and by
+LOGIT_ELEMENTS: the logits are made from those residuals for a slice of positions at a time, never as a whole
+[B, T, d_vocab] tensor (0.4 GB in fp32 for 16 contexts of 128 GPT-2 tokens, 3.3 GB at context 1024). Only the
+token ids of the held-out set are kept, so the mean activation (needed before mean ablation) is a first pass over
+the same contexts.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ DEFINITIONS = {
     "ce_loss_recovered": "(L_ablated - L_sae) / (L_ablated - L_clean) for ablated = zero and mean; "
                          "1 = no loss from splicing the SAE in, 0 = as bad as the ablation (the seed logged 1 - this)",
     "matryoshka": "per nested dictionary of a Matryoshka SAE (features 0..m-1): FVU of its reconstruction with the "
-                  "other features zeroed, and its share of L0",
+                  "other features zeroed, and the L0 of its features",
     "kl_clean_sae": "KL(p_clean || p_sae) in nats, averaged over next-token predictions",
     "ce_positions": "CE and KL average all T-1 next-token predictions of each context",
     "activation_positions": "L0/MSE/FVU/density use every position except position 0 when skip_first_position; "
@@ -319,7 +320,7 @@ def _evaluate(model: HookedTransformer, sae: SAELike, hook_name: str, token_batc
     if mean_activation.shape != (d_in,):
         raise ValueError(f"mean_activation has shape {tuple(mean_activation.shape)}, expected [{d_in}] for {hook_name}")
     mean_D = mean_activation.to(device)
-    acts, losses = _ActivationTotals(tuple(getattr(getattr(sae, "cfg", None), "matryoshka", None) or ())), _LossTotals()
+    acts, losses = _ActivationTotals(tuple(getattr(getattr(sae, "cfg", None), "matryoshka_sizes", ()))), _LossTotals()
     n_chunks = -(-tokens_NT.shape[0] // cfg.batch_contexts)
     for tokens_BT in tqdm(chunks(tokens_NT, cfg.batch_contexts, device), total=n_chunks, desc="eval", disable=None):
         _eval_chunk(model, sae, hook_name, tokens_BT, mean_D, skip_first_position, acts, losses)

@@ -33,10 +33,21 @@ def _why_not(run_dir: Path | None, label: str) -> str | None:
         return f"{label} is not a run directory (no eval of it to read)"
     if not (run_dir / "eval.json").is_file():
         return f"{label} has no eval: run `sae-stream eval {run_dir}`"
-    if current_eval(run_dir) is None:
+    ev = current_eval(run_dir)
+    if ev is None:
         return f"{label}'s eval.json describes an earlier SAE: run `sae-stream eval {run_dir}` again"
-    if not (run_dir / CE_FILE).is_file():
-        return f"{label}'s eval predates per-context losses: run `sae-stream eval {run_dir}` again"
+    # (the file named by this eval.json, and as many contexts: not one left from another eval)
+    if ev.get("ce_per_context_file") != CE_FILE or not (run_dir / CE_FILE).is_file() or \
+            load_eval_ce(run_dir).shape[1] != ev.get("contexts"):
+        return f"{label}'s eval has no per-context losses of its own: run `sae-stream eval {run_dir}` again"
+    return None
+
+
+def _why_unpaired(ev_a: dict[str, Any], ev_b: dict[str, Any]) -> str | None:
+    for key, what in (("hook_name", "hooks"), ("skip_first_position", "skip_first_position settings")):
+        if ev_a.get(key) != ev_b.get(key):
+            return (f"the two SAEs were evaluated at different {what} ({ev_a.get(key)} and {ev_b.get(key)}): "
+                    "loss recovered is paired only on the same ablations")
     return None
 
 
@@ -48,30 +59,32 @@ def paired_loss_recovered(a_dir: str | Path | None, b_dir: str | Path | None) ->
         why = _why_not(d, label)
         if why is not None:
             return {"skipped": why}
-    sums_a, sums_b = load_eval_ce(dirs[0]), load_eval_ce(dirs[1])
+    ev_a, ev_b = read_eval(dirs[0]), read_eval(dirs[1])
+    why = _why_unpaired(ev_a, ev_b)
+    if why is not None:
+        return {"skipped": why}
+    sums_a_RC, sums_b_RC = load_eval_ce(dirs[0]), load_eval_ce(dirs[1])
     shared = [0, *ABLATIONS.values()]
-    if sums_a.shape != sums_b.shape or not torch.allclose(sums_a[shared], sums_b[shared], rtol=SAME_CONTEXT_RTOL,
-                                                          atol=0.0):
+    if sums_a_RC.shape != sums_b_RC.shape or not torch.allclose(sums_a_RC[shared], sums_b_RC[shared],
+                                                                rtol=SAME_CONTEXT_RTOL, atol=0.0):
         return {"skipped": "the two evals read different held-out contexts or LMs (their clean and ablated losses "
                            "differ): evaluate both on the same LM, data and eval.tokens"}
-    ev = read_eval(dirs[0])
-    context_len = round(ev["tokens"] / ev["contexts"])
-    # [clean, sae A, sae B, zero, mean]: one resample of blocks for all five
-    totals_RS, n_blocks = block_bootstrap(torch.cat([sums_a[:2], sums_b[1:2], sums_a[2:]]), context_len)
-    point_R = torch.cat([sums_a[:2], sums_b[1:2], sums_a[2:]]).sum(-1)
-    out: dict[str, Any] = {"contexts": int(sums_a.shape[1]), "tokens": ev["tokens"], "a": {}, "b": {},
+    # [clean, sae A, sae B, zero, mean], resampled together: the same blocks for every row
+    sums_RC = torch.cat([sums_a_RC[:2], sums_b_RC[1:2], sums_a_RC[2:]])
+    totals_RS, n_blocks = block_bootstrap(sums_RC, round(ev_a["tokens"] / ev_a["contexts"]))
+    point_R = sums_RC.sum(-1)
+    out: dict[str, Any] = {"contexts": int(sums_RC.shape[1]), "tokens": ev_a["tokens"], "a": {}, "b": {},
                            "b_minus_a": {}, "b_minus_a_ci95": {}, "resamples_b_better": {}}
     for name, row in ABLATIONS.items():
-        r = row + 1  # (the stacked rows: A's SAE row pushed them down by one)
-        gap, gap_S = point_R[r] - point_R[0], totals_RS[r] - totals_RS[0]
-        if gap == 0 or bool((gap_S == 0).any()):
-            for key in ("a", "b", "b_minus_a", "b_minus_a_ci95", "resamples_b_better"):
-                out[key][name] = None
-            continue
-        out["a"][name] = float((point_R[r] - point_R[1]) / gap)
-        out["b"][name] = float((point_R[r] - point_R[2]) / gap)
-        out["b_minus_a"][name] = float((point_R[1] - point_R[2]) / gap)
+        r = row + 1  # (B's SAE row sits before the ablations)
+        gap = point_R[r] - point_R[0]
+        point = {"a": (point_R[r] - point_R[1]) / gap, "b": (point_R[r] - point_R[2]) / gap,
+                 "b_minus_a": (point_R[1] - point_R[2]) / gap} if gap != 0 else {}
+        for key in ("a", "b", "b_minus_a"):
+            out[key][name] = float(point[key]) if point else None
+        gap_S = totals_RS[r] - totals_RS[0]
         diff_S = (totals_RS[1] - totals_RS[2]) / gap_S
-        out["b_minus_a_ci95"][name] = ci95(diff_S) if n_blocks >= 2 else None
-        out["resamples_b_better"][name] = float((diff_S > 0).double().mean())
+        resampled = n_blocks >= 2 and not bool((gap_S == 0).any())
+        out["b_minus_a_ci95"][name] = ci95(diff_S) if resampled else None
+        out["resamples_b_better"][name] = float((diff_S > 0).double().mean()) if resampled else None
     return out

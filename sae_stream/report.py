@@ -269,28 +269,39 @@ def summarize_sweep(run_dir: Path, results: dict[str, dict[str, Any]] | None = N
     and the CE loss gap against L0) and a table on stdout; returns the JSON's path. `results` {name: eval result};
     None reads each member's eval.json (those describing its current SAE)."""
     from sae_stream.analysis.plots import plot_sweep_frontier
+    from sae_stream.paired import paired_loss_recovered
 
     rows = []
+    first = None  # (the first member: each other's loss recovered is compared with it, paired)
     for name, r in (results if results is not None else _member_evals(run_dir)).items():
         cfg = load_config(run_dir / name / "config.yaml")
         rec = r["ce_loss_recovered"]
         topk = cfg.sae.architecture in ("topk", "batchtopk")  # (k, else λ: the one its sparsity follows)
         sparsity = {"k": cfg.sae.k} if topk else {"l1_coeff": cfg.sae.l1_coeff}
+        if cfg.sae.matryoshka_sizes:
+            sparsity["matryoshka"] = cfg.sae.matryoshka_sizes
         rows.append({"name": name, "architecture": cfg.sae.architecture, "d_sae": cfg.sae.d_sae,
                      **sparsity, "lr": cfg.train.lr, "l0": r["l0"],
                      "fvu": r["fvu"], "ce_loss_recovered_zero": rec["zero"], "ce_loss_recovered_mean": rec["mean"],
                      "ce_gap_zero": _gap(rec["zero"]), "ce_gap_mean": _gap(rec["mean"]),
                      **{f"ce_gap_{a}_ci95": _gap_ci(r, a) for a in ("zero", "mean")},
                      "kl": r["kl_clean_sae"], "dead": r["density"]["dead"], "dense": r["density"]["dense"]})
+        first = first or name
+        if name != first:
+            paired = paired_loss_recovered(run_dir / first, run_dir / name)
+            rows[-1]["vs_first"] = {"name": first, **{k: paired[k] for k in ("skipped", "b_minus_a", "b_minus_a_ci95")
+                                                     if k in paired}}
     path = run_dir / SWEEP_JSON
     atomic_write_json(path, json_safe(rows))  # (NaN of a diverged SAE -> null: strict JSON, as eval.json)
     plotted = [{**r, "l0": math.nan if r["l0"] is None else r["l0"]} for r in rows]  # (eval.json's null L0)
     png = plot_sweep_frontier(plotted, run_dir / SWEEP_PNG, title=f"sweep {run_dir.name}: {len(rows)} SAEs")
-    print("sweep: name | d_sae | l1_coeff / k | L0 | FVU | recovered vs zero / mean | dead")
+    print(f"sweep: name | d_sae | l1_coeff / k | L0 | FVU | recovered vs zero / mean | dead | recovered vs zero "
+          f"minus {first}'s, paired 95% interval")
     for r in rows:
         sparsity = r["k"] if r["architecture"] in ("topk", "batchtopk") else r["l1_coeff"]
         print(f"sweep: {r['name']} | {r['d_sae']} | {sparsity:g} | {_fmt(r['l0'], 2)} | {_fmt(r['fvu'])} | "
-              f"{_fmt(r['ce_loss_recovered_zero'])} / {_fmt(r['ce_loss_recovered_mean'])} | {r['dead']}")
+              f"{_fmt(r['ce_loss_recovered_zero'])} / {_fmt(r['ce_loss_recovered_mean'])} | {r['dead']} | "
+              f"{_vs_first(r)}")
     print(f"sweep: -> {path}, {png}")
     return path
 
@@ -303,6 +314,19 @@ def _member_evals(run_dir: Path) -> dict[str, dict[str, Any]]:
             print(f"sweep: {name} left out of the summary: no eval.json of its current SAE "
                   f"(sae-stream eval {run_dir / name})")
     return {name: ev for name, ev in evals.items() if ev is not None}
+
+
+def _vs_first(row: dict[str, Any]) -> str:
+    """The row's paired difference of loss recovered (vs zero) from the sweep's first SAE, as printed."""
+    vs = row.get("vs_first")
+    if vs is None:
+        return "-"
+    if "skipped" in vs:
+        return f"n/a ({vs['skipped']})"
+    diff, ci = vs["b_minus_a"]["zero"], vs["b_minus_a_ci95"]["zero"]
+    if diff is None:
+        return "n/a"
+    return f"{diff:+.5f}" + (f" [{ci[0]:+.5f}, {ci[1]:+.5f}]" if ci else "")
 
 
 def _gap(recovered: float | None) -> float | None:

@@ -42,7 +42,7 @@ APRIL_DECODER_INIT_NORM = 0.1
 class SAEOutput(NamedTuple):
     recon: Tensor  # [B, d_in], original activation space
     feats: Tensor  # [B, d_sae]
-    loss: Tensor  # scalar: mse + λ·l1 + auxk_coeff·aux (jumprelu: mse + λ·L0 + λ_P·aux)
+    loss: Tensor  # scalar: mse + λ·l1 + auxk_coeff·aux (+ Matryoshka prefixes' MSE; jumprelu: mse + λ·L0 + λ_P·aux)
     mse: Tensor  # scalar, mean over batch and d_in (april: in the scaled space it trains in)
     l1: Tensor  # scalar, Σ_features |f| (april: |f|·‖W_d,f‖; jumprelu: L0), mean over the batch; 0 for topk/batchtopk
     aux: Tensor  # scalar AuxK loss (0 unless dead latents were passed); jumprelu: its pre-act loss (0 if off)
@@ -277,7 +277,7 @@ class TopKSAE(SAE):
     @property
     def bounds(self) -> tuple[int, ...]:
         """(0, m_1, ..., d_sae): where the Matryoshka groups of features start and end ((0, d_sae) without)."""
-        return (0, *(self.cfg.matryoshka or ()), self.d_sae)
+        return (0, *self.cfg.matryoshka_sizes, self.d_sae)
 
 
 class BatchTopKSAE(TopKSAE):

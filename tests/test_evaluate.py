@@ -464,6 +464,11 @@ def test_evaluate_run__a_sweep_member_evaluated_again_refreshes_the_sweep_summar
     assert rows["a"]["l0"] == old_a["l0"] and rows["b"]["fvu"] == b["fvu"]
     assert "k" not in rows["a"] and rows["b"]["k"] == 4  # k only where the architecture uses it (and λ, not k)
     assert "l1_coeff" in rows["a"] and "l1_coeff" not in rows["b"]
+    vs = rows["b"]["vs_first"]  # b's loss recovered against a's, paired on the same contexts
+    assert vs["name"] == "a" and "vs_first" not in rows["a"]
+    for k in ("zero", "mean"):
+        assert vs["b_minus_a"][k] == pytest.approx(b["ce_loss_recovered"][k] - old_a["ce_loss_recovered"][k], abs=1e-12)
+        assert vs["b_minus_a"][k] != 0
 
     # `sae-stream eval SW/a`: a's SAE evaluated again (here another one) rewrites the sweep's row for it
     new_sae = LinearReLUSAE(D_MLP, 40, seed=3)

@@ -89,8 +89,10 @@ def test_matryoshka__export_keeps_the_levels(tmp_path):
     ({"architecture": "anthropic", "matryoshka": [8]}, "is for sae.architecture=topk or batchtopk, not anthropic"),
     ({"architecture": "batchtopk", "matryoshka": [64, 16]}, "must be increasing sizes between 1 and sae.d_sae (128)"),
     ({"architecture": "topk", "matryoshka": [0, 16]}, "must be increasing sizes"),
-    ({"architecture": "topk", "matryoshka": [128]}, "must be increasing sizes"),
     ({"architecture": "topk", "matryoshka": [8, 200]}, "must be increasing sizes"),
+    ({"architecture": "topk", "matryoshka": [128]}, "needs a size below sae.d_sae (128), e.g. [8, 32], got [128] "
+                                                    "(null turns the levels off)"),
+    ({"architecture": "topk", "matryoshka": []}, "needs a size below sae.d_sae (128)"),
 ])
 def test_matryoshka_config__bad_levels_are_one_line_errors(over, message):
     with pytest.raises(ConfigError, match="^sae.matryoshka ") as e:
@@ -98,6 +100,11 @@ def test_matryoshka_config__bad_levels_are_one_line_errors(over, message):
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
-def test_matryoshka_config__d_sae_may_close_the_list():
-    assert config_from_dict({"sae": {"architecture": "topk", "d_sae": 128,
-                                     "matryoshka": [8, 32, 128]}}).sae.matryoshka == [8, 32]
+def test_matryoshka_config__d_sae_may_close_the_list_and_a_sweep_member_keeps_every_level():
+    cfg = config_from_dict({"sae": {"architecture": "topk", "d_sae": 128, "matryoshka": [8, 32, 128]},
+                            "sweep": {"saes": [{"name": "wide", "sae": {"d_sae": 512}}]}})
+    assert cfg.sae.matryoshka_sizes == [8, 32] and cfg.sae.matryoshka == [8, 32, 128]
+    (_, wide), = cfg.sweep_members()
+    assert wide.sae.matryoshka_sizes == [8, 32, 128]  # (the base's 128 is a level of the wider member)
+    assert build_sae(wide.sae, d_in=8).bounds == (0, 8, 32, 128, 512)
+    assert SAEConfig(architecture="topk", d_sae=128).matryoshka_sizes == []

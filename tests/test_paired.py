@@ -22,11 +22,15 @@ def _shared(seed: int = 0) -> dict[str, torch.Tensor]:
     return {"clean": clean, "zero_ablation": clean * 2.2, "mean_ablation": clean * 1.5, "hard": hard}
 
 
-def _run(path: Path, shared: dict[str, torch.Tensor], sae_C: torch.Tensor) -> Path:
+def _run(path: Path, shared: dict[str, torch.Tensor], sae_C: torch.Tensor, **ev) -> Path:
+    """A run directory with what an eval writes for these per-context sums (eval.json's fields paired.py reads)."""
     path.mkdir(parents=True)
     save_file({f"ce_{k}_C": v for k, v in {**shared, "sae": sae_C}.items() if k != "hard"},
               path / "eval_ce.safetensors")
-    (path / "eval.json").write_text(json.dumps({"tokens": CONTEXTS * CONTEXT_LEN, "contexts": CONTEXTS}))
+    contexts = len(sae_C)
+    (path / "eval.json").write_text(json.dumps({
+        "tokens": contexts * CONTEXT_LEN, "contexts": contexts, "hook_name": "blocks.0.mlp.hook_post",
+        "skip_first_position": True, "ce_per_context_file": "eval_ce.safetensors", **ev}))
     return path
 
 
@@ -51,6 +55,15 @@ def test_paired__difference_by_hand_and_narrower_than_the_separate_intervals(tmp
         assert r["b_minus_a"][name] == pytest.approx(r["b"][name] - r["a"][name], abs=1e-12)
         lo, hi = r["b_minus_a_ci95"][name]
         assert 0 < lo < r["b_minus_a"][name] < hi  # B is better, and the interval says so
+        # the interval written out: blocks of 1024 tokens (8 contexts), drawn as eval's bootstrap draws them, and
+        # each resample's difference over that resample's own ablation gap
+        g = torch.Generator().manual_seed(0)
+        picks_SK = torch.cat([torch.randint(0, CONTEXTS // 8, (50, CONTEXTS // 8), generator=g) for _ in range(20)])
+        a_S, b_S, abl_S, clean_S = (c.view(-1, 8).sum(1)[picks_SK].sum(1) for c in (a_C, b_C, ablated, shared["clean"]))
+        diff_S = (a_S - b_S) / (abl_S - clean_S)
+        want = torch.quantile(diff_S, torch.tensor([0.025, 0.975], dtype=torch.float64))
+        assert [lo, hi] == pytest.approx(want.tolist(), rel=1e-9)
+        assert r["resamples_b_better"][name] == pytest.approx(float((diff_S > 0).double().mean()))
         # unpaired, each SAE's own interval is wide: which contexts the resample holds swamps the difference
         sums = [torch.stack([shared["clean"], c, shared["zero_ablation"], shared["mean_ablation"]]) for c in (a_C, b_C)]
         own = [_bootstrap_recovered(s, CONTEXT_LEN)[name] for s in sums]
@@ -79,5 +92,22 @@ def test_paired__other_contexts_or_missing_evals_are_skipped_with_the_reason(tmp
     (tmp_path / "c").mkdir()
     assert paired_loss_recovered(a, tmp_path / "c")["skipped"] == f"B has no eval: run `sae-stream eval {tmp_path}/c`"
     assert "A is not a run directory" in paired_loss_recovered(None, b)["skipped"]
+    c = _run(tmp_path / "c2", shared, _sae_sums(shared, 0.01, 0.05, 2), hook_name="blocks.0.hook_resid_post")
+    assert paired_loss_recovered(a, c)["skipped"] == (
+        "the two SAEs were evaluated at different hooks (blocks.0.mlp.hook_post and blocks.0.hook_resid_post): "
+        "loss recovered is paired only on the same ablations")
+    # per-context losses that are not this eval's: none named (an older eval), or another count of contexts
+    for d, ev in ((tmp_path / "old", {"ce_per_context_file": None}), (tmp_path / "other", {"contexts": 10})):
+        _run(d, shared, _sae_sums(shared, 0.01, 0.05, 2), **ev)
+        assert paired_loss_recovered(a, d)["skipped"] == ("B's eval has no per-context losses of its own: run "
+                                                          f"`sae-stream eval {d}` again")
     (b / "eval_ce.safetensors").unlink()
-    assert "predates per-context losses" in paired_loss_recovered(a, b)["skipped"]
+    assert "has no per-context losses of its own" in paired_loss_recovered(b, a)["skipped"]
+
+
+def test_paired__one_block_gives_points_and_no_interval(tmp_path: Path) -> None:
+    shared = {k: v[:8] for k, v in _shared().items()}  # 8 contexts of 128 tokens: one block of 1024
+    a_C, b_C = shared["clean"] * 1.1, shared["clean"] * 1.05
+    r = paired_loss_recovered(_run(tmp_path / "a", shared, a_C), _run(tmp_path / "b", shared, b_C))
+    assert r["b_minus_a"]["zero"] > 0
+    assert r["b_minus_a_ci95"] == r["resamples_b_better"] == {"zero": None, "mean": None}

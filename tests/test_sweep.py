@@ -131,6 +131,9 @@ def test_cli__sweep_run_dir_resume_and_eval(tiny_run: Path, tmp_path: Path, one_
         assert row["ce_gap_mean_ci95"] == pytest.approx([1 - hi, 1 - lo]) and 1 - hi <= row["ce_gap_mean"] <= 1 - lo
     assert (rows["low"]["l1_coeff"], rows["high"]["l1_coeff"], rows["high"]["lr"]) == (0.0001, 0.001, 0.002)
     assert rows["low"]["l0"] > rows["high"]["l0"]  # 10x the L1 penalty: sparser
+    vs = rows["high"]["vs_first"]  # high against low, paired: two blocks of contexts give an interval
+    lo, hi = vs["b_minus_a_ci95"]["zero"]
+    assert vs["name"] == "low" and lo <= vs["b_minus_a"]["zero"] <= hi
     assert (ref / "sweep_frontier.png").read_bytes()[:4] == b"\x89PNG"
     for name in ("low", "high"):
         assert (ref / name / "training_curves.png").is_file()

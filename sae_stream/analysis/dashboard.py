@@ -235,7 +235,7 @@ def build_dashboard(model: HookedTransformer, sae: SAELike, hook_name: str, toke
             top_tokens=[text(i) for i, _ in Counter(centre_ids).most_common(3)],
             single_token=_single_token(centre_ids, cfg.single_token_fraction, text),
             logits_pos=logits_pos, logits_neg=logits_neg, pinned=pinned.get(f),
-            level=matryoshka_level(f, getattr(getattr(sae, "cfg", None), "matryoshka", None), density_F.numel()),
+            level=matryoshka_level(f, getattr(getattr(sae, "cfg", None), "matryoshka_sizes", None), density_F.numel()),
             **_ablation(ablate, scan, f, cfg.ablation_contexts, cfg.logit_k, text)))
     tokens = density_tokens if densities is not None else scan.n_tokens
     source = density_source if densities is not None else "this scan"
