@@ -30,7 +30,7 @@ from sae_stream.config import SAEConfig
 from sae_stream.fused_ops import normalize_rows_, project_out_rows_
 from sae_stream.geometric_median import geometric_median
 from sae_stream.jumprelu import JumpReLUWithL0
-from sae_stream.topk_kernels import GatherEncode, Selected, SparseDecode, rowwise
+from sae_stream.topk_kernels import GatherEncode, Selected, SparseDecode, by_group, rowwise
 
 # Running-mean rate of BatchTopK's inference threshold (an EMA with ~100-step memory, like SAELens's default):
 # a plain cumulative mean would be dominated by the very different activations of early training.
@@ -263,10 +263,9 @@ class TopKSAE(SAE):
             vals_N = vals_N * keep_F[sel.cols_N]
         feats_BF = torch.zeros_like(pre_BF).index_put((sel.rows_N, sel.cols_N), vals_N)
         bounds = self.bounds if groups else (0, self.d_sae)
-        if sparse:  # (each group's entries alone; one group: all of them, unmasked)
-            groups_N = [vals_N] if len(bounds) == 2 else [
-                vals_N * ((sel.cols_N >= a) & (sel.cols_N < b)) for a, b in zip(bounds, bounds[1:])]
-            return feats_BF, [SparseDecode.apply(v_N, self.W_dec_FD, sel, via) for v_N in groups_N]
+        if sparse:  # one decode: entry (row, col) adds into row (row, col's group) of [B·groups, d_in]
+            dec_BGD = SparseDecode.apply(vals_N, self.W_dec_FD, by_group(sel, bounds), via)
+            return feats_BF, list(dec_BGD.view(pre_BF.shape[0], len(bounds) - 1, -1).unbind(1))
         sizes = [b - a for a, b in zip(bounds, bounds[1:])]
         return feats_BF, [f_BG @ w_GD for f_BG, w_GD in zip(feats_BF.split(sizes, 1), self.W_dec_FD.split(sizes))]
 

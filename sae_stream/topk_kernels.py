@@ -43,6 +43,20 @@ def rowwise(idx_BK: Tensor, d_sae: int) -> tuple[Selected, Tensor]:
     return Selected(rows_N, idx_BK.flatten(), offsets_B, (n_rows, d_sae)), order_BK
 
 
+def by_group(sel: Selected, bounds: tuple[int, ...]) -> Selected:
+    """The selection with each row split into one row per group of columns [bounds[g], bounds[g + 1]): entry (r, c)
+    moves to row r·G + g, so one decode gives every group's part, [n_rows·G, d_in] (Matryoshka levels). Row-major
+    order holds because columns are sorted within each row. One group: `sel` itself."""
+    n_groups = len(bounds) - 1
+    if n_groups == 1:
+        return sel
+    inner = torch.tensor(bounds[1:-1], dtype=sel.cols_N.dtype, device=sel.cols_N.device)
+    rows_N = sel.rows_N * n_groups + torch.bucketize(sel.cols_N, inner, right=True)
+    n_rows = sel.shape[0] * n_groups
+    return Selected(rows_N, sel.cols_N, torch.searchsorted(rows_N, torch.arange(n_rows, device=rows_N.device)),
+                    (n_rows, sel.shape[1]))
+
+
 def _coo_FB(sel: Selected, vals_N: Tensor) -> Tensor:
     """The selection as a sparse [d_sae, n_rows] matrix (the transpose of the activations)."""
     return torch.sparse_coo_tensor(torch.stack([sel.cols_N, sel.rows_N]), vals_N, (sel.shape[1], sel.shape[0]))
