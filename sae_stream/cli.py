@@ -7,6 +7,7 @@
     sae-stream eval RUN_DIR          sae-stream analyze RUN_DIR
     sae-stream compare A B [--out DIR]                      match two SAEs' features (decoders, activations)
     sae-stream steer RUN_DIR --feature N [--value 5x]       sample with a feature pinned (feature steering)
+    sae-stream features RUN_DIR --text TEXT [--k 5]         the most active features of each token of a text
     sae-stream hooks --lm PATH_OR_NAME                      list hook points
     sae-stream config                                       every config field with its help
 
@@ -80,6 +81,10 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--samples", type=int, default=3, help="samples, clean and pinned each (default 3)")
     st.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0: greedy (default 1)")
     st.add_argument("--seed", type=int, default=0, help="sampling seed, the same for clean and pinned (default 0)")
+    ft = sub.add_parser("features", help="the most active SAE features at each token of a text")
+    ft.add_argument("run_dir")
+    ft.add_argument("--text", required=True, help="the text (read after an end-of-text token, as in training)")
+    ft.add_argument("--k", type=int, default=5, help="features shown per token (default 5)")
     hooks = sub.add_parser("hooks", help="list the hook points of an LM")
     hooks.add_argument("--lm", required=True)
     cfg = sub.add_parser("config", help="print every config field with its type, default and help")
@@ -225,6 +230,11 @@ def _dispatch(args: argparse.Namespace, overrides: list[str]) -> int:
 
         print_steering(args.run_dir, overrides, args.feature, args.value, args.prompt, args.tokens, args.samples,
                        args.temperature, args.seed)
+        return 0
+    if args.command == "features":
+        from sae_stream.trained import print_features
+
+        print_features(args.run_dir, overrides, args.text, args.k)
         return 0
     if args.command == "run":
         pipeline.run(args.config, overrides, lm=args.lm, out=args.out, overwrite=args.overwrite,

@@ -15,6 +15,7 @@ end-of-text token here and is left out of what these return.
 
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ from sae_stream.analysis.steering import check_steer, max_activation, pin_value,
 from sae_stream.config import Config, ConfigError
 from sae_stream.data import heldout_batches
 from sae_stream.report import load_trained
-from sae_stream.rundir import require_run_dir
+from sae_stream.rundir import UserError, require_run_dir
 from sae_stream.tokenizer import Tokenizer, get_tokenizer
 
 STEER_SCAN_TOKENS = 65_536  # held-out tokens scanned for a feature's largest activation ("Nx" pin values)
@@ -163,3 +164,35 @@ def print_steering(run_dir: str | Path, overrides: list[str], feature: int, valu
         for i, text in enumerate(r[label], 1):
             print(f"{label:>6} {i}: {text!r}")
     return r
+
+
+def dashboard_features(run_dir: Path) -> set[int]:
+    """The features that have a panel in the run's dashboard (none when it has no dashboard)."""
+    page = run_dir / "dashboard" / "index.html"
+    return {int(f) for f in re.findall(r'<section class="feature" id="f(\d+)"', page.read_text())} \
+        if page.is_file() else set()
+
+
+def print_features(run_dir: str | Path, overrides: list[str], text: str, k: int = 5) -> list:
+    """`sae-stream features`: TrainedRun.top_features of a text, a token a line, then which of those features the
+    run's dashboard shows and the `analyze` line that adds the others."""
+    if k < 1:
+        raise UserError(f"--k must be at least 1, got {k}")
+    if not text:
+        raise UserError("--text is empty: give the text whose features to list")
+    run = _trained_run(run_dir, overrides)
+    rows = run.top_features(text, k)
+    print(f"{len(rows)} tokens, their top {k} features at {run.hook_name} (feature: activation; the SAE reads the "
+          f"text after an end-of-text token, as in training)")
+    width = max((len(repr(token)) for token, _ in rows), default=0)
+    for i, (token, top) in enumerate(rows):
+        shown = "  ".join(f"{f}: {v:.3g}" for f, v in top) or "(none active)"
+        print(f"{i:>4} {repr(token):<{width}}  {shown}")
+    seen = sorted({f for _, top in rows for f, _ in top})
+    shown = dashboard_features(run.run_dir)
+    page = run.run_dir / "dashboard" / "index.html"
+    if seen and shown & set(seen):
+        print(f"in the dashboard: {', '.join(str(f) for f in seen if f in shown)} ({page}#f<feature>)")
+    if any(f not in shown for f in seen):  # (analyze --features builds a dashboard of exactly those)
+        print(f"a dashboard of them all: sae-stream analyze {run.run_dir} --features {','.join(map(str, seen))}")
+    return rows

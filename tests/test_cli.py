@@ -297,6 +297,36 @@ def test_steer__prints_clean_and_pinned_samples_at_a_multiple_of_the_largest_act
         assert message in capsys.readouterr().err
 
 
+def test_features__prints_each_tokens_top_features_and_where_to_see_them(tiny_run: Path,
+                                                                      capsys: pytest.CaptureFixture) -> None:
+    import re
+
+    from sae_stream import load_run
+    from sae_stream.trained import dashboard_features
+
+    assert main(["features", str(tiny_run), "--text", "the cat sat", "--k", "3", "--train.device=cpu"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    top = load_run(tiny_run, device="cpu").top_features("the cat sat", k=3)
+    assert lines[0].startswith("11 tokens, their top 3 features at blocks.0.mlp.hook_post")  # (bytes: 11 tokens)
+    for line, (token, feats) in zip(lines[1:12], top):  # one line a token, as the API gives them
+        printed = re.findall(r"(\d+): ([\d.e+-]+)", line.split(repr(token), 1)[1])
+        assert [int(f) for f, _ in printed] == [f for f, _ in feats]
+        assert [float(v) for _, v in printed] == pytest.approx([v for _, v in feats], rel=5e-3)  # (3 digits)
+    seen = sorted({f for _, feats in top for f, _ in feats})
+    shown = dashboard_features(tiny_run)
+    assert shown and len(shown) == 8  # (analysis.features=8)
+    in_dashboard = [f for f in seen if f in shown]
+    assert (f"in the dashboard: {', '.join(map(str, in_dashboard))} (" in lines[12]) == bool(in_dashboard)
+    if set(seen) - shown:
+        ids = ",".join(map(str, seen))
+        assert lines[-1] == f"a dashboard of them all: sae-stream analyze {tiny_run} --features {ids}"
+    for args, message in ((["--text", "x", "--k", "0"], "--k must be at least 1, got 0"),
+                          (["--text", ""], "--text is empty")):
+        assert main(["features", str(tiny_run), *args]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1
+
+
 def test_moved_run__eval_and_load_run_use_its_own_lm(tiny_run: Path, tmp_path: Path,
                                                     capsys: pytest.CaptureFixture) -> None:
     """config.yaml names the LM `run` trained by its absolute path; a copied run (the original gone) uses the lm/
