@@ -76,6 +76,11 @@ STEP_VARIANTS = {  # name: train overrides
                                                                                     "topk_kernels": "dense"}},
     "topk_graph_sparse_bf16": {"cuda_graphs": True, "autocast": "bfloat16", "sae": {"architecture": "topk",
                                                                                      "topk_kernels": "sparse"}},
+    # BatchTopK (k = 32), plain and with Matryoshka levels [d_sae/16, d_sae/4] (the decoder split into 3 slices)
+    "batchtopk_graph_dense_bf16": {"cuda_graphs": True, "autocast": "bfloat16", "sae": {"architecture": "batchtopk",
+                                                                                         "topk_kernels": "dense"}},
+    "batchtopk_matryoshka_graph_dense_bf16": {"cuda_graphs": True, "autocast": "bfloat16", "sae": {
+        "architecture": "batchtopk", "topk_kernels": "dense", "matryoshka": "d_sae/16,d_sae/4"}},
     # JumpReLU (autograd; its encoder stays fp32 under autocast, see sae.JumpReLUSAE.forward)
     "jumprelu_graph_bf16": {"cuda_graphs": True, "autocast": "bfloat16", "sae": {"architecture": "jumprelu"}},
 }
@@ -168,6 +173,8 @@ def sync(device: str) -> None:
 def make_trainer(args: argparse.Namespace, d_sae: int, train: dict) -> Trainer:
     train = dict(train)
     sae = {"architecture": "anthropic", "d_sae": d_sae, "l1_coeff": 1e-3} | train.pop("sae", {})
+    if sae.get("matryoshka") == "d_sae/16,d_sae/4":
+        sae["matryoshka"] = [d_sae // 16, d_sae // 4]
     cfg = config_from_dict({
         "sae": sae,
         "train": {"total_tokens": args.batch * 10**9, "batch_size": args.batch, "lr": 1e-4, "log_every": 10**9,
