@@ -1,5 +1,5 @@
-"""Matryoshka losses (sae.matryoshka) on TopK / BatchTopK SAEs: the loss and its gradients against a reference
-written here, what training with them does to the nested dictionaries, export, the config (eval's per-level
+"""Matryoshka losses (sae.matryoshka) on TopK / BatchTopK SAEs: what training with them does to the nested
+dictionaries, export, the config (the loss and its gradients against a reference: test_sae.py; eval's per-level
 figures: test_evaluate.py)."""
 
 from __future__ import annotations
@@ -14,43 +14,6 @@ from sae_stream.trainer import Trainer
 from tests._trainer_helpers import D_IN, ListLogger, _atoms, _cfg, sparse_batches
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.mark.parametrize("kernels", ["spmm", "index", "dense"])
-@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
-def test_matryoshka_loss__sums_each_prefix_reconstruction_error_with_matching_gradients(arch, kernels):
-    torch.manual_seed(0)
-    sizes = [5, 20]
-    sae = build_sae(SAEConfig(architecture=arch, d_sae=64, k=6, auxk_k=6, auxk_coeff=0.5, matryoshka=sizes), d_in=16)
-    sae.sparse_kernels = kernels != "dense"
-    sae.sparse_backward = kernels if kernels != "dense" else None
-    with torch.no_grad():
-        sae.b_enc_F.normal_(0.0, 0.5)
-        sae.b_dec_D.normal_()
-    x = torch.randn(24, 16, requires_grad=True)
-    dead = torch.rand(64) < 0.3
-    out = sae(x, dead_F=dead)
-    out.loss.backward()
-    grads = {n: p.grad.clone() for n, p in sae.named_parameters()}
-    grads["x"], x.grad = x.grad.clone(), None
-    sae.zero_grad()
-    # reference: the selected features through autograd, each prefix decoded by slicing, AuxK as a dense top-k
-    pre = sae.pre_acts(x)
-    feats = torch.relu(pre) * (out.feats > 0)
-    prefix_mse = [(x - feats[:, :m] @ sae.W_dec_FD[:m] - sae.b_dec_D).pow(2).mean() for m in sizes]
-    recon = feats @ sae.W_dec_FD + sae.b_dec_D
-    top = pre.masked_fill(~dead, float("-inf")).topk(6, dim=-1)
-    aux_feats = torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
-    aux = (aux_feats @ sae.W_dec_FD - (x - recon).detach()).pow(2).mean()
-    mse = (x - recon).pow(2).mean()
-    loss = mse + sum(prefix_mse) + 0.5 * aux
-    loss.backward()
-    assert all((p - mse).abs() > 1e-4 for p in prefix_mse)  # (the test can tell a prefix term from the whole)
-    torch.testing.assert_close(out.recon, recon)
-    torch.testing.assert_close(out.mse, mse)  # the logged MSE stays the whole dictionary's
-    torch.testing.assert_close(out.loss, loss)
-    for n, p in [*sae.named_parameters(), ("x", x)]:
-        torch.testing.assert_close(grads[n], p.grad, msg=n)
 
 
 def _fvu(sae, x, m: int | None = None) -> float:

@@ -189,10 +189,13 @@ def test_build_sae__seeded_kaiming_init_and_unit_decoder():
 
 @pytest.mark.parametrize("kernels", ["spmm", "index", "dense"])
 @pytest.mark.parametrize("arch", ["topk", "batchtopk"])
-def test_topk_forward__sparse_and_dense_paths_match_a_dense_reference(arch, kernels):
-    """Both sparse backwards (spmm: CPU default; index: the graph-capturable one used on CUDA) and the dense path."""
+@pytest.mark.parametrize("levels", [None, [5, 20]])
+def test_topk_forward__sparse_and_dense_paths_match_a_dense_reference(arch, kernels, levels):
+    """Both sparse backwards (spmm: CPU default; index: the graph-capturable one used on CUDA) and the dense path;
+    with Matryoshka levels, each prefix's reconstruction error is added (decoded by slicing here)."""
     torch.manual_seed(0)
-    sae = build_sae(SAEConfig(architecture=arch, d_sae=64, k=4, auxk_k=6, auxk_coeff=0.5), d_in=16)
+    sae = build_sae(SAEConfig(architecture=arch, d_sae=64, k=6, auxk_k=6, auxk_coeff=0.5, matryoshka=levels),
+                    d_in=16)
     sae.sparse_kernels = kernels != "dense"
     sae.sparse_backward = kernels if kernels != "dense" else None
     with torch.no_grad():
@@ -209,13 +212,17 @@ def test_topk_forward__sparse_and_dense_paths_match_a_dense_reference(arch, kern
     pre = sae.pre_acts(x)
     feats = torch.relu(pre) * (out.feats > 0)
     recon = feats @ sae.W_dec_FD + sae.b_dec_D
+    prefix_mse = [(x - feats[:, :m] @ sae.W_dec_FD[:m] - sae.b_dec_D).pow(2).mean() for m in levels or []]
     masked = pre.masked_fill(~dead, float("-inf"))
     top = masked.topk(6, dim=-1)
     aux_feats = torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
     aux = (aux_feats @ sae.W_dec_FD - (x - recon).detach()).pow(2).mean()
-    loss = (x - recon).pow(2).mean() + 0.5 * aux
+    mse = (x - recon).pow(2).mean()
+    loss = mse + sum(prefix_mse) + 0.5 * aux
     loss.backward()
+    assert all((p - mse).abs() > 1e-4 for p in prefix_mse)  # (the test can tell a prefix term from the whole)
     torch.testing.assert_close(out.recon, recon)
+    torch.testing.assert_close(out.mse, mse)  # (with levels, the logged MSE stays the whole dictionary's)
     torch.testing.assert_close(out.loss, loss)
     for n, p in [*sae.named_parameters(), ("x", x)]:
         torch.testing.assert_close(grads[n], p.grad, msg=n)
