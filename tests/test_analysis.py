@@ -238,6 +238,30 @@ def test_build_dashboard__one_escaped_panel_per_feature(model, batches, tmp_path
     assert "http://" not in page and "https://" not in page  # self-contained
 
 
+def test_build_dashboard__features_json_holds_each_panels_data(model, batches, tmp_path):
+    import json
+
+    sae = LinearReLUSAE(D_MLP, 24, bias=-0.1)
+    cfg = AnalysisConfig(features=6, top_k=4, window=3, tokens=10_000, batch_contexts=6, logit_k=3)
+    page = build_dashboard(model, sae, MLP, batches, AngleTokenizer(), cfg, tmp_path).read_text()
+    data = json.loads((tmp_path / "features.json").read_text(),
+                      parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    shown = [int(f) for f in re.findall(r'<section class="feature" id="f(\d+)"', page)]
+    assert [f["feature"] for f in data["features"]] == shown and data["hook_name"] == MLP
+    _, cache = model.run_with_cache(torch.cat(batches), names_filter=MLP)
+    with torch.no_grad():
+        acts_NTF = sae.encode(cache[MLP])[:, 1:]  # (position 0 is not read: skip_first_position)
+    for f in data["features"]:
+        values = [c["value"] for c in f["contexts"]]
+        assert values == sorted(values, reverse=True) and 1 <= len(values) <= 4
+        assert values[0] == pytest.approx(float(acts_NTF[..., f["feature"]].max()), rel=1e-5)  # the scan's top
+        for c in f["contexts"]:
+            assert len(c["tokens"]) == len(c["acts"]) and c["acts"][c["center"]] == pytest.approx(c["value"])
+            assert all(re.fullmatch(r"<\d+>|[ \n]+", t) for t in c["tokens"])  # raw token text, not HTML
+        assert len(f["logits_pos"]) == len(f["logits_neg"]) == 3 and f["band"] in ("dense", "mid", "low", "dead")
+        assert sum(f["hist_counts"]) > 0
+
+
 class EotTokenizer(AngleTokenizer):
     """AngleTokenizer with an end-of-text id, so the dashboard can sample; decodes a sequence id by id."""
 

@@ -1,4 +1,5 @@
-"""A static HTML dashboard of SAE features (offline, self-contained: `out_dir/index.html`).
+"""A static HTML dashboard of SAE features (offline, self-contained: `out_dir/index.html`), and its data as JSON
+for scripts (`out_dir/features.json`: e.g. top activating contexts for automated interpretability).
 
     path = build_dashboard(model, sae, hook_name, token_batches, get_tokenizer("gpt2"), cfg.analysis, out_dir,
                            densities=load_feature_density(run_dir), density_tokens=eval_json["activation_tokens"],
@@ -17,6 +18,7 @@ at least `cfg.single_token_fraction` of its top activations fall on one token id
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -42,9 +44,10 @@ from sae_stream.analysis.html import (
 from sae_stream.analysis.logits import logit_effects
 from sae_stream.analysis.scan import FeatureScan, scan_features
 from sae_stream.analysis.steering import pinned_hooks, sample
-from sae_stream.checkpoint import atomic_write_text
+from sae_stream.checkpoint import atomic_write_json, atomic_write_text
 from sae_stream.config import AnalysisConfig
 from sae_stream.metrics import resolves
+from sae_stream.tracking import json_safe
 
 
 class TokenText:
@@ -169,6 +172,21 @@ def _low_note(tokens: int | None, ultralow_threshold: float) -> str:
 
 
 PIN_MULTIPLE = 5  # the dashboard's pinned samples hold a feature at this many times its top scanned activation
+FEATURES_JSON = "features.json"
+FEATURES_JSON_DEFINITIONS = {
+    "features": "the page's features, each as its panel shows it; tokens are the tokenizer's text of each id",
+    "contexts": "top activating contexts, strongest first: tokens, the feature's activation at each (null where "
+                "unknown), center (index of the activating token) and value (its activation)",
+    "hist_counts / hist_width": "activation histogram over the scan: bin i counts activations in [i, i + 1) * width",
+    "logits_pos / logits_neg": "the tokens whose logits the feature's decoder direction raises / lowers most "
+                               "(logit_note says how they are computed), [token, effect]",
+    "ablation_raised / ablation_lowered": "mean change of the next-token log-probs at the top contexts' activating "
+                                          "positions when the feature is zeroed (ablation.py), [token, change]",
+    "pinned": "[value, text]: a sample with the feature held at value (clean_sample: the same seed unpinned)",
+    "single_token": "[token, fraction of top activations on it] when the feature is flagged single-token",
+    "level": "a Matryoshka SAE's nested dictionary holding the feature",
+    "band": "density band, as the page's tabs: dense, mid, low (ultra-low) or dead",
+}
 
 
 @sae_in_eval_mode
@@ -249,6 +267,10 @@ def build_dashboard(model: HookedTransformer, sae: SAELike, hook_name: str, toke
                                                         for label, href in links) + "</div>"
     page = render_page(panels, f"SAE features · {hook_name}", summary, logit_note,
                        _low_note(tokens, ultralow_threshold), bands)
+    data = {"hook_name": hook_name, "density_source": source, "logit_note": logit_note, "clean_sample": clean,
+            "definitions": FEATURES_JSON_DEFINITIONS,
+            "features": [{**dataclasses.asdict(p), "band": bands.band(p.density)} for p in panels]}
+    atomic_write_json(Path(out_dir) / FEATURES_JSON, json_safe(data))  # (the page's data, for scripts)
     path = Path(out_dir) / "index.html"
     atomic_write_text(path, page)
     return path
