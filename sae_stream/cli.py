@@ -63,8 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("run_dir")
     an = sub.add_parser("analyze", help="build the HTML feature dashboard of a run")
     an.add_argument("run_dir")
-    an.add_argument("--features", help="comma-separated feature ids to show, e.g. 12,40,301 (default: "
-                    "analysis.features spread over the densities)")
+    an.add_argument("--features", help="comma-separated feature ids, e.g. 12,40,301: a dashboard of those in "
+                    "RUN_DIR/dashboard-features/ (replaced by the next one), the run's dashboard/ left as it is "
+                    "(default: dashboard/ of analysis.features spread over the densities)")
     cmp = sub.add_parser("compare", help="match the features of two SAEs (decoder cosine, activation correlation)")
     cmp.add_argument("a", help="run directory (or a sweep's RUN_DIR/<name>, or a SAELens SAE directory)")
     cmp.add_argument("b", help="the SAE to compare it with, the same kinds")

@@ -352,8 +352,8 @@ def _print_summary(result: dict[str, Any], out: Path) -> None:
         ids = {"a": [s["a"] for s in splits], "b": [b for s in splits for b in s["b"][:6]]}
         for side in ("a", "b"):  # (analyze reads run directories: a bare SAELens export has no LM or text)
             if result[side]["run_dir"]:
-                print(f"compare: to look at them: sae-stream analyze {result[side]['run_dir']} --features "
-                      f"{','.join(map(str, ids[side]))}")
+                print(f"compare: to look at them (in dashboard-features/): sae-stream analyze "
+                      f"{result[side]['run_dir']} --features {','.join(map(str, ids[side]))}")
     print(f"compare: -> {out / COMPARE_JSON}, {out / COMPARE_PNG}")
 
 

@@ -73,12 +73,12 @@ class SAEConfig:
             raise ConfigError(f"sae.matryoshka is for sae.architecture=topk or batchtopk, not {self.architecture}: "
                               "set it to null")
         example = f"e.g. [{max(1, self.d_sae // 16)}, {max(2, self.d_sae // 4)}]"
-        if not [m for m in sizes if m < self.d_sae]:
-            raise ConfigError(f"sae.matryoshka needs a size below sae.d_sae ({self.d_sae}), {example}, got "
-                              f"{self.matryoshka} (null turns the levels off)")
-        if sizes[0] < 1 or any(b <= a for a, b in zip(sizes, sizes[1:])) or sizes[-1] > self.d_sae:
+        if sizes and (sizes[0] < 1 or any(b <= a for a, b in zip(sizes, sizes[1:])) or sizes[-1] > self.d_sae):
             raise ConfigError(f"sae.matryoshka must be increasing sizes between 1 and sae.d_sae ({self.d_sae}), "
                               f"{example}, got {self.matryoshka}")
+        if not [m for m in sizes if m < self.d_sae]:
+            raise ConfigError(f"sae.matryoshka needs a size below sae.d_sae ({self.d_sae}; the whole dictionary is "
+                              f"the last level anyway), {example}, got {self.matryoshka} (null turns the levels off)")
 
     @property
     def matryoshka_sizes(self) -> list[int]:

@@ -141,8 +141,11 @@ class _ActivationTotals:
                 "density_F": (self.fire_F / self.n).float().cpu()}
 
 
+CE_RUNS = ("clean", "sae", "zero_ablation", "mean_ablation")  # the rows of per-context CE sums (load_eval_ce)
+
+
 class _LossTotals:
-    RUNS = ("clean", "sae", "zero_ablation", "mean_ablation")
+    RUNS = CE_RUNS
 
     def __init__(self) -> None:
         self.ce_C: dict[str, list[Tensor]] = {run: [] for run in self.RUNS}  # per context: its CE summed (float64)

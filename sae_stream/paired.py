@@ -14,12 +14,13 @@ other seeds.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from sae_stream.evaluate import CE_FILE, block_bootstrap, ci95, load_eval_ce, read_eval
+from sae_stream.evaluate import CE_FILE, CE_RUNS, block_bootstrap, ci95, load_eval_ce, read_eval
 from sae_stream.report import current_eval
 
 # contexts whose clean / ablated CE sums differ by more than this (relative) come from other text or another LM;
@@ -36,11 +37,19 @@ def _why_not(run_dir: Path | None, label: str) -> str | None:
     ev = current_eval(run_dir)
     if ev is None:
         return f"{label}'s eval.json describes an earlier SAE: run `sae-stream eval {run_dir}` again"
-    # (the file named by this eval.json, and as many contexts: not one left from another eval)
-    if ev.get("ce_per_context_file") != CE_FILE or not (run_dir / CE_FILE).is_file() or \
-            load_eval_ce(run_dir).shape[1] != ev.get("contexts"):
+    # the file this eval.json names, with its contexts and its SAE's loss: not one left from another eval
+    if ev.get("ce_per_context_file") != CE_FILE or not (run_dir / CE_FILE).is_file() or not _matches(
+            load_eval_ce(run_dir), ev):
         return f"{label}'s eval has no per-context losses of its own: run `sae-stream eval {run_dir}` again"
     return None
+
+
+def _matches(sums_RC: torch.Tensor, ev: dict[str, Any]) -> bool:
+    """The per-context sums add up to eval.json's CE of each run, over as many contexts."""
+    if sums_RC.shape[1] != ev.get("contexts") or not ev.get("predictions"):
+        return False
+    return all(math.isclose(float(row.sum()) / ev["predictions"], ev["ce_loss"][run], rel_tol=1e-9)
+               for row, run in zip(sums_RC, CE_RUNS))
 
 
 def _why_unpaired(ev_a: dict[str, Any], ev_b: dict[str, Any]) -> str | None:

@@ -26,6 +26,7 @@ from sae_stream.rundir import UserError, require_run_dir
 from sae_stream.tracking import json_safe
 
 SAE_DIR, DASHBOARD_DIR, CURVES_PNG, LM_DIR = "sae", "dashboard", "training_curves.png", "lm"
+SELECTED_DASHBOARD_DIR = "dashboard-features"  # `analyze --features`: beside the run's dashboard, not over it
 SWEEP_JSON, SWEEP_PNG = "sweep_summary.json", "sweep_frontier.png"
 
 
@@ -230,7 +231,8 @@ def _print_eval(r: dict[str, Any], path: Path) -> None:
 
 def analyze_run(run_dir: str | Path, overrides: list[str] | None = None, loaded: tuple | None = None,
                 features: list[int] | None = None) -> Path:
-    """dashboard/ for a run (each SAE of a sweep); `features` shows those ids instead of analysis.features."""
+    """dashboard/ for a run (each SAE of a sweep); `features`: a dashboard of those ids instead of
+    analysis.features, in dashboard-features/ (replaced by the next such call; dashboard/ is left as it is)."""
     from sae_stream.analysis.dashboard import build_dashboard
     from sae_stream.tokenizer import get_tokenizer
 
@@ -256,7 +258,8 @@ def analyze_run(run_dir: str | Path, overrides: list[str] | None = None, loaded:
                                                  if ev is not None else [])  # (not an eval of an older SAE)
     links = [(label, f"../{name}") for label, name in plots if (run_dir / name).is_file()]
     path = build_dashboard(model, sae, cfg.buffer.hook_name, batches, get_tokenizer(cfg.data.tokenizer), cfg.analysis,
-                           run_dir / DASHBOARD_DIR, densities, ultralow_threshold=cfg.train.ultralow_threshold,
+                           run_dir / (DASHBOARD_DIR if features is None else SELECTED_DASHBOARD_DIR), densities,
+                           ultralow_threshold=cfg.train.ultralow_threshold,
                            dead_threshold=cfg.train.dead_threshold, dense_threshold=cfg.train.dense_threshold,
                            density_tokens=density_tokens, features=features,
                            skip_first_position=cfg.buffer.skip_first_position, links=links)

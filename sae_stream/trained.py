@@ -194,5 +194,6 @@ def print_features(run_dir: str | Path, overrides: list[str], text: str, k: int 
     if seen and shown & set(seen):
         print(f"in the dashboard: {', '.join(str(f) for f in seen if f in shown)} ({page}#f<feature>)")
     if any(f not in shown for f in seen):  # (analyze --features builds a dashboard of exactly those)
-        print(f"a dashboard of them all: sae-stream analyze {run.run_dir} --features {','.join(map(str, seen))}")
+        print(f"a dashboard of them all (in dashboard-features/): sae-stream analyze {run.run_dir} --features "
+              f"{','.join(map(str, seen))}")
     return rows

@@ -319,7 +319,8 @@ def test_features__prints_each_tokens_top_features_and_where_to_see_them(tiny_ru
     assert (f"in the dashboard: {', '.join(map(str, in_dashboard))} (" in lines[12]) == bool(in_dashboard)
     if set(seen) - shown:
         ids = ",".join(map(str, seen))
-        assert lines[-1] == f"a dashboard of them all: sae-stream analyze {tiny_run} --features {ids}"
+        assert lines[-1] == f"a dashboard of them all (in dashboard-features/): sae-stream analyze {tiny_run} " \
+            f"--features {ids}"
     for args, message in ((["--text", "x", "--k", "0"], "--k must be at least 1, got 0"),
                           (["--text", ""], "--text is empty")):
         assert main(["features", str(tiny_run), *args]) == 2

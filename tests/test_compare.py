@@ -106,8 +106,8 @@ def test_top_splits__most_partners_first_and_only_strong_eligible_ones() -> None
     assert top_splits(b_in_a, n=1, min_value=0.3)[0]["a"] == 5  # (3 partners each: the higher best value first)
 
 
-def _copy_run(run: Path, to: Path) -> Path:
-    shutil.copytree(run, to, ignore=shutil.ignore_patterns("checkpoints", "dashboard"))
+def _copy_run(run: Path, to: Path, dashboard: bool = False) -> Path:
+    shutil.copytree(run, to, ignore=shutil.ignore_patterns("checkpoints", *(() if dashboard else ("dashboard",))))
     return to
 
 
@@ -239,10 +239,12 @@ def test_compare__saelens_exports_borrow_the_runs_lm(tiny_run: Path, tmp_path: P
 
 def test_analyze__features_shows_exactly_those(tiny_run: Path, tmp_path: Path,
                                                capsys: pytest.CaptureFixture) -> None:
-    run = _copy_run(tiny_run, tmp_path / "run")
+    run = _copy_run(tiny_run, tmp_path / "run", dashboard=True)
+    main_page = (run / "dashboard/index.html").read_bytes()
     assert main(["analyze", str(run), "--features", "7,3,7", "--analysis.ablation=false"]) == 0
-    page = (run / "dashboard/index.html").read_text()
+    page = (run / "dashboard-features/index.html").read_text()
     assert re.findall(r'<section class="feature" id="f(\d+)"', page) == ["7", "3"]
+    assert (run / "dashboard/index.html").read_bytes() == main_page  # the run's own dashboard stays
     for bad, needle in (("3,128", "--features 128 is not a feature of this SAE: ids run from 0 to 127"),
                         ("3,x", "give feature ids separated by commas")):
         capsys.readouterr()

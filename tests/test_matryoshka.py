@@ -53,9 +53,11 @@ def test_matryoshka__export_keeps_the_levels(tmp_path):
     ({"architecture": "batchtopk", "matryoshka": [64, 16]}, "must be increasing sizes between 1 and sae.d_sae (128)"),
     ({"architecture": "topk", "matryoshka": [0, 16]}, "must be increasing sizes"),
     ({"architecture": "topk", "matryoshka": [8, 200]}, "must be increasing sizes"),
-    ({"architecture": "topk", "matryoshka": [128]}, "needs a size below sae.d_sae (128), e.g. [8, 32], got [128] "
-                                                    "(null turns the levels off)"),
-    ({"architecture": "topk", "matryoshka": []}, "needs a size below sae.d_sae (128)"),
+    ({"architecture": "topk", "matryoshka": [128]}, "needs a size below sae.d_sae (128; the whole dictionary is "
+                                                    "the last level anyway), e.g. [8, 32], got [128] (null turns the "
+                                                    "levels off)"),
+    ({"architecture": "topk", "matryoshka": [2000]}, "must be increasing sizes between 1 and sae.d_sae (128)"),
+    ({"architecture": "topk", "matryoshka": []}, "needs a size below sae.d_sae (128;"),
 ])
 def test_matryoshka_config__bad_levels_are_one_line_errors(over, message):
     with pytest.raises(ConfigError, match="^sae.matryoshka ") as e:

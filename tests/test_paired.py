@@ -1,6 +1,7 @@
 """The paired loss-recovered comparison of two evals (sae_stream/paired.py), on per-context losses made here."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -27,10 +28,12 @@ def _run(path: Path, shared: dict[str, torch.Tensor], sae_C: torch.Tensor, **ev)
     path.mkdir(parents=True)
     save_file({f"ce_{k}_C": v for k, v in {**shared, "sae": sae_C}.items() if k != "hard"},
               path / "eval_ce.safetensors")
-    contexts = len(sae_C)
+    contexts, predictions = len(sae_C), len(sae_C) * (CONTEXT_LEN - 1)
+    ce = {k: float(v.sum()) / predictions for k, v in {**shared, "sae": sae_C}.items() if k != "hard"}
     (path / "eval.json").write_text(json.dumps({
-        "tokens": contexts * CONTEXT_LEN, "contexts": contexts, "hook_name": "blocks.0.mlp.hook_post",
-        "skip_first_position": True, "ce_per_context_file": "eval_ce.safetensors", **ev}))
+        "tokens": contexts * CONTEXT_LEN, "contexts": contexts, "predictions": predictions, "ce_loss": ce,
+        "hook_name": "blocks.0.mlp.hook_post", "skip_first_position": True,
+        "ce_per_context_file": "eval_ce.safetensors", **ev}))
     return path
 
 
@@ -101,6 +104,9 @@ def test_paired__other_contexts_or_missing_evals_are_skipped_with_the_reason(tmp
         _run(d, shared, _sae_sums(shared, 0.01, 0.05, 2), **ev)
         assert paired_loss_recovered(a, d)["skipped"] == ("B's eval has no per-context losses of its own: run "
                                                           f"`sae-stream eval {d}` again")
+    stale = _run(tmp_path / "stale", shared, _sae_sums(shared, 0.01, 0.05, 2))  # another SAE's file, same contexts
+    shutil.copy(a / "eval_ce.safetensors", stale / "eval_ce.safetensors")
+    assert "has no per-context losses of its own" in paired_loss_recovered(a, stale)["skipped"]
     (b / "eval_ce.safetensors").unlink()
     assert "has no per-context losses of its own" in paired_loss_recovered(b, a)["skipped"]
 
