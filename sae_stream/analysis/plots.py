@@ -85,7 +85,8 @@ def plot_sweep_frontier(rows: list[dict], path: str | Path, title: str = "sweep"
                 ax.annotate(r["name"], (r["l0"], y), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set_xlabel("L0 (features active per token)")
         ax.set_ylabel(label, fontsize=8)
-        if all(r["l0"] > 0 for r in rows):
+        l0s = [r["l0"] for r in rows if r["l0"] == r["l0"]]  # (a diverged SAE's NaN left out)
+        if l0s and min(l0s) > 0 and max(l0s) > 3 * min(l0s):  # (a narrower range: linear, so ticks fall inside)
             ax.set_xscale("log")
             ax.xaxis.set_major_formatter(ScalarFormatter())  # L0 as plain numbers, minor ticks unlabelled
             ax.xaxis.set_minor_formatter(NullFormatter())
