@@ -50,8 +50,8 @@ def by_group(sel: Selected, bounds: tuple[int, ...]) -> Selected:
     n_groups = len(bounds) - 1
     if n_groups == 1:
         return sel
-    inner = torch.tensor(bounds[1:-1], dtype=sel.cols_N.dtype, device=sel.cols_N.device)
-    rows_N = sel.rows_N * n_groups + torch.bucketize(sel.cols_N, inner, right=True)
+    group_N = sum((sel.cols_N >= b).long() for b in bounds[1:-1])  # (no tensor from host data: graph-capturable)
+    rows_N = sel.rows_N * n_groups + group_N
     n_rows = sel.shape[0] * n_groups
     return Selected(rows_N, sel.cols_N, torch.searchsorted(rows_N, torch.arange(n_rows, device=rows_N.device)),
                     (n_rows, sel.shape[1]))
