@@ -48,8 +48,10 @@ class OutDir:
     until the new run has started (`commit`, once its inputs have checked out); a failure or a stop before that
     (`rollback`) removes what this made and puts the old one back: bad input never costs the old run."""
 
-    def __init__(self, path: Path, old: Path | None = None, created: bool = False) -> None:
+    def __init__(self, path: Path, old: Path | None = None, created: bool = False,
+                 new_parents: list[Path] | None = None) -> None:
         self.path, self.old, self.created, self.done = path, old, created, False
+        self.new_parents = new_parents or []  # (made for it, deepest first: a rollback removes them while empty)
 
     def commit(self) -> None:
         if not self.done and self.old is not None:
@@ -77,6 +79,11 @@ class OutDir:
             self.done = True
             if trash is not None:  # (the new directory is small: commit comes before any heavy work)
                 shutil.rmtree(trash, ignore_errors=True)
+            for parent in self.new_parents:  # e.g. the default runs/ of a first command that failed
+                try:
+                    parent.rmdir()
+                except OSError:
+                    break
 
 
 @contextmanager
@@ -113,13 +120,14 @@ def fresh_out_dir(out: str | Path | None, command: str, overwrite: bool,
         if old is not None:
             os.replace(path, old)
         created = not path.exists()
+        new_parents = [p for p in path.parents if not p.exists()]
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             if old is not None:
                 os.replace(old, path)
             raise UserError(f"cannot create --out {str(path)!r}: {e.strerror or e}; choose a writable place") from e
-        staged = OutDir(path, old, created)
+        staged = OutDir(path, old, created, new_parents)
         try:
             yield staged
         except BaseException:

@@ -253,7 +253,10 @@ def test_analyze__features_shows_exactly_those(tiny_run: Path, tmp_path: Path,
 
 
 def test_compare__bad_input_exits_2_and_keeps_what_is_there(tiny_run: Path, tmp_path: Path,
-                                                           capsys: pytest.CaptureFixture) -> None:
+                                                           capsys: pytest.CaptureFixture,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # (without --out, compare writes runs/compare-*/ here)
     resid = export_saelens(build_sae(SAEConfig(d_sae=16), d_in=32, seed=0), tmp_path / "resid",
                            "blocks.0.hook_resid_post")
     cases = [([str(tmp_path / "nowhere"), str(tiny_run)], "neither a run directory"),
@@ -267,6 +270,7 @@ def test_compare__bad_input_exits_2_and_keeps_what_is_there(tiny_run: Path, tmp_
         err = capsys.readouterr().err.strip()
         assert needle in err and len(err.splitlines()) == 1, err
     assert sorted(p.name for p in tiny_run.iterdir()) == before
+    assert list((tmp_path / "cwd").iterdir()) == []  # not even an empty default runs/
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
