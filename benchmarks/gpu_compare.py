@@ -61,6 +61,7 @@ from sae_stream.sae import build_sae  # noqa: E402
 from sae_stream.step import resolve_kernels  # noqa: E402
 from sae_stream.trainer import Trainer  # noqa: E402
 
+GRAPHED_BF16 = {"cuda_graphs": True, "autocast": "bfloat16"}
 STEP_VARIANTS = {  # name: train overrides
     "step_eager_autograd_tf32": {"step_impl": "autograd", "cuda_graphs": False, "autocast": "none"},
     "step_eager_autograd_bf16": {"step_impl": "autograd", "cuda_graphs": False, "autocast": "bfloat16"},
@@ -72,17 +73,14 @@ STEP_VARIANTS = {  # name: train overrides
     "step_graph_fused_bf16_torch_ops": {"step_impl": "fused", "cuda_graphs": True, "autocast": "bfloat16",
                                         "kernels": "torch"},
     # TopK (k = 32): dense decoding against the sparse gather / index_add kernels, both graphed
-    "topk_graph_dense_bf16": {"cuda_graphs": True, "autocast": "bfloat16", "sae": {"architecture": "topk",
-                                                                                    "topk_kernels": "dense"}},
-    "topk_graph_sparse_bf16": {"cuda_graphs": True, "autocast": "bfloat16", "sae": {"architecture": "topk",
-                                                                                     "topk_kernels": "sparse"}},
+    "topk_graph_dense_bf16": {**GRAPHED_BF16, "sae": {"architecture": "topk", "topk_kernels": "dense"}},
+    "topk_graph_sparse_bf16": {**GRAPHED_BF16, "sae": {"architecture": "topk", "topk_kernels": "sparse"}},
     # BatchTopK (k = 32), plain and with Matryoshka levels [d_sae/16, d_sae/4] (the decoder split into 3 slices)
-    "batchtopk_graph_dense_bf16": {"cuda_graphs": True, "autocast": "bfloat16", "sae": {"architecture": "batchtopk",
-                                                                                         "topk_kernels": "dense"}},
-    "batchtopk_matryoshka_graph_dense_bf16": {"cuda_graphs": True, "autocast": "bfloat16", "sae": {
-        "architecture": "batchtopk", "topk_kernels": "dense", "matryoshka": "d_sae/16,d_sae/4"}},
+    "batchtopk_graph_dense_bf16": {**GRAPHED_BF16, "sae": {"architecture": "batchtopk", "topk_kernels": "dense"}},
+    "batchtopk_matryoshka_graph_dense_bf16": {**GRAPHED_BF16, "sae": {"architecture": "batchtopk", "topk_kernels":
+                                                                      "dense", "matryoshka": "d_sae/16,d_sae/4"}},
     # JumpReLU (autograd; its encoder stays fp32 under autocast, see sae.JumpReLUSAE.forward)
-    "jumprelu_graph_bf16": {"cuda_graphs": True, "autocast": "bfloat16", "sae": {"architecture": "jumprelu"}},
+    "jumprelu_graph_bf16": {**GRAPHED_BF16, "sae": {"architecture": "jumprelu"}},
 }
 BEST = "step_graph_fused_bf16"
 LARGE_STEP_VARIANTS = ("step_eager_autograd_tf32", "step_graph_autograd_bf16", "step_graph_fused_bf16",
@@ -147,11 +145,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="where the loop_*_text variants' .jsonl is written (kept for the next run)")
     p.add_argument("--text-mb", type=float, default=20.0, help="size of that .jsonl (looped over)")
     p.add_argument("--saelens", default=None, help="path of peer-bench's bench_saelens.py: also run SAELens")
-    p.add_argument("--kernels", default="auto", help="train.kernels for every variant that does not set it "
-                   "(auto: Triton on CUDA; torch: the plain PyTorch ops)")
+    p.add_argument("--kernels", default="auto", help="train.kernels of variants that set none (auto: Triton on CUDA)")
     p.add_argument("--saelens-d-sae", default=None, help="comma list: run SAELens at these sizes only (default: all)")
-    p.add_argument("--saelens-tokens", type=int, default=8_000_000, help="SAELens training tokens at the first size "
-                   "(halved at each larger one)")
+    p.add_argument("--saelens-tokens", type=int, default=8_000_000, help="tokens at the first size, halved per size")
     p.add_argument("--out", default=None, help="also append the JSON lines to this file")
     args = p.parse_args(argv)
     if args.device == "auto":
@@ -163,8 +159,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
+    torch.cuda.synchronize() if device == "cuda" else None
 
 
 # ---------------------------------------------------------------------------------------------- measurements
@@ -173,8 +168,7 @@ def sync(device: str) -> None:
 def make_trainer(args: argparse.Namespace, d_sae: int, train: dict) -> Trainer:
     train = dict(train)
     sae = {"architecture": "anthropic", "d_sae": d_sae, "l1_coeff": 1e-3} | train.pop("sae", {})
-    if sae.get("matryoshka") == "d_sae/16,d_sae/4":
-        sae["matryoshka"] = [d_sae // 16, d_sae // 4]
+    sae["matryoshka"] = [d_sae // 16, d_sae // 4] if sae.get("matryoshka") == "d_sae/16,d_sae/4" else None
     cfg = config_from_dict({
         "sae": sae,
         "train": {"total_tokens": args.batch * 10**9, "batch_size": args.batch, "lr": 1e-4, "log_every": 10**9,

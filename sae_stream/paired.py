@@ -48,8 +48,12 @@ def _matches(sums_RC: torch.Tensor, ev: dict[str, Any]) -> bool:
     """The per-context sums add up to eval.json's CE of each run, over as many contexts."""
     if sums_RC.shape[1] != ev.get("contexts") or not ev.get("predictions"):
         return False
-    return all(math.isclose(float(row.sum()) / ev["predictions"], ev["ce_loss"][run], rel_tol=1e-9)
-               for row, run in zip(sums_RC, CE_RUNS))
+    return all(_same(float(row.sum()) / ev["predictions"], ev["ce_loss"][run]) for row, run in zip(sums_RC, CE_RUNS))
+
+
+def _same(mean: float, saved: float | None) -> bool:
+    """eval.json's figure for this mean: null where it is not finite (a diverged SAE's NaN), else equal."""
+    return not math.isfinite(mean) if saved is None else math.isclose(mean, saved, rel_tol=1e-9)
 
 
 def _why_unpaired(ev_a: dict[str, Any], ev_b: dict[str, Any]) -> str | None:

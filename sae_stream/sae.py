@@ -254,7 +254,7 @@ class TopKSAE(SAE):
                          sparse: bool, via: str, keep_F: Tensor | None = None, groups: bool = False
                          ) -> tuple[Tensor, list[Tensor]]:
         """(feats, [feats·W_dec without bias]) for the selected entries: sparse kernels, or dense autograd; with
-        `groups`, one decode per Matryoshka group of features (bounds), summing to the whole."""
+        `groups`, one part per Matryoshka group of features (bounds), summing to the whole."""
         if sparse:
             vals_N = GatherEncode.apply(pre_N, x_BD, self.W_enc_DF, bias_F, sel, via).relu()
         else:

@@ -26,7 +26,8 @@ VIAS = ("spmm", "index")
 
 
 class Selected(NamedTuple):
-    """Positions kept in a [n_rows, d_sae] activation matrix, row-major: rows_N non-decreasing."""
+    """Positions kept in a [n_rows, d_sae] activation matrix, row-major: rows_N non-decreasing, and cols_N
+    increasing within each row (rowwise and BatchTopK's select sort them; by_group relies on it)."""
 
     rows_N: Tensor
     cols_N: Tensor

@@ -15,6 +15,7 @@ end-of-text token here and is left out of what these return.
 
 from __future__ import annotations
 
+import json
 import re
 import warnings
 from dataclasses import dataclass
@@ -25,11 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sae_stream.analysis.dashboard import FEATURES_JSON
 from sae_stream.analysis.hooks import hook_activations, sae_decode, sae_features, spliced_logits
 from sae_stream.analysis.steering import check_steer, max_activation, pin_value, steer
 from sae_stream.config import Config, ConfigError
 from sae_stream.data import heldout_batches
-from sae_stream.report import load_trained
+from sae_stream.report import DASHBOARD_DIR, SELECTED_DASHBOARD_DIR, load_trained
 from sae_stream.rundir import UserError, require_run_dir
 from sae_stream.tokenizer import Tokenizer, get_tokenizer
 
@@ -167,15 +169,18 @@ def print_steering(run_dir: str | Path, overrides: list[str], feature: int, valu
 
 
 def dashboard_features(run_dir: Path) -> set[int]:
-    """The features that have a panel in the run's dashboard (none when it has no dashboard)."""
-    page = run_dir / "dashboard" / "index.html"
+    """The features that have a panel in the run's dashboard (none when it has no dashboard): from its
+    features.json, or the page itself for a dashboard built before that file was written."""
+    data, page = run_dir / DASHBOARD_DIR / FEATURES_JSON, run_dir / DASHBOARD_DIR / "index.html"
+    if data.is_file():
+        return {f["feature"] for f in json.loads(data.read_text())["features"]}
     return {int(f) for f in re.findall(r'<section class="feature" id="f(\d+)"', page.read_text())} \
         if page.is_file() else set()
 
 
 def print_features(run_dir: str | Path, overrides: list[str], text: str, k: int = 5) -> list:
     """`sae-stream features`: TrainedRun.top_features of a text, a token a line, then which of those features the
-    run's dashboard shows and the `analyze` line that adds the others."""
+    run's dashboard shows and the `analyze` line for a dashboard of them all."""
     if k < 1:
         raise UserError(f"--k must be at least 1, got {k}")
     if not text:
@@ -190,10 +195,10 @@ def print_features(run_dir: str | Path, overrides: list[str], text: str, k: int 
         print(f"{i:>4} {repr(token):<{width}}  {shown}")
     seen = sorted({f for _, top in rows for f, _ in top})
     shown = dashboard_features(run.run_dir)
-    page = run.run_dir / "dashboard" / "index.html"
+    page = run.run_dir / DASHBOARD_DIR / "index.html"
     if seen and shown & set(seen):
         print(f"in the dashboard: {', '.join(str(f) for f in seen if f in shown)} ({page}#f<feature>)")
     if any(f not in shown for f in seen):  # (analyze --features builds a dashboard of exactly those)
-        print(f"a dashboard of them all (in dashboard-features/): sae-stream analyze {run.run_dir} --features "
+        print(f"a dashboard of them all (in {SELECTED_DASHBOARD_DIR}/): sae-stream analyze {run.run_dir} --features "
               f"{','.join(map(str, seen))}")
     return rows

@@ -10,10 +10,35 @@ import torch
 from sae_stream.config import ConfigError, SAEConfig, config_from_dict
 from sae_stream.export import export_saelens, load_saelens
 from sae_stream.sae import build_sae
+from sae_stream.topk_kernels import Selected, SparseDecode, by_group
 from sae_stream.trainer import Trainer
 from tests._trainer_helpers import D_IN, ListLogger, _atoms, _cfg, sparse_batches
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.parametrize("via", ["spmm", "index"])
+def test_by_group__one_decode_gives_each_groups_part_of_each_row(via):
+    """Row 1 empty, row 0 without group 1, a column on a bound (4, 8): each (row, group) part of the one decode
+    equals the sum over that row's entries in that group, and so do the gradients."""
+    rows, cols = torch.tensor([0, 0, 2, 2, 2, 3, 3]), torch.tensor([1, 3, 4, 5, 8, 0, 9])
+    offsets = torch.searchsorted(rows, torch.arange(4))
+    sel, bounds = Selected(rows, cols, offsets, (4, 10)), (0, 4, 8, 10)
+    grouped = by_group(sel, bounds)
+    assert grouped.rows_N.tolist() == [0, 0, 7, 7, 8, 9, 11] and grouped.shape == (12, 10)
+    g = torch.Generator().manual_seed(0)
+    vals = torch.rand(7, generator=g, requires_grad=True)
+    W = torch.randn(10, 3, generator=g, requires_grad=True)
+    out = SparseDecode.apply(vals, W, grouped, via).view(4, 3, 3)
+    want = torch.zeros(4, 3, 3)
+    for r, c, v in zip(rows.tolist(), cols.tolist(), vals):
+        want[r, sum(c >= b for b in bounds[1:-1])] += v * W[c]
+    torch.testing.assert_close(out, want)
+    weights = torch.randn(4, 3, 3, generator=g)
+    got = torch.autograd.grad((out * weights).sum(), (vals, W))
+    for a, b in zip(got, torch.autograd.grad((want * weights).sum(), (vals, W))):
+        torch.testing.assert_close(a, b)
+    assert by_group(sel, (0, 10)) is sel
 
 
 def _fvu(sae, x, m: int | None = None) -> float:

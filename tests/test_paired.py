@@ -1,6 +1,7 @@
 """The paired loss-recovered comparison of two evals (sae_stream/paired.py), on per-context losses made here."""
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -30,6 +31,7 @@ def _run(path: Path, shared: dict[str, torch.Tensor], sae_C: torch.Tensor, **ev)
               path / "eval_ce.safetensors")
     contexts, predictions = len(sae_C), len(sae_C) * (CONTEXT_LEN - 1)
     ce = {k: float(v.sum()) / predictions for k, v in {**shared, "sae": sae_C}.items() if k != "hard"}
+    ce = {k: v if math.isfinite(v) else None for k, v in ce.items()}  # (as eval.json holds a diverged SAE's NaN)
     (path / "eval.json").write_text(json.dumps({
         "tokens": contexts * CONTEXT_LEN, "contexts": contexts, "predictions": predictions, "ce_loss": ce,
         "hook_name": "blocks.0.mlp.hook_post", "skip_first_position": True,
@@ -117,3 +119,13 @@ def test_paired__one_block_gives_points_and_no_interval(tmp_path: Path) -> None:
     r = paired_loss_recovered(_run(tmp_path / "a", shared, a_C), _run(tmp_path / "b", shared, b_C))
     assert r["b_minus_a"]["zero"] > 0
     assert r["b_minus_a_ci95"] == r["resamples_b_better"] == {"zero": None, "mean": None}
+
+
+def test_paired__a_diverged_sae_gives_nan_not_an_error(tmp_path: Path) -> None:
+    shared = _shared()
+    a = _run(tmp_path / "a", shared, _sae_sums(shared, 0.01, 0.05, 1))
+    nan_C = _sae_sums(shared, 0.01, 0.05, 2)
+    nan_C[3] = float("nan")
+    r = paired_loss_recovered(a, _run(tmp_path / "b", shared, nan_C))
+    assert "skipped" not in r and math.isnan(r["b_minus_a"]["zero"]) and math.isnan(r["b"]["zero"])
+    assert r["a"]["zero"] == pytest.approx(paired_loss_recovered(a, a)["a"]["zero"])

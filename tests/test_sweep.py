@@ -168,3 +168,21 @@ def test_config__bad_sweeps_name_the_fix(saes: list, needle: str) -> None:
     with pytest.raises(ConfigError) as info:
         config_from_dict({"sweep": {"saes": saes}})
     assert needle in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("l0s", [[16.33, 16.39], [15, 50], [12, 40], [5, 50], [1, 1000], [3, 9]])
+def test_l0_axis__the_frontiers_l0_axis_labels_at_least_two_ticks_in_view(l0s: list[float]) -> None:
+    from matplotlib.figure import Figure
+
+    from sae_stream.analysis.plots import l0_axis
+
+    fig = Figure()
+    ax = fig.add_subplot()
+    ax.scatter(l0s, [1.0] * len(l0s))
+    l0_axis(ax, l0s)
+    ax.margins(0.15)
+    fig.canvas.draw()
+    lo, hi = ax.get_xlim()
+    shown = [t for t in ax.get_xticklabels() if lo <= t.get_position()[0] <= hi and t.get_text()]
+    assert len(shown) >= 2, (ax.get_xscale(), [t.get_text() for t in ax.get_xticklabels()])
+    assert ax.get_xscale() == ("log" if max(l0s) > 3 * min(l0s) else "linear")

@@ -174,7 +174,11 @@ def _low_note(tokens: int | None, ultralow_threshold: float) -> str:
 PIN_MULTIPLE = 5  # the dashboard's pinned samples hold a feature at this many times its top scanned activation
 FEATURES_JSON = "features.json"
 FEATURES_JSON_DEFINITIONS = {
+    "hook_name / density_source": "where the SAE reads, and which tokens the densities were counted over",
     "features": "the page's features, each as its panel shows it; tokens are the tokenizer's text of each id",
+    "feature / density / ultralow": "the feature's id, the fraction of tokens it fires on, and whether that is "
+                                    "ultra-low (alive and below the run's train.ultralow_threshold)",
+    "top_tokens": "the tokens its top activations fall on most often",
     "contexts": "top activating contexts, strongest first: tokens, the feature's activation at each (null where "
                 "unknown), center (index of the activating token) and value (its activation)",
     "hist_counts / hist_width": "activation histogram over the scan: bin i counts activations in [i, i + 1) * width",

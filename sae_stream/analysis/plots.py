@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 
 from matplotlib.figure import Figure
-from matplotlib.ticker import NullFormatter, ScalarFormatter
+from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 from torch import Tensor
 
 from sae_stream.checkpoint import atomic_write_bytes
@@ -62,6 +62,19 @@ def plot_density_histogram(log10_density: Tensor, path: str | Path, ultralow_thr
     return save_png(fig, path)
 
 
+def l0_axis(ax: object, l0s: list[float]) -> None:
+    """L0 on a log axis where the SAEs' L0s span more than 3x, ticked at 1, 2, 3 and 5 times powers of 10 (plain
+    numbers) below a 100x span so some fall between them; linear for a narrower span."""
+    l0s = [v for v in l0s if v == v]  # (a diverged SAE's NaN left out)
+    if not l0s or min(l0s) <= 0 or max(l0s) <= 3 * min(l0s):
+        return
+    ax.set_xscale("log")
+    if max(l0s) < 100 * min(l0s):
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1, 2, 3, 5)))
+    ax.xaxis.set_major_formatter(ScalarFormatter())  # L0 as plain numbers, minor ticks unlabelled
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
 def plot_sweep_frontier(rows: list[dict], path: str | Path, title: str = "sweep") -> Path:
     """The sparsity / fidelity frontier of a sweep's SAEs: FVU and 1 − CE loss recovered (vs zero- and
     mean-ablation; error bars: its 95% interval, rows' `ce_gap_*_ci95`, where given) against L0, one labelled
@@ -85,11 +98,7 @@ def plot_sweep_frontier(rows: list[dict], path: str | Path, title: str = "sweep"
                 ax.annotate(r["name"], (r["l0"], y), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set_xlabel("L0 (features active per token)")
         ax.set_ylabel(label, fontsize=8)
-        l0s = [r["l0"] for r in rows if r["l0"] == r["l0"]]  # (a diverged SAE's NaN left out)
-        if l0s and min(l0s) > 0 and max(l0s) > 3 * min(l0s):  # (a narrower range: linear, so ticks fall inside)
-            ax.set_xscale("log")
-            ax.xaxis.set_major_formatter(ScalarFormatter())  # L0 as plain numbers, minor ticks unlabelled
-            ax.xaxis.set_minor_formatter(NullFormatter())
+        l0_axis(ax, [r["l0"] for r in rows])
         ax.margins(0.15)  # room for the labels of the outermost points
         if key == "ce_gap":
             ax.legend(fontsize=7)
