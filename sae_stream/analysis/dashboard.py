@@ -216,6 +216,13 @@ def pinned_samples(model: HookedTransformer, sae: SAELike, hook_name: str, scan:
     return texts[0], {f: (v, text) for (f, v), text in zip(fired, texts[1:])}
 
 
+def _write_features_json(out_dir: Path, panels: list[FeaturePanel], bands: DensityBands, head: dict) -> None:
+    """The page's data for scripts: `head` (hook, density source, ...), then each panel with its density band."""
+    features = [{**dataclasses.asdict(p), "band": bands.band(p.density)} for p in panels]
+    atomic_write_json(out_dir / FEATURES_JSON, json_safe({**head, "definitions": FEATURES_JSON_DEFINITIONS,
+                                                          "features": features}))
+
+
 def build_dashboard(model: HookedTransformer, sae: SAELike, hook_name: str, token_batches: Iterable[Tensor],
                     tokenizer: Any, cfg: AnalysisConfig, out_dir: str | Path, densities: Tensor | None = None, *,
                     features: Sequence[int] | None = None, ultralow_threshold: float = 1e-6,
@@ -271,10 +278,8 @@ def build_dashboard(model: HookedTransformer, sae: SAELike, hook_name: str, toke
                                                         for label, href in links) + "</div>"
     page = render_page(panels, f"SAE features · {hook_name}", summary, logit_note,
                        _low_note(tokens, ultralow_threshold), bands)
-    data = {"hook_name": hook_name, "density_source": source, "logit_note": logit_note, "clean_sample": clean,
-            "definitions": FEATURES_JSON_DEFINITIONS,
-            "features": [{**dataclasses.asdict(p), "band": bands.band(p.density)} for p in panels]}
-    atomic_write_json(Path(out_dir) / FEATURES_JSON, json_safe(data))  # (the page's data, for scripts)
+    _write_features_json(Path(out_dir), panels, bands, {"hook_name": hook_name, "density_source": source,
+                                                        "logit_note": logit_note, "clean_sample": clean})
     path = Path(out_dir) / "index.html"
     atomic_write_text(path, page)
     return path
