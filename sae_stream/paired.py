@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from sae_stream.evaluate import CE_FILE, CE_RUNS, block_bootstrap, ci95, load_eval_ce, read_eval
+from sae_stream.evaluate import CE_FILE, CE_RUNS, block_bootstrap, ci95, load_eval_ce
 from sae_stream.report import current_eval
 
 # contexts whose clean / ablated CE sums differ by more than this (relative) come from other text or another LM;
@@ -29,7 +29,8 @@ SAME_CONTEXT_RTOL = 1e-4
 ABLATIONS = {"zero": 2, "mean": 3}  # their rows in load_eval_ce's [clean, sae, zero_ablation, mean_ablation]
 
 
-def _why_not(run_dir: Path | None, label: str) -> str | None:
+def _load(run_dir: Path | None, label: str) -> tuple[dict[str, Any], torch.Tensor] | str:
+    """(eval.json, its per-context CE sums) of a run, or why there are none to pair."""
     if run_dir is None:
         return f"{label} is not a run directory (no eval of it to read)"
     if not (run_dir / "eval.json").is_file():
@@ -38,10 +39,11 @@ def _why_not(run_dir: Path | None, label: str) -> str | None:
     if ev is None:
         return f"{label}'s eval.json describes an earlier SAE: run `sae-stream eval {run_dir}` again"
     # the file this eval.json names, with its contexts and its SAE's loss: not one left from another eval
-    if ev.get("ce_per_context_file") != CE_FILE or not (run_dir / CE_FILE).is_file() or not _matches(
-            load_eval_ce(run_dir), ev):
+    sums_RC = load_eval_ce(run_dir) if ev.get("ce_per_context_file") == CE_FILE and (run_dir / CE_FILE).is_file() \
+        else None
+    if sums_RC is None or not _matches(sums_RC, ev):
         return f"{label}'s eval has no per-context losses of its own: run `sae-stream eval {run_dir}` again"
-    return None
+    return ev, sums_RC
 
 
 def _matches(sums_RC: torch.Tensor, ev: dict[str, Any]) -> bool:
@@ -67,16 +69,14 @@ def _why_unpaired(ev_a: dict[str, Any], ev_b: dict[str, Any]) -> str | None:
 def paired_loss_recovered(a_dir: str | Path | None, b_dir: str | Path | None) -> dict[str, Any]:
     """Loss recovered of A and B on the same held-out contexts, B − A and its paired 95% interval; or
     {"skipped": why} when either run has no usable eval or the two evals read different contexts or LMs."""
-    dirs = [Path(d) if d is not None else None for d in (a_dir, b_dir)]
-    for d, label in zip(dirs, "AB"):
-        why = _why_not(d, label)
-        if why is not None:
+    loaded = [_load(Path(d) if d is not None else None, label) for d, label in ((a_dir, "A"), (b_dir, "B"))]
+    for why in loaded:
+        if isinstance(why, str):
             return {"skipped": why}
-    ev_a, ev_b = read_eval(dirs[0]), read_eval(dirs[1])
+    (ev_a, sums_a_RC), (ev_b, sums_b_RC) = loaded
     why = _why_unpaired(ev_a, ev_b)
     if why is not None:
         return {"skipped": why}
-    sums_a_RC, sums_b_RC = load_eval_ce(dirs[0]), load_eval_ce(dirs[1])
     shared = [0, *ABLATIONS.values()]
     if sums_a_RC.shape != sums_b_RC.shape or not torch.allclose(sums_a_RC[shared], sums_b_RC[shared],
                                                                 rtol=SAME_CONTEXT_RTOL, atol=0.0):
