@@ -51,7 +51,7 @@ from sae_stream.checkpoint import atomic_write_bytes, atomic_write_json, sha256_
 from sae_stream.config import Config, load_config
 from sae_stream.data import heldout_batches
 from sae_stream.export import load_saelens
-from sae_stream.paired import paired_loss_recovered
+from sae_stream.paired import format_difference, paired_loss_recovered
 from sae_stream.report import SAE_DIR, check_lm_fits, load_trained, own_lm
 from sae_stream.rundir import UserError, fresh_out_dir
 from sae_stream.tracking import json_safe
@@ -342,8 +342,9 @@ def _print_summary(result: dict[str, Any], out: Path) -> None:
         print(f"compare: loss recovered, paired: skipped: {paired['skipped']}")
     elif paired:
         print("compare: loss recovered on the same " + f"{paired['tokens']:,} held-out tokens: " + "; ".join(
-            f"A {_fmt(paired['a'][k], 4)}, B {_fmt(paired['b'][k], 4)}, B - A {_signed(paired['b_minus_a'][k])} "
-            f"{_interval(paired['b_minus_a_ci95'][k])} (vs {k})" for k in ("zero", "mean")))
+            f"A {_fmt(paired['a'][k], 4)}, B {_fmt(paired['b'][k], 4)}, B - A "
+            f"{format_difference(paired['b_minus_a'][k], paired['b_minus_a_ci95'][k])} (vs {k})"
+            for k in ("zero", "mean")))
     splits = result.get("splits", {}).get("features", [])[:3]
     if splits:
         shown = "; ".join(f"{s['a']} -> {', '.join(map(str, s['b'][:6]))}{' ...' if len(s['b']) > 6 else ''}"
@@ -365,11 +366,3 @@ def _fired_mean(r: dict[str, Any], side: str) -> str:
 
 def _fmt(v: float | None, digits: int = 3) -> str:
     return "n/a" if v is None else f"{v:.{digits}f}"
-
-
-def _signed(v: float | None) -> str:
-    return "n/a" if v is None else f"{v:+.5f}"
-
-
-def _interval(ci: list[float] | None) -> str:
-    return "" if ci is None else f"[{ci[0]:+.5f}, {ci[1]:+.5f}]"

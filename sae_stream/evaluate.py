@@ -374,6 +374,6 @@ def read_eval(run_dir: str | Path) -> dict[str, Any]:
 
 
 def load_eval_ce(run_dir: str | Path) -> Tensor:
-    """[runs (_LossTotals.RUNS), contexts] CE sums per context written by `write_eval` (float64)."""
+    """[runs (CE_RUNS), contexts] CE sums per context written by `write_eval` (float64)."""
     sums = load_safetensors((Path(run_dir) / CE_FILE).read_bytes())
-    return torch.stack([sums[f"ce_{run}_C"] for run in _LossTotals.RUNS])
+    return torch.stack([sums[f"ce_{run}_C"] for run in CE_RUNS])

@@ -26,7 +26,7 @@ from sae_stream.report import current_eval
 # contexts whose clean / ablated CE sums differ by more than this (relative) come from other text or another LM;
 # the same ones evaluated on other hardware (a GPU and the CPU) agree far closer than this
 SAME_CONTEXT_RTOL = 1e-4
-ABLATIONS = {"zero": 2, "mean": 3}  # their rows in load_eval_ce's [clean, sae, zero_ablation, mean_ablation]
+ABLATIONS = {"zero": CE_RUNS.index("zero_ablation"), "mean": CE_RUNS.index("mean_ablation")}  # rows of load_eval_ce
 
 
 def _load(run_dir: Path | None, label: str) -> tuple[dict[str, Any], torch.Tensor] | str:
@@ -101,3 +101,10 @@ def paired_loss_recovered(a_dir: str | Path | None, b_dir: str | Path | None) ->
         out["b_minus_a_ci95"][name] = ci95(diff_S) if resampled else None
         out["resamples_b_better"][name] = float((diff_S > 0).double().mean()) if resampled else None
     return out
+
+
+def format_difference(diff: float | None, ci: list[float] | None) -> str:
+    """B − A and its interval as printed: '+0.00022 [+0.00011, +0.00033]' ('n/a' without a difference)."""
+    if diff is None:
+        return "n/a"
+    return f"{diff:+.5f}" + (f" [{ci[0]:+.5f}, {ci[1]:+.5f}]" if ci else "")

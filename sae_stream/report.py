@@ -326,10 +326,9 @@ def _vs_first(row: dict[str, Any]) -> str:
         return "-"
     if "skipped" in vs:
         return f"n/a ({vs['skipped']})"
-    diff, ci = vs["b_minus_a"]["zero"], vs["b_minus_a_ci95"]["zero"]
-    if diff is None:
-        return "n/a"
-    return f"{diff:+.5f}" + (f" [{ci[0]:+.5f}, {ci[1]:+.5f}]" if ci else "")
+    from sae_stream.paired import format_difference  # (paired imports this module)
+
+    return format_difference(vs["b_minus_a"]["zero"], vs["b_minus_a_ci95"]["zero"])
 
 
 def _gap(recovered: float | None) -> float | None:
