@@ -14,12 +14,16 @@
 # shared/peer-bench/fetch_wheels.sh). Results: $OUT/gpu.jsonl (append it to benchmarks/results/gpu.jsonl),
 # $OUT/checkpoint.jsonl (to benchmarks/results/checkpoint.jsonl), $OUT/data_throughput.jsonl (to
 # benchmarks/results/data_throughput.jsonl), the logs,
-# and a summary on stdout. If the kernel tests fail, the benchmark runs with --kernels torch.
+# and a summary on stdout; the other logs go to $OUT/logs.tgz, repacked after each step (the device tool brings back at
+# most 8 files, so a run stopped midway still returns the results and the logs so far). If the kernel tests fail,
+# the benchmark runs with --kernels torch.
 set -o pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled TQDM_DISABLE=1
 LIMIT=${LIMIT:-570}
 OUT=${OUT:-benchmarks/results/session}
 mkdir -p "$OUT"
+LOGS=$(mktemp -d)
+pack() { tar czf "$OUT/logs.tgz" -C "$LOGS" .; }
 T0=$SECONDS
 left() { echo $((LIMIT - (SECONDS - T0))); }
 # budget RESERVE [CAP]: seconds for a step: what is left minus RESERVE (for the later steps), at most CAP, at
@@ -31,13 +35,14 @@ if [ -n "$WHEELS" ]; then
 else
   export PYTHONPATH=$PWD
 fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/env.txt"
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/env.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$LOGS/env.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$LOGS/env.txt"
 
 # 1. the Triton kernels, the step's and the LM's (one fixed block config: seconds, not a minute of autotuning)
 SAE_STREAM_TRITON_AUTOTUNE=0 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_fused_ops.py \
-  tests/test_lm_capture.py -k "cuda" > "$OUT/tests_kernels.log" 2>&1
-rc=$?; echo "kernel tests rc=$rc at $((SECONDS - T0)) s"; grep -E "passed|failed|Error" "$OUT/tests_kernels.log" | head -12
+  tests/test_lm_capture.py -k "cuda" > "$LOGS/tests_kernels.log" 2>&1
+rc=$?; echo "kernel tests rc=$rc at $((SECONDS - T0)) s"; grep -E "passed|failed|Error" "$LOGS/tests_kernels.log" | head -12
+pack
 KERNELS=auto; if [ $rc -ne 0 ]; then KERNELS=torch; echo "kernel tests failed: benchmarking with --kernels torch"; fi
 
 # 2. the benchmark (one SAELens size: its trainer is slow), leaving 250 s for the rest
@@ -45,31 +50,38 @@ SAELENS_ARGS=(); if [ -n "$SAELENS" ]; then SAELENS_ARGS=(--saelens "$SAELENS" -
 timeout $(budget 250) python3 benchmarks/gpu_compare.py --seconds 1 --kernels $KERNELS "${SAELENS_ARGS[@]}" \
   --out "$OUT/gpu.jsonl" > "$OUT/gpu_compare.log" 2>&1
 echo "gpu_compare rc=$? at $((SECONDS - T0)) s"; grep -v '^{' "$OUT/gpu_compare.log" | grep -v "^\s*$" | tail -40
+pack
 
 # 3. where the step's and the loop's device time goes (kernel tables), at most 60 s
 timeout $(budget 190 60) python3 benchmarks/profile_step.py > "$OUT/profile.txt" 2>&1
 echo "profile rc=$? at $((SECONDS - T0)) s"; grep "^==" "$OUT/profile.txt"
+pack
 
 # 4. the main job end to end on the GPU (embedded data: LM, SAE, eval, dashboard), at most 150 s
 timeout $(budget 110 150) python3 -m sae_stream run --out /tmp/gpu_session_run \
-  --overwrite > "$OUT/e2e.log" 2>&1
-echo "e2e rc=$? at $((SECONDS - T0)) s"; grep -E "^(LM|SAE|eval|dashboard)|Error" "$OUT/e2e.log" | head -8
+  --overwrite > "$LOGS/e2e.log" 2>&1
+echo "e2e rc=$? at $((SECONDS - T0)) s"; grep -E "^(LM|SAE|eval|dashboard)|Error" "$LOGS/e2e.log" | head -8
+cp /tmp/gpu_session_run/eval.json /tmp/gpu_session_run/job.json "$LOGS/" 2>/dev/null; pack
 
 # 4b. text -> token batches on this node's cores (CPU only: does reading and tokenizing keep up with the loop?)
 timeout $(budget 60 45) python3 benchmarks/data_throughput.py --repeats 1 --out "$OUT/data_throughput.jsonl" \
-  > "$OUT/data_throughput.log" 2>&1
-echo "data throughput rc=$? at $((SECONDS - T0)) s"; grep '^{' "$OUT/data_throughput.log" | \
+  > "$LOGS/data_throughput.log" 2>&1
+echo "data throughput rc=$? at $((SECONDS - T0)) s"; grep '^{' "$LOGS/data_throughput.log" | \
   python3 -c "import json,sys; [print(r['variant'], r['tokens_per_s']) for r in map(json.loads, sys.stdin)]"
+pack
 
 # 5. the other CUDA tests (pytest has been seen to hang at exit on these machines after its summary: bounded)
 timeout $(budget 25) python3 -m pytest -q -p no:cacheprovider tests/ -k "cuda or gpu" \
-  --ignore=tests/test_fused_ops.py --ignore=tests/test_lm_capture.py > "$OUT/gpu_tests.log" 2>&1
-echo "gpu tests rc=$? at $((SECONDS - T0)) s"; grep -E "passed|failed|Error" "$OUT/gpu_tests.log" | head -16
+  --ignore=tests/test_fused_ops.py --ignore=tests/test_lm_capture.py > "$LOGS/gpu_tests.log" 2>&1
+echo "gpu tests rc=$? at $((SECONDS - T0)) s"; grep -E "passed|failed|Error" "$LOGS/gpu_tests.log" | head -16
+pack
 
 # 6. what a checkpoint still costs the training thread with background writes: A/1's ring (4M x 512 bf16) to host
 timeout $(budget 3 40) python3 benchmarks/checkpoint_write.py --mode snapshot --device cuda --repeats 1 \
-  --out "$OUT/checkpoint.jsonl" > "$OUT/snapshot.log" 2>&1
-echo "snapshot rc=$? at $((SECONDS - T0)) s"; tail -2 "$OUT/snapshot.log"
+  --out "$OUT/checkpoint.jsonl" > "$LOGS/snapshot.log" 2>&1
+echo "snapshot rc=$? at $((SECONDS - T0)) s"; tail -2 "$LOGS/snapshot.log"
+pack
 
 # 7. autotune picks kept on disk by the runs above (fused_ops.autotuned: Triton's cache_results)
 echo "autotune picks cached: $(find "${TRITON_CACHE_DIR:-$HOME/.triton/cache}" -name '*.autotune.json' 2>/dev/null | wc -l)"
+pack
