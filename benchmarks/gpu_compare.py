@@ -140,6 +140,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--lm-tokens", type=int, default=65536, help="tokens per LM forward (contexts x context_len)")
     p.add_argument("--seconds", type=float, default=3.0, help="target length of each timed window")
     p.add_argument("--disk-tokens", type=int, default=4_000_000, help="vectors written for the disk baseline")
+    p.add_argument("--steps", default=None, help=f"comma list: time only these step variants (default: all; {BEST} "
+                   "gives the loops their ratio_to_step)")
     p.add_argument("--skip", default="", help="comma list of parts to skip: steps,lm,loop,text,pinned,disk")
     p.add_argument("--text-dir", default=str(Path(tempfile.gettempdir()) / "gpu_compare_text"),
                    help="where the loop_*_text variants' .jsonl is written (kept for the next run)")
@@ -154,6 +156,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     args.d_saes = [int(d) for d in args.d_sae.split(",")]
     args.skip = set(filter(None, args.skip.split(",")))
+    args.steps = args.steps.split(",") if args.steps else None
+    unknown = [v for v in args.steps or [] if v not in STEP_VARIANTS]
+    if unknown:
+        p.error(f"--steps: no step variant {unknown[0]!r}; choose from {', '.join(STEP_VARIANTS)}")
     args.saelens_d_saes = [int(d) for d in args.saelens_d_sae.split(",")] if args.saelens_d_sae else args.d_saes
     return args
 
@@ -204,6 +210,7 @@ def timed_steps(args: argparse.Namespace, trainer: Trainer, batches: Iterator[Te
 def measure_steps(args: argparse.Namespace, rec: Recorder, d_sae: int) -> dict[str, float | None]:
     x_BD = torch.randn(args.batch, 512, generator=torch.Generator().manual_seed(0)).relu_().to(args.device)
     names = STEP_VARIANTS if d_sae == args.d_saes[0] else LARGE_STEP_VARIANTS
+    names = [n for n in names if args.steps is None or n in args.steps]
     out = {}
     for name in names:
         def fn(name: str = name) -> tuple[float, dict]:

@@ -32,6 +32,7 @@ from sae_stream.analysis.hooks import (
     check_hook,
     check_sae,
     first_position,
+    fp32_matmuls,
     hook_activations,
     model_device,
     sae_features,
@@ -192,6 +193,7 @@ def _no_correlation(a: Side, b: Side) -> str | None:
     return None
 
 
+@fp32_matmuls()  # (TF32, left on by training in this process, would move a correlation of 1 by ~2e-4)
 def correlate(a: Side, b: Side, tokens: int | None = None) -> CorrelationTotals:
     """Accumulate the two SAEs' activation moments over the held-out text of the first run directory."""
     why = _no_correlation(a, b)

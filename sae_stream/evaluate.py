@@ -35,8 +35,7 @@ the same contexts.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +55,7 @@ from sae_stream.analysis.hooks import (
     chunks,
     final_residual,
     first_position,
+    fp32_matmuls,
     hook_activations,
     model_device,
     sae_decode,
@@ -281,24 +281,12 @@ def _add_losses(model: HookedTransformer, preds_ND: dict[str, Tensor], targets_B
     losses.context_len = targets_BT.shape[1] + 1
 
 
-@contextmanager
-def _fp32_matmuls() -> Iterator[None]:
-    """Full-precision fp32 matmuls while evaluating: train.tf32 switches TF32 on process-wide, and eval.json must
-    not depend on whether training ran in the same process (`sae-stream run`) or not (`sae-stream eval`)."""
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-
-
 @sae_in_eval_mode
 @torch.no_grad()
 def evaluate(model: HookedTransformer, sae: SAELike, hook_name: str, token_batches: Iterable[Tensor],
              cfg: EvalConfig, train_cfg: TrainConfig, mean_activation: Tensor | None = None,
              skip_first_position: bool = True) -> dict[str, Any]:
-    with _fp32_matmuls():
+    with fp32_matmuls():  # (eval.json the same from `run` as from `eval`)
         return _evaluate(model, sae, hook_name, token_batches, cfg, train_cfg, mean_activation, skip_first_position)
 
 

@@ -310,10 +310,11 @@ def test_shuffle_buffer__gpu_storages_every_vector_exactly_once(storage: str, dt
 def test_shuffle_buffer__cuda_state_dict_copies_the_ring_in_chunks(dtype: str, reuse: bool,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """A GPU ring's live rows reach the checkpoint through chunks (here 7 rows each; reuse: into the kept pinned
-    buffer, asynchronously) and resume the identical sequence, like the whole-ring gather they replace."""
+    buffer, asynchronously) and resume the identical sequence, like the whole-ring gather they replace. (256 rows
+    of 16: a power of two bytes, so the kept buffer is pinned; 300 rows would stay pageable: _host_tensor.)"""
     from sae_stream import buffer_state
 
-    cfg = _cfg(capacity=300, refill_fraction=0.4, storage="cuda", dtype=dtype)
+    cfg = _cfg(capacity=256, refill_fraction=0.4, storage="cuda", dtype=dtype)
     ref = [b.clone() for b in ShuffleBuffer(TaggedSource(n_contexts=60, d_in=16), cfg, "cuda", d_in=16,
                                             seed=1).batches(24)]
     monkeypatch.setattr(buffer_state, "SNAPSHOT_CHUNK_BYTES", 7 * 16 * torch.empty(0, dtype=getattr(torch, dtype))

@@ -418,13 +418,24 @@ def test_evaluate__cuda_matches_cpu(model, batches):
 
 
 def test_fp32_matmuls__tf32_off_inside_and_restored() -> None:
-    from sae_stream.evaluate import _fp32_matmuls
+    """As a context and as a decorator (compare's correlate, the dashboard), also when the body raises."""
+    from sae_stream.analysis.hooks import fp32_matmuls
+
+    @fp32_matmuls()
+    def inside(fail: bool) -> bool:
+        if fail:
+            raise RuntimeError("body failed")
+        return torch.backends.cuda.matmul.allow_tf32
 
     before = torch.backends.cuda.matmul.allow_tf32
     try:
         torch.backends.cuda.matmul.allow_tf32 = True
-        with _fp32_matmuls():
+        with fp32_matmuls():
             assert torch.backends.cuda.matmul.allow_tf32 is False
+        assert torch.backends.cuda.matmul.allow_tf32 is True
+        assert inside(False) is False and torch.backends.cuda.matmul.allow_tf32 is True
+        with pytest.raises(RuntimeError, match="body failed"):
+            inside(True)
         assert torch.backends.cuda.matmul.allow_tf32 is True
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before

@@ -171,8 +171,9 @@ def check_passes(backend: str, device: str, dtype: torch.dtype, B: int = 130, D:
     # x from a bf16 ring: read as fp32, so every output equals that of x.float() (the variance up to sum order)
     x_lo = x.to(torch.bfloat16)
     for got, want in zip(center(x_lo, b, dtype, backend), center(x_lo.float(), b, dtype, backend)):
-        if got.dtype == torch.float64:  # var_sq: fp64 sums, perhaps in another order
-            torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+        if got.dtype == torch.float64:  # var_sq: the blocks' fp32 sums, whose reduction tree Triton may lay out
+            # differently for a bf16 load than for an fp32 one (seen on an H200: 1.3e-8 apart), combined in fp64
+            torch.testing.assert_close(got, want, rtol=1e-12 if device == "cpu" else 1e-6, atol=0)
         else:
             assert_equal(got, want)
     for got, want in zip(residual(recon, x_lo, c, dtype, backend), residual(recon, x_lo.float(), c, dtype, backend)):

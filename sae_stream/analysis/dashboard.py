@@ -30,7 +30,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from sae_stream.analysis.ablation import ablate_feature
-from sae_stream.analysis.hooks import SAELike, model_device, sae_in_eval_mode
+from sae_stream.analysis.hooks import SAELike, fp32_matmuls, model_device, sae_in_eval_mode
 from sae_stream.analysis.html import (
     ContextView,
     DensityBands,
@@ -223,6 +223,7 @@ def _write_features_json(out_dir: Path, panels: list[FeaturePanel], bands: Densi
                                                           "features": features}))
 
 
+@fp32_matmuls()  # (the same pages from `run` as from `analyze`)
 def build_dashboard(model: HookedTransformer, sae: SAELike, hook_name: str, token_batches: Iterable[Tensor],
                     tokenizer: Any, cfg: AnalysisConfig, out_dir: str | Path, densities: Tensor | None = None, *,
                     features: Sequence[int] | None = None, ultralow_threshold: float = 1e-6,

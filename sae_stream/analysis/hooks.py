@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any, Protocol, TypeVar
 
 import torch
@@ -172,6 +173,19 @@ def check_sae(sae: SAELike, d_in: int, hook_name: str) -> None:
 
 def model_device(model: HookedTransformer) -> torch.device:
     return model.W_U.device
+
+
+@contextmanager
+def fp32_matmuls() -> Iterator[None]:
+    """Full-precision fp32 matmuls inside (a context manager, or `@fp32_matmuls()` on a function): train.tf32
+    switches TF32 on process-wide, and what eval, compare and the dashboard report must not depend on whether
+    training ran in the same process (`sae-stream run`) or not (TF32 moves a correlation of 1 by ~2e-4)."""
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
 def take_contexts(token_batches: Iterable[Tensor], max_tokens: int) -> Tensor:
