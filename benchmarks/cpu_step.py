@@ -23,12 +23,8 @@ import torch
 import sae_stream
 from sae_stream.config import config_from_dict
 from sae_stream.sae import build_sae
+from sae_stream.tracking import NullTracker
 from sae_stream.trainer import Trainer
-
-
-class NullLog:
-    def log(self, step: int, metrics: dict) -> None:
-        pass
 
 
 def tokens_per_s(d_sae: int, batch: int, steps: int, architecture: str = "anthropic") -> float:
@@ -38,7 +34,7 @@ def tokens_per_s(d_sae: int, batch: int, steps: int, architecture: str = "anthro
                             "train": {"total_tokens": batch * 10**6, "batch_size": batch, "log_every": 50,
                                       "checkpoint_every": 10**9, "device": "cpu"},
                             "resample": {"enabled": False}})
-    trainer = Trainer(build_sae(cfg.sae, 512, seed=0), cfg, None, NullLog())
+    trainer = Trainer(build_sae(cfg.sae, 512, seed=0), cfg, None, NullTracker())
     x = torch.randn(batch, 512, generator=torch.Generator().manual_seed(0)).relu_()
 
     def window(n: int) -> float:

@@ -44,7 +44,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from buffer_throughput import HOOK, token_batches  # noqa: E402
+from buffer_throughput import HOOK, sync, token_batches  # noqa: E402
 from data_throughput import write_corpus  # noqa: E402
 from recorder import Recorder  # noqa: E402
 
@@ -59,6 +59,7 @@ from sae_stream.fused_ops import tuned_configs  # noqa: E402
 from sae_stream.prefetch import PrefetchedBatches, training_batches  # noqa: E402
 from sae_stream.sae import build_sae  # noqa: E402
 from sae_stream.step import resolve_kernels  # noqa: E402
+from sae_stream.tracking import NullTracker  # noqa: E402
 from sae_stream.trainer import Trainer  # noqa: E402
 
 GRAPHED_BF16 = {"cuda_graphs": True, "autocast": "bfloat16"}
@@ -83,9 +84,9 @@ STEP_VARIANTS = {  # name: train overrides
     "jumprelu_graph_bf16": {**GRAPHED_BF16, "sae": {"architecture": "jumprelu"}},
 }
 BEST = "step_graph_fused_bf16"
+ATTENTION = {"cuda": ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION"), "cpu": ("MATH",)}  # forced ones
 LARGE_STEP_VARIANTS = ("step_eager_autograd_tf32", "step_graph_autograd_bf16", "step_graph_fused_bf16",
-                       "step_graph_fused_bf16_torch_ops",
-                       "topk_graph_dense_bf16", "topk_graph_sparse_bf16")
+                       "step_graph_fused_bf16_torch_ops", "topk_graph_dense_bf16", "topk_graph_sparse_bf16")
 PAPER_A1 = Path(__file__).resolve().parent.parent / "configs" / "paper_a1.yaml"  # the run the projection is for
 
 
@@ -125,11 +126,6 @@ def lm_kernels(args: argparse.Namespace) -> str:
     return resolve_kernels(args.kernels, torch.device(args.device))
 
 
-class NullLog:
-    def log(self, step: int, metrics: dict) -> None:
-        pass
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="auto", help="auto, cuda or cpu (cpu: a smoke run at tiny sizes)")
@@ -140,8 +136,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--lm-tokens", type=int, default=65536, help="tokens per LM forward (contexts x context_len)")
     p.add_argument("--seconds", type=float, default=3.0, help="target length of each timed window")
     p.add_argument("--disk-tokens", type=int, default=4_000_000, help="vectors written for the disk baseline")
-    p.add_argument("--steps", default=None, help=f"comma list: time only these step variants (default: all; {BEST} "
-                   "gives the loops their ratio_to_step)")
+    p.add_argument("--steps", default=None, help=f"comma list of step variants to time (default all; {BEST}: ratios)")
     p.add_argument("--skip", default="", help="comma list of parts to skip: steps,lm,loop,text,pinned,disk")
     p.add_argument("--text-dir", default=str(Path(tempfile.gettempdir()) / "gpu_compare_text"),
                    help="where the loop_*_text variants' .jsonl is written (kept for the next run)")
@@ -157,15 +152,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.d_saes = [int(d) for d in args.d_sae.split(",")]
     args.skip = set(filter(None, args.skip.split(",")))
     args.steps = args.steps.split(",") if args.steps else None
-    unknown = [v for v in args.steps or [] if v not in STEP_VARIANTS]
-    if unknown:
-        p.error(f"--steps: no step variant {unknown[0]!r}; choose from {', '.join(STEP_VARIANTS)}")
+    if set(args.steps or []) - STEP_VARIANTS.keys():
+        p.error(f"--steps: {args.steps} names a variant that is not one of {', '.join(STEP_VARIANTS)}")
     args.saelens_d_saes = [int(d) for d in args.saelens_d_sae.split(",")] if args.saelens_d_sae else args.d_saes
     return args
-
-
-def sync(device: str) -> None:
-    torch.cuda.synchronize() if device == "cuda" else None
 
 
 # ---------------------------------------------------------------------------------------------- measurements
@@ -182,7 +172,7 @@ def make_trainer(args: argparse.Namespace, d_sae: int, train: dict) -> Trainer:
         "resample": {"enabled": False},
     })
     sae = build_sae(cfg.sae, 512, seed=0).to(args.device)
-    return Trainer(sae, cfg, None, NullLog())
+    return Trainer(sae, cfg, None, NullTracker())
 
 
 def timed_steps(args: argparse.Namespace, trainer: Trainer, batches: Iterator[Tensor]) -> tuple[float, dict]:
@@ -233,12 +223,13 @@ def measure_lm(args: argparse.Namespace, rec: Recorder, context_len: int, native
         tokens = torch.randint(0, 50304, (lm_batch, context_len), device=args.device)
         cap = GPTCapture(gpt, [HOOK], kernels=kernels) if native else HookCapture(hooked, HOOK)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.device == "cuda")
-        backend = sdpa_kernel(getattr(SDPBackend, attention)) if attention else contextlib.nullcontext()
+        def backend() -> contextlib.AbstractContextManager:  # (anew per use: sdpa_kernel's enters only once)
+            return sdpa_kernel(getattr(SDPBackend, attention)) if attention else contextlib.nullcontext()
 
         def run(n: int) -> float:
             sync(args.device)
             t0 = time.perf_counter()
-            with torch.inference_mode(), autocast, backend:
+            with torch.inference_mode(), autocast, backend():
                 for _ in range(n):
                     cap(tokens)
             sync(args.device)
@@ -367,8 +358,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             measure_lm(args, rec, ctx, native=True)
             if lm_kernels(args) != "torch":
                 measure_lm(args, rec, ctx, native=True, kernels="torch")
-            if ctx == ctxs[0] and args.device == "cuda":  # which attention kernel is fastest at head dim 32
-                for attention in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION"):
+            if ctx == ctxs[0]:  # which attention kernel is fastest at head dim 32 (CPU: the smoke run's one)
+                for attention in ATTENTION[args.device]:
                     measure_lm(args, rec, ctx, native=True, attention=attention)
             measure_lm(args, rec, ctx, native=False)
     for d_sae in args.d_saes:

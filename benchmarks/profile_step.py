@@ -1,21 +1,23 @@
-"""Where a step's device time goes: torch.profiler kernel tables of the best SAE step alone and of the whole loop
-(LM -> ring -> step), as gpu_compare.py configures them, with kernels and device time per step.
+"""Where the device time goes: torch.profiler kernel tables of the best SAE step alone, of the whole loop
+(LM -> ring -> step; its profiled window spans at least one refill, so the LM's kernels are in the per-step
+figures), and of the LM's forward to the hook alone, as gpu_compare.py configures them.
 
     python benchmarks/profile_step.py                                  # cuda: d_sae 4096, batch 8192, context 1024
     python benchmarks/profile_step.py --device cpu --d-sae 512 --batch 1024 --context-len 64   # smoke
 
-Prints per variant `== name: wall µs/step (tokens/s); kernels/step, kernel µs/step` and the top kernels by total
-device time (CPU ops on CPU). A step's kernel time near its wall time means the device is the bottleneck; the
-difference between the loop's kernel time and the step's is what producing the activations costs.
-"""
+Prints per table `== name: wall µs/unit (tokens/s); kernels/unit, busy µs/unit (units profiled)` and the top
+kernels by total device time (CPU ops on CPU). A step's kernel time near its wall time means the device is the
+bottleneck; the loop's busy time less the step's is what producing the activations costs, which the LM's table
+breaks down."""
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -23,8 +25,10 @@ from torch import Tensor
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_compare import BEST, STEP_VARIANTS, buffer_cfg, lm_kernels, make_stream, make_trainer, sync  # noqa: E402
+from buffer_throughput import HOOK, sync  # noqa: E402
+from gpu_compare import BEST, STEP_VARIANTS, buffer_cfg, build_lm, lm_kernels, make_stream, make_trainer  # noqa: E402
 
+from lm.capture import GPTCapture  # noqa: E402
 from sae_stream.buffer import ShuffleBuffer  # noqa: E402
 from sae_stream.trainer import Trainer  # noqa: E402
 
@@ -48,12 +52,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def profile_run(args: argparse.Namespace, label: str, trainer: Trainer, batches: Iterator[Tensor]) -> None:
-    def run(n: int) -> None:
-        trainer.total_steps = trainer.step + n
-        trainer.fit(batches)
-        sync(args.device)
-
+def profile_run(args: argparse.Namespace, label: str, run: Callable[[int], None], tokens: int, profiled: int,
+                unit: str = "step") -> None:
+    """Time `run(n)` (n units of `tokens` tokens each, synchronised at the end) after a warm-up, then print its
+    kernel table over `profiled` units."""
     run(20)  # warm-up: autotuning, graph capture, the ring's first fill
     t0 = time.perf_counter()
     run(args.steps)
@@ -61,27 +63,57 @@ def profile_run(args: argparse.Namespace, label: str, trainer: Trainer, batches:
     cuda = args.device == "cuda"
     activities = [ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
     with profile(activities=activities) as prof:
-        run(args.profiled)
+        run(profiled)
     kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
     events = [e for e in prof.events() if e.device_type == kind]
-    busy = sum(e.self_device_time_total if cuda else e.self_cpu_time_total for e in events) / args.profiled
-    print(f"== {label}: wall {dt * 1e6:.0f} us/step ({args.batch / dt / 1e6:.2f}M tokens/s); "
-          f"{len(events) / args.profiled:.0f} {'kernels' if cuda else 'ops'}/step, {busy:.0f} us/step busy", flush=True)
+    busy = sum(e.self_device_time_total if cuda else e.self_cpu_time_total for e in events) / profiled
+    print(f"== {label}: wall {dt * 1e6:.0f} us/{unit} ({tokens / dt / 1e6:.2f}M tokens/s); "
+          f"{len(events) / profiled:.0f} {'kernels' if cuda else 'ops'}/{unit}, {busy:.0f} us/{unit} busy "
+          f"({profiled} profiled)", flush=True)
     sort = "device_time_total" if cuda else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=sort, row_limit=args.rows, max_name_column_width=90), flush=True)
+
+
+def trainer_run(args: argparse.Namespace, trainer: Trainer, batches: Iterator[Tensor]) -> Callable[[int], None]:
+    def run(n: int) -> None:
+        trainer.total_steps = trainer.step + n
+        trainer.fit(batches)
+        sync(args.device)
+    return run
+
+
+def lm_run(args: argparse.Namespace) -> tuple[Callable[[int], None], int]:
+    """The native LM's forward to the hook as the loop's producer calls it (--lm-tokens per call, bf16 autocast on
+    CUDA), and the tokens per call."""
+    gpt, _ = build_lm(args.context_len, args.device)
+    capture = GPTCapture(gpt, [HOOK], kernels=lm_kernels(args))
+    tokens_BT = torch.randint(0, 50304, (max(1, args.lm_tokens // args.context_len), args.context_len),
+                              device=args.device)
+
+    def run(n: int) -> None:
+        with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=args.device == "cuda"):
+            for _ in range(n):
+                capture(tokens_BT)
+        sync(args.device)
+    return run, tokens_BT.numel()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     x_BD = torch.randn(args.batch, 512, generator=torch.Generator().manual_seed(0)).relu_().to(args.device)
-    profile_run(args, f"step {BEST}", make_trainer(args, args.d_sae, STEP_VARIANTS[BEST]), itertools.repeat(x_BD))
+    step = trainer_run(args, make_trainer(args, args.d_sae, STEP_VARIANTS[BEST]), itertools.repeat(x_BD))
+    profile_run(args, f"step {BEST}", step, args.batch, args.profiled)
     storage = "cuda" if args.device == "cuda" else "cpu"
     bcfg = buffer_cfg(args, storage, args.context_len)
     stream = make_stream(args.context_len, args.device, bcfg, args.device, True, lm_kernels(args))
     buffer = ShuffleBuffer(stream, bcfg, args.device, d_in=512)
     trainer = make_trainer(args, args.d_sae, STEP_VARIANTS[BEST])
-    batches = buffer.batches(args.batch, dtype=trainer.input_dtype(buffer.dtype))
-    profile_run(args, f"loop ctx{args.context_len} (ring {buffer.dtype_name})", trainer, batches)
+    loop = trainer_run(args, trainer, buffer.batches(args.batch, dtype=trainer.input_dtype(buffer.dtype)))
+    refill_steps = math.ceil(bcfg.capacity * bcfg.refill_fraction / args.batch)  # (the window holds a refill)
+    profile_run(args, f"loop ctx{args.context_len} (ring {buffer.dtype_name})", loop, args.batch,
+                max(args.profiled, refill_steps))
+    lm, lm_tokens = lm_run(args)
+    profile_run(args, f"lm ctx{args.context_len} ({lm_kernels(args)} kernels)", lm, lm_tokens, 5, unit="forward")
 
 
 if __name__ == "__main__":

@@ -64,6 +64,7 @@ def test_gpu_compare__every_variant_measured_with_the_issue_fields(gpu_compare_c
     got = {(r["variant"], r["d_sae"]) for r in printed}
     want = {(v, 256) for v in steps} | {(v, 512) for v in large}
     want |= {(f"lm_{kind}_ctx{ctx}", None) for kind in ("native", "tl") for ctx in (32, 128)}
+    want |= {("lm_native_math_ctx32", None)}  # (sdpa_kernel forced, entered once per timed run)
     want |= {(f"loop_cpu_ctx32{s}", 256) for s in ("", "_fp32_ring_torch_ops", "_tl", "_text_prefetched",
                                                     "_text_inline")}
     want |= {("loop_cpu_ctx128", 256), ("loop_cpu_ctx32", 512), ("disk_write", None), ("disk_read_train", 256),
@@ -99,9 +100,9 @@ def test_gpu_compare__saelens_rows_carry_its_script_figures_and_request(gpu_comp
     assert fast["peak_host_gb"] == pytest.approx(100 * 2**20 / 1e9, abs=1e-3) and fast["peak_gpu_gb"] is None
 
 
-def test_profile_step__profiles_the_step_and_the_loop_at_the_rate_it_reports(tmp_path: Path) -> None:
-    """gpu_session.sh's kernel tables (profile_step.py reuses gpu_compare's helpers): both runs profiled, each
-    header's tokens/s the batch over its wall time per step."""
+def test_profile_step__profiles_the_step_the_loop_and_the_lm_at_the_rate_it_reports(tmp_path: Path) -> None:
+    """gpu_session.sh's kernel tables (profile_step.py reuses gpu_compare's helpers): the step, the loop and the LM
+    profiled, each header's tokens/s its tokens (a batch, or a forward's) over its wall time."""
     import re
 
     cmd = [sys.executable, str(ROOT / "benchmarks" / "profile_step.py"), "--device", "cpu", "--d-sae", "256",
@@ -109,10 +110,13 @@ def test_profile_step__profiles_the_step_and_the_loop_at_the_rate_it_reports(tmp
            "--profiled", "3", "--rows", "5"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    heads = re.findall(r"^== (step|loop) .*?: wall (\d+) us/step \(([\d.]+)M tokens/s\)", proc.stdout, re.M)
-    assert [h[0] for h in heads] == ["step", "loop"]
-    for _, wall_us, rate_m in heads:
-        assert float(rate_m) == pytest.approx(256 / (int(wall_us) * 1e-6) / 1e6, abs=0.006)
+    heads = re.findall(r"^== (step|loop|lm) .*?: wall (\d+) us/(\w+) \(([\d.]+)M tokens/s\).*\((\d+) profiled\)",
+                       proc.stdout, re.M)
+    assert [(h[0], h[2]) for h in heads] == [("step", "step"), ("loop", "step"), ("lm", "forward")]
+    for (_, wall_us, _, rate_m, _), tokens in zip(heads, (256, 256, 2048)):
+        assert float(rate_m) == pytest.approx(tokens / (int(wall_us) * 1e-6) / 1e6, rel=0.01, abs=0.006)
+    # the loop's window spans a refill (16384 x 0.5 / 256 = 32 steps), the step's is --profiled
+    assert [int(h[4]) for h in heads] == [3, 32, 5]
 
 
 def test_data_throughput__every_variant_measured_and_ratios_follow(tmp_path: Path) -> None:
