@@ -14,8 +14,9 @@ the project's own classes (Trainer, ShuffleBuffer, ActivationStream), configured
                `native_torch_ops` = the same with torch's ops only, `native_flash` / `_efficient` / `_cudnn` =
                with that attention kernel forced, `tl` = transformer-lens hooks
   loop_*       LM -> ring (GPU or pinned host) -> shuffled batches -> Trainer (best step), several ring refills;
-               every position of every context is used; the ring in the dtype the LM gives (bf16 on CUDA), and
-               `*_fp32_ring_torch_ops` the loop as before (fp32 ring, the LM in torch's ops) in the same run
+               every position of every context is used; the ring in the dtype the LM gives (bf16 on CUDA);
+               `*_fp32_ring_torch_ops` the loop as before (fp32 ring, the LM in torch's ops); fed random tokens,
+               or `*_text_*` text as `sae-stream train` reads it, `*_ids_*` the same tokenized ahead
   disk_*       the materialised baseline: LM -> fp16 np.memmap on local disk, then shuffled batches read back and
                trained on with the same best step
   saelens_*    SAELens's trainer on the same model shape / hook / d_sae / batch, run by peer-bench's script
@@ -30,8 +31,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import itertools
-import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,6 +45,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from buffer_throughput import HOOK, sync, token_batches  # noqa: E402
 from data_throughput import write_corpus  # noqa: E402
+from peer_saelens import measure_saelens  # noqa: E402
 from recorder import Recorder  # noqa: E402
 
 from lm.capture import GPTCapture  # noqa: E402
@@ -57,6 +57,7 @@ from sae_stream.config import BufferConfig, DataConfig, LMConfig, config_from_di
 from sae_stream.data import ContextBatches  # noqa: E402
 from sae_stream.fused_ops import tuned_configs  # noqa: E402
 from sae_stream.prefetch import PrefetchedBatches, training_batches  # noqa: E402
+from sae_stream.pretokenize import FIELD, MANIFEST, tokenize_source  # noqa: E402
 from sae_stream.sae import build_sae  # noqa: E402
 from sae_stream.step import resolve_kernels  # noqa: E402
 from sae_stream.tracking import NullTracker  # noqa: E402
@@ -108,16 +109,22 @@ def make_stream(context_len: int, device: str, bcfg: BufferConfig, out_device: s
                             capture=GPTCapture(gpt, [HOOK], kernels=kernels) if native else None)
 
 
-def text_batches(args: argparse.Namespace, context_len: int, lm_batch: int,
-                 prefetch: int) -> ContextBatches | PrefetchedBatches:
+def text_batches(args: argparse.Namespace, context_len: int, lm_batch: int, prefetch: int,
+                 feed: str = "text") -> ContextBatches | PrefetchedBatches:
     """Token batches of real text as `sae-stream train` reads them (data.prefetch batches ahead in a child
-    process, or inline with 0): --text-mb of the embedded corpus's documents as a .jsonl, GPT-2 BPE, looped."""
-    path = Path(args.text_dir) / "docs.jsonl"
+    process, or inline with 0): --text-mb of the embedded corpus's documents as a .jsonl, GPT-2 BPE, looped; with
+    feed `ids`, those documents as `sae-stream tokenize` writes them (10 parquet files), read with no tokenizer."""
+    path, field = Path(args.text_dir) / "docs.jsonl", "text"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         write_corpus(path, n_bytes=int(args.text_mb * 1e6))
-    cfg = DataConfig(source=str(path), tokenizer="gpt2", context_len=context_len, heldout_fraction=0.0,
-                     prefetch=prefetch)
+    if feed == "ids":
+        ids = path.parent / "ids"
+        if not (ids / MANIFEST).exists():
+            tokenize_source(None, [f"--data.source={path}"], str(ids), True, int(args.text_mb * 1e6 / 4 / 10))
+        path, field = ids, FIELD
+    cfg = DataConfig(source=str(path), text_field=field, tokenizer="gpt2", context_len=context_len,
+                     heldout_fraction=0.0, prefetch=prefetch)
     return training_batches(cfg, lm_batch, torch.device(args.device))
 
 
@@ -256,14 +263,15 @@ LOOP_BEFORE = {"dtype": "float32", "kernels": "torch"}
 
 def measure_loop(args: argparse.Namespace, rec: Recorder, d_sae: int, storage: str, context_len: int,
                  step_rate: float | None, native: bool = True, before: bool = False,
-                 text_prefetch: int | None = None) -> float | None:
+                 text_prefetch: int | None = None, feed: str = "text") -> float | None:
     """LM -> ring -> batches -> the best step, configured as `sae-stream train` (buffer.dtype auto: the dtype the
     LM gives; the LM's LayerNorms by --kernels), or with `before` as LOOP_BEFORE; fed random tokens, or with
-    `text_prefetch` real text read as data.prefetch=text_prefetch does."""
+    `text_prefetch` real text (`feed`: text_batches') read as data.prefetch=text_prefetch does."""
     def fn() -> tuple[float, dict]:
         bcfg = buffer_cfg(args, storage, context_len, LOOP_BEFORE["dtype"] if before else "auto")
         kernels = LOOP_BEFORE["kernels"] if before else lm_kernels(args)
-        text = None if text_prefetch is None else text_batches(args, context_len, bcfg.lm_batch_size, text_prefetch)
+        text = None if text_prefetch is None else text_batches(args, context_len, bcfg.lm_batch_size, text_prefetch,
+                                                               feed)
         with contextlib.closing(text) if text is not None else contextlib.nullcontext():
             return run_loop(bcfg, kernels, text)
 
@@ -281,8 +289,19 @@ def measure_loop(args: argparse.Namespace, rec: Recorder, d_sae: int, storage: s
             extra["ratio_to_step"] = round(rate / step_rate, 3)
         return rate, extra
     suffix = ("" if native else "_tl") + ("_fp32_ring_torch_ops" if before else "") + \
-        ("" if text_prefetch is None else "_text" + ("_prefetched" if text_prefetch else "_inline"))
+        ("" if text_prefetch is None else f"_{feed}" + ("_prefetched" if text_prefetch else "_inline"))
     return rec.guarded(f"loop_{storage}_ctx{context_len}{suffix}", d_sae, fn)
+
+
+def measure_fed_loops(args: argparse.Namespace, rec: Recorder, d_sae: int, storage: str, step_rate: float | None,
+                      tokens: int) -> None:
+    """The loop fed by text read ahead by a child process (as on CUDA) and inline, and by the same documents
+    tokenized ahead, read ahead; A/1 projected at the read-ahead rates."""
+    for feed, prefetch in (("text", 32), ("text", 0), ("ids", 32)):
+        rate = measure_loop(args, rec, d_sae, storage, args.context_len, step_rate, text_prefetch=prefetch, feed=feed)
+        if rate and prefetch:
+            rec.emit(f"projection_paper_a1_{feed}", d_sae, None, minutes=round(tokens / rate / 60, 1),
+                     note=f"{tokens:,} tokens at loop_{storage}_ctx{args.context_len}_{feed}_prefetched's rate")
 
 
 def measure_disk(args: argparse.Namespace, rec: Recorder, d_sae: int) -> None:
@@ -325,30 +344,6 @@ def measure_disk(args: argparse.Namespace, rec: Recorder, d_sae: int) -> None:
         rec.guarded("disk_read_train", d_sae, train)
 
 
-def saelens_row(record: dict) -> tuple[str, int, float, dict]:
-    """(variant, d_sae, tokens/s, extra) from bench_saelens.py's 'training' JSON line."""
-    variant = "saelens_trainer_fast" if record.get("fast") else "saelens_trainer"
-    extra = {"peak_gpu_gb": None, "peak_host_gb": round(record["peak_rss_mib"] * 2**20 / 1e9, 3),
-             "training_tokens": record["training_tokens"], "compile": record.get("compile"),
-             "context_len": record.get("context_size")}
-    return variant, record["d_sae"], record["end_to_end_tokens_per_s_median"], extra
-
-
-def measure_saelens(args: argparse.Namespace, rec: Recorder, d_sae: int, fast: bool, tokens: int) -> float | None:
-    def fn() -> tuple[float, dict]:
-        cmd = [sys.executable, args.saelens, "--device", args.device, "--only", "train", "--d-sae", str(d_sae),
-               "--batch-tokens", str(args.batch), "--train-repeats", "1", "--warmup-train-tokens", "1000000",
-               "--train-tokens", str(tokens), *(["--fast"] if fast else [])]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-        records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-        training = [r for r in records if r.get("bench") == "training"]
-        if not training:
-            raise RuntimeError(f"bench_saelens.py printed no training line: {out[-300:]}")
-        _, _, rate, extra = saelens_row(training[-1])
-        return rate, extra | {"note": "its own process (peak_host_gb is that process's)"}
-    return rec.guarded("saelens_trainer_fast" if fast else "saelens_trainer", d_sae, fn)
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     rec = Recorder(args)
@@ -374,13 +369,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 if rate:
                     rec.emit("projection_paper_a1", d_sae, None, minutes=round(tokens / rate / 60, 1),
                              note=f"{tokens:,} tokens ({PAPER_A1.name}) at loop_{storage}_ctx{args.context_len}'s rate")
-                if "text" not in args.skip:  # real text, read ahead by a child process as on CUDA, and inline
-                    text_rate = measure_loop(args, rec, d_sae, storage, args.context_len, best, text_prefetch=32)
-                    if text_rate:
-                        rec.emit("projection_paper_a1_text", d_sae, None, minutes=round(tokens / text_rate / 60, 1),
-                                 note=f"{tokens:,} tokens at loop_{storage}_ctx{args.context_len}_text_prefetched's "
-                                      "rate")
-                    measure_loop(args, rec, d_sae, storage, args.context_len, best, text_prefetch=0)
+                if "text" not in args.skip:
+                    measure_fed_loops(args, rec, d_sae, storage, best, tokens)
                 measure_loop(args, rec, d_sae, storage, args.context_len, best, native=False)
                 if args.context_len != 128:
                     measure_loop(args, rec, d_sae, storage, 128, best)

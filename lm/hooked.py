@@ -18,7 +18,7 @@ import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from lm.model import GPT
-from sae_stream.data import hub_unreachable_reason
+from sae_stream.hub import hub_unreachable_reason
 from sae_stream.rundir import first_line
 
 

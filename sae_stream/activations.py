@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import nullcontext
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 from transformer_lens import HookedTransformer
@@ -236,7 +237,9 @@ class ActivationStream:
         dev = self.lm_device
         tokens_BT = next(self._batches)
         if dev.type == "cuda" and tokens_BT.device.type == "cpu":  # pageable: the copy would wait for the stream
-            tokens_BT = tokens_BT.pin_memory()
+            pinned_BT = torch.empty(tokens_BT.shape, dtype=tokens_BT.dtype, pin_memory=True)
+            np.copyto(pinned_BT.numpy(), tokens_BT.numpy())  # (numpy's one-thread copy: torch's wakes its thread
+            tokens_BT = pinned_BT  # pool, whose spinning slowed the data process reading ahead, prefetch.py)
         tokens_BT = tokens_BT.to(dev, non_blocking=True)
         B, T = tokens_BT.shape
         start, pos_BK = self._positions(B, T)

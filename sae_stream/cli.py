@@ -86,6 +86,11 @@ def _parser() -> argparse.ArgumentParser:
     ft.add_argument("run_dir")
     ft.add_argument("--text", required=True, help="the text (read after an end-of-text token, as in training)")
     ft.add_argument("--k", type=int, default=5, help="features shown per token (default 5)")
+    tok = sub.add_parser("tokenize", help="tokenize data.source once into parquet shards of token ids (fast training "
+                         "input: --data.source=DIR --data.text_field=input_ids)")
+    tok.add_argument("config", nargs="?", help="YAML config whose data section to read (default: the embedded default)")
+    _add_out(tok)
+    tok.add_argument("--shard-tokens", type=int, default=50_000_000, help="tokens per parquet file (default 50M)")
     hooks = sub.add_parser("hooks", help="list the hook points of an LM")
     hooks.add_argument("--lm", required=True)
     cfg = sub.add_parser("config", help="print every config field with its type, default and help")
@@ -236,6 +241,11 @@ def _dispatch(args: argparse.Namespace, overrides: list[str]) -> int:
         from sae_stream.trained import print_features
 
         print_features(args.run_dir, overrides, args.text, args.k)
+        return 0
+    if args.command == "tokenize":
+        from sae_stream.pretokenize import tokenize_source
+
+        tokenize_source(args.config, overrides, args.out, args.overwrite, args.shard_tokens)
         return 0
     if args.command == "run":
         pipeline.run(args.config, overrides, lm=args.lm, out=args.out, overwrite=args.overwrite,

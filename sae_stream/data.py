@@ -21,18 +21,16 @@ import hashlib
 import itertools
 import logging
 import os
-import socket
-import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import torch
 
 from sae_stream.config import Config, DataConfig, load_config
 from sae_stream.corpus import embedded_corpus, heldout_key
+from sae_stream.hub import hub_unreachable_reason
 from sae_stream.records import Doc, StreamSource
 from sae_stream.rundir import first_line, is_main_process
 from sae_stream.tokenizer import Tokenizer, get_tokenizer
@@ -149,6 +147,18 @@ def _open_hf(cfg: DataConfig, heldout: bool, tok: Tokenizer) -> StreamSource:
                          tokenizer_threads(cfg))
 
 
+def document_source(cfg: DataConfig) -> StreamSource:
+    """Every document of a local or Hub `data.source` (its data.split; no held-out filter, read in order), tokenized
+    as training reads them: what `sae-stream tokenize` writes out."""
+    if cfg.source == "embedded":
+        raise ValueError("data.source=embedded is tokenized already (in memory): `sae-stream tokenize` reads a local "
+                         ".txt/.jsonl/.parquet source or a Hugging Face dataset; pass --data.source=PATH_OR_NAME")
+    cfg = dataclasses.replace(cfg, heldout_fraction=0.0, heldout_split=None, shuffle_buffer=1)
+    files = local_files(cfg.source)
+    tok = get_tokenizer(cfg.tokenizer)
+    return _open_local(cfg, files, False, tok) if files is not None else _open_hf(cfg, False, tok)
+
+
 def pin_hf_revision(cfg: Config) -> Config:
     """cfg with a HF dataset's data.hf_revision (None, a branch or a tag) resolved to the commit the Hub serves now,
     so the run's config.yaml, and so its resume, name the exact data. Unchanged for local sources, a sha, or when the
@@ -183,45 +193,6 @@ def keep_pinned_revision(cfg: Config, saved: Path) -> Config:
 
 def _is_sha(revision: str) -> bool:
     return len(revision) == 40 and all(c in "0123456789abcdef" for c in revision)
-
-
-def _no_proxy(host: str) -> bool:
-    """Whether NO_PROXY exempts `host` (comma-separated names and domain suffixes, or `*`)."""
-    entries = (os.environ.get("NO_PROXY") or os.environ.get("no_proxy") or "").split(",")
-    names = [e.strip().lstrip(".").lower() for e in entries if e.strip()]
-    return any(n == "*" or host.lower() == n or host.lower().endswith("." + n) for n in names)
-
-
-def hub_unreachable_reason(timeout_s: float = 3.0,
-                           offline_vars: tuple[str, ...] = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")) -> str | None:
-    """Why the Hub can't be reached (one of `offline_vars` set, no connection within `timeout_s`), or None if it
-    can. The connection goes to HTTPS_PROXY when one is set."""
-    for var in offline_vars:
-        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
-            return f"{var} is set"
-    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
-    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
-    if proxy and _no_proxy(urlparse(endpoint).hostname or ""):
-        proxy = None
-    if proxy and "://" not in proxy:  # `proxy.corp:3128` means http://proxy.corp:3128
-        proxy = "http://" + proxy
-    url = urlparse(proxy or endpoint)
-    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
-    outcome: list[BaseException | None] = []
-
-    def connect() -> None:  # in a thread because DNS lookups ignore socket timeouts
-        try:
-            socket.create_connection((host, port), timeout=timeout_s).close()
-            outcome.append(None)
-        except OSError as e:
-            outcome.append(e)
-
-    thread = threading.Thread(target=connect, daemon=True)
-    thread.start()
-    thread.join(timeout_s + 0.5)
-    if not outcome:
-        return f"no answer from {host}:{port} within {timeout_s:g} s"
-    return None if outcome[0] is None else f"no connection to {host}:{port}: {outcome[0]}"
 
 
 # ---------------------------------------------------------------------------------------------- contexts

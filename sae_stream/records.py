@@ -144,6 +144,17 @@ class StreamSource:
         its first record. `start`: such a snapshot to go on from (a resume: records.py reads again only the part of
         one shard before it, and tokenizes nothing before it). With threads, up to `threads` chunks are being
         encoded while the reader goes on."""
+        for docs, before in self._doc_chunks(seed, start):
+            yield torch.from_numpy(self._checked(np.concatenate(docs)).astype(np.int64, copy=False)), before
+
+    def doc_chunks(self, seed: int, start: dict[str, Any] | None = None) -> Iterator[tuple[list[np.ndarray], Any]]:
+        """token_chunks' chunks before they are joined: each document's ids (a text's followed by end-of-text;
+        int32 or the tokenizer's dtype), checked against the vocabulary."""
+        for docs, before in self._doc_chunks(seed, start):
+            self._checked(np.concatenate(docs))
+            yield docs, before
+
+    def _doc_chunks(self, seed: int, start: dict[str, Any] | None) -> Iterator[tuple[list[np.ndarray], Any]]:
         texts = ShuffledTexts(self.dataset, self.text_field, seed, self.shuffle_buffer, self.where, start,
                               retries=self.retries)
         batch: list[Doc] = []
@@ -185,18 +196,19 @@ class StreamSource:
                                                                                      self.tok.encode_array)
         return [(encode(d), True) if isinstance(d, str) else (d.numpy(), False) for d in docs]
 
-    def _join(self, parts: list[tuple[Any, bool]], before: Any) -> tuple[torch.Tensor, Any]:
-        """The chunk's documents (text ones followed by end-of-text) as one LongTensor, and the snapshot before it."""
-        eot = np.array([self.tok.eot], dtype=np.int64)
-        arrays = [(p.result() if isinstance(p, Future) else p, text) for p, text in parts]
-        flat = np.concatenate([a for doc, text in arrays for a in ((doc, eot) if text else (doc,))])
-        flat = flat.astype(np.int64, copy=False)
-        if flat.size and (flat.min() < 0 or flat.max() >= self.tok.n_vocab):  # (only pre-tokenized ids can be)
+    def _join(self, parts: list[tuple[Any, bool]], before: Any) -> tuple[list[np.ndarray], Any]:
+        """The chunk's documents (text ones followed by end-of-text) and the snapshot before them."""
+        docs = [(p.result() if isinstance(p, Future) else p, text) for p, text in parts]
+        return [np.append(ids, np.asarray(self.tok.eot, ids.dtype)) if text else ids for ids, text in docs], before
+
+    def _checked(self, flat: np.ndarray) -> np.ndarray:
+        """`flat`, if every id is in the tokenizer's vocabulary (only pre-tokenized ids can be outside it)."""
+        if flat.size and (int(flat.min()) < 0 or int(flat.max()) >= self.tok.n_vocab):
             bad = int(flat[(flat < 0) | (flat >= self.tok.n_vocab)][0])
             raise ValueError(f"{self.where}: token id {bad} in column {self.text_field!r} is outside the "
                              f"{self.tok.name!r} tokenizer's {self.tok.n_vocab} ids (data.tokenizer): the ids come "
                              "from another tokenizer, and sae-stream reads those of 'gpt2' and 'byte' only")
-        return torch.from_numpy(flat), before
+        return flat
 
 
 def _network_error(e: BaseException) -> bool:

@@ -66,9 +66,10 @@ def test_gpu_compare__every_variant_measured_with_the_issue_fields(gpu_compare_c
     want |= {(f"lm_{kind}_ctx{ctx}", None) for kind in ("native", "tl") for ctx in (32, 128)}
     want |= {("lm_native_math_ctx32", None)}  # (sdpa_kernel forced, entered once per timed run)
     want |= {(f"loop_cpu_ctx32{s}", 256) for s in ("", "_fp32_ring_torch_ops", "_tl", "_text_prefetched",
-                                                    "_text_inline")}
+                                                    "_text_inline", "_ids_prefetched")}
     want |= {("loop_cpu_ctx128", 256), ("loop_cpu_ctx32", 512), ("disk_write", None), ("disk_read_train", 256),
-             ("projection_paper_a1", 256), ("projection_paper_a1_text", 256), ("saelens_trainer_fast", 256),
+             ("projection_paper_a1", 256), ("projection_paper_a1_text", 256), ("projection_paper_a1_ids", 256),
+             ("saelens_trainer_fast", 256),
              ("saelens_trainer", 512)}
     assert got == want
     assert all(r["tokens_per_s"] > 0 for r in printed if not r["variant"].startswith("projection"))
@@ -83,8 +84,8 @@ def test_gpu_compare__ratios_and_projection_follow_from_the_measured_rates(gpu_c
         loop, step = rows[("loop_cpu_ctx32", d_sae)], rows[(best, d_sae)]
         assert loop["ratio_to_step"] == pytest.approx(loop["tokens_per_s"] / step["tokens_per_s"], abs=2e-3)
     tokens = load_config(ROOT / "configs" / "paper_a1.yaml").train.total_tokens
-    for suffix in ("", "_text"):  # (the second: the loop fed real text, read ahead by a child process)
-        loop = rows[("loop_cpu_ctx32" + ("_text_prefetched" if suffix else ""), 256)]
+    for suffix in ("", "_text", "_ids"):  # (the loop fed text, or its ids from `sae-stream tokenize`, read ahead)
+        loop = rows[("loop_cpu_ctx32" + (f"{suffix}_prefetched" if suffix else ""), 256)]
         minutes = tokens / loop["tokens_per_s"] / 60
         assert rows[("projection_paper_a1" + suffix, 256)]["minutes"] == pytest.approx(minutes, rel=1e-3, abs=0.06)
 
@@ -133,6 +134,7 @@ def test_data_throughput__every_variant_measured_and_ratios_follow(tmp_path: Pat
     assert rows.keys() == {"records", "tokenize_session8", "reader_ceiling", "pretokenized_jsonl_inline",
                            "pretokenized_parquet_inline"} | {k.format(t) for k in kinds for t in (1, 2)}
     base = rows["inline_1"]["tokens_per_s"]
+    assert 0.2 < rows["tokenize_array_1"]["tokens_per_s"] / base < 5  # (tokens counted, not documents or chunks)
     for name, r in rows.items():
         assert r["rounds"] == [r["tokens_per_s"]], name
         assert r["tokens_per_s"] > 0 and r["ratio_to_inline_1"] == pytest.approx(r["tokens_per_s"] / base, abs=0.01)
