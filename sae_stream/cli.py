@@ -59,6 +59,21 @@ def _parser() -> argparse.ArgumentParser:
     _add_out(train)
     train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
 
+    _add_study_commands(sub)
+    tok = sub.add_parser("tokenize", help="tokenize data.source once into parquet shards of token ids (fast training "
+                         "input: --data.source=DIR --data.text_field=input_ids)")
+    tok.add_argument("config", nargs="?", help="YAML config whose data section to read (default: the embedded default)")
+    _add_out(tok)
+    tok.add_argument("--shard-tokens", type=int, default=50_000_000, help="tokens per parquet file (default 50M)")
+    hooks = sub.add_parser("hooks", help="list the hook points of an LM")
+    hooks.add_argument("--lm", required=True)
+    cfg = sub.add_parser("config", help="print every config field with its type, default and help")
+    cfg.add_argument("--markdown", action="store_true", help="as markdown tables (the README's config reference)")
+    return p
+
+
+def _add_study_commands(sub: argparse._SubParsersAction) -> None:
+    """The commands that read a trained run: eval, analyze, compare, steer, features."""
     ev = sub.add_parser("eval", help="evaluate a trained SAE run (eval.json, density PNG)")
     ev.add_argument("run_dir")
     an = sub.add_parser("analyze", help="build the HTML feature dashboard of a run")
@@ -86,16 +101,6 @@ def _parser() -> argparse.ArgumentParser:
     ft.add_argument("run_dir")
     ft.add_argument("--text", required=True, help="the text (read after an end-of-text token, as in training)")
     ft.add_argument("--k", type=int, default=5, help="features shown per token (default 5)")
-    tok = sub.add_parser("tokenize", help="tokenize data.source once into parquet shards of token ids (fast training "
-                         "input: --data.source=DIR --data.text_field=input_ids)")
-    tok.add_argument("config", nargs="?", help="YAML config whose data section to read (default: the embedded default)")
-    _add_out(tok)
-    tok.add_argument("--shard-tokens", type=int, default=50_000_000, help="tokens per parquet file (default 50M)")
-    hooks = sub.add_parser("hooks", help="list the hook points of an LM")
-    hooks.add_argument("--lm", required=True)
-    cfg = sub.add_parser("config", help="print every config field with its type, default and help")
-    cfg.add_argument("--markdown", action="store_true", help="as markdown tables (the README's config reference)")
-    return p
 
 
 def _feature_ids(text: str) -> list[int]:
