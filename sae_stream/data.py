@@ -148,8 +148,8 @@ def _open_hf(cfg: DataConfig, heldout: bool, tok: Tokenizer) -> StreamSource:
 
 
 def document_source(cfg: DataConfig) -> StreamSource:
-    """Every document of a local or Hub `data.source` (its data.split; no held-out filter, read in order), tokenized
-    as training reads them: what `sae-stream tokenize` writes out."""
+    """Every document of a local or Hub `data.source` (its data.split; no held-out filter; its files in data.seed's
+    order, each file's records in order), tokenized as training reads them: what `sae-stream tokenize` writes."""
     if cfg.source == "embedded":
         raise ValueError("data.source=embedded is tokenized already (in memory): `sae-stream tokenize` reads a local "
                          ".txt/.jsonl/.parquet source or a Hugging Face dataset; pass --data.source=PATH_OR_NAME")
