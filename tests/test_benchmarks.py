@@ -134,7 +134,8 @@ def test_data_throughput__every_variant_measured_and_ratios_follow(tmp_path: Pat
     assert rows.keys() == {"records", "tokenize_session8", "reader_ceiling", "pretokenized_jsonl_inline",
                            "pretokenized_parquet_inline"} | {k.format(t) for k in kinds for t in (1, 2)}
     base = rows["inline_1"]["tokens_per_s"]
-    assert 0.2 < rows["tokenize_array_1"]["tokens_per_s"] / base < 5  # (tokens counted, not documents or chunks)
+    # the same documents tokenized two ways: rates within a small factor (tokens counted, not documents or chunks)
+    assert 0.3 < rows["tokenize_array_1"]["tokens_per_s"] / rows["tokenize_session8"]["tokens_per_s"] < 5
     for name, r in rows.items():
         assert r["rounds"] == [r["tokens_per_s"]], name
         assert r["tokens_per_s"] > 0 and r["ratio_to_inline_1"] == pytest.approx(r["tokens_per_s"] / base, abs=0.01)
