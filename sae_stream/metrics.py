@@ -1,6 +1,6 @@
 """Training metrics kept on the device: per-interval loss sums, per-feature firing counts and the density window.
 
-    metrics = RunningMetrics(d_sae, device, cfg.train, bins)
+    metrics = RunningMetrics(d_sae, device, cfg.train, bins, levels=cfg.sae.matryoshka_sizes)
     metrics.accumulate_(out, x_BD, firing_counts(out.feats), sae.input_scale)  # in the step (graph-safe)
     metrics.count_(len(x_BD))                                                   # on the host, once per step
     record = metrics.summary()                                                  # every log_every steps (syncs)
@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -50,11 +51,14 @@ def density_window(t: TrainConfig) -> int:
 
 class RunningMetrics:
     """Per-interval sums (on device) and a per-feature firing count over the density window (`density_window`
-    tokens; started again after resampling, which changes the features)."""
+    tokens; started again after resampling, which changes the features). `levels`: a Matryoshka SAE's nested
+    sizes, whose prefixes' FVU is logged too (`fvu_first_<m>`)."""
 
-    def __init__(self, d_sae: int, device: torch.device, t: TrainConfig, bins: int) -> None:
-        self.t, self.bins, self.window = t, bins, density_window(t)
+    def __init__(self, d_sae: int, device: torch.device, t: TrainConfig, bins: int,
+                 levels: Sequence[int] = ()) -> None:
+        self.t, self.bins, self.window, self.levels = t, bins, density_window(t), list(levels)
         self.sums = torch.zeros(len(_SUMS), dtype=torch.float64, device=device)
+        self.prefix_err = torch.zeros(len(self.levels), dtype=torch.float64, device=device)  # Σ‖x − prefix recon‖²
         self.steps = 0
         self.tokens = 0
         self.fire_counts_F = torch.zeros(d_sae, dtype=torch.long, device=device)
@@ -79,6 +83,8 @@ class RunningMetrics:
                                counts_F.sum() / n, err_sq])  # _SUMS order, var_sq apart (fp64 already)
         self.sums[:-1] += stacked
         self.sums[-1] += var_sq
+        if self.levels and getattr(out, "prefix_mse", None) is not None:
+            self.prefix_err += out.prefix_mse.double() * (n * d) / input_scale.square()
         self.fire_counts_F += counts_F
         return var_sq
 
@@ -94,6 +100,8 @@ class RunningMetrics:
         k = max(self.steps, 1)
         out: dict[str, Any] = {name: s[name] / k for name in ("loss", "mse", "l1", "aux", "l0")}
         out["fvu"] = s["err_sq"] / s["var_sq"] if s["var_sq"] > 0 else float("nan")
+        for m, err in zip(self.levels, self.prefix_err.tolist()):
+            out[f"fvu_first_{m}"] = err / s["var_sq"] if s["var_sq"] > 0 else float("nan")
         if self.window_tokens >= self.window or self.density_F is None:
             density_F, tokens = self.fire_counts_F.double() / max(self.window_tokens, 1), self.window_tokens
             if self.window_tokens >= self.window:
@@ -104,6 +112,7 @@ class RunningMetrics:
             density_F, tokens = self.density_F, self.density_tokens
         out.update(self._density_metrics(density_F.cpu().numpy(), tokens))
         self.sums.zero_()
+        self.prefix_err.zero_()
         self.steps = 0
         return out
 
@@ -112,17 +121,19 @@ class RunningMetrics:
 
         Sums, firing counts and token counts are added over ranks (the per-step means averaged); this rank's
         interval and density window then reset exactly as the global ones did, so every rank agrees."""
-        n_sums, world = len(_SUMS), dist.world_size
+        n_sums, n_levels, world = len(_SUMS), len(self.levels), dist.world_size
         counts = torch.tensor([self.tokens, self.window_tokens], dtype=torch.float64, device=self.sums.device)
-        total = dist.all_reduce_(torch.cat([self.sums, self.fire_counts_F.double(), counts]))
+        total = dist.all_reduce_(torch.cat([self.sums, self.prefix_err, self.fire_counts_F.double(), counts]))
         g = copy.copy(self)
         g.sums = total[:n_sums].clone()
         g.sums[:5] /= world  # loss, mse, l1, aux, l0 are per-step means: average them; err_sq, var_sq add up
-        g.fire_counts_F = total[n_sums:-2].round().long()
+        g.prefix_err = total[n_sums:n_sums + n_levels].clone()  # (squared errors: add up)
+        g.fire_counts_F = total[n_sums + n_levels:-2].round().long()
         g.tokens, g.window_tokens = (int(v) for v in total[-2:].round().tolist())
         out = g.summary()
         self.reduced_density_F = g.current_density()  # what export reports
         self.sums.zero_()
+        self.prefix_err.zero_()
         self.steps = 0
         if g.window_tokens == 0:  # the global window completed
             self.fire_counts_F.zero_()
@@ -152,8 +163,8 @@ class RunningMetrics:
                 "density_log10_histogram": {"counts": counts.tolist(), "edges": edges.tolist()}}
 
     def state_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("sums", "steps", "tokens", "fire_counts_F", "window_tokens",
-                                               "density_F", "density_tokens", "stale")}
+        return {k: getattr(self, k) for k in ("sums", "prefix_err", "steps", "tokens", "fire_counts_F",
+                                               "window_tokens", "density_F", "density_tokens", "stale")}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         device = self.sums.device

@@ -46,6 +46,7 @@ class SAEOutput(NamedTuple):
     mse: Tensor  # scalar, mean over batch and d_in (april: in the scaled space it trains in)
     l1: Tensor  # scalar, Σ_features |f| (april: |f|·‖W_d,f‖; jumprelu: L0), mean over the batch; 0 for topk/batchtopk
     aux: Tensor  # scalar AuxK loss (0 unless dead latents were passed); jumprelu: its pre-act loss (0 if off)
+    prefix_mse: Tensor | None = None  # [levels] Matryoshka: each nested prefix's MSE (its terms of `loss`)
 
 
 class SAE(nn.Module):
@@ -248,7 +249,8 @@ class TopKSAE(SAE):
             aux_pre_N = top.values.gather(-1, order_BK).flatten()
             _, (aux_dec_BD,) = self._decode_selected(x_BD, bias_F, pre_BF, aux_sel, aux_pre_N, sparse, via, dead_F)
             aux = (aux_dec_BD - resid_BD.detach()).pow(2).mean()
-        return SAEOutput(recon_BD, feats_BF, mse + sum(prefix_mse) + self.cfg.auxk_coeff * aux, mse, zero, aux)
+        return SAEOutput(recon_BD, feats_BF, mse + sum(prefix_mse) + self.cfg.auxk_coeff * aux, mse, zero, aux,
+                         torch.stack(prefix_mse) if prefix_mse else None)
 
     def _decode_selected(self, x_BD: Tensor, bias_F: Tensor, pre_BF: Tensor, sel: Selected, pre_N: Tensor,
                          sparse: bool, via: str, keep_F: Tensor | None = None, groups: bool = False

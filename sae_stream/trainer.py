@@ -112,7 +112,8 @@ class Trainer(TrainerState):
         self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=self._lr_t if cuda else t.lr, betas=t.betas,
                                           fused=True if cuda else None, capturable=cuda)
         self.firing = FiringTracker(self.sae.d_sae, device)
-        self.metrics = RunningMetrics(self.sae.d_sae, device, t, self.cfg.eval.histogram_bins)
+        self.metrics = RunningMetrics(self.sae.d_sae, device, t, self.cfg.eval.histogram_bins,
+                                      levels=self.cfg.sae.matryoshka_sizes)
         self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
         self.fused = t.step_impl == "fused" or (t.step_impl == "auto" and supports_fused(self.sae))
         self.kernels = resolve_kernels(t.kernels, device)  # the fused step's passes and the decoder-norm constraint

@@ -394,6 +394,11 @@ def test_curve_panels__series_follow_the_records_and_mark_each_resampling() -> N
                       LM_PANELS, "step")
     assert lm.panels[0].series == {"lm/loss": ([5.0], [9.0]), "lm/heldout_loss": ([0.0], [10.8])}
     assert curve_panels([{"step": 1}], SAE_PANELS, "tokens").panels == []
+    # a Matryoshka run's prefix FVUs join the FVU panel, smallest dictionary first
+    nested = [{"tokens": 100, "fvu": 0.2, "fvu_first_256": 0.4, "fvu_first_64": 0.7}, {"tokens": 200, "fvu": 0.1}]
+    (fvu_panel,) = curve_panels(nested, SAE_PANELS[:1], "tokens").panels
+    assert list(fvu_panel.series) == ["fvu", "fvu_first_64", "fvu_first_256"]
+    assert fvu_panel.series["fvu_first_64"] == ([100.0], [0.7])
 
 
 def test_plot_training_curves__writes_a_png_only_when_there_is_data(tmp_path) -> None:

@@ -9,6 +9,8 @@ import torch
 
 from sae_stream.config import ConfigError, SAEConfig, config_from_dict
 from sae_stream.export import export_saelens, load_saelens
+from sae_stream.fused_ops import firing_counts
+from sae_stream.metrics import RunningMetrics
 from sae_stream.sae import build_sae
 from sae_stream.topk_kernels import Selected, SparseDecode, by_group
 from sae_stream.trainer import Trainer
@@ -60,11 +62,50 @@ def test_matryoshka_training__the_first_features_learn_to_reconstruct_alone():
     for name, over in (("plain", {}), ("matryoshka", {"sae__matryoshka": [8, 24]})):
         cfg = _cfg("batchtopk", steps=300, train__log_every=100, **over)
         sae = build_sae(cfg.sae, D_IN)
-        Trainer(sae, cfg, None, ListLogger()).fit(sparse_batches(atoms))
+        log = ListLogger()
+        Trainer(sae, cfg, None, log).fit(sparse_batches(atoms))
         fvu[name] = (_fvu(sae, x, 8), _fvu(sae, x, 24), _fvu(sae, x))
+        levels = {k for _, m in log.rows for k in m if k.startswith("fvu_first_")}
+        assert levels == ({"fvu_first_8", "fvu_first_24"} if over else set()), levels  # (logged as training goes)
     (plain8, plain24, plain_all), (mat8, mat24, mat_all) = fvu["plain"], fvu["matryoshka"]
     assert mat8 < plain8 - 0.1 and mat24 < plain24 - 0.15, fvu
     assert mat_all < 0.3 and plain_all < 0.2, fvu  # the whole dictionary still reconstructs (a little worse)
+    # the last interval's logged prefix FVUs track the trained SAE's (its last batches, not the held-out one)
+    last = log.rows[-1][1]
+    assert last["fvu_first_8"] == pytest.approx(mat8, abs=0.1) and last["fvu_first_24"] == pytest.approx(mat24, abs=0.1)
+
+
+class _TwoRanks:
+    """Two ranks that saw the same batches: all-reduce doubles."""
+    world_size = 2
+
+    def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
+        return t.mul_(2)
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_matryoshka_metrics__each_level_fvu_is_its_prefix_reconstructions(arch):
+    """fvu_first_<m> of one step = Σ‖x − (b_d + Σ_{f<m} f·W_d,f)‖² / Σ‖x − x̄‖², from the step's own features; the
+    whole dictionary's is `fvu` (no fvu_first_<d_sae>); across ranks (summary_across) the same figures."""
+    cfg = _cfg(arch, steps=1, sae__matryoshka=[8, 24])
+    sae = build_sae(cfg.sae, D_IN)
+    x = next(sparse_batches(_atoms(), seed=3, batch=256))
+    out = sae(x)
+    summaries = []
+    for across in (False, True):
+        m = RunningMetrics(sae.d_sae, torch.device("cpu"), cfg.train, bins=10, levels=cfg.sae.matryoshka_sizes)
+        m.accumulate_(out, x, firing_counts(out.feats.detach()), sae.input_scale)
+        m.count_(len(x))
+        summaries.append(m.summary_across(_TwoRanks())[0] if across else m.summary())
+    got, two = summaries
+    var = (x - x.mean(0)).pow(2).sum()
+    with torch.no_grad():
+        for level in (8, 24, sae.d_sae):
+            recon = (out.feats * (torch.arange(sae.d_sae) < level)) @ sae.W_dec_FD + sae.b_dec_D
+            key = "fvu" if level == sae.d_sae else f"fvu_first_{level}"
+            assert got[key] == pytest.approx(float((x - recon).pow(2).sum() / var), rel=1e-5), key
+            assert two[key] == pytest.approx(got[key], rel=1e-9), key
+    assert not any(k.startswith("fvu_first_") and k not in ("fvu_first_8", "fvu_first_24") for k in got)
 
 
 def test_matryoshka__export_keeps_the_levels(tmp_path):

@@ -18,9 +18,10 @@ from matplotlib.figure import Figure
 
 from sae_stream.analysis.plots import save_png
 
-# (title, metric keys, log y-axis if every value is > 0)
+# (title, metric keys, log y-axis if every value is > 0); a key ending in * stands for every key it starts (in the
+# order of their numbers: a Matryoshka SAE's fvu_first_64, fvu_first_256, ...)
 SAE_PANELS = (
-    ("reconstruction (FVU)", ("fvu",), True),
+    ("reconstruction (FVU)", ("fvu", "fvu_first_*"), True),  # (fvu_first_m: a Matryoshka prefix's)
     ("L0 (features active per token)", ("l0",), True),
     ("loss", ("loss", "mse"), True),
     ("features (dead; dense)", ("dead", "dense"), False),
@@ -60,7 +61,7 @@ def curve_panels(records: list[dict[str, Any]], panels: tuple = SAE_PANELS, x_ke
     out = []
     for title, keys, log in panels:
         series = {}
-        for key in keys:
+        for key in _expand(keys, records):
             pts = [(x, y) for x, r in rows if (y := _number(r.get(key))) is not None]
             if pts:
                 series[key] = ([p[0] for p in pts], [p[1] for p in pts])
@@ -74,6 +75,18 @@ def curve_panels(records: list[dict[str, Any]], panels: tuple = SAE_PANELS, x_ke
             resampled_at.append(x)
         before = count if count is not None else before
     return Curves(x_key, out, resampled_at)
+
+
+def _expand(keys: tuple[str, ...], records: list[dict[str, Any]]) -> list[str]:
+    """`keys` with each `prefix*` replaced by the records' keys that start with it, by their trailing number."""
+    out = []
+    for key in keys:
+        if not key.endswith("*"):
+            out.append(key)
+            continue
+        found = {k for r in records for k in r if k.startswith(key[:-1])}
+        out += sorted(found, key=lambda k: (len(k), k))  # (fvu_first_64 before fvu_first_256)
+    return out
 
 
 def plot_training_curves(records: list[dict[str, Any]], path: str | Path, panels: tuple = SAE_PANELS,
