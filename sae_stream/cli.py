@@ -8,6 +8,7 @@
     sae-stream compare A B [--out DIR]                      match two SAEs' features (decoders, activations)
     sae-stream steer RUN_DIR --feature N [--value 5x]       sample with a feature pinned (feature steering)
     sae-stream features RUN_DIR --text TEXT [--k 5]         the most active features of each token of a text
+    sae-stream tokenize [CONFIG] --out DIR                  data.source -> parquet shards of token ids
     sae-stream hooks --lm PATH_OR_NAME                      list hook points
     sae-stream config                                       every config field with its help
 
@@ -33,10 +34,19 @@ from sae_stream.rundir import UserError, is_main_process, resume_command
 EXIT_USAGE = 2
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's usage errors as our one line (its own are the usage block and the message): what is wrong and
+    where the command's options are listed. Subcommands' parsers are of this class too."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"sae-stream: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sae-stream", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Config overrides: --section.field=value (see `sae-stream config`).")
+    p = _Parser(prog="sae-stream", description=__doc__.split("\n")[0],
+                formatter_class=argparse.RawDescriptionHelpFormatter,
+                epilog="Config overrides: --section.field=value (see `sae-stream config`).")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
 

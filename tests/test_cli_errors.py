@@ -231,3 +231,18 @@ def test_train__nan_activations_stop_with_the_step(policy: str, needle: str, tin
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0], err
     assert not list((tmp_path / "run" / "checkpoints").glob("step_*"))  # nothing trained on NaN was saved
+
+
+@pytest.mark.parametrize("argv, needle, where", [
+    (["steer"], "the following arguments are required: run_dir, --feature", "sae-stream steer --help"),
+    (["bogus"], "invalid choice: 'bogus'", "sae-stream --help"),
+    (["tokenize", "--shard-tokens", "x"], "argument --shard-tokens: invalid int value: 'x'",
+     "sae-stream tokenize --help"),
+    ([], "the following arguments are required: command", "sae-stream --help"),
+])
+def test_cli__usage_errors_are_one_line_naming_the_help_to_read(argv, needle, where, capsys) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith("sae-stream: error: ") and needle in err and f"(see `{where}`)" in err
