@@ -37,7 +37,7 @@ def test_anthropic_loss__matches_hand_computation():
     assert out.mse.item() == pytest.approx(mse, rel=1e-6)
     assert out.l1.item() == pytest.approx(l1, rel=1e-6)
     assert out.loss.item() == pytest.approx(mse + 0.5 * l1, rel=1e-6)
-    assert out._fields == ("recon", "feats", "loss", "mse", "l1", "aux")
+    assert out._fields == ("recon", "feats", "loss", "mse", "l1", "aux", "prefix_mse") and out.prefix_mse is None
     assert sae(x, l1_coeff=0.0).loss.item() == pytest.approx(mse, rel=1e-6)
 
 
