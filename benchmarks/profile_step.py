@@ -1,6 +1,8 @@
 """Where the device time goes: torch.profiler kernel tables of the best SAE step alone, of the whole loop
 (LM -> ring -> step; its profiled window spans at least one refill, so the LM's kernels are in the per-step
-figures), and of the LM's forward to the hook alone, as gpu_compare.py configures them.
+figures), and of the LM's forward to the hook alone, as gpu_compare.py configures them; and the step once more
+without its CUDA graph, its ops (which a graph replay hides) tabled by input shape with the device time of the
+kernels each launched.
 
     python benchmarks/profile_step.py                                  # cuda: d_sae 4096, batch 8192, context 1024
     python benchmarks/profile_step.py --device cpu --d-sae 512 --batch 1024 --context-len 64   # smoke
@@ -53,16 +55,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def profile_run(args: argparse.Namespace, label: str, run: Callable[[int], None], tokens: int, profiled: int,
-                unit: str = "step") -> None:
+                unit: str = "step", by_op: bool = False) -> None:
     """Time `run(n)` (n units of `tokens` tokens each, synchronised at the end) after a warm-up, then print its
-    kernel table over `profiled` units."""
+    kernel table over `profiled` units; `by_op`: a table of the ops that launched them, by input shape (for an
+    eager run: a graph replay hides them)."""
     run(20)  # warm-up: autotuning, graph capture, the ring's first fill
     t0 = time.perf_counter()
     run(args.steps)
     dt = (time.perf_counter() - t0) / args.steps
     cuda = args.device == "cuda"
     activities = [ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
-    with profile(activities=activities) as prof:
+    activities += [ProfilerActivity.CPU] if by_op and cuda else []
+    with profile(activities=activities, record_shapes=by_op) as prof:
         run(profiled)
     kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
     events = [e for e in prof.events() if e.device_type == kind]
@@ -71,7 +75,9 @@ def profile_run(args: argparse.Namespace, label: str, run: Callable[[int], None]
           f"{len(events) / profiled:.0f} {'kernels' if cuda else 'ops'}/{unit}, {busy:.0f} us/{unit} busy "
           f"({profiled} profiled)", flush=True)
     sort = "device_time_total" if cuda else "self_cpu_time_total"
-    print(prof.key_averages().table(sort_by=sort, row_limit=args.rows, max_name_column_width=90), flush=True)
+    table = prof.key_averages(group_by_input_shape=by_op).table(sort_by=sort, row_limit=args.rows,
+                                                                max_name_column_width=90, max_shapes_column_width=70)
+    print(table, flush=True)
 
 
 def trainer_run(args: argparse.Namespace, trainer: Trainer, batches: Iterator[Tensor]) -> Callable[[int], None]:
@@ -103,6 +109,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     x_BD = torch.randn(args.batch, 512, generator=torch.Generator().manual_seed(0)).relu_().to(args.device)
     step = trainer_run(args, make_trainer(args, args.d_sae, STEP_VARIANTS[BEST]), itertools.repeat(x_BD))
     profile_run(args, f"step {BEST}", step, args.batch, args.profiled)
+    eager = trainer_run(args, make_trainer(args, args.d_sae, {**STEP_VARIANTS[BEST], "cuda_graphs": False}),
+                        itertools.repeat(x_BD))
+    profile_run(args, f"step {BEST} without the graph, by op and shape", eager, args.batch, args.profiled, by_op=True)
     storage = "cuda" if args.device == "cuda" else "cpu"
     bcfg = buffer_cfg(args, storage, args.context_len)
     stream = make_stream(args.context_len, args.device, bcfg, args.device, True, lm_kernels(args))

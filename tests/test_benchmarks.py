@@ -113,11 +113,12 @@ def test_profile_step__profiles_the_step_the_loop_and_the_lm_at_the_rate_it_repo
     assert proc.returncode == 0, proc.stderr[-2000:]
     heads = re.findall(r"^== (step|loop|lm) .*?: wall (\d+) us/(\w+) \(([\d.]+)M tokens/s\).*\((\d+) profiled\)",
                        proc.stdout, re.M)
-    assert [(h[0], h[2]) for h in heads] == [("step", "step"), ("loop", "step"), ("lm", "forward")]
-    for (_, wall_us, _, rate_m, _), tokens in zip(heads, (256, 256, 2048)):
+    assert [(h[0], h[2]) for h in heads] == [("step", "step"), ("step", "step"), ("loop", "step"), ("lm", "forward")]
+    for (_, wall_us, _, rate_m, _), tokens in zip(heads, (256, 256, 256, 2048)):
         assert float(rate_m) == pytest.approx(tokens / (int(wall_us) * 1e-6) / 1e6, rel=0.01, abs=0.006)
-    # the loop's window spans a refill (16384 x 0.5 / 256 = 32 steps), the step's is --profiled
-    assert [int(h[4]) for h in heads] == [3, 32, 5]
+    # the loop's window spans a refill (16384 x 0.5 / 256 = 32 steps), the steps' are --profiled
+    assert [int(h[4]) for h in heads] == [3, 3, 32, 5]
+    assert "Input Shapes" in proc.stdout and "[256, 512]" in proc.stdout  # the eager step's ops, by shape
 
 
 def test_data_throughput__every_variant_measured_and_ratios_follow(tmp_path: Path) -> None:
