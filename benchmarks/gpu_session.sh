@@ -52,7 +52,7 @@ timeout $(budget 250) python3 benchmarks/gpu_compare.py --seconds 1 --kernels $K
 echo "gpu_compare rc=$? at $((SECONDS - T0)) s"; grep -v '^{' "$OUT/gpu_compare.log" | grep -v "^\s*$" | tail -40
 pack
 
-# 3. where the device time goes (kernel tables: the step, the step by op without its graph, the loop, the LM), at most 90 s
+# 3. where the device time goes (profile_step.py: the step, by op without its graph, the loop, the LM), <= 90 s
 timeout $(budget 190 90) python3 benchmarks/profile_step.py > "$OUT/profile.txt" 2>&1
 echo "profile rc=$? at $((SECONDS - T0)) s"; grep "^==" "$OUT/profile.txt"
 pack
