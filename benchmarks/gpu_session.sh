@@ -64,7 +64,7 @@ echo "e2e rc=$? at $((SECONDS - T0)) s"; grep -E "^(LM|SAE|eval|dashboard)|Error
 cp /tmp/gpu_session_run/eval.json /tmp/gpu_session_run/job.json "$LOGS/" 2>/dev/null; pack
 
 # 4b. text -> token batches on this node's cores (CPU only: does reading and tokenizing keep up with the loop?)
-timeout $(budget 60 45) python3 benchmarks/data_throughput.py --repeats 1 --threads 1 4 16 --out "$OUT/data_throughput.jsonl" \
+timeout $(budget 60 80) python3 benchmarks/data_throughput.py --repeats 1 --threads 1 4 16 --out "$OUT/data_throughput.jsonl" \
   > "$LOGS/data_throughput.log" 2>&1
 echo "data throughput rc=$? at $((SECONDS - T0)) s"; grep '^{' "$LOGS/data_throughput.log" | \
   python3 -c "import json,sys; [print(r['variant'], r['tokens_per_s']) for r in map(json.loads, sys.stdin)]"
