@@ -15,8 +15,9 @@
 # $OUT/checkpoint.jsonl (to benchmarks/results/checkpoint.jsonl), $OUT/data_throughput.jsonl (to
 # benchmarks/results/data_throughput.jsonl), the logs,
 # and a summary on stdout; the other logs go to $OUT/logs.tgz, repacked after each step (the device tool brings back at
-# most 8 files, so a run stopped midway still returns the results and the logs so far). If the kernel tests fail,
-# the benchmark runs with --kernels torch.
+# most 8 files, so a run stopped midway still returns the results and the logs so far). The benchmark runs the
+# Triton kernels even if their tests fail (session 15's first call lost its Triton figures to a test's tolerance):
+# a kernel that cannot run falls back to torch's ops by itself, and every row names the kernels that ran.
 set -o pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled TQDM_DISABLE=1
 LIMIT=${LIMIT:-570}
@@ -43,11 +44,11 @@ SAE_STREAM_TRITON_AUTOTUNE=0 timeout 150 python3 -m pytest -q -p no:cacheprovide
   tests/test_lm_capture.py -k "cuda" > "$LOGS/tests_kernels.log" 2>&1
 rc=$?; echo "kernel tests rc=$rc at $((SECONDS - T0)) s"; grep -E "passed|failed|Error" "$LOGS/tests_kernels.log" | head -12
 pack
-KERNELS=auto; if [ $rc -ne 0 ]; then KERNELS=torch; echo "kernel tests failed: benchmarking with --kernels torch"; fi
+if [ $rc -ne 0 ]; then echo "KERNEL TESTS FAILED (see logs.tgz): the figures below are not yet trustworthy"; fi
 
 # 2. the benchmark (one SAELens size: its trainer is slow), leaving 250 s for the rest
 SAELENS_ARGS=(); if [ -n "$SAELENS" ]; then SAELENS_ARGS=(--saelens "$SAELENS" --saelens-d-sae 4096); fi
-timeout $(budget 250) python3 benchmarks/gpu_compare.py --seconds 1 --kernels $KERNELS "${SAELENS_ARGS[@]}" \
+timeout $(budget 250) python3 benchmarks/gpu_compare.py --seconds 1 --kernels auto "${SAELENS_ARGS[@]}" \
   --out "$OUT/gpu.jsonl" > "$OUT/gpu_compare.log" 2>&1
 echo "gpu_compare rc=$? at $((SECONDS - T0)) s"; grep -v '^{' "$OUT/gpu_compare.log" | grep -v "^\s*$" | tail -40
 pack
