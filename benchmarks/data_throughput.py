@@ -132,8 +132,8 @@ def tokenize_array(docs: list[str], threads: int) -> float:
     source = StreamSource(None, "text", None, get_tokenizer("gpt2"), 1, "bench", threads=threads)
     t0, n = time.perf_counter(), 0
     for i in range(0, len(docs), ENCODE_DOCS):
-        ids, _ = source._join(source._submit(docs[i:i + ENCODE_DOCS]), None)
-        n += len(np.concatenate(ids))  # (joined, as token_chunks joins them)
+        parts, _ = source._join(source._submit(docs[i:i + ENCODE_DOCS]), None)
+        n += len(source._joined(parts))  # (joined, as token_chunks joins them)
     return n / (time.perf_counter() - t0)
 
 

@@ -30,6 +30,7 @@ from sae_stream.tokenizer import Tokenizer
 ENCODE_DOCS = 64  # documents per token chunk of a StreamSource (its snapshots are taken between chunks)
 Doc = str | torch.Tensor  # a record's text, or its pre-tokenized ids (int32: compact in the shuffle buffer, and a
 # checkpoint of that buffer pickles tensors, which load under any numpy)
+Parts = list[tuple[np.ndarray, bool]]  # a chunk's documents' ids, each with whether it was text (gets end-of-text)
 
 
 class ShuffledTexts:
@@ -144,17 +145,18 @@ class StreamSource:
         its first record. `start`: such a snapshot to go on from (a resume: records.py reads again only the part of
         one shard before it, and tokenizes nothing before it). With threads, up to `threads` chunks are being
         encoded while the reader goes on."""
-        for docs, before in self._doc_chunks(seed, start):
-            yield torch.from_numpy(self._checked(np.concatenate(docs)).astype(np.int64, copy=False)), before
+        for parts, before in self._doc_chunks(seed, start):
+            yield torch.from_numpy(self._joined(parts)), before
 
     def doc_chunks(self, seed: int, start: dict[str, Any] | None = None) -> Iterator[tuple[list[np.ndarray], Any]]:
         """token_chunks' chunks before they are joined: each document's ids (a text's followed by end-of-text;
         int32 or the tokenizer's dtype), checked against the vocabulary."""
-        for docs, before in self._doc_chunks(seed, start):
+        for parts, before in self._doc_chunks(seed, start):
+            docs = [np.append(ids, np.asarray(self.tok.eot, ids.dtype)) if text else ids for ids, text in parts]
             self._checked(np.concatenate(docs))
             yield docs, before
 
-    def _doc_chunks(self, seed: int, start: dict[str, Any] | None) -> Iterator[tuple[list[np.ndarray], Any]]:
+    def _doc_chunks(self, seed: int, start: dict[str, Any] | None) -> Iterator[tuple[Parts, Any]]:
         texts = ShuffledTexts(self.dataset, self.text_field, seed, self.shuffle_buffer, self.where, start,
                               retries=self.retries)
         batch: list[Doc] = []
@@ -196,10 +198,15 @@ class StreamSource:
                                                                                      self.tok.encode_array)
         return [(encode(d), True) if isinstance(d, str) else (d.numpy(), False) for d in docs]
 
-    def _join(self, parts: list[tuple[Any, bool]], before: Any) -> tuple[list[np.ndarray], Any]:
-        """The chunk's documents (text ones followed by end-of-text) and the snapshot before them."""
-        docs = [(p.result() if isinstance(p, Future) else p, text) for p, text in parts]
-        return [np.append(ids, np.asarray(self.tok.eot, ids.dtype)) if text else ids for ids, text in docs], before
+    def _join(self, parts: list[tuple[Any, bool]], before: Any) -> tuple[Parts, Any]:
+        """The chunk's documents' ids, each with whether it was text (gets end-of-text), and the snapshot before."""
+        return [(p.result() if isinstance(p, Future) else p, text) for p, text in parts], before
+
+    def _joined(self, parts: Parts) -> np.ndarray:
+        """The documents as one checked int64 array, text ones followed by end-of-text (one copy of the ids)."""
+        eot = np.array([self.tok.eot], dtype=np.int64)
+        flat = np.concatenate([a for ids, text in parts for a in ((ids, eot) if text else (ids,))])
+        return self._checked(flat.astype(np.int64, copy=False))
 
     def _checked(self, flat: np.ndarray) -> np.ndarray:
         """`flat`, if every id is in the tokenizer's vocabulary (only pre-tokenized ids can be outside it)."""
