@@ -83,7 +83,7 @@ class RunningMetrics:
                                counts_F.sum() / n, err_sq])  # _SUMS order, var_sq apart (fp64 already)
         self.sums[:-1] += stacked
         self.sums[-1] += var_sq
-        if self.levels and getattr(out, "prefix_mse", None) is not None:
+        if self.levels and out.prefix_mse is not None:
             self.prefix_err += out.prefix_mse.double() * (n * d) / input_scale.square()
         self.fire_counts_F += counts_F
         return var_sq
