@@ -8,14 +8,18 @@ One JSON line per measurement (stdout, and appended to --out) with the fields da
 batch, tokens_per_s, peak_gpu_gb, peak_host_gb (+ details), then a markdown table. Every measurement goes through
 the project's own classes (Trainer, ShuffleBuffer, ActivationStream), configured as `sae-stream train` would be:
   step_*       Trainer on one fixed batch: eager autograd (the plain PyTorch step), the hand-written backward,
-               CUDA-graph replay, bf16 / TF32 matmuls
+               CUDA-graph replay, bf16 / TF32 matmuls; `*_triton_encoder` / `*_cublas_encoder` the best step
+               with its encoder matmul fixed (the best picks the faster by timing), `*_stats_encoder` as in
+               session 15 (f's column sums in the encoder's epilogue, not the backward's)
   lm_*_ctx*    the LM forward up to the hook (bf16 autocast): `native` = the GPT's own forward (fused attention,
                lm/fused.py's Triton kernels on CUDA: what `sae-stream train` uses for an `lm train` LM),
                `native_torch_ops` = the same with torch's ops only, `native_flash` / `_efficient` / `_cudnn` =
                with that attention kernel forced, `tl` = transformer-lens hooks
   loop_*       LM -> ring (GPU or pinned host) -> shuffled batches -> Trainer (best step), several ring refills;
                every position of every context is used; the ring in the dtype the LM gives (bf16 on CUDA);
-               `*_fp32_ring_torch_ops` the loop as before (fp32 ring, the LM in torch's ops); fed random tokens,
+               `*_no_priority` with the step on the default stream (train.stream_priority=false: same priority
+               as the LM's refills); `*_fp32_ring_torch_ops` the loop as before (fp32 ring, the LM in torch's
+               ops); fed random tokens,
                or `*_text_*` text as `sae-stream train` reads it, `*_ids_*` the same tokenized ahead
   disk_*       the materialised baseline: LM -> fp16 np.memmap on local disk, then shuffled batches read back and
                trained on with the same best step
@@ -43,94 +47,32 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from buffer_throughput import HOOK, sync, token_batches  # noqa: E402
-from data_throughput import write_corpus  # noqa: E402
+from buffer_throughput import HOOK, sync  # noqa: E402
+from gpu_setup import (  # noqa: E402
+    BEST,
+    LARGE_STEP_VARIANTS,
+    LOOP_BEFORE,
+    LOOP_VARIANTS,
+    STEP_VARIANTS,
+    buffer_cfg,
+    build_lm,
+    environment,
+    lm_kernels,
+    make_stream,
+    make_trainer,
+    text_batches,
+    timed_steps,
+)
 from peer_saelens import measure_saelens  # noqa: E402
 from recorder import Recorder  # noqa: E402
 
 from lm.capture import GPTCapture  # noqa: E402
-from lm.hooked import to_hooked  # noqa: E402
-from lm.model import GPT  # noqa: E402
-from sae_stream.activations import ActivationStream, HookCapture  # noqa: E402
+from sae_stream.activations import HookCapture  # noqa: E402
 from sae_stream.buffer import ShuffleBuffer  # noqa: E402
-from sae_stream.config import BufferConfig, DataConfig, LMConfig, config_from_dict, load_config  # noqa: E402
-from sae_stream.data import ContextBatches  # noqa: E402
-from sae_stream.fused_ops import tuned_configs  # noqa: E402
-from sae_stream.prefetch import PrefetchedBatches, training_batches  # noqa: E402
-from sae_stream.pretokenize import FIELD, MANIFEST, tokenize_source  # noqa: E402
-from sae_stream.sae import build_sae  # noqa: E402
-from sae_stream.step import resolve_kernels  # noqa: E402
-from sae_stream.tracking import NullTracker  # noqa: E402
-from sae_stream.trainer import Trainer  # noqa: E402
+from sae_stream.config import BufferConfig, load_config  # noqa: E402
 
-GRAPHED_BF16 = {"cuda_graphs": True, "autocast": "bfloat16"}
-STEP_VARIANTS = {  # name: train overrides
-    "step_eager_autograd_tf32": {"step_impl": "autograd", "cuda_graphs": False, "autocast": "none"},
-    "step_eager_autograd_bf16": {"step_impl": "autograd", "cuda_graphs": False, "autocast": "bfloat16"},
-    "step_graph_autograd_bf16": {"step_impl": "autograd", "cuda_graphs": True, "autocast": "bfloat16"},
-    "step_eager_fused_bf16": {"step_impl": "fused", "cuda_graphs": False, "autocast": "bfloat16"},
-    "step_graph_fused_tf32": {"step_impl": "fused", "cuda_graphs": True, "autocast": "none"},
-    "step_graph_fused_bf16": {"step_impl": "fused", "cuda_graphs": True, "autocast": "bfloat16"},
-    # the same step with plain PyTorch ops between the matmuls instead of the Triton epilogue kernels
-    "step_graph_fused_bf16_torch_ops": {"step_impl": "fused", "cuda_graphs": True, "autocast": "bfloat16",
-                                        "kernels": "torch"},
-    # TopK (k = 32): dense decoding against the sparse gather / index_add kernels, both graphed
-    "topk_graph_dense_bf16": {**GRAPHED_BF16, "sae": {"architecture": "topk", "topk_kernels": "dense"}},
-    "topk_graph_sparse_bf16": {**GRAPHED_BF16, "sae": {"architecture": "topk", "topk_kernels": "sparse"}},
-    # BatchTopK (k = 32), plain and with Matryoshka levels [d_sae/16, d_sae/4] (the decoder split into 3 slices)
-    "batchtopk_graph_dense_bf16": {**GRAPHED_BF16, "sae": {"architecture": "batchtopk", "topk_kernels": "dense"}},
-    "batchtopk_matryoshka_graph_dense_bf16": {**GRAPHED_BF16, "sae": {"architecture": "batchtopk", "topk_kernels":
-                                                                      "dense", "matryoshka": "d_sae/16,d_sae/4"}},
-    # JumpReLU (autograd; its encoder stays fp32 under autocast, see sae.JumpReLUSAE.forward)
-    "jumprelu_graph_bf16": {**GRAPHED_BF16, "sae": {"architecture": "jumprelu"}},
-}
-BEST = "step_graph_fused_bf16"
 ATTENTION = {"cuda": ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION"), "cpu": ("MATH",)}  # forced ones
-LARGE_STEP_VARIANTS = ("step_eager_autograd_tf32", "step_graph_autograd_bf16", "step_graph_fused_bf16",
-                       "step_graph_fused_bf16_torch_ops", "topk_graph_dense_bf16", "topk_graph_sparse_bf16")
 PAPER_A1 = Path(__file__).resolve().parent.parent / "configs" / "paper_a1.yaml"  # the run the projection is for
-
-
-def build_lm(context_len: int, device: str) -> tuple[GPT, object]:
-    """Random-init 1-layer GPT of the paper's shape (d_model 128, 4 heads, MLP 512 ReLU, vocab 50304) and the
-    HookedTransformer computing the same function."""
-    torch.manual_seed(0)
-    gpt = GPT(LMConfig(n_layers=1, d_model=128, n_heads=4, d_mlp=512, n_ctx=context_len, vocab_size=50304))
-    gpt = gpt.to(device).eval()
-    return gpt, to_hooked(gpt)
-
-
-def make_stream(context_len: int, device: str, bcfg: BufferConfig, out_device: str, native: bool,
-                kernels: str = "torch", tokens: Iterable[Tensor] | None = None) -> ActivationStream:
-    """The LM's activation stream over `tokens` (default: random token batches made on the host)."""
-    gpt, hooked = build_lm(context_len, device)
-    tokens = tokens if tokens is not None else token_batches(bcfg.lm_batch_size, context_len, "cpu")
-    return ActivationStream(hooked, HOOK, tokens, bcfg, out_device,
-                            capture=GPTCapture(gpt, [HOOK], kernels=kernels) if native else None)
-
-
-def text_batches(args: argparse.Namespace, context_len: int, lm_batch: int, prefetch: int,
-                 feed: str = "text") -> ContextBatches | PrefetchedBatches:
-    """Token batches of real text as `sae-stream train` reads them (data.prefetch batches ahead in a child
-    process, or inline with 0): --text-mb of the embedded corpus's documents as a .jsonl, GPT-2 BPE, looped; with
-    feed `ids`, those documents as `sae-stream tokenize` writes them (10 parquet files), read with no tokenizer."""
-    path, field = Path(args.text_dir) / "docs.jsonl", "text"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_corpus(path, n_bytes=int(args.text_mb * 1e6))
-    if feed == "ids":
-        ids = path.parent / "ids"
-        if not (ids / MANIFEST).exists():
-            tokenize_source(None, [f"--data.source={path}"], str(ids), True, int(args.text_mb * 1e6 / 4 / 10))
-        path, field = ids, FIELD
-    cfg = DataConfig(source=str(path), text_field=field, tokenizer="gpt2", context_len=context_len,
-                     heldout_fraction=0.0, prefetch=prefetch)
-    return training_batches(cfg, lm_batch, torch.device(args.device))
-
-
-def lm_kernels(args: argparse.Namespace) -> str:
-    """The native LM's LayerNorm kernels, as `sae-stream train` picks them from train.kernels (--kernels)."""
-    return resolve_kernels(args.kernels, torch.device(args.device))
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -168,42 +110,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 # ---------------------------------------------------------------------------------------------- measurements
 
 
-def make_trainer(args: argparse.Namespace, d_sae: int, train: dict) -> Trainer:
-    train = dict(train)
-    sae = {"architecture": "anthropic", "d_sae": d_sae, "l1_coeff": 1e-3} | train.pop("sae", {})
-    sae["matryoshka"] = [d_sae // 16, d_sae // 4] if sae.get("matryoshka") == "d_sae/16,d_sae/4" else None
-    cfg = config_from_dict({
-        "sae": sae,
-        "train": {"total_tokens": args.batch * 10**9, "batch_size": args.batch, "lr": 1e-4, "log_every": 10**9,
-                  "checkpoint_every": 10**9, "device": args.device, "kernels": args.kernels} | train,
-        "resample": {"enabled": False},
-    })
-    sae = build_sae(cfg.sae, 512, seed=0).to(args.device)
-    return Trainer(sae, cfg, None, NullTracker())
-
-
-def timed_steps(args: argparse.Namespace, trainer: Trainer, batches: Iterator[Tensor]) -> tuple[float, dict]:
-    """Warm up (graph capture included), calibrate, then time a window of ~args.seconds; tokens/s."""
-    def run(n: int) -> float:
-        trainer.total_steps = trainer.step + n
-        sync(args.device)
-        t0 = time.perf_counter()
-        trainer.fit(batches)
-        sync(args.device)
-        return time.perf_counter() - t0
-
-    run(8)
-    probe = 20
-    dt = run(probe)
-    steps = max(probe, int(args.seconds * probe / dt))
-    dt = run(steps)
-    graphed = bool(trainer._graph.graphs) and not trainer._graph.disabled
-    extra = {"steps": steps, "graphed": graphed, "kernels": trainer.kernels}
-    if trainer.kernels == "triton" and trainer.fused:
-        extra["triton_configs"] = tuned_configs()  # the autotuner's picks (BM×BN×BK/warps/stages)
-    return steps * args.batch / dt, extra
-
-
 def measure_steps(args: argparse.Namespace, rec: Recorder, d_sae: int) -> dict[str, float | None]:
     x_BD = torch.randn(args.batch, 512, generator=torch.Generator().manual_seed(0)).relu_().to(args.device)
     names = STEP_VARIANTS if d_sae == args.d_saes[0] else LARGE_STEP_VARIANTS
@@ -211,8 +117,9 @@ def measure_steps(args: argparse.Namespace, rec: Recorder, d_sae: int) -> dict[s
     out = {}
     for name in names:
         def fn(name: str = name) -> tuple[float, dict]:
-            trainer = make_trainer(args, d_sae, STEP_VARIANTS[name])
-            return timed_steps(args, trainer, itertools.repeat(x_BD))
+            with environment(STEP_VARIANTS[name].get("env", {})):
+                trainer = make_trainer(args, d_sae, STEP_VARIANTS[name])
+                return timed_steps(args, trainer, itertools.repeat(x_BD))
         out[name] = rec.guarded(name, d_sae, fn)
     return out
 
@@ -252,21 +159,13 @@ def measure_lm(args: argparse.Namespace, rec: Recorder, context_len: int, native
     return rec.guarded(f"lm_{name}_ctx{context_len}", None, fn)
 
 
-def buffer_cfg(args: argparse.Namespace, storage: str, context_len: int, dtype: str = "auto") -> BufferConfig:
-    return BufferConfig(hook_name=HOOK, capacity=args.capacity, refill_fraction=0.5, storage=storage,
-                        lm_batch_size=max(1, args.lm_tokens // context_len), dtype=dtype)
-
-
-# the loop as session 3 measured it: an fp32 ring, the LM in torch's ops (same run, for the ratio)
-LOOP_BEFORE = {"dtype": "float32", "kernels": "torch"}
-
-
 def measure_loop(args: argparse.Namespace, rec: Recorder, d_sae: int, storage: str, context_len: int,
                  step_rate: float | None, native: bool = True, before: bool = False,
-                 text_prefetch: int | None = None, feed: str = "text") -> float | None:
+                 text_prefetch: int | None = None, feed: str = "text", variant: str = "") -> float | None:
     """LM -> ring -> batches -> the best step, configured as `sae-stream train` (buffer.dtype auto: the dtype the
     LM gives; the LM's LayerNorms by --kernels), or with `before` as LOOP_BEFORE; fed random tokens, or with
-    `text_prefetch` real text (`feed`: text_batches') read as data.prefetch=text_prefetch does."""
+    `text_prefetch` real text (`feed`: text_batches') read as data.prefetch=text_prefetch does; `variant`: a
+    LOOP_VARIANTS suffix (the trainer's settings changed)."""
     def fn() -> tuple[float, dict]:
         bcfg = buffer_cfg(args, storage, context_len, LOOP_BEFORE["dtype"] if before else "auto")
         kernels = LOOP_BEFORE["kernels"] if before else lm_kernels(args)
@@ -278,7 +177,7 @@ def measure_loop(args: argparse.Namespace, rec: Recorder, d_sae: int, storage: s
     def run_loop(bcfg: BufferConfig, kernels: str, text: Iterable[Tensor] | None) -> tuple[float, dict]:
         stream = make_stream(context_len, args.device, bcfg, args.device, native, kernels, text)
         buffer = ShuffleBuffer(stream, bcfg, args.device, d_in=512)
-        trainer = make_trainer(args, d_sae, STEP_VARIANTS[BEST])
+        trainer = make_trainer(args, d_sae, STEP_VARIANTS[BEST] | LOOP_VARIANTS[variant])
         dtype = trainer.input_dtype(buffer.dtype)
         rate, extra = timed_steps(args, trainer, buffer.batches(args.batch, dtype=dtype))
         extra |= {"storage": storage, "context_len": context_len, "capacity": args.capacity,
@@ -288,7 +187,7 @@ def measure_loop(args: argparse.Namespace, rec: Recorder, d_sae: int, storage: s
         if step_rate:
             extra["ratio_to_step"] = round(rate / step_rate, 3)
         return rate, extra
-    suffix = ("" if native else "_tl") + ("_fp32_ring_torch_ops" if before else "") + \
+    suffix = variant + ("" if native else "_tl") + ("_fp32_ring_torch_ops" if before else "") + \
         ("" if text_prefetch is None else f"_{feed}" + ("_prefetched" if text_prefetch else "_inline"))
     return rec.guarded(f"loop_{storage}_ctx{context_len}{suffix}", d_sae, fn)
 
@@ -364,6 +263,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             storage = "cuda" if args.device == "cuda" else "cpu"
             rate = measure_loop(args, rec, d_sae, storage, args.context_len, best)
             if d_sae == args.d_saes[0]:
+                for variant in list(LOOP_VARIANTS)[1:]:
+                    measure_loop(args, rec, d_sae, storage, args.context_len, best, variant=variant)
                 measure_loop(args, rec, d_sae, storage, args.context_len, best, before=True)
                 tokens = load_config(PAPER_A1).train.total_tokens
                 if rate:

@@ -28,7 +28,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from buffer_throughput import HOOK, sync  # noqa: E402
-from gpu_compare import BEST, STEP_VARIANTS, buffer_cfg, build_lm, lm_kernels, make_stream, make_trainer  # noqa: E402
+from gpu_setup import BEST, STEP_VARIANTS, buffer_cfg, build_lm, lm_kernels, make_stream, make_trainer  # noqa: E402
 
 from lm.capture import GPTCapture  # noqa: E402
 from sae_stream.buffer import ShuffleBuffer  # noqa: E402

@@ -36,9 +36,11 @@ from sae_stream.config_sections import (
 )
 
 # What one LM forward and one buffer fix for every SAE of a sweep: the batches, the step count, and when
-# checkpoints and metric records happen (all members checkpoint together); tf32 is a process-wide torch switch.
+# checkpoints and metric records happen (all members checkpoint together); tf32 is a process-wide torch switch and
+# stream_priority picks the one stream all members' steps run on.
 SWEEP_SHARED_TRAIN = ("device", "total_tokens", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints",
-                      "background_checkpoints", "nan_policy", "cpu_malloc_tuning", "tf32")
+                      "background_checkpoints", "nan_policy", "cpu_malloc_tuning", "tf32",
+                      "stream_priority")
 SWEEP_SHARED_RESAMPLE = ("pool_size", "pool_dtype")  # one pool, drawn once per step, for every member resampling
 SWEEP_SECTIONS = ("sae", "train", "resample")
 SWEEP_RESERVED = ("checkpoints", "sae", "lm", "dashboard")

@@ -219,6 +219,9 @@ class TrainConfig:
     CUDA)."""
     cuda_graphs: bool = True
     """CUDA: replay the whole step (fwd, bwd, Adam, constraints, metrics) as one graph (not with nan skip / DDP)."""
+    stream_priority: bool = True
+    """CUDA: train on a high-priority stream, so the LM's refills (a default-priority stream) take the SMs the step
+    leaves idle rather than delaying its kernels."""
     tf32: bool = True
     """On CUDA, let fp32 matmuls use TF32 tensor cores (torch.backends.cuda.matmul.allow_tf32)."""
     cpu_malloc_tuning: bool = True

@@ -4,16 +4,22 @@
     f, colsum_F, counts_F = encode_relu(xc_BD, W_enc_DF, b_enc_F, "triton")   # f = ReLU(xc W + b), Σ_B f, #(f > 0)
     g_r, sq, rsum_D = residual(recon_BD, x_BD, c, torch.bfloat16, "triton")  # c·(x̂ − x) cast, Σ(x̂ − x)², Σ_B
     g_pre, gsum_F = relu_backward(g_BD, W_dec_FD, f, add, "triton")            # [f > 0]·(g W_decᵀ + add), Σ_B g_pre
+    f, _, _ = encode_relu(xc_BD, W_enc_DF, b_enc_F, "triton", stats=False)     # f alone: Triton's or cuBLAS's matmul
+    g_pre, gsum_F, colsum_F, counts_F = relu_backward(..., stats=True)         # f's sums from the tile the mask loads
     project_out_rows_(g_FD, W_FD, "triton")    # g_f −= (⟨g_f, w_f⟩ / ‖w_f‖²) w_f per row: one pass instead of ~8
     normalize_rows_(W_FD, "triton")            # w_f /= ‖w_f‖ per row
 
 Why: on an H200 at d_sae 4096 / batch 8192 the matmuls of a step took ~250 µs and the passes over [B, d_sae]
 between them (the L1 sum, firing counts, the λ add, the ReLU mask, the b_enc gradient sum) ~450 µs more. Here each
 tile is finished where the matmul left it, in registers: one write of f, one of g_pre, and per-row-block partial
-column sums ([⌈B/64⌉, d_sae], reduced by torch: deterministic, unlike atomics). Sums are of the values stored (f in
-the matmul dtype, promoted to fp32), so they equal what a pass over the stored f would give. The [batch, d_in]
-passes (centring, residual, their sums for the loss, b_dec's gradient and the FVU's variance) are one kernel each
-instead of ~4 (each ~5-20 µs however small: a step was ~0.65 ms).
+column sums ([⌈B/BM⌉, ·, d_sae], finished by one matrix-vector product: deterministic, unlike atomics). Sums are
+of the values stored (f in the matmul dtype, promoted to fp32), so they equal what a pass over the stored f would
+give. The step takes Σ_B f and the firing counts from the backward (stats=True), which loads f for its mask
+anyway: the encoder is then a plain matmul + bias + ReLU, which cuBLAS's epilogue may do faster than Triton's
+kernel (session 15's profile on an H200: Triton's encoder with its sums 91 µs, a cuBLAS matmul of that shape 44):
+on CUDA the first call per shape times both and keeps the faster (ENCODE_ENV overrides). The [batch, d_in] passes
+(centring, residual, their sums for the loss, b_dec's gradient and the FVU's variance) are one kernel each instead
+of ~4 (each ~5-20 µs however small: a step was ~0.65 ms).
 
 `backend="torch"` is the reference (and the path without Triton); `"triton"` runs the kernels (on CPU tensors
 through Triton's interpreter: slow, for tests). Inputs are 2-D with unit stride in the last dim, of one dtype
@@ -34,7 +40,13 @@ from torch import Tensor
 MAX_ROW = 8192  # the row kernels hold a whole row (padded to a power of two) in registers
 MAX_NUMEL = 2**31 - 2**24  # the kernels index with 32-bit offsets: larger tensors take the torch path
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)  # what the row kernels read x in (computing in fp32)
-MIN_BLOCK_M = 64  # the smallest row block of any config: partial-sum buffers have ⌈B/64⌉ rows (unused ones zero)
+MIN_BLOCK_M = 64  # the smallest row block of any config: partial-sum buffers have ⌈B/64⌉ rows (a launch writes
+# ⌈B/BM⌉ of them: only those are summed, so they need no zeroing)
+MAX_COUNT_ROWS = 2**24  # counts are summed as fp32 (exact up to here): larger batches take the torch path
+# the step's encoder on CUDA: auto (time Triton's and cuBLAS's per shape), triton, cublas, or stats (as before
+# session 16: Triton's, with f's column sums in its epilogue instead of the backward's; for benchmarks)
+ENCODE_ENV = "SAE_STREAM_ENCODE"
+ENCODERS = ("auto", "triton", "cublas", "stats")
 # (BM, BN, BK, warps, stages) tried by the autotuner on the first call per shape (~10-20 s); "0" in this environment
 # variable uses FIXED instead (tests: seconds, not a minute of tuning per shape). An H200 at batch 8192 picked
 # 128×128×64/4/3 for both kernels at 512 -> 4096 and 16384; 128×128×32/4/5 and 256×128×32/8/4 at 65536.
@@ -71,8 +83,9 @@ def center(x_BD: Tensor, b_D: Tensor, dtype: torch.dtype, backend: str) -> tuple
     sq = torch.empty(grid[0], dtype=torch.float32, device=x_BD.device)
     bad = torch.empty(grid[0], dtype=torch.int32, device=x_BD.device)
     kernel[grid](x_BD, b_D, xc_BD, col, sq, bad, B, D=D, **meta)
-    # per-block fp32 sums of x − b (b ≈ the data's centre: little cancellation), combined in fp64
-    col_D = col.sum(0, dtype=torch.float64)
+    # per-block fp32 sums of x − b (b ≈ the data's centre: little cancellation), combined in fp64 by a mat-vec
+    # (on an H200 torch's sum over dim 0 of these [B/16, D] took ~13 µs, a cast + mat-vec a few)
+    col_D = col_sums(col.double())
     return xc_BD, sq.sum(dtype=torch.float64) - col_D.square().sum() / B, bad.sum() == 0
 
 
@@ -86,15 +99,14 @@ def residual(recon_BD: Tensor, x_BD: Tensor, c: float, dtype: torch.dtype, backe
             recon_BD = recon_BD.float()
         r_BD = torch.sub(recon_BD, x_BD)  # fp32 out of a bf16 x̂: no separate cast
         g_BD = torch.mul(r_BD, c, out=torch.empty_like(r_BD, dtype=dtype))
-        ones_B = torch.ones(len(r_BD), dtype=r_BD.dtype, device=r_BD.device)
-        return g_BD, torch.linalg.vector_norm(r_BD).square(), r_BD.T.mv(ones_B)  # mat-vec: faster than sum(0)
+        return g_BD, torch.linalg.vector_norm(r_BD).square(), col_sums(r_BD)
     (B, D) = x_BD.shape
     g_BD = torch.empty(B, D, dtype=dtype, device=x_BD.device)
     kernel, grid, meta = _row_launcher("residual", x_BD)
     col = torch.empty(grid[0], D, dtype=torch.float32, device=x_BD.device)
     sq = torch.empty(grid[0], dtype=torch.float32, device=x_BD.device)
     kernel[grid](recon_BD, x_BD, g_BD, col, sq, B, c, D=D, **meta)
-    return g_BD, sq.sum(), col.sum(0)
+    return g_BD, sq.sum(), col_sums(col)
 
 
 @functools.cache
@@ -122,38 +134,72 @@ def triton_probe(device: torch.device) -> str | None:
     return None
 
 
-def encode_relu(xc_BD: Tensor, W_DF: Tensor, b_F: Tensor, backend: str, tune: bool = True
-                ) -> tuple[Tensor, Tensor, Tensor]:
-    """f = ReLU(xc W + b) in xc's dtype, Σ_B f (fp32) and the number of rows with f > 0 (int64), per feature.
-    `tune=False`: the FIXED config even where the autotuner would run."""
-    if backend == "torch" or max(xc_BD.shape[0] * W_DF.shape[1], W_DF.numel(), xc_BD.numel()) >= MAX_NUMEL:
-        b = b_F.to(xc_BD.dtype)
-        f_BF = torch._addmm_activation(b, xc_BD, W_DF) if xc_BD.is_cuda else torch.addmm(b, xc_BD, W_DF).relu_()
-        return f_BF, f_BF.sum(0, dtype=_sum_dtype(f_BF)), firing_counts(f_BF)
+def encode_relu(xc_BD: Tensor, W_DF: Tensor, b_F: Tensor, backend: str, tune: bool = True, stats: bool = True,
+                impl: str | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """f = ReLU(xc W + b) in xc's dtype; with `stats` also Σ_B f (fp32) and the number of rows with f > 0 (int64)
+    per feature, else None for both (relu_backward(stats=True) gives them). `tune=False`: the FIXED config even
+    where the autotuner would run. Without stats the Triton backend's matmul is `impl` ('triton' or 'cublas': a
+    bias + ReLU epilogue, on CPU addmm + relu), by default encoder_impl()'s pick."""
+    if backend == "torch" or max(xc_BD.shape[0] * W_DF.shape[1], W_DF.numel(), xc_BD.numel()) >= MAX_NUMEL \
+            or xc_BD.shape[0] >= MAX_COUNT_ROWS:
+        f_BF = _addmm_relu(b_F, xc_BD, W_DF)
+        return (f_BF, f_BF.sum(0, dtype=_sum_dtype(f_BF)), firing_counts(f_BF)) if stats else (f_BF, None, None)
+    if not stats and (impl or encoder_impl(xc_BD, W_DF, b_F, tune)) == "cublas":
+        return _addmm_relu(b_F, xc_BD, W_DF), None, None
     (B, D), F = xc_BD.shape, W_DF.shape[1]
     f_BF = torch.empty(B, F, dtype=xc_BD.dtype, device=xc_BD.device)
-    sums = torch.zeros(triton_cdiv(B, MIN_BLOCK_M), F, dtype=torch.float32, device=xc_BD.device)
-    counts = torch.zeros(sums.shape, dtype=torch.int32, device=xc_BD.device)
+    part = torch.empty(triton_cdiv(B, MIN_BLOCK_M), 2, F, dtype=torch.float32, device=xc_BD.device) if stats else f_BF
     kernel, grid, extra = _launcher("encode", xc_BD, F, tune)
-    kernel[grid](xc_BD, W_DF, b_F, f_BF, sums, counts, B, F, xc_BD.stride(0), W_DF.stride(0), W_DF.stride(1), K=D,
-                 **_precision(xc_BD), **extra)
-    return f_BF, sums.sum(0), counts.sum(0)
+    kernel[grid](xc_BD, W_DF, b_F, f_BF, part, B, F, xc_BD.stride(0), W_DF.stride(0),
+                 W_DF.stride(1), K=D, STATS=stats, **_precision(xc_BD), **extra)
+    if not stats:
+        return f_BF, None, None
+    fsum_F, counts_F = _finish(part, _rows_written(kernel, extra, B))
+    return f_BF, fsum_F, counts_F.long()
 
 
-def relu_backward(g_BD: Tensor, W_FD: Tensor, f_BF: Tensor, add: Tensor, backend: str) -> tuple[Tensor, Tensor]:
-    """g_pre = [f > 0]·(g W_FDᵀ + add) in g's dtype (add: a 0-dim fp32 tensor) and Σ_B g_pre (fp32)."""
-    if backend == "torch" or max(g_BD.shape[0] * W_FD.shape[0], W_FD.numel(), g_BD.numel()) >= MAX_NUMEL:
+def relu_backward(g_BD: Tensor, W_FD: Tensor, f_BF: Tensor, add: Tensor, backend: str, stats: bool = False
+                  ) -> tuple[Tensor, ...]:
+    """g_pre = [f > 0]·(g W_FDᵀ + add) in g's dtype (add: a 0-dim fp32 tensor) and Σ_B g_pre (fp32); with
+    `stats` also Σ_B f (fp32) and the rows with f > 0 (int64), per feature, as encode_relu(stats=True) gives them."""
+    if backend == "torch" or max(g_BD.shape[0] * W_FD.shape[0], W_FD.numel(), g_BD.numel()) >= MAX_NUMEL \
+            or g_BD.shape[0] >= MAX_COUNT_ROWS:
         # λ/B as a bias vector, added in the matmul's epilogue (in bf16 runs rounded to bf16: <= 0.2% of λ)
         bias_F = add.to(g_BD.dtype).expand(W_FD.shape[0])
         g_pre = torch.ops.aten.threshold_backward(torch.addmm(bias_F, g_BD, W_FD.T), f_BF, 0)
-        return g_pre, g_pre.sum(0, dtype=_sum_dtype(g_pre))
+        out = (g_pre, g_pre.sum(0, dtype=_sum_dtype(g_pre)))
+        return out + (f_BF.sum(0, dtype=_sum_dtype(f_BF)), firing_counts(f_BF)) if stats else out
     (B, D), F = g_BD.shape, W_FD.shape[0]
     g_pre = torch.empty(B, F, dtype=g_BD.dtype, device=g_BD.device)
-    sums = torch.zeros(triton_cdiv(B, MIN_BLOCK_M), F, dtype=torch.float32, device=g_BD.device)
+    part = torch.empty(triton_cdiv(B, MIN_BLOCK_M), 3 if stats else 1, F, dtype=torch.float32, device=g_BD.device)
     kernel, grid, extra = _launcher("backward", g_BD, F)
-    kernel[grid](g_BD, W_FD, f_BF, add, g_pre, sums, B, F, g_BD.stride(0), W_FD.stride(0), W_FD.stride(1),
-                 f_BF.stride(0), K=D, **_precision(g_BD), **extra)
-    return g_pre, sums.sum(0)
+    kernel[grid](g_BD, W_FD, f_BF, add, g_pre, part, B, F, g_BD.stride(0), W_FD.stride(0), W_FD.stride(1),
+                 f_BF.stride(0), K=D, STATS=stats, **_precision(g_BD), **extra)
+    sums = _finish(part, _rows_written(kernel, extra, B))
+    return (g_pre, sums[0], sums[1], sums[2].long()) if stats else (g_pre, sums[0])
+
+
+def _addmm_relu(b_F: Tensor, x_BD: Tensor, W_DF: Tensor) -> Tensor:
+    b = b_F.to(x_BD.dtype)
+    return torch._addmm_activation(b, x_BD, W_DF) if x_BD.is_cuda else torch.addmm(b, x_BD, W_DF).relu_()
+
+
+def _finish(part_RSF: Tensor, rows: int) -> Tensor:
+    """[S, F]: the sums over the first `rows` row blocks of a kernel's partial sums, by one matrix-vector product."""
+    R, S, F = part_RSF.shape
+    return col_sums(part_RSF[:rows].view(rows, S * F)).view(S, F)
+
+
+def col_sums(x_RC: Tensor) -> Tensor:
+    """Σ over rows, [C], as a mat-vec (cuBLAS): on an H200 torch's sum(0) of a [128, 4096] fp32 tensor took ~9 µs."""
+    return x_RC.T.mv(x_RC.new_ones(x_RC.shape[0]))
+
+
+def _rows_written(kernel: Any, extra: dict, B: int) -> int:
+    """How many row blocks (of the partial sums) the launch just made wrote: ⌈B/BM⌉ for the BM it ran with (the
+    autotuner's pick for this call, read on the host: no sync; graph replays keep the captured launch)."""
+    bm = extra["BM"] if "BM" in extra else kernel.best_config.kwargs["BM"]
+    return triton_cdiv(B, bm)
 
 
 @torch.no_grad()
@@ -227,11 +273,60 @@ def _launcher(name: str, x: Tensor, F: int, tune: bool = True):
     return kernels[name], grid, {"UPCAST": False}
 
 
+def stats_in_encoder() -> bool:
+    """ENCODE_ENV=stats: the step takes f's column sums from the encoder (Triton), not from the backward."""
+    return _encoder_env() == "stats"
+
+
+def _encoder_env() -> str:
+    value = os.environ.get(ENCODE_ENV, "auto")
+    if value not in ENCODERS:
+        raise ValueError(f"{ENCODE_ENV}={value!r}: use {', '.join(ENCODERS[:-1])} or {ENCODERS[-1]}")
+    return value
+
+
+_ENCODER_PICKS: dict[tuple, str] = {}  # (shapes, dtype, precision, device) -> 'triton' | 'cublas'
+
+
+def encoder_impl(xc_BD: Tensor, W_DF: Tensor, b_F: Tensor, tune: bool = True) -> str:
+    """Which matmul the stats-free encoder runs: ENCODE_ENV if set to triton or cublas; on CUDA otherwise the faster
+    of the two on these shapes, timed once (outside graph capture: a capture that meets an untimed shape uses
+    Triton's); Triton's off CUDA (the interpreter)."""
+    forced = _encoder_env()
+    if forced != "auto" or not xc_BD.is_cuda:
+        return "cublas" if forced == "cublas" else "triton"
+    key = (tuple(xc_BD.shape), tuple(W_DF.shape), W_DF.stride(), xc_BD.dtype, _precision(xc_BD)["PRECISION"],
+           xc_BD.device, tune)
+    if key not in _ENCODER_PICKS:
+        if torch.cuda.is_current_stream_capturing():
+            return "triton"
+        _ENCODER_PICKS[key] = _time_encoders(xc_BD, W_DF, b_F, tune)
+    return _ENCODER_PICKS[key]
+
+
+def _time_encoders(xc_BD: Tensor, W_DF: Tensor, b_F: Tensor, tune: bool, reps: int = 20) -> str:
+    """The faster encoder on these inputs (device time of `reps` calls after 3 warm-ups: Triton's autotuning and
+    compilation happen in the first)."""
+    times = {}
+    for impl in ("triton", "cublas"):
+        for _ in range(3):
+            encode_relu(xc_BD, W_DF, b_F, "triton", tune, stats=False, impl=impl)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            encode_relu(xc_BD, W_DF, b_F, "triton", tune, stats=False, impl=impl)
+        end.record()
+        end.synchronize()
+        times[impl] = start.elapsed_time(end)
+    return min(times, key=times.__getitem__)
+
+
 def tuned_configs() -> dict[str, str]:
-    """The autotuner's pick per kernel (for benchmark records): 'BM×BN×BK/warps/stages', once it has run."""
+    """The autotuner's pick per kernel (for benchmark records): 'BM×BN×BK/warps/stages', once it has run; and the
+    last encoder matmul picked by timing (`encoder`)."""
     if not triton_available() or _kernels.cache_info().currsize == 0:
         return {}
-    out = {}
+    out = {"encoder": next(reversed(_ENCODER_PICKS.values()))} if _ENCODER_PICKS else {}
     for name in ("encode", "backward"):
         best = getattr(_kernels()[name], "best_config", None)
         if best is not None:
@@ -248,7 +343,7 @@ def autotuned(fn: Any, configs: list, key: list[str], **kwargs: Any) -> Any:
     """triton.autotune(configs, key, ...)(fn), its picks kept on disk in Triton's cache (TRITON_CACHE_DIR, keyed by
     the kernel's source, the configs, the shape key, the GPU architecture (H100 and H200 share sm_90) and Triton's
     version) where this Triton can: a later run skips the tuning (~10-20 s per shape; clear that directory to tune
-    again). Safe with reset_to_zero: without trial runs nothing needs zeroing (callers allocate those sums zeroed)."""
+    again)."""
     import inspect
 
     import triton
@@ -263,120 +358,14 @@ def _kernels() -> dict:
     import triton
     from triton.runtime.interpreter import InterpretedFunction
 
+    from sae_stream import fused_kernels as k
+
     configs = [triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s) for bm, bn, bk, w, s in CONFIGS]
-    fns = {"encode": _encode, "backward": _backward, "center": _center, "residual": _residual,
-           "project": _project_rows, "normalize": _normalize_rows}
+    fns = {"encode": k._encode, "backward": k._backward, "center": k._center, "residual": k._residual,
+           "project": k._project_rows, "normalize": k._normalize_rows}
     out = {name: triton.jit(fn) for name, fn in fns.items()}
-    for name, sums in (("encode", ["sum_ptr", "cnt_ptr"]), ("backward", ["sum_ptr"])):
+    for name in ("encode", "backward"):
         out[name + "_fixed"] = out[name]
-        # the partial sums have ⌈B/64⌉ rows, a config writes ⌈B/BM⌉: zero them before each timed config and before
-        # the real launch, or a BM=64 trial's rows would stay in the first step's sums (the key also has dtypes)
-        out[name] = autotuned(out[name], configs, ["M", "N", "K", "PRECISION"], reset_to_zero=sums)
+        # (the partial sums need no reset between trials: only the rows the final launch wrote are summed)
+        out[name] = autotuned(out[name], configs, ["M", "N", "K", "STATS", "PRECISION"])
     return out | {name + "_interpreted": InterpretedFunction(fn) for name, fn in fns.items()}
-
-
-try:
-    import triton.language as tl
-except ImportError:  # the torch backend only
-    tl = None
-
-if tl is not None:
-    # Matmul kernels: program -> (row block, column block), neighbours share a row block of the input. Loads wrap
-    # rows modulo M (in bounds without a mask) and mask K only when BK ∤ K; the epilogue masks what lies outside
-    # [M, N]: stores and the partial sums.
-
-    def _encode(x_ptr, w_ptr, b_ptr, f_ptr, sum_ptr, cnt_ptr, M, N, sxm, swk, swn, K: tl.constexpr,
-                PRECISION: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-        n_blocks = tl.cdiv(N, BN)
-        pid_m, pid_n = tl.program_id(0) // n_blocks, tl.program_id(0) % n_blocks
-        rm, rn, rk = pid_m * BM + tl.arange(0, BM), pid_n * BN + tl.arange(0, BN), tl.arange(0, BK)
-        am = rm % M  # rows past M re-read valid ones (masked below): the loads need no row mask
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for k0 in range(0, K, BK):
-            a_ptrs = x_ptr + am[:, None] * sxm + (k0 + rk)[None, :]
-            b_ptrs = w_ptr + (k0 + rk)[:, None] * swk + rn[None, :] * swn  # contiguous along N: masked, not wrapped
-            if K % BK == 0:
-                a = tl.load(a_ptrs)
-                b = tl.load(b_ptrs, mask=rn[None, :] < N, other=0.0)
-            else:
-                a = tl.load(a_ptrs, mask=k0 + rk[None, :] < K, other=0.0)
-                b = tl.load(b_ptrs, mask=(k0 + rk[:, None] < K) & (rn[None, :] < N), other=0.0)
-            if UPCAST:  # the interpreter's dot mishandles bf16; bf16 products are exact in fp32 anyway
-                a, b = a.to(tl.float32), b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        bias = tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
-        valid = (rm[:, None] < M) & (rn[None, :] < N)
-        f = tl.where(valid, tl.maximum(acc + bias[None, :], 0.0), 0.0).to(f_ptr.dtype.element_ty)
-        tl.store(f_ptr + rm[:, None] * N + rn[None, :], f, mask=valid)
-        f32 = f.to(tl.float32)
-        tl.store(sum_ptr + pid_m * N + rn, tl.sum(f32, axis=0), mask=rn < N)
-        tl.store(cnt_ptr + pid_m * N + rn, tl.sum((f32 > 0).to(tl.int32), axis=0), mask=rn < N)
-
-    def _backward(g_ptr, w_ptr, f_ptr, add_ptr, out_ptr, sum_ptr, M, N, sgm, swn, swk, sfm, K: tl.constexpr,
-                  PRECISION: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-        n_blocks = tl.cdiv(N, BN)
-        pid_m, pid_n = tl.program_id(0) // n_blocks, tl.program_id(0) % n_blocks
-        rm, rn, rk = pid_m * BM + tl.arange(0, BM), pid_n * BN + tl.arange(0, BN), tl.arange(0, BK)
-        am, bn = rm % M, rn % N  # W_dec's rows are its non-contiguous dim: wrapped like x's
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for k0 in range(0, K, BK):
-            a_ptrs = g_ptr + am[:, None] * sgm + (k0 + rk)[None, :]
-            b_ptrs = w_ptr + (k0 + rk)[:, None] * swk + bn[None, :] * swn  # a W_decᵀ tile, [BK, BN]
-            if K % BK == 0:
-                a, b = tl.load(a_ptrs), tl.load(b_ptrs)
-            else:
-                a = tl.load(a_ptrs, mask=k0 + rk[None, :] < K, other=0.0)
-                b = tl.load(b_ptrs, mask=k0 + rk[:, None] < K, other=0.0)
-            if UPCAST:
-                a, b = a.to(tl.float32), b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        valid = (rm[:, None] < M) & (rn[None, :] < N)
-        f = tl.load(f_ptr + rm[:, None] * sfm + rn[None, :], mask=valid, other=0.0)
-        g = tl.where(valid & (f > 0), acc + tl.load(add_ptr), 0.0).to(out_ptr.dtype.element_ty)
-        tl.store(out_ptr + rm[:, None] * N + rn[None, :], g, mask=valid)
-        tl.store(sum_ptr + pid_m * N + rn, tl.sum(g.to(tl.float32), axis=0), mask=rn < N)
-
-    # Row kernels: BR whole rows (padded to BD, a power of two) per program; sums per program, combined by torch.
-
-    def _center(x_ptr, b_ptr, xc_ptr, col_ptr, sq_ptr, bad_ptr, M, D: tl.constexpr, BD: tl.constexpr,
-                BR: tl.constexpr):
-        pid = tl.program_id(0)
-        rows, cols = pid * BR + tl.arange(0, BR), tl.arange(0, BD)
-        mask = (rows[:, None] < M) & (cols[None, :] < D)
-        offs = rows[:, None] * D + cols[None, :]
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        b = tl.load(b_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
-        xc = tl.where(mask, x - b[None, :], 0.0)
-        finite = (x == x) & (tl.abs(x) < float("inf"))  # NaN != NaN
-        tl.store(bad_ptr + pid, tl.sum(tl.sum((mask & ~finite).to(tl.int32), axis=1), axis=0))
-        tl.store(xc_ptr + offs, xc.to(xc_ptr.dtype.element_ty), mask=mask)
-        tl.store(col_ptr + pid * D + cols, tl.sum(xc, axis=0), mask=cols < D)
-        tl.store(sq_ptr + pid, tl.sum(tl.sum(xc * xc, axis=1), axis=0))
-
-    def _residual(r_ptr, x_ptr, g_ptr, col_ptr, sq_ptr, M, c, D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr):
-        pid = tl.program_id(0)
-        rows, cols = pid * BR + tl.arange(0, BR), tl.arange(0, BD)
-        mask = (rows[:, None] < M) & (cols[None, :] < D)
-        offs = rows[:, None] * D + cols[None, :]
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        r = tl.where(mask, tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32) - x, 0.0)
-        tl.store(g_ptr + offs, (r * c).to(g_ptr.dtype.element_ty), mask=mask)
-        tl.store(col_ptr + pid * D + cols, tl.sum(r, axis=0), mask=cols < D)
-        tl.store(sq_ptr + pid, tl.sum(tl.sum(r * r, axis=1), axis=0))
-
-    def _project_rows(g_ptr, w_ptr, F, D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr):
-        rows, cols = tl.program_id(0) * BR + tl.arange(0, BR), tl.arange(0, BD)
-        mask = (rows[:, None] < F) & (cols[None, :] < D)
-        offs = rows[:, None] * D + cols[None, :]
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0)
-        w = tl.load(w_ptr + offs, mask=mask, other=0.0)
-        coef = tl.sum(g * w, axis=1) / tl.maximum(tl.sum(w * w, axis=1), 1e-12)
-        tl.store(g_ptr + offs, g - coef[:, None] * w, mask=mask)
-
-    def _normalize_rows(w_ptr, F, D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr):
-        rows, cols = tl.program_id(0) * BR + tl.arange(0, BR), tl.arange(0, BD)
-        mask = (rows[:, None] < F) & (cols[None, :] < D)
-        offs = rows[:, None] * D + cols[None, :]
-        w = tl.load(w_ptr + offs, mask=mask, other=0.0)
-        norm = tl.maximum(tl.sqrt(tl.sum(w * w, axis=1)), 1e-12)
-        tl.store(w_ptr + offs, w / norm[:, None], mask=mask)

@@ -3,6 +3,7 @@
     out, stats = anthropic_grads_(sae, x_BD, lam, torch.bfloat16, "triton")  # sets .grad of the 4 parameters
     step = GraphedStep(body)                                   # body(x_BD): one sync-free optimisation step
     step(x_BD, key=auxk_on)                                    # eager warm-up, then capture once, then replay
+    with priority_stream(device): ...                          # training ahead of the LM's refills on the GPU
 
 Why by hand: autograd's version of the Anthropic loss makes several more passes over the [B, d_sae] activations
 (ReLU backward, the λ gradient expanded and added separately, a bool firing mask) and, at 4096 features, a step is
@@ -12,20 +13,52 @@ number of times; the graph turns the ~40 launches into one. Both are checked aga
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import warnings
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from sae_stream.config import ConfigError
-from sae_stream.fused_ops import center, encode_relu, relu_backward, residual, triton_available, triton_probe
+from sae_stream.fused_ops import (
+    center,
+    encode_relu,
+    relu_backward,
+    residual,
+    stats_in_encoder,
+    triton_available,
+    triton_probe,
+)
 from sae_stream.sae import SAE, AnthropicSAE, SAEOutput
 
 GRAPH_WARMUP_STEPS = 3  # eager steps (on a side stream) before capture: lazy optimizer state, cuBLAS workspaces
+
+
+HIGH_PRIORITY = -1  # CUDA stream priorities: lower is higher; 0 (every stream's default) is the lowest
+
+
+@contextlib.contextmanager
+def priority_stream(device: torch.device, enabled: bool = True) -> Iterator[None]:
+    """Run the block (training: batch draws, steps, metrics) on a CUDA stream of high priority, ordered after the
+    work already queued on the current stream, which then waits for it. The LM's refills run on the buffer's
+    producer stream at the default (lowest) priority: when both have work ready, the SMs that free up take the
+    step's blocks first, and the LM fills what the step's small kernels leave idle (running blocks are never
+    preempted). A no-op off CUDA, when `enabled` is false, or when the current stream has high priority already."""
+    if device.type != "cuda" or not enabled or torch.cuda.current_stream(device).priority <= HIGH_PRIORITY:
+        yield
+        return
+    outer = torch.cuda.current_stream(device)
+    inner = torch.cuda.Stream(device, priority=HIGH_PRIORITY)
+    inner.wait_stream(outer)
+    try:
+        with torch.cuda.stream(inner):
+            yield
+    finally:
+        outer.wait_stream(inner)
 
 
 def supports_fused(sae: SAE) -> bool:
@@ -77,15 +110,20 @@ def anthropic_grads_(sae: SAE, x_BD: Tensor, lam: float | Tensor, dtype: torch.d
     with torch.no_grad():
         xc_BD, var_sq, finite = center(x_BD, b_dec, dtype, kernels)
         W_dec_c, W_enc_c = W_dec.to(dtype), W_enc.to(dtype)
-        feats_BF, fsum_F, counts_F = encode_relu(xc_BD, W_enc_c, b_enc, kernels)
+        # Triton: the encoder without its column sums, which the backward takes from the f tiles it loads anyway
+        split = kernels == "triton" and not stats_in_encoder()
+        feats_BF, fsum_F, counts_F = encode_relu(xc_BD, W_enc_c, b_enc, kernels, stats=not split)
         recon_BD = torch.addmm(b_dec.to(dtype), feats_BF, W_dec_c)
         c = 2.0 / (n * d)
         g_recon_c, sq, rsum_D = residual(recon_BD, x_BD, c, dtype, kernels)  # g_r in the matmul dtype
         mse = sq / (n * d)
-        l1 = fsum_F.sum() / n
         W_dec.grad = _mm_to(feats_BF.T, g_recon_c, acc)
         add = (lam / n).to(acc) if isinstance(lam, Tensor) else torch.tensor(lam / n, dtype=acc, device=x_BD.device)
-        g_pre_BF, g_benc_F = relu_backward(g_recon_c, W_dec_c, feats_BF, add, kernels)
+        if split:
+            g_pre_BF, g_benc_F, fsum_F, counts_F = relu_backward(g_recon_c, W_dec_c, feats_BF, add, kernels, True)
+        else:
+            g_pre_BF, g_benc_F = relu_backward(g_recon_c, W_dec_c, feats_BF, add, kernels)
+        l1 = fsum_F.sum() / n
         W_enc.grad = _mm_to(xc_BD.T, g_pre_BF, acc)
         b_enc.grad = g_benc_F.to(acc)
         b_dec.grad = rsum_D.to(acc) * c - W_enc @ b_enc.grad

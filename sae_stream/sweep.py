@@ -28,6 +28,7 @@ from torch import Tensor
 
 from sae_stream.checkpoint import newest_common_step
 from sae_stream.process import TrainingInterrupted, signals_to
+from sae_stream.step import priority_stream
 from sae_stream.trainer import Trainer
 
 
@@ -71,7 +72,7 @@ def fit_together(trainers: Sequence[Trainer], batches: Iterator[Tensor], save_st
     for tr in trainers:
         tr.begin()
     try:
-        with signals_to(request_stop):
+        with signals_to(request_stop), priority_stream(lead.device, t.stream_priority):
             while lead.step < lead.total_steps:
                 try:
                     x_BD = next(it)

@@ -19,7 +19,8 @@ Device: the batches' device (the SAE and optimizer move there on the first batch
 with the host except every log_every steps (metrics are summed on device), at resampling steps, and per step
 under nan_policy='skip' (dropping rows needs their count). Non-finite inputs under nan_policy='stop' are
 detected on device and reported, with the step they first appeared in, at the next log step or checkpoint
-(before any checkpoint is written), so the run stops at most log_every steps after the bad batch.
+(before any checkpoint is written), so the run stops at most log_every steps after the bad batch. On CUDA the
+loop runs on a high-priority stream (train.stream_priority, step.priority_stream): ahead of the LM's refills.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from sae_stream.process import TrainingInterrupted, signals_to, tune_cpu_allocat
 from sae_stream.resample import FiringTracker, resample_dead_, resample_steps
 from sae_stream.sae import SAE
 from sae_stream.schedule import l1_coeff_at, lr_at
-from sae_stream.step import GraphedStep, anthropic_grads_, resolve_kernels, supports_fused
+from sae_stream.step import GraphedStep, anthropic_grads_, priority_stream, resolve_kernels, supports_fused
 from sae_stream.trainer_state import TrainerState
 
 if TYPE_CHECKING:
@@ -140,7 +141,7 @@ class Trainer(TrainerState):
         it = iter(batches)
         self.begin()
         try:
-            with signals_to(self.request_stop):
+            with signals_to(self.request_stop), priority_stream(self.device, self.cfg.train.stream_priority):
                 while self.step < self.total_steps:
                     try:
                         x_BD = next(it)

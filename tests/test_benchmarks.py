@@ -65,8 +65,8 @@ def test_gpu_compare__every_variant_measured_with_the_issue_fields(gpu_compare_c
     want = {(v, 256) for v in steps} | {(v, 512) for v in large}
     want |= {(f"lm_{kind}_ctx{ctx}", None) for kind in ("native", "tl") for ctx in (32, 128)}
     want |= {("lm_native_math_ctx32", None)}  # (sdpa_kernel forced, entered once per timed run)
-    want |= {(f"loop_cpu_ctx32{s}", 256) for s in ("", "_fp32_ring_torch_ops", "_tl", "_text_prefetched",
-                                                    "_text_inline", "_ids_prefetched")}
+    want |= {(f"loop_cpu_ctx32{s}", 256) for s in ("", "_no_priority", "_fp32_ring_torch_ops", "_tl",
+                                                    "_text_prefetched", "_text_inline", "_ids_prefetched")}
     want |= {("loop_cpu_ctx128", 256), ("loop_cpu_ctx32", 512), ("disk_write", None), ("disk_read_train", 256),
              ("projection_paper_a1", 256), ("projection_paper_a1_text", 256), ("projection_paper_a1_ids", 256),
              ("saelens_trainer_fast", 256),

@@ -70,6 +70,24 @@ def check_against_reference(backend: str, device: str, dtype: torch.dtype, shape
     torch.testing.assert_close(g_pre.double(), ref_g, **_tol(dtype, shape[1]))
     assert torch.equal(g_pre[f <= 0], torch.zeros_like(g_pre[f <= 0]))  # the mask is exact
     torch.testing.assert_close(gsum.double(), g_pre.double().sum(0), rtol=1e-5, atol=1e-6 * len(x))
+    check_split_stats(backend, (x, W_enc, b_enc, g_out, W_dec, add), f, ref, g_pre, gsum, shape[1])
+
+
+def check_split_stats(backend: str, inputs: tuple, f, ref, g_pre, gsum, D: int) -> None:
+    """The step's split: the encoder without stats (either matmul), the backward with f's sums and counts."""
+    x, W_enc, b_enc, g_out, W_dec, add = inputs
+    ref_rounded_bias = torch.relu(x.double() @ W_enc.double() + b_enc.to(x.dtype).double())
+    for impl in ("triton", "cublas"):  # (cuBLAS's epilogue adds a bias rounded to the matmul dtype, as autocast)
+        f_i, none_1, none_2 = encode_relu(x, W_enc, b_enc, backend, stats=False, impl=impl)
+        assert none_1 is None and none_2 is None and f_i.dtype == f.dtype
+        want = ref_rounded_bias if impl == "cublas" or backend == "torch" else ref
+        torch.testing.assert_close(f_i.double(), want, **_tol(f.dtype, D))
+    g_pre_s, gsum_s, fsum_s, counts_s = relu_backward(g_out, W_dec, f, add, backend, stats=True)
+    assert_equal(g_pre_s, g_pre)
+    torch.testing.assert_close(gsum_s, gsum, rtol=1e-6, atol=1e-6)
+    assert fsum_s.dtype == gsum.dtype and counts_s.dtype == torch.int64
+    torch.testing.assert_close(fsum_s.double(), f.double().sum(0), rtol=1e-5, atol=1e-6 * len(x))
+    assert torch.equal(counts_s, (f > 0).sum(0))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -93,8 +111,9 @@ def _interpreted_checks() -> None:
     check_layer_norm("triton", "cpu")
     check_block_mlp_in("triton", "cpu")
     check_gpt_capture("cpu")
-    from sae_stream.fused_ops import triton_probe
+    from sae_stream.fused_ops import ENCODE_ENV, triton_probe
     assert triton_probe(torch.device("cpu")) is None  # the probe's kernel, interpreted
+    check_step_encoders(ENCODE_ENV)
     for dtype in (torch.float32, torch.bfloat16):
         check_passes("triton", "cpu", dtype)
     runs = {}
@@ -111,6 +130,42 @@ def _interpreted_checks() -> None:
     for (_, a), (_, b) in zip(runs["triton"][1], runs["torch"][1]):
         assert a["l0"] == pytest.approx(b["l0"], rel=1e-6) and a["mse"] == pytest.approx(b["mse"], rel=1e-5)
     print("interpreted checks passed")
+
+
+def check_step_encoders(env: str) -> None:
+    """The step with Triton kernels, its encoder Triton's or cuBLAS's (f's sums from the backward) or Triton's with
+    f's sums (ENCODE_ENV=stats), against the step with torch's ops (fp32)."""
+    from sae_stream.step import anthropic_grads_
+    from tests.test_step import _sae
+
+    x_BD = torch.randn(130, 32, generator=torch.Generator().manual_seed(7)) + 0.05
+    grads = {}
+    for kernels, encoder in (("torch", "auto"), ("triton", "triton"), ("triton", "cublas"), ("triton", "stats")):
+        os.environ[env] = encoder
+        sae = _sae(0, torch.float32)
+        out, stats = anthropic_grads_(sae, x_BD, 0.3, torch.float32, kernels)
+        grads[kernels, encoder] = (out, stats, [p.grad for p in sae.parameters()])
+    os.environ.pop(env)
+    out_ref, stats_ref, grads_ref = grads["torch", "auto"]
+    for key in (("triton", "triton"), ("triton", "cublas"), ("triton", "stats")):
+        out, stats, g = grads[key]
+        assert torch.equal(stats.counts_F, stats_ref.counts_F), key
+        for name in ("loss", "mse", "l1"):
+            torch.testing.assert_close(getattr(out, name), getattr(out_ref, name), rtol=1e-5, atol=1e-7)
+        for a, b in zip(g, grads_ref):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_encoder_impl__bad_environment_value_is_a_one_line_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sae_stream.fused_ops import ENCODE_ENV, encoder_impl
+
+    x, W_enc, b_enc = _inputs(8, 4, 6, torch.float32, "cpu")[:3]
+    assert encoder_impl(x, W_enc, b_enc) == "triton"  # off CUDA: the (interpreted) Triton kernel
+    monkeypatch.setenv(ENCODE_ENV, "cublas")
+    assert encoder_impl(x, W_enc, b_enc) == "cublas"
+    monkeypatch.setenv(ENCODE_ENV, "cutlass")
+    with pytest.raises(ValueError, match=f"{ENCODE_ENV}='cutlass': use auto, triton, cublas or stats"):
+        encoder_impl(x, W_enc, b_enc)
 
 
 @needs_triton

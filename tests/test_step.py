@@ -260,3 +260,25 @@ def test_graphed_step__warms_up_each_key_before_capturing_it(monkeypatch: pytest
                 + [("eager", True)] * warm + [("capture", True)] + [("replay", True)] * (4 - warm)
                 + [("replay", False)])
     assert events == expected
+
+
+@cuda
+def test_priority_stream__cuda_steps_run_on_it_and_equal_the_default_stream() -> None:
+    """train.stream_priority: the batches are drawn and the (graphed) steps run on a high-priority stream, the
+    caller's stream waits for them at the end, and the result is bit-identical to training on the default stream."""
+    runs = {}
+    for on in (True, False):
+        cfg = _cfg("anthropic", steps=30, train__stream_priority=on)
+        sae = build_sae(cfg.sae, d_in=32, seed=0).cuda()
+        seen: list[int] = []
+
+        def batches(seen: list[int] = seen):
+            for x in sparse_batches(_atoms()):
+                seen.append(torch.cuda.current_stream().priority)
+                yield x.cuda()
+        Trainer(sae, cfg, None, ListLogger()).fit(batches())
+        assert torch.cuda.current_stream().priority == 0  # the caller's stream is back
+        runs[on] = ([p.detach().cpu() for p in sae.parameters()], set(seen))  # (.cpu() on the caller's stream)
+    assert runs[True][1] == {-1} and runs[False][1] == {0}
+    for p, q in zip(runs[True][0], runs[False][0]):
+        assert torch.equal(p, q)
