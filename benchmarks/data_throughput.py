@@ -197,21 +197,28 @@ def main() -> None:
         variants[f"inline_{t}"] = lambda c=tcfg: timed_batches(ContextBatches(TokenContexts(c), args.batch), n_batches)
         variants[f"prefetched_{t}"] = lambda c=tcfg: _prefetched(c, args.batch, n_batches, 0.0)
         variants[f"prefetched_{t}_busy"] = lambda c=tcfg: _prefetched(c, args.batch, n_batches, args.busy_ms / 1e3)
-    rates: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(args.repeats):
-        for name, fn in variants.items():
-            rates[name].append(fn())
-    base = statistics.median(rates[f"inline_{threads[0]}"])
-    for name, got in rates.items():
-        row = common | {"variant": name, "tokens_per_s": round(statistics.median(got)),
-                        "rounds": [round(r) for r in got], "ratio_to_inline_1": round(statistics.median(got) / base, 2)}
-        if name.endswith("_busy"):
-            row["busy_ms_per_batch"] = args.busy_ms
-        line = json.dumps(row)
-        print(line, flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(line + "\n")
+    # rounds interleave the variants (machine noise spread over all); each row is written as soon as its last round
+    # is measured (a run stopped by a time limit keeps what it finished), the ratios' base measured first
+    base_name = f"inline_{threads[0]}"
+    order = [base_name, *(name for name in variants if name != base_name)]
+    rates: dict[str, list[float]] = {name: [] for name in order}
+    for r in range(args.repeats):
+        for name in order:
+            rates[name].append(variants[name]())
+            if r == args.repeats - 1:
+                _emit(common, name, rates[name], statistics.median(rates[base_name]), args)
+
+
+def _emit(common: dict, name: str, got: list[float], base: float, args: argparse.Namespace) -> None:
+    row = common | {"variant": name, "tokens_per_s": round(statistics.median(got)),
+                    "rounds": [round(r) for r in got], "ratio_to_inline_1": round(statistics.median(got) / base, 2)}
+    if name.endswith("_busy"):
+        row["busy_ms_per_batch"] = args.busy_ms
+    line = json.dumps(row)
+    print(line, flush=True)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(line + "\n")
 
 
 def _prefetched(cfg: DataConfig, batch: int, n_batches: int, busy_s: float) -> float:

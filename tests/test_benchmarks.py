@@ -134,6 +134,7 @@ def test_data_throughput__every_variant_measured_and_ratios_follow(tmp_path: Pat
     kinds = ("tokenize_array_{}", "inline_{}", "prefetched_{}", "prefetched_{}_busy")
     assert rows.keys() == {"records", "tokenize_session8", "reader_ceiling", "pretokenized_jsonl_inline",
                            "pretokenized_parquet_inline"} | {k.format(t) for k in kinds for t in (1, 2)}
+    assert next(iter(rows)) == "inline_1"  # rows go out as measured, the ratios' base first
     base = rows["inline_1"]["tokens_per_s"]
     # the same documents tokenized two ways: rates within a small factor (tokens counted, not documents or chunks)
     assert 0.3 < rows["tokenize_array_1"]["tokens_per_s"] / rows["tokenize_session8"]["tokens_per_s"] < 5
