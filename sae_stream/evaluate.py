@@ -241,8 +241,12 @@ def _eval_chunk(model: HookedTransformer, sae: SAELike, hook_name: str, tokens_B
     def reconstruct(x_BTD: Tensor) -> Tensor:
         feats_BTF = sae_features(sae, x_BTD)
         recon_BTD = sae_decode(sae, feats_BTF, x_BTD)
-        d, f_F = x_BTD.shape[-1], torch.arange(feats_BTF.shape[-1], device=feats_BTF.device)
-        prefixes = (sae_decode(sae, feats_BTF * (f_F < m), x_BTD).reshape(-1, d) for m in acts.prefixes)
+        d, n_f = x_BTD.shape[-1], feats_BTF.shape[-1]
+        if acts.prefixes and hasattr(sae, "prefix_decodes"):  # our Matryoshka SAEs: one decode, split by level
+            prefixes = (r.to(x_BTD.dtype) for r in sae.prefix_decodes(feats_BTF.reshape(-1, n_f)))
+        else:
+            f_F = torch.arange(n_f, device=feats_BTF.device)
+            prefixes = (sae_decode(sae, feats_BTF * (f_F < m), x_BTD).reshape(-1, d) for m in acts.prefixes)
         acts.update(x_BTD.reshape(-1, d), feats_BTF.reshape(-1, feats_BTF.shape[-1]), recon_BTD.reshape(-1, d),
                     prefixes)
         return recon_BTD

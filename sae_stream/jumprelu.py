@@ -9,6 +9,11 @@ a kernel K of bandwidth ε, here the rectangle K(u) = 1[|u| < 1/2]:
 In z both keep their true derivatives (H(z − θ) and 0): the L0 penalty moves only the thresholds, while the
 reconstruction moves the encoder and the thresholds. Only pre-activations within ε/2 of a threshold give it a
 gradient, so ε is in the units of the pre-activations (hence the SAE's input normalisation).
+
+Dead features: a feature that never fires gets no gradient from either term. With cfg.jumprelu_pre_act_coeff
+= λ_P > 0 the loss (sae.JumpReLUSAE) adds λ_P·Σ_f ReLU(θ_f − pre_f)·‖W_d,f‖ (mean over the batch; ‖W_d,f‖ = 1
+there), the "pre-act loss" of Anthropic's January 2025 update: every position where a feature stays below its
+threshold pulls its pre-activation up and θ down, by an amount that alive features' other gradients swamp.
 """
 
 from __future__ import annotations

@@ -9,13 +9,12 @@ Every architecture has the same parameters (`W_enc_DF`, `b_enc_F`, `W_dec_FD`, `
 `log_threshold_F`) and a scalar buffer `input_scale`; `encode`/`decode` work in the original activation space for
 all of them.
 
-Loss normalisation (so λ can be compared with the papers): `mse` is the MEAN over batch AND d_in of the
-squared error; the sparsity term is summed over features and averaged over the batch. The Anthropic papers
-write the reconstruction term as the squared L2 norm summed over d_in (averaged over the batch) — we assume
-that convention (the paper text was not available here to quote). Dividing their loss by d_in gives ours, so
-λ_ours = λ_paper / d_in (e.g. A/5's λ=0.004 at d_in=512 is λ_ours ≈ 7.8e-6; April's λ=5 at d_in=512 ≈ 9.8e-3).
-AuxK uses the same mean-over-elements MSE of the residual (OpenAI's coefficient 1/32 then weighs it against
-our main MSE, as SAELens does with its own, un-normalised MSE).
+Loss normalisation (to compare λ with the papers): `mse` is the MEAN over batch AND d_in of the squared error;
+the sparsity term is summed over features and averaged over the batch. The Anthropic papers write the
+reconstruction term as the squared L2 norm summed over d_in, averaged over the batch (assumed: the paper text was
+not available to quote), so λ_ours = λ_paper / d_in (A/5's λ=0.004 at d_in=512 is ≈ 7.8e-6; April's λ=5 ≈ 9.8e-3).
+AuxK uses the same mean-over-elements MSE of the residual (OpenAI's 1/32 then weighs it against our main MSE, as
+SAELens does with its own, un-normalised MSE).
 """
 
 from __future__ import annotations
@@ -193,12 +192,11 @@ class TopKSAE(SAE):
     pre-activations are positive. AuxK: the residual x − x̂ is reconstructed by the top auxk_k DEAD latents
     (dead mask supplied by the trainer), loss aux = mean((ê − e)²), weighted by cfg.auxk_coeff.
 
-    With sparse kernels (cfg.topk_kernels; by default on CPU) forward() builds no autograd graph over
-    [B, d_sae]: the encoder matmul runs without autograd and the selected entries get sparse forward/backward
-    kernels (topk_kernels.py) — ~2x faster steps on CPU. On CUDA the default decodes the selection densely
-    (tensor-core matmuls); `topk_kernels=sparse` there uses the gather / index_add backward, which a CUDA graph can
-    capture. `encode`/`decode` are the plain dense versions (same values). With cfg.matryoshka (m_1 < ... < d_sae)
-    the loss adds the MSE of each prefix's reconstruction b_d + Σ_{f < m_i} f·W_d,f (Bussmann et al. 2025).
+    With sparse kernels (cfg.topk_kernels; by default on CPU) forward() builds no autograd graph over [B, d_sae]:
+    the encoder matmul runs without autograd, the selected entries get sparse kernels (topk_kernels.py; ~2x faster
+    steps on CPU). On CUDA the default decodes the selection densely; `topk_kernels=sparse` there uses a gather /
+    index_add backward (graph-capturable). `encode`/`decode` are the dense versions (same values). cfg.matryoshka
+    (m_1 < ... < d_sae): the loss adds each prefix's MSE, of b_d + Σ_{f < m_i} f·W_d,f (Bussmann et al. 2025).
     """
 
     sparse_kernels: bool | None = None
@@ -271,6 +269,13 @@ class TopKSAE(SAE):
         sizes = [b - a for a, b in zip(bounds, bounds[1:])]
         return feats_BF, [f_BG @ w_GD for f_BG, w_GD in zip(feats_BF.split(sizes, 1), self.W_dec_FD.split(sizes))]
 
+    def prefix_decodes(self, feats_BF: Tensor) -> list[Tensor]:
+        """Matryoshka: b_d + Σ_{f < m} f·W_d,f for each level m (not d_sae), group by group: one decode's cost."""
+        out, f_BF, bounds = [self.b_dec_D], feats_BF.to(self.W_dec_FD.dtype), self.bounds
+        for a, b in zip(bounds[:-2], bounds[1:-1]):
+            out.append(torch.addmm(out[-1], f_BF[:, a:b], self.W_dec_FD[a:b]))
+        return out[1:]
+
     @property
     def auxk_k(self) -> int:
         return min(self.cfg.auxk_k or self.d_in // 2, self.d_sae)
@@ -282,14 +287,11 @@ class TopKSAE(SAE):
 
 
 class BatchTopKSAE(TopKSAE):
-    """Bussmann et al. 2024: keep the top k·B activations of the whole batch (k per row on average).
-
-    Inference (eval mode: `encode`, and forward) cannot depend on the rest of the batch, so it uses a
-    threshold: f = pre · [pre > θ]. θ is a running mean (EMA, rate BATCHTOPK_THRESHOLD_RATE) of the smallest
-    positive activation kept in each training batch, updated on device by forward() in train mode (AuxK too
-    is train-mode only). Exported to SAELens as a 'jumprelu' SAE with threshold θ for every feature (as
-    SAELens itself saves BatchTopK SAEs).
-    """
+    """Bussmann et al. 2024: keep the top k·B activations of the whole batch (k per row on average). Inference
+    (eval mode: `encode`, forward) cannot depend on the rest of the batch: f = pre · [pre > θ], θ a running mean
+    (EMA, rate BATCHTOPK_THRESHOLD_RATE) of the smallest positive activation kept in each training batch, updated
+    on device by forward() in train mode (AuxK too is train-mode only). Exported to SAELens as a 'jumprelu' SAE
+    with threshold θ for every feature (as SAELens itself saves BatchTopK SAEs)."""
 
     def __init__(self, cfg: SAEConfig, d_in: int, generator: torch.Generator | None = None) -> None:
         super().__init__(cfg, d_in, generator)
@@ -316,7 +318,9 @@ class BatchTopKSAE(TopKSAE):
     def forward(self, x_BD: Tensor, l1_coeff: float | None = None, dead_F: Tensor | None = None) -> SAEOutput:
         if self.training:
             return super().forward(x_BD, l1_coeff, dead_F)
-        return SAE.forward(self, x_BD, l1_coeff, None)
+        out = SAE.forward(self, x_BD, l1_coeff, None)  # the threshold: rows independent of their batch
+        mse_L = [(x_BD - r_BD).pow(2).mean() for r_BD in self.prefix_decodes(out.feats)]  # Matryoshka, as in TopK's
+        return out._replace(loss=out.loss + sum(mse_L), prefix_mse=torch.stack(mse_L)) if mse_L else out
 
     @torch.no_grad()
     def _update_threshold_(self, kept: Tensor) -> None:
@@ -334,13 +338,9 @@ class JumpReLUSAE(SAE):
     cfg.jumprelu_bandwidth). Inputs are scaled so E‖x‖ = √d_in, as the paper normalises them (θ and the bandwidth
     live in that scale; the scale is folded into the weights on export); no b_d subtraction before the encoder;
     W_e starts as W_dᵀ and θ at cfg.jumprelu_init_threshold. Decoder rows are kept at unit norm: the L0 penalty
-    does not see decoder norms, so the constraint only removes a scale symmetry between W_e and W_d.
-
-    Dead features: a feature that never fires gets no gradient from either term. With cfg.jumprelu_pre_act_coeff
-    = λ_P > 0 the loss adds λ_P·Σ_f ReLU(θ_f − pre_f)·‖W_d,f‖ (mean over the batch; ‖W_d,f‖ = 1 here), the
-    "pre-act loss" of Anthropic's January 2025 update: every position where a feature stays below its threshold
-    pulls its pre-activation up and θ down, by an amount that alive features' other gradients swamp. `aux` logs
-    the unweighted sum."""
+    does not see decoder norms, so the constraint only removes a scale symmetry between W_e and W_d. With
+    cfg.jumprelu_pre_act_coeff > 0 the loss adds the pre-act loss against dead features (jumprelu.py); `aux` logs
+    its unweighted sum."""
 
     subtract_b_dec = False
     scales_input = True

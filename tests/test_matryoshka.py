@@ -139,3 +139,28 @@ def test_matryoshka_config__d_sae_may_close_the_list_and_a_sweep_member_keeps_ev
     assert wide.sae.matryoshka_sizes == [8, 32, 128]  # (the base's 128 is a level of the wider member)
     assert build_sae(wide.sae, d_in=8).bounds == (0, 8, 32, 128, 512)
     assert SAEConfig(architecture="topk", d_sae=128).matryoshka_sizes == []
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_matryoshka_eval_forward__loss_and_prefix_mse_from_each_prefix_decode(arch):
+    """In eval mode (BatchTopK: its threshold) forward's loss is the whole MSE plus each level's, as in training,
+    and prefix_decodes (eval's per-level reconstructions, one decode split by level) equals the masked decodes."""
+    cfg = _cfg(arch, steps=1, sae__matryoshka=[8, 24])
+    sae = build_sae(cfg.sae, D_IN)
+    x = next(sparse_batches(_atoms(), seed=5, batch=128))
+    sae.train()
+    sae(x)  # (BatchTopK: one training forward sets its threshold)
+    sae.eval()
+    with torch.no_grad():
+        out = sae(x)
+        f_F = torch.arange(sae.d_sae)
+        want = [(out.feats * (f_F < m)) @ sae.W_dec_FD + sae.b_dec_D for m in (8, 24)]
+        got = sae.prefix_decodes(out.feats)
+    assert len(got) == 2
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    mse_L = torch.stack([(x - w).pow(2).mean() for w in want])
+    torch.testing.assert_close(out.prefix_mse, mse_L, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(out.loss, out.mse + mse_L.sum(), rtol=1e-5, atol=1e-8)
+    plain = build_sae(_cfg(arch, steps=1).sae, D_IN).eval()
+    assert plain.prefix_decodes(out.feats) == [] and plain(x).prefix_mse is None
