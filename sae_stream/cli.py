@@ -9,6 +9,7 @@
     sae-stream steer RUN_DIR --feature N [--value 5x]       sample with a feature pinned (feature steering)
     sae-stream features RUN_DIR --text TEXT [--k 5]         the most active features of each token of a text
     sae-stream tokenize [CONFIG] --out DIR                  data.source -> parquet shards of token ids
+    sae-stream tokenize --resume DIR                        continue an interrupted tokenize
     sae-stream hooks --lm PATH_OR_NAME                      list hook points
     sae-stream config                                       every config field with its help
 
@@ -74,7 +75,8 @@ def _parser() -> argparse.ArgumentParser:
                          "input: --data.source=DIR --data.text_field=input_ids)")
     tok.add_argument("config", nargs="?", help="YAML config whose data section to read (default: the embedded default)")
     _add_out(tok)
-    tok.add_argument("--shard-tokens", type=int, default=50_000_000, help="tokens per parquet file (default 50M)")
+    tok.add_argument("--shard-tokens", type=int, default=None, help="tokens per parquet file (default 50M)")
+    tok.add_argument("--resume", metavar="DIR", help="continue the interrupted tokenize in DIR (its saved config)")
     hooks = sub.add_parser("hooks", help="list the hook points of an LM")
     hooks.add_argument("--lm", required=True)
     cfg = sub.add_parser("config", help="print every config field with its type, default and help")
@@ -258,12 +260,25 @@ def _dispatch(args: argparse.Namespace, overrides: list[str]) -> int:
         print_features(args.run_dir, overrides, args.text, args.k)
         return 0
     if args.command == "tokenize":
-        from sae_stream.pretokenize import tokenize_source
-
-        tokenize_source(args.config, overrides, args.out, args.overwrite, args.shard_tokens)
+        _tokenize(args, overrides)
         return 0
     if args.command == "run":
         pipeline.run(args.config, overrides, lm=args.lm, out=args.out, overwrite=args.overwrite,
                      analyze=not args.skip_analyze)
         return 0
     raise AssertionError(args.command)
+
+
+def _tokenize(args: argparse.Namespace, overrides: list[str]) -> None:
+    from sae_stream.pretokenize import SHARD_TOKENS, resume_tokenize, tokenize_source
+
+    if args.resume:
+        given = [f for f, v in (("CONFIG", args.config), ("overrides", overrides), ("--out", args.out),
+                                ("--overwrite", args.overwrite), ("--shard-tokens", args.shard_tokens is not None))
+                 if v]
+        if given:
+            raise UserError(f"--resume DIR continues that tokenize with its saved settings: drop {', '.join(given)}")
+        resume_tokenize(args.resume)
+    else:
+        shard_tokens = SHARD_TOKENS if args.shard_tokens is None else args.shard_tokens
+        tokenize_source(args.config, overrides, args.out, args.overwrite, shard_tokens)

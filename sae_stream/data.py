@@ -38,6 +38,8 @@ from sae_stream.tokenizer import Tokenizer, get_tokenizer
 SPLITS = ("train", "heldout")
 LOCAL_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 HELDOUT_SEED = 0
+TOKENIZED_MANIFEST = "tokenized.yaml"  # `sae-stream tokenize` (pretokenize.py): written last, when it is complete
+TOKENIZE_PROGRESS = "tokenize.progress.pt"  # ... and where an unfinished one stands
 """Held-out order ignores data.seed, so evaluations of runs with different seeds see the same tokens."""
 
 
@@ -84,6 +86,9 @@ def local_files(source: str) -> list[Path] | None:
     if glob.has_magic(source) and not path.is_file():  # an existing name such as `corpus[v2].txt` is itself
         files = [Path(f) for f in sorted(glob.glob(str(path), recursive=True)) if Path(f).is_file()]
     elif path.is_dir():
+        if (path / TOKENIZE_PROGRESS).is_file() and not (path / TOKENIZED_MANIFEST).is_file():
+            raise ValueError(f"data.source {source!r} is an unfinished `sae-stream tokenize` output: finish it with "
+                             f"`sae-stream tokenize --resume {source}`")
         files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix in LOCAL_BUILDERS)
     elif path.is_file():
         files = [path]

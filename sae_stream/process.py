@@ -49,10 +49,11 @@ class TrainingInterrupted(Exception):
     """SIGTERM/SIGINT stopped training after the step in flight, with a checkpoint at that step; exit code
     128+signum. `command` continues it (None: `sae-stream train --resume RUN_DIR`, as resume_command gives)."""
 
-    def __init__(self, signum: int, step: int, run_dir: Path | None, command: str | None = None) -> None:
+    def __init__(self, signum: int, step: int, run_dir: Path | None, command: str | None = None,
+                 at: str | None = None) -> None:
         self.signum, self.step, self.run_dir, self.command = signum, step, run_dir, command
         self.exit_code = 128 + signum
-        super().__init__(f"{signal.Signals(signum).name} at step {step}")
+        super().__init__(f"{signal.Signals(signum).name} at {at or f'step {step}'}")
 
 
 @contextlib.contextmanager

@@ -88,10 +88,12 @@ class OutDir:
 
 @contextmanager
 def fresh_out_dir(out: str | Path | None, command: str, overwrite: bool,
-                  marker: str = "config.yaml") -> Iterator[OutDir]:
+                  marker: str | tuple[str, ...] = "config.yaml") -> Iterator[OutDir]:
     """An `OutDir` for a new run: committed when the block ends, or earlier by the caller; rolled back if the
     block raises first. An existing non-empty directory needs --overwrite, and must be one this command writes:
-    one holding `marker` (a run directory's config.yaml, unless the command writes something else)."""
+    one holding `marker` (a run directory's config.yaml, unless the command writes something else), or one of
+    several."""
+    markers = (marker,) if isinstance(marker, str) else marker
     path = Path(out) if out else Path("runs") / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}"
     if not is_main_process():
         if not out:
@@ -105,13 +107,14 @@ def fresh_out_dir(out: str | Path | None, command: str, overwrite: bool,
         raise UserError(f"--out {str(path)!r} is a file, not a directory: choose another --out")
     if path.exists() and any(path.iterdir()):
         if not overwrite:
-            resume = {"lm": " (`sae-stream lm train CONFIG --out DIR --resume` continues it)",
-                      "compare": ""}.get(command, " (`sae-stream train --resume DIR` continues an interrupted run)")
+            resume = {"lm": " (`sae-stream lm train CONFIG --out DIR --resume` continues it)", "compare": "",
+                      "tokenize": " (`sae-stream tokenize --resume DIR` continues an interrupted one)"
+                      }.get(command, " (`sae-stream train --resume DIR` continues an interrupted run)")
             raise UserError(f"output directory {str(path)!r} exists: pass --overwrite to replace it, or choose "
                             f"another --out{resume}")
-        if not (path / marker).is_file():
-            what = "a run directory" if marker == "config.yaml" else f"the output of `sae-stream {command}`"
-            raise UserError(f"refusing to --overwrite {str(path)!r}: it is not {what} (no {marker}); "
+        if not any((path / m).is_file() for m in markers):
+            what = "a run directory" if markers[0] == "config.yaml" else f"the output of `sae-stream {command}`"
+            raise UserError(f"refusing to --overwrite {str(path)!r}: it is not {what} (no {markers[0]}); "
                             "remove it yourself or choose another --out")
         if locked(path):
             raise UserError(f"refusing to --overwrite {str(path)!r}: a process is training it; stop it first")

@@ -115,3 +115,77 @@ def test_tokenize__bad_input_is_one_line_and_leaves_everything_as_it_was(source,
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     assert main(["tokenize", f"--data.source={src}", "--out", str(done), "--overwrite", "--shard-tokens", "999"]) == 0
     assert len(list(done.glob("part-*.parquet"))) > len(before) - 1
+
+
+def _stopping_after(monkeypatch: pytest.MonkeyPatch, chunks: int, stop) -> None:
+    """The reader's doc_chunks calls `stop()` after yielding `chunks` chunks (a signal, or an error as a kill)."""
+    from sae_stream.records import StreamSource
+
+    original = StreamSource.doc_chunks
+
+    def doc_chunks(self, seed, start=None):
+        for i, item in enumerate(original(self, seed, start)):
+            yield item
+            if i + 1 == chunks:
+                stop()
+    monkeypatch.setattr(StreamSource, "doc_chunks", doc_chunks)
+
+
+@pytest.mark.parametrize("how", ["sigint", "sigterm", "killed"])
+def test_tokenize__interrupted_then_resumed_writes_what_one_run_writes(source, tmp_path: Path, capsys,
+                                                                       monkeypatch: pytest.MonkeyPatch, how) -> None:
+    """A signal finishes the chunk being read, closes the file early and saves the progress; a kill (here: an error
+    after two files) leaves the file being written half done. Either way training refuses the directory, and
+    --resume gives the records (in order) and counts of an uninterrupted run, in the same files after a kill (one
+    more, the early-closed one, after a signal); progress file and lock removed."""
+    import signal
+
+    src, _ = source
+    whole = tmp_path / "whole"
+    assert _tokenize(src, whole, "--shard-tokens", "2500") == 0
+    out = tmp_path / "cut"
+    signum = {"sigint": signal.SIGINT, "sigterm": signal.SIGTERM}.get(how)
+    with monkeypatch.context() as m:
+        if signum is not None:
+            _stopping_after(m, 1, lambda: signal.raise_signal(signum))
+        else:
+            def kill():
+                raise ValueError("simulated kill")
+            _stopping_after(m, 2, kill)
+        capsys.readouterr()
+        code = _tokenize(src, out, "--shard-tokens", "2500")
+    err = capsys.readouterr().err
+    assert code == (128 + signum if signum else 2), err
+    if signum is not None:
+        assert f"continue with: sae-stream tokenize --resume {out}" in err
+    assert (out / "tokenize.progress.pt").is_file() and not (out / "tokenized.yaml").exists()
+    cut_files = sorted(p.name for p in out.glob("part-*.parquet"))
+    assert 0 < len(cut_files) < len(list(whole.glob("part-*.parquet")))
+    from sae_stream.data import local_files
+    with pytest.raises(ValueError, match="unfinished `sae-stream tokenize` output: finish it with"):
+        local_files(str(out))
+    assert main(["tokenize", "--resume", str(out)]) == 0
+    names = [sorted(p.name for p in d.iterdir()) for d in (out, whole)]
+    assert names[0] == names[1] if signum is None else names[0][:-2] == names[1][:-1]  # (+ tokenized.yaml)
+    assert _records(out) == _records(whole)
+    a, b = (yaml.safe_load((d / "tokenized.yaml").read_text()) for d in (out, whole))
+    for key in ("documents", "tokens", "source", "shard_tokens"):
+        assert a[key] == b[key], key
+    assert len(a["files"]) == len(b["files"]) + (signum is not None)
+
+
+def test_tokenize__resume_errors_are_one_line(source, tmp_path: Path, capsys) -> None:
+    src, _ = source
+    done = tmp_path / "ids"
+    assert _tokenize(src, done) == 0
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    capsys.readouterr()
+    cases = [(["tokenize", "--resume", str(done)], "that tokenize finished"),
+             (["tokenize", "--resume", str(empty)], "no tokenize.progress.pt there"),
+             (["tokenize", "--resume", str(done), "--shard-tokens", "5"], "drop --shard-tokens"),
+             (["tokenize", "--resume", str(done), f"--data.source={src}"], "drop overrides")]
+    for argv, needle in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert needle in err and len(err.splitlines()) == 1, err
