@@ -279,6 +279,6 @@ def test_priority_stream__cuda_steps_run_on_it_and_equal_the_default_stream() ->
         Trainer(sae, cfg, None, ListLogger()).fit(batches())
         assert torch.cuda.current_stream().priority == 0  # the caller's stream is back
         runs[on] = ([p.detach().cpu() for p in sae.parameters()], set(seen))  # (.cpu() on the caller's stream)
-    assert runs[True][1] == {-1} and runs[False][1] == {0}
+    assert max(runs[True][1]) < 0 and runs[False][1] == {0}  # (lower is higher; torch maps -1 into CUDA's range)
     for p, q in zip(runs[True][0], runs[False][0]):
         assert torch.equal(p, q)
