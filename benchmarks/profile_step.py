@@ -32,6 +32,7 @@ from gpu_setup import BEST, STEP_VARIANTS, buffer_cfg, build_lm, lm_kernels, mak
 
 from lm.capture import GPTCapture  # noqa: E402
 from sae_stream.buffer import ShuffleBuffer  # noqa: E402
+from sae_stream.fused_ops import tuned_configs  # noqa: E402
 from sae_stream.trainer import Trainer  # noqa: E402
 
 
@@ -109,6 +110,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     x_BD = torch.randn(args.batch, 512, generator=torch.Generator().manual_seed(0)).relu_().to(args.device)
     step = trainer_run(args, make_trainer(args, args.d_sae, STEP_VARIANTS[BEST]), itertools.repeat(x_BD))
     profile_run(args, f"step {BEST}", step, args.batch, args.profiled)
+    if args.device == "cuda":  # the autotuner's block sizes and the encoder the first step's timing picked
+        print(f"   Triton picks: {tuned_configs()}", flush=True)
     eager = trainer_run(args, make_trainer(args, args.d_sae, {**STEP_VARIANTS[BEST], "cuda_graphs": False}),
                         itertools.repeat(x_BD))
     profile_run(args, f"step {BEST} without the graph, by op and shape", eager, args.batch, args.profiled, by_op=True)
