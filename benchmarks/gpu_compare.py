@@ -8,9 +8,9 @@ One JSON line per measurement (stdout, and appended to --out) with the fields da
 batch, tokens_per_s, peak_gpu_gb, peak_host_gb (+ details), then a markdown table. Every measurement goes through
 the project's own classes (Trainer, ShuffleBuffer, ActivationStream), configured as `sae-stream train` would be:
   step_*       Trainer on one fixed batch: eager autograd (the plain PyTorch step), the hand-written backward,
-               CUDA-graph replay, bf16 / TF32 matmuls; `*_triton_encoder` / `*_cublas_encoder` the best step
-               with its encoder matmul fixed (the best picks the faster by timing), `*_stats_encoder` as in
-               session 15 (f's column sums in the encoder's epilogue, not the backward's)
+               CUDA-graph replay, bf16 / TF32 matmuls; `*_stats_encoder` the best step in session 15's layout
+               (f's column sums in Triton's encoder), `*_triton_encoder` / `*_cublas_encoder` with that encoder
+               without them (the sums in the backward's epilogue); the best times stats against cublas
   lm_*_ctx*    the LM forward up to the hook (bf16 autocast): `native` = the GPT's own forward (fused attention,
                lm/fused.py's Triton kernels on CUDA: what `sae-stream train` uses for an `lm train` LM),
                `native_torch_ops` = the same with torch's ops only, `native_flash` / `_efficient` / `_cudnn` =

@@ -51,8 +51,9 @@ STEP_VARIANTS = {  # name: train overrides
     "jumprelu_graph_bf16": {**GRAPHED_BF16, "sae": {"architecture": "jumprelu"}},
 }
 BEST = "step_graph_fused_bf16"
-# the best step with its encoder matmul fixed (BEST times Triton's and cuBLAS's and keeps the faster), and as
-# session 15 measured it: f's column sums in the encoder's epilogue, not the backward's (fused_ops.ENCODE_ENV)
+# the best step in each of its layouts (fused_ops.ENCODE_ENV; BEST times `stats` against `cublas` and keeps the
+# faster): `stats` as session 15 measured it (f's column sums in Triton's encoder), `triton` / `cublas` that
+# encoder without them, the sums in the backward's epilogue
 STEP_VARIANTS |= {f"{BEST}_{enc}_encoder": {**STEP_VARIANTS[BEST], "env": {ENCODE_ENV: enc}}
                   for enc in ("triton", "cublas", "stats")}
 LARGE_STEP_VARIANTS = ("step_eager_autograd_tf32", "step_graph_autograd_bf16", "step_graph_fused_bf16",

@@ -14,10 +14,11 @@ between them (the L1 sum, firing counts, the λ add, the ReLU mask, the b_enc gr
 tile is finished where the matmul left it, in registers: one write of f, one of g_pre, and per-row-block partial
 column sums ([⌈B/BM⌉, ·, d_sae], finished by one matrix-vector product: deterministic, unlike atomics). Sums are
 of the values stored (f in the matmul dtype, promoted to fp32), so they equal what a pass over the stored f would
-give. The step takes Σ_B f and the firing counts from the backward (stats=True), which loads f for its mask
+give. The step may take Σ_B f and the firing counts from the backward (stats=True), which loads f for its mask
 anyway: the encoder is then a plain matmul + bias + ReLU, which cuBLAS's epilogue may do faster than Triton's
-kernel (session 15's profile on an H200: Triton's encoder with its sums 91 µs, a cuBLAS matmul of that shape 44):
-on CUDA the first call per shape times both and keeps the faster (ENCODE_ENV overrides). The [batch, d_in] passes
+kernel (session 15's profile on an H200: Triton's encoder with its sums 91 µs, a cuBLAS matmul of that shape 44),
+at the cost of the backward's registers: on CUDA the first step per shape times both layouts and keeps the faster
+(step_layout; ENCODE_ENV overrides). The [batch, d_in] passes
 (centring, residual, their sums for the loss, b_dec's gradient and the FVU's variance) are one kernel each instead
 of ~4 (each ~5-20 µs however small: a step was ~0.65 ms).
 
@@ -43,10 +44,12 @@ FLOATS = (torch.float32, torch.bfloat16, torch.float16)  # what the row kernels 
 MIN_BLOCK_M = 64  # the smallest row block of any config: partial-sum buffers have ⌈B/64⌉ rows (a launch writes
 # ⌈B/BM⌉ of them: only those are summed, so they need no zeroing)
 MAX_COUNT_ROWS = 2**24  # counts are summed as fp32 (exact up to here): larger batches take the torch path
-# the step's encoder on CUDA: auto (time Triton's and cuBLAS's per shape), triton, cublas, or stats (as before
-# session 16: Triton's, with f's column sums in its epilogue instead of the backward's; for benchmarks)
+# Where the step takes f's column sums, and which encoder matmul it runs (step_layout): `stats` Triton's encoder with
+# the sums in its epilogue (session 15's layout); `triton` Triton's encoder without them, the sums in the
+# backward's epilogue; `cublas` cuBLAS's bias + ReLU matmul, the sums in the backward's. `auto` times `stats`
+# against `cublas` on the first step of each shape (CUDA) and keeps the faster.
 ENCODE_ENV = "SAE_STREAM_ENCODE"
-ENCODERS = ("auto", "triton", "cublas", "stats")
+LAYOUTS = ("stats", "triton", "cublas")
 # (BM, BN, BK, warps, stages) tried by the autotuner on the first call per shape (~10-20 s measured with the first
 # 8; 12 now); "0" in this environment variable uses FIXED instead (tests: seconds, not a minute of tuning per
 # shape). An H200 at batch 8192 picked 128×128×64/4/3 for both kernels at 512 -> 4096 and 16384; 128×128×32/4/5
@@ -143,13 +146,13 @@ def encode_relu(xc_BD: Tensor, W_DF: Tensor, b_F: Tensor, backend: str, tune: bo
                 impl: str | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """f = ReLU(xc W + b) in xc's dtype; with `stats` also Σ_B f (fp32) and the number of rows with f > 0 (int64)
     per feature, else None for both (relu_backward(stats=True) gives them). `tune=False`: the FIXED config even
-    where the autotuner would run. Without stats the Triton backend's matmul is `impl` ('triton' or 'cublas': a
-    bias + ReLU epilogue, on CPU addmm + relu), by default encoder_impl()'s pick."""
+    where the autotuner would run. Without stats the Triton backend's matmul is `impl`: 'triton', or 'cublas' (a
+    bias + ReLU epilogue; on CPU addmm + relu)."""
     if backend == "torch" or max(xc_BD.shape[0] * W_DF.shape[1], W_DF.numel(), xc_BD.numel()) >= MAX_NUMEL \
             or xc_BD.shape[0] >= MAX_COUNT_ROWS:
         f_BF = _addmm_relu(b_F, xc_BD, W_DF)
         return (f_BF, f_BF.sum(0, dtype=_sum_dtype(f_BF)), firing_counts(f_BF)) if stats else (f_BF, None, None)
-    if not stats and (impl or encoder_impl(xc_BD, W_DF, b_F, tune)) == "cublas":
+    if not stats and impl == "cublas":
         return _addmm_relu(b_F, xc_BD, W_DF), None, None
     (B, D), F = xc_BD.shape, W_DF.shape[1]
     f_BF = torch.empty(B, F, dtype=xc_BD.dtype, device=xc_BD.device)
@@ -278,60 +281,62 @@ def _launcher(name: str, x: Tensor, F: int, tune: bool = True):
     return kernels[name], grid, {"UPCAST": False}
 
 
-def stats_in_encoder() -> bool:
-    """ENCODE_ENV=stats: the step takes f's column sums from the encoder (Triton), not from the backward."""
-    return _encoder_env() == "stats"
-
-
 def _encoder_env() -> str:
     value = os.environ.get(ENCODE_ENV, "auto")
-    if value not in ENCODERS:
-        raise ValueError(f"{ENCODE_ENV}={value!r}: use {', '.join(ENCODERS[:-1])} or {ENCODERS[-1]}")
+    if value not in ("auto", *LAYOUTS):
+        raise ValueError(f"{ENCODE_ENV}={value!r}: use auto, {', '.join(LAYOUTS[:-1])} or {LAYOUTS[-1]}")
     return value
 
 
-_ENCODER_PICKS: dict[tuple, str] = {}  # (shapes, dtype, precision, device) -> 'triton' | 'cublas'
+_LAYOUT_PICKS: dict[tuple, str] = {}  # (shapes, strides, dtype, precision, device) -> a layout
 
 
-def encoder_impl(xc_BD: Tensor, W_DF: Tensor, b_F: Tensor, tune: bool = True) -> str:
-    """Which matmul the stats-free encoder runs: ENCODE_ENV if set to triton or cublas; on CUDA otherwise the faster
-    of the two on these shapes, timed once (outside graph capture: a capture that meets an untimed shape uses
-    Triton's); Triton's off CUDA (the interpreter)."""
+def step_layout(xc_BD: Tensor, W_DF: Tensor, b_F: Tensor, W_FD: Tensor, tune: bool = True) -> str:
+    """The step's layout (LAYOUTS) on these operands: ENCODE_ENV if set; on CUDA the faster of `stats` and `cublas`,
+    timed once per shape outside graph capture (a capture that meets an untimed shape uses `stats`); `stats` off
+    CUDA (the interpreter). Timed with the backward, whose register pressure the sums change: compiled for sm_90 its
+    128×128 4-warp configs spill 32 bytes a thread without them and 88 with them."""
     forced = _encoder_env()
     if forced != "auto" or not xc_BD.is_cuda:
-        return "cublas" if forced == "cublas" else "triton"
-    key = (tuple(xc_BD.shape), tuple(W_DF.shape), W_DF.stride(), xc_BD.dtype, _precision(xc_BD)["PRECISION"],
-           xc_BD.device, tune)
-    if key not in _ENCODER_PICKS:
+        return "stats" if forced == "auto" else forced
+    key = (tuple(xc_BD.shape), tuple(W_DF.shape), W_DF.stride(), W_FD.stride(), xc_BD.dtype,
+           _precision(xc_BD)["PRECISION"], xc_BD.device, tune)
+    if key not in _LAYOUT_PICKS:
         if torch.cuda.is_current_stream_capturing():
-            return "triton"
-        _ENCODER_PICKS[key] = _time_encoders(xc_BD, W_DF, b_F, tune)
-    return _ENCODER_PICKS[key]
+            return "stats"
+        _LAYOUT_PICKS[key] = _time_layouts(xc_BD, W_DF, b_F, W_FD, tune)
+    return _LAYOUT_PICKS[key]
 
 
-def _time_encoders(xc_BD: Tensor, W_DF: Tensor, b_F: Tensor, tune: bool, reps: int = 20) -> str:
-    """The faster encoder on these inputs (device time of `reps` calls after 3 warm-ups: Triton's autotuning and
-    compilation happen in the first)."""
-    times = {}
-    for impl in ("triton", "cublas"):
+def _time_layouts(xc_BD: Tensor, W_DF: Tensor, b_F: Tensor, W_FD: Tensor, tune: bool, reps: int = 20) -> str:
+    """The faster of `stats` and `cublas`: device time of `reps` encoder + backward pairs after 3 warm-ups (Triton's
+    autotuning and compilation happen in the first); xc stands in for the residual's gradient (same shape)."""
+    add, times = torch.zeros((), device=xc_BD.device), {}
+
+    def pair(layout: str) -> None:
+        split = layout != "stats"
+        f_BF = encode_relu(xc_BD, W_DF, b_F, "triton", tune, stats=not split, impl=layout)[0]
+        relu_backward(xc_BD, W_FD, f_BF, add, "triton", stats=split)
+
+    for layout in ("stats", "cublas"):
         for _ in range(3):
-            encode_relu(xc_BD, W_DF, b_F, "triton", tune, stats=False, impl=impl)
+            pair(layout)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for _ in range(reps):
-            encode_relu(xc_BD, W_DF, b_F, "triton", tune, stats=False, impl=impl)
+            pair(layout)
         end.record()
         end.synchronize()
-        times[impl] = start.elapsed_time(end)
+        times[layout] = start.elapsed_time(end)
     return min(times, key=times.__getitem__)
 
 
 def tuned_configs() -> dict[str, str]:
     """The autotuner's pick per kernel (for benchmark records): 'BM×BN×BK/warps/stages', once it has run; and the
-    last encoder matmul picked by timing (`encoder`)."""
+    last step layout picked by timing (`layout`)."""
     if not triton_available() or _kernels.cache_info().currsize == 0:
         return {}
-    out = {"encoder": next(reversed(_ENCODER_PICKS.values()))} if _ENCODER_PICKS else {}
+    out = {"layout": next(reversed(_LAYOUT_PICKS.values()))} if _LAYOUT_PICKS else {}
     for name in ("encode", "backward"):
         best = getattr(_kernels()[name], "best_config", None)
         if best is not None:

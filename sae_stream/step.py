@@ -29,7 +29,7 @@ from sae_stream.fused_ops import (
     encode_relu,
     relu_backward,
     residual,
-    stats_in_encoder,
+    step_layout,
     triton_available,
     triton_probe,
 )
@@ -110,9 +110,11 @@ def anthropic_grads_(sae: SAE, x_BD: Tensor, lam: float | Tensor, dtype: torch.d
     with torch.no_grad():
         xc_BD, var_sq, finite = center(x_BD, b_dec, dtype, kernels)
         W_dec_c, W_enc_c = W_dec.to(dtype), W_enc.to(dtype)
-        # Triton: the encoder without its column sums, which the backward takes from the f tiles it loads anyway
-        split = kernels == "triton" and not stats_in_encoder()
-        feats_BF, fsum_F, counts_F = encode_relu(xc_BD, W_enc_c, b_enc, kernels, stats=not split)
+        # Triton: f's column sums in the encoder's epilogue, or in the backward's (which loads f anyway) beside a
+        # cuBLAS encoder, whichever step_layout found faster
+        layout = step_layout(xc_BD, W_enc_c, b_enc, W_dec_c) if kernels == "triton" else "stats"
+        split = layout != "stats"
+        feats_BF, fsum_F, counts_F = encode_relu(xc_BD, W_enc_c, b_enc, kernels, stats=not split, impl=layout)
         recon_BD = torch.addmm(b_dec.to(dtype), feats_BF, W_dec_c)
         c = 2.0 / (n * d)
         g_recon_c, sq, rsum_D = residual(recon_BD, x_BD, c, dtype, kernels)  # g_r in the matmul dtype

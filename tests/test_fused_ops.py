@@ -133,8 +133,8 @@ def _interpreted_checks() -> None:
 
 
 def check_step_encoders(env: str) -> None:
-    """The step with Triton kernels, its encoder Triton's or cuBLAS's (f's sums from the backward) or Triton's with
-    f's sums (ENCODE_ENV=stats), against the step with torch's ops (fp32)."""
+    """The step with Triton kernels in each layout (f's sums in the encoder's epilogue; in the backward's beside
+    Triton's or cuBLAS's encoder) against the step with torch's ops (fp32)."""
     from sae_stream.step import anthropic_grads_
     from tests.test_step import _sae
 
@@ -156,16 +156,16 @@ def check_step_encoders(env: str) -> None:
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_encoder_impl__bad_environment_value_is_a_one_line_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    from sae_stream.fused_ops import ENCODE_ENV, encoder_impl
+def test_step_layout__environment_picks_it_and_a_bad_value_is_a_one_line_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sae_stream.fused_ops import ENCODE_ENV, step_layout
 
-    x, W_enc, b_enc = _inputs(8, 4, 6, torch.float32, "cpu")[:3]
-    assert encoder_impl(x, W_enc, b_enc) == "triton"  # off CUDA: the (interpreted) Triton kernel
+    x, W_enc, b_enc, _, W_dec, _ = _inputs(8, 4, 6, torch.float32, "cpu")
+    assert step_layout(x, W_enc, b_enc, W_dec) == "stats"  # off CUDA: session 15's layout (interpreted Triton)
     monkeypatch.setenv(ENCODE_ENV, "cublas")
-    assert encoder_impl(x, W_enc, b_enc) == "cublas"
+    assert step_layout(x, W_enc, b_enc, W_dec) == "cublas"
     monkeypatch.setenv(ENCODE_ENV, "cutlass")
-    with pytest.raises(ValueError, match=f"{ENCODE_ENV}='cutlass': use auto, triton, cublas or stats"):
-        encoder_impl(x, W_enc, b_enc)
+    with pytest.raises(ValueError, match=f"{ENCODE_ENV}='cutlass': use auto, stats, triton or cublas"):
+        step_layout(x, W_enc, b_enc, W_dec)
 
 
 @needs_triton
