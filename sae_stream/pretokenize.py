@@ -175,6 +175,7 @@ class _Job:
                         raise KeyboardInterrupt
                     raise TrainingInterrupted(self.signum, 0, self.path, f"sae-stream tokenize --resume {self.path}",
                                               at=f"{len(self.shards.files)} file(s), {self.shards.tokens:,} tokens")
+            self.shards.on_file = None  # (the last file's progress would have no reader position: the manifest is next)
             self.shards.close()
         self._finish()
 
