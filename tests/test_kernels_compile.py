@@ -5,37 +5,29 @@ the interpreter lets through."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 
 from sae_stream.fused_ops import CONFIGS, FIXED, triton_available
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="needs the triton package")
-SM90_SHARED = 227 * 1024  # an H100's / H200's shared memory per block
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+try:
+    import kernel_resources  # noqa: E402 — the sm_90 compiler the benchmark uses
+    from kernel_resources import SM90_SHARED  # noqa: E402
+finally:
+    sys.path.remove(str(ROOT / "benchmarks"))
 
 
 def _compiler():
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    if "nvidia" not in triton.backends.backends:
+    """benchmarks/kernel_resources.py's sm_90 compiler (skips without Triton's CUDA backend)."""
+    compile_sm90 = kernel_resources.sm90_compiler()
+    if compile_sm90 is None:
         pytest.skip("this Triton has no CUDA backend (ptxas) to compile with")
-    target = GPUTarget("cuda", 90, 32)
-
-    def compile_sm90(fn, signature: dict, constexprs: dict, divisible: list[str], warps: int = 4, stages: int = 3):
-        """`fn` compiled as a launch would specialise it: 16-byte aligned pointers, the sizes and strides in
-        `divisible` multiples of 16, the constexprs (and ints equal to 1) folded in."""
-        sig = {name: ("constexpr" if name in constexprs else kind) for name, kind in signature.items()}
-        keys = list(sig)
-        attrs = {(keys.index(n),): [["tt.divisibility", 16]] for n in divisible}
-        src = ASTSource(fn=triton.jit(fn), signature=sig, constexprs=constexprs, attrs=attrs)
-        return triton.compile(src, target=target, options={"num_warps": warps, "num_stages": stages})
-    return compile_sm90
-
-
-def _matmul_signature(names: str, dtype: str) -> dict:
-    kinds = {"b_ptr": "*fp32", "add_ptr": "*fp32", "part_ptr": "*fp32"}
-    return {n: kinds.get(n, f"*{dtype}") if n.endswith("_ptr") else "i32" for n in names.split()}
+    return compile_sm90, kernel_resources
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
@@ -45,19 +37,15 @@ def test_step_matmul_kernels__compile_for_sm90_with_tensor_cores(dtype: str, sta
     one an H200 picked: each compiles to warpgroup (wgmma) matmuls within the shared memory of a block."""
     from sae_stream import fused_kernels as k
 
-    compile_sm90 = _compiler()
+    compile_sm90, resources = _compiler()
     precision = "ieee" if dtype == "bf16" else "tf32"
-    encode = _matmul_signature("x_ptr w_ptr b_ptr f_ptr part_ptr M N sxm swk swn", dtype)
-    backward = _matmul_signature("g_ptr w_ptr f_ptr add_ptr out_ptr part_ptr M N sgm swn swk sfm", dtype)
     for bm, bn, bk, warps, stages in {FIXED, (128, 128, 64, 4, 3)}:
         meta = {"K": 512, "STATS": stats, "PRECISION": precision, "UPCAST": False, "BM": bm, "BN": bn, "BK": bk}
-        for fn, sig, unit, div in ((k._encode, encode, "swn", "x_ptr w_ptr b_ptr f_ptr part_ptr M N sxm swk"),
-                                   (k._backward, backward, "swk", "g_ptr w_ptr f_ptr add_ptr out_ptr part_ptr M N sgm "
-                                                                  "swn sfm")):
-            compiled = compile_sm90(fn, sig | {"K": 0, "STATS": 0, "PRECISION": 0, "UPCAST": 0, "BM": 0, "BN": 0,
-                                               "BK": 0}, meta | {unit: 1}, div.split(), warps, stages)
-            assert "warp_group_dot" in compiled.asm["ttgir"], (fn.__name__, bm, bn, bk)
-            assert 0 < compiled.metadata.shared <= SM90_SHARED, (fn.__name__, compiled.metadata.shared)
+        for kernel, fn in (("encode", k._encode), ("backward", k._backward)):
+            sig, unit, aligned = resources.matmul_signature(kernel, dtype)
+            compiled = compile_sm90(fn, sig, meta | {unit: 1}, aligned, warps, stages)
+            assert "warp_group_dot" in compiled.asm["ttgir"], (kernel, bm, bn, bk)
+            assert 0 < compiled.metadata.shared <= SM90_SHARED, (kernel, compiled.metadata.shared)
 
 
 def test_step_row_kernels_and_lm_kernels__compile_for_sm90() -> None:
@@ -65,7 +53,7 @@ def test_step_row_kernels_and_lm_kernels__compile_for_sm90() -> None:
     import lm.fused as lm_fused
     from sae_stream import fused_kernels as k
 
-    compile_sm90 = _compiler()
+    compile_sm90, _ = _compiler()
     rows = {"D": 512, "BD": 512, "BR": 16}
     for dtype in ("bf16", "fp32"):
         compile_sm90(k._center, {"x_ptr": f"*{dtype}", "b_ptr": "*fp32", "xc_ptr": "*bf16", "col_ptr": "*fp32",
@@ -97,3 +85,27 @@ def test_autotune_configs__every_one_fits_a_block_in_bf16() -> None:
     (the autotuner drops a config that does not, but then it is a config never tried)."""
     for bm, bn, bk, _, stages in CONFIGS:
         assert (bm * bk + bk * bn) * 2 * stages <= SM90_SHARED, (bm, bn, bk, stages)
+
+
+def test_kernel_resources__rows_per_kernel_layout_and_config(tmp_path) -> None:
+    """benchmarks/kernel_resources.py (two configs): a row per kernel, f's sums or not, and config, with the
+    registers (blocks per SM following from them), spill stack and shared memory of that compile."""
+    import json
+    import subprocess
+
+    if kernel_resources.sm90_compiler() is None:
+        pytest.skip("this Triton has no CUDA backend (ptxas) to compile with")
+    out = tmp_path / "resources.jsonl"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_resources.py"), "--configs", "2",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {(r["kernel"], r["f_sums"], r["config"]) for r in rows} == {
+        (k, s, f"{bm}x{bn}x{bk}/{w}/{st}") for k in ("encode", "backward") for s in (False, True)
+        for bm, bn, bk, w, st in CONFIGS[:2]}
+    for r in rows:
+        warps = int(r["config"].split("/")[1])
+        assert 0 < r["registers"] <= 255 and r["stack_bytes"] >= 0 and r["wgmma"]
+        assert r["blocks_per_sm_by_registers"] == 65536 // (r["registers"] * 32 * warps) >= 1
+        assert 0 < r["shared_bytes"] <= SM90_SHARED
+    assert "| config |" in proc.stdout
