@@ -149,8 +149,7 @@ def encode_relu(xc_BD: Tensor, W_DF: Tensor, b_F: Tensor, backend: str, tune: bo
     per feature, else None for both (relu_backward(stats=True) gives them). `tune=False`: the FIXED config even
     where the autotuner would run. Without stats the Triton backend's matmul is `impl`: 'triton', or 'cublas' (a
     bias + ReLU epilogue; on CPU addmm + relu)."""
-    if backend == "torch" or max(xc_BD.shape[0] * W_DF.shape[1], W_DF.numel(), xc_BD.numel()) >= MAX_NUMEL \
-            or xc_BD.shape[0] >= MAX_COUNT_ROWS:
+    if backend == "torch" or not _matmul_fits(xc_BD, W_DF, W_DF.shape[1]):
         f_BF = _addmm_relu(b_F, xc_BD, W_DF)
         return (f_BF, f_BF.sum(0, dtype=_sum_dtype(f_BF)), firing_counts(f_BF)) if stats else (f_BF, None, None)
     if not stats and impl == "cublas":
@@ -171,8 +170,7 @@ def relu_backward(g_BD: Tensor, W_FD: Tensor, f_BF: Tensor, add: Tensor, backend
                   ) -> tuple[Tensor, ...]:
     """g_pre = [f > 0]·(g W_FDᵀ + add) in g's dtype (add: a 0-dim fp32 tensor) and Σ_B g_pre (fp32); with
     `stats` also Σ_B f (fp32) and the rows with f > 0 (int64), per feature, as encode_relu(stats=True) gives them."""
-    if backend == "torch" or max(g_BD.shape[0] * W_FD.shape[0], W_FD.numel(), g_BD.numel()) >= MAX_NUMEL \
-            or g_BD.shape[0] >= MAX_COUNT_ROWS:
+    if backend == "torch" or not _matmul_fits(g_BD, W_FD, W_FD.shape[0]):
         # λ/B as a bias vector, added in the matmul's epilogue (in bf16 runs rounded to bf16: <= 0.2% of λ)
         bias_F = add.to(g_BD.dtype).expand(W_FD.shape[0])
         g_pre = torch.ops.aten.threshold_backward(torch.addmm(bias_F, g_BD, W_FD.T), f_BF, 0)
@@ -188,6 +186,11 @@ def relu_backward(g_BD: Tensor, W_FD: Tensor, f_BF: Tensor, add: Tensor, backend
     return (g_pre, sums[0], sums[1], sums[2].long()) if stats else (g_pre, sums[0])
 
 
+def _matmul_fits(x_BD: Tensor, W: Tensor, F: int) -> bool:
+    """The matmul kernels take x [B, D] and W giving F output columns: 32-bit offsets, counts exact in fp32."""
+    return max(x_BD.shape[0] * F, W.numel(), x_BD.numel()) < MAX_NUMEL and x_BD.shape[0] < MAX_COUNT_ROWS
+
+
 def _addmm_relu(b_F: Tensor, x_BD: Tensor, W_DF: Tensor) -> Tensor:
     b = b_F.to(x_BD.dtype)
     return torch._addmm_activation(b, x_BD, W_DF) if x_BD.is_cuda else torch.addmm(b, x_BD, W_DF).relu_()
@@ -195,7 +198,7 @@ def _addmm_relu(b_F: Tensor, x_BD: Tensor, W_DF: Tensor) -> Tensor:
 
 def _finish(part_RSF: Tensor, rows: int) -> Tensor:
     """[S, F]: the sums over the first `rows` row blocks of a kernel's partial sums, by one matrix-vector product."""
-    R, S, F = part_RSF.shape
+    _, S, F = part_RSF.shape
     return col_sums(part_RSF[:rows].view(rows, S * F)).view(S, F)
 
 
