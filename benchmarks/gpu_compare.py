@@ -13,13 +13,17 @@ the project's own classes (Trainer, ShuffleBuffer, ActivationStream), configured
                without them (the sums in the backward's epilogue); the best times stats against cublas
   lm_*_ctx*    the LM forward up to the hook (bf16 autocast): `native` = the GPT's own forward (fused attention,
                lm/fused.py's Triton kernels on CUDA: what `sae-stream train` uses for an `lm train` LM),
+               `*_into_ring` with positions 1.. stored into a ring's random slots by its last kernel (the loop's
+               refills), `*_into_chunk` the same through the chunk path's two copies,
                `native_torch_ops` = the same with torch's ops only, `native_flash` / `_efficient` / `_cudnn` =
                with that attention kernel forced, `tl` = transformer-lens hooks
   loop_*       LM -> ring (GPU or pinned host) -> shuffled batches -> Trainer (best step), several ring refills;
                every position of every context is used; the ring in the dtype the LM gives (bf16 on CUDA);
                `*_no_priority` with the step on the default stream (train.stream_priority=false: same priority
-               as the LM's refills); `*_fp32_ring_torch_ops` the loop as before (fp32 ring, the LM in torch's
-               ops); fed random tokens,
+               as the LM's refills); `*_chunk_writes` with the LM's vectors copied into the ring from chunks
+               (positions 1.. sliced out, then copied to the slots) where by default its last kernel stores them
+               in the slots (direct_write_fraction: the share it stored); `*_fp32_ring_torch_ops` the loop as
+               before (fp32 ring, the LM in torch's ops); fed random tokens,
                or `*_text_*` text as `sae-stream train` reads it, `*_ids_*` the same tokenized ahead
   disk_*       the materialised baseline: LM -> fp16 np.memmap on local disk, then shuffled batches read back and
                trained on with the same best step
@@ -125,10 +129,11 @@ def measure_steps(args: argparse.Namespace, rec: Recorder, d_sae: int) -> dict[s
 
 
 def measure_lm(args: argparse.Namespace, rec: Recorder, context_len: int, native: bool,
-               kernels: str | None = None, attention: str | None = None) -> float | None:
+               kernels: str | None = None, attention: str | None = None, into: str = "") -> float | None:
     """The LM to the hook; `kernels` (native only): lm/fused.py's or torch's, None = as `sae-stream train`;
     `attention`: force one scaled_dot_product_attention backend (FLASH_ATTENTION, EFFICIENT_ATTENTION, ...)
-    instead of torch's pick."""
+    instead of torch's pick; `into` (native only) `ring`: positions 1.. written into random slots of a ring in the
+    LM's dtype as the loop's refills do (GPTCapture.write), `chunk`: the same through the chunk path's copies."""
     kernels = kernels or lm_kernels(args)
 
     def fn() -> tuple[float, dict]:
@@ -137,15 +142,28 @@ def measure_lm(args: argparse.Namespace, rec: Recorder, context_len: int, native
         tokens = torch.randint(0, 50304, (lm_batch, context_len), device=args.device)
         cap = GPTCapture(gpt, [HOOK], kernels=kernels) if native else HookCapture(hooked, HOOK)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.device == "cuda")
+        rows = lm_batch * (context_len - 1)
+        ring = torch.empty(2 * rows, 512, dtype=torch.bfloat16 if args.device == "cuda" else torch.float32,
+                           device=args.device) if into else None
+        slots = torch.randperm(2 * rows, device=args.device)[:rows] if into else None
+
         def backend() -> contextlib.AbstractContextManager:  # (anew per use: sdpa_kernel's enters only once)
             return sdpa_kernel(getattr(SDPBackend, attention)) if attention else contextlib.nullcontext()
+
+        def once() -> None:
+            if into == "ring":
+                cap.write(tokens, 1, ring, slots)
+            elif into == "chunk":
+                ring.index_copy_(0, slots, cap(tokens)[:, 1:].reshape(rows, -1).to(ring.dtype))
+            else:
+                cap(tokens)
 
         def run(n: int) -> float:
             sync(args.device)
             t0 = time.perf_counter()
             with torch.inference_mode(), autocast, backend():
                 for _ in range(n):
-                    cap(tokens)
+                    once()
             sync(args.device)
             return time.perf_counter() - t0
 
@@ -155,7 +173,7 @@ def measure_lm(args: argparse.Namespace, rec: Recorder, context_len: int, native
         rate = n * tokens.numel() / run(n)  # kernels: what ran (a failing Triton kernel falls back to torch's)
         return rate, {"context_len": context_len, "kernels": cap.kernels if native else None, "attention": attention}
     name = ("native" if kernels == lm_kernels(args) else f"native_{kernels}_ops") if native else "tl"
-    name += f"_{attention.split('_')[0].lower()}" if attention else ""
+    name += (f"_{attention.split('_')[0].lower()}" if attention else "") + (f"_into_{into}" if into else "")
     return rec.guarded(f"lm_{name}_ctx{context_len}", None, fn)
 
 
@@ -176,12 +194,15 @@ def measure_loop(args: argparse.Namespace, rec: Recorder, d_sae: int, storage: s
 
     def run_loop(bcfg: BufferConfig, kernels: str, text: Iterable[Tensor] | None) -> tuple[float, dict]:
         stream = make_stream(context_len, args.device, bcfg, args.device, native, kernels, text)
-        buffer = ShuffleBuffer(stream, bcfg, args.device, d_in=512)
-        trainer = make_trainer(args, d_sae, STEP_VARIANTS[BEST] | LOOP_VARIANTS[variant])
+        settings = dict(LOOP_VARIANTS[variant])
+        buffer = ShuffleBuffer(stream, bcfg, args.device, d_in=512,
+                               direct_writes=settings.pop("direct_writes", True))
+        trainer = make_trainer(args, d_sae, STEP_VARIANTS[BEST] | settings)
         dtype = trainer.input_dtype(buffer.dtype)
         rate, extra = timed_steps(args, trainer, buffer.batches(args.batch, dtype=dtype))
         extra |= {"storage": storage, "context_len": context_len, "capacity": args.capacity,
                   "refills": buffer.refills, "merge_lag": buffer.merge_lag, "ring_dtype": buffer.dtype_name,
+                  "direct_write_fraction": round(buffer.direct_rows / max(1, buffer.produced), 3),
                   "batch_dtype": str(dtype).removeprefix("torch."),
                   "lm_kernels": stream.capture.kernels if native else None}  # (what ran: see measure_lm)
         if step_rate:
@@ -250,6 +271,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if "lm" not in args.skip:
         for ctx in ctxs:
             measure_lm(args, rec, ctx, native=True)
+            if ctx == ctxs[0]:  # what writing the vectors into the ring adds, and by which path
+                for into in ("ring", "chunk"):
+                    measure_lm(args, rec, ctx, native=True, into=into)
             if lm_kernels(args) != "torch":
                 measure_lm(args, rec, ctx, native=True, kernels="torch")
             if ctx == ctxs[0]:  # which attention kernel is fastest at head dim 32 (CPU: the smoke run's one)

@@ -1,8 +1,9 @@
-"""Where the device time goes: torch.profiler kernel tables of the best SAE step alone, of the whole loop
-(LM -> ring -> step; its profiled window spans at least one refill, so the LM's kernels are in the per-step
-figures), and of the LM's forward to the hook alone, as gpu_compare.py configures them; and the step once more
-without its CUDA graph, its ops (which a graph replay hides) tabled by input shape with the device time of the
-kernels each launched.
+"""Where the device time goes: torch.profiler kernel tables of the best SAE step alone, of the LM's forward to
+the hook alone (writing into a ring as the refills do), of the whole loop (LM -> ring -> step; its profiled window
+spans at least one refill, so the LM's kernels are in the per-step figures), as gpu_compare.py configures them;
+and last the step once more without its CUDA graph, its ops (which a graph replay hides) tabled by input shape
+with the device time of the kernels each launched. (In that order: a run cut short by a time limit loses the
+least needed table.)
 
     python benchmarks/profile_step.py                                  # cuda: d_sae 4096, batch 8192, context 1024
     python benchmarks/profile_step.py --device cpu --d-sae 512 --batch 1024 --context-len 64   # smoke
@@ -90,17 +91,21 @@ def trainer_run(args: argparse.Namespace, trainer: Trainer, batches: Iterator[Te
 
 
 def lm_run(args: argparse.Namespace) -> tuple[Callable[[int], None], int]:
-    """The native LM's forward to the hook as the loop's producer calls it (--lm-tokens per call, bf16 autocast on
-    CUDA), and the tokens per call."""
+    """The native LM's forward to the hook as the loop's refills call it (--lm-tokens per call, bf16 autocast on
+    CUDA, positions 1.. written into random slots of a ring: GPTCapture.write), and the tokens per call."""
     gpt, _ = build_lm(args.context_len, args.device)
     capture = GPTCapture(gpt, [HOOK], kernels=lm_kernels(args))
     tokens_BT = torch.randint(0, 50304, (max(1, args.lm_tokens // args.context_len), args.context_len),
                               device=args.device)
+    rows = len(tokens_BT) * (args.context_len - 1)
+    cuda = args.device == "cuda"
+    ring_RD = torch.empty(2 * rows, 512, dtype=torch.bfloat16 if cuda else torch.float32, device=args.device)
+    slots_N = torch.randperm(2 * rows, device=args.device)[:rows]
 
     def run(n: int) -> None:
-        with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=args.device == "cuda"):
+        with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=cuda):
             for _ in range(n):
-                capture(tokens_BT)
+                capture.write(tokens_BT, 1, ring_RD, slots_N)
         sync(args.device)
     return run, tokens_BT.numel()
 
@@ -112,9 +117,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     profile_run(args, f"step {BEST}", step, args.batch, args.profiled)
     if args.device == "cuda":  # the autotuner's block sizes and the encoder the first step's timing picked
         print(f"   Triton picks: {tuned_configs()}", flush=True)
-    eager = trainer_run(args, make_trainer(args, args.d_sae, {**STEP_VARIANTS[BEST], "cuda_graphs": False}),
-                        itertools.repeat(x_BD))
-    profile_run(args, f"step {BEST} without the graph, by op and shape", eager, args.batch, args.profiled, by_op=True)
+    lm, lm_tokens = lm_run(args)
+    profile_run(args, f"lm ctx{args.context_len} ({lm_kernels(args)} kernels, into a ring)", lm, lm_tokens, 5,
+                unit="forward")
     storage = "cuda" if args.device == "cuda" else "cpu"
     bcfg = buffer_cfg(args, storage, args.context_len)
     stream = make_stream(args.context_len, args.device, bcfg, args.device, True, lm_kernels(args))
@@ -124,8 +129,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     refill_steps = math.ceil(bcfg.capacity * bcfg.refill_fraction / args.batch)  # (the window holds a refill)
     profile_run(args, f"loop ctx{args.context_len} (ring {buffer.dtype_name})", loop, args.batch,
                 max(args.profiled, refill_steps))
-    lm, lm_tokens = lm_run(args)
-    profile_run(args, f"lm ctx{args.context_len} ({lm_kernels(args)} kernels)", lm, lm_tokens, 5, unit="forward")
+    eager = trainer_run(args, make_trainer(args, args.d_sae, {**STEP_VARIANTS[BEST], "cuda_graphs": False}),
+                        itertools.repeat(x_BD))
+    profile_run(args, f"step {BEST} without the graph, by op and shape", eager, args.batch, args.profiled, by_op=True)
 
 
 if __name__ == "__main__":

@@ -8,12 +8,16 @@ transformer-lens.
 
     capture = GPTCapture(gpt, ["blocks.0.mlp.hook_post"], kernels="triton")
     acts_BTD = capture(tokens_BT)        # like sae_stream.activations.HookCapture
+    capture.write(tokens_BT, 1, ring_RD, slots_N)   # positions 1.. of each context into a ring's rows
 
 kernels="triton" (what `train.kernels` resolves to on CUDA) runs the kernels of lm/fused.py under autocast: each
-LayerNorm one pass that writes the dtype the next matmul runs in, and when the last point asked for is a block's
-mlp.hook_post (or hook_pre) and nothing earlier in that block is, the block from the heads' output to it as one
-kernel. The same values up to fp32 rounding (tested against the torch path); if the kernels fail on first use
-the capture warns once and continues with torch's.
+LayerNorm one pass that writes the dtype the next matmul runs in (the first one with the embedding: x and ln_1(x)
+from one read of the embedding rows), and when the last point asked for is a block's mlp.hook_post (or hook_pre)
+and nothing earlier in that block is, the block from the heads' output to it as one kernel. The same values up to
+fp32 rounding (tested against the torch path); if the kernels fail on first use the capture warns once and
+continues with torch's. `write` has that kernel store each row straight into its slot of the buffer's ring, which
+saves the two copies a chunk costs otherwise (positions 1.. out of [B, T, d], then into the slots: ~4 KB per token
+of a 512-wide bf16 hook, about a third of the 1-layer forward's memory traffic).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from lm.fused import block_mlp_in, layer_norm, mlp_in_fits
+from lm.fused import block_mlp_in, dest_fits, embed_layer_norm, layer_norm, mlp_in_fits
 from lm.model import GPT
 
 # the points of a block, in the order the forward reaches them
@@ -60,9 +64,29 @@ class GPTCapture:
         relu_ok = last_point == "mlp.hook_pre" or gpt.cfg.act_fn == "relu"
         self._tail = tail and last_point in ("mlp.hook_pre", "mlp.hook_post") and relu_ok
         self._tried = False  # the Triton path has run once without failing
+        self._dest: tuple[Tensor, Tensor] | None = None  # (out, dest rows) while write() runs
+        self._normed: tuple[Tensor, Tensor] | None = None  # (x, ln_1(x)) of block 0 during a forward
 
     @torch.inference_mode()
-    def __call__(self, tokens_BT: Tensor) -> Tensor:
+    def write(self, tokens_BT: Tensor, start: int, out_RD: Tensor, slots_N: Tensor) -> None:
+        """Writes the activations of positions start..T-1 of every context, in (context, position) order, to rows
+        `slots_N` of `out_RD` (a ring): the values __call__ gives, cast to out's dtype. When the fused block computes
+        the last point, its kernel stores them there itself; otherwise they are computed and copied."""
+        B, T = tokens_BT.shape
+        if len(slots_N) != B * (T - start):
+            raise ValueError(f"{len(slots_N)} slots for {B} contexts x {T - start} positions")
+        dest_BT = torch.full((B, T), -1, dtype=torch.int64, device=slots_N.device)
+        dest_BT[:, start:] = slots_N.view(B, T - start)
+        self._dest = (out_RD, dest_BT.view(-1))
+        try:
+            acts_BTD = self(tokens_BT)
+        finally:
+            self._dest = None
+        if acts_BTD is not None:  # (not written by the kernel)
+            out_RD.index_copy_(0, slots_N, acts_BTD[:, start:].reshape(len(slots_N), -1).to(out_RD.dtype))
+
+    @torch.inference_mode()
+    def __call__(self, tokens_BT: Tensor) -> Tensor | None:
         if tokens_BT.shape[1] > self.gpt.cfg.n_ctx:
             raise ValueError(f"sequence length {tokens_BT.shape[1]} exceeds lm.n_ctx={self.gpt.cfg.n_ctx}: use "
                              "shorter contexts")
@@ -79,14 +103,24 @@ class GPTCapture:
         self._tried = True
         return out
 
-    def _forward(self, tokens_BT: Tensor) -> Tensor:
+    def _forward(self, tokens_BT: Tensor) -> Tensor | None:
         gpt, got = self.gpt, {}
         T = tokens_BT.shape[1]
-        x_BTD = gpt.wte(tokens_BT) + gpt.wpe(torch.arange(T, device=tokens_BT.device))
-        for layer in range(self._last[0] + 1):
-            x_BTD = self._block(layer, x_BTD, got)
-            if x_BTD is None:
-                break
+        if self.kernels == "triton" and self._last > (0, 0):  # block 0's first LayerNorm with the embedding
+            dtype = _autocast_dtype(tokens_BT) or torch.float32
+            x_BTD, u_BTD = embed_layer_norm(tokens_BT, gpt.wte, gpt.wpe, gpt.blocks[0].ln_1, dtype, "triton")
+            self._normed = (x_BTD, u_BTD)
+        else:
+            x_BTD = gpt.wte(tokens_BT) + gpt.wpe(torch.arange(T, device=tokens_BT.device))
+        try:
+            for layer in range(self._last[0] + 1):
+                x_BTD = self._block(layer, x_BTD, got)
+                if x_BTD is None:
+                    break
+        finally:
+            self._normed = None
+        if not got:  # the fused block wrote the one point into write()'s rows
+            return None
         return torch.cat([got[n] for n in self.names], dim=-1) if len(self.names) > 1 else got[self.names[0]]
 
     def _block(self, layer: int, x_BTD: Tensor, got: dict[str, Tensor]) -> Tensor | None:
@@ -97,7 +131,12 @@ class GPTCapture:
                 and mlp_in_fits(x_BTD, b, dtype)):  # heads' output -> MLP point in one kernel
             z_BTD = b.attn.heads(self._ln(b.ln_1, x_BTD))
             point = POINTS[self._last[1]]
-            got[f"blocks.{layer}.{point}"] = block_mlp_in(z_BTD, x_BTD, b, point == "mlp.hook_post", "triton")
+            relu = point == "mlp.hook_post"
+            dest = self._dest
+            if dest is not None and dest_fits(*dest, x_BTD, b.mlp.c_fc.out_features, dtype):
+                block_mlp_in(z_BTD, x_BTD, b, relu, "triton", *dest)
+            else:
+                got[f"blocks.{layer}.{point}"] = block_mlp_in(z_BTD, x_BTD, b, relu, "triton")
             return None
         stop = self._last[1] if layer == self._last[0] else len(POINTS)
         for i, value in enumerate(_points(b, x_BTD, self._ln)):  # lazily: stops computing at `stop`
@@ -112,6 +151,8 @@ class GPTCapture:
         (autocast's; else x's): the same values as the module's fp32 output cast there, up to fp32 rounding."""
         if self.kernels != "triton":
             return ln(x_BTD)
+        if self._normed is not None and x_BTD is self._normed[0] and ln is self.gpt.blocks[0].ln_1:
+            return self._normed[1]  # (computed by the embedding's kernel)
         return layer_norm(x_BTD, ln.weight, ln.bias, ln.eps, _autocast_dtype(x_BTD) or x_BTD.dtype, "triton")
 
 

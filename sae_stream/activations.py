@@ -152,6 +152,13 @@ def untrainable(hook: str, width: int | None = None) -> str | None:
     return None
 
 
+def _indexed(device: str | torch.device) -> torch.device:
+    """`device` as a tensor's .device reads (cuda -> cuda:<current>), so that the two compare equal."""
+    device = torch.device(device)
+    return torch.device("cuda", torch.cuda.current_device()) if device.type == "cuda" and device.index is None \
+        else device
+
+
 def _autocast(device: torch.device) -> Any:
     """The LM's precision when producing: bf16 autocast on cuda, fp32 elsewhere."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
@@ -195,7 +202,8 @@ class ActivationStream:
     computes every position). The LM runs where its weights are, under inference_mode, in bf16 autocast on cuda;
     vectors are returned on `device` (None: the model's device) in `cfg.dtype` (`auto`: as the hook gives them,
     found by one probe forward at construction; `.dtype`). Hooks are registered per forward,
-    so one model must not be shared by streams running in different threads.
+    so one model must not be shared by streams running in different threads. `write_into` (what ShuffleBuffer
+    uses first) puts a batch's vectors straight into a ring's free slots when the capture can (lm.capture).
     """
 
     def __init__(self, model: HookedTransformer, hook_names: str | Sequence[str], token_batches: Iterable[Tensor],
@@ -203,7 +211,7 @@ class ActivationStream:
                  context_len: int = 1, capture: Callable[[Tensor], Tensor] | None = None) -> None:
         self.cfg = cfg
         self.lm_device = next(model.parameters()).device
-        self.device = torch.device(device) if device is not None else self.lm_device
+        self.device = _indexed(device) if device is not None else self.lm_device
         hooks = HookCapture(model, hook_names, stop)
         # `capture` computes the same activations another way (lm.capture.GPTCapture: the GPT's fused attention)
         self.capture = capture if capture is not None else hooks
@@ -233,14 +241,47 @@ class ActivationStream:
             raise ValueError(f"buffer.positions_per_context ({k}) exceeds the {usable} usable positions per context")
         return start, torch.rand(B, usable, generator=self._gen).argsort(dim=1)[:, :k] + start
 
-    def __next__(self) -> ActivationChunk:
+    def _to_lm(self, tokens_BT: Tensor) -> Tensor:
+        """A token batch on the LM's device (through pinned memory from the host: no wait for the stream)."""
         dev = self.lm_device
-        tokens_BT = next(self._batches)
         if dev.type == "cuda" and tokens_BT.device.type == "cpu":  # pageable: the copy would wait for the stream
             pinned_BT = torch.empty(tokens_BT.shape, dtype=tokens_BT.dtype, pin_memory=True)
             np.copyto(pinned_BT.numpy(), tokens_BT.numpy())  # (numpy's one-thread copy: torch's wakes its thread
             tokens_BT = pinned_BT  # pool, whose spinning slowed the data process reading ahead, prefetch.py)
-        tokens_BT = tokens_BT.to(dev, non_blocking=True)
+        return tokens_BT.to(dev, non_blocking=True)
+
+    def write_into(self, ring_ND: Tensor, context_N: Tensor, position_N: Tensor, slots_N: Tensor) -> int:
+        """Runs the LM on the next token batch and writes its n vectors, and their provenance, to the ring's rows
+        `slots_N[:n]` itself (the capture's `write`: lm.capture.GPTCapture stores from its last kernel), the same
+        values and order as __next__ would give; returns n. Returns 0 and writes nothing when it cannot: no
+        `write` on the capture, the ring not on the LM's device in the stream's dtype, positions sampled, the
+        batch's vectors more than `slots_N` holds (the batch then waits for the next call), the stream at its
+        end. ShuffleBuffer fills its free slots this way first."""
+        if not (hasattr(self.capture, "write") and ring_ND.device == self.lm_device == self.device
+                and ring_ND.dtype == self.dtype):
+            return 0
+        try:
+            tokens_BT = next(self._batches)
+        except StopIteration:
+            return 0
+        B, T = tokens_BT.shape
+        start = 1 if self.cfg.skip_first_position else 0
+        K = T - start
+        if K <= 0 or self.cfg.positions_per_context not in (None, K) or B * K > len(slots_N):
+            self._batches.pending.insert(0, tokens_BT)  # (__next__ takes it, or raises what is wrong with it)
+            return 0
+        slots_N = slots_N[:B * K]
+        with torch.inference_mode(), _autocast(self.lm_device):
+            self.capture.write(self._to_lm(tokens_BT), start, ring_ND, slots_N)
+        dev = self.lm_device
+        context_N.index_copy_(0, slots_N, (torch.arange(B, device=dev) + self.contexts_seen).repeat_interleave(K))
+        position_N.index_copy_(0, slots_N, torch.arange(start, T, dtype=torch.int32, device=dev).repeat(B))
+        self.contexts_seen += B
+        return B * K
+
+    def __next__(self) -> ActivationChunk:
+        dev = self.lm_device
+        tokens_BT = self._to_lm(next(self._batches))
         B, T = tokens_BT.shape
         start, pos_BK = self._positions(B, T)
         with torch.inference_mode(), _autocast(dev):

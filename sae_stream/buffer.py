@@ -79,19 +79,21 @@ class ShuffleBuffer(BufferState):
 
     `device` is the consumer's device: batches are delivered there. `memory_bytes` is what the ring and its index
     use (checked before any allocation against cfg.max_memory_gb or the free memory where it lives).
+    `direct_writes`: let a source with `write_into` write its vectors into the ring's free slots itself (the LM's
+    last kernel stores them there; the same contents as from chunks; False: chunks only, to compare).
     """
 
     def __init__(self, source: Iterable[ActivationChunk | Tensor], cfg: BufferConfig,
                  device: str | torch.device = "cpu", *, d_in: int | None = None, seed: int = 0,
                  drop_last: bool = True, merge_lag: int | None = None, metrics_every: int = 64,
-                 metrics_window: int = 64) -> None:
+                 metrics_window: int = 64, direct_writes: bool = True) -> None:
         self.cfg = cfg
         self.device = torch.device(device)
         self.storage = resolve_storage(cfg.storage, self.device)
         self.d_in = int(d_in if d_in is not None else getattr(source, "d_in", 0))
         if self.d_in <= 0:
             raise ValueError("ShuffleBuffer needs d_in: pass d_in= or a source with a .d_in attribute")
-        self.capacity, self.drop_last = cfg.capacity, drop_last
+        self.capacity, self.drop_last, self.direct_writes = cfg.capacity, drop_last, direct_writes
         self.dtype = getattr(source, "dtype", torch.float32) if cfg.dtype == "auto" else DTYPES[cfg.dtype]
         self.merge_lag, self.metrics_every = cfg.merge_lag if merge_lag is None else merge_lag, metrics_every
         self._ring_device = torch.device(self.device if self.storage == "cuda" else "cpu")
@@ -110,6 +112,7 @@ class ShuffleBuffer(BufferState):
         self._pending: ActivationChunk | None = None  # the part of a chunk that did not fit the free slots
         self._exhausted = False
         self.produced = self.consumed = self.pool_consumed = self.dropped = self.refills = self.batches_drawn = 0
+        self.direct_rows = 0  # of `produced`, the rows the source wrote into the ring itself (write_into)
         self._samples: deque[tuple[int, Tensor, Tensor, Tensor]] = deque(maxlen=metrics_window)
         cuda = self.device.type == "cuda"
         self._producer = torch.cuda.Stream(self.device) if cuda else None
@@ -185,9 +188,18 @@ class ShuffleBuffer(BufferState):
         return self._d2h[:n]
 
     def _write(self, slots: Tensor) -> int:
-        """Fill `slots` in order from the stream; returns how many were filled (fewer only at its end)."""
+        """Fill `slots` in order from the stream; returns how many were filled (fewer only at its end). A source with
+        `write_into` (ActivationStream) writes whole batches into the ring itself while they fit, the rest comes
+        as chunks: the same rows in the same slots either way."""
         filled = 0
+        write_into = getattr(self._it, "write_into", None) if self.direct_writes else None
         while filled < len(slots):
+            if write_into is not None and self._pending is None:
+                n = write_into(self._ring_ND, self._context_N, self._position_N, slots[filled:])
+                if n > 0:
+                    filled += n
+                    self.direct_rows += n
+                    continue
             chunk = self._pending if self._pending is not None else self._next_chunk()
             if chunk is None:
                 self._exhausted = True

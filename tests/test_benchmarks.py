@@ -65,7 +65,8 @@ def test_gpu_compare__every_variant_measured_with_the_issue_fields(gpu_compare_c
     want = {(v, 256) for v in steps} | {(v, 512) for v in large}
     want |= {(f"lm_{kind}_ctx{ctx}", None) for kind in ("native", "tl") for ctx in (32, 128)}
     want |= {("lm_native_math_ctx32", None)}  # (sdpa_kernel forced, entered once per timed run)
-    want |= {(f"loop_cpu_ctx32{s}", 256) for s in ("", "_no_priority", "_fp32_ring_torch_ops", "_tl",
+    want |= {("lm_native_into_ring_ctx32", None), ("lm_native_into_chunk_ctx32", None)}
+    want |= {(f"loop_cpu_ctx32{s}", 256) for s in ("", "_no_priority", "_chunk_writes", "_fp32_ring_torch_ops", "_tl",
                                                     "_text_prefetched", "_text_inline", "_ids_prefetched")}
     want |= {("loop_cpu_ctx128", 256), ("loop_cpu_ctx32", 512), ("disk_write", None), ("disk_read_train", 256),
              ("projection_paper_a1", 256), ("projection_paper_a1_text", 256), ("projection_paper_a1_ids", 256),
@@ -73,6 +74,9 @@ def test_gpu_compare__every_variant_measured_with_the_issue_fields(gpu_compare_c
              ("saelens_trainer", 512)}
     assert got == want
     assert all(r["tokens_per_s"] > 0 for r in printed if not r["variant"].startswith("projection"))
+    rows = {(r["variant"], r["d_sae"]): r for r in printed}  # the LM stored most vectors in the ring itself
+    assert rows[("loop_cpu_ctx32", 256)]["direct_write_fraction"] > 0.5
+    assert rows[("loop_cpu_ctx32_chunk_writes", 256)]["direct_write_fraction"] == 0
 
 
 def test_gpu_compare__ratios_and_projection_follow_from_the_measured_rates(gpu_compare_cpu) -> None:
@@ -113,11 +117,11 @@ def test_profile_step__profiles_the_step_the_loop_and_the_lm_at_the_rate_it_repo
     assert proc.returncode == 0, proc.stderr[-2000:]
     heads = re.findall(r"^== (step|loop|lm) .*?: wall (\d+) us/(\w+) \(([\d.]+)M tokens/s\).*\((\d+) profiled\)",
                        proc.stdout, re.M)
-    assert [(h[0], h[2]) for h in heads] == [("step", "step"), ("step", "step"), ("loop", "step"), ("lm", "forward")]
-    for (_, wall_us, _, rate_m, _), tokens in zip(heads, (256, 256, 256, 2048)):
+    assert [(h[0], h[2]) for h in heads] == [("step", "step"), ("lm", "forward"), ("loop", "step"), ("step", "step")]
+    for (_, wall_us, _, rate_m, _), tokens in zip(heads, (256, 2048, 256, 256)):
         assert float(rate_m) == pytest.approx(tokens / (int(wall_us) * 1e-6) / 1e6, rel=0.01, abs=0.006)
     # the loop's window spans a refill (16384 x 0.5 / 256 = 32 steps), the steps' are --profiled
-    assert [int(h[4]) for h in heads] == [3, 3, 32, 5]
+    assert [int(h[4]) for h in heads] == [3, 5, 32, 3]
     assert "Input Shapes" in proc.stdout and "[256, 512]" in proc.stdout  # the eager step's ops, by shape
 
 

@@ -106,11 +106,19 @@ def _interpreted_checks() -> None:
         for shape in SHAPES:
             check_against_reference("triton", "cpu", dtype, shape)
     check_rows("triton", "cpu")
-    from tests.test_lm_capture import check_block_mlp_in, check_gpt_capture, check_layer_norm
+    from tests.test_lm_capture import (
+        check_block_mlp_in,
+        check_embed_layer_norm,
+        check_gpt_capture,
+        check_gpt_capture_write,
+        check_layer_norm,
+    )
 
     check_layer_norm("triton", "cpu")
+    check_embed_layer_norm("triton", "cpu")
     check_block_mlp_in("triton", "cpu")
     check_gpt_capture("cpu")
+    check_gpt_capture_write("cpu", "triton")
     from sae_stream.fused_ops import ENCODE_ENV, triton_probe
     assert triton_probe(torch.device("cpu")) is None  # the probe's kernel, interpreted
     check_step_encoders(ENCODE_ENV)

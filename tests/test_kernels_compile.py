@@ -67,17 +67,20 @@ def test_step_row_kernels_and_lm_kernels__compile_for_sm90() -> None:
                  row_ops, ["g_ptr", "w_ptr", "F"])
     compile_sm90(k._normalize_rows, {"w_ptr": "*fp32", "F": "i32", **dict.fromkeys(row_ops)}, row_ops,
                  ["w_ptr", "F"])
-    ln = {"D": 128, "BD": 128, "BR": 32}
-    compile_sm90(lm_fused._layer_norm, {"x_ptr": "*fp32", "w_ptr": "*fp32", "b_ptr": "*fp32", "y_ptr": "*bf16",
-                                        "M": "i32", "eps": "fp32", **dict.fromkeys(ln)}, ln,
-                 ["x_ptr", "w_ptr", "b_ptr", "y_ptr", "M"])
+    for embed in (False, True):  # the LayerNorm of x, or of the embedding it computes and stores
+        ln = {"D": 128, "BD": 128, "BR": 32, "EMBED": embed}
+        compile_sm90(lm_fused._layer_norm, {"x_ptr": "*fp32", "w_ptr": "*fp32", "b_ptr": "*fp32", "y_ptr": "*bf16",
+                                            "M": "i32", "eps": "fp32", "tok_ptr": "*i64", "wte_ptr": "*fp32",
+                                            "wpe_ptr": "*fp32", "T": "i32", **dict.fromkeys(ln)}, ln,
+                     ["x_ptr", "w_ptr", "b_ptr", "y_ptr", "M", "tok_ptr", "wte_ptr", "wpe_ptr"])
     bm, bn, warps = lm_fused.FIXED
-    mlp = {"D": 128, "BD": 128, "RELU": True, "UPCAST": False, "BM": bm, "BN": bn}
-    ptrs = "z_ptr wo_ptr bo_ptr x_ptr lnw_ptr lnb_ptr wfc_ptr bfc_ptr out_ptr".split()
-    kinds = {"z_ptr": "*bf16", "wo_ptr": "*bf16", "wfc_ptr": "*bf16", "out_ptr": "*bf16"}
-    compiled = compile_sm90(lm_fused._mlp_in, {p: kinds.get(p, "*fp32") for p in ptrs} | {"N": "i32", "M": "i32",
-                            "eps": "fp32", **dict.fromkeys(mlp)}, mlp, [*ptrs, "N", "M"], warps, 2)
-    assert "dot" in compiled.asm["ttgir"]
+    for dest in (False, True):  # stored in row order, or each row to its ring slot
+        mlp = {"D": 128, "BD": 128, "RELU": True, "DEST": dest, "UPCAST": False, "BM": bm, "BN": bn}
+        ptrs = "z_ptr wo_ptr bo_ptr x_ptr lnw_ptr lnb_ptr wfc_ptr bfc_ptr out_ptr dest_ptr".split()
+        kinds = {"z_ptr": "*bf16", "wo_ptr": "*bf16", "wfc_ptr": "*bf16", "out_ptr": "*bf16", "dest_ptr": "*i64"}
+        compiled = compile_sm90(lm_fused._mlp_in, {p: kinds.get(p, "*fp32") for p in ptrs} | {
+            "N": "i32", "M": "i32", "eps": "fp32", **dict.fromkeys(mlp)}, mlp, [*ptrs, "N", "M"], warps, 2)
+        assert "dot" in compiled.asm["ttgir"]
 
 
 def test_autotune_configs__every_one_fits_a_block_in_bf16() -> None:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lm.capture import POINTS, GPTCapture, supported
-from lm.fused import block_mlp_in, layer_norm
+from lm.fused import block_mlp_in, embed_layer_norm, layer_norm
 from lm.hooked import to_hooked
 from sae_stream.activations import HookCapture
 from sae_stream.fused_ops import triton_available
@@ -95,6 +95,30 @@ def test_torch_backend__layer_norm_equals_reference() -> None:
     check_layer_norm("torch", "cpu")
 
 
+def check_embed_layer_norm(backend: str, device: str, shapes=((3, 16, 32), (2, 37, 48))) -> None:
+    """The embedding and its LayerNorm in one pass: x exactly the modules' wte(tokens) + wpe(positions), ln(x) the
+    values layer_norm gives for that x (the same sums: bitwise with one backend) in bf16 and fp32; long-int tokens
+    only (int32 ones take the torch path, with the same values)."""
+    for B, T, D in shapes:
+        torch.manual_seed(D)
+        wte, wpe, ln = torch.nn.Embedding(97, D), torch.nn.Embedding(T + 3, D), torch.nn.LayerNorm(D)
+        with torch.no_grad():
+            ln.weight.add_(torch.randn(D) / 4), ln.bias.add_(torch.randn(D) / 4)
+        wte, wpe, ln = wte.to(device), wpe.to(device), ln.to(device)
+        tokens = torch.randint(0, 97, (B, T), generator=torch.Generator().manual_seed(T)).to(device)
+        want_x = wte(tokens) + wpe(torch.arange(T, device=device))
+        for dtype in (torch.bfloat16, torch.float32):
+            want_y = layer_norm(want_x, ln.weight, ln.bias, ln.eps, dtype, backend)
+            for toks in (tokens, tokens.int()):
+                x, y = embed_layer_norm(toks, wte, wpe, ln, dtype, backend)
+                assert x.dtype == torch.float32 and y.dtype == dtype and x.shape == y.shape == (B, T, D)
+                assert torch.equal(x, want_x) and torch.equal(y, want_y), (B, T, D, dtype, toks.dtype)
+
+
+def test_torch_backend__embed_layer_norm_equals_the_modules() -> None:
+    check_embed_layer_norm("torch", "cpu")
+
+
 def _emulated_block_mlp_in(z, x, b, relu: bool, truncate: bool) -> torch.Tensor:
     """block_mlp_in's maths step by step in fp64, rounding to bf16 where autocast does: the weights (cast by torch:
     to nearest), the biases, the projection's output, the LayerNorm's output and the pre-activation (in the kernel:
@@ -137,9 +161,60 @@ def check_block_mlp_in(backend: str, device: str, shapes=((3, 16, 32, 80), (2, 3
             assert (got == emulated).double().mean() > 0.999
             if not INTERPRETED:
                 assert (got == want).double().mean() > 0.995
+            check_dest_rows(z, x, b, relu, backend, got)
     x[0, 1, 3] = float("nan")  # a broken LM's NaN reaches the MLP neurons, as through torch.relu
     with torch.inference_mode(), torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
         assert block_mlp_in(z, x, b, True, backend)[0, 1].isnan().all()
+
+
+def check_dest_rows(z, x, b, relu: bool, backend: str, got: torch.Tensor) -> None:
+    """block_mlp_in with out_RM / dest_N: row n lands in out row dest[n] with the values it has without them, rows
+    with dest -1 and rows no dest names stay as they were."""
+    N, M = got.numel() // got.shape[-1], got.shape[-1]
+    g = torch.Generator().manual_seed(N)
+    dest = torch.randperm(N + 5, generator=g)[:N]
+    dest[torch.randperm(N, generator=g)[: N // 3]] = -1
+    out = torch.full((N + 5, M), 3.0, dtype=got.dtype, device=got.device)
+    with torch.inference_mode():
+        assert block_mlp_in(z, x, b, relu, backend, out, dest.to(got.device)) is out
+    keep = dest >= 0
+    assert torch.equal(out[dest[keep].to(got.device)], got.reshape(N, M)[keep.to(got.device)])
+    untouched = torch.ones(N + 5, dtype=torch.bool)
+    untouched[dest[keep]] = False
+    assert (out[untouched.to(got.device)] == 3).all()
+
+
+def check_gpt_capture_write(device: str, kernels: str) -> None:
+    """GPTCapture.write puts positions start.. of every context into the ring rows given, the values __call__ gives
+    (cast to the ring's dtype), and leaves the other rows alone; with the Triton kernels and a ring in the autocast
+    dtype it is the fused block's kernel that stores them (no copy after it)."""
+    import lm.capture
+
+    gpt = tiny_gpt(n_layers=1, seed=3).to(device)
+    tokens = torch.randint(0, 97, (3, 16), generator=torch.Generator().manual_seed(1)).to(device)
+    stored = []
+    fused = lm.capture.block_mlp_in
+    lm.capture.block_mlp_in = lambda *args: stored.append(len(args) == 7) or fused(*args)
+    try:
+        for start, dtype in ((1, torch.bfloat16), (0, torch.bfloat16), (1, torch.float32)):
+            capture = GPTCapture(gpt, ["blocks.0.mlp.hook_post"], kernels=kernels)
+            n, stored[:] = 3 * (16 - start), []
+            ring = torch.full((n + 11, 64), 7.0, dtype=dtype, device=device)
+            slots = torch.randperm(n + 11, generator=torch.Generator().manual_seed(start))[:n].to(device)
+            with torch.inference_mode(), torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+                want = capture(tokens)[:, start:].reshape(n, -1).to(dtype)
+                capture.write(tokens, start, ring, slots)
+            assert torch.equal(ring[slots], want), (kernels, start, dtype)
+            untouched = torch.ones(n + 11, dtype=torch.bool, device=device).index_fill_(0, slots, False)
+            assert (ring[untouched] == 7).all()
+            assert stored == ([False, True] if kernels == "triton" and dtype == torch.bfloat16 else
+                              [False, False] if kernels == "triton" else []), (kernels, start, dtype)
+    finally:
+        lm.capture.block_mlp_in = fused
+
+
+def test_gpt_capture__write_puts_the_rows_in_the_slots() -> None:
+    check_gpt_capture_write("cpu", "torch")
 
 
 def test_torch_backend__block_mlp_in_equals_module_path() -> None:
@@ -166,24 +241,26 @@ def check_gpt_capture(device: str) -> None:
                 assert (ours == ref).double().mean() > 0.9, names
 
 
-@pytest.mark.parametrize("broken", ["layer_norm", "block_mlp_in"])
+@pytest.mark.parametrize("broken", ["layer_norm", "embed_layer_norm", "block_mlp_in"])
 def test_gpt_capture__triton_kernels_that_fail_fall_back_to_torch(broken: str, monkeypatch: pytest.MonkeyPatch) -> None:
     import lm.capture
 
     def fail(*args, **kwargs):
         raise RuntimeError("no C compiler")
 
-    # (this process has no Triton interpreter: the kernel that is not broken runs its torch reference)
+    # (this process has no Triton interpreter: the kernels that are not broken run their torch references)
     monkeypatch.setattr(lm.capture, "layer_norm", lambda *args: layer_norm(*args[:-1], "torch"))
+    monkeypatch.setattr(lm.capture, "embed_layer_norm", lambda *args: embed_layer_norm(*args[:-1], "torch"))
+    monkeypatch.setattr(lm.capture, "block_mlp_in", lambda *args: block_mlp_in(*args[:4], "torch", *args[5:]))
     monkeypatch.setattr(lm.capture, broken, fail)
-    gpt = tiny_gpt(n_layers=1, seed=2)
+    gpt = tiny_gpt(n_layers=2, seed=2)  # (block 1's first LayerNorm: layer_norm's)
     tokens = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(0))
-    capture = GPTCapture(gpt, ["blocks.0.mlp.hook_post"], kernels="triton")
+    capture = GPTCapture(gpt, ["blocks.1.mlp.hook_post"], kernels="triton")
     with torch.autocast("cpu", dtype=torch.bfloat16):  # (autocast: the fused block's condition)
         with pytest.warns(UserWarning, match="no C compiler"):
             got = capture(tokens)
         assert capture.kernels == "torch"
-        torch.testing.assert_close(got, GPTCapture(gpt, ["blocks.0.mlp.hook_post"])(tokens))
+        torch.testing.assert_close(got, GPTCapture(gpt, ["blocks.1.mlp.hook_post"])(tokens))
 
 
 @cuda_triton
@@ -193,6 +270,8 @@ def test_lm_kernels__cuda_equal_torch(autotune: str, monkeypatch: pytest.MonkeyP
     and with every autotuned one tried."""
     monkeypatch.setenv("SAE_STREAM_TRITON_AUTOTUNE", autotune)
     check_layer_norm("triton", "cuda", shapes=((5, 13, 48), (64, 1024, 128), (300, 768)))
+    check_embed_layer_norm("triton", "cuda", shapes=((3, 16, 32), (2, 37, 48), (64, 1024, 128)))
     check_block_mlp_in("triton", "cuda", shapes=((3, 37, 48, 112), (64, 1024, 128, 512)))
     if autotune == "0":
         check_gpt_capture("cuda")
+        check_gpt_capture_write("cuda", "triton")
