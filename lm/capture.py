@@ -65,7 +65,6 @@ class GPTCapture:
         self._tail = tail and last_point in ("mlp.hook_pre", "mlp.hook_post") and relu_ok
         self._tried = False  # the Triton path has run once without failing
         self._dest: tuple[Tensor, Tensor] | None = None  # (out, dest rows) while write() runs
-        self._normed: tuple[Tensor, Tensor] | None = None  # (x, ln_1(x)) of block 0 during a forward
 
     @torch.inference_mode()
     def write(self, tokens_BT: Tensor, start: int, out_RD: Tensor, slots_N: Tensor) -> None:
@@ -75,9 +74,10 @@ class GPTCapture:
         B, T = tokens_BT.shape
         if len(slots_N) != B * (T - start):
             raise ValueError(f"{len(slots_N)} slots for {B} contexts x {T - start} positions")
-        dest_BT = torch.full((B, T), -1, dtype=torch.int64, device=slots_N.device)
-        dest_BT[:, start:] = slots_N.view(B, T - start)
-        self._dest = (out_RD, dest_BT.view(-1))
+        if self.kernels == "triton" and self._tail:  # the fused block may store the rows: where each goes
+            dest_BT = torch.full((B, T), -1, dtype=torch.int64, device=slots_N.device)
+            dest_BT[:, start:] = slots_N.view(B, T - start)
+            self._dest = (out_RD, dest_BT.view(-1))
         try:
             acts_BTD = self(tokens_BT)
         finally:
@@ -106,30 +106,28 @@ class GPTCapture:
     def _forward(self, tokens_BT: Tensor) -> Tensor | None:
         gpt, got = self.gpt, {}
         T = tokens_BT.shape[1]
-        if self.kernels == "triton" and self._last > (0, 0):  # block 0's first LayerNorm with the embedding
+        u_BTD = None  # block 0's ln_1(x), when computed with the embedding
+        if self.kernels == "triton" and self._last > (0, 0):
             dtype = _autocast_dtype(tokens_BT) or torch.float32
             x_BTD, u_BTD = embed_layer_norm(tokens_BT, gpt.wte, gpt.wpe, gpt.blocks[0].ln_1, dtype, "triton")
-            self._normed = (x_BTD, u_BTD)
         else:
             x_BTD = gpt.wte(tokens_BT) + gpt.wpe(torch.arange(T, device=tokens_BT.device))
-        try:
-            for layer in range(self._last[0] + 1):
-                x_BTD = self._block(layer, x_BTD, got)
-                if x_BTD is None:
-                    break
-        finally:
-            self._normed = None
+        for layer in range(self._last[0] + 1):
+            x_BTD = self._block(layer, x_BTD, got, u_BTD if layer == 0 else None)
+            if x_BTD is None:
+                break
         if not got:  # the fused block wrote the one point into write()'s rows
             return None
         return torch.cat([got[n] for n in self.names], dim=-1) if len(self.names) > 1 else got[self.names[0]]
 
-    def _block(self, layer: int, x_BTD: Tensor, got: dict[str, Tensor]) -> Tensor | None:
-        """Block `layer`, recording the wanted points; None once the last wanted point has been computed."""
+    def _block(self, layer: int, x_BTD: Tensor, got: dict[str, Tensor], u_BTD: Tensor | None) -> Tensor | None:
+        """Block `layer`, recording the wanted points; None once the last wanted point has been computed. `u_BTD`:
+        its ln_1(x) if already computed."""
         b = self.gpt.blocks[layer]
         dtype = _autocast_dtype(x_BTD)
         if (layer == self._last[0] and self._tail and self.kernels == "triton" and dtype is not None
                 and mlp_in_fits(x_BTD, b, dtype)):  # heads' output -> MLP point in one kernel
-            z_BTD = b.attn.heads(self._ln(b.ln_1, x_BTD))
+            z_BTD = b.attn.heads(self._ln(b.ln_1, x_BTD) if u_BTD is None else u_BTD)
             point = POINTS[self._last[1]]
             relu = point == "mlp.hook_post"
             dest = self._dest
@@ -139,7 +137,7 @@ class GPTCapture:
                 got[f"blocks.{layer}.{point}"] = block_mlp_in(z_BTD, x_BTD, b, relu, "triton")
             return None
         stop = self._last[1] if layer == self._last[0] else len(POINTS)
-        for i, value in enumerate(_points(b, x_BTD, self._ln)):  # lazily: stops computing at `stop`
+        for i, value in enumerate(_points(b, x_BTD, self._ln, u_BTD)):  # lazily: stops computing at `stop`
             if (layer, POINTS[i]) in self._wanted:
                 got[f"blocks.{layer}.{POINTS[i]}"] = value
             if i >= stop:
@@ -151,8 +149,6 @@ class GPTCapture:
         (autocast's; else x's): the same values as the module's fp32 output cast there, up to fp32 rounding."""
         if self.kernels != "triton":
             return ln(x_BTD)
-        if self._normed is not None and x_BTD is self._normed[0] and ln is self.gpt.blocks[0].ln_1:
-            return self._normed[1]  # (computed by the embedding's kernel)
         return layer_norm(x_BTD, ln.weight, ln.bias, ln.eps, _autocast_dtype(x_BTD) or x_BTD.dtype, "triton")
 
 
@@ -163,12 +159,12 @@ def _autocast_dtype(x: Tensor) -> torch.dtype | None:
     return dtype if dtype in (torch.bfloat16, torch.float16) else None
 
 
-def _points(b: torch.nn.Module, x_BTD: Tensor, ln: Callable[[torch.nn.LayerNorm, Tensor], Tensor]
-            ) -> Iterator[Tensor]:
+def _points(b: torch.nn.Module, x_BTD: Tensor, ln: Callable[[torch.nn.LayerNorm, Tensor], Tensor],
+            u_BTD: Tensor | None = None) -> Iterator[Tensor]:
     """The block's values at POINTS, in order, each computed only when asked for; `ln(module, x)` applies a
-    LayerNorm."""
+    LayerNorm; `u_BTD`: ln_1(x) if already computed."""
     yield x_BTD
-    z_BTD = b.attn.heads(ln(b.ln_1, x_BTD))
+    z_BTD = b.attn.heads(ln(b.ln_1, x_BTD) if u_BTD is None else u_BTD)
     yield z_BTD
     attn_out_BTD = b.attn.c_proj(z_BTD)
     yield attn_out_BTD

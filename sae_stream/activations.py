@@ -228,18 +228,25 @@ class ActivationStream:
     def __iter__(self) -> Iterator[ActivationChunk]:
         return self
 
-    def _positions(self, B: int, T: int) -> tuple[int, Tensor | None]:
-        """First usable position, and the [B, k] sampled positions (CPU) or None to keep every usable one."""
+    def _span(self, T: int) -> tuple[int, bool]:
+        """First usable position of a context of T tokens, and whether positions are sampled among the usable ones
+        (`cfg.positions_per_context` fewer than them); a one-line error if there are too few."""
         start = 1 if self.cfg.skip_first_position else 0
         usable = T - start
         k = self.cfg.positions_per_context
         if usable <= 0:
             raise ValueError(f"contexts of {T} token(s) leave no positions: use longer contexts")
-        if k is None or k == usable:
-            return start, None
-        if k > usable:
+        if k is not None and k > usable:
             raise ValueError(f"buffer.positions_per_context ({k}) exceeds the {usable} usable positions per context")
-        return start, torch.rand(B, usable, generator=self._gen).argsort(dim=1)[:, :k] + start
+        return start, k is not None and k < usable
+
+    def _positions(self, B: int, T: int) -> tuple[int, Tensor | None]:
+        """First usable position, and the [B, k] sampled positions (CPU) or None to keep every usable one."""
+        start, sampled = self._span(T)
+        if not sampled:
+            return start, None
+        k = self.cfg.positions_per_context
+        return start, torch.rand(B, T - start, generator=self._gen).argsort(dim=1)[:, :k] + start
 
     def _to_lm(self, tokens_BT: Tensor) -> Tensor:
         """A token batch on the LM's device (through pinned memory from the host: no wait for the stream)."""
@@ -265,10 +272,10 @@ class ActivationStream:
         except StopIteration:
             return 0
         B, T = tokens_BT.shape
-        start = 1 if self.cfg.skip_first_position else 0
+        start, sampled = self._span(T)
         K = T - start
-        if K <= 0 or self.cfg.positions_per_context not in (None, K) or B * K > len(slots_N):
-            self._batches.pending.insert(0, tokens_BT)  # (__next__ takes it, or raises what is wrong with it)
+        if sampled or B * K > len(slots_N):
+            self._batches.pending.insert(0, tokens_BT)  # (__next__ takes it)
             return 0
         slots_N = slots_N[:B * K]
         with torch.inference_mode(), _autocast(self.lm_device):

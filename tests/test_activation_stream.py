@@ -170,12 +170,14 @@ def test_stream_into_buffer__yields_exactly_the_lm_activations() -> None:
     assert buf.metrics()["distinct_contexts"] > 1
 
 
-@pytest.mark.parametrize("device, capacity", [("cpu", 128), ("cpu", 150), ("cuda", 150)])
-def test_stream_into_buffer__direct_writes_equal_chunks(device: str, capacity: int,
+@pytest.mark.parametrize("device, capacity, sampled", [("cpu", 128, None), ("cpu", 150, None), ("cpu", 150, 7),
+                                                       ("cuda", 150, None)])
+def test_stream_into_buffer__direct_writes_equal_chunks(device: str, capacity: int, sampled: int | None,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """The LM writing whole batches into the ring's free slots itself (ActivationStream.write_into) leaves the ring,
-    its provenance and every batch as the chunk path does; batches that do not fit the slots left go as chunks.
-    On CUDA: the fused block's kernel storing into a bf16 ring (one block config: the same roundings both ways)."""
+    its provenance and every batch as the chunk path does; batches that do not fit the slots left go as chunks, and
+    so do all when positions are sampled. On CUDA: the fused block's kernel storing into a bf16 ring (one block
+    config: the same roundings both ways)."""
     from lm.capture import GPTCapture
     from lm.hooked import to_hooked
     from tests.test_lm import tiny_gpt
@@ -185,7 +187,8 @@ def test_stream_into_buffer__direct_writes_equal_chunks(device: str, capacity: i
     monkeypatch.setenv("SAE_STREAM_TRITON_AUTOTUNE", "0")
     gpt, hook = tiny_gpt(seed=5).to(device), "blocks.0.mlp.hook_post"
     batches = _token_batches([4] * 9 + [3], T=16, vocab=97)  # 4 x 15 = 60 vectors per LM batch, 45 in the last
-    cfg = _cfg(capacity=capacity, dtype="float32" if device == "cpu" else "auto", storage=device)
+    cfg = _cfg(capacity=capacity, dtype="float32" if device == "cpu" else "auto", storage=device,
+               positions_per_context=sampled)
     kernels = "triton" if device == "cuda" else "torch"
     runs = {}
     for direct in (True, False):
@@ -195,10 +198,11 @@ def test_stream_into_buffer__direct_writes_equal_chunks(device: str, capacity: i
         got = [b.clone() for b in buf.batches(32)]
         runs[direct] = got, buf._context_N.clone(), buf._position_N.clone(), buf.produced, buf.direct_rows
     (got, context, position, produced, direct_rows), (ref, *ref_state, none) = runs[True], runs[False]
-    assert produced == ref_state[2] == 9 * 60 + 45
+    assert produced == ref_state[2] == (9 * 4 + 3) * (sampled or 15)
     assert torch.equal(context, ref_state[0]) and torch.equal(position, ref_state[1])
     assert len(got) == len(ref) and all(torch.equal(g, r) for g, r in zip(got, ref))
-    assert none == 0 and 2 * 60 <= direct_rows < produced  # both paths ran (the last slots of a refill: chunks)
+    assert none == 0  # both paths ran (the last slots of a refill: chunks), or only chunks with sampled positions
+    assert 2 * 60 <= direct_rows < produced if sampled is None else direct_rows == 0
 
 
 # ---------------------------------------------------------------------------------------------- GPU
