@@ -14,15 +14,16 @@ the project's own classes (Trainer, ShuffleBuffer, ActivationStream), configured
   lm_*_ctx*    the LM forward up to the hook (bf16 autocast): `native` = the GPT's own forward (fused attention,
                lm/fused.py's Triton kernels on CUDA: what `sae-stream train` uses for an `lm train` LM),
                `*_into_ring` with positions 1.. stored into a ring's random slots by its last kernel (the loop's
-               refills), `*_into_chunk` the same through the chunk path's two copies,
+               refills), `*_into_chunk` the same through session 15's two copies (positions 1.. sliced out of
+               the forward's output, then copied into the slots),
                `native_torch_ops` = the same with torch's ops only, `native_flash` / `_efficient` / `_cudnn` =
                with that attention kernel forced, `tl` = transformer-lens hooks
   loop_*       LM -> ring (GPU or pinned host) -> shuffled batches -> Trainer (best step), several ring refills;
                every position of every context is used; the ring in the dtype the LM gives (bf16 on CUDA);
                `*_no_priority` with the step on the default stream (train.stream_priority=false: same priority
-               as the LM's refills); `*_chunk_writes` with the LM's vectors copied into the ring from chunks
-               (positions 1.. sliced out, then copied to the slots) where by default its last kernel stores them
-               in the slots (direct_write_fraction: the share it stored); `*_fp32_ring_torch_ops` the loop as
+               as the LM's refills); `*_chunk_writes` with the LM's vectors written into chunks, then copied into
+               the ring's slots, where by default its last kernel stores them in the slots
+               (direct_write_fraction: the share it stored); `*_fp32_ring_torch_ops` the loop as
                before (fp32 ring, the LM in torch's ops); fed random tokens,
                or `*_text_*` text as `sae-stream train` reads it, `*_ids_*` the same tokenized ahead
   disk_*       the materialised baseline: LM -> fp16 np.memmap on local disk, then shuffled batches read back and
@@ -133,7 +134,7 @@ def measure_lm(args: argparse.Namespace, rec: Recorder, context_len: int, native
     """The LM to the hook; `kernels` (native only): lm/fused.py's or torch's, None = as `sae-stream train`;
     `attention`: force one scaled_dot_product_attention backend (FLASH_ATTENTION, EFFICIENT_ATTENTION, ...)
     instead of torch's pick; `into` (native only) `ring`: positions 1.. written into random slots of a ring in the
-    LM's dtype as the loop's refills do (GPTCapture.write), `chunk`: the same through the chunk path's copies."""
+    LM's dtype as the loop's refills do (GPTCapture.write), `chunk`: the same through session 15's two copies."""
     kernels = kernels or lm_kernels(args)
 
     def fn() -> tuple[float, dict]:

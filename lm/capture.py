@@ -16,8 +16,9 @@ from one read of the embedding rows), and when the last point asked for is a blo
 and nothing earlier in that block is, the block from the heads' output to it as one kernel. The same values up to
 fp32 rounding (tested against the torch path); if the kernels fail on first use the capture warns once and
 continues with torch's. `write` has that kernel store each row straight into its slot of the buffer's ring, which
-saves the two copies a chunk costs otherwise (positions 1.. out of [B, T, d], then into the slots: ~4 KB per token
-of a 512-wide bf16 hook, about a third of the 1-layer forward's memory traffic).
+saves the two copies a chunk cost before (positions 1.. out of [B, T, d], then into the slots: ~4 KB per token of a
+512-wide bf16 hook, about a third of the 1-layer forward's memory traffic); into a chunk, it stores positions 1..
+only (ActivationStream: the same kernel both ways, so the same roundings).
 """
 
 from __future__ import annotations
@@ -65,25 +66,44 @@ class GPTCapture:
         self._tail = tail and last_point in ("mlp.hook_pre", "mlp.hook_post") and relu_ok
         self._tried = False  # the Triton path has run once without failing
         self._dest: tuple[Tensor, Tensor] | None = None  # (out, dest rows) while write() runs
+        self._stores: bool | None = None  # the fused block's stores into write()'s rows: worked, failed, untried
 
     @torch.inference_mode()
     def write(self, tokens_BT: Tensor, start: int, out_RD: Tensor, slots_N: Tensor) -> None:
         """Writes the activations of positions start..T-1 of every context, in (context, position) order, to rows
         `slots_N` of `out_RD` (a ring): the values __call__ gives, cast to out's dtype. When the fused block computes
-        the last point, its kernel stores them there itself; otherwise they are computed and copied."""
+        the last point in out's dtype, its kernel stores them there itself; otherwise they are computed and copied."""
         B, T = tokens_BT.shape
         if len(slots_N) != B * (T - start):
             raise ValueError(f"{len(slots_N)} slots for {B} contexts x {T - start} positions")
-        if self.kernels == "triton" and self._tail:  # the fused block may store the rows: where each goes
-            dest_BT = torch.full((B, T), -1, dtype=torch.int64, device=slots_N.device)
-            dest_BT[:, start:] = slots_N.view(B, T - start)
-            self._dest = (out_RD, dest_BT.view(-1))
+        stores = (self.kernels == "triton" and self._tail and self._stores is not False
+                  and out_RD.dtype == _autocast_dtype(tokens_BT))
+        acts_BTD = self._stored(tokens_BT, start, out_RD, slots_N) if stores else self(tokens_BT)
+        if acts_BTD is not None:  # (not stored by the kernel)
+            out_RD.index_copy_(0, slots_N, acts_BTD[:, start:].reshape(len(slots_N), -1).to(out_RD.dtype))
+
+    def _stored(self, tokens_BT: Tensor, start: int, out_RD: Tensor, slots_N: Tensor) -> Tensor | None:
+        """A forward whose fused block stores write()'s rows (None), or, if that kernel fails on its first use, one
+        without (its activations; a warning, and no stores from then on)."""
+        B, T = tokens_BT.shape
+        dest_BT = torch.full((B, T), -1, dtype=torch.int64, device=slots_N.device)
+        dest_BT[:, start:] = slots_N.reshape(B, T - start)
+        self._dest = (out_RD, dest_BT.view(-1))
         try:
             acts_BTD = self(tokens_BT)
+        except Exception as exc:  # noqa: BLE001 — as __call__'s: the kernel without the stores gives the same
+            if self._stores:
+                raise
+            why = str(exc).splitlines()[0] if str(exc) else ""
+            warnings.warn(f"the LM's Triton kernel storing into the ring failed ({type(exc).__name__}: {why}); "
+                          "copying its output there instead", stacklevel=4)
+            self._stores = False
+            self._dest = None
+            return self(tokens_BT)
         finally:
             self._dest = None
-        if acts_BTD is not None:  # (not written by the kernel)
-            out_RD.index_copy_(0, slots_N, acts_BTD[:, start:].reshape(len(slots_N), -1).to(out_RD.dtype))
+        self._stores = True
+        return acts_BTD
 
     @torch.inference_mode()
     def __call__(self, tokens_BT: Tensor) -> Tensor | None:

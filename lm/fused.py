@@ -55,7 +55,9 @@ def layer_norm(x: Tensor, w_D: Tensor, b_D: Tensor, eps: float, dtype: torch.dty
 def embed_layer_norm(tokens_BT: Tensor, wte: torch.nn.Embedding, wpe: torch.nn.Embedding, ln: torch.nn.LayerNorm,
                      dtype: torch.dtype, backend: str) -> tuple[Tensor, Tensor]:
     """The residual stream's start x = wte[token] + wpe[position] (fp32) and the first LayerNorm of it written in
-    `dtype`, in one pass (torch: the two lookups, their sum, then the LayerNorm read it back); the same values."""
+    `dtype`, in one pass (torch: the two lookups, their sum, then the LayerNorm read it back); the same values.
+    The kernel does not bounds-check token ids as nn.Embedding does: the training data's are checked against the
+    tokenizer as they are read, and the tokenizer against the LM's vocabulary before any work (report.py)."""
     B, T = tokens_BT.shape
     D = wte.embedding_dim
     params = (wte.weight, wpe.weight, ln.weight[None], ln.bias[None])

@@ -152,13 +152,6 @@ def untrainable(hook: str, width: int | None = None) -> str | None:
     return None
 
 
-def _indexed(device: str | torch.device) -> torch.device:
-    """`device` as a tensor's .device reads (cuda -> cuda:<current>), so that the two compare equal."""
-    device = torch.device(device)
-    return torch.device("cuda", torch.cuda.current_device()) if device.type == "cuda" and device.index is None \
-        else device
-
-
 def _autocast(device: torch.device) -> Any:
     """The LM's precision when producing: bf16 autocast on cuda, fp32 elsewhere."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
@@ -211,7 +204,8 @@ class ActivationStream:
                  context_len: int = 1, capture: Callable[[Tensor], Tensor] | None = None) -> None:
         self.cfg = cfg
         self.lm_device = next(model.parameters()).device
-        self.device = _indexed(device) if device is not None else self.lm_device
+        # (as a tensor's .device reads it, cuda -> cuda:<current>: compared with the ring's, write_into)
+        self.device = torch.empty(0, device=device).device if device is not None else self.lm_device
         hooks = HookCapture(model, hook_names, stop)
         # `capture` computes the same activations another way (lm.capture.GPTCapture: the GPT's fused attention)
         self.capture = capture if capture is not None else hooks
@@ -261,35 +255,57 @@ class ActivationStream:
         """Runs the LM on the next token batch and writes its n vectors, and their provenance, to the ring's rows
         `slots_N[:n]` itself (the capture's `write`: lm.capture.GPTCapture stores from its last kernel), the same
         values and order as __next__ would give; returns n. Returns 0 and writes nothing when it cannot: no
-        `write` on the capture, the ring not on the LM's device in the stream's dtype, positions sampled, the
-        batch's vectors more than `slots_N` holds (the batch then waits for the next call), the stream at its
-        end. ShuffleBuffer fills its free slots this way first."""
-        if not (hasattr(self.capture, "write") and ring_ND.device == self.lm_device == self.device
-                and ring_ND.dtype == self.dtype):
+        `write` on the capture, the ring not on the LM's device in the stream's dtype and width, positions
+        sampled, the batch's vectors more than `slots_N` holds (the batch then waits for the next call), the
+        stream at its end. ShuffleBuffer fills its free slots this way first."""
+        if not (hasattr(self.capture, "write") and self.cfg.positions_per_context is None
+                and ring_ND.device == self.lm_device == self.device and ring_ND.dtype == self.dtype
+                and ring_ND.shape[1] == self.d_in):
             return 0
         try:
             tokens_BT = next(self._batches)
         except StopIteration:
             return 0
         B, T = tokens_BT.shape
-        start, sampled = self._span(T)
-        K = T - start
-        if sampled or B * K > len(slots_N):
+        start, _ = self._span(T)
+        if B * (T - start) > len(slots_N):
             self._batches.pending.insert(0, tokens_BT)  # (__next__ takes it)
             return 0
-        slots_N = slots_N[:B * K]
-        with torch.inference_mode(), _autocast(self.lm_device):
-            self.capture.write(self._to_lm(tokens_BT), start, ring_ND, slots_N)
-        dev = self.lm_device
-        context_N.index_copy_(0, slots_N, (torch.arange(B, device=dev) + self.contexts_seen).repeat_interleave(K))
-        position_N.index_copy_(0, slots_N, torch.arange(start, T, dtype=torch.int32, device=dev).repeat(B))
-        self.contexts_seen += B
-        return B * K
+        slots_N = slots_N[:B * (T - start)]
+        context_n, position_n = self._produce(self._to_lm(tokens_BT), ring_ND, slots_N)
+        context_N.index_copy_(0, slots_N, context_n)
+        position_N.index_copy_(0, slots_N, position_n)
+        return len(slots_N)
 
     def __next__(self) -> ActivationChunk:
-        dev = self.lm_device
         tokens_BT = self._to_lm(next(self._batches))
         B, T = tokens_BT.shape
+        start, sampled = self._span(T)
+        if not sampled and hasattr(self.capture, "write"):  # the LM writes the chunk as write_into does the ring
+            acts_ND = torch.empty(B * (T - start), self.d_in, dtype=self.dtype, device=self.lm_device)
+            chunk = ActivationChunk(acts_ND, *self._produce(tokens_BT, acts_ND,
+                                                             torch.arange(len(acts_ND), device=self.lm_device)))
+        else:
+            chunk = self._chunk(tokens_BT)
+        return chunk if self.device == self.lm_device else ActivationChunk(*(t.to(self.device) for t in chunk))
+
+    def _produce(self, tokens_BT: Tensor, out_RD: Tensor, rows_N: Tensor) -> tuple[Tensor, Tensor]:
+        """Every usable position's vector of a token batch (on the LM's device) written by the capture to rows
+        `rows_N` of `out_RD`; returns the rows' provenance (context_N int64, position_N int32)."""
+        dev, (B, T) = self.lm_device, tokens_BT.shape
+        start = T - len(rows_N) // B
+        with torch.inference_mode(), _autocast(dev):
+            self.capture.write(tokens_BT, start, out_RD, rows_N)
+        return self._contexts(B, T - start), torch.arange(start, T, dtype=torch.int32, device=dev).repeat(B)
+
+    def _contexts(self, B: int, K: int) -> Tensor:
+        """[B·K] the stream indices of the next B contexts, K rows each; they count as seen."""
+        self.contexts_seen += B
+        return (torch.arange(B, device=self.lm_device) + self.contexts_seen - B).repeat_interleave(K)
+
+    def _chunk(self, tokens_BT: Tensor) -> ActivationChunk:
+        """A token batch's vectors (every usable position's, or those sampled) from the capture's output."""
+        dev, (B, T) = self.lm_device, tokens_BT.shape
         start, pos_BK = self._positions(B, T)
         with torch.inference_mode(), _autocast(dev):
             acts_BTD = self.capture(tokens_BT)
@@ -299,12 +315,8 @@ class ActivationStream:
             else:
                 pos_BK = pos_BK.to(dev, torch.int32, non_blocking=True)
                 acts_BKD = acts_BTD.gather(1, pos_BK.long()[:, :, None].expand(-1, -1, acts_BTD.shape[-1]))
-            K = pos_BK.shape[1]
-            acts_ND = acts_BKD.to(self.dtype).reshape(B * K, -1)
-        context_N = (torch.arange(B, device=dev) + self.contexts_seen)[:, None].expand(B, K).reshape(-1)
-        self.contexts_seen += B
-        chunk = ActivationChunk(acts_ND, context_N, pos_BK.reshape(-1))
-        return chunk if self.device == dev else ActivationChunk(*(t.to(self.device) for t in chunk))
+            acts_ND = acts_BKD.to(self.dtype).reshape(-1, acts_BKD.shape[-1])
+        return ActivationChunk(acts_ND, self._contexts(B, pos_BK.shape[1]), pos_BK.reshape(-1))
 
     def state_dict(self) -> dict[str, Any]:
         """Stream position (contexts seen, leftover token rows, sampling RNG; the token source's own state if it

@@ -355,7 +355,8 @@ class ShuffleBuffer(BufferState):
         """Shuffle quality over the last sampled batches (see `shuffle_metrics`) and the vector accounting."""
         out: dict[str, float] = dict(shuffle_metrics(self._samples))
         out.update(produced=self.produced, consumed=self.consumed, pool_consumed=self.pool_consumed,
-                   dropped=self.dropped, refills=self.refills, unread=self._unread(), memory_bytes=self.memory_bytes)
+                   dropped=self.dropped, refills=self.refills, unread=self._unread(), memory_bytes=self.memory_bytes,
+                   direct_rows=self.direct_rows)
         return out
 
     @torch.no_grad()

@@ -17,7 +17,7 @@ from torch import Tensor
 from sae_stream.activations import ActivationChunk
 
 SNAPSHOT_CHUNK_BYTES = 256 << 20  # a GPU ring's rows go to the host in pieces this size at a checkpoint
-_COUNTERS = ("produced", "consumed", "pool_consumed", "dropped", "refills", "batches_drawn")
+_COUNTERS = ("produced", "consumed", "pool_consumed", "dropped", "refills", "batches_drawn", "direct_rows")
 
 
 def _host_tensor(shape: tuple[int, int], dtype: torch.dtype, pin: bool) -> Tensor:

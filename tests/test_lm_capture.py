@@ -4,6 +4,7 @@ tests/test_fused_ops.py's subprocess (check_* below)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -261,6 +262,37 @@ def test_gpt_capture__triton_kernels_that_fail_fall_back_to_torch(broken: str, m
             got = capture(tokens)
         assert capture.kernels == "torch"
         torch.testing.assert_close(got, GPTCapture(gpt, ["blocks.1.mlp.hook_post"])(tokens))
+
+
+def test_gpt_capture__write_whose_store_kernel_fails_copies_instead(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fused block storing into the ring is a kernel variant of its own, first built inside a refill: if it
+    fails there, write() warns once, copies the rows instead (the same values), and does not try it again."""
+    import lm.capture
+
+    calls = []
+
+    def fused(*args):  # (no Triton interpreter here: torch's reference; the variant with destinations fails)
+        calls.append(len(args))
+        if len(args) > 5:
+            raise RuntimeError("out of shared memory")
+        return block_mlp_in(*args[:4], "torch")
+
+    monkeypatch.setattr(lm.capture, "layer_norm", lambda *args: layer_norm(*args[:-1], "torch"))
+    monkeypatch.setattr(lm.capture, "embed_layer_norm", lambda *args: embed_layer_norm(*args[:-1], "torch"))
+    monkeypatch.setattr(lm.capture, "block_mlp_in", fused)
+    gpt = tiny_gpt(n_layers=1, seed=2)
+    tokens = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(0))
+    capture = GPTCapture(gpt, ["blocks.0.mlp.hook_post"], kernels="triton")
+    slots = torch.randperm(40)[:30]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = capture(tokens)[:, 1:].reshape(30, -1)  # (the kernels' first use, as the stream's probe)
+        for warns in (True, False):
+            ring = torch.zeros(40, 64, dtype=torch.bfloat16)
+            calls.clear()
+            with pytest.warns(UserWarning, match="out of shared memory") if warns else contextlib.nullcontext():
+                capture.write(tokens, 1, ring, slots)
+            assert torch.equal(ring[slots], want) and capture.kernels == "triton"
+            assert calls == ([7, 5] if warns else [5])
 
 
 @cuda_triton
