@@ -23,7 +23,8 @@ the project's own classes (Trainer, ShuffleBuffer, ActivationStream), configured
                `*_no_priority` with the step on the default stream (train.stream_priority=false: same priority
                as the LM's refills); `*_chunk_writes` with the LM's vectors written into chunks, then copied into
                the ring's slots, where by default its last kernel stores them in the slots
-               (direct_write_fraction: the share it stored); `*_fp32_ring_torch_ops` the loop as
+               (direct_write_fraction: the share it stored); `*_lm_batch_div4` / `_x4` with a quarter / 4x the
+               contexts per LM forward (--lm-tokens); `*_fp32_ring_torch_ops` the loop as
                before (fp32 ring, the LM in torch's ops); fed random tokens,
                or `*_text_*` text as `sae-stream train` reads it, `*_ids_*` the same tokenized ahead
   disk_*       the materialised baseline: LM -> fp16 np.memmap on local disk, then shuffled batches read back and
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import itertools
 import sys
 import tempfile
@@ -184,9 +186,13 @@ def measure_loop(args: argparse.Namespace, rec: Recorder, d_sae: int, storage: s
     """LM -> ring -> batches -> the best step, configured as `sae-stream train` (buffer.dtype auto: the dtype the
     LM gives; the LM's LayerNorms by --kernels), or with `before` as LOOP_BEFORE; fed random tokens, or with
     `text_prefetch` real text (`feed`: text_batches') read as data.prefetch=text_prefetch does; `variant`: a
-    LOOP_VARIANTS suffix (the trainer's settings changed)."""
+    LOOP_VARIANTS suffix (the trainer's or the buffer's settings changed)."""
+    settings = dict(LOOP_VARIANTS[variant])  # the trainer's, once these two of the buffer's are taken out:
+    lm_batch_scale, direct_writes = settings.pop("lm_batch_scale", 1), settings.pop("direct_writes", True)
+
     def fn() -> tuple[float, dict]:
         bcfg = buffer_cfg(args, storage, context_len, LOOP_BEFORE["dtype"] if before else "auto")
+        bcfg = dataclasses.replace(bcfg, lm_batch_size=max(1, round(bcfg.lm_batch_size * lm_batch_scale)))
         kernels = LOOP_BEFORE["kernels"] if before else lm_kernels(args)
         text = None if text_prefetch is None else text_batches(args, context_len, bcfg.lm_batch_size, text_prefetch,
                                                                feed)
@@ -195,14 +201,13 @@ def measure_loop(args: argparse.Namespace, rec: Recorder, d_sae: int, storage: s
 
     def run_loop(bcfg: BufferConfig, kernels: str, text: Iterable[Tensor] | None) -> tuple[float, dict]:
         stream = make_stream(context_len, args.device, bcfg, args.device, native, kernels, text)
-        settings = dict(LOOP_VARIANTS[variant])
-        buffer = ShuffleBuffer(stream, bcfg, args.device, d_in=512,
-                               direct_writes=settings.pop("direct_writes", True))
+        buffer = ShuffleBuffer(stream, bcfg, args.device, d_in=512, direct_writes=direct_writes)
         trainer = make_trainer(args, d_sae, STEP_VARIANTS[BEST] | settings)
         dtype = trainer.input_dtype(buffer.dtype)
         rate, extra = timed_steps(args, trainer, buffer.batches(args.batch, dtype=dtype))
         extra |= {"storage": storage, "context_len": context_len, "capacity": args.capacity,
                   "refills": buffer.refills, "merge_lag": buffer.merge_lag, "ring_dtype": buffer.dtype_name,
+                  "lm_batch_size": bcfg.lm_batch_size,
                   "direct_write_fraction": round(buffer.direct_rows / max(1, buffer.produced), 3),
                   "batch_dtype": str(dtype).removeprefix("torch."),
                   "lm_kernels": stream.capture.kernels if native else None}  # (what ran: see measure_lm)

@@ -66,7 +66,8 @@ def test_gpu_compare__every_variant_measured_with_the_issue_fields(gpu_compare_c
     want |= {(f"lm_{kind}_ctx{ctx}", None) for kind in ("native", "tl") for ctx in (32, 128)}
     want |= {("lm_native_math_ctx32", None)}  # (sdpa_kernel forced, entered once per timed run)
     want |= {("lm_native_into_ring_ctx32", None), ("lm_native_into_chunk_ctx32", None)}
-    want |= {(f"loop_cpu_ctx32{s}", 256) for s in ("", "_no_priority", "_chunk_writes", "_fp32_ring_torch_ops", "_tl",
+    want |= {(f"loop_cpu_ctx32{s}", 256) for s in ("", "_no_priority", "_chunk_writes", "_lm_batch_div4",
+                                                    "_lm_batch_x4", "_fp32_ring_torch_ops", "_tl",
                                                     "_text_prefetched", "_text_inline", "_ids_prefetched")}
     want |= {("loop_cpu_ctx128", 256), ("loop_cpu_ctx32", 512), ("disk_write", None), ("disk_read_train", 256),
              ("projection_paper_a1", 256), ("projection_paper_a1_text", 256), ("projection_paper_a1_ids", 256),
@@ -77,6 +78,8 @@ def test_gpu_compare__every_variant_measured_with_the_issue_fields(gpu_compare_c
     rows = {(r["variant"], r["d_sae"]): r for r in printed}  # the LM stored most vectors in the ring itself
     assert rows[("loop_cpu_ctx32", 256)]["direct_write_fraction"] > 0.5
     assert rows[("loop_cpu_ctx32_chunk_writes", 256)]["direct_write_fraction"] == 0
+    lm_batches = [rows[(f"loop_cpu_ctx32{s}", 256)]["lm_batch_size"] for s in ("_lm_batch_div4", "", "_lm_batch_x4")]
+    assert lm_batches == [16, 64, 256]  # (--lm-tokens 2048 / context 32, a quarter and 4x)
 
 
 def test_gpu_compare__ratios_and_projection_follow_from_the_measured_rates(gpu_compare_cpu) -> None:
