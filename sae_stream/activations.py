@@ -272,7 +272,7 @@ class ActivationStream:
             self._batches.pending.insert(0, tokens_BT)  # (__next__ takes it)
             return 0
         slots_N = slots_N[:B * (T - start)]
-        context_n, position_n = self._produce(self._to_lm(tokens_BT), ring_ND, slots_N)
+        context_n, position_n = self._produce(self._to_lm(tokens_BT), start, ring_ND, slots_N)
         context_N.index_copy_(0, slots_N, context_n)
         position_N.index_copy_(0, slots_N, position_n)
         return len(slots_N)
@@ -283,17 +283,16 @@ class ActivationStream:
         start, sampled = self._span(T)
         if not sampled and hasattr(self.capture, "write"):  # the LM writes the chunk as write_into does the ring
             acts_ND = torch.empty(B * (T - start), self.d_in, dtype=self.dtype, device=self.lm_device)
-            chunk = ActivationChunk(acts_ND, *self._produce(tokens_BT, acts_ND,
-                                                             torch.arange(len(acts_ND), device=self.lm_device)))
+            rows_N = torch.arange(len(acts_ND), device=self.lm_device)
+            chunk = ActivationChunk(acts_ND, *self._produce(tokens_BT, start, acts_ND, rows_N))
         else:
             chunk = self._chunk(tokens_BT)
         return chunk if self.device == self.lm_device else ActivationChunk(*(t.to(self.device) for t in chunk))
 
-    def _produce(self, tokens_BT: Tensor, out_RD: Tensor, rows_N: Tensor) -> tuple[Tensor, Tensor]:
-        """Every usable position's vector of a token batch (on the LM's device) written by the capture to rows
+    def _produce(self, tokens_BT: Tensor, start: int, out_RD: Tensor, rows_N: Tensor) -> tuple[Tensor, Tensor]:
+        """The vectors of positions start.. of a token batch (on the LM's device) written by the capture to rows
         `rows_N` of `out_RD`; returns the rows' provenance (context_N int64, position_N int32)."""
         dev, (B, T) = self.lm_device, tokens_BT.shape
-        start = T - len(rows_N) // B
         with torch.inference_mode(), _autocast(dev):
             self.capture.write(tokens_BT, start, out_RD, rows_N)
         return self._contexts(B, T - start), torch.arange(start, T, dtype=torch.int32, device=dev).repeat(B)
