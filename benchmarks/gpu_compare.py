@@ -67,6 +67,7 @@ from gpu_setup import (  # noqa: E402
     lm_kernels,
     make_stream,
     make_trainer,
+    scratch_ring,
     text_batches,
     timed_steps,
 )
@@ -146,9 +147,7 @@ def measure_lm(args: argparse.Namespace, rec: Recorder, context_len: int, native
         cap = GPTCapture(gpt, [HOOK], kernels=kernels) if native else HookCapture(hooked, HOOK)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.device == "cuda")
         rows = lm_batch * (context_len - 1)
-        ring = torch.empty(2 * rows, 512, dtype=torch.bfloat16 if args.device == "cuda" else torch.float32,
-                           device=args.device) if into else None
-        slots = torch.randperm(2 * rows, device=args.device)[:rows] if into else None
+        ring, slots = scratch_ring(rows, args.device) if into else (None, None)
 
         def backend() -> contextlib.AbstractContextManager:  # (anew per use: sdpa_kernel's enters only once)
             return sdpa_kernel(getattr(SDPBackend, attention)) if attention else contextlib.nullcontext()

@@ -101,6 +101,13 @@ def text_batches(args: argparse.Namespace, context_len: int, lm_batch: int, pref
     return training_batches(cfg, lm_batch, torch.device(args.device))
 
 
+def scratch_ring(rows: int, device: str) -> tuple[Tensor, Tensor]:
+    """A ring of 2 x `rows` 512-wide vectors in the LM's dtype there (bf16 on CUDA) and `rows` random distinct
+    slots of it: where an LM forward writes as a refill would."""
+    ring_RD = torch.empty(2 * rows, 512, dtype=torch.bfloat16 if device == "cuda" else torch.float32, device=device)
+    return ring_RD, torch.randperm(2 * rows, device=device)[:rows]
+
+
 def lm_kernels(args: argparse.Namespace) -> str:
     """The native LM's LayerNorm kernels, as `sae-stream train` picks them from train.kernels (--kernels)."""
     return resolve_kernels(args.kernels, torch.device(args.device))

@@ -29,7 +29,16 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from buffer_throughput import HOOK, sync  # noqa: E402
-from gpu_setup import BEST, STEP_VARIANTS, buffer_cfg, build_lm, lm_kernels, make_stream, make_trainer  # noqa: E402
+from gpu_setup import (  # noqa: E402
+    BEST,
+    STEP_VARIANTS,
+    buffer_cfg,
+    build_lm,
+    lm_kernels,
+    make_stream,
+    make_trainer,
+    scratch_ring,
+)
 
 from lm.capture import GPTCapture  # noqa: E402
 from sae_stream.buffer import ShuffleBuffer  # noqa: E402
@@ -97,13 +106,10 @@ def lm_run(args: argparse.Namespace) -> tuple[Callable[[int], None], int]:
     capture = GPTCapture(gpt, [HOOK], kernels=lm_kernels(args))
     tokens_BT = torch.randint(0, 50304, (max(1, args.lm_tokens // args.context_len), args.context_len),
                               device=args.device)
-    rows = len(tokens_BT) * (args.context_len - 1)
-    cuda = args.device == "cuda"
-    ring_RD = torch.empty(2 * rows, 512, dtype=torch.bfloat16 if cuda else torch.float32, device=args.device)
-    slots_N = torch.randperm(2 * rows, device=args.device)[:rows]
+    ring_RD, slots_N = scratch_ring(len(tokens_BT) * (args.context_len - 1), args.device)
 
     def run(n: int) -> None:
-        with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=cuda):
+        with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=args.device == "cuda"):
             for _ in range(n):
                 capture.write(tokens_BT, 1, ring_RD, slots_N)
         sync(args.device)

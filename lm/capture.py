@@ -94,9 +94,8 @@ class GPTCapture:
         except Exception as exc:  # noqa: BLE001 — as __call__'s: the kernel without the stores gives the same
             if self._stores:
                 raise
-            why = str(exc).splitlines()[0] if str(exc) else ""
-            warnings.warn(f"the LM's Triton kernel storing into the ring failed ({type(exc).__name__}: {why}); "
-                          "copying its output there instead", stacklevel=4)
+            warnings.warn(f"the LM's Triton kernel storing into the ring failed ({_first_line(exc)}); copying its "
+                          "output there instead", stacklevel=4)
             self._stores = False
             self._dest = None
             return self(tokens_BT)
@@ -115,9 +114,8 @@ class GPTCapture:
         try:
             out = self._forward(tokens_BT)
         except Exception as exc:  # noqa: BLE001 — a kernel that fails to build or run: torch's ops give the same
-            why = str(exc).splitlines()[0] if str(exc) else ""
-            warnings.warn(f"the LM's Triton kernels failed ({type(exc).__name__}: {why}); producing activations "
-                          "with torch's ops", stacklevel=3)
+            warnings.warn(f"the LM's Triton kernels failed ({_first_line(exc)}); producing activations with "
+                          "torch's ops", stacklevel=3)
             self.kernels = "torch"
             return self._forward(tokens_BT)
         self._tried = True
@@ -170,6 +168,11 @@ class GPTCapture:
         if self.kernels != "triton":
             return ln(x_BTD)
         return layer_norm(x_BTD, ln.weight, ln.bias, ln.eps, _autocast_dtype(x_BTD) or x_BTD.dtype, "triton")
+
+
+def _first_line(exc: Exception) -> str:
+    """`Type: first line of the message`, for a one-line warning."""
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 
 def _autocast_dtype(x: Tensor) -> torch.dtype | None:
