@@ -57,6 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from buffer_throughput import HOOK, sync  # noqa: E402
 from gpu_setup import (  # noqa: E402
     BEST,
+    IN_PLACE,
     LARGE_STEP_VARIANTS,
     LOOP_BEFORE,
     LOOP_VARIANTS,
@@ -127,7 +128,13 @@ def measure_steps(args: argparse.Namespace, rec: Recorder, d_sae: int) -> dict[s
         def fn(name: str = name) -> tuple[float, dict]:
             with environment(STEP_VARIANTS[name].get("env", {})):
                 trainer = make_trainer(args, d_sae, STEP_VARIANTS[name])
-                return timed_steps(args, trainer, itertools.repeat(x_BD))
+                x = x_BD
+                if STEP_VARIANTS[name].get("input") == "in_place_bf16":
+                    x = trainer.batch_input(args.batch, torch.bfloat16)
+                    if x is None:  # (steps not graphed here: CPU)
+                        x = x_BD.to(torch.bfloat16)
+                    x.copy_(x_BD)
+                return timed_steps(args, trainer, itertools.repeat(x))
         out[name] = rec.guarded(name, d_sae, fn)
     return out
 
@@ -181,13 +188,15 @@ def measure_lm(args: argparse.Namespace, rec: Recorder, context_len: int, native
 
 def measure_loop(args: argparse.Namespace, rec: Recorder, d_sae: int, storage: str, context_len: int,
                  step_rate: float | None, native: bool = True, before: bool = False,
-                 text_prefetch: int | None = None, feed: str = "text", variant: str = "") -> float | None:
+                 text_prefetch: int | None = None, feed: str = "text", variant: str = "",
+                 in_place_rate: float | None = None) -> float | None:
     """LM -> ring -> batches -> the best step, configured as `sae-stream train` (buffer.dtype auto: the dtype the
     LM gives; the LM's LayerNorms by --kernels), or with `before` as LOOP_BEFORE; fed random tokens, or with
     `text_prefetch` real text (`feed`: text_batches') read as data.prefetch=text_prefetch does; `variant`: a
     LOOP_VARIANTS suffix (the trainer's or the buffer's settings changed)."""
     settings = dict(LOOP_VARIANTS[variant])  # the trainer's, once these two of the buffer's are taken out:
     lm_batch_scale, direct_writes = settings.pop("lm_batch_scale", 1), settings.pop("direct_writes", True)
+    into_input = settings.pop("into_input", True)
 
     def fn() -> tuple[float, dict]:
         bcfg = buffer_cfg(args, storage, context_len, LOOP_BEFORE["dtype"] if before else "auto")
@@ -203,15 +212,18 @@ def measure_loop(args: argparse.Namespace, rec: Recorder, d_sae: int, storage: s
         buffer = ShuffleBuffer(stream, bcfg, args.device, d_in=512, direct_writes=direct_writes)
         trainer = make_trainer(args, d_sae, STEP_VARIANTS[BEST] | settings)
         dtype = trainer.input_dtype(buffer.dtype)
-        rate, extra = timed_steps(args, trainer, buffer.batches(args.batch, dtype=dtype))
+        out = trainer.batch_input(args.batch, dtype) if into_input else None
+        rate, extra = timed_steps(args, trainer, buffer.batches(args.batch, dtype=dtype, out=out))
         extra |= {"storage": storage, "context_len": context_len, "capacity": args.capacity,
                   "refills": buffer.refills, "merge_lag": buffer.merge_lag, "ring_dtype": buffer.dtype_name,
                   "lm_batch_size": bcfg.lm_batch_size,
                   "direct_write_fraction": round(buffer.direct_rows / max(1, buffer.produced), 3),
-                  "batch_dtype": str(dtype).removeprefix("torch."),
+                  "batch_dtype": str(dtype).removeprefix("torch."), "into_graph_input": out is not None,
                   "lm_kernels": stream.capture.kernels if native else None}  # (what ran: see measure_lm)
         if step_rate:
             extra["ratio_to_step"] = round(rate / step_rate, 3)
+        if in_place_rate:  # (the stricter ratio: that step copies nothing in)
+            extra["ratio_to_step_in_place"] = round(rate / in_place_rate, 3)
         return rate, extra
     suffix = variant + ("" if native else "_tl") + ("_fp32_ring_torch_ops" if before else "") + \
         ("" if text_prefetch is None else f"_{feed}" + ("_prefetched" if text_prefetch else "_inline"))
@@ -290,10 +302,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         best = steps.get(BEST)
         if "loop" not in args.skip:
             storage = "cuda" if args.device == "cuda" else "cpu"
-            rate = measure_loop(args, rec, d_sae, storage, args.context_len, best)
+            in_place = steps.get(IN_PLACE)
+            rate = measure_loop(args, rec, d_sae, storage, args.context_len, best, in_place_rate=in_place)
             if d_sae == args.d_saes[0]:
                 for variant in list(LOOP_VARIANTS)[1:]:
-                    measure_loop(args, rec, d_sae, storage, args.context_len, best, variant=variant)
+                    measure_loop(args, rec, d_sae, storage, args.context_len, best, variant=variant,
+                                 in_place_rate=in_place)
                 measure_loop(args, rec, d_sae, storage, args.context_len, best, before=True)
                 tokens = load_config(PAPER_A1).train.total_tokens
                 if rate:

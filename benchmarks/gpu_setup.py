@@ -56,13 +56,18 @@ BEST = "step_graph_fused_bf16"
 # encoder without them, the sums in the backward's epilogue
 STEP_VARIANTS |= {f"{BEST}_{enc}_encoder": {**STEP_VARIANTS[BEST], "env": {ENCODE_ENV: enc}}
                   for enc in ("triton", "cublas", "stats")}
+# BEST fed as the loop feeds it: a bf16 batch (the ring's dtype) already in the graph's input (Trainer.batch_input),
+# so no copy; BEST itself copies an fp32 batch in each step, as sessions 3-15 measured it
+IN_PLACE = f"{BEST}_in_place"
+STEP_VARIANTS[IN_PLACE] = {**STEP_VARIANTS[BEST], "input": "in_place_bf16"}
 LARGE_STEP_VARIANTS = ("step_eager_autograd_tf32", "step_graph_autograd_bf16", "step_graph_fused_bf16",
                        "step_graph_fused_bf16_torch_ops", "topk_graph_dense_bf16", "topk_graph_sparse_bf16")
 # the whole loop as `sae-stream train` runs it (""), and with one setting changed: name suffix -> train overrides
 # the loop's variants: the trainer's settings changed, or the buffer's (`direct_writes`; `lm_batch_scale`: contexts
-# per LM forward, times --lm-tokens' share)
+# per LM forward, times --lm-tokens' share; `into_input`: batches gathered into the step graph's input, or copied)
 LOOP_VARIANTS = {"": {}, "_no_priority": {"stream_priority": False}, "_chunk_writes": {"direct_writes": False},
-                 "_lm_batch_div4": {"lm_batch_scale": 0.25}, "_lm_batch_x4": {"lm_batch_scale": 4}}
+                 "_lm_batch_div4": {"lm_batch_scale": 0.25}, "_lm_batch_x4": {"lm_batch_scale": 4},
+                 "_copied_input": {"into_input": False}}
 
 def build_lm(context_len: int, device: str) -> tuple[GPT, object]:
     """Random-init 1-layer GPT of the paper's shape (d_model 128, 4 heads, MLP 512 ReLU, vocab 50304) and the
@@ -117,6 +122,7 @@ def lm_kernels(args: argparse.Namespace) -> str:
 def make_trainer(args: argparse.Namespace, d_sae: int, train: dict) -> Trainer:
     train = dict(train)
     train.pop("env", None)  # (set by the caller around the timing: see environment)
+    train.pop("input", None)  # (how the caller feeds the step: see gpu_compare.measure_steps)
     sae = {"architecture": "anthropic", "d_sae": d_sae, "l1_coeff": 1e-3} | train.pop("sae", {})
     sae["matryoshka"] = [d_sae // 16, d_sae // 4] if sae.get("matryoshka") == "d_sae/16,d_sae/4" else None
     cfg = config_from_dict({

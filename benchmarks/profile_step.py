@@ -131,7 +131,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     stream = make_stream(args.context_len, args.device, bcfg, args.device, True, lm_kernels(args))
     buffer = ShuffleBuffer(stream, bcfg, args.device, d_in=512)
     trainer = make_trainer(args, args.d_sae, STEP_VARIANTS[BEST])
-    loop = trainer_run(args, trainer, buffer.batches(args.batch, dtype=trainer.input_dtype(buffer.dtype)))
+    dtype = trainer.input_dtype(buffer.dtype)
+    out = trainer.batch_input(args.batch, dtype)  # batches gathered into the step graph's input, as train does
+    loop = trainer_run(args, trainer, buffer.batches(args.batch, dtype=dtype, out=out))
     refill_steps = math.ceil(bcfg.capacity * bcfg.refill_fraction / args.batch)  # (the window holds a refill)
     profile_run(args, f"loop ctx{args.context_len} (ring {buffer.dtype_name})", loop, args.batch,
                 max(args.profiled, refill_steps))

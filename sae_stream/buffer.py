@@ -282,33 +282,40 @@ class ShuffleBuffer(BufferState):
 
     # ------------------------------------------------------------------------------------------ consumption
 
-    def batches(self, batch_size: int, *, dtype: torch.dtype = torch.float32, fresh: bool = False) -> Iterator[Tensor]:
+    def batches(self, batch_size: int, *, dtype: torch.dtype = torch.float32, fresh: bool = False,
+                out: Tensor | None = None) -> Iterator[Tensor]:
         """Shuffled batches [batch_size, d_in] on the consumer device until the stream is drained (forever for an
-        endless stream). Each yielded tensor is reused two batches later unless `fresh`."""
+        endless stream). Each yielded tensor is reused two batches later unless `fresh`; with `out` (a
+        [batch_size, d_in] tensor there, e.g. Trainer.batch_input: a CUDA graph's input), every batch is gathered
+        into it, so each must be used up before the next is drawn (a host ring feeding a GPU: its own staging)."""
         if not 0 < batch_size <= self.capacity:
             raise ValueError(f"batch size {batch_size} must be in [1, buffer.capacity={self.capacity}]")
+        where = torch.empty(0, device=self.device).device  # (`cuda` -> `cuda:<index>`, as tensors report it)
+        if out is not None and (fresh or (out.shape, out.dtype, out.device) != ((batch_size, self.d_in), dtype, where)):
+            raise ValueError(f"out {tuple(out.shape)} {out.dtype} on {out.device} is not a [{batch_size}, "
+                             f"{self.d_in}] {dtype} tensor on {self.device} (or fresh=True was asked too)")
         while True:
             idx = self._take(batch_size)
             n = len(idx)
             if n == 0 or (n < batch_size and self.drop_last):
                 self.dropped += n
                 return
-            out = self._gather(idx, batch_size, dtype, fresh)
+            x_BD = self._gather(idx, batch_size, dtype, fresh, out)
             self.consumed += n
             if self.metrics_every > 0 and self.batches_drawn % self.metrics_every == 0:
                 self._sample(idx)
             self.batches_drawn += 1
-            yield out
+            yield x_BD
 
     @torch.no_grad()
-    def _gather(self, idx: Tensor, batch_size: int, dtype: torch.dtype, fresh: bool) -> Tensor:
+    def _gather(self, idx: Tensor, batch_size: int, dtype: torch.dtype, fresh: bool, out: Tensor | None) -> Tensor:
         self._turn ^= 1
         if self.device.type == "cuda" and self._ring_device.type == "cpu":
             return self._gather_to_gpu(idx, batch_size, dtype, fresh)
         n = len(idx)
         if fresh:
             return self._ring_ND.index_select(0, idx).to(device=self.device, dtype=dtype)
-        out = self._out(batch_size, dtype)[:n]
+        out = (out if out is not None else self._out(batch_size, dtype))[:n]
         if dtype == self.dtype:
             torch.index_select(self._ring_ND, 0, idx, out=out)
         else:

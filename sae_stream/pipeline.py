@@ -6,8 +6,7 @@ can be swapped or tested alone.
 
 Run directory of `train` / `run`:
     config.yaml  metrics.jsonl  training_curves.png  checkpoints/  sae/ (SAELens format)  eval.json  eval_ce.safetensors
-    density_histogram.png  feature_density.safetensors  dashboard/index.html  [lm/ when `run` trained the LM]
-    [job.json: `run`'s]
+    density_histogram.png  feature_density.safetensors  dashboard/index.html  [`run`'s: job.json, lm/ if it trained]
 A sweep (`sweep.saes`, sweep.py) keeps the shared config.yaml and the stream's checkpoints/ at the top and one
 such directory per SAE, `RUN_DIR/<name>/`. Under torchrun (distributed.py) every rank streams its own shard and
 trains its share of each batch; rank 0 alone logs and evaluates; each rank checkpoints its own part (checkpoint.py).
@@ -234,7 +233,8 @@ class Session:
     def fit(self) -> list[dict[str, Any]]:
         """Train (every SAE on the same batches), export each from rank 0; the final metrics of each SAE."""
         dtype = batch_dtype(self.buffer.dtype, [m.trainer for m in self.members])
-        batches = self.buffer.batches(self.batch_size, dtype=dtype)
+        out = None if self.sweep else self.trainer.batch_input(self.batch_size, dtype)  # the step's graph's input
+        batches = self.buffer.batches(self.batch_size, dtype=dtype, out=out)
         try:
             if self.sweep:
                 metrics = fit_together([m.trainer for m in self.members], batches, self._save_stream,

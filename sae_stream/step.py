@@ -153,12 +153,27 @@ def _mm_to(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
     return (a @ b).to(dtype)
 
 
+class DeviceScalar:
+    """A 0-d device tensor that a CUDA graph reads (the lr, λ), refilled only when its value changes: a fill is a
+    queued kernel, ~2 µs of the GPU's time, and the schedules hold lr and λ constant for most of a run."""
+
+    def __init__(self, value: float, device: torch.device, dtype: torch.dtype = torch.float32) -> None:
+        self.tensor = torch.full((), value, dtype=dtype, device=device)
+        self.value = value
+
+    def set(self, value: float) -> None:
+        if value != self.value:
+            self.tensor.fill_(value)
+            self.value = value
+
+
 class GraphedStep:
     """Runs `body(x_BD)` (device work only: no host syncs, no Python state that changes between steps) as a CUDA
     graph: per `key` (e.g. AuxK on/off: different kernels), GRAPH_WARMUP_STEPS eager calls on a side stream, then
-    one capture, then replays. The batch is copied into a static input; a batch of another shape or dtype, or a
-    failed capture (warned once), runs eagerly. Graphs hold the addresses of every tensor they touch: call
-    `reset()` after replacing any of them (loading a checkpoint, moving devices)."""
+    one capture, then replays. The batch is copied into a static input, unless it is that input already (`input`:
+    a buffer that gathers each batch there saves the copy); once a graph is captured, a batch of another shape,
+    dtype or device runs eagerly, as after a failed capture (warned once). Graphs hold the addresses of every
+    tensor they touch: call `reset()` after replacing any of them (loading a checkpoint, moving devices)."""
 
     def __init__(self, body: Callable[[Tensor], None], before_capture: Callable[[], None],
                  warmup: int = GRAPH_WARMUP_STEPS) -> None:
@@ -170,17 +185,36 @@ class GraphedStep:
         self._pool = None
 
     def reset(self) -> None:
+        """Forget the graphs (the static input stays: no graph owns it, and a buffer may be gathering into it)."""
         self.graphs.clear()
-        self.static_x = None
         self.eager_calls.clear()
+        self._pool = None
+
+    def input(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+        """The static input the graphs read, allocated here if it is missing or of another shape/dtype/device
+        (before any capture; a replaced one means recapturing, so only while no graph holds the old one)."""
+        x = self.static_x
+        if x is None or (x.shape, x.dtype, x.device) != (torch.Size(shape), dtype, torch.device(device)):
+            assert not self.graphs, "the static input of captured graphs cannot be replaced (reset() first)"
+            self.static_x = torch.empty(shape, dtype=dtype, device=device)
+        return self.static_x
+
+    def _load(self, x_BD: Tensor) -> None:
+        """x_BD into the static input, unless it is the static input."""
+        x = self.static_x
+        if not (x_BD.data_ptr() == x.data_ptr() and x_BD.stride() == x.stride()):
+            x.copy_(x_BD)
 
     def __call__(self, x_BD: Tensor, key: Hashable = None) -> None:
-        if self.disabled or (self.static_x is not None and (x_BD.shape, x_BD.dtype) != (self.static_x.shape,
-                                                                                       self.static_x.dtype)):
+        x = self.static_x
+        mismatch = x is not None and (x_BD.shape, x_BD.dtype, x_BD.device) != (x.shape, x.dtype, x.device)
+        if self.disabled or (mismatch and self.graphs):  # e.g. a last, shorter batch: eager
             self.body(x_BD)
             return
+        if mismatch:  # nothing captured yet (e.g. moved to another device): the static input follows the batch
+            self.static_x = None
         if key in self.graphs:
-            self.static_x.copy_(x_BD)
+            self._load(x_BD)
             self.graphs[key].replay()
             return
         if self.eager_calls.get(key, 0) < self.warmup:
@@ -198,10 +232,10 @@ class GraphedStep:
         main.wait_stream(side)
 
     def _capture_and_run(self, x_BD: Tensor, key: Hashable) -> None:
-        if self.static_x is None:
-            self.static_x = torch.empty_like(x_BD)
+        self.input(x_BD.shape, x_BD.dtype, x_BD.device)
+        if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()  # graphs for different keys never run at once: share memory
-        self.static_x.copy_(x_BD)
+        self._load(x_BD)
         self.before_capture()
         graph = torch.cuda.CUDAGraph()
         try:

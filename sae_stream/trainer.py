@@ -44,7 +44,14 @@ from sae_stream.process import TrainingInterrupted, signals_to, tune_cpu_allocat
 from sae_stream.resample import FiringTracker, resample_dead_, resample_steps
 from sae_stream.sae import SAE
 from sae_stream.schedule import l1_coeff_at, lr_at
-from sae_stream.step import GraphedStep, anthropic_grads_, priority_stream, resolve_kernels, supports_fused
+from sae_stream.step import (
+    DeviceScalar,
+    GraphedStep,
+    anthropic_grads_,
+    priority_stream,
+    resolve_kernels,
+    supports_fused,
+)
 from sae_stream.trainer_state import TrainerState
 
 if TYPE_CHECKING:
@@ -107,8 +114,9 @@ class Trainer(TrainerState):
             torch.backends.cuda.matmul.allow_tf32 = t.tf32
         # On CUDA the step's scalars live on the device (a graph replays them; filling them needs no sync), and
         # Adam is fused + capturable. On CPU they stay Python numbers: the same bits as a plain eager loop.
-        self._lr_t = torch.tensor(self._lr_now, device=device) if cuda else None
-        self._lam_t = torch.zeros((), device=device) if cuda else None
+        self._lr_d = DeviceScalar(self._lr_now, device) if cuda else None
+        self._lam_d = DeviceScalar(0.0, device) if cuda else None
+        self._lr_t = self._lr_d.tensor if cuda else None
         self._step_t = torch.zeros((), dtype=torch.long, device=device) if cuda else None
         self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=self._lr_t if cuda else t.lr, betas=t.betas,
                                           fused=True if cuda else None, capturable=cuda)
@@ -127,6 +135,13 @@ class Trainer(TrainerState):
         """The dtype batches are trained in: the hand-written step reads x in any float dtype (as fp32: bf16
         batches from a bf16 ring give bit-identical steps at half the traffic); the other steps take fp32."""
         return offered if self.fused and offered in FLOATS else torch.float32
+
+    def batch_input(self, batch_size: int, dtype: torch.dtype) -> Tensor | None:
+        """Where the step's CUDA graph reads its batch: a buffer that gathers each batch into it (`out=`) saves
+        the graph a copy of the batch every step. None where steps are not graphed, or take another dtype."""
+        if not self._use_graph() or self.input_dtype(dtype) != dtype:
+            return None
+        return self._graph.input((batch_size, self.sae.d_in), dtype, self.device)
 
     def _use_graph(self) -> bool:
         t = self.cfg.train
@@ -194,17 +209,6 @@ class Trainer(TrainerState):
             self.save()
         self.writer.wait()
 
-    @property
-    def saved_step(self) -> int:
-        """The step of the newest checkpoint written or resumed from (-1: none)."""
-        return self._saved_step
-
-    def records_kept_through(self) -> int:
-        """After a resume: the last step whose metrics.jsonl record this checkpoint accounts for; later records are
-        logged again and must go (Tracker.drop_after). A checkpoint holding unlogged steps came before any record
-        of its own step (the stream ended there, or a stop), so that record goes too."""
-        return self.step - 1 if self.metrics.steps > 0 else self.step
-
     def close(self) -> None:
         self._bar.close()
 
@@ -221,10 +225,6 @@ class Trainer(TrainerState):
         flag = torch.tensor([self._stop_signum or 0], dtype=torch.long, device=self.device)
         signum = int(self.dist.all_reduce_(flag, op="max"))
         self._agreed_stop = signum or None
-
-    def save_unless_saved(self) -> None:
-        if self._saved_step != self.step:
-            self.save()
 
     def request_stop(self, signum: int) -> None:
         if self._stop_signum is not None:  # a second signal: stop now, without waiting for the step/checkpoint
@@ -274,10 +274,10 @@ class Trainer(TrainerState):
         self._lr_now = lr_at(self.step, t)
         lam = l1_coeff_at(self.step, self.cfg)
         if self.device.type == "cuda":
-            self._lr_t.fill_(self._lr_now)  # fills are queued kernels: no host sync
-            self._lam_t.fill_(lam)
+            self._lr_d.set(self._lr_now)  # fills are queued kernels: no host sync (these two: when they change)
+            self._lam_d.set(lam)
             self._step_t.fill_(self.step + 1)
-            self._lam, self._step_no = self._lam_t, self._step_t
+            self._lam, self._step_no = self._lam_d.tensor, self._step_t
         else:
             for group in self.optimizer.param_groups:
                 group["lr"] = self._lr_now

@@ -22,6 +22,21 @@ from sae_stream.checkpoint_writer import host_copy
 class TrainerState:
     """Checkpoint half of Trainer: state_dict / save / resume, and the moves that keep state across devices."""
 
+    @property
+    def saved_step(self) -> int:
+        """The step of the newest checkpoint written or resumed from (-1: none)."""
+        return self._saved_step
+
+    def records_kept_through(self) -> int:
+        """After a resume: the last step whose metrics.jsonl record this checkpoint accounts for; later records are
+        logged again and must go (Tracker.drop_after). A checkpoint holding unlogged steps came before any record
+        of its own step (the stream ended there, or a stop), so that record goes too."""
+        return self.step - 1 if self.metrics.steps > 0 else self.step
+
+    def save_unless_saved(self) -> None:
+        if self._saved_step != self.step:
+            self.save()
+
     def _restore_lr(self) -> None:
         """After loading optimizer state (which brings the saving run's group options): this device's options
         (fused + capturable on CUDA), this trainer's lr (a device tensor on CUDA), step counters where Adam wants."""
@@ -112,8 +127,8 @@ class TrainerState:
         self.sae.load_state_dict(state["sae"])
         self.optimizer.load_state_dict(state["optimizer"])
         self._lr_now = float(self.optimizer.param_groups[0]["lr"])
-        if self._lr_t is not None:
-            self._lr_t.fill_(self._lr_now)
+        if self._lr_d is not None:
+            self._lr_d.set(self._lr_now)
         self._restore_lr()
         self._load_internal_state(state["trainer"])
         self.step = int(state["step"])

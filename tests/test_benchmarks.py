@@ -67,7 +67,7 @@ def test_gpu_compare__every_variant_measured_with_the_issue_fields(gpu_compare_c
     want |= {("lm_native_math_ctx32", None)}  # (sdpa_kernel forced, entered once per timed run)
     want |= {("lm_native_into_ring_ctx32", None), ("lm_native_into_chunk_ctx32", None)}
     want |= {(f"loop_cpu_ctx32{s}", 256) for s in ("", "_no_priority", "_chunk_writes", "_lm_batch_div4",
-                                                    "_lm_batch_x4", "_fp32_ring_torch_ops", "_tl",
+                                                    "_lm_batch_x4", "_copied_input", "_fp32_ring_torch_ops", "_tl",
                                                     "_text_prefetched", "_text_inline", "_ids_prefetched")}
     want |= {("loop_cpu_ctx128", 256), ("loop_cpu_ctx32", 512), ("disk_write", None), ("disk_read_train", 256),
              ("projection_paper_a1", 256), ("projection_paper_a1_text", 256), ("projection_paper_a1_ids", 256),
@@ -90,6 +90,9 @@ def test_gpu_compare__ratios_and_projection_follow_from_the_measured_rates(gpu_c
     for d_sae in (256, 512):
         loop, step = rows[("loop_cpu_ctx32", d_sae)], rows[(best, d_sae)]
         assert loop["ratio_to_step"] == pytest.approx(loop["tokens_per_s"] / step["tokens_per_s"], abs=2e-3)
+    loop, in_place = rows[("loop_cpu_ctx32", 256)], rows[(f"{best}_in_place", 256)]  # (the stricter ratio)
+    assert loop["ratio_to_step_in_place"] == pytest.approx(loop["tokens_per_s"] / in_place["tokens_per_s"], abs=2e-3)
+    assert not loop["into_graph_input"]  # (CPU: no graph, so no graph input to gather into)
     tokens = load_config(ROOT / "configs" / "paper_a1.yaml").train.total_tokens
     for suffix in ("", "_text", "_ids"):  # (the loop fed text, or its ids from `sae-stream tokenize`, read ahead)
         loop = rows[("loop_cpu_ctx32" + (f"{suffix}_prefetched" if suffix else ""), 256)]

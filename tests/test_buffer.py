@@ -133,6 +133,32 @@ def test_shuffle_buffer__same_seed_same_batches_other_seed_differs() -> None:
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shuffle_buffer__batches_gathered_into_out_equal_the_usual_ones(dtype: torch.dtype) -> None:
+    """`out=` (a CUDA graph's input): every batch is gathered into that one tensor (the last, shorter one into its
+    head), with the same values as the buffer's own alternating outputs; an out of the wrong shape or dtype, or
+    with fresh=True, is refused before anything is drawn."""
+    def run(out: torch.Tensor | None) -> tuple[list[torch.Tensor], list[bool]]:
+        buf = ShuffleBuffer(TaggedSource(n_contexts=100), _cfg(), d_in=8, seed=5, drop_last=False)
+        got, into = [], []
+        for b in buf.batches(48, dtype=dtype, out=out):
+            got.append(b.clone())
+            into.append(out is not None and b.data_ptr() == out.data_ptr())
+        return got, into
+
+    out = torch.full((48, 8), float("nan"), dtype=dtype)
+    (plain, _), (gathered, into) = run(None), run(out)
+    assert len(plain) == len(gathered) > 10 and len(plain[-1]) < 48 and all(into)
+    assert all(torch.equal(a, b) for a, b in zip(plain, gathered))
+    assert torch.equal(out[:len(plain[-1])], plain[-1])
+    buf = ShuffleBuffer(TaggedSource(n_contexts=10), _cfg(), d_in=8)
+    for bad, fresh in [(torch.empty(48, 9, dtype=dtype), False), (torch.empty(48, 8, dtype=torch.float64), False),
+                       (torch.empty(48, 8, dtype=dtype), True)]:
+        with pytest.raises(ValueError, match="out .* is not a \\[48, 8\\]"):
+            next(buf.batches(48, dtype=dtype, fresh=fresh, out=bad))
+    assert buf.consumed == 0
+
+
 @pytest.mark.parametrize("stop_after", [1, 13, 29])  # inside the first cycle, with a refill in flight, later
 @pytest.mark.parametrize("written_later", [False, True])
 @pytest.mark.parametrize("reuse", [False, True])

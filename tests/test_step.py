@@ -3,9 +3,14 @@ CUDA-graph replay equals eager steps (GPU only)."""
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator
+
 import pytest
 import torch
 
+from sae_stream.buffer import ShuffleBuffer
+from sae_stream.config import BufferConfig
 from sae_stream.sae import build_sae
 from sae_stream.step import anthropic_grads_, supports_fused
 from sae_stream.trainer import Trainer
@@ -262,6 +267,62 @@ def test_graphed_step__warms_up_each_key_before_capturing_it(monkeypatch: pytest
     assert events == expected
 
 
+def test_graphed_step__a_batch_in_its_input_is_not_copied_other_batches_are(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Replays read the static input: a batch gathered there already (Trainer.batch_input) is not copied onto
+    itself, any other batch is copied in. Before a capture the input follows a batch of another shape; after
+    one, such a batch runs eagerly (CUDA parts stubbed)."""
+    from sae_stream import step as step_mod
+
+    eager: list[torch.Tensor] = []
+    graphed = step_mod.GraphedStep(body=eager.append, before_capture=lambda: None, warmup=0)
+    copies: list[int] = []
+    real_copy = torch.Tensor.copy_
+    monkeypatch.setattr(torch.Tensor, "copy_", lambda t, src, *a, **k: copies.append(1) or real_copy(t, src, *a, **k))
+
+    class FakeGraph:
+        def replay(self) -> None:
+            eager.append(graphed.static_x.clone())
+
+    def capture(x: torch.Tensor, key: object) -> None:
+        graphed.input(x.shape, x.dtype, x.device)
+        graphed._load(x)
+        graphed.graphs[key] = FakeGraph()
+
+    monkeypatch.setattr(graphed, "_capture_and_run", capture)
+    x = graphed.input((4, 2), torch.float32, torch.device("cpu"))
+    assert graphed.input((4, 2), torch.float32, torch.device("cpu")) is x  # (asked again: the same one)
+    x.copy_(torch.arange(8.0).view(4, 2))
+    copies.clear()
+    graphed(x)  # capture, from the input itself: nothing copied
+    graphed(x)
+    assert copies == [] and len(eager) == 1 and torch.equal(eager[0], torch.arange(8.0).view(4, 2))
+    y = torch.ones(4, 2)
+    graphed(y)
+    assert copies == [1] and torch.equal(eager[-1], y) and graphed.static_x is x
+    graphed(torch.zeros(3, 2))  # another shape after a capture: eager, the input untouched
+    assert eager[-1].shape == (3, 2) and graphed.static_x is x and torch.equal(x, y)
+    with pytest.raises(AssertionError, match="reset"):
+        graphed.input((3, 2), torch.float32, torch.device("cpu"))
+    graphed.reset()  # graphs gone, the input kept (a buffer may be gathering into it)
+    assert graphed.static_x is x and not graphed.graphs
+    graphed(torch.zeros(3, 2))  # nothing captured: the input follows the batch
+    assert graphed.static_x.shape == (3, 2) and graphed.static_x is not x
+
+
+def test_device_scalar__fills_only_when_the_value_changes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sae_stream.step import DeviceScalar
+
+    fills: list[float] = []
+    real_fill = torch.Tensor.fill_
+    monkeypatch.setattr(torch.Tensor, "fill_", lambda t, v: fills.append(v) or real_fill(t, v))
+    s = DeviceScalar(1e-4, torch.device("cpu"))
+    assert s.tensor.item() == torch.tensor(1e-4).item() and s.tensor.dtype == torch.float32
+    for v in [1e-4, 1e-4, 2e-4, 2e-4, 1e-4]:
+        s.set(v)
+        assert s.tensor.item() == torch.tensor(v).item()
+    assert fills == [2e-4, 1e-4]
+
+
 @cuda
 def test_priority_stream__cuda_steps_run_on_it_and_equal_the_default_stream() -> None:
     """train.stream_priority: the batches are drawn and the (graphed) steps run on a high-priority stream, the
@@ -281,4 +342,31 @@ def test_priority_stream__cuda_steps_run_on_it_and_equal_the_default_stream() ->
         runs[on] = ([p.detach().cpu() for p in sae.parameters()], set(seen))  # (.cpu() on the caller's stream)
     assert max(runs[True][1]) < 0 and runs[False][1] == {0}  # (lower is higher; torch maps -1 into CUDA's range)
     for p, q in zip(runs[True][0], runs[False][0]):
+        assert torch.equal(p, q)
+
+
+@cuda
+def test_graphed_training__batches_gathered_into_the_graph_input_equal_copied_ones() -> None:
+    """`sae-stream train`'s loop: the buffer gathers each batch into the step graph's input (Trainer.batch_input),
+    so replays copy nothing in; the trained SAE is bit-identical to the same run with the batches copied in."""
+    runs = {}
+    for into in (True, False):
+        cfg = _cfg("anthropic", steps=40)
+        sae = build_sae(cfg.sae, d_in=32, seed=0).cuda()
+        trainer = Trainer(sae, cfg, None, ListLogger())
+        source = [x.cuda() for x in itertools.islice(sparse_batches(_atoms()), 60)]
+        buffer = ShuffleBuffer(iter(source), BufferConfig(capacity=4 * BATCH, storage="cuda"), "cuda", d_in=32)
+        out = trainer.batch_input(BATCH, torch.float32) if into else None
+        seen: list[bool] = []
+
+        def batches(it: Iterator[torch.Tensor], out: torch.Tensor | None, seen: list[bool]) -> Iterator[torch.Tensor]:
+            for x in it:
+                seen.append(out is not None and x.data_ptr() == out.data_ptr())
+                yield x
+        trainer.fit(batches(buffer.batches(BATCH, out=out), out, seen))
+        assert trainer._graph.graphs and not trainer._graph.disabled
+        assert all(seen) if into else not any(seen)
+        assert (trainer._graph.static_x is out) == into
+        runs[into] = [p.detach().cpu() for p in sae.parameters()]
+    for p, q in zip(runs[True], runs[False]):
         assert torch.equal(p, q)
