@@ -281,50 +281,67 @@ def measure_disk(args: argparse.Namespace, rec: Recorder, d_sae: int) -> None:
         rec.guarded("disk_read_train", d_sae, train)
 
 
+def measure_lms(args: argparse.Namespace, rec: Recorder) -> None:
+    """The LM alone: as the loop runs it, writing into a ring or through chunks, torch's ops, each attention
+    backend, transformer-lens; at the loop's context and at 128."""
+    ctxs = [args.context_len] if args.context_len == 128 else [args.context_len, 128]
+    for ctx in ctxs:
+        measure_lm(args, rec, ctx, native=True)
+        if ctx == ctxs[0]:  # what writing the vectors into the ring adds, and by which path
+            for into in ("ring", "chunk"):
+                measure_lm(args, rec, ctx, native=True, into=into)
+        if lm_kernels(args) != "torch":
+            measure_lm(args, rec, ctx, native=True, kernels="torch")
+        if ctx == ctxs[0]:  # which attention kernel is fastest at head dim 32 (CPU: the smoke run's one)
+            for attention in ATTENTION[args.device]:
+                measure_lm(args, rec, ctx, native=True, attention=attention)
+        measure_lm(args, rec, ctx, native=False)
+
+
+def measure_first_size(args: argparse.Namespace, rec: Recorder, d_sae: int, storage: str,
+                       steps: dict[str, float | None], rate: float | None) -> None:
+    """After the step and the loop at the first size: the rest of what issue 6's targets are read from (the loop's
+    variants, A/1's projection, SAELens), then the LM alone, then the loops fed otherwise and the disk baseline.
+    In that order, so that a device call cut short still has the targets."""
+    best, in_place = steps.get(BEST), steps.get(IN_PLACE)
+    tokens = load_config(PAPER_A1).train.total_tokens
+    if "loop" not in args.skip:
+        for variant in list(LOOP_VARIANTS)[1:]:
+            measure_loop(args, rec, d_sae, storage, args.context_len, best, variant=variant, in_place_rate=in_place)
+        measure_loop(args, rec, d_sae, storage, args.context_len, best, before=True)
+        if rate:
+            rec.emit("projection_paper_a1", d_sae, None, minutes=round(tokens / rate / 60, 1),
+                     note=f"{tokens:,} tokens ({PAPER_A1.name}) at loop_{storage}_ctx{args.context_len}'s rate")
+    if args.saelens and d_sae in args.saelens_d_saes:
+        measure_saelens(args, rec, d_sae, fast=True, tokens=max(1_000_000, args.saelens_tokens))
+    if "lm" not in args.skip:
+        measure_lms(args, rec)
+    if "loop" not in args.skip:
+        if "text" not in args.skip:
+            measure_fed_loops(args, rec, d_sae, storage, best, tokens)
+        measure_loop(args, rec, d_sae, storage, args.context_len, best, native=False)
+        if args.context_len != 128:
+            measure_loop(args, rec, d_sae, storage, 128, best)
+        if args.device == "cuda" and "pinned" not in args.skip:
+            measure_loop(args, rec, d_sae, "pinned", args.context_len, best)
+    if "disk" not in args.skip:
+        measure_disk(args, rec, d_sae)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     rec = Recorder(args)
-    ctxs = [args.context_len] if args.context_len == 128 else [args.context_len, 128]
-    if "lm" not in args.skip:
-        for ctx in ctxs:
-            measure_lm(args, rec, ctx, native=True)
-            if ctx == ctxs[0]:  # what writing the vectors into the ring adds, and by which path
-                for into in ("ring", "chunk"):
-                    measure_lm(args, rec, ctx, native=True, into=into)
-            if lm_kernels(args) != "torch":
-                measure_lm(args, rec, ctx, native=True, kernels="torch")
-            if ctx == ctxs[0]:  # which attention kernel is fastest at head dim 32 (CPU: the smoke run's one)
-                for attention in ATTENTION[args.device]:
-                    measure_lm(args, rec, ctx, native=True, attention=attention)
-            measure_lm(args, rec, ctx, native=False)
-    for d_sae in args.d_saes:
+    storage = "cuda" if args.device == "cuda" else "cpu"
+    for i, d_sae in enumerate(args.d_saes):
         steps = measure_steps(args, rec, d_sae) if "steps" not in args.skip else {}
-        best = steps.get(BEST)
+        rate = None
         if "loop" not in args.skip:
-            storage = "cuda" if args.device == "cuda" else "cpu"
-            in_place = steps.get(IN_PLACE)
-            rate = measure_loop(args, rec, d_sae, storage, args.context_len, best, in_place_rate=in_place)
-            if d_sae == args.d_saes[0]:
-                for variant in list(LOOP_VARIANTS)[1:]:
-                    measure_loop(args, rec, d_sae, storage, args.context_len, best, variant=variant,
-                                 in_place_rate=in_place)
-                measure_loop(args, rec, d_sae, storage, args.context_len, best, before=True)
-                tokens = load_config(PAPER_A1).train.total_tokens
-                if rate:
-                    rec.emit("projection_paper_a1", d_sae, None, minutes=round(tokens / rate / 60, 1),
-                             note=f"{tokens:,} tokens ({PAPER_A1.name}) at loop_{storage}_ctx{args.context_len}'s rate")
-                if "text" not in args.skip:
-                    measure_fed_loops(args, rec, d_sae, storage, best, tokens)
-                measure_loop(args, rec, d_sae, storage, args.context_len, best, native=False)
-                if args.context_len != 128:
-                    measure_loop(args, rec, d_sae, storage, 128, best)
-                if args.device == "cuda" and "pinned" not in args.skip:
-                    measure_loop(args, rec, d_sae, "pinned", args.context_len, best)
-        if d_sae == args.d_saes[0] and "disk" not in args.skip:
-            measure_disk(args, rec, d_sae)
-        if args.saelens and d_sae in args.saelens_d_saes:
-            i = args.d_saes.index(d_sae)
-            measure_saelens(args, rec, d_sae, fast=i == 0, tokens=max(1_000_000, args.saelens_tokens >> i))
+            rate = measure_loop(args, rec, d_sae, storage, args.context_len, steps.get(BEST),
+                                in_place_rate=steps.get(IN_PLACE))
+        if i == 0:
+            measure_first_size(args, rec, d_sae, storage, steps, rate)
+        elif args.saelens and d_sae in args.saelens_d_saes:
+            measure_saelens(args, rec, d_sae, fast=False, tokens=max(1_000_000, args.saelens_tokens >> i))
     print(rec.table())
 
 

@@ -81,13 +81,15 @@ class Recorder:
 
     def guarded(self, variant: str, d_sae: int | None, fn: Callable[[], tuple[float, dict]]) -> float | None:
         self.start()
+        t0 = time.perf_counter()  # wall_s: what the variant cost, warm-up included (to plan a short device call)
         try:
             rate, extra = fn()
         except Exception as exc:  # noqa: BLE001 — one broken variant must not lose the others' numbers
             traceback.print_exc()
-            self.emit(variant, d_sae, None, error=f"{type(exc).__name__}: {str(exc)[:300]}")
+            self.emit(variant, d_sae, None, error=f"{type(exc).__name__}: {str(exc)[:300]}",
+                      wall_s=round(time.perf_counter() - t0, 1))
             return None
-        self.emit(variant, d_sae, rate, **extra)
+        self.emit(variant, d_sae, rate, **extra, wall_s=round(time.perf_counter() - t0, 1))
         return rate
 
     def table(self) -> str:

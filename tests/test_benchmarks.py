@@ -74,7 +74,8 @@ def test_gpu_compare__every_variant_measured_with_the_issue_fields(gpu_compare_c
              ("saelens_trainer_fast", 256),
              ("saelens_trainer", 512)}
     assert got == want
-    assert all(r["tokens_per_s"] > 0 for r in printed if not r["variant"].startswith("projection"))
+    measured = [r for r in printed if not r["variant"].startswith("projection")]
+    assert all(r["tokens_per_s"] > 0 and r["wall_s"] >= 0 for r in measured)  # (wall_s: to plan a device call)
     rows = {(r["variant"], r["d_sae"]): r for r in printed}  # the LM stored most vectors in the ring itself
     assert rows[("loop_cpu_ctx32", 256)]["direct_write_fraction"] > 0.5
     assert rows[("loop_cpu_ctx32_chunk_writes", 256)]["direct_write_fraction"] == 0
