@@ -131,7 +131,7 @@ def measure_steps(args: argparse.Namespace, rec: Recorder, d_sae: int) -> dict[s
                 x = x_BD
                 if STEP_VARIANTS[name].get("input") == "in_place_bf16":
                     x = trainer.batch_input(args.batch, torch.bfloat16)
-                    if x is None:  # (steps not graphed here: CPU)
+                    if x is None:  # (steps not graphed: CPU, or graphs off)
                         x = x_BD.to(torch.bfloat16)
                     x.copy_(x_BD)
                 return timed_steps(args, trainer, itertools.repeat(x))

@@ -287,7 +287,7 @@ class ShuffleBuffer(BufferState):
         """Shuffled batches [batch_size, d_in] on the consumer device until the stream is drained (forever for an
         endless stream). Each yielded tensor is reused two batches later unless `fresh`; with `out` (a
         [batch_size, d_in] tensor there, e.g. Trainer.batch_input: a CUDA graph's input), every batch is gathered
-        into it, so each must be used up before the next is drawn (a host ring feeding a GPU: its own staging)."""
+        into it, so each must be used up before the next is drawn."""
         if not 0 < batch_size <= self.capacity:
             raise ValueError(f"batch size {batch_size} must be in [1, buffer.capacity={self.capacity}]")
         where = torch.empty(0, device=self.device).device  # (`cuda` -> `cuda:<index>`, as tensors report it)
@@ -311,7 +311,7 @@ class ShuffleBuffer(BufferState):
     def _gather(self, idx: Tensor, batch_size: int, dtype: torch.dtype, fresh: bool, out: Tensor | None) -> Tensor:
         self._turn ^= 1
         if self.device.type == "cuda" and self._ring_device.type == "cpu":
-            return self._gather_to_gpu(idx, batch_size, dtype, fresh)
+            return self._gather_to_gpu(idx, batch_size, dtype, fresh, out)
         n = len(idx)
         if fresh:
             return self._ring_ND.index_select(0, idx).to(device=self.device, dtype=dtype)
@@ -328,8 +328,10 @@ class ShuffleBuffer(BufferState):
             self._outs = [torch.empty(batch_size, self.d_in, dtype=dtype, device=self.device) for _ in range(2)]
         return self._outs[self._turn]
 
-    def _gather_to_gpu(self, idx: Tensor, batch_size: int, dtype: torch.dtype, fresh: bool) -> Tensor:
-        """Host ring -> pinned host buffer (CPU gather) -> non-blocking copy on the copy stream, double-buffered."""
+    def _gather_to_gpu(self, idx: Tensor, batch_size: int, dtype: torch.dtype, fresh: bool,
+                       out: Tensor | None) -> Tensor:
+        """Host ring -> pinned host buffer (CPU gather) -> non-blocking copy on the copy stream, double-buffered
+        (into `out` then: the copy a CUDA graph's input would take anyway)."""
         if not self._stages or self._stages[0][0].shape[0] != batch_size:
             self._stages = [(torch.empty(batch_size, self.d_in, dtype=self.dtype, pin_memory=True),
                              torch.empty(batch_size, self.d_in, dtype=self.dtype, device=self.device),
@@ -348,9 +350,9 @@ class ShuffleBuffer(BufferState):
         main.wait_event(copied)
         if fresh:
             return dev_BD[:n].to(dtype=dtype, copy=True)
-        if dtype == self.dtype:
+        if dtype == self.dtype and out is None:
             return dev_BD[:n]
-        return self._out(batch_size, dtype)[:n].copy_(dev_BD[:n])
+        return (out if out is not None else self._out(batch_size, dtype))[:n].copy_(dev_BD[:n])
 
     def _sample(self, idx: Tensor) -> None:
         """Record the batch's provenance and the ideal for the pool it came from (no GPU sync)."""

@@ -331,6 +331,23 @@ def test_shuffle_buffer__gpu_storages_every_vector_exactly_once(storage: str, dt
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("storage", ["cuda", "pinned"])
+def test_shuffle_buffer__gpu_batches_gathered_into_out_equal_the_usual_ones(storage: str) -> None:
+    """`out=` on a GPU, from a ring there or in pinned host memory (its staging then copied into out)."""
+    def run(out: torch.Tensor | None) -> list[torch.Tensor]:
+        cfg = _cfg(capacity=2048, storage=storage)
+        buf = ShuffleBuffer(TaggedSource(n_contexts=800, d_in=16), cfg, "cuda", d_in=16, seed=1, drop_last=False)
+        got = []
+        for b in buf.batches(100, out=out):
+            assert out is None or b.data_ptr() == out.data_ptr()
+            got.append(b.cpu())
+        return got
+
+    plain, gathered = run(None), run(torch.empty(100, 16, device="cuda"))
+    assert len(plain) == len(gathered) == 64 and all(torch.equal(a, b) for a, b in zip(plain, gathered))
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("reuse", [False, True])
 def test_shuffle_buffer__cuda_state_dict_copies_the_ring_in_chunks(dtype: str, reuse: bool,
