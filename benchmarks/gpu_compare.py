@@ -196,7 +196,7 @@ def measure_loop(args: argparse.Namespace, rec: Recorder, d_sae: int, storage: s
     LOOP_VARIANTS suffix (the trainer's or the buffer's settings changed)."""
     settings = dict(LOOP_VARIANTS[variant])  # the trainer's, once these two of the buffer's are taken out:
     lm_batch_scale, direct_writes = settings.pop("lm_batch_scale", 1), settings.pop("direct_writes", True)
-    into_input = settings.pop("into_input", True)
+    into_input, metrics_every = settings.pop("into_input", True), settings.pop("metrics_every", 64)
 
     def fn() -> tuple[float, dict]:
         bcfg = buffer_cfg(args, storage, context_len, LOOP_BEFORE["dtype"] if before else "auto")
@@ -209,7 +209,8 @@ def measure_loop(args: argparse.Namespace, rec: Recorder, d_sae: int, storage: s
 
     def run_loop(bcfg: BufferConfig, kernels: str, text: Iterable[Tensor] | None) -> tuple[float, dict]:
         stream = make_stream(context_len, args.device, bcfg, args.device, native, kernels, text)
-        buffer = ShuffleBuffer(stream, bcfg, args.device, d_in=512, direct_writes=direct_writes)
+        buffer = ShuffleBuffer(stream, bcfg, args.device, d_in=512, direct_writes=direct_writes,
+                               metrics_every=metrics_every)
         trainer = make_trainer(args, d_sae, STEP_VARIANTS[BEST] | settings)
         dtype = trainer.input_dtype(buffer.dtype)
         out = trainer.batch_input(args.batch, dtype) if into_input else None

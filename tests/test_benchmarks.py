@@ -67,7 +67,8 @@ def test_gpu_compare__every_variant_measured_with_the_issue_fields(gpu_compare_c
     want |= {("lm_native_math_ctx32", None)}  # (sdpa_kernel forced, entered once per timed run)
     want |= {("lm_native_into_ring_ctx32", None), ("lm_native_into_chunk_ctx32", None)}
     want |= {(f"loop_cpu_ctx32{s}", 256) for s in ("", "_no_priority", "_chunk_writes", "_lm_batch_div4",
-                                                    "_lm_batch_x4", "_copied_input", "_fp32_ring_torch_ops", "_tl",
+                                                    "_lm_batch_x4", "_copied_input", "_no_shuffle_metrics",
+                                                    "_fp32_ring_torch_ops", "_tl",
                                                     "_text_prefetched", "_text_inline", "_ids_prefetched")}
     want |= {("loop_cpu_ctx128", 256), ("loop_cpu_ctx32", 512), ("disk_write", None), ("disk_read_train", 256),
              ("projection_paper_a1", 256), ("projection_paper_a1_text", 256), ("projection_paper_a1_ids", 256),
