@@ -197,10 +197,12 @@ def measure_loop(args: argparse.Namespace, rec: Recorder, d_sae: int, storage: s
     settings = dict(LOOP_VARIANTS[variant])  # the trainer's, once these two of the buffer's are taken out:
     lm_batch_scale, direct_writes = settings.pop("lm_batch_scale", 1), settings.pop("direct_writes", True)
     into_input, metrics_every = settings.pop("into_input", True), settings.pop("metrics_every", 64)
+    capacity = args.capacity * settings.pop("capacity_scale", 1)
 
     def fn() -> tuple[float, dict]:
         bcfg = buffer_cfg(args, storage, context_len, LOOP_BEFORE["dtype"] if before else "auto")
-        bcfg = dataclasses.replace(bcfg, lm_batch_size=max(1, round(bcfg.lm_batch_size * lm_batch_scale)))
+        bcfg = dataclasses.replace(bcfg, lm_batch_size=max(1, round(bcfg.lm_batch_size * lm_batch_scale)),
+                                   capacity=capacity)
         kernels = LOOP_BEFORE["kernels"] if before else lm_kernels(args)
         text = None if text_prefetch is None else text_batches(args, context_len, bcfg.lm_batch_size, text_prefetch,
                                                                feed)
@@ -215,7 +217,7 @@ def measure_loop(args: argparse.Namespace, rec: Recorder, d_sae: int, storage: s
         dtype = trainer.input_dtype(buffer.dtype)
         out = trainer.batch_input(args.batch, dtype) if into_input else None
         rate, extra = timed_steps(args, trainer, buffer.batches(args.batch, dtype=dtype, out=out))
-        extra |= {"storage": storage, "context_len": context_len, "capacity": args.capacity,
+        extra |= {"storage": storage, "context_len": context_len, "capacity": bcfg.capacity,
                   "refills": buffer.refills, "merge_lag": buffer.merge_lag, "ring_dtype": buffer.dtype_name,
                   "lm_batch_size": bcfg.lm_batch_size,
                   "direct_write_fraction": round(buffer.direct_rows / max(1, buffer.produced), 3),
@@ -307,12 +309,14 @@ def measure_first_size(args: argparse.Namespace, rec: Recorder, d_sae: int, stor
     best, in_place = steps.get(BEST), steps.get(IN_PLACE)
     tokens = load_config(PAPER_A1).train.total_tokens
     if "loop" not in args.skip:
-        for variant in list(LOOP_VARIANTS)[1:]:
-            measure_loop(args, rec, d_sae, storage, args.context_len, best, variant=variant, in_place_rate=in_place)
+        rates = {variant: measure_loop(args, rec, d_sae, storage, args.context_len, best, variant=variant,
+                                       in_place_rate=in_place) for variant in list(LOOP_VARIANTS)[1:]}
         measure_loop(args, rec, d_sae, storage, args.context_len, best, before=True)
-        if rate:
-            rec.emit("projection_paper_a1", d_sae, None, minutes=round(tokens / rate / 60, 1),
-                     note=f"{tokens:,} tokens ({PAPER_A1.name}) at loop_{storage}_ctx{args.context_len}'s rate")
+        for suffix, r in (("", rate), ("_ring_x2", rates["_ring_x2"])):  # (x2: A/1's own ring at the default)
+            if r:
+                rec.emit(f"projection_paper_a1{suffix}", d_sae, None, minutes=round(tokens / r / 60, 1),
+                         note=f"{tokens:,} tokens ({PAPER_A1.name}) at loop_{storage}_ctx{args.context_len}{suffix}'s "
+                              "rate")
     if args.saelens and d_sae in args.saelens_d_saes:
         measure_saelens(args, rec, d_sae, fast=True, tokens=max(1_000_000, args.saelens_tokens))
     if "lm" not in args.skip:

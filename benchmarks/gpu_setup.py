@@ -65,10 +65,12 @@ LARGE_STEP_VARIANTS = ("step_eager_autograd_tf32", "step_graph_autograd_bf16", "
 # the whole loop as `sae-stream train` runs it (""), and with one setting changed: name suffix -> train overrides
 # the loop's variants: the trainer's settings changed, or the buffer's (`direct_writes`; `lm_batch_scale`: contexts
 # per LM forward, times --lm-tokens' share; `into_input`: batches gathered into the step graph's input, or copied;
-# `metrics_every`: the buffer's shuffle-quality sample every that many batches, 0 = none; train's default is 64)
+# `metrics_every`: the buffer's shuffle-quality sample every that many batches, 0 = none; train's default is 64;
+# `capacity_scale`: times --capacity, so 2 is configs/paper_a1.yaml's 4M ring at the default 2M)
 LOOP_VARIANTS = {"": {}, "_no_priority": {"stream_priority": False}, "_chunk_writes": {"direct_writes": False},
                  "_lm_batch_div4": {"lm_batch_scale": 0.25}, "_lm_batch_x4": {"lm_batch_scale": 4},
-                 "_copied_input": {"into_input": False}, "_no_shuffle_metrics": {"metrics_every": 0}}
+                 "_copied_input": {"into_input": False}, "_no_shuffle_metrics": {"metrics_every": 0},
+                 "_ring_x2": {"capacity_scale": 2}}
 
 def build_lm(context_len: int, device: str) -> tuple[GPT, object]:
     """Random-init 1-layer GPT of the paper's shape (d_model 128, 4 heads, MLP 512 ReLU, vocab 50304) and the

@@ -67,11 +67,12 @@ def test_gpu_compare__every_variant_measured_with_the_issue_fields(gpu_compare_c
     want |= {("lm_native_math_ctx32", None)}  # (sdpa_kernel forced, entered once per timed run)
     want |= {("lm_native_into_ring_ctx32", None), ("lm_native_into_chunk_ctx32", None)}
     want |= {(f"loop_cpu_ctx32{s}", 256) for s in ("", "_no_priority", "_chunk_writes", "_lm_batch_div4",
-                                                    "_lm_batch_x4", "_copied_input", "_no_shuffle_metrics",
+                                                    "_lm_batch_x4", "_copied_input", "_no_shuffle_metrics", "_ring_x2",
                                                     "_fp32_ring_torch_ops", "_tl",
                                                     "_text_prefetched", "_text_inline", "_ids_prefetched")}
     want |= {("loop_cpu_ctx128", 256), ("loop_cpu_ctx32", 512), ("disk_write", None), ("disk_read_train", 256),
              ("projection_paper_a1", 256), ("projection_paper_a1_text", 256), ("projection_paper_a1_ids", 256),
+             ("projection_paper_a1_ring_x2", 256),
              ("saelens_trainer_fast", 256),
              ("saelens_trainer", 512)}
     assert got == want
@@ -82,6 +83,7 @@ def test_gpu_compare__every_variant_measured_with_the_issue_fields(gpu_compare_c
     assert rows[("loop_cpu_ctx32_chunk_writes", 256)]["direct_write_fraction"] == 0
     lm_batches = [rows[(f"loop_cpu_ctx32{s}", 256)]["lm_batch_size"] for s in ("_lm_batch_div4", "", "_lm_batch_x4")]
     assert lm_batches == [16, 64, 256]  # (--lm-tokens 2048 / context 32, a quarter and 4x)
+    assert rows[("loop_cpu_ctx32_ring_x2", 256)]["capacity"] == 2 * rows[("loop_cpu_ctx32", 256)]["capacity"] == 32768
 
 
 def test_gpu_compare__ratios_and_projection_follow_from_the_measured_rates(gpu_compare_cpu) -> None:
@@ -96,8 +98,9 @@ def test_gpu_compare__ratios_and_projection_follow_from_the_measured_rates(gpu_c
     assert loop["ratio_to_step_in_place"] == pytest.approx(loop["tokens_per_s"] / in_place["tokens_per_s"], abs=2e-3)
     assert not loop["into_graph_input"]  # (CPU: no graph, so no graph input to gather into)
     tokens = load_config(ROOT / "configs" / "paper_a1.yaml").train.total_tokens
-    for suffix in ("", "_text", "_ids"):  # (the loop fed text, or its ids from `sae-stream tokenize`, read ahead)
-        loop = rows[("loop_cpu_ctx32" + (f"{suffix}_prefetched" if suffix else ""), 256)]
+    for suffix in ("", "_text", "_ids", "_ring_x2"):  # (the loop fed text, or its ids from `sae-stream tokenize`,
+        # read ahead; the loop with twice the ring)
+        loop = rows[("loop_cpu_ctx32" + (f"{suffix}_prefetched" if suffix in ("_text", "_ids") else suffix), 256)]
         minutes = tokens / loop["tokens_per_s"] / 60
         assert rows[("projection_paper_a1" + suffix, 256)]["minutes"] == pytest.approx(minutes, rel=1e-3, abs=0.06)
 
