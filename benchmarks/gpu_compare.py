@@ -119,9 +119,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 # ---------------------------------------------------------------------------------------------- measurements
 
 
-def measure_steps(args: argparse.Namespace, rec: Recorder, d_sae: int) -> dict[str, float | None]:
+def measure_steps(args: argparse.Namespace, rec: Recorder, d_sae: int, part: str = "all") -> dict[str, float | None]:
+    """The step variants at this size (the first: all of STEP_VARIANTS, in two parts: `targets`, the best step in
+    its layouts and fed in place, what the loop is compared with; `rest`, the other architectures and baselines)."""
     x_BD = torch.randn(args.batch, 512, generator=torch.Generator().manual_seed(0)).relu_().to(args.device)
     names = STEP_VARIANTS if d_sae == args.d_saes[0] else LARGE_STEP_VARIANTS
+    if part != "all":
+        names = [n for n in names if (n == BEST or n.startswith(f"{BEST}_") and n != f"{BEST}_torch_ops")
+                 == (part == "targets")]
     names = [n for n in names if args.steps is None or n in args.steps]
     out = {}
     for name in names:
@@ -303,9 +308,9 @@ def measure_lms(args: argparse.Namespace, rec: Recorder) -> None:
 
 def measure_first_size(args: argparse.Namespace, rec: Recorder, d_sae: int, storage: str,
                        steps: dict[str, float | None], rate: float | None) -> None:
-    """After the step and the loop at the first size: the rest of what issue 6's targets are read from (the loop's
-    variants, A/1's projection, SAELens), then the LM alone, then the loops fed otherwise and the disk baseline.
-    In that order, so that a device call cut short still has the targets."""
+    """After the best step and the loop at the first size: the rest of what issue 6's targets are read from (the
+    loop's variants, A/1's projections, SAELens), then the other steps, the LM alone, the loops fed otherwise and
+    the disk baseline. In that order, so that a device call cut short still has the targets."""
     best, in_place = steps.get(BEST), steps.get(IN_PLACE)
     tokens = load_config(PAPER_A1).train.total_tokens
     if "loop" not in args.skip:
@@ -319,6 +324,8 @@ def measure_first_size(args: argparse.Namespace, rec: Recorder, d_sae: int, stor
                               "rate")
     if args.saelens and d_sae in args.saelens_d_saes:
         measure_saelens(args, rec, d_sae, fast=True, tokens=max(1_000_000, args.saelens_tokens))
+    if "steps" not in args.skip:
+        measure_steps(args, rec, d_sae, part="rest")
     if "lm" not in args.skip:
         measure_lms(args, rec)
     if "loop" not in args.skip:
@@ -338,7 +345,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     rec = Recorder(args)
     storage = "cuda" if args.device == "cuda" else "cpu"
     for i, d_sae in enumerate(args.d_saes):
-        steps = measure_steps(args, rec, d_sae) if "steps" not in args.skip else {}
+        steps = measure_steps(args, rec, d_sae, "targets" if i == 0 else "all") if "steps" not in args.skip else {}
         rate = None
         if "loop" not in args.skip:
             rate = measure_loop(args, rec, d_sae, storage, args.context_len, steps.get(BEST),
