@@ -16,8 +16,8 @@ attention patterns/scores [B, H, Tq, Tk] give per query position a vector of H *
 context length; `sae-stream train` refuses them, since eval, analyze and load_run read one vector per position of
 [B, T, ...] hooks only).
 
-Every vector carries its provenance (context index in the stream, position): 12 bytes next to 1-2 KB of
-activations. `expected_distinct` and `shuffle_metrics` at the end turn a batch's provenance into shuffle metrics.
+Every vector carries its provenance (context index in the stream, position): 12 bytes next to 1-2 KB of activations;
+`expected_distinct` and `shuffle_metrics` (at the end) turn a batch's provenance into shuffle metrics.
 """
 
 from __future__ import annotations
@@ -347,15 +347,19 @@ class ActivationStream:
 def expected_distinct(context_N: Tensor, draws: int) -> Tensor:
     """E[#distinct contexts] in `draws` uniform draws without replacement from vectors tagged `context_N`.
 
-    Hypergeometric: a context with m of the n vectors is missed with probability C(n-m, B) / C(n, B). Written
-    without data-dependent shapes (sort + searchsorted gives each vector its context's count m) so it does not
-    synchronise a GPU.
-    """
+    Hypergeometric: a context with m of the n vectors is missed with probability C(n-m, B) / C(n, B). Without
+    data-dependent shapes (no GPU sync): m is each vector's run length in the ids sorted as int32 offsets (exact
+    unless a pool spans 2^32 contexts), from running maxima of run starts and ends (scans: cheaper than searches)."""
     n = context_N.numel()
-    sorted_N = context_N.sort().values
-    m_N = (torch.searchsorted(sorted_N, sorted_N, right=True) - torch.searchsorted(sorted_N, sorted_N)).double()
-    B = min(draws, n)
-    rest_N = n - m_N
+    if n == 0:
+        return torch.zeros((), dtype=torch.float64, device=context_N.device)
+    sorted_N = (context_N - context_N.min()).to(torch.int32).sort().values
+    i_N = torch.arange(n, device=context_N.device)
+    edge_N = sorted_N[1:] != sorted_N[:-1]  # a new run starts at i + 1
+    start_N = torch.where(torch.cat([edge_N.new_ones(1), edge_N]), i_N, 0).cummax(0).values
+    last_N = torch.where(torch.cat([edge_N, edge_N.new_ones(1)]), n - 1 - i_N, 0).flip(0).cummax(0).values.flip(0)
+    m_N = (n - last_N - start_N).double()  # (run end = n - 1 - last, so m = end - start + 1)
+    B, rest_N = min(draws, n), n - m_N
     log_miss_N = (torch.lgamma(rest_N + 1) - torch.lgamma((rest_N - B).clamp(min=0) + 1)
                   - math.lgamma(n + 1) + math.lgamma(n - B + 1))
     miss_N = torch.where(rest_N >= B, log_miss_N.exp(), torch.zeros_like(rest_N))

@@ -291,6 +291,26 @@ def test_expected_distinct__hand_computed_and_simulated() -> None:
     assert abs(float(expected_distinct(ctx, 60)) - sim) < 0.1
 
 
+def test_expected_distinct__run_lengths_by_scans_equal_binary_searches() -> None:
+    """Each vector's context count from scans of the sorted int32 offsets: the same bits as counting it with two
+    binary searches in the sorted int64 ids, for ids far above 2^32, single contexts, one vector, no vectors."""
+    def by_search(ctx: torch.Tensor, draws: int) -> torch.Tensor:
+        n, s = ctx.numel(), ctx.sort().values
+        m = (torch.searchsorted(s, s, right=True) - torch.searchsorted(s, s)).double()
+        B, rest = min(draws, n), n - m
+        log_miss = (torch.lgamma(rest + 1) - torch.lgamma((rest - B).clamp(min=0) + 1) - math.lgamma(n + 1)
+                    + math.lgamma(n - B + 1))
+        return ((1 - torch.where(rest >= B, log_miss.exp(), torch.zeros_like(rest))) / m).sum()
+
+    g = torch.Generator().manual_seed(0)
+    pools = [torch.randint(0, 50, (1000,), generator=g) + 2**40, torch.tensor([3, 3, 3]), torch.tensor([9]),
+             torch.arange(40).repeat_interleave(torch.arange(1, 41))[torch.randperm(820, generator=g)]]
+    for ctx in pools:
+        for draws in (1, 2, 60, 5000):
+            assert torch.equal(expected_distinct(ctx, draws), by_search(ctx, draws)), (ctx[:5], draws)
+    assert float(expected_distinct(torch.zeros(0, dtype=torch.long), 4)) == 0.0
+
+
 def test_shuffle_buffer__metrics_near_ideal_and_detect_an_unshuffled_order() -> None:
     src = TaggedSource(n_contexts=3000, ctx_len=33, contexts_per_chunk=16)  # 32 vectors per context
     buf = ShuffleBuffer(src, _cfg(capacity=8192), d_in=8, metrics_every=4)
