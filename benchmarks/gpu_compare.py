@@ -199,7 +199,7 @@ def measure_loop(args: argparse.Namespace, rec: Recorder, d_sae: int, storage: s
     LM gives; the LM's LayerNorms by --kernels), or with `before` as LOOP_BEFORE; fed random tokens, or with
     `text_prefetch` real text (`feed`: text_batches') read as data.prefetch=text_prefetch does; `variant`: a
     LOOP_VARIANTS suffix (the trainer's or the buffer's settings changed)."""
-    settings = dict(LOOP_VARIANTS[variant])  # the trainer's, once these two of the buffer's are taken out:
+    settings = dict(LOOP_VARIANTS[variant])  # the trainer's, once the buffer's and the loop's are taken out:
     lm_batch_scale, direct_writes = settings.pop("lm_batch_scale", 1), settings.pop("direct_writes", True)
     into_input, metrics_every = settings.pop("into_input", True), settings.pop("metrics_every", 64)
     capacity = args.capacity * settings.pop("capacity_scale", 1)

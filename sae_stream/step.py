@@ -193,8 +193,8 @@ class GraphedStep:
     def input(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
         """The static input the graphs read, allocated here if it is missing or of another shape/dtype/device
         (before any capture; a replaced one means recapturing, so only while no graph holds the old one)."""
-        x = self.static_x
-        if x is None or (x.shape, x.dtype, x.device) != (torch.Size(shape), dtype, torch.device(device)):
+        x, device = self.static_x, torch.empty(0, device=device).device  # (`cuda` -> `cuda:<index>`, as tensors)
+        if x is None or (x.shape, x.dtype, x.device) != (torch.Size(shape), dtype, device):
             assert not self.graphs, "the static input of captured graphs cannot be replaced (reset() first)"
             self.static_x = torch.empty(shape, dtype=dtype, device=device)
         return self.static_x
