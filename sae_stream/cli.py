@@ -6,7 +6,7 @@
     sae-stream train --resume RUN_DIR
     sae-stream eval RUN_DIR          sae-stream analyze RUN_DIR
     sae-stream compare A B [--out DIR]                      match two SAEs' features (decoders, activations)
-    sae-stream steer RUN_DIR --feature N [--value 5x]       sample with a feature pinned (feature steering)
+    sae-stream steer RUN_DIR --feature N[,M..] [--value 5x] sample with features pinned (feature steering)
     sae-stream features RUN_DIR --text TEXT [--k 5]         the most active features of each token of a text
     sae-stream tokenize [CONFIG] --out DIR                  data.source -> parquet shards of token ids
     sae-stream tokenize --resume DIR                        continue an interrupted tokenize
@@ -99,11 +99,12 @@ def _add_study_commands(sub: argparse._SubParsersAction) -> None:
     _add_out(cmp)
     cmp.add_argument("--tokens", type=int, help="held-out tokens for the correlations (default: eval.tokens)")
     cmp.add_argument("--no-correlation", action="store_true", help="decoder cosines only: no LM forward")
-    st = sub.add_parser("steer", help="sample from the LM with one SAE feature pinned (feature steering)")
+    st = sub.add_parser("steer", help="sample from the LM with SAE features pinned (feature steering)")
     st.add_argument("run_dir")
-    st.add_argument("--feature", type=int, required=True, help="the feature id")
+    st.add_argument("--feature", required=True, help="the feature id, or ids separated by commas (pinned together)")
     st.add_argument("--value", default="5x", help="its pinned activation: a number, or Nx for N times its largest "
-                    "activation on held-out text (default 5x); 0 ablates it")
+                    "activation on held-out text (default 5x); 0 ablates it; one for all features or one each, "
+                    "separated by commas")
     st.add_argument("--prompt", default="", help="text to continue (default: none, a document's start)")
     st.add_argument("--tokens", type=int, default=40, help="tokens sampled per sample (default 40)")
     st.add_argument("--samples", type=int, default=3, help="samples, clean and pinned each (default 3)")
@@ -123,6 +124,15 @@ def _feature_ids(text: str) -> list[int]:
     if not ids:
         raise UserError("--features names no feature: give ids separated by commas, e.g. 12,40,301")
     return list(dict.fromkeys(ids))  # (each once, in the order given)
+
+
+def _pins(feature: str, value: str) -> tuple[int | list[int], str | list[str]]:
+    """`steer`'s --feature and --value: one id and value, or comma lists (a list of ids pins them together)."""
+    parts = [part.strip() for part in feature.split(",")]
+    if not all(part.lstrip("-").isdigit() for part in parts):
+        raise UserError(f"--feature {feature!r}: give a feature id, or ids separated by commas, e.g. 12 or 12,40")
+    ids, values = [int(part) for part in parts], [part.strip() for part in value.split(",")]
+    return ids if len(ids) > 1 else ids[0], values if len(values) > 1 else values[0]
 
 
 def _add_out(p: argparse.ArgumentParser) -> None:
@@ -251,8 +261,8 @@ def _dispatch(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.command == "steer":
         from sae_stream.trained import print_steering
 
-        print_steering(args.run_dir, overrides, args.feature, args.value, args.prompt, args.tokens, args.samples,
-                       args.temperature, args.seed)
+        print_steering(args.run_dir, overrides, *_pins(args.feature, args.value), args.prompt, args.tokens,
+                       args.samples, args.temperature, args.seed)
         return 0
     if args.command == "features":
         from sae_stream.trained import print_features

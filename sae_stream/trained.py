@@ -7,6 +7,7 @@
         print(repr(token), top)                            # [(feature, activation), ...], strongest first
     run.loss("The cat sat on the mat.")                    # {"clean": ..., "sae": ...} next-token CE, nats
     run.steer(161, "5x", prompt="The")                     # samples, clean and with feature 161 pinned
+    run.steer([161, 40], ["5x", 0])                        # several features pinned together
 
 Text is tokenized as in training (documents follow an end-of-text token), so the text's first token sits at
 position 1: with `buffer.skip_first_position` (the default) the SAE never saw position 0, which holds the
@@ -28,7 +29,7 @@ from torch import Tensor
 
 from sae_stream.analysis.dashboard import FEATURES_JSON
 from sae_stream.analysis.hooks import hook_activations, sae_decode, sae_features, spliced_logits
-from sae_stream.analysis.steering import check_steer, max_activation, pin_value, steer
+from sae_stream.analysis.steering import as_features, check_steer, max_activation, pin_value, steer
 from sae_stream.config import Config, ConfigError
 from sae_stream.data import heldout_batches
 from sae_stream.report import DASHBOARD_DIR, SELECTED_DASHBOARD_DIR, load_trained
@@ -102,30 +103,39 @@ class TrainedRun:
                                      skip_first_position=self.cfg.buffer.skip_first_position)
         return {"clean": _next_token_ce(clean, tokens_1T), "sae": _next_token_ce(spliced, tokens_1T)}
 
-    def steer(self, feature: int, value: float | str = DEFAULT_PIN, prompt: str = "", n_tokens: int = 40,
-              samples: int = 3, temperature: float = 1.0, seed: int = 0) -> dict[str, Any]:
+    def steer(self, feature: int | list[int], value: float | str | list[float | str] = DEFAULT_PIN, prompt: str = "",
+              n_tokens: int = 40, samples: int = 3, temperature: float = 1.0, seed: int = 0) -> dict[str, Any]:
         """Samples after `prompt` from the clean LM and with `feature` pinned at `value` (analysis/steering.py):
         a number, or "Nx" for N times the feature's largest activation on up to STEER_SCAN_TOKENS held-out tokens.
-        Returns the texts, the value used and, for "Nx", that largest activation and the tokens scanned."""
-        number, multiple = pin_value(value)
+        Several features (a list) are pinned together, at one value or one each. Returns the texts, the values
+        used and, for "Nx", the largest activations (None for a feature given a number) and the tokens scanned."""
+        features, several = as_features(feature)
+        given = list(value) if isinstance(value, (list, tuple)) else [value] * len(features)
+        if len(given) != len(features):
+            raise ValueError(f"{len(given)} pin values for {len(features)} features: give one value, or one each")
+        pins = [pin_value(v) for v in given]
         tokens_1T = self._tokens(prompt) if prompt else self.tokens_eot()
-        check_steer(self.model, self.sae, self.hook_name, tokens_1T.shape[1], feature, n_tokens, samples, temperature)
-        result: dict[str, Any] = {"feature": feature, "prompt": prompt}
-        if multiple:
+        check_steer(self.model, self.sae, self.hook_name, tokens_1T.shape[1], features, n_tokens, samples, temperature)
+        result: dict[str, Any] = {"feature": features if several else features[0], "prompt": prompt}
+        scanned, tops = [f for f, (_, multiple) in zip(features, pins) if multiple], [None] * len(features)
+        if scanned:
             scan = max(STEER_SCAN_TOKENS, self.cfg.data.context_len)  # (at least one context)
             batches = heldout_batches(self.cfg.data, self.cfg.eval.batch_contexts, scan, what="the steering scan")
-            top, seen = max_activation(self.model, self.sae, self.hook_name, batches, feature, scan,
-                                       self.cfg.eval.batch_contexts, self.cfg.buffer.skip_first_position)
-            if top <= 0:
-                raise ValueError(f"feature {feature} did not fire on {seen:,} held-out tokens, so {value!r} of its "
-                                 "largest activation is 0: give the value as a number")
-            number *= top
-            result.update(max_activation=top, scanned_tokens=seen)
-        out = steer(self.model, self.sae, self.hook_name, tokens_1T, feature, number, self.tokenizer.n_vocab,
-                    n_tokens, samples, temperature, seed, self.cfg.buffer.skip_first_position)
+            found, seen = max_activation(self.model, self.sae, self.hook_name, batches, scanned, scan,
+                                         self.cfg.eval.batch_contexts, self.cfg.buffer.skip_first_position)
+            for f, top in zip(scanned, found):
+                if top <= 0:
+                    raise ValueError(f"feature {f} did not fire on {seen:,} held-out tokens, so a multiple of its "
+                                     "largest activation is 0: give its value as a number")
+            tops = [dict(zip(scanned, found)).get(f) for f in features]
+            result.update(max_activation=tops if several else tops[0], scanned_tokens=seen)
+        numbers = [n * top if multiple else n for (n, multiple), top in zip(pins, tops)]
+        out = steer(self.model, self.sae, self.hook_name, tokens_1T, features if several else features[0],
+                    numbers if several else numbers[0], self.tokenizer.n_vocab, n_tokens, samples, temperature, seed,
+                    self.cfg.buffer.skip_first_position)
         text = self.tokenizer.decode
-        return {**result, "value": out.value, "temperature": temperature, "seed": seed,
-                "clean": [text(row.tolist()) for row in out.clean_SN],
+        return {**result, "value": list(out.value) if several else out.value, "temperature": temperature,
+                "seed": seed, "clean": [text(row.tolist()) for row in out.clean_SN],
                 "pinned": [text(row.tolist()) for row in out.pinned_SN]}
 
     def tokens_eot(self) -> Tensor:
@@ -153,15 +163,23 @@ def _trained_run(run_dir: str | Path, overrides: list[str]) -> TrainedRun:
     return TrainedRun(cfg, model, sae.eval(), get_tokenizer(cfg.data.tokenizer), path)
 
 
-def print_steering(run_dir: str | Path, overrides: list[str], feature: int, value: str = DEFAULT_PIN,
-                   prompt: str = "", n_tokens: int = 40, samples: int = 3, temperature: float = 1.0,
-                   seed: int = 0) -> dict[str, Any]:
+def print_steering(run_dir: str | Path, overrides: list[str], feature: int | list[int],
+                   value: str | list[str] = DEFAULT_PIN, prompt: str = "", n_tokens: int = 40, samples: int = 3,
+                   temperature: float = 1.0, seed: int = 0) -> dict[str, Any]:
     """`sae-stream steer`: TrainedRun.steer on a run directory, printed one sample a line."""
     r = _trained_run(run_dir, overrides).steer(feature, value, prompt, n_tokens, samples, temperature, seed)
-    how = (f" ({value} its largest activation, {r['max_activation']:.4g}, on {r['scanned_tokens']:,} held-out "
-           "tokens)") if "max_activation" in r else ""
-    print(f"feature {feature} pinned at {r['value']:.4g}{how}; {samples} samples of {n_tokens} tokens, temperature "
-          f"{temperature:g}, seed {seed}, after the prompt {prompt!r}")
+    if isinstance(feature, list):  # features 3, 9 pinned at 1.2 (5x its largest activation, 0.24), 0; ...
+        given = value if isinstance(value, list) else [value] * len(feature)
+        pins = [f"{v:.4g}" + (f" ({g} its largest activation, {top:.4g})" if top is not None else "")
+                for v, g, top in zip(r["value"], given, r.get("max_activation", [None] * len(feature)))]
+        scanned = f", on {r['scanned_tokens']:,} held-out tokens" if "scanned_tokens" in r else ""
+        head = f"features {', '.join(map(str, feature))} pinned together at {', '.join(pins)}{scanned}"
+    else:
+        how = (f" ({value} its largest activation, {r['max_activation']:.4g}, on {r['scanned_tokens']:,} held-out "
+               "tokens)") if "max_activation" in r else ""
+        head = f"feature {feature} pinned at {r['value']:.4g}{how}"
+    print(f"{head}; {samples} samples of {n_tokens} tokens, temperature {temperature:g}, seed {seed}, after the "
+          f"prompt {prompt!r}")
     for label in ("clean", "pinned"):
         for i, text in enumerate(r[label], 1):
             print(f"{label:>6} {i}: {text!r}")

@@ -289,7 +289,19 @@ def test_steer__prints_clean_and_pinned_samples_at_a_multiple_of_the_largest_act
     r = run.steer(alive, "3x", prompt="the ", n_tokens=6, samples=2)
     assert f"pinned 2: {r['pinned'][1]!r}" in out  # (the command prints what the API returns)
     assert len(r["clean"]) == len(r["pinned"]) == 2 and r["value"] == pytest.approx(3 * r["max_activation"])
+    b = int(density.argsort(descending=True)[1])  # several features, pinned together: a at 3x its top, b at 0
+    assert main(["steer", str(tiny_run), "--feature", f"{alive},{b}", "--value", "3x,0", "--tokens", "6",
+                 "--samples", "2", "--train.device=cpu"]) == 0
+    out = capsys.readouterr().out
+    r = run.steer([alive, b], ["3x", "0"], n_tokens=6, samples=2)
+    assert r["max_activation"][1] is None and r["value"] == [pytest.approx(3 * r["max_activation"][0]), 0.0]
+    assert out.startswith(f"features {alive}, {b} pinned together at {r['value'][0]:.4g} (3x its largest activation, "
+                          f"{r['max_activation'][0]:.4g}), 0, on {r['scanned_tokens']:,} held-out tokens; 2 samples")
+    assert f"pinned 2: {r['pinned'][1]!r}" in out
     for args, message in ((["--feature", "100000"], "feature 100000 is not a feature of this SAE"),
+                          (["--feature", "0,x"], "--feature '0,x': give a feature id, or ids separated by commas"),
+                          (["--feature", "0,0"], "give at least one, each once"),
+                          (["--feature", "0,1", "--value", "1,2,3"], "3 pin values for 2 features"),
                           (["--feature", "0", "--value", "lots"], "pin value 'lots': give a number"),
                           (["--feature", "0", "--tokens", "40"], "exceed the LM's context of 32"),
                           (["--feature", "0", "--samples", "0"], "steering needs tokens >= 1, samples >= 1")):

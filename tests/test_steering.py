@@ -8,7 +8,15 @@ import pytest
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from sae_stream.analysis.steering import feature_directions, max_activation, pin_feature, pin_value, sample, steer
+from sae_stream.analysis.steering import (
+    feature_directions,
+    max_activation,
+    pin_feature,
+    pin_features,
+    pin_value,
+    sample,
+    steer,
+)
 from sae_stream.config import SAEConfig
 from sae_stream.sae import build_sae
 
@@ -54,6 +62,23 @@ def test_pin_feature__equals_the_reconstruction_with_that_feature_set_plus_the_e
     # the direction is the decoder row, divided by the input scale where the SAE scales its input
     torch.testing.assert_close(feature_directions(sae, torch.tensor([7]))[0],
                                sae.W_dec_FD[7].detach() / sae.input_scale, rtol=1e-6, atol=1e-6)
+
+
+def test_pin_features__several_at_once_equal_the_reconstruction_with_all_of_them_set():
+    """Features 7 and 3 pinned together (4 and 0: one raised, one ablated) in the second group of rows, the
+    first group clean (NaN pins): decode(f with both set) + (x − decode(f)), and x itself."""
+    sae = _sae()
+    x_BTD = torch.randn(4, 5, 32, generator=torch.Generator().manual_seed(1)).relu()
+    feats = sae.encode(x_BTD.reshape(-1, 32)).detach()
+    pinned = feats.clone()
+    pinned[:, 7], pinned[:, 3] = 4.0, 0.0
+    want = (sae.decode(pinned) + (x_BTD.reshape(-1, 32) - sae.decode(feats))).detach().reshape(4, 5, 32)
+    nan = float("nan")
+    got = pin_features(sae, torch.tensor([[7, 3], [7, 3]]), torch.tensor([[nan, nan], [4.0, 0.0]]))(x_BTD)
+    assert torch.equal(got[:2], x_BTD[:2])
+    torch.testing.assert_close(got[2:], want[2:], rtol=1e-5, atol=1e-5)
+    one = pin_features(sae, torch.tensor([[7, 3]]), torch.tensor([[4.0, nan]]))(x_BTD)  # (NaN: 3 left alone)
+    torch.testing.assert_close(one, pin_feature(sae, 7, 4.0)(x_BTD), rtol=1e-6, atol=1e-6)
 
 
 def test_sample__greedy_takes_each_full_forwards_argmax_among_the_tokenizers_ids():
@@ -111,6 +136,35 @@ def test_steer__pinned_run_splices_the_pin_at_every_position_but_the_first():
     assert torch.equal(result.pinned_SN, want)
     assert torch.equal(result.clean_SN, sample(model, prompt, 8, 3, 1.0, 2, N_VOCAB))
     assert not torch.equal(result.pinned_SN, result.clean_SN)  # a pin of 6 moves the samples
+
+
+def test_steer__several_features_pinned_together_at_their_values():
+    """[a, b] at [6, 0]: each position past the first gets (6 − f_a)·W_dec[a] + (0 − f_b)·W_dec[b]; the result
+    names both; one value pins them all at it; bad lists are one-line errors."""
+    model, sae = _model(), _sae()
+    prompt = torch.tensor([[0, 3, 4]])
+    with torch.no_grad():
+        _, cache = model.run_with_cache(prompt)
+    order = sae.encode(cache[HOOK][0]).detach().amax(0).argsort(descending=True)
+    a, b = int(order[0]), int(order[1])  # two that fire
+    result = steer(model, sae, HOOK, prompt, [a, b], [6.0, 0.0], N_VOCAB, n_tokens=8, samples=3, seed=2)
+
+    def by_hand(act, hook):
+        f = sae.encode(act.reshape(-1, 32)).detach().reshape(*act.shape[:2], -1)
+        add = (6.0 - f[..., a])[..., None] * sae.W_dec_FD[a].detach() - f[..., b, None] * sae.W_dec_FD[b].detach()
+        add[:, 0] = 0.0
+        return act + add
+
+    want = sample(model, prompt, 8, 3, 1.0, 2, N_VOCAB, hooks=lambda tokens: [(HOOK, by_hand)])
+    assert torch.equal(result.pinned_SN, want) and (result.feature, result.value) == ((a, b), (6.0, 0.0))
+    assert torch.equal(result.clean_SN, sample(model, prompt, 8, 3, 1.0, 2, N_VOCAB))
+    same = steer(model, sae, HOOK, prompt, [a, b], 6.0, N_VOCAB, n_tokens=8, samples=3, seed=2)
+    assert same.value == (6.0, 6.0)
+    for feature, value, message in (([a, a], 1.0, "give at least one, each once"),
+                                    ([a, b], [1.0, 2.0, 3.0], "3 pin values for 2 features")):
+        with pytest.raises(ValueError, match="") as caught:
+            steer(model, sae, HOOK, prompt, feature, value, N_VOCAB, n_tokens=4)
+        assert message in str(caught.value), feature
 
 
 def test_steer__an_attention_hook_is_flattened_for_the_sae_and_reshaped_back():
@@ -180,6 +234,8 @@ def test_max_activation__is_the_largest_over_the_positions_the_sae_reads():
     assert seen == 10 * 11 and top == pytest.approx(float(feats[:, 1:, feature].max()), rel=1e-5)
     top0, seen0 = max_activation(model, sae, HOOK, [tokens], feature, 120, skip_first_position=False)
     assert seen0 == 120 and top0 == pytest.approx(float(feats[..., feature].max()), rel=1e-5)
+    tops, _ = max_activation(model, sae, HOOK, [tokens], [3, feature, 0], 120)  # several: each its own
+    assert tops == [pytest.approx(float(feats[:, 1:, f].max()), rel=1e-5) for f in (3, feature, 0)]
 
 
 def test_pin_value__numbers_and_multiples():

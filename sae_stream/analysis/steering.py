@@ -1,22 +1,23 @@
-"""Feature steering: sample from the LM with one SAE feature pinned to a value (Anthropic's dictionary-learning
+"""Feature steering: sample from the LM with SAE features pinned to values (Anthropic's dictionary-learning
 papers hold a feature high while the model samples, to show what it does).
 
 At every position the hook writes (past the first with `skip_first_position`, which the SAE never saw)
 
-    x' = x + (v − f_i(x))·d_i          d_i = decode(e_i) − decode(0): feature i's direction in activation space
+    x' = x + Σ_i (v_i − f_i(x))·d_i          d_i = decode(e_i) − decode(0): feature i's direction in activation space
 
-so the reconstruction's feature i reads v, and everything else in x (the other features and the SAE's error)
-is left as it is. v = 0 ablates the feature wherever it fires. The clean and the pinned samples run in one batch
-and read the same seeded noise (`sample`): with a zero direction the two are identical.
+so the reconstruction's pinned features read their v_i, and everything else in x (the other features and the
+SAE's error) is left as it is. v = 0 ablates a feature wherever it fires. The clean and the pinned samples run in
+one batch and read the same seeded noise (`sample`): with zero directions the two are identical.
 
     result = steer(model, sae, hook_name, tokens_1T, feature=12, value=8.0, n_vocab=50257, n_tokens=40)
+    result = steer(model, sae, hook_name, tokens_1T, feature=[12, 40], value=[8.0, 0.0], n_vocab=50257)
     result.clean_SN, result.pinned_SN    # LongTensor[samples, n_tokens]: the tokens after the prompt
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -42,21 +43,32 @@ from sae_stream.analysis.hooks import (
 
 
 class SteerResult(NamedTuple):
-    feature: int
-    value: float
+    feature: int | tuple[int, ...]
+    """The feature pinned, or the features (a tuple) when several were."""
+    value: float | tuple[float, ...]
     clean_SN: Tensor
     """Tokens sampled after the prompt by the clean LM, [samples, n_tokens] (CPU)."""
     pinned_SN: Tensor
     """The same with the feature pinned at `value`, same seed."""
 
 
-def check_steer(model: HookedTransformer, sae: SAELike, hook_name: str, prompt_tokens: int, feature: int,
-                n_tokens: int, samples: int, temperature: float) -> None:
+def as_features(feature: int | Sequence[int]) -> tuple[list[int], bool]:
+    """One feature id or several: (the ids as a list, whether several were given, even if one)."""
+    several = isinstance(feature, (list, tuple, Tensor))
+    return ([int(f) for f in feature] if several else [int(feature)]), several
+
+
+def check_steer(model: HookedTransformer, sae: SAELike, hook_name: str, prompt_tokens: int,
+                feature: int | Sequence[int], n_tokens: int, samples: int, temperature: float) -> None:
     """One-line errors for what `steer` cannot do, before any work."""
     check_hook(model, hook_name)
     check_not_unembed(hook_name)  # (the samples' forward stops before the unembedding: its hook would never run)
-    if not 0 <= feature < sae.d_sae:
-        raise ValueError(f"feature {feature} is not a feature of this SAE: ids run from 0 to {sae.d_sae - 1}")
+    features, _ = as_features(feature)
+    for f in features:
+        if not 0 <= f < sae.d_sae:
+            raise ValueError(f"feature {f} is not a feature of this SAE: ids run from 0 to {sae.d_sae - 1}")
+    if not features or len(set(features)) < len(features):
+        raise ValueError(f"features to pin: {features}: give at least one, each once")
     if n_tokens < 1 or samples < 1 or not temperature >= 0:
         raise ValueError(f"steering needs tokens >= 1, samples >= 1 and temperature >= 0 (got {n_tokens}, {samples}, "
                          f"{temperature})")
@@ -93,8 +105,9 @@ def feature_directions(sae: SAELike, features_R: Tensor, dtype: torch.dtype = to
 
 def pin_features(sae: SAELike, features_R: Tensor, values_R: Tensor) -> Callable[[Tensor], Tensor]:
     """The replacement for `splice_hook` that splits a batch into R equal groups of consecutive rows (`sample`'s
-    copies) and pins, in group r, feature features_R[r] at values_R[r]: x -> x + (v − f(x))·d. A NaN value leaves
-    its group as it is (clean rows beside pinned ones)."""
+    copies) and pins, in group r, feature features_R[r] at values_R[r] (or, given [R, K], the K features of row r
+    at theirs): x -> x + Σ (v − f(x))·d. A NaN value leaves its feature as it is (clean rows beside pinned ones)."""
+    features_RK, values_RK = features_R.reshape(len(features_R), -1), values_R.reshape(len(values_R), -1)
     cache: dict[Any, Tensor] = {}
 
     def replace(x_BTD: Tensor) -> Tensor:
@@ -102,13 +115,14 @@ def pin_features(sae: SAELike, features_R: Tensor, values_R: Tensor) -> Callable
             return x_BTD
         key = x_BTD.device
         if key not in cache:
-            cache[key] = feature_directions(sae, features_R.to(key))
-        rows = torch.arange(x_BTD.shape[0], device=key) // (x_BTD.shape[0] // len(features_R))
-        feature_B, value_B = features_R.to(key)[rows], values_R.to(key, torch.float32)[rows]
+            cache[key] = feature_directions(sae, features_RK.to(key).flatten()).view(*features_RK.shape, -1)
+        (B, T, _), K = x_BTD.shape, features_RK.shape[1]
+        rows = torch.arange(B, device=key) // (B // len(features_RK))
+        feature_BK, value_BK = features_RK.to(key)[rows], values_RK.to(key, torch.float32)[rows]
         # (in fp32: a bf16 LM's x keeps its error exactly but for the one rounding at the end)
-        f_BT = sae_features(sae, x_BTD).float().gather(-1, feature_B[:, None, None].expand(-1, x_BTD.shape[1], 1))
-        shift_BT = torch.nan_to_num((value_B[:, None, None] - f_BT), nan=0.0)
-        return (x_BTD.float() + shift_BT * cache[key][rows][:, None, :]).to(x_BTD.dtype)
+        f_BTK = sae_features(sae, x_BTD).float().gather(-1, feature_BK[:, None, :].expand(-1, T, K))
+        shift_BTK = torch.nan_to_num((value_BK[:, None, :] - f_BTK), nan=0.0)
+        return (x_BTD.float() + (shift_BTK[..., None] * cache[key][rows][:, None]).sum(2)).to(x_BTD.dtype)
 
     return replace
 
@@ -156,29 +170,37 @@ def sample(model: HookedTransformer, tokens_1T: Tensor, n_tokens: int, samples: 
 
 
 @sae_in_eval_mode
-def steer(model: HookedTransformer, sae: SAELike, hook_name: str, tokens_1T: Tensor, feature: int, value: float,
-          n_vocab: int, n_tokens: int = 40, samples: int = 3, temperature: float = 1.0, seed: int = 0,
-          skip_first_position: bool = True) -> SteerResult:
-    """Clean and feature-pinned samples after the prompt `tokens_1T` (ids below `n_vocab`), same seed."""
+def steer(model: HookedTransformer, sae: SAELike, hook_name: str, tokens_1T: Tensor, feature: int | Sequence[int],
+          value: float | Sequence[float], n_vocab: int, n_tokens: int = 40, samples: int = 3, temperature: float = 1.0,
+          seed: int = 0, skip_first_position: bool = True) -> SteerResult:
+    """Clean samples after the prompt `tokens_1T` (ids below `n_vocab`) and samples with `feature` pinned at
+    `value` (or the features at their values, pinned together; one value for them all, or one each), same seed."""
     check_steer(model, sae, hook_name, tokens_1T.shape[1], feature, n_tokens, samples, temperature)
-    # one batch: copy 0 clean (a NaN pin changes nothing), copy 1 pinned; the same noise for both
-    both = pinned_hooks(sae, hook_name, torch.tensor([feature, feature]), torch.tensor([math.nan, float(value)]),
-                        skip_first_position)
+    features, several = as_features(feature)
+    values = [float(v) for v in value] if isinstance(value, (list, tuple)) else [float(value)] * len(features)
+    if len(values) != len(features):
+        raise ValueError(f"{len(values)} pin values for {len(features)} features: give one value, or one each")
+    # one batch: copy 0 clean (NaN pins change nothing), copy 1 pinned; the same noise for both
+    both = pinned_hooks(sae, hook_name, torch.tensor([features, features]),
+                        torch.tensor([[math.nan] * len(features), values]), skip_first_position)
     out = sample(model, tokens_1T, n_tokens, samples, temperature, seed, n_vocab, both, copies=2)
-    return SteerResult(feature, float(value), out[:samples], out[samples:])
+    return SteerResult(tuple(features) if several else features[0], tuple(values) if several else values[0],
+                       out[:samples], out[samples:])
 
 
 @sae_in_eval_mode
 @torch.no_grad()
 def max_activation(model: HookedTransformer, sae: SAELike, hook_name: str, token_batches: Iterable[Tensor],
-                   feature: int, max_tokens: int, batch_contexts: int = 16,
-                   skip_first_position: bool = True) -> tuple[float, int]:
-    """(the feature's largest activation, tokens scanned) over up to `max_tokens` held-out tokens (positions
-    the SAE reads: past the first with `skip_first_position`)."""
+                   feature: int | Sequence[int], max_tokens: int, batch_contexts: int = 16,
+                   skip_first_position: bool = True) -> tuple[float | list[float], int]:
+    """(the feature's largest activation, or each listed feature's, tokens scanned) over up to `max_tokens`
+    held-out tokens (positions the SAE reads: past the first with `skip_first_position`)."""
     tokens_NT = take_contexts(token_batches, max_tokens)
-    start, best, seen = first_position(skip_first_position), 0.0, 0
+    features, several = as_features(feature)
+    start, best, seen = first_position(skip_first_position), [0.0] * len(features), 0
     for tokens_BT in chunks(tokens_NT, batch_contexts, model_device(model)):
         x_BTD = hook_activations(model, hook_name, tokens_BT)[:, start:]
-        best = max(best, float(sae_features(sae, x_BTD)[..., feature].max()))
+        tops = sae_features(sae, x_BTD)[..., features].flatten(0, -2).amax(0).tolist() if x_BTD.numel() else best
+        best = [max(b, float(t)) for b, t in zip(best, tops)]
         seen += x_BTD.shape[0] * x_BTD.shape[1]
-    return best, seen
+    return (best if several else best[0]), seen
