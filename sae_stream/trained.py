@@ -29,7 +29,7 @@ from torch import Tensor
 
 from sae_stream.analysis.dashboard import FEATURES_JSON
 from sae_stream.analysis.hooks import hook_activations, sae_decode, sae_features, spliced_logits
-from sae_stream.analysis.steering import as_features, check_steer, max_activation, pin_value, steer
+from sae_stream.analysis.steering import as_features, check_steer, max_activation, pin_value, pin_values, steer
 from sae_stream.config import Config, ConfigError
 from sae_stream.data import heldout_batches
 from sae_stream.report import DASHBOARD_DIR, SELECTED_DASHBOARD_DIR, load_trained
@@ -110,10 +110,7 @@ class TrainedRun:
         Several features (a list) are pinned together, at one value or one each. Returns the texts, the values
         used and, for "Nx", the largest activations (None for a feature given a number) and the tokens scanned."""
         features, several = as_features(feature)
-        given = list(value) if isinstance(value, (list, tuple)) else [value] * len(features)
-        if len(given) != len(features):
-            raise ValueError(f"{len(given)} pin values for {len(features)} features: give one value, or one each")
-        pins = [pin_value(v) for v in given]
+        pins = [pin_value(v) for v in pin_values(value, len(features))]
         tokens_1T = self._tokens(prompt) if prompt else self.tokens_eot()
         check_steer(self.model, self.sae, self.hook_name, tokens_1T.shape[1], features, n_tokens, samples, temperature)
         result: dict[str, Any] = {"feature": features if several else features[0], "prompt": prompt}
@@ -169,7 +166,7 @@ def print_steering(run_dir: str | Path, overrides: list[str], feature: int | lis
     """`sae-stream steer`: TrainedRun.steer on a run directory, printed one sample a line."""
     r = _trained_run(run_dir, overrides).steer(feature, value, prompt, n_tokens, samples, temperature, seed)
     if isinstance(feature, list):  # features 3, 9 pinned at 1.2 (5x its largest activation, 0.24), 0; ...
-        given = value if isinstance(value, list) else [value] * len(feature)
+        given = pin_values(value, len(feature))
         pins = [f"{v:.4g}" + (f" ({g} its largest activation, {top:.4g})" if top is not None else "")
                 for v, g, top in zip(r["value"], given, r.get("max_activation", [None] * len(feature)))]
         scanned = f", on {r['scanned_tokens']:,} held-out tokens" if "scanned_tokens" in r else ""

@@ -58,6 +58,14 @@ def as_features(feature: int | Sequence[int]) -> tuple[list[int], bool]:
     return ([int(f) for f in feature] if several else [int(feature)]), several
 
 
+def pin_values(value: Any, n: int) -> list:
+    """The pin values of n features: one value for them all, or a list of one each."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * n
+    if len(values) != n:
+        raise ValueError(f"{len(values)} pin values for {n} features: give one value, or one each")
+    return values
+
+
 def check_steer(model: HookedTransformer, sae: SAELike, hook_name: str, prompt_tokens: int,
                 feature: int | Sequence[int], n_tokens: int, samples: int, temperature: float) -> None:
     """One-line errors for what `steer` cannot do, before any work."""
@@ -177,9 +185,7 @@ def steer(model: HookedTransformer, sae: SAELike, hook_name: str, tokens_1T: Ten
     `value` (or the features at their values, pinned together; one value for them all, or one each), same seed."""
     check_steer(model, sae, hook_name, tokens_1T.shape[1], feature, n_tokens, samples, temperature)
     features, several = as_features(feature)
-    values = [float(v) for v in value] if isinstance(value, (list, tuple)) else [float(value)] * len(features)
-    if len(values) != len(features):
-        raise ValueError(f"{len(values)} pin values for {len(features)} features: give one value, or one each")
+    values = [float(v) for v in pin_values(value, len(features))]
     # one batch: copy 0 clean (NaN pins change nothing), copy 1 pinned; the same noise for both
     both = pinned_hooks(sae, hook_name, torch.tensor([features, features]),
                         torch.tensor([[math.nan] * len(features), values]), skip_first_position)
