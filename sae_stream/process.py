@@ -17,12 +17,19 @@ _ALLOCATOR_TUNED = False
 
 
 def resolve_device(name: str) -> torch.device:
-    """`train.device` -> torch.device ('auto': cuda when available)."""
+    """`train.device` -> torch.device ('auto': cuda when available). A GPU named by index (cuda:1) also becomes the
+    process's current device: Triton launches its kernels there, not on the tensors' device."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"train.device={name!r} but CUDA is not available: use --train.device=cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is not None:
+        if device.index >= torch.cuda.device_count():
+            raise ConfigError(f"train.device={name!r} but this machine has {torch.cuda.device_count()} GPU(s): use "
+                              f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+        torch.cuda.set_device(device)
+    return device
 
 
 def tune_cpu_allocator() -> bool:

@@ -112,6 +112,7 @@ class Trainer(TrainerState):
         cuda = device.type == "cuda"
         if cuda:
             torch.backends.cuda.matmul.allow_tf32 = t.tf32
+            torch.cuda.set_device(device)  # (Triton launches on the current device, not on the tensors')
         # On CUDA the step's scalars live on the device (a graph replays them; filling them needs no sync), and
         # Adam is fused + capturable. On CPU they stay Python numbers: the same bits as a plain eager loop.
         self._lr_d = DeviceScalar(self._lr_now, device) if cuda else None

@@ -328,3 +328,21 @@ def test_run__lm_stage_sigint_then_train_resume_finishes_the_whole_run(tmp_path:
     assert _steps(out)[-1] == TOTAL_STEPS
     for name in ("sae/sae_weights.safetensors", "eval.json", "dashboard/index.html"):
         assert (out / name).is_file(), name
+
+
+def test_resolve_device__an_indexed_gpu_becomes_the_current_device_and_a_missing_one_is_an_error(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Triton launches on the current CUDA device: train.device=cuda:1 must make GPU 1 current (CUDA stubbed: two
+    GPUs). cuda:2 on that machine is a one-line config error naming the GPUs there; plain `cuda` changes nothing."""
+    from sae_stream.config import ConfigError
+    from sae_stream.process import resolve_device
+
+    current: list[torch.device] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1) and current == [torch.device("cuda", 1)]
+    assert resolve_device("cuda") == torch.device("cuda") and len(current) == 1
+    with pytest.raises(ConfigError, match=r"train.device='cuda:2' but this machine has 2 GPU\(s\): use cuda:0 to "
+                                          r"cuda:1$"):
+        resolve_device("cuda:2")
