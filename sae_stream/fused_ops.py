@@ -312,27 +312,33 @@ def step_layout(xc_BD: Tensor, W_DF: Tensor, b_F: Tensor, W_FD: Tensor, tune: bo
     return _LAYOUT_PICKS[key]
 
 
-def _time_layouts(xc_BD: Tensor, W_DF: Tensor, b_F: Tensor, W_FD: Tensor, tune: bool, reps: int = 20) -> str:
-    """The faster of `stats` and `cublas`: device time of `reps` encoder + backward pairs after 3 warm-ups (Triton's
-    autotuning and compilation happen in the first); xc stands in for the residual's gradient (same shape)."""
-    add, times = torch.zeros((), device=xc_BD.device), {}
+def _time_layouts(xc_BD: Tensor, W_DF: Tensor, b_F: Tensor, W_FD: Tensor, tune: bool, reps: int = 20,
+                  rounds: int = 3) -> str:
+    """The faster of `stats` and `cublas`: device time of `reps` encoder + backward pairs, the best of `rounds`
+    rounds taken in alternating order, each from an idle GPU (other streams' queued work, e.g. an LM refill,
+    would run beside the first one timed), after 3 warm-ups each (Triton's autotuning and compilation happen in
+    the first); xc stands in for the residual's gradient (same shape)."""
+    add, times = torch.zeros((), device=xc_BD.device), {"stats": [], "cublas": []}
 
     def pair(layout: str) -> None:
         split = layout != "stats"
         f_BF = encode_relu(xc_BD, W_DF, b_F, "triton", tune, stats=not split, impl=layout)[0]
         relu_backward(xc_BD, W_FD, f_BF, add, "triton", stats=split)
 
-    for layout in ("stats", "cublas"):
+    for layout in times:
         for _ in range(3):
             pair(layout)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            pair(layout)
-        end.record()
-        end.synchronize()
-        times[layout] = start.elapsed_time(end)
-    return min(times, key=times.__getitem__)
+    for r in range(rounds):
+        for layout in (list(times) if r % 2 == 0 else list(times)[::-1]):
+            torch.cuda.synchronize(xc_BD.device)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(reps):
+                pair(layout)
+            end.record()
+            end.synchronize()
+            times[layout].append(start.elapsed_time(end))
+    return min(times, key=lambda layout: min(times[layout]))
 
 
 def tuned_configs() -> dict[str, str]:
