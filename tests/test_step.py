@@ -162,6 +162,31 @@ def test_cuda_graphs__equal_eager(arch: str, autocast: str) -> None:
 
 
 @cuda
+def test_cuda_graphs__autotuned_kernels_and_the_timed_layout_equal_eager(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What `sae-stream train` runs on a GPU, which the tests above fix (conftest: one block config, no tuning):
+    the Triton kernels autotuned and the step's layout picked by timing in the first warm-up step, then captured
+    and replayed; the same steps as eager ones with those picks."""
+    from sae_stream import fused_ops
+
+    monkeypatch.setenv(fused_ops.AUTOTUNE_ENV, "1")
+    monkeypatch.delenv(fused_ops.ENCODE_ENV, raising=False)
+    monkeypatch.setattr(fused_ops, "_LAYOUT_PICKS", {})
+    runs = {}
+    for graphs in (True, False):
+        cfg = _cfg("anthropic", steps=30, train__cuda_graphs=graphs, train__autocast="bfloat16",
+                   train__kernels="triton")
+        sae = build_sae(cfg.sae, d_in=32, seed=0).cuda()
+        trainer = Trainer(sae, cfg, None, ListLogger())
+        trainer.fit(x.cuda() for x in sparse_batches(_atoms()))
+        runs[graphs] = (sae.cpu(), trainer)
+    assert runs[True][1]._graph.graphs and not runs[True][1]._graph.disabled, "no graph was captured"
+    picks = fused_ops.tuned_configs()
+    assert picks["layout"] in fused_ops.LAYOUTS and {"encode", "backward"} <= picks.keys(), picks
+    for (name, p), (_, q) in zip(runs[True][0].named_parameters(), runs[False][0].named_parameters()):
+        torch.testing.assert_close(p, q, rtol=2e-2, atol=2e-3, msg=name)
+
+
+@cuda
 def test_cuda_graphs__resume_and_resample(tmp_path) -> None:
     """A graphed run with resampling, interrupted by a checkpoint + resume, equals the uninterrupted graphed run."""
     over = dict(resample__enabled=True, resample__at_steps=[20], train__checkpoint_every=15, train__log_every=5)
