@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from sae_stream.fused_ops import CONFIGS  # noqa: E402
+from sae_stream.fused_ops import CONFIGS, GROUP_M  # noqa: E402
 
 SM90_SHARED = 227 * 1024  # an H100's / H200's shared memory per block
-TAIL = ("K", "STATS", "PRECISION", "UPCAST", "BM", "BN", "BK")
+TAIL = ("K", "STATS", "PRECISION", "UPCAST", "BM", "BN", "BK", "GM")
 SIGNATURES = {  # kernel: (argument kinds before the constexprs, the argument a launch passes as 1, the aligned ones)
     "encode": ("x_ptr w_ptr b_ptr f_ptr part_ptr M N sxm swk swn", "swn"),
     "backward": ("g_ptr w_ptr f_ptr add_ptr out_ptr part_ptr M N sgm swn swk sfm", "swk"),
@@ -96,7 +96,7 @@ def measure(configs: Sequence[tuple[int, ...]], dtype: str = "bf16") -> list[dic
         for stats in (False, True):
             for bm, bn, bk, warps, stages in configs:
                 meta = {"K": 512, "STATS": stats, "PRECISION": "ieee" if dtype == "bf16" else "tf32",
-                        "UPCAST": False, "BM": bm, "BN": bn, "BK": bk, unit: 1}
+                        "UPCAST": False, "BM": bm, "BN": bn, "BK": bk, "GM": GROUP_M, unit: 1}
                 compiled = compile_sm90(fn, sig, meta, aligned, warps, stages)
                 regs, stack = registers_and_stack(compiled.asm["cubin"])
                 rows.append(common | {"kernel": kernel, "f_sums": stats, "config": f"{bm}x{bn}x{bk}/{warps}/{stages}",

@@ -1,8 +1,10 @@
 """The Triton kernels behind sae_stream.fused_ops (which launches them, documents the maths and holds the torch
 references). Importable without Triton: then only `tl` is None.
 
-Matmul kernels: program -> (row block, column block); neighbours share a row block of the input. Loads wrap rows
-modulo M (in bounds without a mask) and mask K only when BK ∤ K; the epilogue masks what lies outside [M, N]:
+Matmul kernels: program -> (row block, column block), in groups of GM row blocks: neighbouring programs share a
+column block of the weights across GM row blocks (a weight too large for L2, 512 x 65536 bf16 = 64 MiB, is then
+read from memory ~B/(BM·GM) times, not B/BM), and the input's row blocks (8 MB at batch 8192) stay in L2. Loads
+wrap rows modulo M (in bounds without a mask) and mask K only when BK ∤ K; the epilogue masks what lies outside [M, N]:
 stores and the partial sums. Partial sums go to part[row block, j, column] (fp32; NS = how many sums j): one
 matrix-vector product over the row blocks the launch wrote finishes them all (deterministic, unlike atomics).
 Counts are summed as fp32 (exact below 2^24 rows). Row kernels: BR whole rows (padded to BD, a power of two) per
@@ -17,12 +19,22 @@ except ImportError:  # the torch backend only
     tl = None
 
 if tl is not None:
+    import triton
+
+    @triton.jit
+    def _tile(M, N, BM: tl.constexpr, BN: tl.constexpr, GM: tl.constexpr):
+        """This program's (row block, column block): column-major within a group of GM row blocks (the last group
+        has what is left), the groups in order."""
+        pid, per_group = tl.program_id(0), GM * tl.cdiv(N, BN)
+        first_m = pid // per_group * GM
+        rows = tl.minimum(tl.cdiv(M, BM) - first_m, GM)
+        return first_m + pid % per_group % rows, pid % per_group // rows
 
     def _encode(x_ptr, w_ptr, b_ptr, f_ptr, part_ptr, M, N, sxm, swk, swn, K: tl.constexpr, STATS: tl.constexpr,
-                PRECISION: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                PRECISION: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                GM: tl.constexpr):
         """f = ReLU(x W + b); STATS: part[:, 0] = Σ_rows f, part[:, 1] = #(f > 0), per row block."""
-        n_blocks = tl.cdiv(N, BN)
-        pid_m, pid_n = tl.program_id(0) // n_blocks, tl.program_id(0) % n_blocks
+        pid_m, pid_n = _tile(M, N, BM, BN, GM)
         rm, rn, rk = pid_m * BM + tl.arange(0, BM), pid_n * BN + tl.arange(0, BN), tl.arange(0, BK)
         am = rm % M  # rows past M re-read valid ones (masked below): the loads need no row mask
         acc = tl.zeros((BM, BN), dtype=tl.float32)
@@ -49,11 +61,10 @@ if tl is not None:
 
     def _backward(g_ptr, w_ptr, f_ptr, add_ptr, out_ptr, part_ptr, M, N, sgm, swn, swk, sfm, K: tl.constexpr,
                   STATS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr,
-                  BN: tl.constexpr, BK: tl.constexpr):
+                  BN: tl.constexpr, BK: tl.constexpr, GM: tl.constexpr):
         """g_pre = [f > 0]·(g W_decᵀ + add); part[:, 0] = Σ_rows g_pre; STATS: part[:, 1] = Σ_rows f and
         part[:, 2] = #(f > 0), from the f tile the mask needs anyway."""
-        n_blocks = tl.cdiv(N, BN)
-        pid_m, pid_n = tl.program_id(0) // n_blocks, tl.program_id(0) % n_blocks
+        pid_m, pid_n = _tile(M, N, BM, BN, GM)
         rm, rn, rk = pid_m * BM + tl.arange(0, BM), pid_n * BN + tl.arange(0, BN), tl.arange(0, BK)
         am, bn = rm % M, rn % N  # W_dec's rows are its non-contiguous dim: wrapped like x's
         acc = tl.zeros((BM, BN), dtype=tl.float32)

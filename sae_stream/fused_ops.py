@@ -63,6 +63,7 @@ CONFIGS = [(128, 128, 32, 4, 4), (128, 128, 32, 4, 5), (128, 128, 32, 8, 4), (12
            (256, 128, 32, 8, 4), (64, 128, 32, 4, 4), (128, 128, 64, 4, 3), (128, 256, 64, 8, 3),
            (128, 128, 64, 4, 2), (64, 128, 64, 4, 3), (128, 64, 64, 4, 3), (64, 64, 64, 4, 3), (128, 128, 64, 8, 3)]
 FIXED = CONFIGS[0]  # fits shared memory in fp32 too
+GROUP_M = 8  # row blocks per group of the matmul kernels' program order (fused_kernels: weight tiles reused in L2)
 
 
 def triton_available() -> bool:
@@ -274,15 +275,15 @@ def _launcher(name: str, x: Tensor, F: int, tune: bool = True):
     kernels, B = _kernels(), x.shape[0]
     if not x.is_cuda:
         return kernels[name + "_interpreted"], (triton_cdiv(B, MIN_BLOCK_M) * triton_cdiv(F, 32),), \
-            {"BM": MIN_BLOCK_M, "BN": 32, "BK": 32, "UPCAST": True}
+            {"BM": MIN_BLOCK_M, "BN": 32, "BK": 32, "UPCAST": True, "GM": GROUP_M}
     if not tune or os.environ.get(AUTOTUNE_ENV, "1") == "0":
         bm, bn, bk, warps, stages = FIXED
         return kernels[name + "_fixed"], (triton_cdiv(B, bm) * triton_cdiv(F, bn),), \
-            {"BM": bm, "BN": bn, "BK": bk, "num_warps": warps, "num_stages": stages, "UPCAST": False}
+            {"BM": bm, "BN": bn, "BK": bk, "num_warps": warps, "num_stages": stages, "UPCAST": False, "GM": GROUP_M}
 
     def grid(meta: dict) -> tuple[int]:
         return (triton_cdiv(B, meta["BM"]) * triton_cdiv(F, meta["BN"]),)
-    return kernels[name], grid, {"UPCAST": False}
+    return kernels[name], grid, {"UPCAST": False, "GM": GROUP_M}
 
 
 def _encoder_env() -> str:

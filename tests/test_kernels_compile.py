@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sae_stream.fused_ops import CONFIGS, FIXED, triton_available
+from sae_stream.fused_ops import CONFIGS, FIXED, GROUP_M, triton_available
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="needs the triton package")
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +40,8 @@ def test_step_matmul_kernels__compile_for_sm90_with_tensor_cores(dtype: str, sta
     compile_sm90, resources = _compiler()
     precision = "ieee" if dtype == "bf16" else "tf32"
     for bm, bn, bk, warps, stages in {FIXED, (128, 128, 64, 4, 3)}:
-        meta = {"K": 512, "STATS": stats, "PRECISION": precision, "UPCAST": False, "BM": bm, "BN": bn, "BK": bk}
+        meta = {"K": 512, "STATS": stats, "PRECISION": precision, "UPCAST": False, "BM": bm, "BN": bn, "BK": bk,
+                "GM": GROUP_M}
         for kernel, fn in (("encode", k._encode), ("backward", k._backward)):
             sig, unit, aligned = resources.matmul_signature(kernel, dtype)
             compiled = compile_sm90(fn, sig, meta | {unit: 1}, aligned, warps, stages)
