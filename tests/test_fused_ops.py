@@ -295,6 +295,7 @@ def test_kernels_auto__falls_back_to_torch_when_triton_fails(monkeypatch: pytest
     """Importable is not usable (no C compiler for Triton's launcher, an unsupported GPU): auto warns and uses torch."""
     from sae_stream import step as step_mod
 
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # (under the interpreter auto never tries Triton)
     monkeypatch.setattr(step_mod, "triton_available", lambda: True)
     monkeypatch.setattr(step_mod, "triton_probe", lambda device: "RuntimeError: no C compiler")
     with pytest.warns(UserWarning, match="no C compiler"):
