@@ -33,6 +33,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from sae_stream.config import BufferConfig
+from sae_stream.process import as_reported
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _QUERY_SECOND = ("hook_pattern", "hook_attn_scores")  # [B, H, Tq, Tk]: the query position is dim 2
@@ -204,8 +205,7 @@ class ActivationStream:
                  context_len: int = 1, capture: Callable[[Tensor], Tensor] | None = None) -> None:
         self.cfg = cfg
         self.lm_device = next(model.parameters()).device
-        # (as a tensor's .device reads it, cuda -> cuda:<current>: compared with the ring's, write_into)
-        self.device = torch.empty(0, device=device).device if device is not None else self.lm_device
+        self.device = as_reported(device) if device is not None else self.lm_device  # (compared in write_into)
         hooks = HookCapture(model, hook_names, stop)
         # `capture` computes the same activations another way (lm.capture.GPTCapture: the GPT's fused attention)
         self.capture = capture if capture is not None else hooks

@@ -40,6 +40,7 @@ from torch import Tensor
 from sae_stream.activations import DTYPES, ActivationChunk, expected_distinct, shuffle_metrics
 from sae_stream.buffer_state import BufferState
 from sae_stream.config import BufferConfig
+from sae_stream.process import as_reported
 
 
 def resolve_storage(storage: str, device: torch.device) -> str:
@@ -290,8 +291,8 @@ class ShuffleBuffer(BufferState):
         into it, so each must be used up before the next is drawn."""
         if not 0 < batch_size <= self.capacity:
             raise ValueError(f"batch size {batch_size} must be in [1, buffer.capacity={self.capacity}]")
-        where = torch.empty(0, device=self.device).device  # (`cuda` -> `cuda:<index>`, as tensors report it)
-        if out is not None and (fresh or (out.shape, out.dtype, out.device) != ((batch_size, self.d_in), dtype, where)):
+        if out is not None and (fresh or (out.shape, out.dtype, out.device) != ((batch_size, self.d_in), dtype,
+                                                                             as_reported(self.device))):
             raise ValueError(f"out {tuple(out.shape)} {out.dtype} on {out.device} is not a [{batch_size}, "
                              f"{self.d_in}] {dtype} tensor on {self.device} (or fresh=True was asked too)")
         while True:

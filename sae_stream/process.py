@@ -32,6 +32,11 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def as_reported(device: str | torch.device) -> torch.device:
+    """The device as a tensor on it reports it (`cuda` -> `cuda:<current index>`): comparable with tensor.device."""
+    return torch.empty(0, device=device).device
+
+
 def tune_cpu_allocator() -> bool:
     """glibc: serve big tensors from the heap and never trim it (mallopt M_MMAP_MAX=0, M_TRIM_THRESHOLD=max).
 

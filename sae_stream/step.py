@@ -33,6 +33,7 @@ from sae_stream.fused_ops import (
     triton_available,
     triton_probe,
 )
+from sae_stream.process import as_reported
 from sae_stream.sae import SAE, AnthropicSAE, SAEOutput
 
 GRAPH_WARMUP_STEPS = 3  # eager steps (on a side stream) before capture: lazy optimizer state, cuBLAS workspaces
@@ -193,7 +194,7 @@ class GraphedStep:
     def input(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
         """The static input the graphs read, allocated here if it is missing or of another shape/dtype/device
         (before any capture; a replaced one means recapturing, so only while no graph holds the old one)."""
-        x, device = self.static_x, torch.empty(0, device=device).device  # (`cuda` -> `cuda:<index>`, as tensors)
+        x, device = self.static_x, as_reported(device)
         if x is None or (x.shape, x.dtype, x.device) != (torch.Size(shape), dtype, device):
             assert not self.graphs, "the static input of captured graphs cannot be replaced (reset() first)"
             self.static_x = torch.empty(shape, dtype=dtype, device=device)
