@@ -62,6 +62,7 @@ from gpu_setup import (  # noqa: E402
     LOOP_BEFORE,
     LOOP_VARIANTS,
     STEP_VARIANTS,
+    TARGET_STEPS,
     buffer_cfg,
     build_lm,
     environment,
@@ -120,13 +121,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def measure_steps(args: argparse.Namespace, rec: Recorder, d_sae: int, part: str = "all") -> dict[str, float | None]:
-    """The step variants at this size (the first: all of STEP_VARIANTS, in two parts: `targets`, the best step in
-    its layouts and fed in place, what the loop is compared with; `rest`, the other architectures and baselines)."""
+    """The step variants at this size (the first: all of STEP_VARIANTS, in two parts: `targets`, TARGET_STEPS;
+    `rest`, the other architectures and baselines)."""
     x_BD = torch.randn(args.batch, 512, generator=torch.Generator().manual_seed(0)).relu_().to(args.device)
     names = STEP_VARIANTS if d_sae == args.d_saes[0] else LARGE_STEP_VARIANTS
     if part != "all":
-        names = [n for n in names if (n == BEST or n.startswith(f"{BEST}_") and n != f"{BEST}_torch_ops")
-                 == (part == "targets")]
+        names = [n for n in names if (n in TARGET_STEPS) == (part == "targets")]
     names = [n for n in names if args.steps is None or n in args.steps]
     out = {}
     for name in names:

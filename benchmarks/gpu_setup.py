@@ -54,12 +54,15 @@ BEST = "step_graph_fused_bf16"
 # the best step in each of its layouts (fused_ops.ENCODE_ENV; BEST times `stats` against `cublas` and keeps the
 # faster): `stats` as session 15 measured it (f's column sums in Triton's encoder), `triton` / `cublas` that
 # encoder without them, the sums in the backward's epilogue
-STEP_VARIANTS |= {f"{BEST}_{enc}_encoder": {**STEP_VARIANTS[BEST], "env": {ENCODE_ENV: enc}}
-                  for enc in ("triton", "cublas", "stats")}
+LAYOUT_STEPS = {f"{BEST}_{enc}_encoder": {**STEP_VARIANTS[BEST], "env": {ENCODE_ENV: enc}}
+                for enc in ("triton", "cublas", "stats")}
+STEP_VARIANTS |= LAYOUT_STEPS
 # BEST fed as the loop feeds it: a bf16 batch (the ring's dtype) already in the graph's input (Trainer.batch_input),
 # so no copy; BEST itself copies an fp32 batch in each step, as sessions 3-15 measured it
 IN_PLACE = f"{BEST}_in_place"
 STEP_VARIANTS[IN_PLACE] = {**STEP_VARIANTS[BEST], "input": "in_place_bf16"}
+# what the loop is compared with, measured before it: the best step in each layout and fed in place
+TARGET_STEPS = (BEST, *LAYOUT_STEPS, IN_PLACE)
 LARGE_STEP_VARIANTS = ("step_eager_autograd_tf32", "step_graph_autograd_bf16", "step_graph_fused_bf16",
                        "step_graph_fused_bf16_torch_ops", "topk_graph_dense_bf16", "topk_graph_sparse_bf16")
 # the whole loop as `sae-stream train` runs it (""), and with one setting changed: name suffix -> train overrides
