@@ -296,14 +296,16 @@ def _encoder_env() -> str:
 _LAYOUT_PICKS: dict[tuple, str] = {}  # (shapes, strides, dtype, precision, device) -> a layout
 
 
-def step_layout(xc_BD: Tensor, W_DF: Tensor, b_F: Tensor, W_FD: Tensor, tune: bool = True) -> str:
-    """The step's layout (LAYOUTS) on these operands: ENCODE_ENV if set; on CUDA the faster of `stats` and `cublas`,
-    timed once per shape outside graph capture (a capture that meets an untimed shape uses `stats`); `stats` off
-    CUDA (the interpreter). Timed with the backward, whose register pressure the sums change: compiled for sm_90 its
-    128×128 4-warp configs spill 32 bytes a thread without them and 88 with them."""
+def step_layout(xc_BD: Tensor, W_DF: Tensor, b_F: Tensor, W_FD: Tensor, tune: bool = True,
+                pin: str | None = None) -> str:
+    """The step's layout (LAYOUTS) on these operands: ENCODE_ENV if set; else `pin` if given (a resumed run keeps
+    the layout its checkpoint names: the other one would round differently); on CUDA the faster of `stats` and
+    `cublas`, timed once per shape outside graph capture (a capture that meets an untimed shape uses `stats`);
+    `stats` off CUDA (the interpreter). Timed with the backward, whose register pressure the sums change: compiled
+    for sm_90 its 128×128 4-warp configs spill 32 bytes a thread without them and 88 with them."""
     forced = _encoder_env()
-    if forced != "auto" or not xc_BD.is_cuda:
-        return "stats" if forced == "auto" else forced
+    if forced != "auto" or pin is not None or not xc_BD.is_cuda:
+        return forced if forced != "auto" else pin or "stats"
     key = (tuple(xc_BD.shape), tuple(W_DF.shape), W_DF.stride(), W_FD.stride(), xc_BD.dtype,
            _precision(xc_BD)["PRECISION"], xc_BD.device, tune)
     if key not in _LAYOUT_PICKS:

@@ -92,15 +92,17 @@ class StepStats(NamedTuple):
     counts_F: Tensor  # rows with f > 0 per feature (int64)
     var_sq: Tensor  # Σ_rows ‖x − mean(x)‖² (fp64): the FVU's denominator
     finite: Tensor  # bool 0-dim: every entry of x is finite
+    layout: str  # where f's column sums were taken (fused_ops.step_layout): 'stats' but with Triton on CUDA
 
 
 def anthropic_grads_(sae: SAE, x_BD: Tensor, lam: float | Tensor, dtype: torch.dtype = torch.float32,
-                     kernels: str = "torch") -> tuple[SAEOutput, StepStats]:
+                     kernels: str = "torch", layout: str | None = None) -> tuple[SAEOutput, StepStats]:
     """Loss of AnthropicSAE.forward and its gradients, written into the parameters' .grad (replacing them).
 
     Matmuls run in `dtype` (bf16: as under autocast), reductions and the loss in fp32; `kernels` picks how the
-    passes between the matmuls run (sae_stream.fused_ops). x may be bf16/fp16 (a bf16 ring): it is read as fp32,
-    so the step equals the step on x.float(). Maths (B rows, D = d_in):
+    passes between the matmuls run (sae_stream.fused_ops); `layout` pins fused_ops.step_layout's pick (Triton: a
+    resumed run keeps its checkpoint's). x may be bf16/fp16 (a bf16 ring): it is read as fp32, so the step equals
+    the step on x.float(). Maths (B rows, D = d_in):
         x̄ = x − b_d;  f = ReLU(x̄ W_e + b_e);  x̂ = f W_d + b_d;  r = x̂ − x;  L = Σr²/(B·D) + λ·Σf/B
         g_r = 2r/(B·D);  ∂W_d = fᵀ g_r;  g_pre = [f > 0]·(g_r W_dᵀ + λ/B);  ∂W_e = x̄ᵀ g_pre;  ∂b_e = Σ_B g_pre
         ∂b_d = Σ_B g_r − W_e ∂b_e   (b_d enters the encoder through x̄)
@@ -113,7 +115,7 @@ def anthropic_grads_(sae: SAE, x_BD: Tensor, lam: float | Tensor, dtype: torch.d
         W_dec_c, W_enc_c = W_dec.to(dtype), W_enc.to(dtype)
         # Triton: f's column sums in the encoder's epilogue, or in the backward's (which loads f anyway) beside a
         # cuBLAS encoder, whichever step_layout found faster
-        layout = step_layout(xc_BD, W_enc_c, b_enc, W_dec_c) if kernels == "triton" else "stats"
+        layout = step_layout(xc_BD, W_enc_c, b_enc, W_dec_c, pin=layout) if kernels == "triton" else "stats"
         split = layout != "stats"
         feats_BF, fsum_F, counts_F = encode_relu(xc_BD, W_enc_c, b_enc, kernels, stats=not split, impl=layout)
         recon_BD = torch.addmm(b_dec.to(dtype), feats_BF, W_dec_c)
@@ -132,7 +134,7 @@ def anthropic_grads_(sae: SAE, x_BD: Tensor, lam: float | Tensor, dtype: torch.d
         b_dec.grad = rsum_D.to(acc) * c - W_enc @ b_enc.grad
     zero = mse.new_zeros(())
     out = SAEOutput(recon_BD, feats_BF, mse + lam * l1, mse, l1, zero)  # recon and feats in `dtype`
-    return out, StepStats(counts_F, var_sq, finite)
+    return out, StepStats(counts_F, var_sq, finite, layout)
 
 
 @functools.cache

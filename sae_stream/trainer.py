@@ -91,6 +91,9 @@ class Trainer(TrainerState):
         self.auxk_on = False  # refreshed at log steps: AuxK costs a second decode, so skip it while none is dead
         self.skipped_rows = 0
         self.resampled = 0
+        # the hand-written step's layout under Triton on CUDA (fused_ops.step_layout, timed at the first step):
+        # checkpointed, so a resumed run computes as the uninterrupted one did, not as a new timing might pick
+        self.step_layout: str | None = None
         self.last_metrics: dict[str, Any] = {}
         self._first_in_fit = True
         self._empty_batches = 0  # consecutive batches dropped whole by nan_policy=skip
@@ -299,8 +302,10 @@ class Trainer(TrainerState):
         dead_F = self.firing.dead_since(step_no - 1, self.auxk_steps) if self.auxk_on else None
         stats = None
         if self.fused:
-            out, stats = anthropic_grads_(sae, x_BD, self._lam,
-                                          torch.bfloat16 if t.autocast == "bfloat16" else torch.float32, self.kernels)
+            out, stats = anthropic_grads_(sae, x_BD, self._lam, torch.bfloat16 if t.autocast == "bfloat16" else
+                                          torch.float32, self.kernels, self.step_layout)
+            if x_BD.is_cuda and self.kernels == "triton":
+                self.step_layout = stats.layout  # (set in the eager warm-up steps, before any capture)
         else:
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=t.autocast == "bfloat16",
                                 cache_enabled=False):

@@ -52,7 +52,7 @@ class TrainerState:
         return {"firing": self.firing.state_dict(), "metrics": self.metrics.state_dict(),
                 "first_bad": self.first_bad, "initialised": self.initialised, "auxk_on": self.auxk_on,
                 "skipped_rows": self.skipped_rows, "resampled": self.resampled,
-                "generator": self.generator.get_state()}
+                "generator": self.generator.get_state(), "step_layout": self.step_layout}
 
     def _load_internal_state(self, s: dict[str, Any]) -> None:
         self._graph.reset()  # the tensors below are replaced: a captured graph would still use the old ones
@@ -62,6 +62,7 @@ class TrainerState:
         self.initialised, self.auxk_on = s["initialised"], s["auxk_on"]
         self.skipped_rows, self.resampled = s["skipped_rows"], s["resampled"]
         self.generator.set_state(s["generator"])
+        self.step_layout = s.get("step_layout")  # (checkpoints before session 19 have none: timed again)
 
     def _move_to(self, device: torch.device) -> None:
         """Move the SAE, the optimizer state and the trackers to `device`, keeping their values."""

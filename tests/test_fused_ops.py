@@ -164,13 +164,15 @@ def check_step_encoders(env: str) -> None:
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_step_layout__environment_picks_it_and_a_bad_value_is_a_one_line_error(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_step_layout__environment_then_pin_pick_it_a_bad_value_is_a_one_line_error(monkeypatch) -> None:
     from sae_stream.fused_ops import ENCODE_ENV, step_layout
 
     x, W_enc, b_enc, _, W_dec, _ = _inputs(8, 4, 6, torch.float32, "cpu")
     assert step_layout(x, W_enc, b_enc, W_dec) == "stats"  # off CUDA: session 15's layout (interpreted Triton)
+    assert step_layout(x, W_enc, b_enc, W_dec, pin="cublas") == "cublas"  # a resumed run's checkpointed layout
     monkeypatch.setenv(ENCODE_ENV, "cublas")
     assert step_layout(x, W_enc, b_enc, W_dec) == "cublas"
+    assert step_layout(x, W_enc, b_enc, W_dec, pin="stats") == "cublas"  # the environment overrides it
     monkeypatch.setenv(ENCODE_ENV, "cutlass")
     with pytest.raises(ValueError, match=f"{ENCODE_ENV}='cutlass': use auto, stats, triton or cublas"):
         step_layout(x, W_enc, b_enc, W_dec)

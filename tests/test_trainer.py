@@ -234,3 +234,62 @@ def test_trainer__moves_to_the_batch_device_and_trains_on_cuda():
     sae = build_sae(cfg.sae, D_IN)
     m = Trainer(sae, cfg, None, ListLogger()).fit(x.cuda() for x in sparse_batches(_atoms()))
     assert sae.W_dec_FD.device.type == "cuda" and m["fvu"] < 1.0
+
+
+def test_trainer__checkpoint_names_the_step_layout_and_the_resumed_steps_keep_it(tmp_path, monkeypatch):
+    """On CUDA with Triton the first step times where the step takes its column sums (fused_ops.step_layout). The
+    two layouts round differently, so a resumed run must not time again: it takes its checkpoint's layout. (On CPU
+    nothing is timed: the layout is set here as a GPU run would have.)"""
+    import sae_stream.trainer as trainer_mod
+
+    seen = []
+    real = trainer_mod.anthropic_grads_
+
+    def spy(*args):
+        seen.append(args[5])
+        return real(*args)
+
+    monkeypatch.setattr(trainer_mod, "anthropic_grads_", spy)
+    cfg = _cfg("anthropic", steps=12, train__checkpoint_every=6, train__log_every=4)
+    full = build_sae(cfg.sae, D_IN)
+    first = Trainer(full, cfg, tmp_path / "full", ListLogger())
+    first.step_layout = "cublas"  # as the first step's timing on a GPU would set it
+    first.fit(sparse_batches(_atoms()))
+    ckpt = tmp_path / "full" / "checkpoints" / "step_00000006"
+    resumed = Trainer(build_sae(cfg.sae, D_IN, seed=1), cfg, ckpt, ListLogger())
+    assert resumed.step_layout is None
+    seen.clear()
+    resumed.resume(ckpt)
+    resumed.run_dir = tmp_path / "resumed"
+    resumed.fit(sparse_batches(_atoms(), start=6))
+    assert resumed.step_layout == "cublas" and seen == ["cublas"] * 6
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_trainer__cuda_triton_resume_is_bit_identical_though_a_new_timing_picks_the_other_layout(tmp_path,
+                                                                                                monkeypatch):
+    """The GPU path end to end (graphed fused bf16 step, Triton kernels): stopped at step 6 and resumed in a process
+    whose layout timing would pick the other layout, the SAE ends bit-identical to the uninterrupted one."""
+    import sae_stream.fused_ops as fo
+    from sae_stream.step import triton_probe
+
+    if not fo.triton_available() or triton_probe(torch.device("cuda")) is not None:
+        pytest.skip("Triton does not run on this GPU")
+    monkeypatch.delenv(fo.ENCODE_ENV, raising=False)
+    cfg = _cfg("anthropic", steps=12, train__checkpoint_every=6, train__log_every=4, train__kernels="triton",
+               train__autocast="bfloat16", train__step_impl="fused")
+    monkeypatch.setattr(fo, "_LAYOUT_PICKS", {})
+    monkeypatch.setattr(fo, "_time_layouts", lambda *a, **k: "cublas")  # the first run's timing picks cublas
+    full = build_sae(cfg.sae, D_IN)
+    Trainer(full, cfg, tmp_path / "full", ListLogger()).fit(x.cuda() for x in sparse_batches(_atoms()))
+    fo._LAYOUT_PICKS.clear()  # a new process: nothing timed yet, and a timing there would pick stats
+    monkeypatch.setattr(fo, "_time_layouts", lambda *a, **k: "stats")
+    ckpt = tmp_path / "full" / "checkpoints" / "step_00000006"
+    fresh = build_sae(cfg.sae, D_IN, seed=1)
+    trainer = Trainer(fresh, cfg, ckpt, ListLogger())
+    trainer.resume(ckpt)
+    trainer.run_dir = tmp_path / "resumed"
+    trainer.fit(x.cuda() for x in sparse_batches(_atoms(), start=6))
+    assert trainer.step_layout == "cublas" and trainer._graph.graphs, "the resumed steps ran graphed, in cublas"
+    for name, p in full.state_dict().items():
+        assert torch.equal(p, fresh.state_dict()[name]), name
