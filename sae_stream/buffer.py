@@ -243,6 +243,14 @@ class ShuffleBuffer(BufferState):
         self._lag_left = self._merge_lag(m)
         self._reads_since_refill = 0
 
+    def prime(self) -> None:
+        """The first refill now instead of at the first draw (the same batches follow either way), so that the
+        source's errors (a missing text column, unreadable records, an LM that fails) come before the caller
+        commits to a run directory. Does nothing once the ring has been written (or restored)."""
+        if self.produced == 0 and self._inflight is None and not self._exhausted and self._unread() == 0:
+            self._refill()
+            self._merge()
+
     def _merge(self) -> None:
         """Add the refilled slots (cfg.reuse entries each) to the unread ones and re-permute the unread order."""
         assert self._inflight is not None

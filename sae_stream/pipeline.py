@@ -53,8 +53,8 @@ from sae_stream.rundir import (
     UserError,
     check_shared,
     fresh_out_dir,
-    inside,
     is_main_process,
+    lm_outside,
     lock_run,
     mark_job,
     read_job,
@@ -282,20 +282,14 @@ def train(config: str | None, overrides: list[str], lm: str | None = None, out: 
     if lm:
         overrides = [*overrides, f"--lm.path={_abs_lm(lm)}"]
     cfg = pin_hf_revision(load_for_lm(config, overrides))
-    _lm_outside(cfg.lm.path, out, overwrite)
+    lm_outside(cfg.lm.path, out, overwrite)
     with fresh_out_dir(out, "train", overwrite) as staged:
         session = Session(cfg, staged.path)
+        session.buffer.prime()  # the first text read, the ring filled once: a data error leaves --out as it was
         session.save_configs()
         staged.commit()  # the inputs checked out: the replaced run (if any) goes now
         _train_session(session)
     return staged.path
-
-
-def _lm_outside(lm: str | None, out: str | None, overwrite: bool) -> None:
-    """--overwrite replaces --out: an LM inside it would be gone before it is loaded."""
-    if overwrite and lm and out and Path(lm).exists() and inside(lm, out):
-        raise UserError(f"--lm {lm!r} lies inside --out {out!r}, which --overwrite replaces: move the LM out "
-                        "first, or choose another --out")
 
 
 def train_resume(run_dir: str | Path) -> Path:
@@ -354,7 +348,7 @@ def run(config: str | None, overrides: list[str], lm: str | None = None, out: st
     cfg = pin_hf_revision(load_for_lm(config, overrides))  # validate everything before touching the disk
     if not is_main_process() and not cfg.lm.path:
         raise UserError("under torchrun pass --lm PATH: train the LM first (`sae-stream lm train`, one process)")
-    _lm_outside(cfg.lm.path, out, overwrite)
+    lm_outside(cfg.lm.path, out, overwrite)
     with fresh_out_dir(out, "run", overwrite) as staged:
         run_dir = staged.path
         if cfg.lm.path:
@@ -374,6 +368,7 @@ def run(config: str | None, overrides: list[str], lm: str | None = None, out: st
         # (not read again from `config`: it may be a file in the directory that --overwrite moved aside)
         cfg = dataclasses.replace(cfg, lm=dataclasses.replace(cfg.lm, path=lm_path))
         session = Session(cfg, run_dir)
+        session.buffer.prime()  # (before anything is written, as in `train`)
         session.save_configs()
         mark_job(run_dir, "run", analyze=analyze)
         staged.commit()

@@ -281,6 +281,13 @@ def inside(path: str | Path, directory: str | Path) -> bool:
     return p == d or d in p.parents
 
 
+def lm_outside(lm: str | None, out: str | None, overwrite: bool) -> None:
+    """--overwrite replaces --out: an LM inside it would be gone before it is loaded."""
+    if overwrite and lm and out and Path(lm).exists() and inside(lm, out):
+        raise UserError(f"--lm {lm!r} lies inside --out {out!r}, which --overwrite replaces: move the LM out "
+                        "first, or choose another --out")
+
+
 def require_run_dir(run_dir: str | Path) -> Path:
     """An existing run directory (one with the config.yaml a run writes), put back first if a killed --overwrite
     left it aside (a single process: under torchrun the ranks would race for it)."""

@@ -133,6 +133,27 @@ def test_shuffle_buffer__same_seed_same_batches_other_seed_differs() -> None:
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA,
+                                                                                      reason="needs CUDA"))])
+def test_shuffle_buffer__primed_yields_the_batches_it_would_have(device: str) -> None:
+    """prime() (train / run read the text before writing their run directory) is the first refill done early: the
+    same batches follow, metrics and all; once the ring has been written it does nothing."""
+    def run(prime: bool) -> tuple[torch.Tensor, dict]:
+        buf = ShuffleBuffer(TaggedSource(n_contexts=300), _cfg(storage="cpu" if device == "cpu" else "cuda"), device,
+                            d_in=8, seed=3, metrics_every=1)
+        if prime:
+            buf.prime()
+            assert buf.produced == buf.capacity and buf.refills == 1
+        ids = _ids(buf.batches(40))
+        produced = buf.produced
+        buf.prime()  # (drained: nothing to do)
+        assert buf.produced == produced
+        return ids, buf.metrics()
+
+    (a, metrics_a), (b, metrics_b) = run(False), run(True)
+    assert torch.equal(a, b) and metrics_a == metrics_b
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_shuffle_buffer__batches_gathered_into_out_equal_the_usual_ones(dtype: torch.dtype) -> None:
     """`out=` (a CUDA graph's input): every batch is gathered into that one tensor (the last, shorter one into its

@@ -3,6 +3,7 @@ left as they were, a disk that fills up while checkpointing, a dataset that runs
 (The working paths: test_cli.py; `tiny_run` is in _tiny_run.py.)"""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -88,9 +89,27 @@ def test_cli__bad_inputs_name_the_fix(tiny_run: Path, tmp_path: Path, capsys: py
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "no text" in bad.stderr
 
 
+def test_train__a_data_error_leaves_out_as_it_was(tiny_run: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    """The text is read (the ring filled once) before `train` writes anything: a missing column leaves a new --out
+    absent, and an --overwrite's old run in place, so the corrected command can use the same --out."""
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text("".join(json.dumps({"body": f"document {i} " * 20}) + "\n" for i in range(50)))
+    out, old = tmp_path / "new", tmp_path / "old"
+    shutil.copytree(tiny_run, old)
+    before = sorted(str(p.relative_to(old)) for p in old.rglob("*"))
+    argv = ["train", "--lm", str(tiny_run / "lm"), *TINY, f"--data.source={jsonl}", "--train.total_tokens=4096"]
+    for where in (["--out", str(out)], ["--out", str(old), "--overwrite"]):
+        assert main([*argv, *where]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "data.text_field" in err, err
+    assert not out.exists()
+    assert sorted(str(p.relative_to(old)) for p in old.rglob("*")) == before
+    assert main([*argv, "--out", str(out), "--data.text_field=body"]) == 0 and (out / "sae").is_dir()
+
+
 def test_cli__guards_keep_runs_and_name_the_fix(tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    import shutil
     import signal
 
     lm = str(tiny_run / "lm")
