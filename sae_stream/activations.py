@@ -33,6 +33,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from sae_stream.config import BufferConfig
+from sae_stream.hook_points import check_hook_names
 from sae_stream.process import as_reported
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -52,17 +53,6 @@ class ActivationChunk(NamedTuple):
 
 class _StopForward(Exception):
     """Raised by the last hook so the forward stops there."""
-
-
-def check_hook_names(model: HookedTransformer, hook_names: str | Sequence[str]) -> list[str]:
-    """The hook names as a list; a one-line ValueError naming the valid ones if any is not in the model."""
-    names = [hook_names] if isinstance(hook_names, str) else list(hook_names)
-    if not names:
-        raise ValueError("buffer.hook_name is empty: give a hook point such as 'blocks.0.mlp.hook_post'")
-    for name in names:
-        if name not in model.hook_dict:
-            raise ValueError(f"hook {name!r} is not in the model; valid hooks: {', '.join(model.hook_dict)}")
-    return names
 
 
 def _per_position(act: Tensor, name: str) -> Tensor:
@@ -123,7 +113,8 @@ class HookCapture:
                 h.remove()
         missing = [n for n in self.names if n not in self._got]
         if missing:
-            raise ValueError(f"hook(s) {missing} never fired in a forward (e.g. hook_result needs use_attn_result)")
+            raise ValueError(f"hook(s) {missing} never fired in a forward: `sae-stream hooks --lm LM` lists those "
+                             "that do")
         acts = [_per_position(self._got[n], n) for n in self.names]
         self._got = {}
         return acts[0] if len(acts) == 1 else torch.cat(acts, dim=-1)
@@ -136,21 +127,6 @@ def hook_dim(model: HookedTransformer, hook_name: str | Sequence[str], context_l
     device = next(model.parameters()).device
     tokens = torch.zeros(1, context_len, dtype=torch.long, device=device)
     return HookCapture(model, hook_name)(tokens).shape[-1]
-
-
-def untrainable(hook: str, width: int | None = None) -> str | None:
-    """Why an SAE cannot train on `hook` (of `width` per position, when known), as a one-line error; None if it
-    can. One rule for `sae-stream hooks` (which lists only trainable hooks) and the checks before training."""
-    if hook.endswith(("hook_pattern", "hook_attn_scores")):  # [batch, head, query, key]: no vector per position
-        return (f"buffer.hook_name={hook!r} holds attention patterns or scores, which eval, analyze and load_run "
-                "cannot read as one vector per position: train on attn.hook_z or another [batch, pos, ...] hook")
-    if hook.startswith("unembed."):  # the stream's forward stops before the logits (return_type None)
-        return (f"buffer.hook_name={hook!r}: the stream does not run the unembedding; its input is "
-                "ln_final.hook_normalized (the same values): train on that")
-    if width is not None and width < 2:
-        return (f"buffer.hook_name={hook!r} gives one number per position (a LayerNorm scale): an SAE needs a "
-                "vector; choose another hook (`sae-stream hooks --lm ...` lists them)")
-    return None
 
 
 def _autocast(device: torch.device) -> Any:

@@ -7,14 +7,13 @@ functions, so `sae_stream` works the same on a model `lm/` knows nothing about.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from sae_stream.activations import untrainable
 from sae_stream.config import Config
+from sae_stream.hook_points import trainable_hooks
 from sae_stream.step import resolve_kernels
 
 
@@ -37,13 +36,10 @@ def lm_run_config(path_or_name: str | None) -> Config | None:
 
 
 def list_hooks(lm_path: str) -> list[str]:
-    """'NAME<tab>WIDTH' for each hook the stream's forward runs and an SAE can train on (a vector of WIDTH per
-    position), in module order. Left out: hooks that never fire (hook_result, hook_q_input, ... unless enabled;
-    the unembedding's: the stream stops before the logits), attention patterns / scores, one-number hook_scale."""
-    model = load_lm(lm_path, torch.device("cpu"))
-    _, cache = model.run_with_cache(torch.zeros(1, 2, dtype=torch.long), return_type=None)
-    widths = {name: math.prod(cache[name].shape[2:]) for name in model.hook_dict if name in cache}
-    return [f"{name}\t{w}" for name, w in widths.items() if untrainable(name, w) is None]
+    """'NAME<tab>WIDTH' for each hook an SAE can train on (a vector of WIDTH per position), in module order, the
+    optional ones (attn.hook_result, hook_mlp_in, ...: switched on when asked for) included. Left out: the
+    unembedding's (the stream stops before the logits), attention patterns / scores, one-number hook_scale."""
+    return [f"{name}\t{w}" for name, w in trainable_hooks(load_lm(lm_path, torch.device("cpu"))).items()]
 
 
 def native_capture(cfg: Config, device: torch.device) -> Any:

@@ -14,12 +14,13 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from sae_stream.activations import check_hook_names, hook_dim, untrainable
+from sae_stream.activations import hook_dim
 from sae_stream.checkpoint import atomic_write_json, sha256_file
 from sae_stream.config import Config, ConfigError, config_from_dict, load_config, parse_overrides, raw_config, to_dict
 from sae_stream.data import heldout_batches
 from sae_stream.evaluate import DENSITY_PNG, evaluate, load_feature_density, read_eval, write_eval
 from sae_stream.export import load_saelens
+from sae_stream.hook_points import check_hook_names, enable_optional_hooks, untrainable
 from sae_stream.lm_bridge import lm_run_config, load_lm
 from sae_stream.process import resolve_device
 from sae_stream.rundir import UserError, require_run_dir
@@ -100,6 +101,7 @@ def load_trained(run_dir: Path, overrides: list[str], model: Any = None) -> tupl
     device = resolve_device(cfg.train.device)
     model = model if model is not None else load_lm(cfg.lm.path, device)
     check_lm_fits(model, cfg)
+    enable_optional_hooks(model, [cfg.buffer.hook_name])  # (e.g. attn.hook_result fires only when asked for)
     sae = load_saelens(run_dir / SAE_DIR, device=device)
     return cfg, model, sae
 

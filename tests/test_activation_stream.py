@@ -90,11 +90,33 @@ def test_activation_stream__several_hooks_concatenate() -> None:
     torch.testing.assert_close(acts, ref)
 
 
-def test_hook_dim__unknown_hook_is_one_line_error() -> None:
+def test_hook_dim__unknown_hook_is_one_line_error_with_the_closest_names() -> None:
     model = _tiny_model()
-    with pytest.raises(ValueError, match="valid hooks: hook_embed") as e:
-        hook_dim(model, "blocks.0.mlp.hook_typo")
-    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match=r"hook 'blocks.1.mlp.hook_post' is not in the model \(1 layer\(s\)\): did "
+                                         "you mean 'blocks.0.mlp.hook_post'") as e:
+        hook_dim(model, "blocks.1.mlp.hook_post")
+    assert "\n" not in str(e.value) and "`sae-stream hooks --lm LM` lists" in str(e.value)
+    with pytest.raises(ValueError, match=r"\(1 layer\(s\)\): `sae-stream hooks"):  # nothing close: no guess
+        hook_dim(model, "zzz")
+
+
+def test_activation_stream__optional_hooks_switch_themselves_on_and_hold_what_they_should() -> None:
+    """attn.hook_result and hook_mlp_in fire only with transformer-lens switches that asking for them turns on: the
+    heads' results (+ b_O) sum to hook_attn_out, and hook_mlp_in is hook_resid_mid, of a model never switched."""
+    plain, model = _tiny_model(), _tiny_model()
+    batches = _token_batches([3])
+    _, cache = plain.run_with_cache(batches[0])
+    for hook, want in (("blocks.0.attn.hook_result", None), ("blocks.0.hook_mlp_in", "blocks.0.hook_resid_mid")):
+        assert hook not in cache  # (off by default)
+        stream = ActivationStream(model, hook, batches, _cfg(skip_first_position=False))
+        acts = torch.cat([c.acts for c in stream])
+        if want is None:
+            heads = acts.view(30, 4, 32)
+            got, want_BTD = heads.sum(1) + model.blocks[0].attn.b_O, cache["blocks.0.hook_attn_out"]
+            assert stream.d_in == 4 * 32
+        else:
+            got, want_BTD = acts, cache[want]
+        torch.testing.assert_close(got, want_BTD.reshape(30, -1), rtol=1e-5, atol=1e-5)
 
 
 def test_activation_stream__positions_per_context_sampled_and_seeded() -> None:

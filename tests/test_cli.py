@@ -143,8 +143,10 @@ def test_cli__hooks_lists_model_hooks(tiny_run: Path, capsys: pytest.CaptureFixt
     assert hooks["blocks.0.mlp.hook_post"] == str(_hook_width(tiny_run, "blocks.0.mlp.hook_post"))
     assert hooks["blocks.0.hook_resid_pre"] == str(_hook_width(tiny_run, "blocks.0.hook_resid_pre"))
     assert hooks["blocks.0.attn.hook_z"] == str(_hook_width(tiny_run, "blocks.0.attn.hook_z"))  # heads x d_head
-    # never fire without use_attn_result & co., or give no vector per position: not offered
-    assert not any(h.endswith(("hook_result", "hook_q_input", "hook_pattern", "hook_attn_scores")) for h in hooks)
+    # switched on when asked for: offered (each head's output in the residual stream: heads x d_model); the
+    # residual stream copied per head, or no vector per position: not offered
+    assert int(hooks["blocks.0.attn.hook_result"]) == 2 * 32 and hooks["blocks.0.hook_mlp_in"] == "32"
+    assert not any(h.endswith(("hook_q_input", "hook_attn_in", "hook_pattern", "hook_attn_scores")) for h in hooks)
     # every hook offered is one the stream's forward reaches (it stops before the unembedding), at the width listed,
     # and a vector (not LayerNorm's one-number hook_scale)
     from sae_stream.activations import hook_dim
@@ -159,6 +161,17 @@ def test_cli__hooks_lists_model_hooks(tiny_run: Path, capsys: pytest.CaptureFixt
         assert why in capsys.readouterr().err and not (tiny_run.parent / "h").exists()
     assert main(["hooks", "--lm", str(tiny_run)]) == 2  # the run's directory, not its LM: the error points there
     assert f"its LM is {str(tiny_run / 'lm')!r}" in capsys.readouterr().err
+
+
+def test_cli__an_optional_hook_trains_and_evaluates(tiny_run: Path, tmp_path: Path) -> None:
+    """attn.hook_result fires only once transformer-lens's use_attn_result is on: `train` turns it on in its LM,
+    and so must eval (which loads the LM afresh), or its forward would never reach the hook."""
+    out = tmp_path / "result"
+    assert main(["train", "--lm", str(tiny_run / "lm"), "--out", str(out), *TINY, "--train.total_tokens=4096",
+                 "--buffer.hook_name=blocks.0.attn.hook_result"]) == 0
+    assert main(["eval", str(out)]) == 0
+    result = json.loads((out / "eval.json").read_text())
+    assert result["hook_name"] == "blocks.0.attn.hook_result" and result["ce_loss_recovered"]["zero"] > 0.5
 
 
 def _hook_width(run: Path, hook: str) -> int:

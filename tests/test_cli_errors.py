@@ -64,6 +64,8 @@ def test_cli__bad_inputs_name_the_fix(tiny_run: Path, tmp_path: Path, capsys: py
         (["train", "--lm", str(corrupt), "--out", str(tmp_path / "g"), *TINY], "model.safetensors"),
         (["train", "--lm", lm, "--out", str(tmp_path / "p"), *TINY, "--buffer.hook_name=blocks.0.attn.hook_pattern"],
          "attn.hook_z"),  # (trainable, but nothing after training could read it)
+        (["train", "--lm", lm, "--out", str(tmp_path / "q"), *TINY, "--buffer.hook_name=blocks.0.hook_q_input"],
+         "train on 'blocks.0.hook_resid_pre', the same values"),
         (["eval", str(tiny_run), "--buffer.hook_name=blocks.0.hook_resid_pre"], "drop that override"),
         (["analyze", str(tiny_run), "--buffer.hook_name=blocks.0.mlp.hook_pre"], "blocks.0.mlp.hook_post"),
     ]
