@@ -115,6 +115,7 @@ def test_sample__seeded():
     model, prompt = _model(), torch.tensor([[1, 2]])
     a, b, c = (sample(model, prompt, 8, 4, 1.0, seed, N_VOCAB) for seed in (3, 3, 4))
     assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(sample(model, prompt, 8, 2, 1.0, 3, N_VOCAB), a[:2])  # sample s: however many are drawn
 
 
 def test_steer__pinned_run_splices_the_pin_at_every_position_but_the_first():

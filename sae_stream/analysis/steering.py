@@ -16,6 +16,7 @@ one batch and read the same seeded noise (`sample`): with zero directions the tw
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
@@ -158,11 +159,12 @@ def sample(model: HookedTransformer, tokens_1T: Tensor, n_tokens: int, samples: 
     """`samples` continuations of `n_tokens` tokens, [copies · samples, n_tokens] (row c·samples + s: copy c of
     sample s): at each step the argmax of logits / temperature + Gumbel noise over the tokenizer's `n_vocab` ids
     (not the LM's padding), which draws from softmax(logits / temperature); the argmax of the logits at temperature
-    0. Sample s's noise comes from `seed` alone and every copy of it reads the same noise, so copies whose forward
-    hooks (`hooks(tokens_BT)`, for the tokens so far) change nothing make the same tokens, and a pin's effect is
-    not hidden by different draws; copies of one sample differ only where their distributions do."""
+    0. Sample s's noise comes from (`seed`, s) alone (not from how many samples are drawn) and every copy of it
+    reads the same noise, so copies whose forward hooks (`hooks(tokens_BT)`, for the tokens so far) change nothing
+    make the same tokens, and a pin's effect is not hidden by different draws; copies of one sample differ only
+    where their distributions do."""
     tokens_1T = tokens_1T.to(model_device(model))
-    generator = torch.Generator(device=tokens_1T.device).manual_seed(seed)
+    generators = [torch.Generator(device=tokens_1T.device).manual_seed(sample_seed(seed, s)) for s in range(samples)]
     tokens_BT = tokens_1T.expand(copies * samples, -1)
     for _ in range(n_tokens):
         resid_BD = final_residual(model, tokens_BT, hooks(tokens_BT))[:, -1]
@@ -170,11 +172,17 @@ def sample(model: HookedTransformer, tokens_1T: Tensor, n_tokens: int, samples: 
         if temperature == 0:
             next_B = logits_BV.argmax(-1)
         else:  # (the max subtracted first: a tiny temperature would make inf - inf of the logits otherwise)
-            u_SV = torch.rand(samples, logits_BV.shape[1], generator=generator, device=logits_BV.device)
+            u_SV = torch.stack([torch.rand(logits_BV.shape[1], generator=g, device=logits_BV.device)
+                                for g in generators])
             gumbel_BV = (-torch.log(-torch.log(u_SV))).repeat(copies, 1)
             next_B = ((logits_BV - logits_BV.max(-1, keepdim=True).values) / temperature + gumbel_BV).argmax(-1)
         tokens_BT = torch.cat([tokens_BT, next_B[:, None]], dim=1)
     return tokens_BT[:, tokens_1T.shape[1]:].cpu()
+
+
+def sample_seed(seed: int, s: int) -> int:
+    """The seed of sample s's noise: a hash of (seed, s), so sample s is the same however many are drawn."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{s}".encode(), digest_size=8).digest(), "little") >> 1
 
 
 @sae_in_eval_mode
