@@ -1,7 +1,8 @@
 """`sae-stream` command line: the composition root, the only place that wires LM, buffer, trainer and eval.
 
     sae-stream run [CONFIG] [--out RUN_DIR]                 text -> LM -> streamed SAE -> eval -> dashboard
-    sae-stream lm train [CONFIG] --out DIR [--resume]       train the one-layer GPT
+    sae-stream lm train [CONFIG] --out DIR                  train the one-layer GPT
+    sae-stream lm train --resume DIR                        continue an interrupted one
     sae-stream train CONFIG --lm PATH_OR_NAME [--out RUN_DIR]
     sae-stream train --resume RUN_DIR
     sae-stream eval RUN_DIR          sae-stream analyze RUN_DIR
@@ -62,7 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     lm_train = lm_sub.add_parser("train", help="train the one-layer GPT")
     lm_train.add_argument("config", nargs="?", help="YAML config (default: the embedded default, configs/default.yaml)")
     _add_out(lm_train)
-    lm_train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    lm_train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out "
+                          "(or `lm train --resume DIR`)")
 
     train = sub.add_parser("train", help="train an SAE on a streamed LM hook")
     train.add_argument("config", nargs="?", help="YAML config")
@@ -224,8 +226,10 @@ def _fail(message: str, debug: bool) -> int:
 
 def _dispatch(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.command in ("config", "hooks") and overrides:  # (they read no config: an override would do nothing)
-        raise UserError(f"`sae-stream {args.command}` takes no config overrides ({overrides[0]}): pass them to "
-                        "run, train, eval or analyze")
+        what = "config overrides" if overrides[0].startswith("--") else "config file or other argument"
+        raise UserError(f"`sae-stream {args.command}` takes no {what} ({overrides[0]}): it prints "
+                        f"{'every field' if args.command == 'config' else 'the hooks'}; pass a config or overrides "
+                        "to run, train, eval or analyze")
     if args.command == "config":
         print(help_text(markdown=args.markdown))
         return 0

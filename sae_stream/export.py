@@ -155,7 +155,10 @@ def load_saelens(path: Path | str, device: str | torch.device = "cpu") -> SAE:
     """Load a SAELens-format directory (ours, or SAELens's standard / topk / jumprelu)."""
     path = Path(path)
     if not (path / "cfg.json").is_file():
-        raise ValueError(f"{str(path)!r} has no cfg.json: point at a directory written by export_saelens")
+        inner = path / "sae"
+        hint = f" (a run directory: its SAE is in {str(inner)!r})" if (inner / "cfg.json").is_file() else ""
+        raise ValueError(f"{str(path)!r} has no cfg.json: point at a directory written by export_saelens or SAELens"
+                         + hint)
     cfg = json.loads((path / "cfg.json").read_text())
     sae_cfg = _sae_config_from(cfg)
     tensors = load_file(str(path / "sae_weights.safetensors"))

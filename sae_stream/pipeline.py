@@ -79,8 +79,10 @@ def batch_dtype(ring: torch.dtype, trainers: list[Trainer]) -> torch.dtype:
 def lm_train(config: str | None, overrides: list[str], out: str | None, resume: bool = False,
              overwrite: bool = False) -> Path:
     if resume:
+        if not out and config is not None and Path(config).is_dir():
+            out, config = config, None  # `lm train --resume DIR`, as `train --resume RUN_DIR`: its own config
         if not out:
-            raise UserError("--resume needs --out DIR: the LM run to continue")
+            raise UserError("--resume needs the LM run to continue: `sae-stream lm train --resume DIR`")
         out_dir = Path(out)
         if not (out_dir / "checkpoints").is_dir():
             raise UserError(f"{out!r} has no checkpoints/ to resume from")

@@ -87,7 +87,15 @@ def sweep_of(run_dir: Path) -> Path | None:
     return parent if run_dir.resolve() in [d.resolve() for d in _sweep_members(parent)] else None
 
 
+TRAINED_SECTIONS = ("sae", "resample", "sweep", "lm_train")  # what made the trained SAE: no override changes it
+
+
 def load_trained(run_dir: Path, overrides: list[str], model: Any = None) -> tuple[Config, Any, Any]:
+    for section, fields in parse_overrides(overrides).items():
+        if section in TRAINED_SECTIONS:
+            name = f"{section}.{next(iter(fields))}" if isinstance(fields, dict) and fields else section
+            raise UserError(f"--{name}: the SAE is read as trained from {run_dir / SAE_DIR} (its {section}.* "
+                            "settings are in its config.yaml), so this override would change nothing: drop it")
     cfg = own_lm(run_dir, load_config(run_dir / "config.yaml", overrides), overrides)
     if not (run_dir / SAE_DIR / "cfg.json").is_file():
         members = [d.name for d in _sweep_members(run_dir)]

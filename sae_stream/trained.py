@@ -82,6 +82,8 @@ class TrainedRun:
 
     def top_features(self, text: str, k: int = 5) -> list[tuple[str, list[tuple[int, float]]]]:
         """For each of the text's tokens, its `k` most active features (active ones only), strongest first."""
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
         tokens_1T = self._tokens(text)
         feats_TF = self._features(tokens_1T)
         names = self.tokenizer.decode_tokens(tokens_1T[0, 1:].tolist())

@@ -273,6 +273,8 @@ def test_load_run__features_and_losses_of_any_text_match_the_parts(tiny_run: Pat
         with pytest.warns(UserWarning) as caught:
             method("the cat sat on a mat, and then the dog")
         assert {Path(w.filename).name for w in caught} == {"test_cli.py"}, method  # (the line that called it)
+    with pytest.raises(ValueError, match="k must be at least 1, got 0"):  # (as `features --k 0`)
+        run.top_features("the cat", k=0)
     with pytest.raises(ConfigError, match="device must be auto, cuda or cpu, got 'gpu'"):
         load_run(tiny_run, device="gpu")
     with pytest.raises(UserError, match="not a run directory"):

@@ -67,6 +67,8 @@ def test_cli__bad_inputs_name_the_fix(tiny_run: Path, tmp_path: Path, capsys: py
         (["train", "--lm", lm, "--out", str(tmp_path / "q"), *TINY, "--buffer.hook_name=blocks.0.hook_q_input"],
          "train on 'blocks.0.hook_resid_pre', the same values"),
         (["eval", str(tiny_run), "--buffer.hook_name=blocks.0.hook_resid_pre"], "drop that override"),
+        (["eval", str(tiny_run), "--sae.d_sae=5"], "--sae.d_sae: the SAE is read as trained"),
+        (["analyze", str(tiny_run), "--resample.at_steps=[3]"], "would change nothing: drop it"),
         (["analyze", str(tiny_run), "--buffer.hook_name=blocks.0.mlp.hook_pre"], "blocks.0.mlp.hook_post"),
     ]
     for argv, needle in cases:
@@ -174,6 +176,8 @@ def test_cli__flags_and_overrides_where_a_researcher_puts_them(tmp_path: Path, c
     assert err.strip().splitlines()[-1] == "sae-stream: error: sae.d_sae: expected an integer, got 'abc'"
     assert main(["config", "--sae.d_sae=5"]) == 2
     assert "takes no config overrides (--sae.d_sae=5)" in capsys.readouterr().err
+    assert main(["config", "my.yaml"]) == 2
+    assert "takes no config file or other argument (my.yaml): it prints every field" in capsys.readouterr().err
     (tmp_path / "afile").write_text("x")
     assert main(["lm", "train", "--out", str(tmp_path / "afile")]) == 2  # the default config loaded, then --out
     assert "is a file, not a directory" in capsys.readouterr().err

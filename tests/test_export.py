@@ -164,3 +164,12 @@ def test_load_saelens__files_of_other_writers_give_saelens_features(tmp_path, ar
     torch.testing.assert_close(sae.decode(got), want_x, rtol=1e-5, atol=1e-5)
     export_saelens(sae, tmp_path / "again", hook_name="blocks.0.hook_resid_post")
     torch.testing.assert_close(load_saelens(tmp_path / "again").encode(x), got, rtol=1e-6, atol=1e-6)
+
+
+def test_load_saelens__a_run_directory_is_pointed_to_its_sae(tmp_path):
+    sae, _ = _trained_like("anthropic")
+    export_saelens(sae, tmp_path / "sae", hook_name="blocks.0.mlp.hook_post")
+    with pytest.raises(ValueError, match=r"has no cfg.json: .* \(a run directory: its SAE is in '.*/sae'\)$"):
+        load_saelens(tmp_path)
+    with pytest.raises(ValueError, match=r"SAELens$"):
+        load_saelens(tmp_path / "sae" / "nowhere")

@@ -299,7 +299,8 @@ def test_lm_train__sigint_checkpoints_the_step_and_names_its_resume(tmp_path: Pa
     assert _steps(out) == [7] and not (out / "model.safetensors").exists()
     saved = (out / "config.yaml").read_text()
     monkeypatch.undo()
-    assert main(["lm", "train", "--out", str(out), "--resume"]) == 0  # no CONFIG: the run's own, not the default
+    # no CONFIG: the run's own, not the default (`lm train --resume DIR`, as `train --resume RUN_DIR`)
+    assert main(["lm", "train", "--resume", str(out)]) == 0
     assert json.loads((out / "lm_result.json").read_text())["steps"] == 20000 // (16 * 32)
     assert (out / "config.yaml").read_text() == saved
 

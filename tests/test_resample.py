@@ -114,7 +114,9 @@ def test_per_input_loss__chunked_equals_direct_and_accepts_bf16_pool():
 
 def test_resample_steps__fractions_explicit_and_bounds():
     assert resample_steps(ResampleConfig(), 1_000_000) == [25_000, 50_000, 75_000, 100_000]
-    assert resample_steps(ResampleConfig(at_steps=[30, 10, 10, 500]), 100) == [10, 30]
+    with pytest.warns(UserWarning, match=r"resample.at_steps \[100, 500\] at or past the run's last step \(100\): "
+                                         "never reached"):
+        assert resample_steps(ResampleConfig(at_steps=[30, 10, 10, 500, 100]), 100) == [10, 30]
     assert resample_steps(ResampleConfig(at_fractions=[0.001]), 100) == []  # rounds to step 0: never
 
 
