@@ -228,8 +228,8 @@ def _dispatch(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.command in ("config", "hooks") and overrides:  # (they read no config: an override would do nothing)
         what = "config overrides" if overrides[0].startswith("--") else "config file or other argument"
         raise UserError(f"`sae-stream {args.command}` takes no {what} ({overrides[0]}): it prints "
-                        f"{'every field' if args.command == 'config' else 'the hooks'}; pass a config or overrides "
-                        "to run, train, eval or analyze")
+                        f"{'every field' if args.command == 'config' else 'the hooks'}; a config file goes to run, "
+                        "train, lm train or tokenize, overrides to those and to eval or analyze")
     if args.command == "config":
         print(help_text(markdown=args.markdown))
         return 0

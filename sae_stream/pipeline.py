@@ -82,7 +82,8 @@ def lm_train(config: str | None, overrides: list[str], out: str | None, resume: 
         if not out and config is not None and Path(config).is_dir():
             out, config = config, None  # `lm train --resume DIR`, as `train --resume RUN_DIR`: its own config
         if not out:
-            raise UserError("--resume needs the LM run to continue: `sae-stream lm train --resume DIR`")
+            raise UserError(f"--resume {config!r}: no such directory" if config else "--resume needs the LM run "
+                            "to continue: `sae-stream lm train --resume DIR`")
         out_dir = Path(out)
         if not (out_dir / "checkpoints").is_dir():
             raise UserError(f"{out!r} has no checkpoints/ to resume from")
@@ -138,7 +139,7 @@ class Session:
     """The live parts of one training run: LM, text stream, activation stream, ring buffer, and its SAEs (one, or
     the K of a sweep), each with a trainer. Under torchrun, this rank's shard of all of it."""
 
-    def __init__(self, cfg: Config, run_dir: Path) -> None:
+    def __init__(self, cfg: Config, run_dir: Path, prime: bool = False) -> None:
         if not cfg.lm.path:
             raise UserError("no LM given: pass --lm PATH_OR_NAME "
                             "(an `sae-stream lm train` dir or a transformer-lens name)")
@@ -162,6 +163,12 @@ class Session:
         self.stream = ActivationStream(self.model, [hook], self.tokens, cfg.buffer, self.device, seed=seed,
                                        context_len=cfg.data.context_len, capture=native_capture(cfg, self.device))
         self.buffer = ShuffleBuffer(self.stream, cfg.buffer, self.device, d_in=self.d_in, seed=seed)
+        if prime:  # the first text read, the ring filled once, before trackers and --out's files: a data error
+            try:  # leaves --out as it was (ShuffleBuffer.prime)
+                self.buffer.prime()
+            except BaseException:
+                self.close()
+                raise
         # one writer (per rank) for every SAE and the stream: checkpoints land in the order written
         self.sweep = bool(cfg.sweep.saes)
         self.writer = CheckpointWriter(background=cfg.train.background_checkpoints, dist=self.dist,
@@ -262,11 +269,9 @@ class Session:
         return metrics
 
     def close(self) -> None:
-        self.tokens.close()
-        if self._lock is not None:  # (the lock goes with it)
-            self._lock.close()
-        if self.dist is not None:
-            self.dist.close()
+        for part in (self.tokens, self._lock, self.dist):  # the text reader, the run's lock, the process group
+            if part is not None:
+                part.close()
 
 
 def _train_session(session: Session) -> None:
@@ -286,8 +291,7 @@ def train(config: str | None, overrides: list[str], lm: str | None = None, out: 
     cfg = pin_hf_revision(load_for_lm(config, overrides))
     lm_outside(cfg.lm.path, out, overwrite)
     with fresh_out_dir(out, "train", overwrite) as staged:
-        session = Session(cfg, staged.path)
-        session.buffer.prime()  # the first text read, the ring filled once: a data error leaves --out as it was
+        session = Session(cfg, staged.path, prime=True)
         session.save_configs()
         staged.commit()  # the inputs checked out: the replaced run (if any) goes now
         _train_session(session)
@@ -369,8 +373,7 @@ def run(config: str | None, overrides: list[str], lm: str | None = None, out: st
             lm_path = str(lm_dir.resolve())
         # (not read again from `config`: it may be a file in the directory that --overwrite moved aside)
         cfg = dataclasses.replace(cfg, lm=dataclasses.replace(cfg.lm, path=lm_path))
-        session = Session(cfg, run_dir)
-        session.buffer.prime()  # (before anything is written, as in `train`)
+        session = Session(cfg, run_dir, prime=True)
         session.save_configs()
         mark_job(run_dir, "run", analyze=analyze)
         staged.commit()

@@ -10,6 +10,7 @@ import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from sae_stream.activations import ActivationStream, HookCapture, hook_dim
+from sae_stream.analysis.hooks import hook_activations
 from sae_stream.buffer import ShuffleBuffer
 from sae_stream.config import BufferConfig
 from tests._buffer_helpers import _cfg
@@ -117,6 +118,19 @@ def test_activation_stream__optional_hooks_switch_themselves_on_and_hold_what_th
         else:
             got, want_BTD = acts, cache[want]
         torch.testing.assert_close(got, want_BTD.reshape(30, -1), rtol=1e-5, atol=1e-5)
+        fresh = _tiny_model()  # the analysis reads switch it on too (eval, dashboard, steering on a loaded LM)
+        torch.testing.assert_close(hook_activations(fresh, hook, batches[0]).reshape(30, -1), acts)
+
+
+def test_hook_points__an_attention_only_model_has_no_mlp_input() -> None:
+    """transformer-lens asserts on use_hook_mlp_in for an attn-only model: listed hooks skip it, asking is an error."""
+    from sae_stream.hook_points import trainable_hooks
+
+    model = _tiny_model(n_layers=2, attn_only=True)
+    hooks = trainable_hooks(model)
+    assert "blocks.1.attn.hook_result" in hooks and not any(h.endswith("hook_mlp_in") for h in hooks)
+    with pytest.raises(ValueError, match="attention-only model has no MLP; train on blocks.0.hook_resid_mid"):
+        hook_dim(model, "blocks.0.hook_mlp_in")
 
 
 def test_activation_stream__positions_per_context_sampled_and_seeded() -> None:

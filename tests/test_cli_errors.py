@@ -57,6 +57,7 @@ def test_cli__bad_inputs_name_the_fix(tiny_run: Path, tmp_path: Path, capsys: py
         (["train", "--resume", str(tmp_path / "nothing")], "not a run directory"),
         (["eval", str(tmp_path / "nothing")], "not a run directory"),
         (["lm", "train", str(tmp_path / "none.yaml"), "--out", str(tmp_path / "d")], "not found"),
+        (["lm", "train", "--resume", str(tmp_path / "nope")], "no such directory"),
         (["lm", "train", str(default_config_path()), "--out", str(tmp_path / "e"), *TINY,
           f"--data.source={empty}"], "no text"),
         (["lm", "train", str(default_config_path()), "--out", str(tmp_path / "f"), "--data.tokenizer=gpt3"],
@@ -93,10 +94,15 @@ def test_cli__bad_inputs_name_the_fix(tiny_run: Path, tmp_path: Path, capsys: py
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "no text" in bad.stderr
 
 
-def test_train__a_data_error_leaves_out_as_it_was(tiny_run: Path, tmp_path: Path,
-                                                   capsys: pytest.CaptureFixture) -> None:
+def test_train__a_data_error_leaves_out_as_it_was(tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """The text is read (the ring filled once) before `train` writes anything: a missing column leaves a new --out
-    absent, and an --overwrite's old run in place, so the corrected command can use the same --out."""
+    absent, and an --overwrite's old run in place, so the corrected command can use the same --out. The session
+    that failed is closed (its text reader, lock and process group)."""
+    from sae_stream.pipeline import Session
+
+    closed, close = [], Session.close
+    monkeypatch.setattr(Session, "close", lambda self: (closed.append(1), close(self)))
     jsonl = tmp_path / "docs.jsonl"
     jsonl.write_text("".join(json.dumps({"body": f"document {i} " * 20}) + "\n" for i in range(50)))
     out, old = tmp_path / "new", tmp_path / "old"
@@ -107,7 +113,7 @@ def test_train__a_data_error_leaves_out_as_it_was(tiny_run: Path, tmp_path: Path
         assert main([*argv, *where]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "data.text_field" in err, err
-    assert not out.exists()
+    assert not out.exists() and len(closed) == 2
     assert sorted(str(p.relative_to(old)) for p in old.rglob("*")) == before
     assert main([*argv, "--out", str(out), "--data.text_field=body"]) == 0 and (out / "sae").is_dir()
 

@@ -301,7 +301,8 @@ def test_evaluate__token_budget_and_bad_inputs(model, batches):
     assert take_contexts(iter(batches), 10**6).shape == (15, T)
     with pytest.raises(ValueError, match="d_in"):
         evaluate(model, IdentitySAE(7), MLP, batches, _cfg(), TrainConfig())
-    with pytest.raises(ValueError, match="unknown hook"):
+    with pytest.raises(ValueError, match=r"hook .blocks.9.mlp.hook_post. is not in the model \(1 layer\(s\)\): "
+                                         r"did you mean .blocks.0.mlp.hook_post."):
         evaluate(model, IdentitySAE(D_MLP), "blocks.9.mlp.hook_post", batches, _cfg(), TrainConfig())
     with pytest.raises(ValueError, match="mean_activation"):
         evaluate(model, IdentitySAE(D_MLP), MLP, batches, _cfg(), TrainConfig(), mean_activation=torch.zeros(3))

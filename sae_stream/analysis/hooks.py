@@ -21,6 +21,8 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 from transformer_lens.utilities.activation_functions import apply_softcap
 
+from sae_stream.hook_points import check_hook_names
+
 
 class SAELike(Protocol):
     """What evaluation and analysis need from an SAE (sae_stream.sae.SAE satisfies it)."""
@@ -60,8 +62,8 @@ Replace = Callable[[Tensor], Tensor]
 
 
 def check_hook(model: HookedTransformer, hook_name: str) -> None:
-    if hook_name not in model.hook_dict:
-        raise ValueError(f"unknown hook {hook_name!r}: use one of the model's hook names, e.g. blocks.0.mlp.hook_post")
+    """A one-line error for a hook the model lacks; an optional one (attn.hook_result, ...) is switched on."""
+    check_hook_names(model, [hook_name])
 
 
 def stop_layer(model: HookedTransformer, hook_name: str) -> int | None:
