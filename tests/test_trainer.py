@@ -276,6 +276,7 @@ def test_trainer__cuda_triton_resume_is_bit_identical_though_a_new_timing_picks_
     if not fo.triton_available() or triton_probe(torch.device("cuda")) is not None:
         pytest.skip("Triton does not run on this GPU")
     monkeypatch.delenv(fo.ENCODE_ENV, raising=False)
+    monkeypatch.setenv(fo.AUTOTUNE_ENV, "0")  # (one fixed block config: no autotuning within the GPU test budget)
     cfg = _cfg("anthropic", steps=12, train__checkpoint_every=6, train__log_every=4, train__kernels="triton",
                train__autocast="bfloat16", train__step_impl="fused")
     monkeypatch.setattr(fo, "_LAYOUT_PICKS", {})
