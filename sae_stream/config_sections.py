@@ -27,7 +27,8 @@ class DataConfig:
     text_field: str = "text"
     """Column of each record's text, or of its token ids (e.g. input_ids: joined as they are, no end-of-text added)."""
     tokenizer: str = "gpt2"
-    """'gpt2' (tiktoken BPE, shipped offline) or 'byte' (256 byte ids + end-of-text, for tiny tests)."""
+    """'gpt2' (tiktoken BPE, shipped offline), 'byte' (256 byte ids + end-of-text, for tiny tests), or
+    'hf:NAME_OR_DIR', a Hugging Face tokenizer (another LM family's: hf:EleutherAI/pythia-70m for Pythia)."""
     context_len: int = 128
     """Tokens per context (documents are joined with end-of-text and cut to this length)."""
     heldout_fraction: float = 0.05
@@ -57,8 +58,9 @@ class DataConfig:
         if not 0.0 <= self.heldout_fraction < 1.0:
             raise ConfigError("data.heldout_fraction must be in [0, 1)")
         check_positive(self, "data", "stream_retries", "prefetch", zero_ok=True)
-        if self.tokenizer not in ("gpt2", "byte"):
-            raise ConfigError(f"data.tokenizer must be 'gpt2' or 'byte', got {self.tokenizer!r}")
+        if self.tokenizer not in ("gpt2", "byte") and not (self.tokenizer.startswith("hf:") and self.tokenizer[3:]):
+            raise ConfigError(f"data.tokenizer must be 'gpt2', 'byte' or 'hf:NAME_OR_DIR' (a Hugging Face "
+                              f"tokenizer), got {self.tokenizer!r}")
 
 
 @dataclass

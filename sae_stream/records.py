@@ -123,8 +123,8 @@ class ShuffledTexts:
                              f"(a {type(value).__name__}): set data.text_field to one that does")
         if ids.size and (ids.min() < 0 or ids.max() > np.iinfo(np.int32).max):
             bad = int(ids.min() if ids.min() < 0 else ids.max())
-            raise ValueError(f"{self.where}: token id {bad} in column {self.text_field!r} is no id of the 'gpt2' or "
-                             "'byte' tokenizer, the ones sae-stream reads")
+            raise ValueError(f"{self.where}: token id {bad} in column {self.text_field!r} is no token id: the "
+                             "column holds something else (set data.text_field)")
         return torch.from_numpy(ids.astype(np.int32))
 
 
@@ -214,7 +214,8 @@ class StreamSource:
             bad = int(flat[(flat < 0) | (flat >= self.tok.n_vocab)][0])
             raise ValueError(f"{self.where}: token id {bad} in column {self.text_field!r} is outside the "
                              f"{self.tok.name!r} tokenizer's {self.tok.n_vocab} ids (data.tokenizer): the ids come "
-                             "from another tokenizer, and sae-stream reads those of 'gpt2' and 'byte' only")
+                             "from another tokenizer; set data.tokenizer to it (hf:NAME_OR_DIR for a Hugging Face "
+                             "one)")
         return flat
 
 

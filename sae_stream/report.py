@@ -114,18 +114,28 @@ def load_trained(run_dir: Path, overrides: list[str], model: Any = None) -> tupl
     return cfg, model, sae
 
 
+PROBE_TEXT = "The quick brown fox, 1234 \u00fcn\u00efcode\n\n  def f(x): return x  # 2.5e-3"
+
+
 def check_lm_fits(model: Any, cfg: Config) -> None:
     """The text settings must suit the LM: its own tokenizer (an `lm train` dir's config.yaml says which), contexts
     no longer than its position embeddings, token ids inside its vocabulary (else a shape error or an index error
-    deep in the forward, or, for a smaller tokenizer, numbers from text the LM never saw)."""
+    deep in the forward, or, for a smaller tokenizer, numbers from text the LM never saw); an LM that carries its
+    own tokenizer (transformer-lens's from the Hub) must encode a probe text as data.tokenizer does."""
     from sae_stream.tokenizer import get_tokenizer
 
     _check_text(cfg, lm_run_config(cfg.lm.path), model.cfg.n_ctx)
-    n_vocab = get_tokenizer(cfg.data.tokenizer).n_vocab
-    if n_vocab > model.cfg.d_vocab:
-        raise UserError(f"data.tokenizer {cfg.data.tokenizer!r} gives {n_vocab} token ids but the LM knows "
-                        f"{model.cfg.d_vocab}: use the tokenizer the LM was trained with (its config.yaml's "
-                        "data.tokenizer)")
+    tok = get_tokenizer(cfg.data.tokenizer)
+    own = getattr(model, "tokenizer", None)  # a transformer-lens model from the Hub carries its own
+    named = getattr(own, "name_or_path", "") if own is not None else ""
+    fix = (f"set --data.tokenizer=hf:{named}" if named else
+           "use the tokenizer the LM was trained with (its config.yaml's data.tokenizer)")
+    if tok.n_vocab > model.cfg.d_vocab:
+        raise UserError(f"data.tokenizer {cfg.data.tokenizer!r} gives {tok.n_vocab} token ids but the LM knows "
+                        f"{model.cfg.d_vocab}: {fix}")
+    if own is not None and own(PROBE_TEXT, add_special_tokens=False)["input_ids"] != tok.encode(PROBE_TEXT):
+        raise UserError(f"data.tokenizer {cfg.data.tokenizer!r} encodes text differently from the LM's own "
+                        f"tokenizer ({named or type(own).__name__}): {fix}")
 
 
 def _check_text(cfg: Config, trained: Config | None, n_ctx: int) -> None:

@@ -1,4 +1,5 @@
-"""Tokenizers that work offline: GPT-2 BPE (tiktoken, ranks shipped in `assets/`) and raw bytes.
+"""Tokenizers: GPT-2 BPE (tiktoken, ranks shipped in `assets/`: works offline), raw bytes, and any Hugging Face
+tokenizer (`hf:NAME_OR_DIR`, for LMs of other families: Pythia, gelu-1l, ...; from the Hub's cache or a directory).
 
     tok = get_tokenizer("gpt2")
     tok.encode("Hello world")        # [15496, 995]
@@ -26,7 +27,8 @@ GPT2_RANKS_PATH = Path(__file__).parent / "assets" / "gpt2.tiktoken"
 GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 GPT2_EOT = 50256
-TOKENIZERS = ("gpt2", "byte")
+TOKENIZERS = ("gpt2", "byte")  # and "hf:NAME_OR_DIR"
+HF_PREFIX = "hf:"
 
 # Token ids: a list, or anything with `.tolist()` (a 1-D tensor or array); torch is not imported here.
 Ids = Sequence[int] | Any
@@ -101,13 +103,74 @@ class ByteTokenizer(Tokenizer):
         return "".join(out) + run.decode("utf-8", errors="replace")
 
 
+class HFTokenizer(Tokenizer):
+    """A Hugging Face tokenizer, `hf:NAME_OR_DIR` (a Hub name, read from its cache or downloaded, or a directory
+    written by `save_pretrained`). End-of-text is its eos token (bos if it has none). Text is encoded as plain text
+    as the others do: no special tokens added, none parsed out of the text."""
+
+    def __init__(self, name: str) -> None:
+        from transformers import AutoTokenizer
+
+        where = name.removeprefix(HF_PREFIX)
+        try:
+            self.hf = AutoTokenizer.from_pretrained(where)
+        except Exception as e:  # noqa: BLE001 - hub, file and format errors come in many types: one line
+            line = next((x for x in str(e).splitlines() if x.strip()), type(e).__name__)
+            raise ValueError(f"data.tokenizer={name!r}: cannot load that Hugging Face tokenizer ({line}): give a Hub "
+                             "name (hf:EleutherAI/pythia-70m) or a directory with its tokenizer files") from None
+        eot = self.hf.eos_token_id if self.hf.eos_token_id is not None else self.hf.bos_token_id
+        if eot is None:
+            raise ValueError(f"data.tokenizer={name!r} has no eos (or bos) token to end documents with")
+        self.name, self.eot, self.n_vocab = name, int(eot), len(self.hf)
+        backend = getattr(self.hf, "backend_tokenizer", None)
+        self._backend = None
+        if backend is not None and hasattr(backend, "encode_special_tokens"):
+            from tokenizers import Tokenizer as RustTokenizer
+
+            self._backend = RustTokenizer.from_str(backend.to_str())  # a copy: the setting below is ours
+            self._backend.encode_special_tokens = True  # '<|endoftext|>' in a text stays text
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_batch([text])[0]
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        if self._backend is not None:  # (Rust, parallel, the GIL released)
+            return [e.ids for e in self._backend.encode_batch(list(texts), add_special_tokens=False)]
+        return self.hf(list(texts), add_special_tokens=False, split_special_tokens=True,
+                       return_attention_mask=False)["input_ids"]
+
+    def decode(self, ids: Ids) -> str:
+        return self.hf.decode(_as_list(ids))
+
+    def convert_ids_to_tokens(self, token_id: int) -> str:
+        """The token's own string (the dashboard shows it beside the decoded text)."""
+        return self.hf.convert_ids_to_tokens(token_id)
+
+    def cache_key(self) -> str:
+        """Names this tokenizer's vocabulary in file names (a directory's files may change under its name)."""
+        text = self._backend.to_str() if self._backend is not None else repr(sorted(self.hf.get_vocab().items()))
+        return "hf-" + hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def get_tokenizer(name: str) -> Tokenizer:
-    """'gpt2' (GPT-2 BPE from the shipped ranks) or 'byte'."""
+    """'gpt2' (GPT-2 BPE from the shipped ranks), 'byte', or 'hf:NAME_OR_DIR' (a Hugging Face tokenizer)."""
     if name == "gpt2":
         return BPETokenizer("gpt2", gpt2_encoding(GPT2_RANKS_PATH), GPT2_EOT)
     if name == "byte":
         return ByteTokenizer()
-    raise ValueError(f"unknown tokenizer {name!r}: valid names are {', '.join(TOKENIZERS)}")
+    if name.startswith(HF_PREFIX) and len(name) > len(HF_PREFIX):
+        return _hf_tokenizer(name)
+    raise ValueError(f"unknown tokenizer {name!r}: valid names are gpt2, byte or hf:NAME_OR_DIR")
+
+
+@lru_cache(maxsize=4)
+def _hf_tokenizer(name: str) -> HFTokenizer:
+    return HFTokenizer(name)
+
+
+def cache_key(tok: Tokenizer) -> str:
+    """The tokenizer's name for cache files: gpt2 and byte by name, an HF tokenizer by its vocabulary's hash."""
+    return tok.cache_key() if isinstance(tok, HFTokenizer) else tok.name
 
 
 @lru_cache(maxsize=4)

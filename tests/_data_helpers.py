@@ -28,3 +28,25 @@ def txt_dir(tmp_path):
         folder = root / "sub" if i % 3 else root
         (folder / f"doc{i:02d}.txt").write_text(f"Document {i}. " + "word " * (5 + i % 17) + "end.")
     return root
+
+
+def make_hf_tokenizer(directory, vocab_size: int = 300) -> str:
+    """A small byte-level BPE tokenizer trained here (offline) and saved as a Hugging Face tokenizer directory;
+    returns its `data.tokenizer` spec, 'hf:DIR'. End-of-text: its '<|endoftext|>' (id 0)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    words = ["the", "cat", "sat", "on", "a", "mat", "function", "returns", "list", "of", "strings", "value"]
+    tok.train_from_iterator([" ".join(words[(i * 7 + j) % len(words)] for j in range(30)) for i in range(200)], trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(str(directory))
+    return f"hf:{directory}"
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer(tmp_path_factory) -> str:
+    return make_hf_tokenizer(tmp_path_factory.mktemp("hf_tokenizer"))

@@ -12,7 +12,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("SAE_STREAM_TRITON_AUTOTUNE", "0")  # GPU tests: one config per dtype, no minutes of tuning
 
 # fixtures shared by several test modules, made visible to all (imported once the environment above is set)
-from tests._data_helpers import txt_dir  # noqa: E402, F401
+from tests._data_helpers import hf_tokenizer, txt_dir  # noqa: E402, F401
 from tests._tiny_run import tiny_run  # noqa: E402, F401
 
 

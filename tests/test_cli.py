@@ -174,6 +174,35 @@ def test_cli__an_optional_hook_trains_and_evaluates(tiny_run: Path, tmp_path: Pa
     assert result["hook_name"] == "blocks.0.attn.hook_result" and result["ce_loss_recovered"]["zero"] > 0.5
 
 
+def test_run__on_a_hugging_face_tokenizer_end_to_end(hf_tokenizer: str, tmp_path: Path) -> None:
+    """data.tokenizer=hf:DIR (an LM family with its own tokenizer): LM, SAE, eval and dashboard on its ids, the
+    embedded corpus cached under the vocabulary's hash; a transformer-lens LM that carries another tokenizer than
+    data.tokenizer is refused, naming its own."""
+    from sae_stream.config import load_config
+    from sae_stream.lm_bridge import load_lm
+    from sae_stream.report import check_lm_fits
+    from sae_stream.rundir import UserError
+    from sae_stream.tokenizer import get_tokenizer
+    from sae_stream.trained import load_run
+
+    out = tmp_path / "run"
+    assert main(["run", "--out", str(out), *TINY, f"--data.tokenizer={hf_tokenizer}"]) == 0
+    result = json.loads((out / "eval.json").read_text())
+    assert result["ce_loss_recovered"]["zero"] > 0.5 and (out / "dashboard" / "index.html").is_file()
+    run = load_run(out, device="cpu")
+    tokens = run.tokens("the cat sat")
+    assert tokens[0].tolist() == [0, *get_tokenizer(hf_tokenizer).encode("the cat sat")]  # eos first, then text
+    model = load_lm(str(out / "lm"), "cpu")
+    from transformers import AutoTokenizer
+
+    model.tokenizer = AutoTokenizer.from_pretrained(hf_tokenizer[3:])  # as transformer-lens's Hub models carry one
+    hub = "--lm.path=a-hub-model"  # (no lm train config.yaml to compare with)
+    check_lm_fits(model, load_config(out / "config.yaml", [hub]))  # its own: fine
+    with pytest.raises(UserError, match=f"data.tokenizer 'byte' encodes text differently from the LM's own "
+                                        f"tokenizer .*: set --data.tokenizer=hf:{hf_tokenizer[3:]}"):
+        check_lm_fits(model, load_config(out / "config.yaml", [hub, "--data.tokenizer=byte"]))
+
+
 def _hook_width(run: Path, hook: str) -> int:
     from sae_stream.activations import hook_dim
     from sae_stream.lm_bridge import load_lm

@@ -79,5 +79,24 @@ def test_byte__round_trip_and_eot() -> None:
 
 
 def test_get_tokenizer__unknown_name_lists_valid() -> None:
-    with pytest.raises(ValueError, match="unknown tokenizer 'gpt3'.*gpt2, byte"):
+    with pytest.raises(ValueError, match="unknown tokenizer .gpt3.*gpt2, byte or hf:NAME_OR_DIR"):
         get_tokenizer("gpt3")
+
+
+def test_hf__a_hugging_face_tokenizer_encodes_plain_text_and_ends_documents_with_its_eos(hf_tokenizer,
+                                                                                       tmp_path) -> None:
+    """`hf:DIR`: encode / decode round trip, batches as singles, '<|endoftext|>' in a text stays text (as gpt2
+    does), eot is its eos, n_vocab its size; cache files keyed by the vocabulary, not the directory's name."""
+    from tests._data_helpers import make_hf_tokenizer
+
+    tok = get_tokenizer(hf_tokenizer)
+    text = "the cat sat on the mat, returns é<|endoftext|>"
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text and tok.eot == 0 and 0 not in ids and tok.n_vocab == 300
+    assert tok.encode_batch([text, "value"]) == [ids, tok.encode("value")]
+    assert "".join(tok.decode_tokens(tok.encode("the mat"))) == "the mat" and tok.convert_ids_to_tokens(ids[0]) == "the"
+    assert tokmod.cache_key(tok) == tokmod.cache_key(get_tokenizer(make_hf_tokenizer(tmp_path / "same")))
+    assert tokmod.cache_key(tok) != tokmod.cache_key(get_tokenizer(make_hf_tokenizer(tmp_path / "other", 280)))
+    with pytest.raises(ValueError, match=r"data.tokenizer='hf:/no/such/dir': cannot load that Hugging Face "
+                                         r"tokenizer \(.*\): give a Hub name"):
+        get_tokenizer("hf:/no/such/dir")
