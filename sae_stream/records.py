@@ -123,8 +123,8 @@ class ShuffledTexts:
                              f"(a {type(value).__name__}): set data.text_field to one that does")
         if ids.size and (ids.min() < 0 or ids.max() > np.iinfo(np.int32).max):
             bad = int(ids.min() if ids.min() < 0 else ids.max())
-            raise ValueError(f"{self.where}: token id {bad} in column {self.text_field!r} is no token id: the "
-                             "column holds something else (set data.text_field)")
+            raise ValueError(f"{self.where}: token id {bad} in column {self.text_field!r} is no id a tokenizer "
+                             "gives (outside int32): set data.text_field to a column of token ids")
         return torch.from_numpy(ids.astype(np.int32))
 
 
