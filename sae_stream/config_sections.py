@@ -5,6 +5,7 @@ string literal right below it, its `--help` text; `__post_init__` checks the val
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 
@@ -61,6 +62,9 @@ class DataConfig:
         if self.tokenizer not in ("gpt2", "byte") and not (self.tokenizer.startswith("hf:") and self.tokenizer[3:]):
             raise ConfigError(f"data.tokenizer must be 'gpt2', 'byte' or 'hf:NAME_OR_DIR' (a Hugging Face "
                               f"tokenizer), got {self.tokenizer!r}")
+        if self.tokenizer.startswith("hf:") and Path(self.tokenizer[3:]).expanduser().is_dir():
+            # a local directory, named absolutely: the run's config.yaml then works from anywhere
+            self.tokenizer = "hf:" + str(Path(self.tokenizer[3:]).expanduser().resolve())
 
 
 @dataclass

@@ -27,13 +27,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from sae_stream.config import Config, DataConfig, load_config
 from sae_stream.corpus import embedded_corpus, heldout_key
 from sae_stream.hub import hub_unreachable_reason
 from sae_stream.records import Doc, StreamSource
 from sae_stream.rundir import first_line, is_main_process
-from sae_stream.tokenizer import Tokenizer, get_tokenizer
+from sae_stream.tokenizer import HF_PREFIX, Tokenizer, cache_key, get_tokenizer, same_tokenizer
 
 SPLITS = ("train", "heldout")
 LOCAL_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -103,6 +104,11 @@ def local_files(source: str) -> list[Path] | None:
 
 def _open_local(cfg: DataConfig, files: list[Path], heldout: bool, tok: Tokenizer) -> StreamSource:
     where = f"data.source {cfg.source!r} ({'heldout' if heldout else 'train'} split)"
+    manifest = Path(cfg.source).expanduser() / TOKENIZED_MANIFEST  # `sae-stream tokenize` output: whose ids?
+    made = yaml.safe_load(manifest.read_text()).get("tokenizer") if manifest.is_file() else None
+    if made and not same_tokenizer(made, cfg.tokenizer):
+        raise ValueError(f"data.source {cfg.source!r} holds ids of the {made!r} tokenizer ({TOKENIZED_MANIFEST}), "
+                         f"not of data.tokenizer={cfg.tokenizer!r}: set --data.tokenizer={made}")
     suffixes = sorted({f.suffix for f in files})
     builders = {LOCAL_BUILDERS.get(s) for s in suffixes}
     if None in builders or len(builders) > 1:
@@ -289,8 +295,11 @@ class TokenContexts:
                              f"{self.cfg.context_len} (one per rank): use more text, shorter contexts or fewer ranks")
 
     def _identity(self) -> dict[str, Any]:
-        return {"source": self.cfg.source, "split": self.split, "seed": self.cfg.seed, "rank": self.rank,
-                "world_size": self.world_size, "context_len": self.cfg.context_len, "tokenizer": self.cfg.tokenizer}
+        out = {"source": self.cfg.source, "split": self.split, "seed": self.cfg.seed, "rank": self.rank,
+               "world_size": self.world_size, "context_len": self.cfg.context_len, "tokenizer": self.cfg.tokenizer}
+        if self.cfg.tokenizer.startswith(HF_PREFIX):  # its files may change under its name
+            out["tokenizer_ids"] = cache_key(self.tokenizer)
+        return out
 
     def position(self) -> tuple[int, int, _Replay]:
         """The current position as it stands, without copying (the replay of a chunk is never changed once taken):

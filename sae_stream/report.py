@@ -24,6 +24,7 @@ from sae_stream.hook_points import check_hook_names, enable_optional_hooks, untr
 from sae_stream.lm_bridge import lm_run_config, load_lm
 from sae_stream.process import resolve_device
 from sae_stream.rundir import UserError, require_run_dir
+from sae_stream.tokenizer import same_tokenizer
 from sae_stream.tracking import json_safe
 
 SAE_DIR, DASHBOARD_DIR, CURVES_PNG, LM_DIR = "sae", "dashboard", "training_curves.png", "lm"
@@ -141,7 +142,7 @@ def check_lm_fits(model: Any, cfg: Config) -> None:
 def _check_text(cfg: Config, trained: Config | None, n_ctx: int) -> None:
     """data.tokenizer is the one the LM was trained with (`trained`: an `lm train` dir's config, if any) and
     contexts fit its n_ctx positions."""
-    if trained is not None and trained.data.tokenizer != cfg.data.tokenizer:
+    if trained is not None and not same_tokenizer(trained.data.tokenizer, cfg.data.tokenizer):
         raise UserError(f"data.tokenizer={cfg.data.tokenizer!r} but the LM in {cfg.lm.path} was trained with "
                         f"{trained.data.tokenizer!r} (its config.yaml): set --data.tokenizer={trained.data.tokenizer}")
     if cfg.data.context_len > n_ctx:

@@ -111,24 +111,34 @@ class HFTokenizer(Tokenizer):
     def __init__(self, name: str) -> None:
         from transformers import AutoTokenizer
 
+        from sae_stream.hub import hub_unreachable_reason
+
         where = name.removeprefix(HF_PREFIX)
+        # offline, a Hub name must be in the cache: read it from there at once (no ~45 s of retries)
+        offline = not Path(where).is_dir() and hub_unreachable_reason(offline_vars=("HF_HUB_OFFLINE",)) is not None
         try:
-            self.hf = AutoTokenizer.from_pretrained(where)
+            self.hf = AutoTokenizer.from_pretrained(where, local_files_only=offline)
         except Exception as e:  # noqa: BLE001 - hub, file and format errors come in many types: one line
             line = next((x for x in str(e).splitlines() if x.strip()), type(e).__name__)
-            raise ValueError(f"data.tokenizer={name!r}: cannot load that Hugging Face tokenizer ({line}): give a Hub "
-                             "name (hf:EleutherAI/pythia-70m) or a directory with its tokenizer files") from None
+            fix = ("it is not in the Hub cache and the Hub is unreachable: fetch it once online, or give a "
+                   "directory with its tokenizer files") if offline else ("give a Hub name (hf:EleutherAI/pythia-70m) "
+                                                                          "or a directory with its tokenizer files")
+            raise ValueError(f"data.tokenizer={name!r}: cannot load that Hugging Face tokenizer ({line}): {fix}"
+                             ) from None
         eot = self.hf.eos_token_id if self.hf.eos_token_id is not None else self.hf.bos_token_id
         if eot is None:
             raise ValueError(f"data.tokenizer={name!r} has no eos (or bos) token to end documents with")
-        self.name, self.eot, self.n_vocab = name, int(eot), len(self.hf)
+        vocab = self.hf.get_vocab()  # (ids may have gaps: n_vocab covers the largest)
+        self.name, self.eot, self.n_vocab = name, int(eot), max(len(self.hf), max(vocab.values(), default=-1) + 1)
         backend = getattr(self.hf, "backend_tokenizer", None)
         self._backend = None
         if backend is not None and hasattr(backend, "encode_special_tokens"):
             from tokenizers import Tokenizer as RustTokenizer
 
-            self._backend = RustTokenizer.from_str(backend.to_str())  # a copy: the setting below is ours
+            self._backend = RustTokenizer.from_str(backend.to_str())  # a copy: the settings below are ours
             self._backend.encode_special_tokens = True  # '<|endoftext|>' in a text stays text
+            self._backend.no_truncation()  # (a tokenizer.json saved after a truncating call keeps its max_length)
+            self._backend.no_padding()
 
     def encode(self, text: str) -> list[int]:
         return self.encode_batch([text])[0]
@@ -140,16 +150,18 @@ class HFTokenizer(Tokenizer):
                        return_attention_mask=False)["input_ids"]
 
     def decode(self, ids: Ids) -> str:
-        return self.hf.decode(_as_list(ids))
+        return self.hf.decode(_as_list(ids), clean_up_tokenization_spaces=False)
 
     def convert_ids_to_tokens(self, token_id: int) -> str:
         """The token's own string (the dashboard shows it beside the decoded text)."""
         return self.hf.convert_ids_to_tokens(token_id)
 
     def cache_key(self) -> str:
-        """Names this tokenizer's vocabulary in file names (a directory's files may change under its name)."""
-        text = self._backend.to_str() if self._backend is not None else repr(sorted(self.hf.get_vocab().items()))
-        return "hf-" + hashlib.sha256(text.encode()).hexdigest()[:16]
+        """Names this tokenizer's ids in file names and data states (a directory's files may change under its
+        name): its vocabulary and merges, its end-of-text and size."""
+        text = self._backend.to_str() if self._backend is not None else repr(
+            (sorted(self.hf.get_vocab().items()), getattr(self.hf, "init_kwargs", {}).get("merges_file")))
+        return "hf-" + hashlib.sha256(f"{text}|eot={self.eot}|n={self.n_vocab}".encode()).hexdigest()[:16]
 
 
 def get_tokenizer(name: str) -> Tokenizer:
@@ -192,3 +204,16 @@ def gpt2_encoding(path: Path) -> tiktoken.Encoding:
 
 def _as_list(ids: Ids) -> list[int]:
     return ids.tolist() if hasattr(ids, "tolist") else list(ids)
+
+
+def same_tokenizer(a: str, b: str) -> bool:
+    """Whether two data.tokenizer specs give the same ids: the same name, or Hugging Face tokenizers (e.g. one
+    directory named two ways, or a copy of it) with the same vocabulary, end-of-text and size."""
+    if a == b:
+        return True
+    if not (a.startswith(HF_PREFIX) and b.startswith(HF_PREFIX)):
+        return False
+    try:
+        return cache_key(get_tokenizer(a)) == cache_key(get_tokenizer(b))
+    except ValueError:  # one of them no longer loads: not shown to be the same
+        return False

@@ -30,20 +30,24 @@ def txt_dir(tmp_path):
     return root
 
 
-def make_hf_tokenizer(directory, vocab_size: int = 300) -> str:
+def make_hf_tokenizer(directory, vocab_size: int = 300, eos: str = "<|endoftext|>", truncate: int | None = None
+                      ) -> str:
     """A small byte-level BPE tokenizer trained here (offline) and saved as a Hugging Face tokenizer directory;
-    returns its `data.tokenizer` spec, 'hf:DIR'. End-of-text: its '<|endoftext|>' (id 0)."""
+    returns its `data.tokenizer` spec, 'hf:DIR'. End-of-text: `eos` ('<|endoftext|>' is id 0); `truncate` saves a
+    truncation length in its tokenizer.json (as one saved after a truncating call)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|eot|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     words = ["the", "cat", "sat", "on", "a", "mat", "function", "returns", "list", "of", "strings", "value"]
     tok.train_from_iterator([" ".join(words[(i * 7 + j) % len(words)] for j in range(30)) for i in range(200)], trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(str(directory))
+    if truncate is not None:
+        tok.enable_truncation(truncate)
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos).save_pretrained(str(directory))
     return f"hf:{directory}"
 
 

@@ -364,3 +364,28 @@ def test_pin_hf_revision__resolves_a_hf_source_to_its_commit_and_leaves_the_rest
     assert asked == [("gone/corpus", None)]  # a sha and the embedded corpus ask nothing
     monkeypatch.setattr(data, "hub_unreachable_reason", lambda *a, **k: "offline")
     assert data.pin_hf_revision(cfg) is cfg
+
+
+@pytest.mark.filterwarnings("ignore:data.*exhausted")
+def test_hf_tokenizer__a_changed_directory_or_another_tokenizers_ids_are_refused(tmp_path, txt_dir) -> None:
+    """A data state names its hf: tokenizer's ids (a directory's files may change under its name): a resume on
+    other ids is refused; so is a `sae-stream tokenize` output read with another tokenizer than its manifest's."""
+    from sae_stream import tokenizer as tokmod
+    from tests._data_helpers import make_hf_tokenizer
+
+    spec = make_hf_tokenizer(tmp_path / "tok")
+    cfg = DataConfig(source=str(txt_dir), tokenizer=spec, context_len=16, loop=False, shuffle_buffer=8)
+    contexts = TokenContexts(cfg)
+    take(contexts, 3)
+    state = contexts.state_dict()
+    make_hf_tokenizer(tmp_path / "tok", vocab_size=280)  # the same directory, other files
+    tokmod._hf_tokenizer.cache_clear()  # (a resume is a new process)
+    with pytest.raises(ValueError, match="data state was saved with tokenizer_ids="):
+        TokenContexts(cfg).load_state_dict(state)
+    ids = tmp_path / "ids"
+    ids.mkdir()
+    (ids / "part-0.jsonl").write_text(json.dumps({"input_ids": [1, 2, 3, 4]}) + "\n")
+    (ids / data.TOKENIZED_MANIFEST).write_text("tokenizer: gpt2\n")
+    with pytest.raises(ValueError, match=r"holds ids of the 'gpt2' tokenizer \(tokenized.yaml\), not of "
+                                         r"data.tokenizer='byte': set --data.tokenizer=gpt2"):
+        next(iter(TokenContexts(byte_cfg(source=str(ids), text_field="input_ids", context_len=2))))

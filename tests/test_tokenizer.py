@@ -98,5 +98,24 @@ def test_hf__a_hugging_face_tokenizer_encodes_plain_text_and_ends_documents_with
     assert tokmod.cache_key(tok) == tokmod.cache_key(get_tokenizer(make_hf_tokenizer(tmp_path / "same")))
     assert tokmod.cache_key(tok) != tokmod.cache_key(get_tokenizer(make_hf_tokenizer(tmp_path / "other", 280)))
     with pytest.raises(ValueError, match=r"data.tokenizer='hf:/no/such/dir': cannot load that Hugging Face "
-                                         r"tokenizer \(.*\): give a Hub name"):
+                                         r"tokenizer \(.*\): it is not in the Hub cache and the Hub is unreachable"):
         get_tokenizer("hf:/no/such/dir")
+
+
+def test_hf__saved_truncation_ignored_ids_keyed_by_eos_and_relative_dirs_made_absolute(tmp_path, monkeypatch) -> None:
+    """A tokenizer.json saved with a truncation length must not cut documents; the cache key (what data states and
+    cache files compare) changes with the end-of-text token though tokenizer.json does not; a relative hf:DIR is
+    stored absolute, and one directory named two ways is the same tokenizer."""
+    from sae_stream.config import DataConfig
+    from tests._data_helpers import make_hf_tokenizer
+
+    cut = get_tokenizer(make_hf_tokenizer(tmp_path / "cut", truncate=16))
+    assert len(cut.encode("the cat " * 50)) > 16
+    a = get_tokenizer(make_hf_tokenizer(tmp_path / "a"))
+    b = get_tokenizer(make_hf_tokenizer(tmp_path / "b", eos="<|eot|>"))
+    assert (tmp_path / "a" / "tokenizer.json").read_text() == (tmp_path / "b" / "tokenizer.json").read_text()
+    assert a.eot != b.eot and tokmod.cache_key(a) != tokmod.cache_key(b)
+    monkeypatch.chdir(tmp_path)
+    assert DataConfig(tokenizer="hf:a").tokenizer == f"hf:{tmp_path / 'a'}"
+    assert tokmod.same_tokenizer("hf:a", f"hf:{tmp_path}/../{tmp_path.name}/a")
+    assert not tokmod.same_tokenizer("hf:a", "hf:b") and not tokmod.same_tokenizer("gpt2", "byte")
