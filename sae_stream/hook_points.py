@@ -31,7 +31,7 @@ def check_hook_names(model: HookedTransformer, hook_names: str | Sequence[str]) 
     for name in names:
         if name not in model.hook_dict:
             known = [n for n in model.hook_dict if untrainable(n) is None and not n.endswith("hook_scale")
-                     and not (n.endswith("hook_mlp_in") and model.cfg.attn_only)]
+                     and not _no_mlp_in(model, n)]
             close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
             hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
             raise ValueError(f"hook {name!r} is not in the model ({model.cfg.n_layers} layer(s)): {hint}`sae-stream "
@@ -40,15 +40,15 @@ def check_hook_names(model: HookedTransformer, hook_names: str | Sequence[str]) 
     return names
 
 
-def _switches(model: HookedTransformer) -> dict[str, str]:
-    """OPTIONAL_HOOKS this model can switch on (an attention-only model has no MLP input)."""
-    return {k: v for k, v in OPTIONAL_HOOKS.items() if not (k == "hook_mlp_in" and model.cfg.attn_only)}
+def _no_mlp_in(model: HookedTransformer, name: str) -> bool:
+    """`name` is an MLP input an attention-only model has not (transformer-lens asserts on its switch)."""
+    return name.endswith("hook_mlp_in") and bool(model.cfg.attn_only)
 
 
 def enable_optional_hooks(model: HookedTransformer, hook_names: Sequence[str]) -> None:
     """Turn on the transformer-lens switch each optional hook among `hook_names` needs (OPTIONAL_HOOKS)."""
     for name in hook_names:
-        if name.endswith("hook_mlp_in") and model.cfg.attn_only:
+        if _no_mlp_in(model, name):
             raise ValueError(f"hook {name!r}: this attention-only model has no MLP; train on "
                              f"{name.rsplit('.', 1)[0]}.hook_resid_mid (the same values) or another hook")
         setter = next((s for suffix, s in OPTIONAL_HOOKS.items() if name.endswith(suffix)), None)
@@ -60,7 +60,8 @@ def trainable_hooks(model: HookedTransformer) -> dict[str, int]:
     """{name: width per position} of every hook an SAE can train on, in the model's module order, the optional ones
     included (their switches on for one forward, then as they were)."""
     tokens = torch.zeros(1, 2, dtype=torch.long, device=next(model.parameters()).device)
-    was = {setter: getattr(model.cfg, setter.removeprefix("set_")) for setter in _switches(model).values()}
+    was = {setter: getattr(model.cfg, setter.removeprefix("set_"))
+           for suffix, setter in OPTIONAL_HOOKS.items() if not _no_mlp_in(model, suffix)}
     for setter in was:
         getattr(model, setter)(True)
     try:
