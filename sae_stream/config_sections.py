@@ -17,7 +17,7 @@ class ConfigError(ValueError):
 class DataConfig:
     source: str = "embedded"
     """'embedded' (Python's own docs, offline), a local file/dir/glob (.txt/.jsonl/.parquet), or a HF dataset name.
-    Documents: a record each; a .txt file each, but a single .txt file is split at blank lines (a paragraph each)."""
+    Documents: a record each; a .txt file each, but a single .txt file is split at empty lines (a paragraph each)."""
     hf_subset: str | None = None
     """HF dataset configuration name (e.g. 'en' for allenai/c4); None for the default."""
     hf_revision: str | None = None
