@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from sae_stream.config import ResampleConfig
+from sae_stream.rundir import is_main_process
 from sae_stream.sae import SAE
 
 # Inputs scored per forward when computing the pool's losses: bounds memory at chunk x d_sae floats.
@@ -60,7 +61,7 @@ def resample_steps(cfg: ResampleConfig, total_steps: int) -> list[int]:
     """The (1-based, completed-step) counts after which to resample: at_steps, else at_fractions × total."""
     steps = cfg.at_steps if cfg.at_steps is not None else [round(f * total_steps) for f in cfg.at_fractions]
     late = sorted(s for s in steps if s >= total_steps)
-    if cfg.at_steps is not None and late:
+    if cfg.at_steps is not None and late and is_main_process():  # (once, not per torchrun rank)
         warnings.warn(f"resample.at_steps {late} at or past the run's last step ({total_steps:,}): never reached",
                       stacklevel=2)
     return sorted({s for s in steps if 0 < s < total_steps})
