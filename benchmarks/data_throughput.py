@@ -8,6 +8,9 @@ over --repeats rounds, each timed over --tokens tokens of [--batch, --context-le
   Python lists, then a tensor), on the same documents
 - `tokenize_array_T`: this session's (records.StreamSource): each document to a numpy array on a pool of T threads
 - `inline_T`: the whole reader (TokenContexts -> ContextBatches) in the consuming thread, T tokenizer threads
+- `inline_hf_T`: the same with `data.tokenizer=hf:DIR`, GPT-2's BPE as a Hugging Face fast tokenizer
+  (tokenizer.save_gpt2_hf: the same ids, checked on the first batch): what an LM of another family pays for
+  Hugging Face's tokenizer against tiktoken
 - `prefetched_T`: the same batches from a child process (prefetch.PrefetchedBatches, depth 32), consumed at once
 - `prefetched_T_busy`: ditto while the consuming thread keeps its core busy --busy-ms per batch (as a GPU loop's
   launching thread does), so the child has the other cores only
@@ -45,7 +48,7 @@ from sae_stream.corpus import embedded_documents
 from sae_stream.data import ContextBatches, TokenContexts, tokenizer_threads
 from sae_stream.prefetch import PrefetchedBatches
 from sae_stream.records import ENCODE_DOCS, ShuffledTexts, StreamSource
-from sae_stream.tokenizer import get_tokenizer
+from sae_stream.tokenizer import get_tokenizer, save_gpt2_hf
 
 DEPTH = 32  # batches the child reads ahead (data.prefetch's default on CUDA)
 
@@ -181,9 +184,10 @@ def main() -> None:
     n_batches = max(1, n_tokens // (args.batch * args.context_len))
     pre = {kind: DataConfig(**{**cfg.__dict__, "source": str(f), "text_field": "input_ids"})
            for kind, f in write_pretokenized(root, docs).items()}
-    first = [next(iter(ContextBatches(TokenContexts(c), args.batch))) for c in (cfg, *pre.values())]
+    hf = DataConfig(**{**cfg.__dict__, "tokenizer": save_gpt2_hf(root / "gpt2_hf")})
+    first = [next(iter(ContextBatches(TokenContexts(c), args.batch))) for c in (cfg, *pre.values(), hf)]
     if not all(torch.equal(first[0], b) for b in first[1:]):  # (same records, same order: the same tokens)
-        raise SystemExit("the pre-tokenized files give other batches than their text: a reader bug")
+        raise SystemExit("the pre-tokenized files or the hf: tokenizer give other batches than the text: a bug")
     variants = {"records": lambda: records_rate(cfg, tokens_per_char, n_tokens),
                 "tokenize_session8": lambda: tokenize_session8(docs),
                 "reader_ceiling": lambda: reader_ceiling(DataConfig(**{**cfg.__dict__, "tokenizer_threads": 1}),
@@ -195,6 +199,9 @@ def main() -> None:
         tcfg = DataConfig(**{**cfg.__dict__, "tokenizer_threads": t})
         variants[f"tokenize_array_{t}"] = lambda t=t: tokenize_array(docs, t)
         variants[f"inline_{t}"] = lambda c=tcfg: timed_batches(ContextBatches(TokenContexts(c), args.batch), n_batches)
+        hcfg = DataConfig(**{**hf.__dict__, "tokenizer_threads": t})
+        variants[f"inline_hf_{t}"] = lambda c=hcfg: timed_batches(ContextBatches(TokenContexts(c), args.batch),
+                                                                  n_batches)
         variants[f"prefetched_{t}"] = lambda c=tcfg: _prefetched(c, args.batch, n_batches, 0.0)
         variants[f"prefetched_{t}_busy"] = lambda c=tcfg: _prefetched(c, args.batch, n_batches, args.busy_ms / 1e3)
     # rounds interleave the variants (machine noise spread over all); each row is written as soon as its last round

@@ -188,6 +188,12 @@ def cache_key(tok: Tokenizer) -> str:
 @lru_cache(maxsize=4)
 def gpt2_encoding(path: Path) -> tiktoken.Encoding:
     """GPT-2's `tiktoken.Encoding` built from a local ranks file (base64 token, space, rank per line)."""
+    return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=_gpt2_ranks(path),
+                             special_tokens={"<|endoftext|>": GPT2_EOT}, explicit_n_vocab=GPT2_EOT + 1)
+
+
+def _gpt2_ranks(path: Path) -> dict[bytes, int]:
+    """{token bytes: rank} of a GPT-2 ranks file, its sha256 checked."""
     data = Path(path).read_bytes()
     digest = hashlib.sha256(data).hexdigest()
     if digest != GPT2_RANKS_SHA256:
@@ -198,8 +204,43 @@ def gpt2_encoding(path: Path) -> tiktoken.Encoding:
         if line:
             token, rank = line.split()
             ranks[base64.b64decode(token)] = int(rank)
-    return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
-                             special_tokens={"<|endoftext|>": GPT2_EOT}, explicit_n_vocab=GPT2_EOT + 1)
+    return ranks
+
+
+def save_gpt2_hf(directory: str | Path) -> str:
+    """GPT-2's BPE, from the shipped ranks, saved in `directory` as a Hugging Face fast tokenizer (offline): the
+    same ids as 'gpt2' (tested), for comparing the two paths; returns its spec 'hf:DIR'.
+
+    A BPE rank list is the merge list in order: token t of rank r is the merge of the two parts that BPE with the
+    ranks below r leaves of it. Hugging Face's byte-level BPE spells bytes as printable characters (GPT-2's
+    byte-to-unicode table: printable Latin-1 bytes as themselves, the other 68 as chr(256 + i) in byte order)."""
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as RustTokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    ranks = _gpt2_ranks(GPT2_RANKS_PATH)
+    printable = {*range(33, 127), *range(161, 173), *range(174, 256)}
+    others = iter(range(256, 512))
+    char = {b: chr(b) if b in printable else chr(next(others)) for b in range(256)}
+    spell = lambda bs: "".join(char[b] for b in bs)  # noqa: E731
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        if len(token) > 1:
+            parts = [token[i:i + 1] for i in range(len(token))]
+            while len(parts) > 2:  # merge the lowest-ranked adjacent pair below `rank` until two parts remain
+                pairs = [(ranks.get(a + b, rank), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
+                best, i = min(pairs)
+                if best >= rank:
+                    raise ValueError(f"GPT-2 rank {rank} is no merge of lower ranks")
+                parts[i:i + 2] = [parts[i] + parts[i + 1]]
+            merges.append((spell(parts[0]), spell(parts[1])))
+    vocab = {spell(t): r for t, r in ranks.items()} | {"<|endoftext|>": GPT2_EOT}
+    tok = RustTokenizer(models.BPE(vocab, merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # (GPT-2's split pattern)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken("<|endoftext|>", special=True)])
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(str(directory))
+    return HF_PREFIX + str(Path(directory).resolve())
 
 
 def _as_list(ids: Ids) -> list[int]:

@@ -138,15 +138,15 @@ def test_profile_step__profiles_the_step_the_loop_and_the_lm_at_the_rate_it_repo
 
 def test_data_throughput__every_variant_measured_and_ratios_follow(tmp_path: Path) -> None:
     """gpu_session.sh's text -> token batches figures: each reader variant measured at 1 and 2 tokenizer threads,
-    and the ratios taken against inline_1 of the same run (the pre-tokenized files checked to give the same batches
-    as their text, or the script exits non-zero)."""
+    and the ratios taken against inline_1 of the same run (the pre-tokenized files and GPT-2 as an hf: tokenizer
+    checked to give the same batches as the text through tiktoken, or the script exits non-zero)."""
     out = tmp_path / "data.jsonl"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "data_throughput.py"), "--tokens", "60000", "--context-len",
            "256", "--batch", "4", "--threads", "1", "2", "--repeats", "1", "--dir", str(tmp_path), "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = {r["variant"]: r for r in map(json.loads, out.read_text().splitlines())}
-    kinds = ("tokenize_array_{}", "inline_{}", "prefetched_{}", "prefetched_{}_busy")
+    kinds = ("tokenize_array_{}", "inline_{}", "inline_hf_{}", "prefetched_{}", "prefetched_{}_busy")
     assert rows.keys() == {"records", "tokenize_session8", "reader_ceiling", "pretokenized_jsonl_inline",
                            "pretokenized_parquet_inline"} | {k.format(t) for k in kinds for t in (1, 2)}
     assert next(iter(rows)) == "inline_1"  # rows go out as measured, the ratios' base first

@@ -119,3 +119,16 @@ def test_hf__saved_truncation_ignored_ids_keyed_by_eos_and_relative_dirs_made_ab
     assert DataConfig(tokenizer="hf:a").tokenizer == f"hf:{tmp_path / 'a'}"
     assert tokmod.same_tokenizer("hf:a", f"hf:{tmp_path}/../{tmp_path.name}/a")
     assert not tokmod.same_tokenizer("hf:a", "hf:b") and not tokmod.same_tokenizer("gpt2", "byte")
+
+
+def test_hf__gpt2_saved_as_a_hugging_face_tokenizer_gives_gpt2s_ids(tmp_path) -> None:
+    """The HF path end to end on real text: GPT-2's BPE converted from the shipped ranks (save_gpt2_hf) and read
+    back as hf:DIR encodes the whole embedded corpus (~0.6M tokens of prose and code) to tiktoken's ids, and
+    '<|endoftext|>' inside a text as text, as gpt2 does."""
+    from sae_stream.corpus import embedded_documents
+
+    gpt2, hf = get_tokenizer("gpt2"), get_tokenizer(tokmod.save_gpt2_hf(tmp_path / "gpt2"))
+    docs = [*embedded_documents(), "a <|endoftext|> b", " \n\n  naïve café 日本語 🤖\t"]
+    ids = gpt2.encode_batch(docs)
+    assert hf.encode_batch(docs) == ids and sum(map(len, ids)) > 500_000
+    assert (hf.eot, hf.n_vocab) == (gpt2.eot, gpt2.n_vocab) and hf.decode(ids[-1]) == docs[-1]
