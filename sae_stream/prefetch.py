@@ -26,6 +26,7 @@ import os
 import pickle
 import queue
 import signal
+import sys
 import threading
 import traceback
 import warnings
@@ -178,8 +179,9 @@ def _child(cfg: DataConfig, batch_size: int, depth: int, split: str, rank: int, 
             if os.getppid() != parent:
                 os._exit(0)
             continue
-        if command == "stop":
-            return
+        if command == "stop":  # at once: an interpreter shutdown under the reader's thread, mid-document, would
+            sys.stderr.flush()  # print its tokenizer pool's refusal (and abort C++ threads) on the user's terminal
+            os._exit(0)
         try:
             if command == "go":
                 threading.Thread(target=reader.run, name="sae-stream-reader", daemon=True).start()

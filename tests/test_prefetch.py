@@ -250,3 +250,13 @@ def test_train__prefetched_stream_trains_and_resumes_as_the_inline_one(texts: Pa
 def _same_files(a: Path, b: Path) -> bool:
     x, y = load_file(a), load_file(b)
     return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_prefetched_batches__closing_while_the_child_tokenizes_prints_nothing(texts: Path, capfd) -> None:
+    """A run's end closes its reader while the child's thread may be tokenizing on its pool: the child must go
+    quietly (a 'cannot schedule new futures after interpreter shutdown' traceback on the user's terminal before)."""
+    for _ in range(2):  # (a deep queue, barely read: the child is still tokenizing when told to stop)
+        ahead = PrefetchedBatches(_cfg(texts, tokenizer="gpt2", tokenizer_threads=2, context_len=256), 8, depth=64)
+        _take(ahead, 1)
+        ahead.close()
+    assert "Traceback" not in capfd.readouterr().err
