@@ -144,8 +144,9 @@ class HFTokenizer(Tokenizer):
         return self.encode_batch([text])[0]
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        if self._backend is not None:  # (Rust, parallel, the GIL released)
-            return [e.ids for e in self._backend.encode_batch(list(texts), add_special_tokens=False)]
+        if self._backend is not None:  # (Rust, parallel, the GIL released; _fast: no offsets, ~1.3x)
+            encode = getattr(self._backend, "encode_batch_fast", self._backend.encode_batch)
+            return [e.ids for e in encode(list(texts), add_special_tokens=False)]
         return self.hf(list(texts), add_special_tokens=False, split_special_tokens=True,
                        return_attention_mask=False)["input_ids"]
 
