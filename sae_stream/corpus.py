@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 import torch
 
 from sae_stream.checkpoint import atomic_torch_save
-from sae_stream.tokenizer import cache_key, get_tokenizer
+from sae_stream.tokenizer import get_tokenizer
 
 _EMBEDDED_RECIPE = 1  # bump when the embedded corpus recipe changes: invalidates disk caches
 _STDLIB_SKIP = {"site-packages", "dist-packages", "idlelib", "lib2to3", "turtledemo", "ensurepip", "encodings",
@@ -103,7 +103,7 @@ def embedded_cache_path(tokenizer_name: str) -> Path:
     base = os.environ.get("SAE_STREAM_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "sae-stream"
     stdlib = hashlib.sha1(sysconfig.get_paths()["stdlib"].encode()).hexdigest()[:8]
     name = f"embedded-v{_EMBEDDED_RECIPE}-{platform.python_implementation()}{platform.python_version()}-{stdlib}"
-    return Path(base).expanduser() / f"{name}-{cache_key(get_tokenizer(tokenizer_name))}.pt"
+    return Path(base).expanduser() / f"{name}-{get_tokenizer(tokenizer_name).cache_key()}.pt"
 
 
 def heldout_key(text: str | bytes) -> float:

@@ -34,7 +34,7 @@ from sae_stream.corpus import embedded_corpus, heldout_key
 from sae_stream.hub import hub_unreachable_reason
 from sae_stream.records import Doc, StreamSource
 from sae_stream.rundir import first_line, is_main_process
-from sae_stream.tokenizer import HF_PREFIX, Tokenizer, cache_key, get_tokenizer, same_tokenizer
+from sae_stream.tokenizer import HF_PREFIX, Tokenizer, get_tokenizer, same_tokenizer
 
 SPLITS = ("train", "heldout")
 LOCAL_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -298,7 +298,7 @@ class TokenContexts:
         out = {"source": self.cfg.source, "split": self.split, "seed": self.cfg.seed, "rank": self.rank,
                "world_size": self.world_size, "context_len": self.cfg.context_len, "tokenizer": self.cfg.tokenizer}
         if self.cfg.tokenizer.startswith(HF_PREFIX):  # its files may change under its name
-            out["tokenizer_ids"] = cache_key(self.tokenizer)
+            out["tokenizer_ids"] = self.tokenizer.cache_key()
         return out
 
     def position(self) -> tuple[int, int, _Replay]:

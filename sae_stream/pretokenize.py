@@ -45,7 +45,7 @@ from sae_stream.data import TOKENIZE_PROGRESS, TOKENIZED_MANIFEST, document_sour
 from sae_stream.process import TrainingInterrupted, signals_to
 from sae_stream.records import StreamSource
 from sae_stream.rundir import LOCK_FILE, UserError, fresh_out_dir, lock_run
-from sae_stream.tokenizer import cache_key, get_tokenizer
+from sae_stream.tokenizer import get_tokenizer
 
 MANIFEST, PROGRESS = TOKENIZED_MANIFEST, TOKENIZE_PROGRESS
 FIELD = "input_ids"
@@ -144,7 +144,7 @@ def resume_tokenize(out: str) -> Path:
             if f.name not in state["files"]:
                 f.unlink()
         cfg = config_from_dict(state["config"])
-        ids = cache_key(get_tokenizer(cfg.data.tokenizer))
+        ids = get_tokenizer(cfg.data.tokenizer).cache_key()
         if state.get("tokenizer_ids", ids) != ids:  # (an hf: directory whose files changed since)
             raise UserError(f"--resume {out}: data.tokenizer {cfg.data.tokenizer!r} gives other ids than when this "
                             "tokenize began: restore that tokenizer, or start again with --out DIR --overwrite")
@@ -196,7 +196,7 @@ class _Job:
         s = self.shards
         state = {"config": to_dict(self.cfg), "shard_tokens": self.shard_tokens, "files": [f.name for f in s.files],
                  "documents": s.documents, "tokens": s.tokens, "reader": before, "skip": skip,
-                 "seconds": self._elapsed(), "tokenizer_ids": cache_key(get_tokenizer(self.cfg.data.tokenizer))}
+                 "seconds": self._elapsed(), "tokenizer_ids": get_tokenizer(self.cfg.data.tokenizer).cache_key()}
         buf = io.BytesIO()
         torch.save(state, buf)
         atomic_write_bytes(self.path / PROGRESS, buf.getvalue())

@@ -24,7 +24,7 @@ from sae_stream.hook_points import check_hook_names, enable_optional_hooks, untr
 from sae_stream.lm_bridge import lm_run_config, load_lm
 from sae_stream.process import resolve_device
 from sae_stream.rundir import UserError, require_run_dir
-from sae_stream.tokenizer import same_tokenizer
+from sae_stream.tokenizer import get_tokenizer, same_tokenizer
 from sae_stream.tracking import json_safe
 
 SAE_DIR, DASHBOARD_DIR, CURVES_PNG, LM_DIR = "sae", "dashboard", "training_curves.png", "lm"
@@ -123,8 +123,6 @@ def check_lm_fits(model: Any, cfg: Config) -> None:
     no longer than its position embeddings, token ids inside its vocabulary (else a shape error or an index error
     deep in the forward, or, for a smaller tokenizer, numbers from text the LM never saw); an LM that carries its
     own tokenizer (transformer-lens's from the Hub) must encode a probe text as data.tokenizer does."""
-    from sae_stream.tokenizer import get_tokenizer
-
     _check_text(cfg, lm_run_config(cfg.lm.path), model.cfg.n_ctx)
     tok = get_tokenizer(cfg.data.tokenizer)
     own = getattr(model, "tokenizer", None)  # a transformer-lens model from the Hub carries its own
@@ -255,7 +253,6 @@ def analyze_run(run_dir: str | Path, overrides: list[str] | None = None, loaded:
     """dashboard/ for a run (each SAE of a sweep); `features`: a dashboard of those ids instead of
     analysis.features, in dashboard-features/ (replaced by the next such call; dashboard/ is left as it is)."""
     from sae_stream.analysis.dashboard import build_dashboard
-    from sae_stream.tokenizer import get_tokenizer
 
     run_dir = require_run_dir(run_dir).resolve()
     if loaded is None and sweep_dirs(run_dir):

@@ -27,7 +27,6 @@ GPT2_RANKS_PATH = Path(__file__).parent / "assets" / "gpt2.tiktoken"
 GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 GPT2_EOT = 50256
-TOKENIZERS = ("gpt2", "byte")  # and "hf:NAME_OR_DIR"
 HF_PREFIX = "hf:"
 
 # Token ids: a list, or anything with `.tolist()` (a 1-D tensor or array); torch is not imported here.
@@ -53,6 +52,10 @@ class Tokenizer(ABC):
     def encode_array(self, text: str) -> np.ndarray:
         """`encode` as a 1-D integer array: what streams join, with no Python int per token on the way."""
         return np.asarray(self.encode(text), dtype=np.int64)
+
+    def cache_key(self) -> str:
+        """Names the ids this tokenizer gives, in cache file names and data states: gpt2 and byte by name."""
+        return self.name
 
     def decode_tokens(self, ids: Ids) -> list[str]:
         """Each id decoded on its own (for showing tokens one by one; split UTF-8 shows as U+FFFD)."""
@@ -131,7 +134,7 @@ class HFTokenizer(Tokenizer):
         vocab = self.hf.get_vocab()  # (ids may have gaps: n_vocab covers the largest)
         self.name, self.eot, self.n_vocab = name, int(eot), max(len(self.hf), max(vocab.values(), default=-1) + 1)
         backend = getattr(self.hf, "backend_tokenizer", None)
-        self._backend = None
+        self._backend, self._key = None, None
         if backend is not None and hasattr(backend, "encode_special_tokens"):
             from tokenizers import Tokenizer as RustTokenizer
 
@@ -158,11 +161,13 @@ class HFTokenizer(Tokenizer):
         return self.hf.convert_ids_to_tokens(token_id)
 
     def cache_key(self) -> str:
-        """Names this tokenizer's ids in file names and data states (a directory's files may change under its
-        name): its vocabulary and merges, its end-of-text and size."""
-        text = self._backend.to_str() if self._backend is not None else repr(
-            (sorted(self.hf.get_vocab().items()), getattr(self.hf, "init_kwargs", {}).get("merges_file")))
-        return "hf-" + hashlib.sha256(f"{text}|eot={self.eot}|n={self.n_vocab}".encode()).hexdigest()[:16]
+        """A hash of the ids it gives (a directory's files may change under its name): its vocabulary and merges,
+        its end-of-text and size; computed once (data states ask at every checkpoint)."""
+        if self._key is None:
+            text = self._backend.to_str() if self._backend is not None else repr(
+                (sorted(self.hf.get_vocab().items()), getattr(self.hf, "init_kwargs", {}).get("merges_file")))
+            self._key = "hf-" + hashlib.sha256(f"{text}|eot={self.eot}|n={self.n_vocab}".encode()).hexdigest()[:16]
+        return self._key
 
 
 def get_tokenizer(name: str) -> Tokenizer:
@@ -179,11 +184,6 @@ def get_tokenizer(name: str) -> Tokenizer:
 @lru_cache(maxsize=4)
 def _hf_tokenizer(name: str) -> HFTokenizer:
     return HFTokenizer(name)
-
-
-def cache_key(tok: Tokenizer) -> str:
-    """The tokenizer's name for cache files: gpt2 and byte by name, an HF tokenizer by its vocabulary's hash."""
-    return tok.cache_key() if isinstance(tok, HFTokenizer) else tok.name
 
 
 @lru_cache(maxsize=4)
@@ -256,6 +256,6 @@ def same_tokenizer(a: str, b: str) -> bool:
     if not (a.startswith(HF_PREFIX) and b.startswith(HF_PREFIX)):
         return False
     try:
-        return cache_key(get_tokenizer(a)) == cache_key(get_tokenizer(b))
+        return get_tokenizer(a).cache_key() == get_tokenizer(b).cache_key()
     except ValueError:  # one of them no longer loads: not shown to be the same
         return False

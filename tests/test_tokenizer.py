@@ -95,8 +95,8 @@ def test_hf__a_hugging_face_tokenizer_encodes_plain_text_and_ends_documents_with
     assert tok.decode(ids) == text and tok.eot == 0 and 0 not in ids and tok.n_vocab == 300
     assert tok.encode_batch([text, "value"]) == [ids, tok.encode("value")]
     assert "".join(tok.decode_tokens(tok.encode("the mat"))) == "the mat" and tok.convert_ids_to_tokens(ids[0]) == "the"
-    assert tokmod.cache_key(tok) == tokmod.cache_key(get_tokenizer(make_hf_tokenizer(tmp_path / "same")))
-    assert tokmod.cache_key(tok) != tokmod.cache_key(get_tokenizer(make_hf_tokenizer(tmp_path / "other", 280)))
+    assert tok.cache_key() == get_tokenizer(make_hf_tokenizer(tmp_path / "same")).cache_key()
+    assert tok.cache_key() != get_tokenizer(make_hf_tokenizer(tmp_path / "other", 280)).cache_key()
     with pytest.raises(ValueError, match=r"data.tokenizer='hf:/no/such/dir': cannot load that Hugging Face "
                                          r"tokenizer \(.*\): it is not in the Hub cache and the Hub is unreachable"):
         get_tokenizer("hf:/no/such/dir")
@@ -114,7 +114,7 @@ def test_hf__saved_truncation_ignored_ids_keyed_by_eos_and_relative_dirs_made_ab
     a = get_tokenizer(make_hf_tokenizer(tmp_path / "a"))
     b = get_tokenizer(make_hf_tokenizer(tmp_path / "b", eos="<|eot|>"))
     assert (tmp_path / "a" / "tokenizer.json").read_text() == (tmp_path / "b" / "tokenizer.json").read_text()
-    assert a.eot != b.eot and tokmod.cache_key(a) != tokmod.cache_key(b)
+    assert a.eot != b.eot and a.cache_key() != b.cache_key()
     monkeypatch.chdir(tmp_path)
     assert DataConfig(tokenizer="hf:a").tokenizer == f"hf:{tmp_path / 'a'}"
     assert tokmod.same_tokenizer("hf:a", f"hf:{tmp_path}/../{tmp_path.name}/a")
