@@ -29,7 +29,6 @@ from safetensors.torch import save as save_safetensors
 from tqdm.auto import tqdm
 
 from sae_stream.analysis.hooks import (
-    check_hook,
     check_sae,
     first_position,
     fp32_matmuls,
@@ -52,6 +51,7 @@ from sae_stream.checkpoint import atomic_write_bytes, atomic_write_json, sha256_
 from sae_stream.config import Config, load_config
 from sae_stream.data import heldout_batches
 from sae_stream.export import load_saelens
+from sae_stream.hook_points import check_hook_names
 from sae_stream.paired import format_difference, paired_loss_recovered
 from sae_stream.report import SAE_DIR, check_lm_fits, load_trained, own_lm
 from sae_stream.rundir import UserError, fresh_out_dir
@@ -201,7 +201,7 @@ def correlate(a: Side, b: Side, tokens: int | None = None) -> CorrelationTotals:
         raise UserError(f"activation correlations {why}")
     text = _text_side(a, b)
     for s in (a, b):
-        check_hook(s.model, s.hook_name)
+        check_hook_names(s.model, s.hook_name)
         if s.cfg is not None and s is not text:
             check_lm_fits(s.model, dataclasses.replace(s.cfg, data=text.cfg.data))
     n_tokens, what = (tokens, "--tokens") if tokens else (text.cfg.eval.tokens, f"eval.tokens of {text.path}")

@@ -49,7 +49,6 @@ from transformer_lens import HookedTransformer
 
 from sae_stream.analysis.hooks import (
     SAELike,
-    check_hook,
     check_not_unembed,
     check_sae,
     chunks,
@@ -68,6 +67,7 @@ from sae_stream.analysis.hooks import (
 from sae_stream.analysis.plots import plot_density_histogram
 from sae_stream.checkpoint import atomic_write_bytes, atomic_write_json
 from sae_stream.config import EvalConfig, TrainConfig
+from sae_stream.hook_points import check_hook_names
 from sae_stream.metrics import density_counts
 from sae_stream.tracking import json_safe
 
@@ -304,7 +304,7 @@ def _evaluate(model: HookedTransformer, sae: SAELike, hook_name: str, token_batc
     is computed in a first pass over the same contexts when None. `skip_first_position` should be
     `buffer.skip_first_position`, the setting the SAE was trained with.
     """
-    check_hook(model, hook_name)
+    check_hook_names(model, hook_name)
     check_not_unembed(hook_name)
     tokens_NT = take_contexts(token_batches, cfg.tokens)
     device = model_device(model)

@@ -18,7 +18,6 @@ from transformer_lens import HookedTransformer
 
 from sae_stream.analysis.hooks import (
     SAELike,
-    check_hook,
     check_not_unembed,
     final_residual,
     sae_decode,
@@ -27,6 +26,7 @@ from sae_stream.analysis.hooks import (
     splice_hook,
     unembed_rows,
 )
+from sae_stream.hook_points import check_hook_names
 
 
 class AblationResult(NamedTuple):
@@ -58,7 +58,7 @@ def ablate_feature(model: HookedTransformer, sae: SAELike, hook_name: str, token
     """Zero `feature` in the spliced reconstruction of contexts `tokens_BT` and compare next-token log-probs
     at `positions` (one activating position per context) with the unablated spliced run. The top-k lists leave
     out ids from `n_vocab` on (an LM's padded vocabulary: ids no tokenizer gives)."""
-    check_hook(model, hook_name)
+    check_hook_names(model, hook_name)
     check_not_unembed(hook_name)
     if not 0 <= feature < sae.d_sae:
         raise ValueError(f"feature must be in [0, {sae.d_sae}), got {feature}")

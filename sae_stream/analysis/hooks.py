@@ -61,11 +61,6 @@ Replace = Callable[[Tensor], Tensor]
 """Maps the spliced positions' activation `x_BTD` to its replacement of the same shape."""
 
 
-def check_hook(model: HookedTransformer, hook_name: str) -> None:
-    """A one-line error for a hook the model lacks; an optional one (attn.hook_result, ...) is switched on."""
-    check_hook_names(model, [hook_name])
-
-
 def stop_layer(model: HookedTransformer, hook_name: str) -> int | None:
     """The `stop_at_layer` that still runs `hook_name` (None: the whole model), so reads skip the unembedding."""
     if hook_name in ("hook_embed", "hook_pos_embed"):
@@ -88,7 +83,7 @@ def first_position(skip_first_position: bool) -> int:
 @torch.no_grad()
 def hook_activations(model: HookedTransformer, hook_name: str, tokens_BT: Tensor) -> Tensor:
     """The clean activation at `hook_name` as x_BTD; the forward stops after the hooked block."""
-    check_hook(model, hook_name)
+    check_hook_names(model, hook_name)  # (an optional hook switched on)
     captured: dict[str, Tensor] = {}
 
     def capture(act: Tensor, hook: Any) -> None:
@@ -144,7 +139,7 @@ def check_not_unembed(hook_name: str) -> None:
 def spliced_logits(model: HookedTransformer, hook_name: str, tokens_BT: Tensor, replace: Replace,
                    skip_first_position: bool) -> Tensor:
     """Full-model logits [B, T, V] with the hook's activation replaced."""
-    check_hook(model, hook_name)
+    check_hook_names(model, hook_name)  # (an optional hook switched on)
     hook = splice_hook(replace, tokens_BT, skip_first_position)
     return model.run_with_hooks(tokens_BT, fwd_hooks=[(hook_name, hook)])
 

@@ -20,7 +20,6 @@ from transformer_lens import HookedTransformer
 from sae_stream.analysis.histogram import HistogramResult, StreamingHistogram
 from sae_stream.analysis.hooks import (
     SAELike,
-    check_hook,
     check_sae,
     chunks,
     first_position,
@@ -32,6 +31,7 @@ from sae_stream.analysis.hooks import (
 )
 from sae_stream.analysis.topk import StreamingTopK, TopKResult
 from sae_stream.config import AnalysisConfig
+from sae_stream.hook_points import check_hook_names
 
 
 class FeatureScan(NamedTuple):
@@ -68,7 +68,7 @@ def window_activations(feats_BTF: Tensor, rows_FK: Tensor, left: int, right: int
 def scan_features(model: HookedTransformer, sae: SAELike, hook_name: str, token_batches: Iterable[Tensor],
                   cfg: AnalysisConfig, skip_first_position: bool = True) -> FeatureScan:
     """Stream up to `cfg.tokens` tokens through the model and SAE, keeping per-feature summaries only."""
-    check_hook(model, hook_name)
+    check_hook_names(model, hook_name)
     tokens_NT = take_contexts(token_batches, cfg.tokens)
     n_ctx, n_pos = tokens_NT.shape
     device = model_device(model)

@@ -27,7 +27,6 @@ from transformer_lens import HookedTransformer
 
 from sae_stream.analysis.hooks import (
     SAELike,
-    check_hook,
     check_not_unembed,
     chunks,
     final_residual,
@@ -41,6 +40,7 @@ from sae_stream.analysis.hooks import (
     take_contexts,
     unembed_rows,
 )
+from sae_stream.hook_points import check_hook_names
 
 
 class SteerResult(NamedTuple):
@@ -70,7 +70,7 @@ def pin_values(value: Any, n: int) -> list:
 def check_steer(model: HookedTransformer, sae: SAELike, hook_name: str, prompt_tokens: int,
                 feature: int | Sequence[int], n_tokens: int, samples: int, temperature: float) -> None:
     """One-line errors for what `steer` cannot do, before any work."""
-    check_hook(model, hook_name)
+    check_hook_names(model, hook_name)
     check_not_unembed(hook_name)  # (the samples' forward stops before the unembedding: its hook would never run)
     features, _ = as_features(feature)
     for f in features:
